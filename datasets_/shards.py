@@ -1,0 +1,194 @@
+"""The on-disk dataset layout every reader in transferlab produces and consumes.
+
+A *sharded dataset* is a directory::
+
+    DIR/manifest.json
+    DIR/train/part-00000.parquet ...
+    DIR/test/part-00000.parquet ...
+
+Each Parquet shard has the columns of :data:`SCHEMA`: a stable sample ``key`` (views and
+few-shot sampling hash it, so it must never change), the encoded image bytes, the integer
+``label`` and a ``caption``. The manifest records counts, class names, per-shard SHA-256
+checksums and a dataset ``fingerprint`` derived from them: equal fingerprints mean equal bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("image", pa.binary()),
+        ("label", pa.int64()),
+        ("caption", pa.string()),
+    ]
+)
+MANIFEST = "manifest.json"
+SPLITS = ("train", "test")
+
+
+class DatasetError(ValueError):
+    """A dataset is missing, malformed or does not fit the request."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Columns of one split, as numpy arrays (images stay encoded)."""
+
+    keys: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class ShardedDataset:
+    """A prepared dataset directory and its manifest."""
+
+    root: Path
+    manifest: dict
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest["classes"])
+
+    def num_samples(self, split: str) -> int:
+        return int(self.manifest["splits"][split]["num_samples"])
+
+    def class_counts(self, split: str) -> list[int]:
+        return list(self.manifest["splits"][split]["class_counts"])
+
+    def files(self, split: str) -> list[str]:
+        return [str(self.root / s["path"]) for s in self.manifest["shards"] if s["split"] == split]
+
+    def read_split(self, split: str, columns: Sequence[str] = ("key", "label")) -> pa.Table:
+        """Read whole columns of a split (cheap for key/label; use Ray Data for images)."""
+        tables = [pq.read_table(f, columns=list(columns)) for f in self.files(split)]
+        return pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(list(columns))
+
+    def keys_and_labels(self, split: str) -> Split:
+        t = self.read_split(split, ("key", "label"))
+        return Split(
+            keys=np.asarray(t.column("key").to_pylist(), dtype=object),
+            labels=t.column("label").to_numpy().astype(np.int64),
+        )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_sharded_dataset(
+    out_dir: str | os.PathLike,
+    name: str,
+    classes: Sequence[str],
+    splits: dict[str, Iterable[dict]],
+    shard_size: int = 2000,
+    extra: dict | None = None,
+) -> ShardedDataset:
+    """Write rows (dicts with the SCHEMA columns) per split as Parquet shards plus a manifest.
+
+    The directory appears atomically: rows are written to a temporary sibling and renamed,
+    so a crash never leaves a half-written dataset that later runs would trust.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shards, split_info = [], {}
+        for split, rows in splits.items():
+            (tmp / split).mkdir()
+            counts = np.zeros(len(classes), dtype=np.int64)
+            total, buf, index = 0, [], 0
+
+            def flush():
+                nonlocal buf, index
+                if not buf:
+                    return
+                rel = f"{split}/part-{index:05d}.parquet"
+                pq.write_table(pa.Table.from_pylist(buf, schema=SCHEMA), tmp / rel)
+                shards.append({"path": rel, "split": split, "num_rows": len(buf)})
+                buf, index = [], index + 1
+
+            for row in rows:
+                label = int(row["label"])
+                if not 0 <= label < len(classes):
+                    raise DatasetError(f"{name}: label {label} of sample {row['key']} is outside 0..{len(classes) - 1}")
+                counts[label] += 1
+                total += 1
+                buf.append(row)
+                if len(buf) >= shard_size:
+                    flush()
+            flush()
+            split_info[split] = {"num_samples": total, "class_counts": counts.tolist()}
+        for s in shards:
+            s["sha256"] = _sha256(tmp / s["path"])
+        fingerprint = hashlib.sha256(
+            json.dumps([[s["path"], s["sha256"]] for s in shards] + [list(classes)]).encode()
+        ).hexdigest()[:16]
+        manifest = {
+            "name": name,
+            "format": "parquet",
+            "num_samples": sum(v["num_samples"] for v in split_info.values()),
+            "num_classes": len(classes),
+            "classes": list(classes),
+            "splits": split_info,
+            "shards": shards,
+            "fingerprint": fingerprint,
+            **(extra or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ShardedDataset(out, manifest)
+
+
+def open_dataset(path: str | os.PathLike) -> ShardedDataset:
+    """Open a prepared dataset directory; raise DatasetError naming the path if it is not one."""
+    root = Path(path)
+    if not root.exists():
+        raise DatasetError(f"{root}: no such directory")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise DatasetError(f"{root}: not a transferlab dataset (no {MANIFEST})")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{mpath}: unreadable manifest ({e})") from None
+    for field in ("name", "classes", "splits", "shards", "fingerprint"):
+        if field not in manifest:
+            raise DatasetError(f"{mpath}: manifest lacks '{field}'")
+    missing = [s["path"] for s in manifest["shards"] if not (root / s["path"]).is_file()]
+    if missing:
+        raise DatasetError(f"{root}: shard {missing[0]} listed in the manifest is missing")
+    return ShardedDataset(root, manifest)

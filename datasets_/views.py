@@ -1,0 +1,119 @@
+"""Data interventions as pure functions of (sample key, seed, parameters).
+
+Nothing here depends on iteration order, worker count or Ray: the same key, seed and
+parameters always give the same decision, so a view is reproducible from its description alone.
+
+- :func:`subset_threshold` / :func:`in_subset`: nested size subsets. A sample is in the size-n
+  subset iff its hash is among the n smallest, so for one seed the 500-sample subset lies inside
+  the 2000-sample one.
+- :func:`noisy_labels`: symmetric label noise. Whether a sample's label flips, and to which other
+  class, depends only on its key, so noise is identical across sizes and workers.
+- :func:`few_shot_indices`: k examples per class, nested in k for one seed.
+- :func:`validation_mask`: a fixed validation carve-out of a training split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+def unit_hash(keys: Sequence[str], seed: int, salt: str) -> np.ndarray:
+    """Map each key to a float in [0, 1), uniform and independent across (seed, salt)."""
+    prefix = f"{seed}\x1f{salt}\x1f".encode()
+    out = np.empty(len(keys), dtype=np.float64)
+    for i, k in enumerate(keys):
+        digest = hashlib.blake2b(prefix + str(k).encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "big") / 2.0**64
+    return out
+
+
+def subset_threshold(keys: Sequence[str], size: int | None, seed: int) -> float:
+    """The hash threshold whose subset ``unit_hash(key) <= threshold`` has exactly ``size`` keys.
+
+    ``size=None`` selects everything. Raises ValueError when ``size`` exceeds the key count.
+    """
+    if size is None:
+        return 1.0
+    if size < 1:
+        raise ValueError(f"subset size must be >= 1, got {size}")
+    if size > len(keys):
+        raise ValueError(f"subset size {size} exceeds the {len(keys)} available samples")
+    u = unit_hash(keys, seed, "subset")
+    return float(np.partition(u, size - 1)[size - 1])
+
+
+def in_subset(keys: Sequence[str], threshold: float, seed: int) -> np.ndarray:
+    if threshold >= 1.0:
+        return np.ones(len(keys), dtype=bool)
+    return unit_hash(keys, seed, "subset") <= threshold
+
+
+def noisy_labels(
+    keys: Sequence[str], labels: np.ndarray, num_classes: int, rate: float, seed: int
+) -> np.ndarray:
+    """Symmetric label noise: with probability ``rate`` a label moves to a uniformly chosen
+    *other* class. Returns a new array; ``rate=0`` returns the labels unchanged."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"label noise rate must be in [0, 1], got {rate}")
+    if rate == 0.0 or num_classes < 2:
+        return labels.copy()
+    flip = unit_hash(keys, seed, "noise-flip") < rate
+    offset = 1 + np.floor(unit_hash(keys, seed, "noise-target") * (num_classes - 1)).astype(np.int64)
+    return np.where(flip, (labels + offset) % num_classes, labels)
+
+
+def validation_mask(keys: Sequence[str], fraction: float, seed: int = 0) -> np.ndarray:
+    """True for the keys carved out as validation (about ``fraction`` of them)."""
+    return unit_hash(keys, seed, "validation") < fraction
+
+
+def few_shot_indices(
+    keys: Sequence[str], labels: np.ndarray, shots: int, seed: int, num_classes: int | None = None
+) -> np.ndarray:
+    """Indices of ``shots`` examples per class, chosen by key hash (nested in ``shots``).
+
+    Raises ValueError naming the class if one has fewer than ``shots`` examples.
+    """
+    labels = np.asarray(labels)
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    order = unit_hash(keys, seed, "shots")
+    picked = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < shots:
+            raise ValueError(f"class {c} has {len(idx)} examples, fewer than shots={shots}")
+        picked.append(idx[np.argsort(order[idx], kind="stable")[:shots]])
+    return np.sort(np.concatenate(picked))
+
+
+@dataclass(frozen=True)
+class PretrainView:
+    """A reproducible view of a source's training split: a nested size subset with label noise.
+
+    ``threshold`` is derived from the keys (:func:`subset_threshold`) and makes the subset
+    decidable per sample while streaming.
+    """
+
+    source_fingerprint: str
+    pretrain_size: int | None
+    label_noise: float
+    seed: int
+    num_classes: int
+    threshold: float = 1.0
+
+    @property
+    def fingerprint(self) -> str:
+        d = asdict(self)
+        d.pop("threshold")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def apply(self, keys: Sequence[str], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return (keep mask, training labels) for a batch of samples."""
+        keep = in_subset(keys, self.threshold, self.seed)
+        return keep, noisy_labels(keys, labels, self.num_classes, self.label_noise, self.seed)

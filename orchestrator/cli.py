@@ -1,0 +1,118 @@
+"""The ``transferlab`` command line.
+
+Exit codes: 0 success; 1 the study ran but some runs failed; 2 bad input (spec, data, tracking
+URI), reported as one line before any compute starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+EXIT_OK, EXIT_FAILED_RUNS, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="transferlab",
+        description="Transfer-learning studies on Ray, recorded in MLflow.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def study_args(sp):
+        sp.add_argument("study_file", metavar="STUDY.yaml", help="study spec file")
+        sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override spec fields, e.g. pretrain.epochs=1")
+
+    v = sub.add_parser("validate", help="check a study spec and its data without running anything")
+    study_args(v)
+
+    r = sub.add_parser("run", help="run a study (skipping every run MLflow already holds)")
+    study_args(r)
+    r.add_argument("--address", default=None, help="Ray cluster to join ('auto' for a `ray start` cluster); default: a private local Ray")
+    r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (overrides the spec's tracking_uri)")
+    r.add_argument("--storage-path", default=None, help="where checkpoints go (default: ./transferlab_storage)")
+
+    q = sub.add_parser("runs", help="print a study's results table from MLflow")
+    q.add_argument("study", help="study name (the MLflow experiment)")
+    q.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's default store here)")
+    return p
+
+
+def _error(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from orchestrator.spec import SpecError, load_spec
+
+    try:
+        if args.command == "runs":
+            return _runs(args)
+        spec = load_spec(args.study_file, args.overrides)
+        from orchestrator.plan import build_plan
+
+        plan = build_plan(spec)
+        if args.command == "validate":
+            print(
+                f"ok: study '{spec.study}': {len(plan.pretrain_jobs)} pretraining runs, "
+                f"{plan.num_transfer_fits} transfer fits on {len(spec.transfer_tasks)} task(s)"
+            )
+            return EXIT_OK
+        from orchestrator.tracking import resolve_tracking_uri
+
+        try:
+            resolve_tracking_uri(args.tracking_uri or spec.tracking_uri)
+        except ValueError as e:
+            raise SpecError("--tracking-uri" if args.tracking_uri else "tracking_uri", str(e)) from None
+        return _run(args, spec, plan)
+    except SpecError as e:
+        return _error(str(e))
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are recorded; run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+def _run(args, spec, plan) -> int:
+    from orchestrator.study import run_study
+
+    outcome = run_study(spec, address=args.address, tracking_uri=args.tracking_uri, storage_path=args.storage_path, plan=plan)
+    print()
+    print(outcome.table)
+    print(
+        f"\nran {outcome.pretrain_ran}/{outcome.pretrain_total} pretraining runs and "
+        f"{outcome.transfer_ran}/{outcome.transfer_total} transfer fits in {outcome.seconds:.0f}s"
+        f" (the rest were already in MLflow)." if outcome.pretrain_ran < outcome.pretrain_total or outcome.transfer_ran < outcome.transfer_total
+        else f"\nran {outcome.pretrain_total} pretraining runs and {outcome.transfer_total} transfer fits in {outcome.seconds:.0f}s."
+    )
+    from orchestrator.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri or spec.tracking_uri)
+    print(f"browse them: mlflow ui --backend-store-uri {uri}")
+    if outcome.failed:
+        print(f"{len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}; run the same command again to retry them", file=sys.stderr)
+        return EXIT_FAILED_RUNS
+    return EXIT_OK
+
+
+def _runs(args) -> int:
+    from orchestrator.results import results_table, transfer_frame
+    from orchestrator.tracking import Tracker, resolve_tracking_uri
+
+    try:
+        uri = resolve_tracking_uri(args.tracking_uri)
+    except ValueError as e:
+        return _error(f"--tracking-uri: {e}")
+    tracker = Tracker(uri)
+    if tracker.experiment_id(args.study, create=False) is None:
+        return _error(f"study: no study named '{args.study}' in {uri}")
+    print(results_table(transfer_frame(tracker, args.study)))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""From a validated spec to jobs: data pre-flight, grid expansion and content hashes.
+
+A :class:`PretrainJob` is one pretraining run; a :class:`TransferGroup` is all the probe fits
+that read the features of one (pretrain checkpoint, task, protocol) and so run together. Every
+job and fit carries a ``config_hash`` over everything that determines its result (settings, data
+fingerprints, view, code version): the hash is how a finished result is recognized in MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass, field
+
+from datasets_ import DatasetError, PretrainView, ShardedDataset, resolve_dataset, subset_threshold, validation_mask
+from orchestrator import __version__
+from orchestrator.spec import FULL, PretrainSettings, SpecError, StudySpec
+from trainers.models import model_config
+
+
+def content_hash(obj) -> str:
+    payload = json.dumps({"code": __version__, "config": obj}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class PretrainJob:
+    source: str
+    source_root: str
+    settings: dict  # PretrainSettings as a dict
+    model_config: dict
+    view: PretrainView
+    num_classes: int
+    num_train_samples: int
+    realized_label_noise: float
+    config_hash: str
+    run_name: str
+
+    @property
+    def params(self) -> dict:
+        s = self.settings
+        return {
+            "method": s["method"],
+            "source": self.source,
+            "pretrain_size": self.view.pretrain_size,
+            "label_noise": self.view.label_noise,
+            "model": s["model"],
+            "seed": self.view.seed,
+            **{k: v for k, v in s.items() if k not in ("method", "model")},
+            "model_config": self.model_config,
+            "view_fingerprint": self.view.fingerprint,
+        }
+
+
+@dataclass(frozen=True)
+class TransferFit:
+    shots: int | str
+    seed: int
+    config_hash: str
+    run_name: str
+
+
+@dataclass(frozen=True)
+class TransferGroup:
+    pretrain_hash: str
+    task: str
+    task_root: str
+    protocol: str
+    image_size: int
+    val_fraction: float
+    fits: tuple[TransferFit, ...]
+
+    def params(self, fit: TransferFit) -> dict:
+        return {"task": self.task, "protocol": self.protocol, "shots": fit.shots, "seed": fit.seed, "val_fraction": self.val_fraction}
+
+
+@dataclass
+class StudyPlan:
+    spec: StudySpec
+    data: dict[str, ShardedDataset]
+    pretrain_jobs: list[PretrainJob]
+    transfer_groups: list[TransferGroup] = field(default_factory=list)
+
+    @property
+    def num_transfer_fits(self) -> int:
+        return sum(len(g.fits) for g in self.transfer_groups)
+
+    @property
+    def spec_hash(self) -> str:
+        return content_hash(self.spec.raw)
+
+
+def resolve_data(spec: StudySpec) -> dict[str, ShardedDataset]:
+    """Open (or, for builtins, prepare) every dataset the spec names; errors name the field."""
+    out: dict[str, ShardedDataset] = {}
+    for section, refs in (("sources", spec.sources), ("tasks", spec.tasks)):
+        for name, ref in refs.items():
+            try:
+                out[f"{section}.{name}"] = resolve_dataset(ref.uri)
+            except DatasetError as e:
+                raise SpecError(f"{section}.{name}.uri", str(e)) from None
+    return out
+
+
+def _check_data(spec: StudySpec, data: dict[str, ShardedDataset]) -> None:
+    sizes = spec.pretrain.sweep["pretrain_size"]
+    for source in spec.pretrain.sweep["source"]:
+        ds = data[f"sources.{source}"]
+        n = ds.num_samples("train")
+        for i, size in enumerate(sizes):
+            if size is not None and size > n:
+                raise SpecError(f"pretrain.sweep.pretrain_size[{i}]", f"{size} exceeds the {n} training samples of source '{source}'")
+        if ds.num_samples("test") == 0:
+            raise SpecError(f"sources.{source}.uri", f"source '{source}' has no held-out test split for upstream accuracy")
+    for task in spec.transfer_tasks:
+        ds = data[f"tasks.{task}"]
+        train = ds.keys_and_labels("train")
+        pool = train.labels[~validation_mask(train.keys, spec.transfer.val_fraction)]
+        counts = [int((pool == c).sum()) for c in range(ds.num_classes)]
+        smallest = min(counts)
+        for i, k in enumerate(spec.transfer.shots):
+            if k != FULL and k > smallest:
+                cls = ds.classes[counts.index(smallest)]
+                raise SpecError(
+                    f"transfer.shots[{i}]",
+                    f"{k} shots exceed the {smallest} training examples of class '{cls}' in task '{task}'",
+                )
+        if ds.num_samples("test") == 0:
+            raise SpecError(f"tasks.{task}.uri", f"task '{task}' has no test split")
+
+
+def _run_name(settings: dict, source: str, view: PretrainView, varying: set[str]) -> str:
+    size = "full" if view.pretrain_size is None else view.pretrain_size
+    name = f"{settings['method']} {source} n={size} noise={view.label_noise:g}"
+    extras = [f"{k}={settings[k]}" for k in sorted(varying) if k in settings and k != "method"]
+    if "seed" in varying:
+        extras.append(f"seed={view.seed}")
+    return " ".join([name, *extras])
+
+
+def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -> StudyPlan:
+    """Pre-flight the data and expand the pretraining grid and the transfer fits."""
+    data = data if data is not None else resolve_data(spec)
+    _check_data(spec, data)
+    sweep = spec.pretrain.sweep
+    axes = list(sweep)
+    varying = {a for a in axes if len(sweep[a]) > 1}
+    jobs: list[PretrainJob] = []
+    thresholds: dict[tuple, tuple[float, float]] = {}
+    for combo in itertools.product(*(sweep[a] for a in axes)):
+        point = dict(zip(axes, combo))
+        settings = asdict(PretrainSettings(**{k: point.get(k, v) for k, v in asdict(spec.pretrain.base).items()}))
+        source = point["source"]
+        ds = data[f"sources.{source}"]
+        key = (source, point["pretrain_size"], point["label_noise"], point["seed"])
+        if key not in thresholds:
+            thresholds[key] = _view_stats(ds, *key[1:])
+        threshold, realized = thresholds[key]
+        view = PretrainView(ds.fingerprint, point["pretrain_size"], point["label_noise"], point["seed"], ds.num_classes, threshold)
+        mcfg = model_config(settings["model"])
+        h = content_hash({"kind": "pretrain", "settings": settings, "model_config": mcfg, "view": view.fingerprint})
+        jobs.append(
+            PretrainJob(
+                source=source,
+                source_root=str(ds.root),
+                settings=settings,
+                model_config=mcfg,
+                view=view,
+                num_classes=ds.num_classes,
+                num_train_samples=point["pretrain_size"] or ds.num_samples("train"),
+                realized_label_noise=realized,
+                config_hash=h,
+                run_name=_run_name(settings, source, view, varying),
+            )
+        )
+    plan = StudyPlan(spec=spec, data=data, pretrain_jobs=jobs)
+    t = spec.transfer
+    for job in jobs:
+        for task, protocol in itertools.product(spec.transfer_tasks, t.protocol):
+            ds = data[f"tasks.{task}"]
+            fits = []
+            for shots in t.shots:
+                for seed in t.seeds[:1] if shots == FULL else t.seeds:
+                    h = content_hash(
+                        {"kind": "transfer", "pretrain": job.config_hash, "task": ds.fingerprint, "protocol": protocol,
+                         "shots": shots, "seed": seed, "val_fraction": t.val_fraction}
+                    )
+                    label = "full" if shots == FULL else f"{shots}-shot"
+                    fits.append(TransferFit(shots, seed, h, f"{protocol} {task} {label} seed={seed}"))
+            plan.transfer_groups.append(
+                TransferGroup(job.config_hash, task, str(ds.root), protocol, job.settings["image_size"], t.val_fraction, tuple(fits))
+            )
+    return plan
+
+
+def _view_stats(ds: ShardedDataset, size: int | None, noise: float, seed: int) -> tuple[float, float]:
+    """(subset threshold, realized label-noise rate within the subset) of one view."""
+    from datasets_ import in_subset, noisy_labels
+
+    split = ds.keys_and_labels("train")
+    threshold = subset_threshold(split.keys, size, seed)
+    keep = in_subset(split.keys, threshold, seed)
+    noisy = noisy_labels(split.keys[keep], split.labels[keep], ds.num_classes, noise, seed)
+    realized = float((noisy != split.labels[keep]).mean()) if keep.any() else 0.0
+    return threshold, realized

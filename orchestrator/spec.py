@@ -1,0 +1,390 @@
+"""The study spec: YAML in, a typed and validated :class:`StudySpec` out.
+
+Every problem is reported as a :class:`SpecError` whose message starts with the dotted path of
+the offending field (``pretrain.sweep.label_noise[1]: must be in [0, 1], got 1.5``). Only
+:func:`yaml.safe_load` reads the file, so YAML tags cannot construct objects.
+
+A minimal study::
+
+    study: quickstart
+    sources:   {mnist: {uri: "builtin:mnist"}}
+    tasks:     {digits: {uri: "builtin:digits"}}
+    pretrain:
+      method: supervised
+      model: small-cnn
+      image_size: 32
+      epochs: 2
+      sweep: {source: [mnist], pretrain_size: [500, 2000], label_noise: [0.0, 0.4], seed: [0]}
+    transfer:
+      protocol: [linear_probe]
+      shots: [1, 5, 10, full]
+      seeds: [0, 1, 2]
+    resources: {workers: 1, cpus_per_worker: 1, use_gpu: false}
+    tracking_uri: null
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+FULL = "full"
+METHODS = ("supervised",)
+PROTOCOLS = ("linear_probe",)
+LR_SCHEDULES = ("cosine", "constant")
+AMP_MODES = ("none", "bf16", "fp16")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class SpecError(ValueError):
+    """A study spec problem, phrased as ``FIELD: what is wrong``."""
+
+    def __init__(self, field_path: str, problem: str):
+        self.field = field_path
+        super().__init__(f"{field_path}: {problem}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Field readers: each returns the checked value or raises SpecError naming the field.
+
+
+def _typename(v: Any) -> str:
+    return "null" if v is None else {"dict": "mapping", "list": "list", "str": "string"}.get(type(v).__name__, type(v).__name__)
+
+
+def _int(path: str, v: Any, minimum: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise SpecError(path, f"must be an integer, got {_typename(v)} {v!r}")
+    if minimum is not None and v < minimum:
+        raise SpecError(path, f"must be >= {minimum}, got {v}")
+    return v
+
+
+def _float(path: str, v: Any, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise SpecError(path, f"must be a number, got {_typename(v)} {v!r}")
+    v = float(v)
+    if v != v:
+        raise SpecError(path, "must be a number, got NaN")
+    if lo is not None and hi is not None and not lo <= v <= hi:
+        raise SpecError(path, f"must be in [{lo:g}, {hi:g}], got {v:g}")
+    if lo is not None and v < lo:
+        raise SpecError(path, f"must be >= {lo:g}, got {v:g}")
+    return v
+
+
+def _positive_float(path: str, v: Any) -> float:
+    v = _float(path, v)
+    if v <= 0:
+        raise SpecError(path, f"must be > 0, got {v:g}")
+    return v
+
+
+def _bool(path: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise SpecError(path, f"must be true or false, got {_typename(v)} {v!r}")
+    return v
+
+
+def _str(path: str, v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise SpecError(path, f"must be a non-empty string, got {_typename(v)} {v!r}")
+    return v
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def read(path: str, v: Any) -> str:
+        if not isinstance(v, str) or v not in options:
+            hint = difflib.get_close_matches(str(v), options, n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise SpecError(path, f"unknown value {v!r}{extra}; choose from: {', '.join(options)}")
+        return v
+
+    return read
+
+
+def _size_or_full(path: str, v: Any) -> int | None:
+    if v == FULL or v is None:
+        return None
+    return _int(path, v, minimum=1)
+
+
+def _shots(path: str, v: Any) -> int | str:
+    if v == FULL:
+        return FULL
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise SpecError(path, f"must be a positive integer or 'full', got {_typename(v)} {v!r}")
+    return _int(path, v, minimum=1)
+
+
+def _name(path: str, v: Any) -> str:
+    v = _str(path, v)
+    if not _NAME.match(v):
+        raise SpecError(path, f"{v!r} may hold only letters, digits, '_', '.', '-' and must start with a letter or digit")
+    return v
+
+
+def _list(path: str, v: Any, item: Callable[[str, Any], Any]) -> tuple:
+    if not isinstance(v, list):
+        v = [v]  # a scalar is a one-element grid
+    if not v:
+        raise SpecError(path, "must not be empty")
+    out = tuple(item(f"{path}[{i}]", x) for i, x in enumerate(v))
+    seen = set()
+    for i, x in enumerate(out):
+        if x in seen:
+            raise SpecError(f"{path}[{i}]", f"duplicate value {v[i]!r}")
+        seen.add(x)
+    return out
+
+
+class _Mapping:
+    """One YAML mapping, read key by key; :meth:`done` rejects keys nobody asked for."""
+
+    def __init__(self, path: str, data: Any, allowed: tuple[str, ...]):
+        if not isinstance(data, dict):
+            raise SpecError(path or "study file", f"must be a mapping, got {_typename(data)}")
+        for k in data:
+            if not isinstance(k, str):
+                raise SpecError(self._join(path, str(k)), "keys must be strings")
+            if k not in allowed:
+                hint = difflib.get_close_matches(k, allowed, n=1)
+                extra = f"; did you mean '{hint[0]}'?" if hint else f"; allowed: {', '.join(allowed)}"
+                raise SpecError(self._join(path, k), f"unknown key{extra}")
+        self.path, self.data = path, data
+
+    @staticmethod
+    def _join(path: str, key: str) -> str:
+        return f"{path}.{key}" if path else key
+
+    def at(self, key: str) -> str:
+        return self._join(self.path, key)
+
+    def get(self, key: str, read: Callable[[str, Any], Any], default: Any = ..., nullable: bool = False):
+        if key not in self.data or (self.data[key] is None and not nullable):
+            if default is ...:
+                raise SpecError(self.at(key), "is required")
+            return default
+        if self.data[key] is None:
+            return None
+        return read(self.at(key), self.data[key])
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec itself.
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """A named dataset: ``uri`` is ``builtin:NAME`` or a prepared dataset directory."""
+
+    name: str
+    uri: str
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Settings of one pretraining run. Each may also be swept under ``pretrain.sweep``."""
+
+    method: str = "supervised"  # pretraining objective; supervised = cross-entropy on labels
+    model: str = "small-cnn"  # a name from trainers.models.MODELS
+    image_size: int = 32  # images are resized to image_size x image_size, 3 channels
+    epochs: int = 2  # passes over the pretraining subset
+    batch_size: int = 64  # per worker
+    lr: float = 2e-3  # peak learning rate (AdamW)
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"  # cosine decay to 0 after warm-up, or constant
+    warmup_epochs: float = 0.0
+    amp: str = "none"  # mixed precision on CUDA: none | bf16 | fp16
+
+
+_SETTING_READERS: dict[str, Callable[[str, Any], Any]] = {
+    "method": _choice(METHODS),
+    "model": lambda p, v: _model_name(p, v),
+    "image_size": lambda p, v: _int(p, v, minimum=8),
+    "epochs": lambda p, v: _int(p, v, minimum=1),
+    "batch_size": lambda p, v: _int(p, v, minimum=1),
+    "lr": _positive_float,
+    "weight_decay": lambda p, v: _float(p, v, lo=0.0),
+    "lr_schedule": _choice(LR_SCHEDULES),
+    "warmup_epochs": lambda p, v: _float(p, v, lo=0.0),
+    "amp": _choice(AMP_MODES),
+}
+# Axes of the pretraining grid besides the settings above.
+_VIEW_AXES: dict[str, Callable[[str, Any], Any]] = {
+    "pretrain_size": _size_or_full,
+    "label_noise": lambda p, v: _float(p, v, lo=0.0, hi=1.0),
+    "seed": lambda p, v: _int(p, v, minimum=0),
+}
+
+
+def _model_name(path: str, v: Any) -> str:
+    from trainers.models import MODELS
+
+    return _choice(tuple(sorted(MODELS)))(path, v)
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    base: PretrainSettings
+    sweep: dict[str, tuple]  # axis -> values; always has source, pretrain_size, label_noise, seed
+
+
+@dataclass(frozen=True)
+class TransferSpec:
+    protocol: tuple[str, ...] = ("linear_probe",)
+    shots: tuple = (1, 5, 10, FULL)  # examples per class, or 'full' (the whole training pool)
+    seeds: tuple[int, ...] = (0,)  # few-shot sampling seeds; 'full' is fitted once
+    tasks: tuple[str, ...] = ()  # which tasks to evaluate on; empty = all
+    val_fraction: float = 0.2  # share of each task's train split held out to choose the probe's L2
+
+
+@dataclass(frozen=True)
+class Resources:
+    workers: int = 1  # Ray Train workers per pretraining run
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    max_concurrent_trials: int | None = None  # default: derived from the cluster's CPUs
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    study: str  # also the MLflow experiment name
+    sources: dict[str, DataRef]
+    tasks: dict[str, DataRef]
+    pretrain: PretrainSpec
+    transfer: TransferSpec
+    resources: Resources = field(default_factory=Resources)
+    tracking_uri: str | None = None  # default: MLflow's default store in the working directory
+    storage_path: str | None = None  # checkpoints; default ./transferlab_storage
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def transfer_tasks(self) -> tuple[str, ...]:
+        return self.transfer.tasks or tuple(self.tasks)
+
+
+def _datarefs(m: _Mapping, key: str) -> dict[str, DataRef]:
+    path = m.at(key)
+    raw = m.get(key, lambda p, v: v)
+    if not isinstance(raw, dict) or not raw:
+        raise SpecError(path, "must be a non-empty mapping of name -> {uri: ...}")
+    out = {}
+    for name, body in raw.items():
+        name = _name(f"{path}.{name}", name)
+        if isinstance(body, str):
+            body = {"uri": body}
+        d = _Mapping(f"{path}.{name}", body, ("uri",))
+        out[name] = DataRef(name=name, uri=d.get("uri", _str))
+    return out
+
+
+def _pretrain(m: _Mapping, sources: dict[str, DataRef]) -> PretrainSpec:
+    allowed = tuple(f.name for f in fields(PretrainSettings)) + ("sweep",)
+    p = _Mapping("pretrain", m.get("pretrain", lambda _, v: v), allowed)
+    defaults = PretrainSettings()
+    base = PretrainSettings(**{k: p.get(k, r, getattr(defaults, k)) for k, r in _SETTING_READERS.items()})
+    axes = ("source",) + tuple(_VIEW_AXES) + tuple(_SETTING_READERS)
+    s = _Mapping("pretrain.sweep", p.get("sweep", lambda _, v: v, {}), axes)
+    source_reader = _choice(tuple(sources))
+    sweep: dict[str, tuple] = {"source": s.get("source", lambda q, v: _list(q, v, source_reader), tuple(sources))}
+    view_defaults = {"pretrain_size": (None,), "label_noise": (0.0,), "seed": (0,)}
+    for axis, reader in {**_VIEW_AXES, **_SETTING_READERS}.items():
+        if axis in s.data:
+            sweep[axis] = s.get(axis, lambda q, v, r=reader: _list(q, v, r))
+        elif axis in view_defaults:
+            sweep[axis] = view_defaults[axis]
+    return PretrainSpec(base=base, sweep=sweep)
+
+
+def _transfer(m: _Mapping, tasks: dict[str, DataRef]) -> TransferSpec:
+    t = _Mapping("transfer", m.get("transfer", lambda _, v: v, {}), tuple(f.name for f in fields(TransferSpec)))
+    d = TransferSpec()
+    return TransferSpec(
+        protocol=t.get("protocol", lambda q, v: _list(q, v, _choice(PROTOCOLS)), d.protocol),
+        shots=t.get("shots", lambda q, v: _list(q, v, _shots), d.shots),
+        seeds=t.get("seeds", lambda q, v: _list(q, v, lambda r, x: _int(r, x, minimum=0)), d.seeds),
+        tasks=t.get("tasks", lambda q, v: _list(q, v, _choice(tuple(tasks))), ()),
+        val_fraction=t.get("val_fraction", lambda q, v: _float(q, v, lo=0.01, hi=0.9), d.val_fraction),
+    )
+
+
+def _resources(m: _Mapping) -> Resources:
+    r = _Mapping("resources", m.get("resources", lambda _, v: v, {}), tuple(f.name for f in fields(Resources)))
+    d = Resources()
+    return Resources(
+        workers=r.get("workers", lambda q, v: _int(q, v, minimum=1), d.workers),
+        cpus_per_worker=r.get("cpus_per_worker", _positive_float, d.cpus_per_worker),
+        use_gpu=r.get("use_gpu", _bool, d.use_gpu),
+        max_concurrent_trials=r.get("max_concurrent_trials", lambda q, v: _int(q, v, minimum=1), None),
+    )
+
+
+def parse_spec(data: Any) -> StudySpec:
+    """Validate a loaded YAML document into a StudySpec (raises SpecError)."""
+    top = ("study", "sources", "tasks", "pretrain", "transfer", "resources", "tracking_uri", "storage_path")
+    m = _Mapping("", data, top)
+    study = m.get("study", _name)
+    sources = _datarefs(m, "sources")
+    tasks = _datarefs(m, "tasks")
+    return StudySpec(
+        study=study,
+        sources=sources,
+        tasks=tasks,
+        pretrain=_pretrain(m, sources),
+        transfer=_transfer(m, tasks),
+        resources=_resources(m),
+        tracking_uri=m.get("tracking_uri", _str, None),
+        storage_path=m.get("storage_path", _str, None),
+        raw=data,
+    )
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a loaded study document."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(item, "override must look like key.path=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise SpecError(key, f"cannot parse override value {value!r}") from None
+    return data
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
+    """Read and validate a study file; relative dataset paths resolve against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(str(path), f"cannot read study file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(str(path), f"invalid YAML{where}: {problem}") from None
+    if data is None:
+        raise SpecError(str(path), "the study file is empty")
+    if isinstance(data, dict) and overrides:
+        data = apply_overrides(data, overrides)
+    spec = parse_spec(data)
+    for group in (spec.sources, spec.tasks):
+        for name, ref in group.items():
+            if "://" not in ref.uri and not ref.uri.startswith("builtin:") and not Path(ref.uri).is_absolute():
+                group[name] = DataRef(name, str((path.parent / ref.uri).resolve()))
+    return spec

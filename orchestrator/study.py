@@ -1,0 +1,144 @@
+"""Running a study end to end: plan, skip what MLflow already holds, run the rest, summarize."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.cluster import ray_session
+from orchestrator.plan import StudyPlan, build_plan
+from orchestrator.results import results_table, transfer_frame
+from orchestrator.spec import StudySpec
+from orchestrator.sweep import PhaseContext, run_pretrain_phase, run_transfer_phase
+from orchestrator.tracking import (
+    FAILED,
+    FINISHED,
+    KIND_PRETRAIN,
+    KIND_STUDY,
+    KIND_TRANSFER,
+    TAG_CHECKPOINT,
+    Tracker,
+    resolve_tracking_uri,
+)
+
+DEFAULT_STORAGE = "transferlab_storage"
+
+
+@dataclass
+class StudyOutcome:
+    study_run_id: str
+    pretrain_total: int
+    pretrain_ran: int
+    transfer_total: int
+    transfer_ran: int
+    failed: list[str]
+    table: str
+    seconds: float
+
+
+def _is_finished(run) -> bool:
+    return run is not None and run.info.status == FINISHED
+
+
+def _study_run(tracker: Tracker, exp: str, plan: StudyPlan) -> str:
+    """The study's one top-level run, reused on every later ``run`` of the same study."""
+    spec = plan.spec
+    existing = sorted(tracker.runs(exp, KIND_STUDY), key=lambda r: r.info.start_time or 0)
+    if existing:
+        run_id = existing[0].info.run_id
+        tracker.reopen(run_id)
+        tracker.log(run_id, tags={"transferlab.spec_hash": plan.spec_hash})
+        return run_id
+    return tracker.create_run(
+        exp, KIND_STUDY, spec.study, f"study {spec.study}", plan.spec_hash,
+        {"study": spec.study, "spec_hash": plan.spec_hash}, tags={"transferlab.spec_hash": plan.spec_hash},
+    )
+
+
+def run_study(
+    spec: StudySpec,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    storage_path: str | None = None,
+    plan: StudyPlan | None = None,
+) -> StudyOutcome:
+    t0 = time.monotonic()
+    uri = resolve_tracking_uri(tracking_uri or spec.tracking_uri)
+    storage = str(Path(storage_path or spec.storage_path or DEFAULT_STORAGE).resolve())
+    plan = plan or build_plan(spec)
+    tracker = Tracker(uri)
+    exp = tracker.experiment_id(spec.study)
+    study_run = _study_run(tracker, exp, plan)
+
+    pre_runs = tracker.runs_by_hash(exp, KIND_PRETRAIN)
+    todo = [j for j in plan.pretrain_jobs if not _is_finished(pre_runs.get(j.config_hash))]
+    done_fits = {h for h, r in tracker.runs_by_hash(exp, KIND_TRANSFER).items() if _is_finished(r)}
+    todo_fits = sum(1 for g in plan.transfer_groups for f in g.fits if f.config_hash not in done_fits)
+    print(
+        f"study '{spec.study}': {len(plan.pretrain_jobs)} pretraining runs ({len(plan.pretrain_jobs) - len(todo)} already done), "
+        f"{plan.num_transfer_fits} transfer fits ({plan.num_transfer_fits - todo_fits} already done)\n"
+        f"tracking: {uri}   experiment: {spec.study}   storage: {storage}",
+        flush=True,
+    )
+
+    ctx = PhaseContext(study=spec.study, tracking_uri=uri, experiment_id=exp, storage_path=storage, resources=spec.resources)
+    for job in todo:
+        prior = pre_runs.get(job.config_hash)
+        if prior is not None:  # interrupted or failed before: resume into the same run
+            run_id = prior.info.run_id
+            tracker.reopen(run_id)
+        else:
+            run_id = tracker.create_run(exp, KIND_PRETRAIN, spec.study, job.run_name, job.config_hash, job.params, parent_run_id=study_run)
+        ctx.run_ids[job.config_hash] = run_id
+        ctx.pretrain_jobs[job.config_hash] = job
+
+    failed: list[str] = []
+    transfer_ran = 0
+    status = FAILED
+    try:
+        with ray_session(address) as ray:
+            cpus = float(ray.cluster_resources().get("CPU", 1))
+            if todo:
+                failed += run_pretrain_phase(ctx, todo, cpus).errors
+
+            pre_runs = tracker.runs_by_hash(exp, KIND_PRETRAIN)
+            transfer_runs = tracker.runs_by_hash(exp, KIND_TRANSFER)
+            names = {j.config_hash: j.run_name for j in plan.pretrain_jobs}
+            labels = {}
+            for g in plan.transfer_groups:
+                pre = pre_runs.get(g.pretrain_hash)
+                fits = tuple(f for f in g.fits if not _is_finished(transfer_runs.get(f.config_hash)))
+                if not fits or not _is_finished(pre):
+                    continue
+                key = f"{g.pretrain_hash}:{g.task}:{g.protocol}"
+                ctx.transfer_groups[key] = dataclasses.replace(g, fits=fits)
+                ctx.run_ids[g.pretrain_hash] = pre.info.run_id
+                ctx.checkpoints[g.pretrain_hash] = pre.data.tags[TAG_CHECKPOINT]
+                for f in fits:
+                    if f.config_hash in transfer_runs:  # an earlier attempt left it unfinished
+                        ctx.run_ids[f.config_hash] = transfer_runs[f.config_hash].info.run_id
+                labels[key] = f"{names[g.pretrain_hash]} -> {g.task} {g.protocol} ({len(fits)} fits)"
+                transfer_ran += len(fits)
+            if labels:
+                failed += run_transfer_phase(ctx, ctx.transfer_groups, labels, cpus).errors
+        status = FINISHED if not failed else FAILED
+    finally:
+        counts = {k: 0 for k in ("pretrain_runs", "transfer_runs")}
+        for kind, key in ((KIND_PRETRAIN, "pretrain_runs"), (KIND_TRANSFER, "transfer_runs")):
+            counts[key] = sum(1 for r in tracker.runs_by_hash(exp, kind).values() if _is_finished(r))
+        tracker.log(study_run, metrics={**counts, "failed_runs": len(failed)}, step=int(time.time()))
+        tracker.finish(study_run, status)
+
+    table = results_table(transfer_frame(tracker, spec.study))
+    return StudyOutcome(
+        study_run_id=study_run,
+        pretrain_total=len(plan.pretrain_jobs),
+        pretrain_ran=len(todo),
+        transfer_total=plan.num_transfer_fits,
+        transfer_ran=transfer_ran,
+        failed=failed,
+        table=table,
+        seconds=time.monotonic() - t0,
+    )

@@ -1,0 +1,213 @@
+"""Ray Tune phases of a study: pretraining trials, then transfer trials.
+
+Each pretraining trial is a Tune *function* that builds and fits a Ray Train ``TorchTrainer``
+(Train V2 cannot be wrapped by a Tuner directly). Metrics reach MLflow through
+:class:`~orchestrator.tracking.MLflowReportCallback` on the Train controller, into a run the
+driver created. Transfer trials are plain Tune functions: one per (checkpoint, task, protocol),
+extracting features once and fitting every shots × seed probe from them, so light work never pays
+a trainer's start-up.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+from orchestrator.plan import PretrainJob, TransferGroup
+from orchestrator.spec import Resources
+from orchestrator.tracking import FAILED, KIND_TRANSFER, TAG_CHECKPOINT, MLflowReportCallback, Tracker
+
+
+@dataclass
+class PhaseContext:
+    """What every trial of a phase needs, shipped once through the object store."""
+
+    study: str
+    tracking_uri: str
+    experiment_id: str
+    storage_path: str
+    resources: Resources
+    pretrain_jobs: dict[str, PretrainJob] = field(default_factory=dict)
+    transfer_groups: dict[str, TransferGroup] = field(default_factory=dict)
+    run_ids: dict[str, str] = field(default_factory=dict)  # config_hash -> MLflow run id to use
+    checkpoints: dict[str, str] = field(default_factory=dict)  # pretrain hash -> checkpoint dir
+
+
+def train_run_name(job: PretrainJob) -> str:
+    """Deterministic Ray Train run name: a second fit() with it resumes from its checkpoint."""
+    return f"pretrain-{job.config_hash}"
+
+
+def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from datasets_ import open_dataset
+    from datasets_.pipeline import ray_dataset
+    from trainers.pretrain import supervised_train_loop
+
+    job = ctx.pretrain_jobs[config["job"]]
+    run_id = ctx.run_ids[job.config_hash]
+    tracker = Tracker(ctx.tracking_uri)
+    s = job.settings
+    try:
+        ds = open_dataset(job.source_root)
+        trainer = TorchTrainer(
+            supervised_train_loop,
+            train_loop_config={
+                "model_config": job.model_config,
+                "num_classes": job.num_classes,
+                "epochs": s["epochs"],
+                "batch_size": s["batch_size"],
+                "lr": s["lr"],
+                "weight_decay": s["weight_decay"],
+                "lr_schedule": s["lr_schedule"],
+                "warmup_epochs": s["warmup_epochs"],
+                "amp": s["amp"],
+                "seed": job.view.seed,
+                "num_train_samples": job.num_train_samples,
+                "meta": {"config_hash": job.config_hash, "source": job.source, "classes": ds.classes},
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=ctx.resources.workers,
+                use_gpu=ctx.resources.use_gpu,
+                resources_per_worker={"CPU": ctx.resources.cpus_per_worker},
+            ),
+            datasets={
+                "train": ray_dataset(ds, "train", s["image_size"], view=job.view),
+                "heldout": ray_dataset(ds, "test", s["image_size"]),
+            },
+            run_config=ray.train.RunConfig(
+                name=train_run_name(job),
+                storage_path=ctx.storage_path,
+                callbacks=[MLflowReportCallback(ctx.tracking_uri, run_id)],
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+                failure_config=ray.train.FailureConfig(max_failures=2),
+            ),
+        )
+        result = trainer.fit()
+        metrics = result.metrics or {}
+        tracker.log(
+            run_id,
+            metrics={"realized_label_noise": job.realized_label_noise, "num_train_samples": job.num_train_samples},
+            tags={TAG_CHECKPOINT: result.checkpoint.path},
+        )
+        tracker.finish(run_id)
+        return {"upstream_accuracy": metrics.get("upstream_accuracy", float("nan")), "train_loss": metrics.get("train_loss")}
+    except BaseException:
+        tracker.finish(run_id, FAILED)
+        raise
+
+
+def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
+    from ray.train import Checkpoint
+
+    from datasets_ import open_dataset
+    from trainers.transfer import linear_probe_grid
+
+    group = ctx.transfer_groups[config["group"]]
+    parent = ctx.run_ids[group.pretrain_hash]
+    tracker = Tracker(ctx.tracking_uri)
+    task = open_dataset(group.task_root)
+    with Checkpoint(ctx.checkpoints[group.pretrain_hash]).as_directory() as ckpt_dir:
+        results = linear_probe_grid(ckpt_dir, task, group.image_size, [(f.shots, f.seed) for f in group.fits], group.val_fraction)
+    for fit, r in zip(group.fits, results):
+        run_id = ctx.run_ids.get(fit.config_hash)
+        if run_id is None:
+            run_id = tracker.create_run(
+                ctx.experiment_id, KIND_TRANSFER, ctx.study, fit.run_name, fit.config_hash, group.params(fit), parent_run_id=parent
+            )
+        else:
+            tracker.reopen(run_id)
+            tracker.log(run_id, params=group.params(fit))
+        tracker.log(run_id, metrics={k: v for k, v in r.items() if k not in ("shots", "seed")})
+        tracker.finish(run_id)
+    return {"fits": len(results), "mean_accuracy": sum(r["accuracy"] for r in results) / max(len(results), 1)}
+
+
+class Progress:
+    """Prints one line per finished or failed trial, with counts and elapsed time."""
+
+    def __init__(self, phase: str, total: int, labels: dict[str, str], summarize):
+        from ray import tune
+
+        outer = self
+
+        class _Callback(tune.Callback):
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                outer.report(trial, ok=True)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                outer.report(trial, ok=False)
+
+        self.callback = _Callback()
+        self.phase, self.total, self.labels, self.summarize = phase, total, labels, summarize
+        self.done = self.failed = 0
+        self.t0 = time.monotonic()
+        self.errors: list[str] = []
+
+    def report(self, trial, ok: bool) -> None:
+        key = next(iter(trial.config.values()))
+        label = self.labels.get(key, key)
+        elapsed = time.monotonic() - self.t0
+        if ok:
+            self.done += 1
+            detail = self.summarize(trial.last_result or {})
+        else:
+            self.failed += 1
+            err = trial.error_file or ""
+            detail = f"FAILED (details: {err})" if err else "FAILED"
+            self.errors.append(label)
+        n = self.done + self.failed
+        eta = elapsed / n * (self.total - n)
+        print(f"[{self.phase} {n}/{self.total}] {label}: {detail}  ({elapsed:.0f}s elapsed, ~{eta:.0f}s left)", flush=True)
+
+
+def _run_phase(phase: str, trainable, key: str, items: dict[str, str], ctx: PhaseContext, cpus: float, concurrency: int, summarize) -> Progress:
+    from ray import tune
+
+    progress = Progress(phase, len(items), items, summarize)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(trainable, ctx=ctx), {"CPU": cpus}),
+        param_space={key: tune.grid_search(list(items))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_dirname_creator=lambda t: f"{phase}-{t.trial_id}"),
+        run_config=tune.RunConfig(
+            name=f"{ctx.study}-{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=ctx.storage_path,
+            callbacks=[progress.callback],
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    tuner.fit()
+    return progress
+
+
+def pretrain_concurrency(resources: Resources, cluster_cpus: float) -> int:
+    """Concurrent pretraining trials that leave at least one CPU per trial for Ray Data ingest."""
+    if resources.max_concurrent_trials:
+        return resources.max_concurrent_trials
+    per_trial = resources.workers * resources.cpus_per_worker + 1.0
+    return max(1, int(math.floor(cluster_cpus / per_trial)))
+
+
+def run_pretrain_phase(ctx: PhaseContext, jobs: list[PretrainJob], cluster_cpus: float) -> Progress:
+    items = {j.config_hash: j.run_name for j in jobs}
+    # The trial only drives a TorchTrainer whose workers are scheduled on their own.
+    return _run_phase(
+        "pretrain", _pretrain_trial, "job", items, ctx, 0.01, pretrain_concurrency(ctx.resources, cluster_cpus),
+        lambda r: f"upstream_accuracy={r.get('upstream_accuracy', float('nan')):.3f}",
+    )
+
+
+def run_transfer_phase(ctx: PhaseContext, groups: dict[str, TransferGroup], labels: dict[str, str], cluster_cpus: float) -> Progress:
+    return _run_phase(
+        "transfer", _transfer_trial, "group", labels, ctx, 1.0, max(1, int(cluster_cpus)),
+        lambda r: f"{r.get('fits', 0)} fits, mean accuracy {r.get('mean_accuracy', float('nan')):.3f}",
+    )
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,200 @@
+"""The MLflow schema of transferlab, in one place, and the helpers that write and read it.
+
+Schema
+======
+Experiment: the study name. Runs form a three-level tree (``mlflow.parentRunId``):
+
+=========  =====================================  ==================================================
+kind       params                                 metrics
+=========  =====================================  ==================================================
+study      ``study``, ``spec_hash``               ``pretrain_runs``, ``transfer_runs``,
+                                                  ``failed_runs`` (counts after each ``run``)
+pretrain   ``method, source, pretrain_size,       ``train_loss`` and ``images_per_second`` per
+           label_noise, model, seed`` + the       epoch (step = epoch), ``upstream_accuracy``
+           other settings (``image_size,          (top-1 on the source's held-out split),
+           epochs, batch_size, lr, ...``) and     ``realized_label_noise`` (fraction of labels
+           ``view_fingerprint``                   actually flipped), ``num_train_samples``
+transfer   ``task, protocol, shots, seed`` +      ``accuracy`` (task test split),
+           ``val_fraction``                       ``mean_per_class_accuracy``,
+                                                  ``validation_accuracy``, ``l2_reg``,
+                                                  ``num_train_examples``
+=========  =====================================  ==================================================
+
+Tags on every run: ``transferlab.kind`` (study|pretrain|transfer), ``transferlab.study``,
+``transferlab.config_hash`` (hash of everything that determines the result: a finished run with
+this hash means the job is done), ``mlflow.runName``. Pretrain runs also carry
+``transferlab.checkpoint`` (the checkpoint directory transfer runs read). ``pretrain_size`` is
+``full`` when the whole source is used; ``shots`` is ``full`` for the whole training pool.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterable
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+TAG_KIND = "transferlab.kind"
+TAG_STUDY = "transferlab.study"
+TAG_CONFIG_HASH = "transferlab.config_hash"
+TAG_CHECKPOINT = "transferlab.checkpoint"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_RUN_NAME = "mlflow.runName"
+
+KIND_STUDY, KIND_PRETRAIN, KIND_TRANSFER = "study", "pretrain", "transfer"
+
+PRETRAIN_PARAMS = ("method", "source", "pretrain_size", "label_noise", "model", "seed")
+TRANSFER_PARAMS = ("task", "protocol", "shots", "seed")
+
+METRIC_TRAIN_LOSS = "train_loss"
+METRIC_UPSTREAM_ACCURACY = "upstream_accuracy"
+METRIC_ACCURACY = "accuracy"
+
+FINISHED, FAILED, RUNNING = "FINISHED", "FAILED", "RUNNING"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """An absolute tracking URI: Ray workers run in other directories than the driver.
+
+    ``None`` means MLflow's own default (``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` in
+    the working directory), i.e. the store a bare ``mlflow ui`` started here shows.
+    """
+    if uri is None:
+        import mlflow
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    elif "://" not in uri:
+        raise ValueError(f"tracking URI {uri!r} has no scheme (use sqlite:///PATH or http://HOST:PORT)")
+    return uri
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Flatten nested dicts into dotted MLflow params with string values."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = ",".join(str(x) for x in v)
+        else:
+            out[key] = "full" if v is None else str(v)
+    return out
+
+
+class Tracker:
+    """Thin layer over :class:`MlflowClient` that speaks the schema above."""
+
+    def __init__(self, tracking_uri: str):
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+
+    def experiment_id(self, study: str, create: bool = True) -> str | None:
+        exp = self.client.get_experiment_by_name(study)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                raise ValueError(f"MLflow experiment '{study}' is deleted; restore it or rename the study")
+            return exp.experiment_id
+        return self.client.create_experiment(study) if create else None
+
+    def runs(self, experiment_id: str, kind: str | None = None) -> list:
+        """All runs of the experiment (optionally of one kind), paging through the search API."""
+        flt = f"tags.`{TAG_KIND}` = '{kind}'" if kind else ""
+        out, token = [], None
+        while True:
+            page = self.client.search_runs([experiment_id], filter_string=flt, max_results=1000, page_token=token)
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
+
+    def runs_by_hash(self, experiment_id: str, kind: str) -> dict[str, object]:
+        """config_hash -> run, preferring a FINISHED run, else the most recent one."""
+        best: dict[str, object] = {}
+        for r in self.runs(experiment_id, kind):
+            h = r.data.tags.get(TAG_CONFIG_HASH)
+            if h is None:
+                continue
+            cur = best.get(h)
+            rank = (r.info.status == FINISHED, r.info.start_time or 0)
+            if cur is None or rank > (cur.info.status == FINISHED, cur.info.start_time or 0):
+                best[h] = r
+        return best
+
+    def create_run(
+        self,
+        experiment_id: str,
+        kind: str,
+        study: str,
+        name: str,
+        config_hash: str,
+        params: dict,
+        parent_run_id: str | None = None,
+        tags: dict | None = None,
+    ) -> str:
+        all_tags = {TAG_KIND: kind, TAG_STUDY: study, TAG_CONFIG_HASH: config_hash, **(tags or {})}
+        if parent_run_id:
+            all_tags[TAG_PARENT] = parent_run_id
+        run = self.client.create_run(experiment_id, run_name=name, tags=all_tags)
+        self.log(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def log(self, run_id: str, params: dict | None = None, metrics: dict | None = None, tags: dict | None = None, step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        existing = self.client.get_run(run_id).data.params if params else {}
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+            # Params are immutable in MLflow: a resumed run re-logs only what it lacks.
+            params=[Param(k, v) for k, v in flatten(params or {}).items() if k not in existing],
+            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+        )
+
+    def finish(self, run_id: str, status: str = FINISHED) -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status=RUNNING)
+
+
+def logged_steps(client: MlflowClient, run_id: str, keys: Iterable[str]) -> set[tuple[str, int]]:
+    return {(k, m.step) for k in keys for m in client.get_metric_history(run_id, k)}
+
+
+try:
+    from ray.train import UserCallback
+except ImportError:  # pragma: no cover - ray is a hard dependency; keeps this module importable
+    UserCallback = object
+
+
+class MLflowReportCallback(UserCallback):
+    """Turns every ``ray.train.report`` of rank 0 into MLflow metrics of a driver-created run.
+
+    Runs on the Ray Train controller, so training loops stay MLflow-agnostic. Metrics are logged
+    with ``step = metrics["epoch"]``; steps already present (a resumed run) are not logged again.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._client = None
+        self._seen: set[tuple[str, int]] = set()
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if not metrics:
+            return
+        report = dict(metrics[0])
+        step = int(report.pop("epoch", 0))
+        numeric = {k: float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+            self._seen = logged_steps(self._client, self.run_id, numeric)
+        now = int(time.time() * 1000)
+        new = [Metric(k, v, now, step) for k, v in numeric.items() if (k, step) not in self._seen]
+        if new:
+            self._client.log_batch(self.run_id, metrics=new)
+            self._seen.update((m.key, step) for m in new)

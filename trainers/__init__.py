@@ -1,0 +1,1 @@
+"""Training and transfer code: models, per-worker loops, probes. Knows nothing of MLflow or studies."""
