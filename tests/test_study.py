@@ -1,0 +1,147 @@
+"""A tiny study end to end on a real local Ray and a real sqlite MLflow store."""
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.cli import main
+from orchestrator.tracking import (
+    KIND_PRETRAIN,
+    KIND_STUDY,
+    KIND_TRANSFER,
+    TAG_CHECKPOINT,
+    TAG_CONFIG_HASH,
+    TAG_KIND,
+    TAG_PARENT,
+    MLflowReportCallback,
+    Tracker,
+)
+
+pytestmark = pytest.mark.timeout(900)
+
+TINY = {
+    "study": "tiny",
+    "sources": {"mnist": {"uri": "builtin:mnist"}},
+    "tasks": {"digits": {"uri": "builtin:digits"}},
+    "pretrain": {
+        "method": "supervised",
+        "model": "tiny-cnn",
+        "image_size": 16,
+        "epochs": 2,
+        "batch_size": 32,
+        "sweep": {"source": ["mnist"], "pretrain_size": [300], "label_noise": [0.0, 0.5], "seed": [0]},
+    },
+    "transfer": {"protocol": ["linear_probe"], "shots": [1, 2, "full"], "seeds": [0, 1]},
+    "resources": {"workers": 1, "cpus_per_worker": 1, "use_gpu": False},
+}
+
+
+def _runs(client, kind):
+    exp = client.get_experiment_by_name("tiny")
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{kind}'", max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def finished_study(ray_cluster, tmp_path_factory):
+    """Run the tiny study once through the CLI; later tests inspect what it recorded."""
+    tmp = tmp_path_factory.mktemp("study")
+    study = tmp / "study.yaml"
+    study.write_text(yaml.safe_dump(TINY))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    argv = ["run", str(study), "--tracking-uri", uri, "--storage-path", str(tmp / "storage")]
+    assert main(argv) == 0
+    return argv, uri
+
+
+def test_mlflow_holds_the_schema(finished_study):
+    _, uri = finished_study
+    client = MlflowClient(uri)
+    studies, pretrains, transfers = (_runs(client, k) for k in (KIND_STUDY, KIND_PRETRAIN, KIND_TRANSFER))
+    assert len(studies) == 1 and len(pretrains) == 2 and len(transfers) == 2 * (2 * 2 + 1)
+    assert {r.info.status for r in studies + pretrains + transfers} == {"FINISHED"}
+    study_id = studies[0].info.run_id
+    for r in pretrains:
+        p = r.data.params
+        assert {k: p[k] for k in ("method", "source", "pretrain_size", "model", "seed")} == {
+            "method": "supervised", "source": "mnist", "pretrain_size": "300", "model": "tiny-cnn", "seed": "0",
+        }
+        assert p["label_noise"] in ("0.0", "0.5")
+        assert r.data.tags[TAG_PARENT] == study_id
+        assert r.data.tags[TAG_CONFIG_HASH]
+        assert 0.0 <= r.data.metrics["upstream_accuracy"] <= 1.0
+        history = client.get_metric_history(r.info.run_id, "train_loss")
+        assert sorted(m.step for m in history) == [0, 1]
+        assert r.info.run_name == f"supervised mnist n=300 noise={float(p['label_noise']):g}"
+    noisy = next(r for r in pretrains if r.data.params["label_noise"] == "0.5")
+    assert 0.4 < noisy.data.metrics["realized_label_noise"] < 0.6
+    parents = {r.info.run_id for r in pretrains}
+    for r in transfers:
+        assert r.data.tags[TAG_PARENT] in parents
+        assert r.data.params["task"] == "digits" and r.data.params["protocol"] == "linear_probe"
+        assert 0.1 <= r.data.metrics["accuracy"] <= 1.0
+        assert r.data.metrics["num_train_examples"] == (10 * int(r.data.params["shots"]) if r.data.params["shots"] != "full" else r.data.metrics["num_train_examples"])
+    fulls = [r for r in transfers if r.data.params["shots"] == "full"]
+    assert len(fulls) == 2 and all(r.data.params["seed"] == "0" for r in fulls)
+    assert len({r.data.tags[TAG_CONFIG_HASH] for r in transfers}) == len(transfers)
+    names = {r.info.run_name for r in transfers}
+    assert "linear_probe digits 2-shot seed=1" in names and "linear_probe digits full seed=0" in names
+
+
+def test_rerun_adds_no_run_and_resumes_an_interrupted_one(finished_study, capsys):
+    argv, uri = finished_study
+    client = MlflowClient(uri)
+    before = {k: len(_runs(client, k)) for k in (KIND_STUDY, KIND_PRETRAIN, KIND_TRANSFER)}
+    # A transfer run left RUNNING, as if the driver died before it finished.
+    victim = _runs(client, KIND_TRANSFER)[0]
+    client.update_run(victim.info.run_id, status="RUNNING")
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 pretraining runs (2 already done), 10 transfer fits (9 already done)" in out
+    assert "ran 0/2 pretraining runs and 1/10 transfer fits" in out
+    after = {k: len(_runs(client, k)) for k in (KIND_STUDY, KIND_PRETRAIN, KIND_TRANSFER)}
+    assert after == before
+    assert client.get_run(victim.info.run_id).info.status == "FINISHED"
+    assert main(argv) == 0
+    assert "ran 0/2 pretraining runs and 0/10 transfer fits" in capsys.readouterr().out
+
+
+def test_runs_command_prints_the_table(finished_study, capsys):
+    _, uri = finished_study
+    capsys.readouterr()
+    assert main(["runs", "tiny", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("pretrain"))
+    assert header.split()[-3:] == ["1-shot", "2-shot", "full"]
+    rows = [line for line in lines if line.startswith("supervised mnist")]
+    assert len(rows) == 2 and all(" ±" in r for r in rows)
+    assert main(["runs", "nope", "--tracking-uri", uri]) == 2
+
+
+def test_checkpoints_are_loadable_without_pickle(finished_study):
+    from ray.train import Checkpoint
+
+    from trainers.pretrain import load_model
+
+    _, uri = finished_study
+    r = _runs(MlflowClient(uri), KIND_PRETRAIN)[0]
+    with Checkpoint(r.data.tags[TAG_CHECKPOINT]).as_directory() as d:
+        model = load_model(d)
+    assert model.head.out_features == 10
+
+
+def test_report_callback_logs_each_step_once(tracking_uri):
+    tracker = Tracker(tracking_uri)
+    exp = tracker.experiment_id("cb")
+    run_id = tracker.create_run(exp, KIND_PRETRAIN, "cb", "r", "h", {"a": 1})
+    cb = MLflowReportCallback(tracking_uri, run_id)
+    cb.after_report(None, [{"epoch": 0, "train_loss": 2.0}], None)
+    cb.after_report(None, [{"epoch": 1, "train_loss": 1.0, "upstream_accuracy": 0.5}], None)
+    # A restarted controller gets a fresh callback; re-reported epochs must not duplicate.
+    fresh = MLflowReportCallback(tracking_uri, run_id)
+    fresh.after_report(None, [{"epoch": 1, "train_loss": 1.0, "upstream_accuracy": 0.5}], None)
+    fresh.after_report(None, [{"epoch": 2, "train_loss": 0.5}], None)
+    history = tracker.client.get_metric_history(run_id, "train_loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 2.0), (1, 1.0), (2, 0.5)]
+    assert len(tracker.client.get_metric_history(run_id, "upstream_accuracy")) == 1

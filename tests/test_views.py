@@ -1,0 +1,93 @@
+"""Data views are pure functions of key, seed and parameters."""
+
+import numpy as np
+import pytest
+
+from datasets_ import few_shot_indices, in_subset, noisy_labels, subset_threshold, validation_mask
+from datasets_.views import PretrainView
+
+KEYS = np.array([f"sample-{i:05d}" for i in range(20000)], dtype=object)
+LABELS = np.arange(20000) % 10
+
+
+def test_label_noise_is_deterministic_per_key_and_independent_of_order():
+    a = noisy_labels(KEYS, LABELS, 10, 0.4, seed=3)
+    perm = np.random.default_rng(0).permutation(len(KEYS))
+    b = noisy_labels(KEYS[perm], LABELS[perm], 10, 0.4, seed=3)
+    assert np.array_equal(a[perm], b)
+    assert not np.array_equal(a, noisy_labels(KEYS, LABELS, 10, 0.4, seed=4))
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.2, 0.4, 0.8, 1.0])
+def test_label_noise_rate_and_targets(rate):
+    noisy = noisy_labels(KEYS, LABELS, 10, rate, seed=0)
+    flipped = noisy != LABELS
+    assert abs(flipped.mean() - rate) < 0.015
+    assert noisy.min() >= 0 and noisy.max() <= 9
+    # Flipped labels spread over the other classes, roughly uniformly.
+    moved = (noisy[flipped] - LABELS[flipped]) % 10
+    if rate > 0:
+        counts = np.bincount(moved, minlength=10)
+        assert counts[0] == 0
+        assert counts[1:].min() > 0.8 * counts[1:].mean()
+
+
+def test_noise_rate_outside_unit_interval_is_rejected():
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        noisy_labels(KEYS, LABELS, 10, 1.5, seed=0)
+
+
+def test_subsets_have_exact_size_and_are_nested():
+    masks = {}
+    for n in (500, 2000, 8000):
+        t = subset_threshold(KEYS, n, seed=7)
+        masks[n] = in_subset(KEYS, t, seed=7)
+        assert masks[n].sum() == n
+    assert np.all(masks[2000][masks[500]])
+    assert np.all(masks[8000][masks[2000]])
+    other = in_subset(KEYS, subset_threshold(KEYS, 500, seed=8), seed=8)
+    assert (other & masks[500]).sum() < 100  # another seed draws a different subset
+
+
+def test_subset_membership_does_not_depend_on_batching():
+    t = subset_threshold(KEYS, 1234, seed=1)
+    whole = in_subset(KEYS, t, seed=1)
+    pieces = np.concatenate([in_subset(KEYS[i : i + 777], t, seed=1) for i in range(0, len(KEYS), 777)])
+    assert np.array_equal(whole, pieces)
+
+
+def test_subset_larger_than_data_is_an_error():
+    with pytest.raises(ValueError, match="exceeds"):
+        subset_threshold(KEYS[:10], 11, seed=0)
+
+
+def test_pretrain_view_fingerprint_identifies_the_sample_set():
+    a = PretrainView("fp", 500, 0.4, 0, 10, threshold=0.1)
+    assert a.fingerprint == PretrainView("fp", 500, 0.4, 0, 10, threshold=0.1).fingerprint
+    assert a.fingerprint != PretrainView("fp", 500, 0.2, 0, 10).fingerprint
+    assert a.fingerprint != PretrainView("other", 500, 0.4, 0, 10).fingerprint
+
+
+def test_few_shot_sampling_k_per_class_seeded_and_nested():
+    keys, labels = KEYS[:1000], LABELS[:1000]
+    five = few_shot_indices(keys, labels, 5, seed=0)
+    assert np.array_equal(np.bincount(labels[five], minlength=10), np.full(10, 5))
+    assert np.array_equal(five, few_shot_indices(keys, labels, 5, seed=0))
+    assert not np.array_equal(five, few_shot_indices(keys, labels, 5, seed=1))
+    ten = few_shot_indices(keys, labels, 10, seed=0)
+    assert set(five) <= set(ten)
+
+
+def test_few_shot_class_too_small_names_the_class():
+    labels = np.array([0] * 10 + [1] * 3)
+    keys = np.array([f"k{i}" for i in range(13)], dtype=object)
+    with pytest.raises(ValueError, match="class 1 has 3 examples, fewer than shots=5"):
+        few_shot_indices(keys, labels, 5, seed=0)
+
+
+def test_validation_carve_out_is_disjoint_from_the_shot_pool():
+    val = validation_mask(KEYS[:2000], 0.2)
+    assert 0.17 < val.mean() < 0.23
+    pool = np.flatnonzero(~val)
+    picked = pool[few_shot_indices(KEYS[pool], LABELS[pool], 10, seed=0)]
+    assert not val[picked].any()
