@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, spec, plan) -> int:
     from orchestrator.study import run_study
+    from orchestrator.tracking import resolve_tracking_uri
 
     outcome = run_study(spec, address=args.address, tracking_uri=args.tracking_uri, storage_path=args.storage_path, plan=plan)
     print()
@@ -86,15 +87,11 @@ def _run(args, spec, plan) -> int:
     print(
         f"\nran {outcome.pretrain_ran}/{outcome.pretrain_total} pretraining runs and "
         f"{outcome.transfer_ran}/{outcome.transfer_total} transfer fits in {outcome.seconds:.0f}s"
-        f" (the rest were already in MLflow)." if outcome.pretrain_ran < outcome.pretrain_total or outcome.transfer_ran < outcome.transfer_total
-        else f"\nran {outcome.pretrain_total} pretraining runs and {outcome.transfer_total} transfer fits in {outcome.seconds:.0f}s."
+        " (the others were already in MLflow)."
     )
-    from orchestrator.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(args.tracking_uri or spec.tracking_uri)
-    print(f"browse them: mlflow ui --backend-store-uri {uri}")
+    print(f"browse them: mlflow ui --backend-store-uri {resolve_tracking_uri(args.tracking_uri or spec.tracking_uri)}")
     if outcome.failed:
-        print(f"{len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}; run the same command again to retry them", file=sys.stderr)
+        print(f"{len(outcome.failed)} trial(s) failed: {'; '.join(outcome.failed)}. Run the same command again to retry them.", file=sys.stderr)
         return EXIT_FAILED_RUNS
     return EXIT_OK
 

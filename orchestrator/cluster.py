@@ -24,7 +24,8 @@ def quiet_ray_logs() -> None:
 
 @contextlib.contextmanager
 def ray_session(address: str | None, num_cpus: int | None = None):
-    """Yield a connected Ray runtime.
+    """Connect to Ray for the duration of the block; yield True if the runtime is private
+    (started here, and so holding only this machine's resources).
 
     - Ray already initialized in this process (tests, notebooks): use it, leave it running.
     - ``address`` (or ``RAY_ADDRESS``) given: join that cluster (``auto`` = one started with
@@ -39,12 +40,18 @@ def ray_session(address: str | None, num_cpus: int | None = None):
     os.environ.update(WORKER_ENV)
     quiet_ray_logs()
     if ray.is_initialized():
-        yield ray
+        yield False
         return
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": dict(WORKER_ENV)}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as e:
+            from orchestrator.spec import SpecError
+
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SpecError("--address", f"cannot connect to the Ray cluster at {address!r}: {first}") from None
     else:
         ray.init(
             address="local",
@@ -54,6 +61,6 @@ def ray_session(address: str | None, num_cpus: int | None = None):
             log_to_driver=False,
         )
     try:
-        yield ray
+        yield not address
     finally:
         ray.shutdown()

@@ -250,6 +250,7 @@ class Resources:
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     max_concurrent_trials: int | None = None  # default: derived from the cluster's CPUs
+    max_failures: int = 2  # restarts of a pretraining run's workers (from the last checkpoint)
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,7 @@ def _resources(m: _Mapping) -> Resources:
         cpus_per_worker=r.get("cpus_per_worker", _positive_float, d.cpus_per_worker),
         use_gpu=r.get("use_gpu", _bool, d.use_gpu),
         max_concurrent_trials=r.get("max_concurrent_trials", lambda q, v: _int(q, v, minimum=1), None),
+        max_failures=r.get("max_failures", lambda q, v: _int(q, v, minimum=0), d.max_failures),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from orchestrator.cluster import ray_session
 from orchestrator.plan import StudyPlan, build_plan
 from orchestrator.results import results_table, transfer_frame
-from orchestrator.spec import StudySpec
+from orchestrator.spec import SpecError, StudySpec
 from orchestrator.sweep import PhaseContext, run_pretrain_phase, run_transfer_phase
 from orchestrator.tracking import (
     FAILED,
@@ -53,8 +54,26 @@ def _study_run(tracker: Tracker, exp: str, plan: StudyPlan) -> str:
         return run_id
     return tracker.create_run(
         exp, KIND_STUDY, spec.study, f"study {spec.study}", plan.spec_hash,
-        {"study": spec.study, "spec_hash": plan.spec_hash}, tags={"transferlab.spec_hash": plan.spec_hash},
+        {"study": spec.study}, tags={"transferlab.spec_hash": plan.spec_hash},
     )
+
+
+def check_cluster(spec: StudySpec, resources: dict, embedded: bool) -> list[str]:
+    """Problems that would make trials wait forever for resources the cluster lacks.
+
+    On the private local Ray they are errors (nothing can appear later); on a cluster they are
+    warnings, since an autoscaler may add nodes.
+    """
+    r = spec.resources
+    problems = []
+    if r.use_gpu and resources.get("GPU", 0) < 1:
+        problems.append(("resources.use_gpu", "is true but the Ray cluster has no GPU"))
+    need = r.workers * r.cpus_per_worker
+    if need > resources.get("CPU", 0):
+        problems.append(("resources.workers", f"{r.workers} workers x {r.cpus_per_worker:g} CPUs need {need:g} CPUs; the Ray cluster has {resources.get('CPU', 0):g}"))
+    if embedded and problems:
+        raise SpecError(*problems[0])
+    return [f"{field}: {msg}" for field, msg in problems]
 
 
 def run_study(
@@ -64,10 +83,23 @@ def run_study(
     storage_path: str | None = None,
     plan: StudyPlan | None = None,
 ) -> StudyOutcome:
+    """Run every job of the study that MLflow does not hold as finished; return the outcome."""
     t0 = time.monotonic()
     uri = resolve_tracking_uri(tracking_uri or spec.tracking_uri)
     storage = str(Path(storage_path or spec.storage_path or DEFAULT_STORAGE).resolve())
     plan = plan or build_plan(spec)
+    with ray_session(address) as embedded:
+        import ray
+
+        for warning in check_cluster(spec, ray.cluster_resources(), embedded):
+            print(f"warning: {warning} (trials wait until the cluster can hold them)", file=sys.stderr)
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        outcome = _run(spec, plan, uri, storage, cpus)
+    outcome.seconds = time.monotonic() - t0
+    return outcome
+
+
+def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) -> StudyOutcome:
     tracker = Tracker(uri)
     exp = tracker.experiment_id(spec.study)
     study_run = _study_run(tracker, exp, plan)
@@ -98,40 +130,41 @@ def run_study(
     transfer_ran = 0
     status = FAILED
     try:
-        with ray_session(address) as ray:
-            cpus = float(ray.cluster_resources().get("CPU", 1))
-            if todo:
-                failed += run_pretrain_phase(ctx, todo, cpus).errors
+        if todo:
+            failed += run_pretrain_phase(ctx, todo, cpus).errors
 
-            pre_runs = tracker.runs_by_hash(exp, KIND_PRETRAIN)
-            transfer_runs = tracker.runs_by_hash(exp, KIND_TRANSFER)
-            names = {j.config_hash: j.run_name for j in plan.pretrain_jobs}
-            labels = {}
-            for g in plan.transfer_groups:
-                pre = pre_runs.get(g.pretrain_hash)
-                fits = tuple(f for f in g.fits if not _is_finished(transfer_runs.get(f.config_hash)))
-                if not fits or not _is_finished(pre):
-                    continue
-                key = f"{g.pretrain_hash}:{g.task}:{g.protocol}"
-                ctx.transfer_groups[key] = dataclasses.replace(g, fits=fits)
-                ctx.run_ids[g.pretrain_hash] = pre.info.run_id
-                ctx.checkpoints[g.pretrain_hash] = pre.data.tags[TAG_CHECKPOINT]
-                for f in fits:
-                    if f.config_hash in transfer_runs:  # an earlier attempt left it unfinished
-                        ctx.run_ids[f.config_hash] = transfer_runs[f.config_hash].info.run_id
-                labels[key] = f"{names[g.pretrain_hash]} -> {g.task} {g.protocol} ({len(fits)} fits)"
-                transfer_ran += len(fits)
-            if labels:
-                failed += run_transfer_phase(ctx, ctx.transfer_groups, labels, cpus).errors
+        pre_runs = tracker.runs_by_hash(exp, KIND_PRETRAIN)
+        transfer_runs = tracker.runs_by_hash(exp, KIND_TRANSFER)
+        names = {j.config_hash: j.run_name for j in plan.pretrain_jobs}
+        labels = {}
+        for g in plan.transfer_groups:
+            pre = pre_runs.get(g.pretrain_hash)
+            fits = tuple(f for f in g.fits if not _is_finished(transfer_runs.get(f.config_hash)))
+            if not fits or not _is_finished(pre):
+                continue
+            key = f"{g.pretrain_hash}:{g.task}:{g.protocol}"
+            ctx.transfer_groups[key] = dataclasses.replace(g, fits=fits)
+            ctx.run_ids[g.pretrain_hash] = pre.info.run_id
+            ctx.checkpoints[g.pretrain_hash] = pre.data.tags[TAG_CHECKPOINT]
+            for f in fits:
+                if f.config_hash in transfer_runs:  # an earlier attempt left it unfinished
+                    ctx.run_ids[f.config_hash] = transfer_runs[f.config_hash].info.run_id
+            labels[key] = f"{names[g.pretrain_hash]} -> {g.task} {g.protocol} ({len(fits)} fits)"
+            transfer_ran += len(fits)
+        if labels:
+            failed += run_transfer_phase(ctx, labels, cpus).errors
         status = FINISHED if not failed else FAILED
     finally:
-        counts = {k: 0 for k in ("pretrain_runs", "transfer_runs")}
-        for kind, key in ((KIND_PRETRAIN, "pretrain_runs"), (KIND_TRANSFER, "transfer_runs")):
-            counts[key] = sum(1 for r in tracker.runs_by_hash(exp, kind).values() if _is_finished(r))
-        tracker.log(study_run, metrics={**counts, "failed_runs": len(failed)}, step=int(time.time()))
+        counts = {
+            "pretrain_runs": sum(1 for r in tracker.runs_by_hash(exp, KIND_PRETRAIN).values() if _is_finished(r)),
+            "transfer_runs": sum(1 for r in tracker.runs_by_hash(exp, KIND_TRANSFER).values() if _is_finished(r)),
+            "failed_runs": len(failed),
+        }
+        # One step per invocation of `run`, so the study run shows how the study grew.
+        step = len(tracker.client.get_metric_history(study_run, "pretrain_runs"))
+        tracker.log(study_run, metrics=counts, step=step)
         tracker.finish(study_run, status)
 
-    table = results_table(transfer_frame(tracker, spec.study))
     return StudyOutcome(
         study_run_id=study_run,
         pretrain_total=len(plan.pretrain_jobs),
@@ -139,6 +172,6 @@ def run_study(
         transfer_total=plan.num_transfer_fits,
         transfer_ran=transfer_ran,
         failed=failed,
-        table=table,
-        seconds=time.monotonic() - t0,
+        table=results_table(transfer_frame(tracker, spec.study)),
+        seconds=0.0,
     )

@@ -11,7 +11,6 @@ a trainer's start-up.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -84,7 +83,7 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
                 storage_path=ctx.storage_path,
                 callbacks=[MLflowReportCallback(ctx.tracking_uri, run_id)],
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-                failure_config=ray.train.FailureConfig(max_failures=2),
+                failure_config=ray.train.FailureConfig(max_failures=ctx.resources.max_failures),
             ),
         )
         result = trainer.fit()
@@ -202,12 +201,9 @@ def run_pretrain_phase(ctx: PhaseContext, jobs: list[PretrainJob], cluster_cpus:
     )
 
 
-def run_transfer_phase(ctx: PhaseContext, groups: dict[str, TransferGroup], labels: dict[str, str], cluster_cpus: float) -> Progress:
+def run_transfer_phase(ctx: PhaseContext, labels: dict[str, str], cluster_cpus: float) -> Progress:
     return _run_phase(
         "transfer", _transfer_trial, "group", labels, ctx, 1.0, max(1, int(cluster_cpus)),
         lambda r: f"{r.get('fits', 0)} fits, mean accuracy {r.get('mean_accuracy', float('nan')):.3f}",
     )
 
-
-def warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
