@@ -47,7 +47,14 @@ def _error(msg: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # KEY=VALUE overrides may come after options too (`run s.yaml --address auto epochs=1`).
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     from orchestrator.spec import SpecError, load_spec
 
     try:
@@ -87,7 +94,7 @@ def _run(args, spec, plan) -> int:
     print(
         f"\nran {outcome.pretrain_ran}/{outcome.pretrain_total} pretraining runs and "
         f"{outcome.transfer_ran}/{outcome.transfer_total} transfer fits in {outcome.seconds:.0f}s"
-        " (the others were already in MLflow)."
+        + (" (the others were already in MLflow)." if (outcome.pretrain_ran, outcome.transfer_ran) != (outcome.pretrain_total, outcome.transfer_total) else ".")
     )
     print(f"browse them: mlflow ui --backend-store-uri {resolve_tracking_uri(args.tracking_uri or spec.tracking_uri)}")
     if outcome.failed:
