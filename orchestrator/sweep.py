@@ -42,6 +42,7 @@ def train_run_name(job: PretrainJob) -> str:
 def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
 
     from datasets_ import open_dataset
     from datasets_.pipeline import ray_dataset
@@ -53,6 +54,10 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
     s = job.settings
     try:
         ds = open_dataset(job.source_root)
+        # Rows reach each worker in a fixed order (then a seeded local shuffle), so a run is
+        # reproducible from its config rather than from how Ray scheduled the read tasks.
+        ingest = ray.train.DataConfig.default_ingest_options()
+        ingest.preserve_order = True
         trainer = TorchTrainer(
             supervised_train_loop,
             train_loop_config={
@@ -78,10 +83,12 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
                 "train": ray_dataset(ds, "train", s["image_size"], view=job.view),
                 "heldout": ray_dataset(ds, "test", s["image_size"]),
             },
+            dataset_config=ray.train.DataConfig(execution_options=ingest),
             run_config=ray.train.RunConfig(
                 name=train_run_name(job),
                 storage_path=ctx.storage_path,
-                callbacks=[MLflowReportCallback(ctx.tracking_uri, run_id)],
+                # MLflow records for the study; Tune sees each report too (progress lines).
+                callbacks=[MLflowReportCallback(ctx.tracking_uri, run_id), TuneReportCallback()],
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
                 failure_config=ray.train.FailureConfig(max_failures=ctx.resources.max_failures),
             ),
@@ -126,15 +133,31 @@ def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
     return {"fits": len(results), "mean_accuracy": sum(r["accuracy"] for r in results) / max(len(results), 1)}
 
 
-class Progress:
-    """Prints one line per finished or failed trial, with counts and elapsed time."""
+def _error_line(error_file: str | None) -> str:
+    """The last line of a trial's error file: usually the exception and its message."""
+    try:
+        with open(error_file or "") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return "FAILED"
+    return f"FAILED: {lines[-1][:300]}" if lines else "FAILED"
 
-    def __init__(self, phase: str, total: int, labels: dict[str, str], summarize):
+
+class Progress:
+    """Prints a line per intermediate report (e.g. each epoch) and per finished or failed
+    trial, with counts and elapsed time."""
+
+    def __init__(self, phase: str, total: int, labels: dict[str, str], summarize, describe_report=None):
         from ray import tune
 
         outer = self
 
         class _Callback(tune.Callback):
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                line = outer.describe_report(result) if outer.describe_report else None
+                if line:
+                    print(f"[{outer.phase}] {outer.label(trial)}: {line}", flush=True)
+
             def on_trial_complete(self, iteration, trials, trial, **info):
                 outer.report(trial, ok=True)
 
@@ -142,32 +165,37 @@ class Progress:
                 outer.report(trial, ok=False)
 
         self.callback = _Callback()
+        self.describe_report = describe_report
         self.phase, self.total, self.labels, self.summarize = phase, total, labels, summarize
         self.done = self.failed = 0
         self.t0 = time.monotonic()
         self.errors: list[str] = []
 
-    def report(self, trial, ok: bool) -> None:
+    def label(self, trial) -> str:
         key = next(iter(trial.config.values()))
-        label = self.labels.get(key, key)
+        return self.labels.get(key, key)
+
+    def report(self, trial, ok: bool) -> None:
+        label = self.label(trial)
         elapsed = time.monotonic() - self.t0
         if ok:
             self.done += 1
             detail = self.summarize(trial.last_result or {})
         else:
             self.failed += 1
-            err = trial.error_file or ""
-            detail = f"FAILED (details: {err})" if err else "FAILED"
+            detail = _error_line(trial.error_file)
+            if trial.error_file:
+                detail += f" (full traceback: {trial.error_file})"
             self.errors.append(label)
         n = self.done + self.failed
         eta = elapsed / n * (self.total - n)
         print(f"[{self.phase} {n}/{self.total}] {label}: {detail}  ({elapsed:.0f}s elapsed, ~{eta:.0f}s left)", flush=True)
 
 
-def _run_phase(phase: str, trainable, key: str, items: dict[str, str], ctx: PhaseContext, cpus: float, concurrency: int, summarize) -> Progress:
+def _run_phase(phase: str, trainable, key: str, items: dict[str, str], ctx: PhaseContext, cpus: float, concurrency: int, summarize, describe_report=None) -> Progress:
     from ray import tune
 
-    progress = Progress(phase, len(items), items, summarize)
+    progress = Progress(phase, len(items), items, summarize, describe_report)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trainable, ctx=ctx), {"CPU": cpus}),
         param_space={key: tune.grid_search(list(items))},
@@ -198,7 +226,14 @@ def run_pretrain_phase(ctx: PhaseContext, jobs: list[PretrainJob], cluster_cpus:
     return _run_phase(
         "pretrain", _pretrain_trial, "job", items, ctx, 0.01, pretrain_concurrency(ctx.resources, cluster_cpus),
         lambda r: f"upstream_accuracy={r.get('upstream_accuracy', float('nan')):.3f}",
+        _describe_epoch,
     )
+
+
+def _describe_epoch(result: dict) -> str | None:
+    if "epoch" not in result or "train_loss" not in result:
+        return None
+    return f"epoch {int(result['epoch']) + 1}: train_loss={result['train_loss']:.4f} ({result.get('images_per_second', 0):.0f} img/s)"
 
 
 def run_transfer_phase(ctx: PhaseContext, labels: dict[str, str], cluster_cpus: float) -> Progress:
