@@ -82,22 +82,17 @@ def prepare_builtin(name: str, root: Path | None = None) -> ShardedDataset:
     # streaming readers with a local shuffle buffer see mixed classes in every batch.
     order = np.argsort(unit_hash(keys, seed=0, salt="builtin-order"))
 
-    def rows(mask):
-        for i in order[mask[order]]:
-            yield {
-                "key": keys[i],
-                "image": _png(images[i]),
-                "label": int(labels[i]),
-                "caption": template.format(label=classes[labels[i]]),
-            }
+    def rows():
+        for split, mask in (("train", ~is_test), ("test", is_test)):
+            for i in order[mask[order]]:
+                yield split, {
+                    "key": keys[i],
+                    "image": _png(images[i]),
+                    "label": int(labels[i]),
+                    "caption": template.format(label=classes[labels[i]]),
+                }
 
-    return write_sharded_dataset(
-        out,
-        name=name,
-        classes=classes,
-        splits={"train": rows(~is_test), "test": rows(is_test)},
-        extra={"origin": f"builtin:{name}"},
-    )
+    return write_sharded_dataset(out, name=name, classes=classes, rows=rows(), extra={"origin": f"builtin:{name}"})
 
 
 def resolve_dataset(uri: str) -> ShardedDataset:

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -75,10 +76,10 @@ class ShardedDataset:
         return len(self.manifest["classes"])
 
     def num_samples(self, split: str) -> int:
-        return int(self.manifest["splits"][split]["num_samples"])
+        return int(self.manifest["splits"].get(split, {}).get("num_samples", 0))
 
     def class_counts(self, split: str) -> list[int]:
-        return list(self.manifest["splits"][split]["class_counts"])
+        return list(self.manifest["splits"].get(split, {}).get("class_counts", [0] * self.num_classes))
 
     def files(self, split: str) -> list[str]:
         return [str(self.root / s["path"]) for s in self.manifest["shards"] if s["split"] == split]
@@ -107,46 +108,62 @@ def _sha256(path: Path) -> str:
 def write_sharded_dataset(
     out_dir: str | os.PathLike,
     name: str,
-    classes: Sequence[str],
-    splits: dict[str, Iterable[dict]],
+    classes: Sequence[str] | None,
+    rows: Iterable[tuple[str, dict]],
     shard_size: int = 2000,
     extra: dict | None = None,
 ) -> ShardedDataset:
-    """Write rows (dicts with the SCHEMA columns) per split as Parquet shards plus a manifest.
+    """Write ``(split, row)`` pairs (rows are dicts with the SCHEMA columns) as Parquet shards
+    per split, plus a manifest.
 
-    The directory appears atomically: rows are written to a temporary sibling and renamed,
-    so a crash never leaves a half-written dataset that later runs would trust.
+    ``classes=None`` infers ``0..max(label)`` (names from ``extra["class_names"]`` when given);
+    label -1 marks an unlabeled sample. The directory appears atomically: rows are written to a
+    temporary sibling and renamed, so a crash never leaves a half-written dataset behind.
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    extra = dict(extra or {})
+    class_names = extra.pop("class_names", {})
     try:
-        shards, split_info = [], {}
-        for split, rows in splits.items():
-            (tmp / split).mkdir()
-            counts = np.zeros(len(classes), dtype=np.int64)
-            total, buf, index = 0, [], 0
+        shards: list[dict] = []
+        buffers: dict[str, list] = {}
+        counts: dict[str, Counter] = {}
+        index: Counter = Counter()
 
-            def flush():
-                nonlocal buf, index
-                if not buf:
-                    return
-                rel = f"{split}/part-{index:05d}.parquet"
-                pq.write_table(pa.Table.from_pylist(buf, schema=SCHEMA), tmp / rel)
-                shards.append({"path": rel, "split": split, "num_rows": len(buf)})
-                buf, index = [], index + 1
+        def flush(split: str) -> None:
+            buf = buffers.get(split)
+            if not buf:
+                return
+            rel = f"{split}/part-{index[split]:05d}.parquet"
+            (tmp / split).mkdir(exist_ok=True)
+            pq.write_table(pa.Table.from_pylist(buf, schema=SCHEMA), tmp / rel)
+            shards.append({"path": rel, "split": split, "num_rows": len(buf)})
+            buffers[split] = []
+            index[split] += 1
 
-            for row in rows:
-                label = int(row["label"])
-                if not 0 <= label < len(classes):
-                    raise DatasetError(f"{name}: label {label} of sample {row['key']} is outside 0..{len(classes) - 1}")
-                counts[label] += 1
-                total += 1
-                buf.append(row)
-                if len(buf) >= shard_size:
-                    flush()
-            flush()
-            split_info[split] = {"num_samples": total, "class_counts": counts.tolist()}
+        for split, row in rows:
+            label = int(row["label"])
+            if label < -1 or (classes is not None and label >= len(classes)):
+                top = len(classes) - 1 if classes is not None else "..."
+                raise DatasetError(f"{name}: label {label} of sample {row['key']} is outside 0..{top}")
+            counts.setdefault(split, Counter())[label] += 1
+            buffers.setdefault(split, []).append(row)
+            if len(buffers[split]) >= shard_size:
+                flush(split)
+        for split in list(buffers):
+            flush(split)
+        if classes is None:
+            top = max((lbl for c in counts.values() for lbl in c), default=-1)
+            classes = [str(class_names.get(i, i)) for i in range(top + 1)]
+        split_info = {
+            split: {
+                "num_samples": sum(c.values()),
+                "class_counts": [c.get(i, 0) for i in range(len(classes))],
+                "unlabeled": c.get(-1, 0),
+            }
+            for split, c in counts.items()
+        }
         for s in shards:
             s["sha256"] = _sha256(tmp / s["path"])
         fingerprint = hashlib.sha256(
@@ -161,7 +178,7 @@ def write_sharded_dataset(
             "splits": split_info,
             "shards": shards,
             "fingerprint": fingerprint,
-            **(extra or {}),
+            **extra,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out.exists():

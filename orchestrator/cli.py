@@ -35,6 +35,24 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (overrides the spec's tracking_uri)")
     r.add_argument("--storage-path", default=None, help="where checkpoints go (default: ./transferlab_storage)")
 
+    d = sub.add_parser("data", help="prepare and inspect datasets")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    prep = dsub.add_parser("prepare", help="convert a source (builtin:NAME, image folder, WebDataset tars, Parquet) to Parquet shards + manifest")
+    prep.add_argument("src", help="builtin:NAME, an image folder, a .tar / {00000..00009}.tar pattern / folder of tars, or Parquet")
+    prep.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    prep.add_argument("--format", choices=["parquet"], default="parquet", help="output shard format")
+    prep.add_argument("--shard-size", type=int, default=2000, help="samples per shard (default 2000)")
+    prep.add_argument("--test-fraction", type=float, default=0.2, help="held-out share for sources without their own split (default 0.2)")
+    prep.add_argument("--on-bad-sample", choices=["skip", "error"], default="skip", help="skip and count bad samples (default) or stop at the first")
+    ins = dsub.add_parser("inspect", help="print a dataset's manifest (computed by a scan if it has none)")
+    ins.add_argument("uri", metavar="DIR_OR_URI")
+    ins.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    for sp in (prep, ins):
+        sp.add_argument("--image-column", default="jpg", help="Parquet sources: encoded-image column (default jpg, else image)")
+        sp.add_argument("--label-column", default="label", help="Parquet sources: integer label column")
+        sp.add_argument("--caption-column", default="caption", help="Parquet sources: caption column")
+        sp.add_argument("--key-column", default="key", help="Parquet sources: sample key column")
+
     q = sub.add_parser("runs", help="print a study's results table from MLflow")
     q.add_argument("study", help="study name (the MLflow experiment)")
     q.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's default store here)")
@@ -60,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "runs":
             return _runs(args)
+        if args.command == "data":
+            return _data(args)
         spec = load_spec(args.study_file, args.overrides)
         from orchestrator.plan import build_plan
 
@@ -100,6 +120,45 @@ def _run(args, spec, plan) -> int:
     if outcome.failed:
         print(f"{len(outcome.failed)} trial(s) failed: {'; '.join(outcome.failed)}. Run the same command again to retry them.", file=sys.stderr)
         return EXIT_FAILED_RUNS
+    return EXIT_OK
+
+
+def _data(args) -> int:
+    import json
+
+    from datasets_ import DatasetError
+    from datasets_.prepare import inspect, prepare
+
+    columns = {"image_column": args.image_column, "label_column": args.label_column,
+               "caption_column": args.caption_column, "key_column": args.key_column}
+    try:
+        if args.data_command == "prepare":
+            if args.shard_size < 1:
+                return _error(f"--shard-size: must be >= 1, got {args.shard_size}")
+            if not 0.0 <= args.test_fraction < 1.0:
+                return _error(f"--test-fraction: must be in [0, 1), got {args.test_fraction}")
+            ds, bad = prepare(args.src, args.out, args.shard_size, args.test_fraction, args.on_bad_sample, **columns)
+            m = ds.manifest
+            print(f"prepared {args.out}: {m['num_samples']} samples, {m['num_classes']} classes, "
+                  f"{len(m['shards'])} shards, fingerprint {m['fingerprint']}")
+            if bad.total:
+                print(f"skipped {bad.total} bad sample(s): " + ", ".join(f"{k} x{v}" for k, v in bad.counts.items()), file=sys.stderr)
+            return EXIT_OK
+        m = inspect(args.uri, **columns)
+    except DatasetError as e:
+        return _error(str(e))
+    if args.json:
+        print(json.dumps(m, indent=1))
+        return EXIT_OK
+    splits = m["splits"]
+    split_text = ", ".join(f"{k} {v['num_samples'] if isinstance(v, dict) else v}" for k, v in splits.items())
+    print(f"{m['name']}: {m['num_samples']} samples ({split_text}), {m['num_classes']} classes, fingerprint {m['fingerprint']}")
+    if m["classes"]:
+        shown = ", ".join(m["classes"][:20]) + (" ..." if len(m["classes"]) > 20 else "")
+        print(f"classes: {shown}")
+    bad = m.get("bad_samples", {}).get("total", 0)
+    if bad:
+        print(f"bad samples: {bad} ({m['bad_samples']['by_reason']})")
     return EXIT_OK
 
 

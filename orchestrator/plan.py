@@ -105,6 +105,13 @@ def resolve_data(spec: StudySpec) -> dict[str, ShardedDataset]:
 
 def _check_data(spec: StudySpec, data: dict[str, ShardedDataset]) -> None:
     sizes = spec.pretrain.sweep["pretrain_size"]
+    for section, names in (("sources", spec.pretrain.sweep["source"]), ("tasks", spec.transfer_tasks)):
+        for name in names:
+            ds = data[f"{section}.{name}"]
+            unlabeled = ds.manifest["splits"].get("train", {}).get("unlabeled", 0)
+            if ds.num_classes < 2 or unlabeled:
+                raise SpecError(f"{section}.{name}.uri", f"'{name}' needs integer labels of at least 2 classes "
+                                f"({ds.num_classes} classes, {unlabeled} unlabeled training samples)")
     for source in spec.pretrain.sweep["source"]:
         ds = data[f"sources.{source}"]
         n = ds.num_samples("train")

@@ -287,7 +287,7 @@ def _datarefs(m: _Mapping, key: str) -> dict[str, DataRef]:
 
 def _pretrain(m: _Mapping, sources: dict[str, DataRef]) -> PretrainSpec:
     allowed = tuple(f.name for f in fields(PretrainSettings)) + ("sweep",)
-    p = _Mapping("pretrain", m.get("pretrain", lambda _, v: v), allowed)
+    p = _Mapping("pretrain", m.get("pretrain", lambda _, v: v, {}), allowed)
     defaults = PretrainSettings()
     base = PretrainSettings(**{k: p.get(k, r, getattr(defaults, k)) for k, r in _SETTING_READERS.items()})
     axes = ("source",) + tuple(_VIEW_AXES) + tuple(_SETTING_READERS)

@@ -151,8 +151,8 @@ def test_a_failing_pretraining_run_is_recorded_and_does_not_stop_the_study(ray_c
     """A source whose images are not images: its run fails, the good source's runs complete."""
     from datasets_ import write_sharded_dataset
 
-    rows = lambda n: ({"key": f"bad-{i}", "image": b"not a png", "label": i % 2, "caption": ""} for i in range(n))
-    write_sharded_dataset(tmp_path / "broken", "broken", ["a", "b"], {"train": rows(40), "test": rows(10)})
+    rows = [(split, {"key": f"bad-{split}-{i}", "image": b"not a png", "label": i % 2, "caption": ""}) for split, n in (("train", 40), ("test", 10)) for i in range(n)]
+    write_sharded_dataset(tmp_path / "broken", "broken", ["a", "b"], rows)
     spec = {
         **TINY,
         "study": "partly-broken",

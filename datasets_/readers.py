@@ -1,0 +1,297 @@
+"""Readers for the formats researchers already have, as they are on disk.
+
+- **Image folders** (ImageNet style): ``root/<class_name>/*.{jpg,jpeg,png,webp}``, optionally with
+  ``train/`` and ``val/`` or ``test/`` under ``root``.
+- **WebDataset tars** as img2dataset writes them: per sample ``KEY.jpg|png|webp``, ``KEY.txt``
+  (caption), optional ``KEY.json`` and ``KEY.cls`` (integer label). Brace patterns such as
+  ``shards/{00000..00099}.tar`` name many shards.
+- **Parquet** (img2dataset's parquet output, or anyone's): an encoded-image column plus optional
+  label, caption and key columns whose names are configurable.
+
+Every reader yields :class:`Sample` s. Images are checked (decodable, within a pixel limit)
+before they are accepted; a bad sample is skipped and counted by a :class:`BadSamples`, or
+raises :class:`~datasets_.shards.DatasetError` naming shard and key when ``on_bad_sample`` is
+``"error"``. Tars are read as streams: members are never extracted, and anything but a regular
+file (symlinks, devices, directories) is ignored.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import itertools
+import json
+import os
+import re
+import tarfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from datasets_.shards import MANIFEST, DatasetError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# Decompression-bomb guard: 64 megapixels is far above any training image.
+MAX_IMAGE_PIXELS = 64_000_000
+MAX_CAPTION_CHARS = 2048
+SPLIT_ALIASES = {"train": "train", "val": "test", "valid": "test", "validation": "test", "test": "test"}
+
+
+@dataclass
+class Sample:
+    key: str
+    image: bytes
+    label: int | None = None
+    caption: str = ""
+    split: str | None = None  # from the source's own layout; None = assign by key hash
+    class_name: str | None = None
+
+
+@dataclass
+class BadSamples:
+    """Counts of skipped samples by reason, with the first few (shard, key) examples."""
+
+    on_bad_sample: str = "skip"
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, shard: str, key: str, reason: str) -> None:
+        if self.on_bad_sample == "error":
+            raise DatasetError(f"{shard}: sample '{key}': {reason}")
+        self.counts[reason.split(":")[0]] += 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{shard}:{key}: {reason}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> dict:
+        return {"total": self.total, "by_reason": dict(self.counts), "examples": list(self.examples)}
+
+
+def check_image(blob: bytes) -> str | None:
+    """None if ``blob`` is a decodable image within the pixel limit, else the reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(blob)) as img:
+                w, h = img.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    return f"image too large: {w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS}"
+                img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return f"image too large: {e}"
+    except Exception as e:  # PIL raises many types for corrupt data
+        return f"undecodable image: {type(e).__name__}"
+    return None
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand ``{00000..00009}`` ranges (zero padding kept) and ``{a,b}`` lists."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    body = m.group(1)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.groups()
+        width = len(lo)
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    return [p for item in items for p in expand_braces(pattern[: m.start()] + item + pattern[m.end():])]
+
+
+def detect_format(uri: str) -> str:
+    """One of ``transferlab``, ``folder``, ``webdataset``, ``parquet`` for a local path/pattern."""
+    if "{" in uri or uri.endswith(".tar"):
+        return "webdataset"
+    if uri.endswith(".parquet"):
+        return "parquet"
+    p = Path(uri)
+    if not p.exists():
+        raise DatasetError(f"{uri}: no such file or directory")
+    if p.is_dir():
+        if (p / MANIFEST).is_file():
+            return "transferlab"
+        names = [q.name for q in p.iterdir()]
+        if any(n.endswith(".tar") for n in names):
+            return "webdataset"
+        if any(n.endswith(".parquet") for n in names):
+            return "parquet"
+        return "folder"
+    raise DatasetError(f"{uri}: not a dataset directory, .tar shard or .parquet file")
+
+
+def _shard_paths(uri: str, suffix: str) -> list[str]:
+    if "{" in uri:
+        paths = expand_braces(uri)
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            raise DatasetError(f"{missing[0]}: shard named by {uri} does not exist")
+        return paths
+    if os.path.isdir(uri):
+        paths = sorted(glob.glob(os.path.join(uri, "**", f"*{suffix}"), recursive=True))
+        if not paths:
+            raise DatasetError(f"{uri}: no *{suffix} files")
+        return paths
+    if not os.path.exists(uri):
+        raise DatasetError(f"{uri}: no such file")
+    return [uri]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def iter_folder(root: str, bad: BadSamples) -> Iterator[Sample]:
+    """ImageNet-style folders; class names are the sub-folder names, sorted."""
+    base = Path(root)
+    splits = [d for d in sorted(base.iterdir()) if d.is_dir() and d.name in SPLIT_ALIASES]
+    layouts = [(d, SPLIT_ALIASES[d.name]) for d in splits] if splits else [(base, None)]
+    classes = sorted({c.name for d, _ in layouts for c in d.iterdir() if c.is_dir()})
+    if not classes:
+        raise DatasetError(f"{root}: no class folders (expected {root}/<class_name>/*.jpg)")
+    for directory, split in layouts:
+        for label, name in enumerate(classes):
+            class_dir = directory / name
+            if not class_dir.is_dir():
+                continue
+            for f in sorted(class_dir.iterdir()):
+                if f.is_symlink() or not f.is_file() or f.suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                key = str(f.relative_to(base).with_suffix("")).replace(os.sep, "/")
+                blob = f.read_bytes()
+                reason = check_image(blob)
+                if reason:
+                    bad.add(str(class_dir), f.name, reason)
+                    continue
+                yield Sample(key=key, image=blob, label=label, split=split, class_name=name)
+
+
+def _ends_with_eof_marker(path: str) -> bool:
+    """A complete tar ends with two zero blocks; Python's tarfile quietly stops at a truncated
+    header instead of failing, so this is how a cut-off shard is noticed."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size < 1024:
+            return False
+        f.seek(size - 1024)
+        return f.read(1024) == b"\0" * 1024
+
+
+def _tar_groups(path: str, bad: BadSamples) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample, consecutive members grouped as WebDataset does."""
+    complete = _ends_with_eof_marker(path)
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            current, group = None, {}
+            for member in tar:
+                if not member.isreg():  # symlinks, hard links, devices, dirs: never followed
+                    continue
+                name = member.name
+                base = name.rsplit("/", 1)[-1]
+                if "." not in base:
+                    continue
+                key, ext = base.split(".", 1)
+                key = name[: len(name) - len(base)] + key
+                if key != current:
+                    if current is not None:
+                        yield current, group
+                    current, group = key, {}
+                data = tar.extractfile(member)
+                payload = data.read() if data else b""
+                if len(payload) != member.size:
+                    raise tarfile.ReadError(f"member {name} is cut short")
+                group[ext.lower()] = payload
+            if current is not None and complete:
+                yield current, group
+    except (tarfile.TarError, EOFError, OSError) as e:
+        bad.add(path, "(rest of shard)", f"truncated or corrupt tar: {e}")
+        return
+    if not complete:
+        # The last group may be missing members: it is dropped with the rest of the shard.
+        bad.add(path, "(end of shard)", "truncated or corrupt tar: no end-of-archive marker")
+
+
+def iter_webdataset(uri: str, bad: BadSamples) -> Iterator[Sample]:
+    for path in _shard_paths(uri, ".tar"):
+        for key, parts in _tar_groups(path, bad):
+            ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+            if ext is None:
+                bad.add(path, key, "no image member")
+                continue
+            reason = check_image(parts[ext])
+            if reason:
+                bad.add(path, key, reason)
+                continue
+            label = None
+            if "cls" in parts:
+                try:
+                    label = int(parts["cls"].decode().strip())
+                except (UnicodeDecodeError, ValueError):
+                    bad.add(path, key, "unreadable label: .cls is not an integer")
+                    continue
+            caption = parts.get("txt", b"").decode("utf-8", errors="replace")[:MAX_CAPTION_CHARS]
+            class_name = None
+            if "json" in parts and len(parts["json"]) < 1 << 20:
+                try:
+                    meta = json.loads(parts["json"])
+                    class_name = meta.get("class_name") if isinstance(meta, dict) else None
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    pass
+            yield Sample(key=key, image=parts[ext], label=label, caption=caption, class_name=class_name)
+
+
+def iter_parquet(
+    uri: str, bad: BadSamples, image_column: str = "jpg", label_column: str | None = "label",
+    caption_column: str | None = "caption", key_column: str | None = "key",
+) -> Iterator[Sample]:
+    for path in _shard_paths(uri, ".parquet"):
+        schema = pq.read_schema(path)
+        names = set(schema.names)
+        image_col = image_column if image_column in names else next((c for c in ("image", "jpg", "png", "webp") if c in names), None)
+        if image_col is None:
+            raise DatasetError(f"{path}: no image column '{image_column}' (columns: {', '.join(schema.names)})")
+        cols = [c for c in (image_col, label_column, caption_column, key_column) if c and c in names]
+        pf = pq.ParquetFile(path)
+        row = 0
+        for batch in pf.iter_batches(columns=cols, batch_size=512):
+            data = batch.to_pydict()
+            for i in range(batch.num_rows):
+                key = str(data[key_column][i]) if key_column in data and data[key_column][i] is not None else f"{Path(path).stem}-{row:08d}"
+                row += 1
+                blob = data[image_col][i]
+                if not blob:
+                    bad.add(path, key, "no image bytes")
+                    continue
+                reason = check_image(blob)
+                if reason:
+                    bad.add(path, key, reason)
+                    continue
+                label = data[label_column][i] if label_column in data else None
+                caption = (data[caption_column][i] or "") if caption_column in data else ""
+                yield Sample(key=key, image=blob, label=None if label is None else int(label), caption=str(caption)[:MAX_CAPTION_CHARS])
+
+
+def iter_samples(uri: str, bad: BadSamples, **parquet_columns) -> Iterator[Sample]:
+    """Samples of any supported local source, with bad samples skipped and counted."""
+    fmt = detect_format(uri)
+    if fmt == "folder":
+        return iter_folder(uri, bad)
+    if fmt == "webdataset":
+        return iter_webdataset(uri, bad)
+    if fmt == "parquet":
+        return iter_parquet(uri, bad, **parquet_columns)
+    raise DatasetError(f"{uri}: already a prepared transferlab dataset")
+
+
+def peek(iterator: Iterator, n: int) -> tuple[list, Iterator]:
+    head = list(itertools.islice(iterator, n))
+    return head, itertools.chain(head, iterator)
