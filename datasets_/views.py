@@ -53,19 +53,56 @@ def in_subset(keys: Sequence[str], threshold: float, seed: int) -> np.ndarray:
     return unit_hash(keys, seed, "subset") <= threshold
 
 
+NOISE_PATTERNS = ("symmetric", "pairwise")
+
+
 def noisy_labels(
-    keys: Sequence[str], labels: np.ndarray, num_classes: int, rate: float, seed: int
+    keys: Sequence[str],
+    labels: np.ndarray,
+    num_classes: int,
+    rate: float,
+    seed: int,
+    pattern: str = "symmetric",
+    transition: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Symmetric label noise: with probability ``rate`` a label moves to a uniformly chosen
-    *other* class. Returns a new array; ``rate=0`` returns the labels unchanged."""
+    """Label noise decided per sample key. Returns a new array.
+
+    - ``symmetric``: with probability ``rate`` a label moves to a uniformly chosen *other* class.
+    - ``pairwise``: with probability ``rate`` class c becomes class c+1 (mod C), the
+      "flip to the next class" pattern.
+    - ``transition``: a C×C row-stochastic matrix T; a label c becomes c' with probability
+      T[c, c'] (``rate`` and ``pattern`` are then ignored).
+    """
     labels = np.asarray(labels, dtype=np.int64)
+    if transition is not None:
+        t = np.asarray(transition, dtype=np.float64)
+        if t.shape != (num_classes, num_classes) or (t < 0).any() or not np.allclose(t.sum(1), 1.0):
+            raise ValueError(f"transition must be a {num_classes}x{num_classes} matrix of non-negative rows summing to 1")
+        u = unit_hash(keys, seed, "noise-transition")
+        cdf = np.cumsum(t, axis=1)[labels]
+        return np.minimum((u[:, None] >= cdf).sum(1), num_classes - 1).astype(np.int64)
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"label noise rate must be in [0, 1], got {rate}")
+    if pattern not in NOISE_PATTERNS:
+        raise ValueError(f"unknown noise pattern '{pattern}' (known: {', '.join(NOISE_PATTERNS)})")
     if rate == 0.0 or num_classes < 2:
         return labels.copy()
     flip = unit_hash(keys, seed, "noise-flip") < rate
-    offset = 1 + np.floor(unit_hash(keys, seed, "noise-target") * (num_classes - 1)).astype(np.int64)
+    if pattern == "pairwise":
+        offset = np.ones(len(labels), dtype=np.int64)
+    else:
+        offset = 1 + np.floor(unit_hash(keys, seed, "noise-target") * (num_classes - 1)).astype(np.int64)
     return np.where(flip, (labels + offset) % num_classes, labels)
+
+
+def class_subset(num_classes: int, fraction: float, seed: int) -> np.ndarray:
+    """The sorted ids of a random ``fraction`` of the classes (at least one): the random
+    α-subsets of Jain et al.'s datamodels, reproducible from (num_classes, fraction, seed)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"class fraction must be in (0, 1], got {fraction}")
+    k = max(1, int(round(fraction * num_classes)))
+    order = np.argsort(unit_hash([str(c) for c in range(num_classes)], seed, "class-subset"), kind="stable")
+    return np.sort(order[:k])
 
 
 def validation_mask(keys: Sequence[str], fraction: float, seed: int = 0) -> np.ndarray:
@@ -106,6 +143,8 @@ class PretrainView:
     seed: int
     num_classes: int
     threshold: float = 1.0
+    noise_pattern: str = "symmetric"
+    keep_classes: tuple[int, ...] | None = None  # None = every class
 
     @property
     def fingerprint(self) -> str:
@@ -114,6 +153,12 @@ class PretrainView:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def apply(self, keys: Sequence[str], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return (keep mask, training labels) for a batch of samples."""
+        """Return (keep mask, training labels) for a batch of samples.
+
+        Classes are filtered first, then the size subset is drawn among the remaining samples
+        (``threshold`` is computed over them), then labels are corrupted.
+        """
         keep = in_subset(keys, self.threshold, self.seed)
-        return keep, noisy_labels(keys, labels, self.num_classes, self.label_noise, self.seed)
+        if self.keep_classes is not None:
+            keep &= np.isin(np.asarray(labels), self.keep_classes)
+        return keep, noisy_labels(keys, labels, self.num_classes, self.label_noise, self.seed, self.noise_pattern)

@@ -13,7 +13,10 @@ import itertools
 import json
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from datasets_ import DatasetError, PretrainView, ShardedDataset, resolve_dataset, subset_threshold, validation_mask
+from datasets_.views import class_subset
 from orchestrator import __version__
 from orchestrator.spec import FULL, PretrainSettings, SpecError, StudySpec
 from trainers.models import model_config
@@ -50,6 +53,8 @@ class PretrainJob:
             **{k: v for k, v in s.items() if k not in ("method", "model")},
             "model_config": self.model_config,
             "view_fingerprint": self.view.fingerprint,
+            "class_fraction": 1.0 if self.view.keep_classes is None else len(self.view.keep_classes) / self.num_classes,
+            "kept_classes": "all" if self.view.keep_classes is None else ",".join(map(str, self.view.keep_classes)),
         }
 
 
@@ -140,7 +145,11 @@ def _check_data(spec: StudySpec, data: dict[str, ShardedDataset]) -> None:
 def _run_name(settings: dict, source: str, view: PretrainView, varying: set[str]) -> str:
     size = "full" if view.pretrain_size is None else view.pretrain_size
     name = f"{settings['method']} {source} n={size} noise={view.label_noise:g}"
-    extras = [f"{k}={settings[k]}" for k in sorted(varying) if k in settings and k != "method"]
+    if settings["noise_pattern"] != "symmetric":
+        name += f" ({settings['noise_pattern']})"
+    if "class_fraction" in varying or view.keep_classes is not None:
+        name += f" classes={len(view.keep_classes) if view.keep_classes else 'all'}"
+    extras = [f"{k}={settings[k]}" for k in sorted(varying) if k in settings and k not in ("method", "noise_pattern")]
     if "seed" in varying:
         extras.append(f"seed={view.seed}")
     return " ".join([name, *extras])
@@ -160,11 +169,14 @@ def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -
         settings = asdict(PretrainSettings(**{k: point.get(k, v) for k, v in asdict(spec.pretrain.base).items()}))
         source = point["source"]
         ds = data[f"sources.{source}"]
-        key = (source, point["pretrain_size"], point["label_noise"], point["seed"])
+        frac = point["class_fraction"]
+        keep = None if frac >= 1.0 else tuple(int(c) for c in class_subset(ds.num_classes, frac, point["seed"]))
+        key = (source, point["pretrain_size"], point["label_noise"], point["seed"], settings["noise_pattern"], keep)
         if key not in thresholds:
-            thresholds[key] = _view_stats(ds, *key[1:])
-        threshold, realized = thresholds[key]
-        view = PretrainView(ds.fingerprint, point["pretrain_size"], point["label_noise"], point["seed"], ds.num_classes, threshold)
+            thresholds[key] = _view_stats(ds, source, *key[1:])
+        threshold, realized, selected = thresholds[key]
+        view = PretrainView(ds.fingerprint, point["pretrain_size"], point["label_noise"], point["seed"], ds.num_classes,
+                            threshold, settings["noise_pattern"], keep)
         mcfg = model_config(settings["model"])
         h = content_hash({"kind": "pretrain", "settings": settings, "model_config": mcfg, "view": view.fingerprint})
         jobs.append(
@@ -175,7 +187,7 @@ def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -
                 model_config=mcfg,
                 view=view,
                 num_classes=ds.num_classes,
-                num_train_samples=point["pretrain_size"] or ds.num_samples("train"),
+                num_train_samples=selected,
                 realized_label_noise=realized,
                 config_hash=h,
                 run_name=_run_name(settings, source, view, varying),
@@ -201,13 +213,19 @@ def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -
     return plan
 
 
-def _view_stats(ds: ShardedDataset, size: int | None, noise: float, seed: int) -> tuple[float, float]:
-    """(subset threshold, realized label-noise rate within the subset) of one view."""
+def _view_stats(ds: ShardedDataset, source: str, size: int | None, noise: float, seed: int, pattern: str,
+                keep_classes: tuple[int, ...] | None) -> tuple[float, float, int]:
+    """(subset threshold, realized label-noise rate, number of samples) of one view."""
     from datasets_ import in_subset, noisy_labels
 
     split = ds.keys_and_labels("train")
-    threshold = subset_threshold(split.keys, size, seed)
-    keep = in_subset(split.keys, threshold, seed)
-    noisy = noisy_labels(split.keys[keep], split.labels[keep], ds.num_classes, noise, seed)
+    allowed = np.ones(len(split.keys), dtype=bool) if keep_classes is None else np.isin(split.labels, keep_classes)
+    try:
+        threshold = subset_threshold(split.keys[allowed], size, seed)
+    except ValueError:
+        raise SpecError("pretrain.sweep.pretrain_size", f"{size} exceeds the {int(allowed.sum())} training samples of source "
+                        f"'{source}' left in its class subset {list(keep_classes or [])}") from None
+    keep = in_subset(split.keys, threshold, seed) & allowed
+    noisy = noisy_labels(split.keys[keep], split.labels[keep], ds.num_classes, noise, seed, pattern)
     realized = float((noisy != split.labels[keep]).mean()) if keep.any() else 0.0
-    return threshold, realized
+    return threshold, realized, int(keep.sum())

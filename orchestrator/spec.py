@@ -38,6 +38,7 @@ METHODS = ("supervised",)
 PROTOCOLS = ("linear_probe",)
 LR_SCHEDULES = ("cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
+NOISE_PATTERNS = ("symmetric", "pairwise")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -201,6 +202,7 @@ class PretrainSettings:
     lr_schedule: str = "cosine"  # cosine decay to 0 after warm-up, or constant
     warmup_epochs: float = 0.0
     amp: str = "none"  # mixed precision on CUDA: none | bf16 | fp16
+    noise_pattern: str = "symmetric"  # label noise: symmetric (any other class) | pairwise (next class)
 
 
 _SETTING_READERS: dict[str, Callable[[str, Any], Any]] = {
@@ -214,13 +216,22 @@ _SETTING_READERS: dict[str, Callable[[str, Any], Any]] = {
     "lr_schedule": _choice(LR_SCHEDULES),
     "warmup_epochs": lambda p, v: _float(p, v, lo=0.0),
     "amp": _choice(AMP_MODES),
+    "noise_pattern": _choice(NOISE_PATTERNS),
 }
 # Axes of the pretraining grid besides the settings above.
 _VIEW_AXES: dict[str, Callable[[str, Any], Any]] = {
     "pretrain_size": _size_or_full,
     "label_noise": lambda p, v: _float(p, v, lo=0.0, hi=1.0),
     "seed": lambda p, v: _int(p, v, minimum=0),
+    "class_fraction": lambda p, v: _class_fraction(p, v),
 }
+
+
+def _class_fraction(path: str, v: Any) -> float:
+    v = _float(path, v, lo=0.0, hi=1.0)
+    if v == 0.0:
+        raise SpecError(path, "must be in (0, 1], got 0")
+    return v
 
 
 def _model_name(path: str, v: Any) -> str:
@@ -294,7 +305,7 @@ def _pretrain(m: _Mapping, sources: dict[str, DataRef]) -> PretrainSpec:
     s = _Mapping("pretrain.sweep", p.get("sweep", lambda _, v: v, {}), axes)
     source_reader = _choice(tuple(sources))
     sweep: dict[str, tuple] = {"source": s.get("source", lambda q, v: _list(q, v, source_reader), tuple(sources))}
-    view_defaults = {"pretrain_size": (None,), "label_noise": (0.0,), "seed": (0,)}
+    view_defaults = {"pretrain_size": (None,), "label_noise": (0.0,), "seed": (0,), "class_fraction": (1.0,)}
     for axis, reader in {**_VIEW_AXES, **_SETTING_READERS}.items():
         if axis in s.data:
             sweep[axis] = s.get(axis, lambda q, v, r=reader: _list(q, v, r))

@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from datasets_.views import PretrainView
 from orchestrator.plan import PretrainJob, TransferGroup
 from orchestrator.spec import Resources
 from orchestrator.tracking import FAILED, KIND_TRANSFER, TAG_CHECKPOINT, MLflowReportCallback, Tracker
@@ -81,7 +82,8 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
             ),
             datasets={
                 "train": ray_dataset(ds, "train", s["image_size"], view=job.view),
-                "heldout": ray_dataset(ds, "test", s["image_size"]),
+                # Upstream accuracy is measured on the classes the model was trained on.
+                "heldout": ray_dataset(ds, "test", s["image_size"], view=_heldout_view(job)),
             },
             dataset_config=ray.train.DataConfig(execution_options=ingest),
             run_config=ray.train.RunConfig(
@@ -105,6 +107,12 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
     except BaseException:
         tracker.finish(run_id, FAILED)
         raise
+
+
+def _heldout_view(job: PretrainJob) -> PretrainView | None:
+    if job.view.keep_classes is None:
+        return None
+    return PretrainView(job.view.source_fingerprint, None, 0.0, job.view.seed, job.num_classes, keep_classes=job.view.keep_classes)
 
 
 def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:

@@ -91,3 +91,45 @@ def test_validation_carve_out_is_disjoint_from_the_shot_pool():
     pool = np.flatnonzero(~val)
     picked = pool[few_shot_indices(KEYS[pool], LABELS[pool], 10, seed=0)]
     assert not val[picked].any()
+
+
+def test_pairwise_noise_moves_to_the_next_class():
+    noisy = noisy_labels(KEYS, LABELS, 10, 0.3, seed=0, pattern="pairwise")
+    flipped = noisy != LABELS
+    assert abs(flipped.mean() - 0.3) < 0.015
+    assert np.all(noisy[flipped] == (LABELS[flipped] + 1) % 10)
+    # The same samples flip as under symmetric noise: only the target differs.
+    assert np.array_equal(flipped, noisy_labels(KEYS, LABELS, 10, 0.3, seed=0) != LABELS)
+
+
+def test_transition_matrix_noise_follows_the_matrix():
+    t = np.eye(3) * 0.6
+    t[0, 1] = t[1, 2] = t[2, 0] = 0.4
+    labels = np.arange(len(KEYS)) % 3
+    noisy = noisy_labels(KEYS, labels, 3, 0.0, seed=0, transition=t)
+    for c in range(3):
+        observed = np.bincount(noisy[labels == c], minlength=3) / (labels == c).sum()
+        np.testing.assert_allclose(observed, t[c], atol=0.02)
+    with pytest.raises(ValueError, match="row-stochastic|summing to 1"):
+        noisy_labels(KEYS, labels, 3, 0.0, seed=0, transition=np.ones((3, 3)))
+
+
+def test_class_subsets_are_seeded_and_sized():
+    from datasets_.views import class_subset
+
+    a = class_subset(20, 0.5, seed=0)
+    assert len(a) == 10 and np.all(np.diff(a) > 0) and a.max() < 20
+    assert np.array_equal(a, class_subset(20, 0.5, seed=0))
+    draws = {tuple(class_subset(20, 0.5, seed=s)) for s in range(30)}
+    assert len(draws) == 30
+    # Over many seeds every class is in about half the subsets (the datamodel design).
+    counts = np.bincount(np.concatenate([class_subset(20, 0.5, seed=s) for s in range(400)]), minlength=20)
+    assert counts.min() > 150 and counts.max() < 250
+    assert len(class_subset(20, 1.0, seed=3)) == 20 and len(class_subset(3, 0.01, seed=0)) == 1
+
+
+def test_pretrain_view_filters_classes_before_noise():
+    view = PretrainView("fp", None, 0.0, 0, 10, threshold=1.0, keep_classes=(1, 3))
+    keep, labels = view.apply(KEYS[:100], LABELS[:100])
+    assert set(LABELS[:100][keep]) == {1, 3}
+    assert np.array_equal(labels, LABELS[:100])
