@@ -17,6 +17,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from datasets_.pipeline import normalize
 from trainers.models import Classifier, build_model
 
 CHECKPOINT_FILE = "model.pt"
@@ -76,12 +77,12 @@ def _autocast(device: torch.device, amp: str):
 
 @torch.no_grad()
 def evaluate_top1(model: nn.Module, batches, device, amp: str = "none") -> tuple[int, int]:
-    """(correct, total) of ``model`` on an iterable of {"image", "label"} batches."""
+    """(correct, total) of ``model`` on an iterable of {"image": uint8, "label"} batches."""
     model.eval()
     correct = total = 0
     for batch in batches:
         with _autocast(device, amp):
-            logits = model(batch["image"].to(device))
+            logits = model(normalize(batch["image"].to(device, non_blocking=True)))
         correct += int((logits.argmax(1) == batch["label"].to(device)).sum())
         total += int(batch["label"].numel())
     return correct, total
@@ -143,7 +144,8 @@ def supervised_train_loop(config: dict) -> None:
             lr = lr_at(epoch + step / steps_per_epoch, config["lr"], epochs, config.get("warmup_epochs", 0), config.get("lr_schedule", "cosine"))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images, labels = batch["image"].to(device), batch["label"].to(device)
+            images = normalize(batch["image"].to(device, non_blocking=True))
+            labels = batch["label"].to(device, non_blocking=True)
             with _autocast(device, amp):
                 loss = loss_fn(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
