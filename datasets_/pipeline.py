@@ -54,7 +54,7 @@ def _view_and_decode(batch: dict, view: PretrainView | None, image_size: int) ->
     labels = np.asarray(batch["label"], dtype=np.int64)
     images = batch["image"]
     if view is not None:
-        keep, labels = view.apply(batch["key"], labels)
+        keep, labels = view.apply(batch["key"], labels, batch.get("caption"))
         labels = labels[keep]
         images = [b for b, k in zip(images, keep) if k]
     return {"image": decode_uint8(images, image_size), "label": labels}
@@ -86,7 +86,8 @@ def ray_dataset(
     # CPU it never schedules and ingest hangs. V1 reads one task per file at ``task_cpus``.
     previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
-        ds = ray.data.read_parquet(dataset.files(split), columns=["key", "image", "label"], num_cpus=task_cpus)
+        columns = ["key", "image", "label"] + (["caption"] if view is not None and view.needs_captions else [])
+        ds = ray.data.read_parquet(dataset.files(split), columns=columns, num_cpus=task_cpus)
     finally:
         ctx.use_datasource_v2 = previous
     return ds.map_batches(

@@ -47,10 +47,49 @@ def subset_threshold(keys: Sequence[str], size: int | None, seed: int) -> float:
     return float(np.partition(u, size - 1)[size - 1])
 
 
-def in_subset(keys: Sequence[str], threshold: float, seed: int) -> np.ndarray:
+def in_subset(keys: Sequence[str], threshold, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
+    """Membership in a size subset: ``threshold`` is one float, or one per class (``labels``
+    then picks each sample's) for class-balanced subsets."""
+    if isinstance(threshold, (tuple, list, np.ndarray)):
+        per_sample = np.asarray(threshold, dtype=np.float64)[np.asarray(labels, dtype=np.int64)]
+        return unit_hash(keys, seed, "subset") <= per_sample
     if threshold >= 1.0:
         return np.ones(len(keys), dtype=bool)
     return unit_hash(keys, seed, "subset") <= threshold
+
+
+def balanced_thresholds(
+    keys: Sequence[str], labels: np.ndarray, size: int, seed: int, classes: Sequence[int], num_classes: int
+) -> tuple[float, ...]:
+    """Per-class thresholds selecting ``size`` samples spread evenly over ``classes`` (the first
+    ``size % len(classes)`` classes get one more); classes not listed get none. Nested in size."""
+    labels = np.asarray(labels)
+    classes = list(classes)
+    base, extra = divmod(size, len(classes))
+    out = [-1.0] * num_classes
+    u = unit_hash(keys, seed, "subset")
+    for i, c in enumerate(classes):
+        want = base + (1 if i < extra else 0)
+        have = u[labels == c]
+        if want > len(have):
+            raise ValueError(f"class {c} has {len(have)} samples, fewer than the {want} a balanced subset of {size} needs")
+        if want:
+            out[c] = float(np.partition(have, want - 1)[want - 1])
+    return tuple(out)
+
+
+def curation_mask(captions: Sequence[str], matches: str | None = None, excludes: str | None = None) -> np.ndarray:
+    """Samples whose caption matches the ``matches`` regex and not the ``excludes`` one."""
+    import re
+
+    keep = np.ones(len(captions), dtype=bool)
+    if matches:
+        pattern = re.compile(matches)
+        keep &= np.array([bool(pattern.search(c or "")) for c in captions], dtype=bool)
+    if excludes:
+        pattern = re.compile(excludes)
+        keep &= np.array([not pattern.search(c or "") for c in captions], dtype=bool)
+    return keep
 
 
 NOISE_PATTERNS = ("symmetric", "pairwise")
@@ -142,9 +181,16 @@ class PretrainView:
     label_noise: float
     seed: int
     num_classes: int
-    threshold: float = 1.0
+    threshold: float | tuple[float, ...] = 1.0  # one per class for class-balanced subsets
     noise_pattern: str = "symmetric"
     keep_classes: tuple[int, ...] | None = None  # None = every class
+    caption_matches: str | None = None  # curation: keep captions matching this regex
+    caption_excludes: str | None = None  # curation: drop captions matching this regex
+    class_balanced: bool = False
+
+    @property
+    def needs_captions(self) -> bool:
+        return bool(self.caption_matches or self.caption_excludes)
 
     @property
     def fingerprint(self) -> str:
@@ -152,13 +198,20 @@ class PretrainView:
         d.pop("threshold")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
-    def apply(self, keys: Sequence[str], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return (keep mask, training labels) for a batch of samples.
-
-        Classes are filtered first, then the size subset is drawn among the remaining samples
-        (``threshold`` is computed over them), then labels are corrupted.
-        """
-        keep = in_subset(keys, self.threshold, self.seed)
+    def eligible(self, labels: np.ndarray, captions: Sequence[str] | None = None) -> np.ndarray:
+        """Samples that pass the class and caption filters (before the size subset)."""
+        keep = np.ones(len(labels), dtype=bool)
         if self.keep_classes is not None:
             keep &= np.isin(np.asarray(labels), self.keep_classes)
+        if self.needs_captions:
+            keep &= curation_mask(captions, self.caption_matches, self.caption_excludes)
+        return keep
+
+    def apply(self, keys: Sequence[str], labels: np.ndarray, captions: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Return (keep mask, training labels) for a batch of samples.
+
+        Class and caption filters come first, then the size subset is drawn among the remaining
+        samples (``threshold`` is computed over them), then labels are corrupted.
+        """
+        keep = self.eligible(labels, captions) & in_subset(keys, self.threshold, self.seed, labels)
         return keep, noisy_labels(keys, labels, self.num_classes, self.label_noise, self.seed, self.noise_pattern)

@@ -8,6 +8,7 @@ fingerprints, view, code version): the hash is how a finished result is recogniz
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -55,6 +56,8 @@ class PretrainJob:
             "view_fingerprint": self.view.fingerprint,
             "class_fraction": 1.0 if self.view.keep_classes is None else len(self.view.keep_classes) / self.num_classes,
             "kept_classes": "all" if self.view.keep_classes is None else ",".join(map(str, self.view.keep_classes)),
+            **({"caption_matches": self.view.caption_matches} if self.view.caption_matches else {}),
+            **({"caption_excludes": self.view.caption_excludes} if self.view.caption_excludes else {}),
         }
 
 
@@ -169,14 +172,14 @@ def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -
         settings = asdict(PretrainSettings(**{k: point.get(k, v) for k, v in asdict(spec.pretrain.base).items()}))
         source = point["source"]
         ds = data[f"sources.{source}"]
-        frac = point["class_fraction"]
-        keep = None if frac >= 1.0 else tuple(int(c) for c in class_subset(ds.num_classes, frac, point["seed"]))
-        key = (source, point["pretrain_size"], point["label_noise"], point["seed"], settings["noise_pattern"], keep)
-        if key not in thresholds:
-            thresholds[key] = _view_stats(ds, source, *key[1:])
-        threshold, realized, selected = thresholds[key]
+        keep = _kept_classes(spec.sources[source], ds, point["class_fraction"], point["seed"])
+        ref = spec.sources[source]
         view = PretrainView(ds.fingerprint, point["pretrain_size"], point["label_noise"], point["seed"], ds.num_classes,
-                            threshold, settings["noise_pattern"], keep)
+                            1.0, settings["noise_pattern"], keep, ref.caption_matches, ref.caption_excludes, settings["class_balanced"])
+        if view.fingerprint not in thresholds:
+            thresholds[view.fingerprint] = _view_stats(ds, source, view)
+        threshold, realized, selected = thresholds[view.fingerprint]
+        view = dataclasses.replace(view, threshold=threshold)
         mcfg = model_config(settings["model"])
         h = content_hash({"kind": "pretrain", "settings": settings, "model_config": mcfg, "view": view.fingerprint})
         jobs.append(
@@ -213,19 +216,41 @@ def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -
     return plan
 
 
-def _view_stats(ds: ShardedDataset, source: str, size: int | None, noise: float, seed: int, pattern: str,
-                keep_classes: tuple[int, ...] | None) -> tuple[float, float, int]:
-    """(subset threshold, realized label-noise rate, number of samples) of one view."""
+def _kept_classes(ref, ds: ShardedDataset, fraction: float, seed: int) -> tuple[int, ...] | None:
+    """Class ids a view trains on: the source's keep/drop lists, then a random fraction of those."""
+    field = f"sources.{ref.name}"
+    for attr in ("keep_classes", "drop_classes"):
+        unknown = [c for c in getattr(ref, attr) or () if c not in ds.classes]
+        if unknown:
+            raise SpecError(f"{field}.{attr}", f"unknown class {unknown[0]!r} (classes: {', '.join(ds.classes[:20])})")
+    ids = [i for i, c in enumerate(ds.classes) if (ref.keep_classes is None or c in ref.keep_classes) and c not in ref.drop_classes]
+    if not ids:
+        raise SpecError(field, "keep_classes/drop_classes leave no class")
+    if fraction < 1.0:
+        ids = [ids[i] for i in class_subset(len(ids), fraction, seed)]
+    return None if len(ids) == ds.num_classes else tuple(ids)
+
+
+def _view_stats(ds: ShardedDataset, source: str, view: PretrainView) -> tuple[object, float, int]:
+    """(subset threshold(s), realized label-noise rate, number of samples) of one view."""
     from datasets_ import in_subset, noisy_labels
+    from datasets_.views import balanced_thresholds
 
     split = ds.keys_and_labels("train")
-    allowed = np.ones(len(split.keys), dtype=bool) if keep_classes is None else np.isin(split.labels, keep_classes)
+    captions = ds.read_split("train", ("caption",)).column("caption").to_pylist() if view.needs_captions else None
+    allowed = view.eligible(split.labels, captions)
+    if not allowed.any():
+        raise SpecError(f"sources.{source}", "its class and caption filters leave no training sample")
+    size = view.pretrain_size
     try:
-        threshold = subset_threshold(split.keys[allowed], size, seed)
-    except ValueError:
-        raise SpecError("pretrain.sweep.pretrain_size", f"{size} exceeds the {int(allowed.sum())} training samples of source "
-                        f"'{source}' left in its class subset {list(keep_classes or [])}") from None
-    keep = in_subset(split.keys, threshold, seed) & allowed
-    noisy = noisy_labels(split.keys[keep], split.labels[keep], ds.num_classes, noise, seed, pattern)
+        if view.class_balanced and size is not None:
+            classes = np.unique(split.labels[allowed])  # the classes left after every filter
+            threshold = balanced_thresholds(split.keys[allowed], split.labels[allowed], size, view.seed, classes, ds.num_classes)
+        else:
+            threshold = subset_threshold(split.keys[allowed], size, view.seed)
+    except ValueError as e:
+        raise SpecError("pretrain.sweep.pretrain_size", f"source '{source}': {e} (after class and caption filters: {int(allowed.sum())} samples)") from None
+    keep = in_subset(split.keys, threshold, view.seed, split.labels) & allowed
+    noisy = noisy_labels(split.keys[keep], split.labels[keep], ds.num_classes, view.label_noise, view.seed, view.noise_pattern)
     realized = float((noisy != split.labels[keep]).mean()) if keep.any() else 0.0
     return threshold, realized, int(keep.sum())

@@ -182,10 +182,18 @@ class _Mapping:
 
 @dataclass(frozen=True)
 class DataRef:
-    """A named dataset: ``uri`` is ``builtin:NAME`` or a prepared dataset directory."""
+    """A named dataset: ``uri`` is ``builtin:NAME`` or a prepared dataset directory.
+
+    Sources may be curated: only ``keep_classes`` / all but ``drop_classes`` (class names), and
+    only samples whose caption matches ``caption_matches`` and not ``caption_excludes`` (regexes).
+    """
 
     name: str
     uri: str
+    keep_classes: tuple[str, ...] | None = None
+    drop_classes: tuple[str, ...] = ()
+    caption_matches: str | None = None
+    caption_excludes: str | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +211,7 @@ class PretrainSettings:
     warmup_epochs: float = 0.0
     amp: str = "none"  # mixed precision on CUDA: none | bf16 | fp16
     noise_pattern: str = "symmetric"  # label noise: symmetric (any other class) | pairwise (next class)
+    class_balanced: bool = False  # pretrain_size subsets with (nearly) equal samples per class
 
 
 _SETTING_READERS: dict[str, Callable[[str, Any], Any]] = {
@@ -217,6 +226,7 @@ _SETTING_READERS: dict[str, Callable[[str, Any], Any]] = {
     "warmup_epochs": lambda p, v: _float(p, v, lo=0.0),
     "amp": _choice(AMP_MODES),
     "noise_pattern": _choice(NOISE_PATTERNS),
+    "class_balanced": _bool,
 }
 # Axes of the pretraining grid besides the settings above.
 _VIEW_AXES: dict[str, Callable[[str, Any], Any]] = {
@@ -291,9 +301,27 @@ def _datarefs(m: _Mapping, key: str) -> dict[str, DataRef]:
         name = _name(f"{path}.{name}", name)
         if isinstance(body, str):
             body = {"uri": body}
-        d = _Mapping(f"{path}.{name}", body, ("uri",))
-        out[name] = DataRef(name=name, uri=d.get("uri", _str))
+        allowed = ("uri", "keep_classes", "drop_classes", "caption_matches", "caption_excludes") if key == "sources" else ("uri",)
+        d = _Mapping(f"{path}.{name}", body, allowed)
+        class_list = lambda q, v: _list(q, v, lambda r, x: str(x) if isinstance(x, (str, int)) and not isinstance(x, bool) else _str(r, x))
+        out[name] = DataRef(
+            name=name,
+            uri=d.get("uri", _str),
+            keep_classes=d.get("keep_classes", class_list, None),
+            drop_classes=d.get("drop_classes", class_list, ()),
+            caption_matches=d.get("caption_matches", _regex, None),
+            caption_excludes=d.get("caption_excludes", _regex, None),
+        )
     return out
+
+
+def _regex(path: str, v: Any) -> str:
+    v = _str(path, v)
+    try:
+        re.compile(v)
+    except re.error as e:
+        raise SpecError(path, f"invalid regular expression {v!r}: {e}") from None
+    return v
 
 
 def _pretrain(m: _Mapping, sources: dict[str, DataRef]) -> PretrainSpec:

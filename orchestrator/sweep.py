@@ -110,9 +110,12 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
 
 
 def _heldout_view(job: PretrainJob) -> PretrainView | None:
-    if job.view.keep_classes is None:
+    """The held-out split under the same class and caption filters (no subset, no noise)."""
+    v = job.view
+    if v.keep_classes is None and not v.needs_captions:
         return None
-    return PretrainView(job.view.source_fingerprint, None, 0.0, job.view.seed, job.num_classes, keep_classes=job.view.keep_classes)
+    return PretrainView(v.source_fingerprint, None, 0.0, v.seed, job.num_classes, keep_classes=v.keep_classes,
+                        caption_matches=v.caption_matches, caption_excludes=v.caption_excludes)
 
 
 def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:

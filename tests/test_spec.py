@@ -97,6 +97,14 @@ BAD = [
     ("resources.gpus", 1, "resources.gpus: unknown key"),
     ("tracking_uri", "mlflow.db", "tracking_uri: tracking URI 'mlflow.db' has no scheme"),
     ("trackinguri", None, "trackinguri: unknown key; did you mean 'tracking_uri'?"),
+    ("sources.mnist.keep_classes", [0, 12], "sources.mnist.keep_classes: unknown class '12'"),
+    ("sources.mnist.drop_classes", [str(i) for i in range(10)], "sources.mnist: keep_classes/drop_classes leave no class"),
+    ("sources.mnist.caption_matches", "digit (", "sources.mnist.caption_matches: invalid regular expression 'digit ('"),
+    ("sources.mnist.caption_matches", "^zebra", "sources.mnist: its class and caption filters leave no training sample"),
+    ("tasks.digits.keep_classes", [0], "tasks.digits.keep_classes: unknown key; allowed: uri"),
+    ("pretrain.class_balanced", "yes", "pretrain.class_balanced: must be true or false"),
+    ("pretrain.noise_pattern", "pairs", "pretrain.noise_pattern: unknown value 'pairs'"),
+    ("pretrain.sweep.class_fraction", [0.0], "pretrain.sweep.class_fraction[0]: must be in (0, 1], got 0"),
 ]
 
 

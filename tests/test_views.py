@@ -133,3 +133,59 @@ def test_pretrain_view_filters_classes_before_noise():
     keep, labels = view.apply(KEYS[:100], LABELS[:100])
     assert set(LABELS[:100][keep]) == {1, 3}
     assert np.array_equal(labels, LABELS[:100])
+
+
+def test_balanced_subsets_are_even_and_nested():
+    from datasets_.views import balanced_thresholds
+
+    labels = np.where(np.arange(len(KEYS)) % 4 == 0, 0, LABELS)  # class 0 over-represented
+    prev = None
+    for size in (100, 1000):
+        t = balanced_thresholds(KEYS, labels, size, seed=0, classes=range(10), num_classes=10)
+        mask = in_subset(KEYS, t, seed=0, labels=labels)
+        assert np.array_equal(np.bincount(labels[mask], minlength=10), np.full(10, size // 10))
+        if prev is not None:
+            assert np.all(mask[prev])
+        prev = mask
+    only = balanced_thresholds(KEYS, labels, 7, seed=0, classes=[2, 5], num_classes=10)
+    mask = in_subset(KEYS, only, seed=0, labels=labels)
+    assert sorted(np.bincount(labels[mask], minlength=10)[[2, 5]]) == [3, 4] and mask.sum() == 7
+
+
+def test_caption_curation():
+    from datasets_.views import curation_mask
+
+    caps = ["a photo of a dog", "a drawing of a cat", "", "photo: cat"]
+    assert curation_mask(caps, matches="photo").tolist() == [True, False, False, True]
+    assert curation_mask(caps, matches="photo", excludes="cat").tolist() == [True, False, False, False]
+    assert curation_mask(caps).all()
+
+
+def test_plan_applies_source_curation_and_balance(tmp_path):
+    """The planned view, applied to every training sample, selects exactly what it promises."""
+    from datasets_ import prepare_builtin
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import parse_spec
+
+    spec = parse_spec({
+        "study": "v",
+        "sources": {"low": {"uri": "builtin:digits", "keep_classes": [0, 1, 2, 3], "drop_classes": ["3"]}},
+        "tasks": {"d": "builtin:digits"},
+        "pretrain": {"class_balanced": True, "noise_pattern": "pairwise",
+                     "sweep": {"pretrain_size": [60, 150], "label_noise": [0.5]}},
+        "transfer": {"shots": [1]},
+    })
+    plan = build_plan(spec)
+    ds = prepare_builtin("digits")
+    split = ds.keys_and_labels("train")
+    masks = []
+    for job in plan.pretrain_jobs:
+        assert job.view.keep_classes == (0, 1, 2)
+        keep, noisy = job.view.apply(split.keys, split.labels)
+        assert keep.sum() == job.num_train_samples == job.view.pretrain_size
+        assert np.array_equal(np.bincount(split.labels[keep], minlength=3)[:3], np.full(3, job.view.pretrain_size // 3))
+        flipped = noisy[keep] != split.labels[keep]
+        assert np.all(noisy[keep][flipped] == (split.labels[keep][flipped] + 1) % 10)
+        assert abs(flipped.mean() - job.realized_label_noise) < 1e-12
+        masks.append(keep)
+    assert np.all(masks[1][masks[0]])
