@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     ins = dsub.add_parser("inspect", help="print a dataset's manifest (computed by a scan if it has none)")
     ins.add_argument("uri", metavar="DIR_OR_URI")
     ins.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    ov = dsub.add_parser("overlap", help="exact and near-duplicate images between two datasets (leakage check)")
+    ov.add_argument("a", metavar="A", help="builtin:NAME or a prepared dataset directory (e.g. a pretraining source)")
+    ov.add_argument("b", metavar="B", help="builtin:NAME or a prepared dataset directory (e.g. a downstream task)")
+    ov.add_argument("--max-distance", type=int, default=10, help="dHash Hamming distance of near-duplicate candidates (default 10 of 64 bits); candidates are confirmed on 16x16 thumbnails")
+    ov.add_argument("--json", action="store_true", help="print every pair as JSON")
     for sp in (prep, ins):
         sp.add_argument("--image-column", default="jpg", help="Parquet sources: encoded-image column (default jpg, else image)")
         sp.add_argument("--label-column", default="label", help="Parquet sources: integer label column")
@@ -129,9 +134,11 @@ def _data(args) -> int:
     from datasets_ import DatasetError
     from datasets_.prepare import inspect, prepare
 
-    columns = {"image_column": args.image_column, "label_column": args.label_column,
-               "caption_column": args.caption_column, "key_column": args.key_column}
     try:
+        if args.data_command == "overlap":
+            return _overlap(args)
+        columns = {"image_column": args.image_column, "label_column": args.label_column,
+                   "caption_column": args.caption_column, "key_column": args.key_column}
         if args.data_command == "prepare":
             if args.shard_size < 1:
                 return _error(f"--shard-size: must be >= 1, got {args.shard_size}")
@@ -159,6 +166,27 @@ def _data(args) -> int:
     bad = m.get("bad_samples", {}).get("total", 0)
     if bad:
         print(f"bad samples: {bad} ({m['bad_samples']['by_reason']})")
+    return EXIT_OK
+
+
+def _overlap(args) -> int:
+    import json
+
+    from datasets_ import resolve_dataset
+    from datasets_.overlap import find_overlap
+
+    if not 0 <= args.max_distance <= 64:
+        return _error(f"--max-distance: must be in 0..64, got {args.max_distance}")
+    report = find_overlap(resolve_dataset(args.a), resolve_dataset(args.b), max_distance=args.max_distance)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return EXIT_OK
+    print(f"{report['a']} vs {report['b']}: {report['exact']} exact and {report['near']} near-duplicate pair(s) "
+          f"({report['candidates']} dHash candidates within {report['max_distance']} bits, confirmed on thumbnails)")
+    for p in report["pairs"][:20]:
+        print(f"  {p['kind']:<5} d={p['distance']:<2} {p['a_split']}/{p['a_key']}  ~  {p['b_split']}/{p['b_key']}")
+    if len(report["pairs"]) > 20:
+        print(f"  ... {len(report['pairs']) - 20} more (--json lists all)")
     return EXIT_OK
 
 

@@ -145,6 +145,25 @@ def _check_data(spec: StudySpec, data: dict[str, ShardedDataset]) -> None:
             raise SpecError(f"tasks.{task}.uri", f"task '{task}' has no test split")
 
 
+def _check_overlap(spec: StudySpec, data: dict[str, ShardedDataset]) -> None:
+    """Leakage pre-flight: duplicates between each source's train split and each task's test split."""
+    import sys
+
+    from datasets_.overlap import find_overlap
+
+    for source in spec.pretrain.sweep["source"]:
+        for task in spec.transfer_tasks:
+            r = find_overlap(data[f"sources.{source}"], data[f"tasks.{task}"], a_splits=("train",), b_splits=("test",))
+            if not r["pairs"]:
+                continue
+            p = r["pairs"][0]
+            msg = (f"source '{source}' (train) and task '{task}' (test) share {r['exact']} exact and {r['near']} "
+                   f"near-duplicate image(s), e.g. {p['a_key']} ~ {p['b_key']}; see `transferlab data overlap`")
+            if spec.preflight_overlap == "error":
+                raise SpecError("preflight_overlap", msg)
+            print(f"warning: {msg}", file=sys.stderr)
+
+
 def _run_name(settings: dict, source: str, view: PretrainView, varying: set[str]) -> str:
     size = "full" if view.pretrain_size is None else view.pretrain_size
     name = f"{settings['method']} {source} n={size} noise={view.label_noise:g}"
@@ -162,6 +181,8 @@ def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -
     """Pre-flight the data and expand the pretraining grid and the transfer fits."""
     data = data if data is not None else resolve_data(spec)
     _check_data(spec, data)
+    if spec.preflight_overlap != "off":
+        _check_overlap(spec, data)
     sweep = spec.pretrain.sweep
     axes = list(sweep)
     varying = {a for a in axes if len(sweep[a]) > 1}

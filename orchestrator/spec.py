@@ -284,6 +284,7 @@ class StudySpec:
     resources: Resources = field(default_factory=Resources)
     tracking_uri: str | None = None  # default: MLflow's default store in the working directory
     storage_path: str | None = None  # checkpoints; default ./transferlab_storage
+    preflight_overlap: str = "off"  # leakage check source train vs task test: off | warn | error
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -368,7 +369,7 @@ def _resources(m: _Mapping) -> Resources:
 
 def parse_spec(data: Any) -> StudySpec:
     """Validate a loaded YAML document into a StudySpec (raises SpecError)."""
-    top = ("study", "sources", "tasks", "pretrain", "transfer", "resources", "tracking_uri", "storage_path")
+    top = ("study", "sources", "tasks", "pretrain", "transfer", "resources", "tracking_uri", "storage_path", "preflight_overlap")
     m = _Mapping("", data, top)
     study = m.get("study", _name)
     sources = _datarefs(m, "sources")
@@ -382,6 +383,7 @@ def parse_spec(data: Any) -> StudySpec:
         resources=_resources(m),
         tracking_uri=m.get("tracking_uri", _str, None),
         storage_path=m.get("storage_path", _str, None),
+        preflight_overlap=m.get("preflight_overlap", _choice(("off", "warn", "error")), "off"),
         raw=data,
     )
 

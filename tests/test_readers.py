@@ -205,3 +205,44 @@ def test_unlabeled_source_cannot_be_pretrained_supervised(tmp_path, capsys):
     capsys.readouterr()
     assert main(["validate", str(spec)]) == 2
     assert capsys.readouterr().err.startswith("error: sources.c.uri: 'c' needs integer labels")
+
+
+def test_overlap_finds_planted_duplicates_and_nothing_else(tmp_path, capsys):
+    """Digits copied into another dataset (as-is, re-encoded as JPEG, upscaled) are found."""
+    from datasets_ import prepare_builtin
+
+    digits = prepare_builtin("digits")
+    test_rows = pq.read_table(digits.files("test")[0], columns=["key", "image"]).to_pylist()[:6]
+    root = tmp_path / "leaky" / "train" / "digits"
+    root.mkdir(parents=True)
+    for i, row in enumerate(test_rows[:2]):
+        (root / f"exact{i}.png").write_bytes(row["image"])
+    for i, row in enumerate(test_rows[2:4]):
+        img = Image.open(io.BytesIO(row["image"])).convert("RGB").resize((32, 32), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
+        (root / f"near{i}.jpg").write_bytes(buf.getvalue())
+    mnist = prepare_builtin("mnist")
+    mnist_rows = pq.read_table(mnist.files("train")[0], columns=["image"]).column("image").to_pylist()[:20]
+    for split, rows in (("train", mnist_rows[:14]), ("val", mnist_rows[14:])):
+        (tmp_path / "leaky" / split / "mnist").mkdir(parents=True)
+        for i, blob in enumerate(rows):
+            (tmp_path / "leaky" / split / "mnist" / f"mnist{i}.png").write_bytes(blob)
+    assert main(["data", "prepare", str(tmp_path / "leaky"), "--out", str(tmp_path / "leaky-ds")]) == 0
+    capsys.readouterr()
+    assert main(["data", "overlap", str(tmp_path / "leaky-ds"), "builtin:digits", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    found = {(p["a_key"].split("/")[-1], p["b_key"], p["kind"]) for p in report["pairs"]}
+    expected_exact = {(f"exact{i}", test_rows[i]["key"], "exact") for i in range(2)}
+    expected_near = {(f"near{i}", test_rows[2 + i]["key"], "near") for i in range(2)}
+    assert expected_exact | expected_near <= found
+    assert not any(a.startswith("mnist") for a, _, _ in found)  # no false alarms on MNIST digits
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        f"study: leak\nsources: {{l: {{uri: {tmp_path / 'leaky-ds'}}}}}\ntasks: {{d: 'builtin:digits'}}\n"
+        "transfer: {shots: [1]}\npreflight_overlap: error\n"
+    )
+    assert main(["validate", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: preflight_overlap: source 'l' (train) and task 'd' (test) share 2 exact and 2 near")

@@ -105,6 +105,7 @@ BAD = [
     ("pretrain.class_balanced", "yes", "pretrain.class_balanced: must be true or false"),
     ("pretrain.noise_pattern", "pairs", "pretrain.noise_pattern: unknown value 'pairs'"),
     ("pretrain.sweep.class_fraction", [0.0], "pretrain.sweep.class_fraction[0]: must be in (0, 1], got 0"),
+    ("preflight_overlap", "strict", "preflight_overlap: unknown value 'strict'; choose from: off, warn, error"),
 ]
 
 
