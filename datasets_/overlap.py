@@ -16,10 +16,9 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
-from datasets_.shards import ShardedDataset
+from datasets_.shards import ShardedDataset, parquet_file
 
 
 def image_hashes(blob: bytes) -> tuple[str, int, np.ndarray]:
@@ -45,7 +44,7 @@ class HashedSplit:
 def hash_split(dataset: ShardedDataset, split: str) -> HashedSplit:
     keys, digests, dh, thumbs = [], [], [], []
     for path in dataset.files(split):
-        for rb in pq.ParquetFile(path).iter_batches(columns=["key", "image"], batch_size=512):
+        for rb in parquet_file(path).iter_batches(columns=["key", "image"], batch_size=512):
             for key, blob in zip(rb.column("key").to_pylist(), rb.column("image").to_pylist()):
                 d, h, t = image_hashes(blob)
                 keys.append(key)

@@ -15,10 +15,9 @@ import os
 from typing import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
-from datasets_.shards import ShardedDataset
+from datasets_.shards import ShardedDataset, parquet_file
 from datasets_.views import PretrainView
 
 # Normalization to roughly [-1, 1]; one constant for every dataset keeps features comparable.
@@ -104,7 +103,7 @@ def iter_local_batches(
 ) -> Iterator[dict]:
     """Decode a split in this process, in file order, with keys (for small downstream tasks)."""
     for path in dataset.files(split):
-        pf = pq.ParquetFile(path)
+        pf = parquet_file(path)
         for rb in pf.iter_batches(batch_size=batch_size, columns=["key", "image", "label"]):
             yield {
                 "key": np.asarray(rb.column("key").to_pylist(), dtype=object),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from datasets_.builtin import BUILTIN_PREFIX, TEST_FRACTION, prepare_builtin
 from datasets_.readers import BadSamples, Sample, detect_format, iter_samples
-from datasets_.shards import ShardedDataset, DatasetError, open_dataset, write_sharded_dataset
+from datasets_.shards import DatasetError, ShardedDataset, is_remote, open_dataset, write_sharded_dataset
 from datasets_.views import unit_hash
 
 
@@ -92,6 +92,8 @@ def inspect(uri: str, **parquet_columns) -> dict:
     """The manifest of a prepared dataset, or one computed by scanning a raw source."""
     if uri.startswith(BUILTIN_PREFIX):
         return prepare_builtin(uri[len(BUILTIN_PREFIX):]).manifest
+    if is_remote(uri):
+        return open_dataset(uri).manifest
     fmt = detect_format(uri)
     if fmt == "transferlab":
         return open_dataset(uri).manifest

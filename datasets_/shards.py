@@ -52,11 +52,27 @@ class Split:
     labels: np.ndarray
 
 
+def is_remote(uri) -> bool:
+    """True for object-store URIs (``s3://``, ``gs://``...), read through pyarrow's filesystems
+    (the S3 endpoint comes from ``AWS_ENDPOINT_URL``, credentials from the usual AWS variables)."""
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def parquet_file(path: str) -> pq.ParquetFile:
+    """Open one Parquet shard, local or remote."""
+    if is_remote(path):
+        import pyarrow.fs as pafs
+
+        fs, p = pafs.FileSystem.from_uri(path)
+        return pq.ParquetFile(fs.open_input_file(p))
+    return pq.ParquetFile(path)
+
+
 @dataclass(frozen=True)
 class ShardedDataset:
-    """A prepared dataset directory and its manifest."""
+    """A prepared dataset (a local directory, or an object-store prefix) and its manifest."""
 
-    root: Path
+    root: Path | str
     manifest: dict
 
     @property
@@ -82,7 +98,7 @@ class ShardedDataset:
         return list(self.manifest["splits"].get(split, {}).get("class_counts", [0] * self.num_classes))
 
     def files(self, split: str) -> list[str]:
-        return [str(self.root / s["path"]) for s in self.manifest["shards"] if s["split"] == split]
+        return [f"{str(self.root).rstrip('/')}/{s['path']}" for s in self.manifest["shards"] if s["split"] == split]
 
     def read_split(self, split: str, columns: Sequence[str] = ("key", "label")) -> pa.Table:
         """Read whole columns of a split (cheap for key/label; use Ray Data for images)."""
@@ -190,8 +206,33 @@ def write_sharded_dataset(
     return ShardedDataset(out, manifest)
 
 
+def _open_remote(uri: str) -> ShardedDataset:
+    import pyarrow.fs as pafs
+
+    root = uri.rstrip("/")
+    try:
+        fs, base = pafs.FileSystem.from_uri(root)
+        info = fs.get_file_info(f"{base}/{MANIFEST}")
+        if info.type != pafs.FileType.File:
+            raise DatasetError(f"{uri}: not a transferlab dataset (no {MANIFEST})")
+        with fs.open_input_stream(f"{base}/{MANIFEST}") as f:
+            manifest = json.loads(f.read())
+        shard_infos = fs.get_file_info([f"{base}/{s['path']}" for s in manifest["shards"]])
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, DatasetError):
+            raise
+        raise DatasetError(f"{uri}: cannot read dataset ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    missing = [s["path"] for s, i in zip(manifest["shards"], shard_infos) if i.type != pafs.FileType.File]
+    if missing:
+        raise DatasetError(f"{uri}: shard {missing[0]} listed in the manifest is missing")
+    return ShardedDataset(root, manifest)
+
+
 def open_dataset(path: str | os.PathLike) -> ShardedDataset:
-    """Open a prepared dataset directory; raise DatasetError naming the path if it is not one."""
+    """Open a prepared dataset (directory or object-store URI); raise DatasetError naming the
+    path if it is not one."""
+    if is_remote(path):
+        return _open_remote(str(path))
     root = Path(path)
     if not root.exists():
         raise DatasetError(f"{root}: no such directory")
