@@ -134,6 +134,22 @@ def noisy_labels(
     return np.where(flip, (labels + offset) % num_classes, labels)
 
 
+def swapped_captions(keys: Sequence[str], captions: Sequence[str], rate: float, seed: int) -> list[str]:
+    """Caption noise for image-text sources: a ``rate`` fraction of samples (chosen by key hash)
+    get the caption of another sample from that same fraction (a cyclic shift in hash order, so
+    no chosen sample keeps its own). The multiset of captions is unchanged."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"caption noise rate must be in [0, 1], got {rate}")
+    out = list(captions)
+    chosen = np.flatnonzero(unit_hash(keys, seed, "caption-swap") < rate)
+    if len(chosen) < 2:
+        return out
+    order = chosen[np.argsort(unit_hash([keys[i] for i in chosen], seed, "caption-order"), kind="stable")]
+    for src, dst in zip(order, np.roll(order, 1)):
+        out[dst] = captions[src]
+    return out
+
+
 def class_subset(num_classes: int, fraction: float, seed: int) -> np.ndarray:
     """The sorted ids of a random ``fraction`` of the classes (at least one): the random
     α-subsets of Jain et al.'s datamodels, reproducible from (num_classes, fraction, seed)."""

@@ -20,6 +20,7 @@ from orchestrator.tracking import (
     KIND_STUDY,
     KIND_TRANSFER,
     TAG_CHECKPOINT,
+    VIEW_MASK_ARTIFACT,
     Tracker,
     resolve_tracking_uri,
 )
@@ -123,6 +124,10 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
             tracker.reopen(run_id)
         else:
             run_id = tracker.create_run(exp, KIND_PRETRAIN, spec.study, job.run_name, job.config_hash, job.params, parent_run_id=study_run)
+            if job.view.keep_classes is not None:
+                classes = plan.data[f"sources.{job.source}"].classes
+                mask = [c in job.view.keep_classes for c in range(job.num_classes)]
+                tracker.client.log_dict(run_id, {"classes": classes, "included": mask}, VIEW_MASK_ARTIFACT)
         ctx.run_ids[job.config_hash] = run_id
         ctx.pretrain_jobs[job.config_hash] = job
 

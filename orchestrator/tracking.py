@@ -20,6 +20,9 @@ transfer   ``task, protocol, shots, seed`` +      ``accuracy`` (task test split)
                                                   ``num_train_examples``
 =========  =====================================  ==================================================
 
+Artifacts: a pretrain run whose view drops classes stores ``view/class_mask.json``
+(``{"classes": [...names], "included": [...bools]}``): the datamodel mask of Jain et al.
+
 Tags on every run: ``transferlab.kind`` (study|pretrain|transfer), ``transferlab.study``,
 ``transferlab.config_hash`` (hash of everything that determines the result: a finished run with
 this hash means the job is done), ``mlflow.runName``. Pretrain runs also carry
@@ -52,6 +55,8 @@ TRANSFER_PARAMS = ("task", "protocol", "shots", "seed")
 METRIC_TRAIN_LOSS = "train_loss"
 METRIC_UPSTREAM_ACCURACY = "upstream_accuracy"
 METRIC_ACCURACY = "accuracy"
+
+VIEW_MASK_ARTIFACT = "view/class_mask.json"
 
 FINISHED, FAILED, RUNNING = "FINISHED", "FAILED", "RUNNING"
 

@@ -189,3 +189,15 @@ def test_plan_applies_source_curation_and_balance(tmp_path):
         assert abs(flipped.mean() - job.realized_label_noise) < 1e-12
         masks.append(keep)
     assert np.all(masks[1][masks[0]])
+
+
+def test_caption_noise_swaps_a_fraction_and_keeps_the_multiset():
+    from datasets_.views import swapped_captions
+
+    caps = [f"caption {i}" for i in range(len(KEYS))]
+    noisy = swapped_captions(KEYS, caps, 0.3, seed=0)
+    changed = np.array([a != b for a, b in zip(caps, noisy)])
+    assert abs(changed.mean() - 0.3) < 0.015
+    assert sorted(noisy) == sorted(caps)
+    assert noisy == swapped_captions(KEYS, caps, 0.3, seed=0)
+    assert swapped_captions(KEYS, caps, 0.0, seed=0) == caps
