@@ -187,7 +187,8 @@ def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -
     axes = list(sweep)
     varying = {a for a in axes if len(sweep[a]) > 1}
     jobs: list[PretrainJob] = []
-    thresholds: dict[tuple, tuple[float, float]] = {}
+    thresholds: dict[str, tuple] = {}
+    columns: dict[str, tuple] = {}
     for combo in itertools.product(*(sweep[a] for a in axes)):
         point = dict(zip(axes, combo))
         settings = asdict(PretrainSettings(**{k: point.get(k, v) for k, v in asdict(spec.pretrain.base).items()}))
@@ -198,7 +199,9 @@ def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -
         view = PretrainView(ds.fingerprint, point["pretrain_size"], point["label_noise"], point["seed"], ds.num_classes,
                             1.0, settings["noise_pattern"], keep, ref.caption_matches, ref.caption_excludes, settings["class_balanced"])
         if view.fingerprint not in thresholds:
-            thresholds[view.fingerprint] = _view_stats(ds, source, view)
+            if source not in columns:  # one read of the key/label (and caption) columns per source
+                columns[source] = _train_columns(ds, need_captions=view.needs_captions)
+            thresholds[view.fingerprint] = _view_stats(ds, source, view, *columns[source])
         threshold, realized, selected = thresholds[view.fingerprint]
         view = dataclasses.replace(view, threshold=threshold)
         mcfg = model_config(settings["model"])
@@ -252,13 +255,17 @@ def _kept_classes(ref, ds: ShardedDataset, fraction: float, seed: int) -> tuple[
     return None if len(ids) == ds.num_classes else tuple(ids)
 
 
-def _view_stats(ds: ShardedDataset, source: str, view: PretrainView) -> tuple[object, float, int]:
+def _train_columns(ds: ShardedDataset, need_captions: bool) -> tuple:
+    split = ds.keys_and_labels("train")
+    captions = ds.read_split("train", ("caption",)).column("caption").to_pylist() if need_captions else None
+    return split, captions
+
+
+def _view_stats(ds: ShardedDataset, source: str, view: PretrainView, split, captions) -> tuple[object, float, int]:
     """(subset threshold(s), realized label-noise rate, number of samples) of one view."""
     from datasets_ import in_subset, noisy_labels
     from datasets_.views import balanced_thresholds
 
-    split = ds.keys_and_labels("train")
-    captions = ds.read_split("train", ("caption",)).column("caption").to_pylist() if view.needs_captions else None
     allowed = view.eligible(split.labels, captions)
     if not allowed.any():
         raise SpecError(f"sources.{source}", "its class and caption filters leave no training sample")
