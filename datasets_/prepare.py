@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from datasets_.builtin import BUILTIN_PREFIX, TEST_FRACTION, prepare_builtin
-from datasets_.readers import BadSamples, Sample, detect_format, iter_samples
+from datasets_.readers import BadSamples, Sample, detect_format, folder_layout, iter_samples
 from datasets_.shards import DatasetError, ShardedDataset, is_remote, open_dataset, write_sharded_dataset
 from datasets_.views import unit_hash
 
@@ -67,7 +67,7 @@ def prepare(
     samples = iter_samples(src, bad, **parquet_columns)
     folder_classes = None
     if fmt == "folder":
-        folder_classes = sorted({c.name for d in _split_dirs(Path(src)) for c in d.iterdir() if c.is_dir()})
+        folder_classes = folder_layout(src)[1]
     ds = write_sharded_dataset(
         out,
         name=Path(src.rstrip("/")).name.split("{")[0] or "dataset",
@@ -79,13 +79,6 @@ def prepare(
     if ds.num_samples("train") + ds.num_samples("test") == 0:
         raise DatasetError(f"{src}: no usable samples ({bad.total} bad)")
     return ds, bad
-
-
-def _split_dirs(root: Path) -> list[Path]:
-    from datasets_.readers import SPLIT_ALIASES
-
-    splits = [d for d in root.iterdir() if d.is_dir() and d.name in SPLIT_ALIASES]
-    return splits or [root]
 
 
 def inspect(uri: str, **parquet_columns) -> dict:
@@ -112,7 +105,7 @@ def inspect(uri: str, **parquet_columns) -> dict:
             names.setdefault(s.label, s.class_name)
     top = max((k for k in counts if k >= 0), default=-1)
     if fmt == "folder":
-        classes = sorted({c.name for d in _split_dirs(Path(uri)) for c in d.iterdir() if c.is_dir()})
+        classes = folder_layout(uri)[1]
     else:
         classes = [names.get(i, str(i)) for i in range(top + 1)]
     # Content fingerprint of the raw source (keys, labels, image bytes); a prepared copy has its

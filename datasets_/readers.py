@@ -149,14 +149,21 @@ def _shard_paths(uri: str, suffix: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def iter_folder(root: str, bad: BadSamples) -> Iterator[Sample]:
-    """ImageNet-style folders; class names are the sub-folder names, sorted."""
+def folder_layout(root: str) -> tuple[list[tuple[Path, str | None]], list[str]]:
+    """(split directories with their split names, sorted class names) of an image folder."""
     base = Path(root)
     splits = [d for d in sorted(base.iterdir()) if d.is_dir() and d.name in SPLIT_ALIASES]
     layouts = [(d, SPLIT_ALIASES[d.name]) for d in splits] if splits else [(base, None)]
     classes = sorted({c.name for d, _ in layouts for c in d.iterdir() if c.is_dir()})
     if not classes:
         raise DatasetError(f"{root}: no class folders (expected {root}/<class_name>/*.jpg)")
+    return layouts, classes
+
+
+def iter_folder(root: str, bad: BadSamples) -> Iterator[Sample]:
+    """ImageNet-style folders; class names are the sub-folder names, sorted."""
+    base = Path(root)
+    layouts, classes = folder_layout(root)
     for directory, split in layouts:
         for label, name in enumerate(classes):
             class_dir = directory / name

@@ -194,8 +194,8 @@ def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -
         settings = asdict(PretrainSettings(**{k: point.get(k, v) for k, v in asdict(spec.pretrain.base).items()}))
         source = point["source"]
         ds = data[f"sources.{source}"]
-        keep = _kept_classes(spec.sources[source], ds, point["class_fraction"], point["seed"])
         ref = spec.sources[source]
+        keep = _kept_classes(ref, ds, point["class_fraction"], point["seed"])
         view = PretrainView(ds.fingerprint, point["pretrain_size"], point["label_noise"], point["seed"], ds.num_classes,
                             1.0, settings["noise_pattern"], keep, ref.caption_matches, ref.caption_excludes, settings["class_balanced"])
         if view.fingerprint not in thresholds:
