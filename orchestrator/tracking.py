@@ -11,17 +11,24 @@ study      ``study``, ``spec_hash``               ``pretrain_runs``, ``transfer_
                                                   ``failed_runs`` (counts after each ``run``)
 pretrain   ``method, source, pretrain_size,       ``train_loss`` and ``images_per_second`` per
            label_noise, model, seed`` + the       epoch (step = epoch), ``upstream_accuracy``
-           other settings (``image_size,          (top-1 on the source's held-out split),
-           epochs, batch_size, lr, ...``) and     ``realized_label_noise`` (fraction of labels
-           ``view_fingerprint``                   actually flipped), ``num_train_samples``
-transfer   ``task, protocol, shots, seed`` +      ``accuracy`` (task test split),
-           ``val_fraction``                       ``mean_per_class_accuracy``,
-                                                  ``validation_accuracy``, ``l2_reg``,
-                                                  ``num_train_examples``
+           other settings (``image_size,          (supervised: top-1 on the source's held-out
+           epochs, batch_size, lr, ...``),        split; clip: zero-shot top-1 there; simclr:
+           ``class_fraction`` when swept, and     k-NN top-1 there), ``realized_label_noise``
+           ``view_fingerprint``                   (fraction of labels actually flipped),
+                                                  ``num_train_samples``
+transfer   ``task, protocol, shots, seed,         ``accuracy`` (task test split),
+           layer`` + ``val_fraction``;            ``mean_per_class_accuracy``,
+           protocol is one of linear_probe,       ``validation_accuracy``, ``l2_reg``,
+           logistic, finetune, lp_ft, zero_shot   ``num_train_examples``
 =========  =====================================  ==================================================
 
 Artifacts: a pretrain run whose view drops classes stores ``view/class_mask.json``
 (``{"classes": [...names], "included": [...bools]}``): the datamodel mask of Jain et al.
+Every transfer run stores ``outputs/per_example.parquet``: one row per test example of the task
+with columns ``example`` (int, position in the task's test split, stable across runs), ``key``
+(sample key), ``label``, ``prediction``, ``correct_prob`` (softmax probability of the true
+class) and ``margin`` (true-class logit minus the largest other logit) — the raw material of
+influence estimation.
 
 Tags on every run: ``transferlab.kind`` (study|pretrain|transfer), ``transferlab.study``,
 ``transferlab.config_hash`` (hash of everything that determines the result: a finished run with
@@ -50,13 +57,14 @@ TAG_RUN_NAME = "mlflow.runName"
 KIND_STUDY, KIND_PRETRAIN, KIND_TRANSFER = "study", "pretrain", "transfer"
 
 PRETRAIN_PARAMS = ("method", "source", "pretrain_size", "label_noise", "model", "seed")
-TRANSFER_PARAMS = ("task", "protocol", "shots", "seed")
+TRANSFER_PARAMS = ("task", "protocol", "shots", "seed", "layer")
 
 METRIC_TRAIN_LOSS = "train_loss"
 METRIC_UPSTREAM_ACCURACY = "upstream_accuracy"
 METRIC_ACCURACY = "accuracy"
 
 VIEW_MASK_ARTIFACT = "view/class_mask.json"
+PER_EXAMPLE_ARTIFACT = "outputs/per_example.parquet"
 
 FINISHED, FAILED, RUNNING = "FINISHED", "FAILED", "RUNNING"
 
