@@ -15,6 +15,34 @@ WORKER_ENV = {
     "RAY_AIR_NEW_OUTPUT": "0",
 }
 
+# MLflow client settings that the driver may hold and that every Ray process talking to MLflow
+# (pretraining and transfer trials, the Train controller's report callback) needs as well:
+# basic-auth or token credentials and TLS options of a shared tracking server. They are secrets:
+# they travel to trials inside the phase context (Ray's object store), are applied to the
+# process environment there, and are never printed, logged, or recorded as MLflow params/tags.
+MLFLOW_CLIENT_ENV = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+)
+
+
+def mlflow_client_env() -> dict[str, str]:
+    """The :data:`MLFLOW_CLIENT_ENV` variables set in this process (for shipping to workers)."""
+    return {k: os.environ[k] for k in MLFLOW_CLIENT_ENV if os.environ.get(k)}
+
+
+def apply_mlflow_client_env(env: dict[str, str]) -> None:
+    """Make a worker's MLflow clients use the driver's credentials (see :data:`MLFLOW_CLIENT_ENV`).
+
+    Needed even on a cluster whose pods carry them: a Ray started before the variables were set
+    (a notebook, a test session, a ``ray start`` node) does not pass them to its workers.
+    """
+    os.environ.update({k: v for k, v in env.items() if k in MLFLOW_CLIENT_ENV})
+
 
 def quiet_ray_logs() -> None:
     """Keep the console to transferlab's own progress lines (Ray's logs stay in its log dir)."""

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.cluster import ray_session
+from orchestrator.cluster import mlflow_client_env, ray_session
 from orchestrator.plan import StudyPlan, build_plan
 from orchestrator.results import results_table, transfer_frame
 from orchestrator.spec import SpecError, StudySpec
@@ -87,7 +87,9 @@ def run_study(
     """Run every job of the study that MLflow does not hold as finished; return the outcome."""
     t0 = time.monotonic()
     uri = resolve_tracking_uri(tracking_uri or spec.tracking_uri)
-    storage = str(Path(storage_path or spec.storage_path or DEFAULT_STORAGE).resolve())
+    storage = storage_path or spec.storage_path or DEFAULT_STORAGE
+    if "://" not in storage:  # a local directory; s3://, gs://... URIs are shared storage as they are
+        storage = str(Path(storage).resolve())
     plan = plan or build_plan(spec)
     with ray_session(address) as embedded:
         import ray
@@ -116,7 +118,8 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
         flush=True,
     )
 
-    ctx = PhaseContext(study=spec.study, tracking_uri=uri, experiment_id=exp, storage_path=storage, resources=spec.resources)
+    ctx = PhaseContext(study=spec.study, tracking_uri=uri, experiment_id=exp, storage_path=storage, resources=spec.resources,
+                       mlflow_env=mlflow_client_env())
     for job in todo:
         prior = pre_runs.get(job.config_hash)
         if prior is not None:  # interrupted or failed before: resume into the same run

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from datasets_.views import PretrainView
+from orchestrator.cluster import apply_mlflow_client_env
 from orchestrator.plan import PretrainJob, TransferGroup
 from orchestrator.spec import Resources
 from orchestrator.tracking import FAILED, KIND_TRANSFER, TAG_CHECKPOINT, MLflowReportCallback, Tracker
@@ -33,11 +34,28 @@ class PhaseContext:
     transfer_groups: dict[str, TransferGroup] = field(default_factory=dict)
     run_ids: dict[str, str] = field(default_factory=dict)  # config_hash -> MLflow run id to use
     checkpoints: dict[str, str] = field(default_factory=dict)  # pretrain hash -> checkpoint dir
+    # MLflow credentials/TLS settings of the driver (orchestrator.cluster.MLFLOW_CLIENT_ENV);
+    # secrets, so kept out of the repr (and out of Tune's param_space, which is saved to disk).
+    mlflow_env: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def train_run_name(job: PretrainJob) -> str:
     """Deterministic Ray Train run name: a second fit() with it resumes from its checkpoint."""
     return f"pretrain-{job.config_hash}"
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """Where a Ray Train checkpoint lives, as a path or URI any process can open again.
+
+    With ``storage_path`` on an object store, ``Checkpoint.path`` is the key inside the bucket
+    (``bucket/prefix/...``) without its scheme; ``Checkpoint(uri)`` needs the scheme back.
+    """
+    fs = getattr(checkpoint, "filesystem", None)
+    kind = getattr(fs, "type_name", "local")
+    if kind == "local" or "://" in checkpoint.path:
+        return checkpoint.path
+    scheme = {"gcs": "gs"}.get(kind, kind)
+    return f"{scheme}://{checkpoint.path}"
 
 
 def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
@@ -49,6 +67,7 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
     from datasets_.pipeline import ray_dataset
     from trainers.pretrain import supervised_train_loop
 
+    apply_mlflow_client_env(ctx.mlflow_env)
     job = ctx.pretrain_jobs[config["job"]]
     run_id = ctx.run_ids[job.config_hash]
     tracker = Tracker(ctx.tracking_uri)
@@ -90,7 +109,7 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
                 name=train_run_name(job),
                 storage_path=ctx.storage_path,
                 # MLflow records for the study; Tune sees each report too (progress lines).
-                callbacks=[MLflowReportCallback(ctx.tracking_uri, run_id), TuneReportCallback()],
+                callbacks=[MLflowReportCallback(ctx.tracking_uri, run_id, ctx.mlflow_env), TuneReportCallback()],
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
                 failure_config=ray.train.FailureConfig(max_failures=ctx.resources.max_failures),
             ),
@@ -100,7 +119,7 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
         tracker.log(
             run_id,
             metrics={"realized_label_noise": job.realized_label_noise, "num_train_samples": job.num_train_samples},
-            tags={TAG_CHECKPOINT: result.checkpoint.path},
+            tags={TAG_CHECKPOINT: checkpoint_uri(result.checkpoint)},
         )
         tracker.finish(run_id)
         return {"upstream_accuracy": metrics.get("upstream_accuracy", float("nan")), "train_loss": metrics.get("train_loss")}
@@ -124,6 +143,7 @@ def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
     from datasets_ import open_dataset
     from trainers.transfer import linear_probe_grid
 
+    apply_mlflow_client_env(ctx.mlflow_env)
     group = ctx.transfer_groups[config["group"]]
     parent = ctx.run_ids[group.pretrain_hash]
     tracker = Tracker(ctx.tracking_uri)

@@ -190,10 +190,13 @@ class MLflowReportCallback(UserCallback):
 
     Runs on the Ray Train controller, so training loops stay MLflow-agnostic. Metrics are logged
     with ``step = metrics["epoch"]``; steps already present (a resumed run) are not logged again.
+    ``mlflow_env`` carries the driver's MLflow credentials (``orchestrator.cluster.MLFLOW_CLIENT_ENV``)
+    into the controller's process.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(self, tracking_uri: str, run_id: str, mlflow_env: dict[str, str] | None = None):
         self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._mlflow_env = dict(mlflow_env or {})
         self._client = None
         self._seen: set[tuple[str, int]] = set()
 
@@ -204,6 +207,9 @@ class MLflowReportCallback(UserCallback):
         step = int(report.pop("epoch", 0))
         numeric = {k: float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._client is None:
+            from orchestrator.cluster import apply_mlflow_client_env
+
+            apply_mlflow_client_env(self._mlflow_env)
             self._client = MlflowClient(self.tracking_uri)
             self._seen = logged_steps(self._client, self.run_id, numeric)
         now = int(time.time() * 1000)

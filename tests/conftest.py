@@ -34,7 +34,11 @@ def s3_server():
     Its endpoint and test credentials are exported before Ray starts, so Ray's workers read
     s3:// URIs from it exactly as they would from a real object store.
     """
-    server = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    # The project's own moto first: another moto_server on PATH (e.g. moto 5.2.1 from a pyenv
+    # shim) fails pyarrow's multipart uploads, so Ray Train checkpoints to s3:// would fail.
+    server = str(Path(sys.executable).parent / "moto_server")
+    if not Path(server).exists():
+        server = shutil.which("moto_server") or server
     if not Path(server).exists():
         pytest.skip("moto_server is not installed (pip install -e '.[test]')")
     port = _free_port()
