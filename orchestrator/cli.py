@@ -61,6 +61,27 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("runs", help="print a study's results table from MLflow")
     q.add_argument("study", help="study name (the MLflow experiment)")
     q.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's default store here)")
+
+    rep = sub.add_parser("report", help="the papers' figures and fits for a study, as one HTML file (+ CSV, PNG, JSON)")
+    rep.add_argument("study", help="study name (the MLflow experiment)")
+    rep.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's default store here)")
+    rep.add_argument("--out", default=None, help="output folder (default: reports/STUDY)")
+    rep.add_argument("--json", action="store_true", help="print the fitted numbers as JSON")
+    rep.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for confidence intervals (default 200)")
+    rep.add_argument("--seed", type=int, default=0, help="seed of the bootstraps (default 0)")
+    rep.add_argument("--no-log", action="store_true", help="do not log the report as artifacts on the study run")
+
+    cfp = sub.add_parser("counterfactual", help="plan the follow-up study that removes the K most harmful / helpful / random source classes")
+    cfp.add_argument("study", help="study name (the MLflow experiment) with class-subset pretraining runs")
+    cfp.add_argument("--spec", required=True, metavar="STUDY.yaml", help="the study's spec file (the follow-up keeps its settings)")
+    cfp.add_argument("--remove-top", required=True, type=int, nargs="+", metavar="K", help="numbers of classes to remove, e.g. 1 2 4")
+    cfp.add_argument("--arms", nargs="+", default=["harmful", "helpful", "random"], help="which classes to remove (default: all three arms)")
+    cfp.add_argument("--task", default=None, help="target task whose influence ranks the classes (default: the first with influence)")
+    cfp.add_argument("--source", default=None, help="the source whose classes are removed (default: the study's only source)")
+    cfp.add_argument("--name", default=None, help="follow-up study name (default: STUDY-counterfactual)")
+    cfp.add_argument("--out", default=".", help="folder for the follow-up YAML and plan (default: here)")
+    cfp.add_argument("--seed", type=int, default=0, help="seed of the random arm (default 0)")
+    cfp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's default store here)")
     return p
 
 
@@ -83,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "runs":
             return _runs(args)
+        if args.command in ("report", "counterfactual"):
+            return _analysis(args)
         if args.command == "data":
             return _data(args)
         spec = load_spec(args.study_file, args.overrides)
@@ -202,6 +225,81 @@ def _runs(args) -> int:
     if tracker.experiment_id(args.study, create=False) is None:
         return _error(f"study: no study named '{args.study}' in {uri}")
     print(results_table(transfer_frame(tracker, args.study)))
+    return EXIT_OK
+
+
+def _analysis(args) -> int:
+    """``report`` and ``counterfactual``: both read a study's runs with orchestrator.analysis."""
+    from orchestrator.analysis import AnalysisError
+    from orchestrator.tracking import Tracker, resolve_tracking_uri
+
+    try:
+        uri = resolve_tracking_uri(args.tracking_uri)
+    except ValueError as e:
+        return _error(f"--tracking-uri: {e}")
+    try:
+        return (_report if args.command == "report" else _counterfactual)(args, Tracker(uri))
+    except AnalysisError as e:
+        return _error(str(e))
+
+
+def _report(args, tracker) -> int:
+    import json
+
+    from orchestrator.analysis import AnalysisError
+    from orchestrator.analysis.report import build_report, log_report, write_report
+
+    if args.bootstrap < 0:
+        raise AnalysisError("--bootstrap", f"must be >= 0, got {args.bootstrap}")
+    rep = build_report(tracker, args.study, n_boot=args.bootstrap, seed=args.seed)
+    out = args.out or os.path.join("reports", args.study)
+    path = write_report(rep, out)
+    study_run = rep.study_run_id
+    if study_run and not args.no_log:
+        log_report(tracker, study_run, out)
+    if args.json:
+        print(json.dumps(rep.numbers, indent=1, default=str))
+    else:
+        print(f"{rep.status_line}{' (partial results)' if rep.partial else ''}")
+        print(f"report: {path} ({len(rep.figures)} figures, {len(rep.tables)} tables as CSV)"
+              + (f"; logged on the study run under report/" if study_run and not args.no_log else ""))
+    return EXIT_OK
+
+
+def _counterfactual(args, tracker) -> int:
+    from orchestrator.analysis import AnalysisError
+    from orchestrator.analysis import counterfactual as cf
+    from orchestrator.analysis.frame import influence_inputs, load_study
+    from orchestrator.analysis.influence import ranking, task_influence
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(args.spec)
+    if spec.study != args.study:
+        raise AnalysisError("--spec", f"is the spec of study '{spec.study}', not '{args.study}'")
+    bad = [a for a in args.arms if a not in cf.ARMS]
+    if bad:
+        raise AnalysisError("--arms", f"unknown arm {bad[0]!r}; choose from: {', '.join(cf.ARMS)}")
+    sources = list(spec.pretrain.sweep["source"])
+    source = args.source or (sources[0] if len(sources) == 1 else None)
+    if source is None:
+        raise AnalysisError("--source", f"the study has several sources ({', '.join(sources)}); name one")
+    sr = load_study(tracker, args.study)
+    tasks = [args.task] if args.task else list(dict.fromkeys(sr.transfer["task"]))
+    inputs = next((x for task in tasks for protocol in sorted(set(sr.transfer["protocol"]))
+                   if (x := influence_inputs(sr, task, protocol, source=source)) is not None), None)
+    if inputs is None:
+        raise AnalysisError("study", f"'{args.study}' has no class-subset runs with per-example outputs"
+                            + (f" on task '{args.task}'" if args.task else "") + " to estimate influence from")
+    rank = ranking(inputs.classes, task_influence(inputs.masks, inputs.outputs))
+    doc, plan = cf.plan_followup(spec, source, rank, args.remove_top, args.arms, inputs.task, seed=args.seed, name=args.name)
+    path = cf.write_followup(doc, plan, args.out)
+    if sr.study_run_id:
+        cf.log_plan(tracker, sr.study_run_id, plan)
+    for src, info in plan["sources"].items():
+        if info["arm"] != cf.BASELINE:
+            print(f"{info['arm']:>8} K={info['k']}: drop {', '.join(info['removed_classes'])}  (source {src})")
+    print(f"follow-up study: {path} ({len(plan['sources'])} sources); run it with: transferlab run {path}")
+    print(f"then: transferlab report {args.study}  plots target accuracy vs K for each arm")
     return EXIT_OK
 
 

@@ -29,6 +29,10 @@ with columns ``example`` (int, position in the task's test split, stable across 
 (sample key), ``label``, ``prediction``, ``correct_prob`` (softmax probability of the true
 class) and ``margin`` (true-class logit minus the largest other logit) — the raw material of
 influence estimation.
+Analysis outputs (``orchestrator.analysis``): ``transferlab report`` logs its HTML, CSV tables,
+PNG figures and fitted numbers under ``report/`` on the study run; ``transferlab counterfactual``
+logs the follow-up plan (``counterfactual/plan.json``: follow-up study name, and per source
+added: arm ``harmful|helpful|random|baseline``, K and the removed classes) on the study run too.
 
 Tags on every run: ``transferlab.kind`` (study|pretrain|transfer), ``transferlab.study``,
 ``transferlab.config_hash`` (hash of everything that determines the result: a finished run with
@@ -62,9 +66,14 @@ TRANSFER_PARAMS = ("task", "protocol", "shots", "seed", "layer")
 METRIC_TRAIN_LOSS = "train_loss"
 METRIC_UPSTREAM_ACCURACY = "upstream_accuracy"
 METRIC_ACCURACY = "accuracy"
+METRIC_MEAN_PER_CLASS_ACCURACY = "mean_per_class_accuracy"
+METRIC_NUM_TRAIN_SAMPLES = "num_train_samples"
+PARAM_CLASS_FRACTION = "class_fraction"
 
 VIEW_MASK_ARTIFACT = "view/class_mask.json"
 PER_EXAMPLE_ARTIFACT = "outputs/per_example.parquet"
+REPORT_ARTIFACT_DIR = "report"
+COUNTERFACTUAL_PLAN_ARTIFACT = "counterfactual/plan.json"
 
 FINISHED, FAILED, RUNNING = "FINISHED", "FAILED", "RUNNING"
 

@@ -1,0 +1,140 @@
+"""Jain et al.'s counterfactual check: remove the K most harmful (or helpful, or random) source
+classes, retrain, re-evaluate — planned as an ordinary follow-up study.
+
+The follow-up study has one source per (arm, K): the original source with the removed classes
+added to its ``drop_classes``, plus the unmodified source (arm ``baseline``, K = 0). Every other
+setting is the original study's, without the ``class_fraction`` sweep. The plan (which source is
+which arm and K, and the removed classes) is written next to the YAML and logged on the original
+study run as ``counterfactual/plan.json``; ``transferlab report`` reads it to plot accuracy vs K.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from orchestrator.analysis import AnalysisError
+from orchestrator.analysis.fits import aggregate
+from orchestrator.spec import StudySpec, load_spec, parse_spec
+from orchestrator.tracking import COUNTERFACTUAL_PLAN_ARTIFACT, METRIC_ACCURACY, Tracker
+
+ARMS = ("harmful", "helpful", "random")
+BASELINE = "baseline"
+
+
+def removed_classes(ranking: pd.DataFrame, arm: str, k: int, seed: int = 0) -> list[str]:
+    """The K classes an arm removes; nested in K (the K=2 set contains the K=1 set).
+
+    ``ranking`` is :func:`orchestrator.analysis.influence.ranking` (most helpful first). Random
+    draws one seeded permutation of the ranked classes (sorted by name first, so the draw does
+    not depend on the ranking's order).
+    """
+    ranked = ranking.dropna(subset=["influence"])["class"].astype(str).tolist()
+    if arm == "helpful":
+        return ranked[:k]
+    if arm == "harmful":
+        return ranked[::-1][:k]
+    if arm == "random":
+        names = sorted(ranked)
+        return [names[i] for i in np.random.default_rng(seed).permutation(len(names))[:k]]
+    raise AnalysisError("--arms", f"unknown arm {arm!r}; choose from: {', '.join(ARMS)}")
+
+
+def source_name(source: str, arm: str, k: int) -> str:
+    return f"{source}-{arm}-k{k}"
+
+
+def plan_followup(spec: StudySpec, source: str, ranking: pd.DataFrame, ks: list[int], arms: list[str],
+                  task: str, seed: int = 0, name: str | None = None) -> tuple[dict, dict]:
+    """The follow-up study document (a valid spec) and its plan; AnalysisError on bad K or source."""
+    if source not in spec.sources:
+        raise AnalysisError("--source", f"unknown source {source!r}; the study has: {', '.join(spec.sources)}")
+    usable = int(ranking["influence"].notna().sum())
+    for k in ks:
+        if not 1 <= k < usable:
+            raise AnalysisError("--remove-top", f"K must be in 1..{usable - 1} (classes with an influence estimate), got {k}")
+    ref = spec.sources[source]
+    name = name or f"{spec.study}-counterfactual"
+    doc = copy.deepcopy(spec.raw)
+    doc["study"] = name
+
+    def entry(drop: list[str]) -> dict:
+        e = {"uri": ref.uri}
+        if ref.keep_classes is not None:
+            e["keep_classes"] = list(ref.keep_classes)
+        if ref.caption_matches:
+            e["caption_matches"] = ref.caption_matches
+        if ref.caption_excludes:
+            e["caption_excludes"] = ref.caption_excludes
+        if drop:
+            e["drop_classes"] = list(drop)
+        return e
+
+    sources = {source: entry(list(ref.drop_classes))}
+    plan = {"study": spec.study, "followup_study": name, "task": task, "seed": seed,
+            "sources": {source: {"arm": BASELINE, "k": 0, "removed_classes": []}}}
+    for arm in arms:
+        for k in sorted(ks):
+            removed = removed_classes(ranking, arm, k, seed)
+            sources[source_name(source, arm, k)] = entry(list(ref.drop_classes) + removed)
+            plan["sources"][source_name(source, arm, k)] = {"arm": arm, "k": k, "removed_classes": removed}
+    doc["sources"] = sources
+    doc["tasks"] = {t: {"uri": r.uri} for t, r in spec.tasks.items()}
+    sweep = doc.setdefault("pretrain", {}).setdefault("sweep", {})
+    sweep.pop("class_fraction", None)
+    sweep["source"] = list(sources)
+    parse_spec(copy.deepcopy(doc))  # raises SpecError naming the field if the plan is not a valid study
+    return doc, plan
+
+
+def write_followup(doc: dict, plan: dict, out_dir: str | Path) -> Path:
+    """Write ``STUDY.yaml`` and ``STUDY.plan.json`` into ``out_dir``; the YAML is loaded back as a check."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{doc['study']}.yaml"
+    header = (f"# Counterfactual follow-up of study '{plan['study']}' (transferlab counterfactual): each source drops the K\n"
+              f"# most harmful / most helpful / random classes by influence on task '{plan['task']}'. Run it with\n"
+              f"#   transferlab run {path.name}\n")
+    path.write_text(header + yaml.safe_dump(doc, sort_keys=False))
+    load_spec(path)
+    (out / f"{doc['study']}.plan.json").write_text(json.dumps(plan, indent=1))
+    return path
+
+
+def log_plan(tracker: Tracker, study_run_id: str, plan: dict) -> None:
+    tracker.client.log_dict(study_run_id, plan, COUNTERFACTUAL_PLAN_ARTIFACT)
+
+
+def read_plan(tracker: Tracker, study_run_id: str | None) -> dict | None:
+    """The plan logged on a study run, or None."""
+    if study_run_id is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="transferlab-plan-") as tmp:
+        try:
+            return json.loads(Path(tracker.client.download_artifacts(study_run_id, COUNTERFACTUAL_PLAN_ARTIFACT, tmp)).read_text())
+        except Exception:  # no plan logged: MLflow raises a store-specific error
+            return None
+
+
+def arm_accuracy(followup_transfer: pd.DataFrame, plan: dict) -> pd.DataFrame:
+    """Target accuracy per (arm, K), mean ± 95% CI over seeds; K = 0 (baseline) joins every arm."""
+    t = followup_transfer[(followup_transfer["task"] == plan["task"]) & (followup_transfer["source"].isin(plan["sources"]))]
+    if t.empty:
+        return pd.DataFrame(columns=["arm", "k", "mean", "ci", "n"])
+    # Compare like with like: the original study's largest shots setting ('full' if present).
+    shots = "full" if (t["shots"] == "full").any() else t.loc[t["shots_n"].idxmax(), "shots"]
+    t = t[t["shots"] == shots]
+    rows = []
+    arms = sorted({v["arm"] for v in plan["sources"].values()} - {BASELINE})
+    for src, info in plan["sources"].items():
+        for arm in (arms if info["arm"] == BASELINE else [info["arm"]]):
+            rows.append(t[t["source"] == src].assign(arm=arm, k=info["k"]))
+    agg = aggregate(pd.concat(rows), ["arm", "k"], METRIC_ACCURACY)
+    agg["shots"] = shots
+    return agg

@@ -1,0 +1,256 @@
+"""A study's MLflow runs as DataFrames: the one place the analysis reads the tracking store.
+
+Runs are read with the search API (``MlflowClient.search_runs``, paged) and transfer runs are
+joined to their pretraining run through the ``mlflow.parentRunId`` tag. Only FINISHED runs enter
+the frames; every run is counted by kind and status so a report can say it is partial.
+Column names are the MLflow param and metric names of :mod:`orchestrator.tracking`, except the
+pretraining run's ``seed``, which becomes ``pretrain_seed`` beside the transfer run's ``seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow.artifacts
+import numpy as np
+import pandas as pd
+
+from orchestrator.analysis import AnalysisError
+from orchestrator.tracking import (
+    FINISHED,
+    KIND_PRETRAIN,
+    KIND_STUDY,
+    KIND_TRANSFER,
+    METRIC_ACCURACY,
+    METRIC_MEAN_PER_CLASS_ACCURACY,
+    METRIC_NUM_TRAIN_SAMPLES,
+    METRIC_UPSTREAM_ACCURACY,
+    PARAM_CLASS_FRACTION,
+    PER_EXAMPLE_ARTIFACT,
+    PRETRAIN_PARAMS,
+    TAG_KIND,
+    TAG_PARENT,
+    TRANSFER_PARAMS,
+    VIEW_MASK_ARTIFACT,
+    Tracker,
+)
+
+FULL = "full"
+PRETRAIN_SEED = "pretrain_seed"
+PRETRAIN_RUN_ID, RUN_ID, ARTIFACT_URI = "pretrain_run_id", "run_id", "artifact_uri"
+
+
+@dataclass
+class StudyRuns:
+    """The finished runs of one study, and how many runs of each kind are in which state."""
+
+    study: str
+    experiment_id: str
+    study_run_id: str | None
+    pretrain: pd.DataFrame  # one row per FINISHED pretraining run
+    transfer: pd.DataFrame  # one row per FINISHED transfer run whose parent is a finished pretraining run
+    status: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> status -> count
+
+    @property
+    def partial(self) -> bool:
+        """True while any pretraining or transfer run is not FINISHED (running, failed, killed)."""
+        return any(s != FINISHED and n for kind in (KIND_PRETRAIN, KIND_TRANSFER) for s, n in self.status.get(kind, {}).items())
+
+    def status_line(self) -> str:
+        parts = []
+        for kind in (KIND_PRETRAIN, KIND_TRANSFER):
+            counts = self.status.get(kind, {})
+            total = sum(counts.values())
+            others = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()) if s != FINISHED and n)
+            parts.append(f"{counts.get(FINISHED, 0)}/{total} {kind} runs finished" + (f" ({others})" if others else ""))
+        return "; ".join(parts)
+
+
+def numeric_size(pretrain_size: str, num_train_samples: float | None) -> float:
+    """Pretraining set size as a number: the logged sample count, else the ``pretrain_size`` param."""
+    if num_train_samples is not None and np.isfinite(num_train_samples):
+        return float(num_train_samples)
+    return float("nan") if pretrain_size in (None, FULL) else float(pretrain_size)
+
+
+def shots_value(shots: str) -> float:
+    """Shots per class as a number; ``full`` is +inf so it sorts last and stays off log axes."""
+    return float("inf") if shots == FULL else float(shots)
+
+
+def _float(value, default=float("nan")) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _pretrain_row(run) -> dict:
+    p, m = run.data.params, run.data.metrics
+    row = {RUN_ID: run.info.run_id, "run_name": run.info.run_name, ARTIFACT_URI: run.info.artifact_uri}
+    row.update({k: p.get(k) for k in PRETRAIN_PARAMS})
+    row[PRETRAIN_SEED] = row.pop("seed")
+    row["label_noise"] = _float(row["label_noise"], 0.0)
+    row[PARAM_CLASS_FRACTION] = _float(p.get(PARAM_CLASS_FRACTION), 1.0)
+    row[METRIC_UPSTREAM_ACCURACY] = m.get(METRIC_UPSTREAM_ACCURACY, float("nan"))
+    row[METRIC_NUM_TRAIN_SAMPLES] = numeric_size(row["pretrain_size"], m.get(METRIC_NUM_TRAIN_SAMPLES))
+    return row
+
+
+def _transfer_row(run) -> dict:
+    p, m = run.data.params, run.data.metrics
+    row = {RUN_ID: run.info.run_id, PRETRAIN_RUN_ID: run.data.tags.get(TAG_PARENT), ARTIFACT_URI: run.info.artifact_uri}
+    row.update({k: p.get(k) for k in TRANSFER_PARAMS})
+    row["layer"] = row["layer"] if row["layer"] is not None else ""
+    row["shots_n"] = shots_value(row["shots"]) if row["shots"] is not None else float("nan")
+    for k in (METRIC_ACCURACY, METRIC_MEAN_PER_CLASS_ACCURACY):
+        row[k] = m.get(k, float("nan"))
+    return row
+
+
+def frames_from_runs(study: str, experiment_id: str, runs: list) -> StudyRuns:
+    """Build the frames from a list of MLflow ``Run`` objects (pure: no store access)."""
+    status: dict[str, dict[str, int]] = {}
+    pre_rows, tr_rows, study_runs = [], [], []
+    for r in runs:
+        kind = r.data.tags.get(TAG_KIND)
+        counts = status.setdefault(kind, {})
+        counts[r.info.status] = counts.get(r.info.status, 0) + 1
+        if kind == KIND_STUDY:
+            study_runs.append(r)
+        elif r.info.status != FINISHED:
+            continue
+        elif kind == KIND_PRETRAIN:
+            pre_rows.append(_pretrain_row(r))
+        elif kind == KIND_TRANSFER:
+            tr_rows.append(_transfer_row(r))
+    pretrain = pd.DataFrame(pre_rows, columns=[RUN_ID, "run_name", ARTIFACT_URI, *[k for k in PRETRAIN_PARAMS if k != "seed"], PRETRAIN_SEED,
+                                               PARAM_CLASS_FRACTION, METRIC_UPSTREAM_ACCURACY, METRIC_NUM_TRAIN_SAMPLES])
+    transfer = pd.DataFrame(tr_rows, columns=[RUN_ID, PRETRAIN_RUN_ID, ARTIFACT_URI, *TRANSFER_PARAMS, "shots_n", METRIC_ACCURACY, METRIC_MEAN_PER_CLASS_ACCURACY])
+    joined = transfer.merge(pretrain.drop(columns=["run_name", ARTIFACT_URI]).rename(columns={RUN_ID: PRETRAIN_RUN_ID}), on=PRETRAIN_RUN_ID, how="inner")
+    study_runs.sort(key=lambda r: r.info.start_time or 0)
+    return StudyRuns(study, experiment_id, study_runs[0].info.run_id if study_runs else None, pretrain, joined, status)
+
+
+def load_study(tracker: Tracker, study: str) -> StudyRuns:
+    """Every run of the study's experiment, as frames; AnalysisError for an unknown or empty study."""
+    exp = tracker.client.get_experiment_by_name(study)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        raise AnalysisError("study", f"no study named '{study}' in {tracker.uri}")
+    runs = tracker.runs(exp.experiment_id)
+    sr = frames_from_runs(study, exp.experiment_id, runs)
+    if sr.pretrain.empty and not any(sr.status.get(k) for k in (KIND_PRETRAIN, KIND_TRANSFER)):
+        raise AnalysisError("study", f"study '{study}' has no pretraining or transfer runs yet")
+    return sr
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts: class masks (Jain et al.'s datamodel inputs) and per-example outputs.
+
+
+def _download(artifact_uri: str, path: str, dst: str) -> Path | None:
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{artifact_uri.rstrip('/')}/{path}", dst_path=dst))
+    except Exception:  # absent artifact: MLflow raises a store-specific error
+        return None
+
+
+def _fetch_all(artifact_uris: list[str], path: str, read, threads: int = 8) -> list:
+    """``read(local_file)`` of ``path`` under each run's artifact URI (None where absent), in order.
+
+    Artifact URIs come from the runs already searched, so no store lookup is made per run.
+    """
+    with tempfile.TemporaryDirectory(prefix="transferlab-artifacts-") as tmp:
+        def one(i_uri):
+            i, uri = i_uri
+            local = _download(uri, path, str(Path(tmp) / str(i)))
+            return None if local is None else read(local)
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(one, enumerate(artifact_uris)))
+
+
+def class_masks(artifact_uris: list[str]) -> tuple[list[str], np.ndarray]:
+    """Class names and a bool mask [runs × classes] from each run's ``view/class_mask.json``.
+
+    A run without the artifact trained on every class (its row is all True). Returns ``([], empty)``
+    when no run has a mask.
+    """
+    docs = _fetch_all(artifact_uris, VIEW_MASK_ARTIFACT, lambda p: json.loads(p.read_text()))
+    names = next((d["classes"] for d in docs if d), None)
+    if names is None:
+        return [], np.zeros((len(artifact_uris), 0), dtype=bool)
+    names = [str(c) for c in names]
+    mask = np.ones((len(artifact_uris), len(names)), dtype=bool)
+    for i, d in enumerate(docs):
+        if d:
+            mask[i] = np.asarray(d["included"], dtype=bool)
+    return names, mask
+
+
+def per_example_outputs(artifact_uris: list[str], column: str = "correct_prob") -> tuple[np.ndarray, np.ndarray]:
+    """Examples (ids) and a matrix [runs × examples] of ``column`` from ``outputs/per_example.parquet``.
+
+    Runs without the artifact, and examples a run lacks, are NaN.
+    """
+    tables = _fetch_all(artifact_uris, PER_EXAMPLE_ARTIFACT, lambda p: pd.read_parquet(p, columns=["example", column]))
+    present = [t for t in tables if t is not None]
+    if not present:
+        return np.zeros(0, dtype=int), np.full((len(artifact_uris), 0), np.nan)
+    examples = np.unique(np.concatenate([t["example"].to_numpy() for t in present]))
+    out = np.full((len(artifact_uris), len(examples)), np.nan)
+    for i, t in enumerate(tables):
+        if t is not None:
+            out[i, np.searchsorted(examples, t["example"].to_numpy())] = t[column].to_numpy(dtype=float)
+    return examples, out
+
+
+@dataclass(frozen=True)
+class InfluenceInputs:
+    """What influence estimation needs for one (task, protocol): one row per pretraining run."""
+
+    task: str
+    protocol: str
+    source: str | None
+    shots: str  # the transfer setting used: 'full' when present, else the most shots
+    classes: list[str]
+    masks: np.ndarray  # bool [models × classes]
+    outputs: np.ndarray  # float [models × examples], mean over transfer seeds
+    examples: np.ndarray  # example ids (columns of outputs)
+
+
+def influence_inputs(sr: StudyRuns, task: str, protocol: str, source: str | None = None,
+                     column: str = "correct_prob") -> InfluenceInputs | None:
+    """Class masks of the pretraining runs (of ``source``, if given) and their per-example outputs on ``task``.
+
+    None when no pretraining run has a class mask (the study did not subset classes) or no
+    transfer run of this task stored per-example outputs.
+    """
+    t = sr.transfer[(sr.transfer["task"] == task) & (sr.transfer["protocol"] == protocol)]
+    if source is not None:
+        t = t[t["source"] == source]
+    if t.empty:
+        return None
+    shots = FULL if (t["shots"] == FULL).any() else t.loc[t["shots_n"].idxmax(), "shots"]
+    t = t[t["shots"] == shots]
+    pre_ids = sorted(t[PRETRAIN_RUN_ID].unique())
+    pre_uris = sr.pretrain.set_index(RUN_ID).loc[pre_ids, ARTIFACT_URI].tolist()
+    classes, masks = class_masks(pre_uris)
+    if not classes or masks.all():
+        return None
+    examples, out = per_example_outputs(t[ARTIFACT_URI].tolist(), column)
+    if out.shape[1] == 0:
+        return None
+    row = {rid: i for i, rid in enumerate(pre_ids)}
+    sums, counts = np.zeros((len(pre_ids), out.shape[1])), np.zeros((len(pre_ids), out.shape[1]))
+    for i, pid in enumerate(t[PRETRAIN_RUN_ID]):
+        ok = np.isfinite(out[i])
+        sums[row[pid], ok] += out[i, ok]
+        counts[row[pid], ok] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(counts > 0, sums / counts, np.nan)
+    return InfluenceInputs(task, protocol, source, str(shots), classes, masks, mean, examples)
