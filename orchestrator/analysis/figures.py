@@ -44,7 +44,10 @@ def _errorbar(ax, x, agg: pd.DataFrame, label: str, **kw):
 def curves(agg: pd.DataFrame, x: str, series: list[str], title: str, xlabel: str, ylabel: str = "accuracy", logx: bool = True) -> bytes:
     """One line per ``series`` group of an :func:`~orchestrator.analysis.fits.aggregate` frame."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    for key, g in agg.groupby(series, sort=True):
+    groups = list(agg.groupby(series, sort=True))
+    if "shots_n" in agg and "shots_n" != x:  # 1, 5, 10, full, not 1, 10, 5, full
+        groups.sort(key=lambda kg: kg[1]["shots_n"].iloc[0])
+    for key, g in groups:
         g = g.sort_values(x)
         label = ", ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
         _errorbar(ax, g[x].to_numpy(float), g, label)
