@@ -49,14 +49,43 @@ def decode_images(blobs, image_size: int) -> np.ndarray:
     return normalize(decode_uint8(blobs, image_size))
 
 
-def _view_and_decode(batch: dict, view: PretrainView | None, image_size: int) -> dict:
+def training_captions(keys, captions, labels: np.ndarray, classes: list[str], view: PretrainView | None) -> list[str]:
+    """The text a CLIP model trains on: each sample's caption, or the class-name template
+    (``trainers.methods.CLIP_TEMPLATE``) of its (possibly noisy) label where it has none.
+
+    For captioned samples, a view's ``label_noise`` is caption noise: that fraction of the
+    batch's captions is swapped among themselves (:func:`datasets_.views.swapped_captions`).
+    """
+    from datasets_.views import swapped_captions
+    from trainers.methods import class_prompts
+
+    prompts = class_prompts(classes)
+    caps = [c if isinstance(c, str) and c.strip() else None for c in (captions if captions is not None else [None] * len(labels))]
+    have = [i for i, c in enumerate(caps) if c is not None]
+    if view is not None and view.label_noise > 0 and have:
+        swapped = swapped_captions([keys[i] for i in have], [caps[i] for i in have], view.label_noise, view.seed)
+        for i, c in zip(have, swapped):
+            caps[i] = c
+    return [c if c is not None else prompts[int(y)] for c, y in zip(caps, labels)]
+
+
+def _view_and_decode(batch: dict, view: PretrainView | None, image_size: int, classes: list[str] | None = None) -> dict:
     labels = np.asarray(batch["label"], dtype=np.int64)
     images = batch["image"]
+    keys = list(batch["key"])
+    captions = list(batch["caption"]) if "caption" in batch else None
     if view is not None:
-        keep, labels = view.apply(batch["key"], labels, batch.get("caption"))
+        keep, labels = view.apply(keys, labels, captions)
         labels = labels[keep]
         images = [b for b, k in zip(images, keep) if k]
-    return {"image": decode_uint8(images, image_size), "label": labels}
+        keys = [x for x, k in zip(keys, keep) if k]
+        captions = [c for c, k in zip(captions, keep) if k] if captions is not None else None
+    out = {"image": decode_uint8(images, image_size), "label": labels}
+    if classes is not None:  # image-text training: tokenized captions
+        from trainers.methods import tokenize
+
+        out["tokens"] = tokenize(training_captions(keys, captions, labels, classes, view)).numpy()
+    return out
 
 
 def ray_dataset(
@@ -67,8 +96,12 @@ def ray_dataset(
     decode_batch_size: int = 256,
     task_cpus: float = 0.25,
     concurrency: int | None = None,
+    text: bool = False,
 ):
     """A lazily streamed Ray Dataset of decoded uint8 batches of one split, with an optional view.
+
+    With ``text`` (CLIP pretraining), batches also carry ``tokens`` (int64 [B, context]): the
+    tokenized :func:`training_captions`.
 
     Nothing is materialized: shards are read, filtered to the view, relabelled and decoded in
     Ray Data tasks while training consumes them. ``task_cpus`` is the CPU reservation of each
@@ -85,12 +118,13 @@ def ray_dataset(
     # CPU it never schedules and ingest hangs. V1 reads one task per file at ``task_cpus``.
     previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
-        columns = ["key", "image", "label"] + (["caption"] if view is not None and view.needs_captions else [])
+        wants_caption = text or (view is not None and view.needs_captions)
+        columns = ["key", "image", "label"] + (["caption"] if wants_caption else [])
         ds = ray.data.read_parquet(dataset.files(split), columns=columns, num_cpus=task_cpus)
     finally:
         ctx.use_datasource_v2 = previous
     return ds.map_batches(
-        functools.partial(_view_and_decode, view=view, image_size=image_size),
+        functools.partial(_view_and_decode, view=view, image_size=image_size, classes=dataset.classes if text else None),
         batch_size=decode_batch_size,
         batch_format="numpy",
         num_cpus=task_cpus,

@@ -3,4 +3,4 @@
 The only layer that knows the study grid, Ray Tune and MLflow together.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

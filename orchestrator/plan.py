@@ -1,7 +1,8 @@
 """From a validated spec to jobs: data pre-flight, grid expansion and content hashes.
 
-A :class:`PretrainJob` is one pretraining run; a :class:`TransferGroup` is all the probe fits
-that read the features of one (pretrain checkpoint, task, protocol) and so run together. Every
+A :class:`PretrainJob` is one pretraining run; a :class:`TransferGroup` is all the transfer fits
+(every protocol × layer × shots × seed) of one (pretrain checkpoint, task), which run together
+in one trial so that features are extracted once. Every
 job and fit carries a ``config_hash`` over everything that determines its result (settings, data
 fingerprints, view, code version): the hash is how a finished result is recognized in MLflow.
 """
@@ -20,7 +21,10 @@ from datasets_ import DatasetError, PretrainView, ShardedDataset, resolve_datase
 from datasets_.views import class_subset
 from orchestrator import __version__
 from orchestrator.spec import FULL, PretrainSettings, SpecError, StudySpec
-from trainers.models import model_config
+from trainers.models import FINAL_LAYER, layer_names, model_config
+
+FROZEN_PROTOCOLS = ("linear_probe", "logistic")  # read frozen features of every transfer.layers
+FINETUNE_PROTOCOLS = ("finetune", "lp_ft")
 
 
 def content_hash(obj) -> str:
@@ -63,8 +67,10 @@ class PretrainJob:
 
 @dataclass(frozen=True)
 class TransferFit:
-    shots: int | str
+    protocol: str
+    shots: int | str  # examples per class, 'full', or 0 for zero_shot
     seed: int
+    layer: str
     config_hash: str
     run_name: str
 
@@ -74,13 +80,17 @@ class TransferGroup:
     pretrain_hash: str
     task: str
     task_root: str
-    protocol: str
     image_size: int
     val_fraction: float
+    finetune: dict  # orchestrator.spec.FinetuneSpec as a dict
     fits: tuple[TransferFit, ...]
 
     def params(self, fit: TransferFit) -> dict:
-        return {"task": self.task, "protocol": self.protocol, "shots": fit.shots, "seed": fit.seed, "val_fraction": self.val_fraction}
+        p = {"task": self.task, "protocol": fit.protocol, "shots": fit.shots, "seed": fit.seed, "layer": fit.layer,
+             "val_fraction": self.val_fraction}
+        if fit.protocol in FINETUNE_PROTOCOLS:
+            p.update({f"finetune_{k}": v for k, v in self.finetune.items()})
+        return p
 
 
 @dataclass
@@ -204,7 +214,7 @@ def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -
             thresholds[view.fingerprint] = _view_stats(ds, source, view, *columns[source])
         threshold, realized, selected = thresholds[view.fingerprint]
         view = dataclasses.replace(view, threshold=threshold)
-        mcfg = model_config(settings["model"])
+        mcfg = _model_config(spec, settings)
         h = content_hash({"kind": "pretrain", "settings": settings, "model_config": mcfg, "view": view.fingerprint})
         jobs.append(
             PretrainJob(
@@ -222,23 +232,62 @@ def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -
         )
     plan = StudyPlan(spec=spec, data=data, pretrain_jobs=jobs)
     t = spec.transfer
+    _check_transfer(spec, jobs)
+    finetune = asdict(t.finetune)
     for job in jobs:
-        for task, protocol in itertools.product(spec.transfer_tasks, t.protocol):
+        for task in spec.transfer_tasks:
             ds = data[f"tasks.{task}"]
             fits = []
-            for shots in t.shots:
-                for seed in t.seeds[:1] if shots == FULL else t.seeds:
-                    h = content_hash(
-                        {"kind": "transfer", "pretrain": job.config_hash, "task": ds.fingerprint, "protocol": protocol,
-                         "shots": shots, "seed": seed, "val_fraction": t.val_fraction}
-                    )
-                    label = "full" if shots == FULL else f"{shots}-shot"
-                    fits.append(TransferFit(shots, seed, h, f"{protocol} {task} {label} seed={seed}"))
-            plan.transfer_groups.append(
-                TransferGroup(job.config_hash, task, str(ds.root), protocol, job.settings["image_size"], t.val_fraction, tuple(fits))
-            )
+            for protocol in t.protocol:
+                if protocol == "zero_shot":
+                    if job.settings["method"] == "clip":  # other methods have no text tower
+                        fits.append(_fit(job, ds, task, protocol, 0, 0, FINAL_LAYER, t, finetune))
+                    continue
+                for layer in t.layers if protocol in FROZEN_PROTOCOLS else (FINAL_LAYER,):
+                    for shots in t.shots:
+                        for seed in t.seeds[:1] if shots == FULL else t.seeds:
+                            fits.append(_fit(job, ds, task, protocol, shots, seed, layer, t, finetune))
+            if fits:
+                plan.transfer_groups.append(
+                    TransferGroup(job.config_hash, task, str(ds.root), job.settings["image_size"], t.val_fraction, finetune, tuple(fits))
+                )
     return plan
 
+
+def _fit(job: PretrainJob, ds: ShardedDataset, task: str, protocol: str, shots, seed: int, layer: str, t, finetune: dict) -> TransferFit:
+    config = {"kind": "transfer", "pretrain": job.config_hash, "task": ds.fingerprint, "protocol": protocol,
+              "shots": shots, "seed": seed, "layer": layer, "val_fraction": t.val_fraction}
+    if protocol in FINETUNE_PROTOCOLS:
+        config["finetune"] = finetune
+    label = "zero-shot" if protocol == "zero_shot" else "full" if shots == FULL else f"{shots}-shot"
+    name = f"{protocol} {task} {label}" + ("" if protocol == "zero_shot" else f" seed={seed}")
+    if layer != FINAL_LAYER:
+        name += f" layer={layer}"
+    return TransferFit(protocol, shots, seed, layer, content_hash(config), name)
+
+
+def _model_config(spec: StudySpec, settings: dict) -> dict:
+    """The model config of a grid point; size/shape problems are spec errors."""
+    field = "pretrain.sweep.width" if "width" in spec.pretrain.sweep else "pretrain.width"
+    try:
+        cfg = model_config(settings["model"], width=settings["width"])
+    except ValueError as e:
+        raise SpecError(field, str(e)) from None
+    if cfg["arch"] == "vit" and settings["image_size"] % cfg["patch_size"]:
+        raise SpecError("pretrain.image_size", f"{settings['image_size']} is not a multiple of model '{settings['model']}'s patch size {cfg['patch_size']}")
+    return cfg
+
+
+def _check_transfer(spec: StudySpec, jobs: list[PretrainJob]) -> None:
+    t = spec.transfer
+    if "zero_shot" in t.protocol and not any(j.settings["method"] == "clip" for j in jobs):
+        raise SpecError(f"transfer.protocol[{t.protocol.index('zero_shot')}]", "zero_shot needs CLIP checkpoints; no pretraining run uses method 'clip'")
+    if any(p in FROZEN_PROTOCOLS for p in t.protocol):
+        for job in jobs:
+            known = layer_names(job.model_config)
+            for i, layer in enumerate(t.layers):
+                if layer not in known:
+                    raise SpecError(f"transfer.layers[{i}]", f"model '{job.settings['model']}' has no layer '{layer}' (layers: {', '.join(known)})")
 
 def _kept_classes(ref, ds: ShardedDataset, fraction: float, seed: int) -> tuple[int, ...] | None:
     """Class ids a view trains on: the source's keep/drop lists, then a random fraction of those."""

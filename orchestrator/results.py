@@ -32,10 +32,13 @@ def transfer_frame(tracker: Tracker, study: str) -> pd.DataFrame:
                 "model": p.get("model"),
                 "pretrain_seed": p.get("seed"),
                 "upstream_accuracy": parent.data.metrics.get("upstream_accuracy"),
-                **{k: r.data.params.get(k) for k in ("task", "protocol", "shots", "seed")},
+                **{k: r.data.params.get(k) for k in ("task", "protocol", "shots", "seed", "layer")},
                 **r.data.metrics,
             }
         )
+        layer = rows[-1]["layer"]
+        if layer not in (None, "final"):  # layer-wise probes are rows of their own
+            rows[-1]["protocol"] = f"{rows[-1]['protocol']}@{layer}"
     return pd.DataFrame(rows)
 
 
@@ -75,7 +78,8 @@ def results_table(df: pd.DataFrame) -> str:
     fmt = lambda r: "  ".join(str(x).ljust(w) if i < 4 else str(x).rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
     n_seeds = int(df[df["shots"] != "full"].groupby(keys + ["shots"]).size().max()) if (df["shots"] != "full").any() else 1
     lines = [
-        f"Test accuracy (%) on the downstream task; few-shot cells are mean ±std over {n_seeds} seed(s); upstream = held-out source top-1 (%).",
+        f"Test accuracy (%) on the downstream task; few-shot cells are mean ±std over {n_seeds} seed(s); upstream = held-out source accuracy (%): "
+        "top-1 for supervised, zero-shot top-1 for clip, k-NN top-1 for simclr.",
         fmt(header),
         fmt(["-" * w for w in widths]),
         *[fmt(r) for r in rows],

@@ -34,8 +34,8 @@ from typing import Any, Callable
 import yaml
 
 FULL = "full"
-METHODS = ("supervised",)
-PROTOCOLS = ("linear_probe",)
+METHODS = ("supervised", "clip", "simclr")
+PROTOCOLS = ("linear_probe", "logistic", "finetune", "lp_ft", "zero_shot")
 LR_SCHEDULES = ("cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
 NOISE_PATTERNS = ("symmetric", "pairwise")
@@ -200,11 +200,12 @@ class DataRef:
 class PretrainSettings:
     """Settings of one pretraining run. Each may also be swept under ``pretrain.sweep``."""
 
-    method: str = "supervised"  # pretraining objective; supervised = cross-entropy on labels
+    method: str = "supervised"  # supervised (cross-entropy) | clip (image-text) | simclr (image-image)
     model: str = "small-cnn"  # a name from trainers.models.MODELS
+    width: float = 1.0  # multiplies the model's channel widths (CNN, ViT)
     image_size: int = 32  # images are resized to image_size x image_size, 3 channels
     epochs: int = 2  # passes over the pretraining subset
-    batch_size: int = 64  # per worker
+    batch_size: int = 64  # global: each of W workers takes batch_size // W
     lr: float = 2e-3  # peak learning rate (AdamW)
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"  # cosine decay to 0 after warm-up, or constant
@@ -217,6 +218,7 @@ class PretrainSettings:
 _SETTING_READERS: dict[str, Callable[[str, Any], Any]] = {
     "method": _choice(METHODS),
     "model": lambda p, v: _model_name(p, v),
+    "width": _positive_float,
     "image_size": lambda p, v: _int(p, v, minimum=8),
     "epochs": lambda p, v: _int(p, v, minimum=1),
     "batch_size": lambda p, v: _int(p, v, minimum=1),
@@ -257,12 +259,24 @@ class PretrainSpec:
 
 
 @dataclass(frozen=True)
+class FinetuneSpec:
+    """Settings of the finetune and lp_ft protocols (see trainers.transfer.FinetuneSettings)."""
+
+    lr: tuple[float, ...] = (1e-3, 1e-2)  # a grid: the learning rate with the best validation accuracy wins
+    steps: int = 100  # AdamW steps on the shots
+    batch_size: int = 32
+    weight_decay: float = 1e-4
+
+
+@dataclass(frozen=True)
 class TransferSpec:
     protocol: tuple[str, ...] = ("linear_probe",)
     shots: tuple = (1, 5, 10, FULL)  # examples per class, or 'full' (the whole training pool)
     seeds: tuple[int, ...] = (0,)  # few-shot sampling seeds; 'full' is fitted once
     tasks: tuple[str, ...] = ()  # which tasks to evaluate on; empty = all
     val_fraction: float = 0.2  # share of each task's train split held out to choose the probe's L2
+    layers: tuple[str, ...] = ("final",)  # backbone layers the frozen-feature probes read (layer-wise analysis)
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
 
 
 @dataclass(frozen=True)
@@ -352,6 +366,19 @@ def _transfer(m: _Mapping, tasks: dict[str, DataRef]) -> TransferSpec:
         seeds=t.get("seeds", lambda q, v: _list(q, v, lambda r, x: _int(r, x, minimum=0)), d.seeds),
         tasks=t.get("tasks", lambda q, v: _list(q, v, _choice(tuple(tasks))), ()),
         val_fraction=t.get("val_fraction", lambda q, v: _float(q, v, lo=0.01, hi=0.9), d.val_fraction),
+        layers=t.get("layers", lambda q, v: _list(q, v, _name), d.layers),
+        finetune=_finetune(t.get("finetune", lambda _, v: v, {})),
+    )
+
+
+def _finetune(data: Any) -> FinetuneSpec:
+    f = _Mapping("transfer.finetune", data, tuple(x.name for x in fields(FinetuneSpec)))
+    d = FinetuneSpec()
+    return FinetuneSpec(
+        lr=f.get("lr", lambda q, v: _list(q, v, _positive_float), d.lr),
+        steps=f.get("steps", lambda q, v: _int(q, v, minimum=1), d.steps),
+        batch_size=f.get("batch_size", lambda q, v: _int(q, v, minimum=1), d.batch_size),
+        weight_decay=f.get("weight_decay", lambda q, v: _float(q, v, lo=0.0), d.weight_decay),
     )
 
 

@@ -136,6 +136,7 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
 
     failed: list[str] = []
     transfer_ran = 0
+    feature_counts = {"feature_extractions": 0, "feature_cache_hits": 0}
     status = FAILED
     try:
         if todo:
@@ -150,23 +151,29 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
             fits = tuple(f for f in g.fits if not _is_finished(transfer_runs.get(f.config_hash)))
             if not fits or not _is_finished(pre):
                 continue
-            key = f"{g.pretrain_hash}:{g.task}:{g.protocol}"
+            key = f"{g.pretrain_hash}:{g.task}"
             ctx.transfer_groups[key] = dataclasses.replace(g, fits=fits)
             ctx.run_ids[g.pretrain_hash] = pre.info.run_id
             ctx.checkpoints[g.pretrain_hash] = pre.data.tags[TAG_CHECKPOINT]
             for f in fits:
                 if f.config_hash in transfer_runs:  # an earlier attempt left it unfinished
                     ctx.run_ids[f.config_hash] = transfer_runs[f.config_hash].info.run_id
-            labels[key] = f"{names[g.pretrain_hash]} -> {g.task} {g.protocol} ({len(fits)} fits)"
+            labels[key] = f"{names[g.pretrain_hash]} -> {g.task} ({len(fits)} fits)"
             transfer_ran += len(fits)
         if labels:
-            failed += run_transfer_phase(ctx, labels, cpus).errors
+            progress = run_transfer_phase(ctx, labels, cpus)
+            failed += progress.errors
+            for k in feature_counts:
+                feature_counts[k] += sum(int(r.get(k, 0)) for r in progress.results)
         status = FINISHED if not failed else FAILED
     finally:
         counts = {
             "pretrain_runs": sum(1 for r in tracker.runs_by_hash(exp, KIND_PRETRAIN).values() if _is_finished(r)),
             "transfer_runs": sum(1 for r in tracker.runs_by_hash(exp, KIND_TRANSFER).values() if _is_finished(r)),
             "failed_runs": len(failed),
+            # This invocation's transfer work: fits run, and how their frozen features were had.
+            "transfer_fits_run": transfer_ran,
+            **feature_counts,
         }
         # One step per invocation of `run`, so the study run shows how the study grew.
         step = len(tracker.client.get_metric_history(study_run, "pretrain_runs"))

@@ -3,9 +3,9 @@
 Each pretraining trial is a Tune *function* that builds and fits a Ray Train ``TorchTrainer``
 (Train V2 cannot be wrapped by a Tuner directly). Metrics reach MLflow through
 :class:`~orchestrator.tracking.MLflowReportCallback` on the Train controller, into a run the
-driver created. Transfer trials are plain Tune functions: one per (checkpoint, task, protocol),
-extracting features once and fitting every shots × seed probe from them, so light work never pays
-a trainer's start-up.
+driver created. Transfer trials are plain Tune functions: one per (checkpoint, task), extracting
+features once per layer (or reading them from the feature cache) and running every protocol ×
+shots × seed fit from them, so light work never pays a trainer's start-up.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from datasets_.views import PretrainView
 from orchestrator.cluster import apply_mlflow_client_env
 from orchestrator.plan import PretrainJob, TransferGroup
 from orchestrator.spec import Resources
-from orchestrator.tracking import FAILED, KIND_TRANSFER, TAG_CHECKPOINT, MLflowReportCallback, Tracker
+from orchestrator.tracking import FAILED, KIND_TRANSFER, PER_EXAMPLE_ARTIFACT, TAG_CHECKPOINT, MLflowReportCallback, Tracker
 
 
 @dataclass
@@ -58,63 +58,87 @@ def checkpoint_uri(checkpoint) -> str:
     return f"{scheme}://{checkpoint.path}"
 
 
-def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
+def build_pretrain_trainer(job: PretrainJob, ctx: PhaseContext, run_id: str, extra_config: dict | None = None):
+    """The Ray Train ``TorchTrainer`` of one pretraining job, reporting into MLflow run ``run_id``.
+
+    Its run name is deterministic (:func:`train_run_name`), so fitting it again resumes from the
+    last checkpoint; ``FailureConfig`` restarts failed workers from it within one fit.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from datasets_ import open_dataset
     from datasets_.pipeline import ray_dataset
-    from trainers.pretrain import supervised_train_loop
+    from trainers.pretrain import pretrain_loop
 
+    s = job.settings
+    ds = open_dataset(job.source_root)
+    # Rows reach each worker in a fixed order (then a seeded local shuffle), so a run is
+    # reproducible from its config rather than from how Ray scheduled the read tasks.
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    callbacks = [MLflowReportCallback(ctx.tracking_uri, run_id, ctx.mlflow_env)]
+    if _in_tune_trial():  # progress lines
+        callbacks.append(TuneReportCallback())
+    return TorchTrainer(
+        pretrain_loop,
+        train_loop_config={
+            "method": s["method"],
+            "model_config": job.model_config,
+            "num_classes": job.num_classes,
+            "classes": ds.classes,
+            "image_size": s["image_size"],
+            "epochs": s["epochs"],
+            "batch_size": s["batch_size"],
+            "lr": s["lr"],
+            "weight_decay": s["weight_decay"],
+            "lr_schedule": s["lr_schedule"],
+            "warmup_epochs": s["warmup_epochs"],
+            "amp": s["amp"],
+            "seed": job.view.seed,
+            "num_train_samples": job.num_train_samples,
+            "meta": {"config_hash": job.config_hash, "source": job.source, "classes": ds.classes},
+            **(extra_config or {}),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=ctx.resources.workers,
+            use_gpu=ctx.resources.use_gpu,
+            resources_per_worker={"CPU": ctx.resources.cpus_per_worker},
+        ),
+        datasets={
+            "train": ray_dataset(ds, "train", s["image_size"], view=job.view, text=s["method"] == "clip"),
+            # Upstream accuracy is measured on the classes the model was trained on.
+            "heldout": ray_dataset(ds, "test", s["image_size"], view=_heldout_view(job)),
+        },
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
+        run_config=ray.train.RunConfig(
+            name=train_run_name(job),
+            storage_path=ctx.storage_path,
+            # MLflow records for the study; Tune sees each report too (progress lines).
+            callbacks=callbacks,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=ctx.resources.max_failures),
+        ),
+    )
+
+
+def _in_tune_trial() -> bool:
+    try:
+        from ray import tune
+
+        return tune.get_context().get_trial_id() is not None
+    except Exception:  # outside Tune (a trainer fitted directly)
+        return False
+
+
+def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
     apply_mlflow_client_env(ctx.mlflow_env)
     job = ctx.pretrain_jobs[config["job"]]
     run_id = ctx.run_ids[job.config_hash]
     tracker = Tracker(ctx.tracking_uri)
-    s = job.settings
     try:
-        ds = open_dataset(job.source_root)
-        # Rows reach each worker in a fixed order (then a seeded local shuffle), so a run is
-        # reproducible from its config rather than from how Ray scheduled the read tasks.
-        ingest = ray.train.DataConfig.default_ingest_options()
-        ingest.preserve_order = True
-        trainer = TorchTrainer(
-            supervised_train_loop,
-            train_loop_config={
-                "model_config": job.model_config,
-                "num_classes": job.num_classes,
-                "epochs": s["epochs"],
-                "batch_size": s["batch_size"],
-                "lr": s["lr"],
-                "weight_decay": s["weight_decay"],
-                "lr_schedule": s["lr_schedule"],
-                "warmup_epochs": s["warmup_epochs"],
-                "amp": s["amp"],
-                "seed": job.view.seed,
-                "num_train_samples": job.num_train_samples,
-                "meta": {"config_hash": job.config_hash, "source": job.source, "classes": ds.classes},
-            },
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=ctx.resources.workers,
-                use_gpu=ctx.resources.use_gpu,
-                resources_per_worker={"CPU": ctx.resources.cpus_per_worker},
-            ),
-            datasets={
-                "train": ray_dataset(ds, "train", s["image_size"], view=job.view),
-                # Upstream accuracy is measured on the classes the model was trained on.
-                "heldout": ray_dataset(ds, "test", s["image_size"], view=_heldout_view(job)),
-            },
-            dataset_config=ray.train.DataConfig(execution_options=ingest),
-            run_config=ray.train.RunConfig(
-                name=train_run_name(job),
-                storage_path=ctx.storage_path,
-                # MLflow records for the study; Tune sees each report too (progress lines).
-                callbacks=[MLflowReportCallback(ctx.tracking_uri, run_id, ctx.mlflow_env), TuneReportCallback()],
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-                failure_config=ray.train.FailureConfig(max_failures=ctx.resources.max_failures),
-            ),
-        )
-        result = trainer.fit()
+        result = build_pretrain_trainer(job, ctx, run_id).fit()
         metrics = result.metrics or {}
         tracker.log(
             run_id,
@@ -137,19 +161,31 @@ def _heldout_view(job: PretrainJob) -> PretrainView | None:
                         caption_matches=v.caption_matches, caption_excludes=v.caption_excludes)
 
 
+def feature_cache(storage_path: str):
+    """The study storage's feature cache (shared by every study on that storage)."""
+    from trainers.features import FeatureCache
+
+    return FeatureCache(f"{storage_path.rstrip('/')}/feature_cache")
+
+
 def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
+    import tempfile
+
     from ray.train import Checkpoint
 
     from datasets_ import open_dataset
-    from trainers.transfer import linear_probe_grid
+    from trainers.transfer import FinetuneSettings, Fit, evaluate_transfer
 
     apply_mlflow_client_env(ctx.mlflow_env)
     group = ctx.transfer_groups[config["group"]]
     parent = ctx.run_ids[group.pretrain_hash]
     tracker = Tracker(ctx.tracking_uri)
     task = open_dataset(group.task_root)
+    ft = group.finetune
+    settings = FinetuneSettings(tuple(ft["lr"]), ft["steps"], ft["batch_size"], ft["weight_decay"])
+    fits = [Fit(f.protocol, f.shots, f.seed, f.layer) for f in group.fits]
     with Checkpoint(ctx.checkpoints[group.pretrain_hash]).as_directory() as ckpt_dir:
-        results = linear_probe_grid(ckpt_dir, task, group.image_size, [(f.shots, f.seed) for f in group.fits], group.val_fraction)
+        results, stats = evaluate_transfer(ckpt_dir, task, fits, group.val_fraction, settings, feature_cache(ctx.storage_path), group.image_size)
     for fit, r in zip(group.fits, results):
         run_id = ctx.run_ids.get(fit.config_hash)
         if run_id is None:
@@ -159,9 +195,18 @@ def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
         else:
             tracker.reopen(run_id)
             tracker.log(run_id, params=group.params(fit))
-        tracker.log(run_id, metrics={k: v for k, v in r.items() if k not in ("shots", "seed")})
+        tracker.log(run_id, metrics=r.metrics)
+        with tempfile.TemporaryDirectory() as d:
+            path = f"{d}/{PER_EXAMPLE_ARTIFACT.rsplit('/', 1)[1]}"
+            r.outputs.to_parquet(path, index=False)
+            tracker.client.log_artifact(run_id, path, PER_EXAMPLE_ARTIFACT.rsplit("/", 1)[0])
         tracker.finish(run_id)
-    return {"fits": len(results), "mean_accuracy": sum(r["accuracy"] for r in results) / max(len(results), 1)}
+    return {
+        "fits": len(results),
+        "mean_accuracy": sum(r.metrics["accuracy"] for r in results) / max(len(results), 1),
+        "feature_extractions": stats.feature_extractions,
+        "feature_cache_hits": stats.feature_cache_hits,
+    }
 
 
 def _error_line(error_file: str | None) -> str:
@@ -201,6 +246,7 @@ class Progress:
         self.done = self.failed = 0
         self.t0 = time.monotonic()
         self.errors: list[str] = []
+        self.results: list[dict] = []  # the last result of every finished trial
 
     def label(self, trial) -> str:
         key = next(iter(trial.config.values()))
@@ -211,6 +257,7 @@ class Progress:
         elapsed = time.monotonic() - self.t0
         if ok:
             self.done += 1
+            self.results.append(dict(trial.last_result or {}))
             detail = self.summarize(trial.last_result or {})
         else:
             self.failed += 1
@@ -270,6 +317,7 @@ def _describe_epoch(result: dict) -> str | None:
 def run_transfer_phase(ctx: PhaseContext, labels: dict[str, str], cluster_cpus: float) -> Progress:
     return _run_phase(
         "transfer", _transfer_trial, "group", labels, ctx, 1.0, max(1, int(cluster_cpus)),
-        lambda r: f"{r.get('fits', 0)} fits, mean accuracy {r.get('mean_accuracy', float('nan')):.3f}",
+        lambda r: f"{r.get('fits', 0)} fits, mean accuracy {r.get('mean_accuracy', float('nan')):.3f}, "
+                  f"features: {r.get('feature_extractions', 0)} extracted, {r.get('feature_cache_hits', 0)} from cache",
     )
 

@@ -1,9 +1,13 @@
-"""Supervised pretraining: the per-worker Ray Train loop and its checkpoint format.
+"""Pretraining: the per-worker Ray Train loop of every method, and the checkpoint format.
 
 The loop reads the ``train`` and ``heldout`` dataset shards Ray Train hands it, reports
 ``{"epoch", "train_loss", "images_per_second"}`` once per epoch with a checkpoint, and adds
-``upstream_accuracy`` (top-1 on the held-out source split) to the last report. It knows nothing
+``upstream_accuracy`` to the last report (supervised: top-1 on the held-out source split; clip:
+zero-shot top-1 there; simclr: k-NN top-1 there, see :mod:`trainers.methods`). It knows nothing
 of MLflow or of the study: whoever runs it turns reports into records.
+
+``batch_size`` is the global batch: each of W workers takes ``batch_size // W`` per step, so a
+run means the same optimization on 1 or N workers (contrastive losses gather the global batch).
 """
 
 from __future__ import annotations
@@ -18,7 +22,17 @@ import torch
 from torch import nn
 
 from datasets_.pipeline import normalize
-from trainers.models import Classifier, build_model
+from trainers.methods import (
+    build_pretrain_model,
+    class_prompts,
+    clip_loss,
+    gather_ragged,
+    knn_top1,
+    nt_xent_loss,
+    simclr_views,
+    tokenize,
+    zero_shot_logits,
+)
 
 CHECKPOINT_FILE = "model.pt"
 
@@ -43,13 +57,31 @@ def load_checkpoint(directory: str) -> dict:
     return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
 
 
-def load_model(directory: str) -> Classifier:
-    """Rebuild the pretrained model of a checkpoint directory, in eval mode on the CPU."""
+def load_model(directory: str) -> nn.Module:
+    """Rebuild the pretrained model of a checkpoint directory, in eval mode on the CPU.
+
+    The model has ``backbone`` (with named ``layers``), ``features`` and its method's heads;
+    ``model.meta`` is the checkpoint's metadata (method, model_config, image_size, classes...).
+    """
     state = load_checkpoint(directory)
     meta = state["meta"]
-    model = build_model(meta["model_config"], meta["num_classes"])
+    model = build_pretrain_model(meta.get("method", "supervised"), meta["model_config"], meta["num_classes"], meta.get("image_size", 32))
     model.load_state_dict(state["model"])
+    model.meta = meta
     return model.eval()
+
+
+def weights_digest(directory: str) -> str:
+    """SHA-256 of a checkpoint's model weights (names, dtypes, shapes, bytes): the content
+    address of everything computed from the model."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(load_checkpoint(directory)["model"].items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def lr_at(progress: float, base_lr: float, epochs: int, warmup_epochs: float, schedule: str) -> float:
@@ -88,33 +120,48 @@ def evaluate_top1(model: nn.Module, batches, device, amp: str = "none") -> tuple
     return correct, total
 
 
-def supervised_train_loop(config: dict) -> None:
-    """Ray Train per-worker loop for supervised pretraining (cross-entropy on view labels).
+def _maybe_inject_fault(config: dict, epoch: int, rank: int) -> None:
+    """Test hook: ``{"fault": {"epoch": e, "marker": path}}`` kills rank 0's process once, in the
+    middle of epoch ``e`` (the marker file records that it happened)."""
+    fault = config.get("fault")
+    if not fault or rank != 0 or epoch != fault["epoch"] or os.path.exists(fault["marker"]):
+        return
+    with open(fault["marker"], "w") as f:
+        f.write(f"killed in epoch {epoch}\n")
+    os._exit(1)
 
-    Required config keys: ``model_config``, ``num_classes``, ``epochs``, ``batch_size``, ``lr``,
-    ``weight_decay``, ``seed``, ``num_train_samples``. Optional: ``lr_schedule`` (cosine),
-    ``warmup_epochs`` (0), ``amp`` ("none"|"bf16"|"fp16", CUDA only), ``meta`` (stored in the
-    checkpoint).
+
+def pretrain_loop(config: dict) -> None:
+    """Ray Train per-worker loop of every pretraining method (``config["method"]``).
+
+    Required config keys: ``model_config``, ``num_classes``, ``epochs``, ``batch_size`` (global),
+    ``lr``, ``weight_decay``, ``seed``, ``num_train_samples``. Optional: ``method`` (supervised),
+    ``image_size`` (32), ``classes`` (class names: CLIP's zero-shot prompts), ``lr_schedule``
+    (cosine), ``warmup_epochs`` (0), ``amp`` ("none"|"bf16"|"fp16", CUDA only), ``meta`` (stored
+    in the checkpoint), ``fault`` (test hook, see :func:`_maybe_inject_fault`).
     """
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
-    world = ctx.get_world_size()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    method = config.get("method", "supervised")
     torch.manual_seed(config["seed"])
     device = ray.train.torch.get_device()
     amp = config.get("amp", "none")
+    image_size = config.get("image_size", 32)
 
-    model = build_model(config["model_config"], config["num_classes"])
+    model = build_pretrain_model(method, config["model_config"], config["num_classes"], image_size)
     model = ray.train.torch.prepare_model(model)
     bare = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp == "fp16")
-    loss_fn = nn.CrossEntropyLoss()
     meta = {
         **config.get("meta", {}),
+        "method": method,
         "model_config": config["model_config"],
         "num_classes": config["num_classes"],
+        "image_size": image_size,
     }
 
     start_epoch = 0
@@ -126,7 +173,9 @@ def supervised_train_loop(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
 
-    epochs, batch_size = config["epochs"], config["batch_size"]
+    step_loss = _step_functions(method, model, device, amp, config["seed"] + 7919 * rank)
+    epochs = config["epochs"]
+    batch_size = max(1, config["batch_size"] // world)  # per worker; batch_size is global
     steps_per_epoch = max(1, math.ceil(config["num_train_samples"] / world / batch_size))
     train_shard = ray.train.get_dataset_shard("train")
     heldout_shard = ray.train.get_dataset_shard("heldout")
@@ -144,17 +193,18 @@ def supervised_train_loop(config: dict) -> None:
             lr = lr_at(epoch + step / steps_per_epoch, config["lr"], epochs, config.get("warmup_epochs", 0), config.get("lr_schedule", "cosine"))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images = normalize(batch["image"].to(device, non_blocking=True))
-            labels = batch["label"].to(device, non_blocking=True)
             with _autocast(device, amp):
-                loss = loss_fn(model(images), labels)
+                loss = step_loss(batch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += float(loss.detach()) * len(labels)
-            seen += len(labels)
+            n = len(batch["label"])
+            loss_sum += float(loss.detach()) * n
+            seen += n
             step += 1
+            if step == max(1, steps_per_epoch // 2):
+                _maybe_inject_fault(config, epoch, rank)
         elapsed = time.perf_counter() - t0
         loss_sum, seen, elapsed_sum = _all_reduce_sum([loss_sum, seen, elapsed], device)
         metrics = {
@@ -163,12 +213,80 @@ def supervised_train_loop(config: dict) -> None:
             "images_per_second": seen / max(elapsed_sum / world, 1e-9),
         }
         if epoch == epochs - 1:
-            correct, total = evaluate_top1(model, heldout_shard.iter_torch_batches(batch_size=256), device, amp)
+            correct, total = upstream_top1(method, bare, train_shard, heldout_shard, device, amp, config)
             correct, total = _all_reduce_sum([correct, total], device)
             metrics["upstream_accuracy"] = correct / max(total, 1)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
-            if ctx.get_world_rank() == 0:
+            if rank == 0:
                 save_checkpoint(d, bare, meta, optimizer, epoch)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# The loop's former name, kept for callers of the supervised-only version.
+supervised_train_loop = pretrain_loop
+
+
+def _step_functions(method: str, model: nn.Module, device, amp: str, seed: int):
+    """The per-batch loss of a method: ``batch -> scalar loss`` (forward pass included)."""
+    if method == "supervised":
+        ce = nn.CrossEntropyLoss()
+        return lambda b: ce(model(normalize(b["image"].to(device, non_blocking=True))), b["label"].to(device, non_blocking=True))
+    if method == "clip":
+        loss_fn = clip_loss()
+
+        def clip_step(b):
+            images = normalize(b["image"].to(device, non_blocking=True))
+            image_f, text_f, scale = model(images, b["tokens"].to(device, non_blocking=True))
+            return loss_fn(image_f.float(), text_f.float(), scale.float())
+
+        return clip_step
+    if method == "simclr":
+        generator = torch.Generator().manual_seed(seed)
+
+        def simclr_step(b):
+            images = normalize(b["image"].to(device, non_blocking=True))
+            views = torch.cat([simclr_views(images, generator), simclr_views(images, generator)])
+            z = model(views)  # one forward for both views (DDP allows one per backward)
+            z1, z2 = z.float().chunk(2)
+            return nt_xent_loss(z1, z2)
+
+        return simclr_step
+    raise ValueError(f"unknown pretraining method '{method}'")
+
+
+@torch.no_grad()
+def upstream_top1(method: str, model: nn.Module, train_shard, heldout_shard, device, amp: str, config: dict) -> tuple[int, int]:
+    """(correct, total) of this worker's held-out shard under the method's upstream measure."""
+    model.eval()
+    heldout = heldout_shard.iter_torch_batches(batch_size=256)
+    if method == "supervised":
+        return evaluate_top1(model, heldout, device, amp)
+    if method == "clip":
+        classes = config.get("classes") or [str(c) for c in range(config["num_classes"])]
+        tokens = tokenize(class_prompts(classes))
+        correct = total = 0
+        for batch in heldout:
+            with _autocast(device, amp):
+                logits = zero_shot_logits(model, normalize(batch["image"].to(device)), tokens)
+            correct += int((logits.argmax(1) == batch["label"].to(device)).sum())
+            total += int(batch["label"].numel())
+        return correct, total
+    # simclr: the memory bank is every worker's training features (un-augmented)
+    feats, labels = [], []
+    for batch in train_shard.iter_torch_batches(batch_size=256):
+        with _autocast(device, amp):
+            feats.append(model.features(normalize(batch["image"].to(device))).float())
+        labels.append(batch["label"].to(device))
+    # Every rank joins the gathers, even one whose shard happened to be empty.
+    bank_x = gather_ragged(torch.cat(feats) if feats else torch.zeros(0, model.feature_dim, device=device))
+    bank_y = gather_ragged(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device))
+    test_x, test_y = [], []
+    for batch in heldout:
+        with _autocast(device, amp):
+            test_x.append(model.features(normalize(batch["image"].to(device))).float())
+        test_y.append(batch["label"].to(device))
+    if not test_x or bank_x.shape[0] == 0:
+        return 0, sum(int(t.numel()) for t in test_y)
+    return knn_top1(bank_x, bank_y, torch.cat(test_x), torch.cat(test_y), config["num_classes"])

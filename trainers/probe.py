@@ -107,3 +107,75 @@ def ridge_few_shot(
         predictions=pred,
         scores=s,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Logistic regression probe.
+
+LOGISTIC_L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+@dataclass
+class LogisticResult:
+    validation_accuracy: float
+    l2_reg: float
+    weights: np.ndarray  # (D, C) on standardized features
+    bias: np.ndarray  # (C,)
+    mean: np.ndarray
+    std: np.ndarray
+    scores: np.ndarray | None  # test logits, when test features were given
+
+    def raw_head(self) -> tuple[np.ndarray, np.ndarray]:
+        """(W [C, D], b [C]) acting on raw, unstandardized features: the probe folded into a
+        linear layer (for LP-FT)."""
+        w = self.weights / self.std.reshape(-1, 1)
+        b = self.bias - (self.mean.reshape(1, -1) @ w).ravel()
+        return w.T.copy(), b
+
+
+def logistic_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    x_test: np.ndarray | None,
+    num_classes: int,
+    l2_grid: tuple[float, ...] = LOGISTIC_L2_GRID,
+    max_iter: int = 200,
+) -> LogisticResult:
+    """Multinomial logistic regression on standardized features, fitted by full-batch L-BFGS.
+
+    The loss is the mean cross-entropy plus ``l2 / 2 * ||W||²`` (the bias is not penalized).
+    Every L2 strength of the grid is fitted (strongest first, each warm-starting the next); the
+    one with the best validation accuracy wins (ties: the stronger). The test set is only scored.
+    """
+    import torch
+
+    x = np.asarray(x_train, dtype=np.float64)
+    mean = x.mean(0)
+    std = x.std(0) + 1e-5
+    xt = torch.from_numpy((x - mean) / std)
+    yt = torch.from_numpy(np.asarray(y_train, dtype=np.int64))
+    xv = torch.from_numpy((np.asarray(x_val, dtype=np.float64) - mean) / std)
+    w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    best = None
+    for l2 in sorted(l2_grid, reverse=True):
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(xt @ w + b, yt) + 0.5 * l2 * (w * w).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            val_acc = float(((xv @ w + b).argmax(1).numpy() == np.asarray(y_val)).mean()) if len(y_val) else 0.0
+        if best is None or val_acc > best[0]:
+            best = (val_acc, l2, w.detach().clone().numpy(), b.detach().clone().numpy())
+    val_acc, l2, wb, bb = best
+    scores = None
+    if x_test is not None:
+        scores = ((np.asarray(x_test, dtype=np.float64) - mean) / std) @ wb + bb
+    return LogisticResult(val_acc, l2, wb, bb, mean, std, scores)

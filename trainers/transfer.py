@@ -1,80 +1,307 @@
-"""Transfer evaluation of a pretrained checkpoint on a downstream task.
+"""Transfer evaluation of a pretrained checkpoint on a downstream task, by every protocol.
 
-Features are extracted once per (checkpoint, task); every (shots, seed) probe is then fitted
-from them. The task's train split is divided, by key hash, into a validation part (chooses the
-probe's L2 strength) and a pool the shots are drawn from; the test split is only scored.
+One call of :func:`evaluate_transfer` handles every fit of one (checkpoint, task): frozen
+features are extracted once per layer (or read from the :class:`~trainers.features.FeatureCache`)
+and shared by every linear_probe / logistic fit of every shots × seed; fine-tuning fits decode the
+task's images once. The task's train split is divided, by key hash, into a validation part
+(chooses hyperparameters: the probes' L2 strength, the fine-tuning learning rate) and a pool the
+shots are drawn from; the test split is only ever scored.
+
+Protocols:
+- ``linear_probe``: closed-form ridge few-shot probe (:func:`trainers.probe.ridge_few_shot`).
+- ``logistic``: L-BFGS multinomial logistic regression (:func:`trainers.probe.logistic_probe`).
+- ``finetune``: the whole network and a new linear head trained on the shots (AdamW).
+- ``lp_ft``: a logistic probe first, then fine-tuning of everything from that head.
+- ``zero_shot``: CLIP checkpoints only; class-name prompts, no training examples.
+
+Each fit returns its metrics and a per-test-example table (``example, key, label, prediction,
+correct_prob, margin``); ``correct_prob`` is the softmax probability of the true class under the
+fit's scores (for the ridge probe: the softmax of its regression scores).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
+from torch import nn
 
-from datasets_.pipeline import iter_local_batches
+from datasets_.pipeline import iter_local_batches, normalize
 from datasets_.shards import ShardedDataset
 from datasets_.views import few_shot_indices, validation_mask
-from trainers.pretrain import load_model
-from trainers.probe import ridge_few_shot
+from trainers.features import FeatureCache, Features, feature_key
+from trainers.models import FINAL_LAYER
+from trainers.probe import logistic_probe, mean_per_class_accuracy, ridge_few_shot
 
 FULL = "full"
+HEAD_LR_MULTIPLIER = 10.0
+FROZEN = ("linear_probe", "logistic")  # protocols that read frozen features
+FINETUNED = ("finetune", "lp_ft")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Full fine-tuning: ``steps`` AdamW steps of ``batch_size`` examples (sampled from the
+    shots, reshuffled each pass), for each learning rate in ``lr`` (chosen on validation)."""
+
+    lr: tuple[float, ...] = (1e-3, 1e-2)
+    steps: int = 100
+    batch_size: int = 32
+    weight_decay: float = 1e-4
+
+
+@dataclass(frozen=True)
+class Fit:
+    protocol: str
+    shots: int | str  # examples per class, 'full', or 0 (zero_shot)
+    seed: int
+    layer: str = FINAL_LAYER
 
 
 @dataclass
-class Features:
-    keys: np.ndarray
-    x: np.ndarray
-    y: np.ndarray
+class FitResult:
+    metrics: dict
+    outputs: pd.DataFrame
+
+
+@dataclass
+class TransferStats:
+    feature_extractions: int = 0  # (layer) feature sets computed from images
+    feature_cache_hits: int = 0  # (layer) feature sets read from the cache
+    per_fit: list = field(default_factory=list)
 
 
 @torch.no_grad()
-def extract_features(model, dataset: ShardedDataset, split: str, image_size: int, batch_size: int = 256) -> Features:
-    keys, xs, ys = [], [], []
+def extract_layers(model, dataset: ShardedDataset, split: str, image_size: int, layers: list[str], batch_size: int = 256) -> dict[str, Features]:
+    """Features of several named layers of ``model.backbone`` from one pass over a split."""
+    keys, ys = [], []
+    xs: dict[str, list] = {name: [] for name in layers}
     for batch in iter_local_batches(dataset, split, image_size, batch_size):
-        xs.append(model.features(torch.from_numpy(batch["image"])).float().numpy())
+        out = model.backbone.layers(torch.from_numpy(batch["image"]), layers)
+        for name in layers:
+            xs[name].append(out[name].float().numpy())
         keys.append(batch["key"])
         ys.append(batch["label"])
-    return Features(np.concatenate(keys), np.concatenate(xs).astype(np.float64), np.concatenate(ys))
+    k = np.concatenate(keys).astype(str)
+    y = np.concatenate(ys)
+    return {name: Features(k, np.concatenate(xs[name]).astype(np.float64), y) for name in layers}
+
+
+def extract_features(model, dataset: ShardedDataset, split: str, image_size: int, batch_size: int = 256) -> Features:
+    """Final-layer features of a split (see :func:`extract_layers`)."""
+    return extract_layers(model, dataset, split, image_size, [FINAL_LAYER], batch_size)[FINAL_LAYER]
 
 
 def shot_indices(keys: np.ndarray, labels: np.ndarray, shots, seed: int, num_classes: int) -> np.ndarray:
-    """Indices (into ``keys``) of the training examples for one probe fit."""
+    """Indices (into ``keys``) of the training examples for one fit."""
     if shots == FULL:
         return np.arange(len(keys))
     return few_shot_indices(keys, labels, int(shots), seed, num_classes)
 
 
-def linear_probe_grid(
+def per_example(keys: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+    """The per-test-example outputs of one fit, from its class scores (logits)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    z = scores - scores.max(1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    rows = np.arange(len(labels))
+    true = scores[rows, labels]
+    other = scores.copy()
+    other[rows, labels] = -np.inf
+    return pd.DataFrame({
+        "example": rows.astype(np.int64),
+        "key": keys.astype(str),
+        "label": labels.astype(np.int64),
+        "prediction": scores.argmax(1).astype(np.int64),
+        "correct_prob": probs[rows, labels],
+        "margin": true - other.max(1),
+    })
+
+
+def _result(fit: Fit, scores: np.ndarray, test_keys, test_y, num_classes: int, n_train: int, **extra) -> FitResult:
+    pred = scores.argmax(1)
+    metrics = {
+        "accuracy": float(np.mean(pred == test_y)),
+        "mean_per_class_accuracy": mean_per_class_accuracy(pred, test_y, num_classes),
+        "num_train_examples": int(n_train),
+        **extra,
+    }
+    return FitResult(metrics, per_example(test_keys, test_y, scores))
+
+
+class _Images:
+    """A split's decoded images as uint8 tensors, with keys and labels (for fine-tuning)."""
+
+    def __init__(self, dataset: ShardedDataset, split: str, image_size: int):
+        from datasets_.pipeline import decode_uint8
+        from datasets_.shards import parquet_file
+
+        imgs, keys, ys = [], [], []
+        for path in dataset.files(split):
+            for rb in parquet_file(path).iter_batches(batch_size=256, columns=["key", "image", "label"]):
+                imgs.append(decode_uint8(rb.column("image").to_pylist(), image_size))
+                keys += rb.column("key").to_pylist()
+                ys.append(rb.column("label").to_numpy().astype(np.int64))
+        self.x = torch.from_numpy(np.concatenate(imgs))
+        self.keys = np.asarray(keys, dtype=str)
+        self.y = np.concatenate(ys)
+
+
+class _FinetuneNet(nn.Module):
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+@torch.no_grad()
+def _logits(net: nn.Module, x_uint8: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    net.eval()
+    return np.concatenate([net(normalize(x_uint8[i : i + batch_size])).float().numpy() for i in range(0, len(x_uint8), batch_size)])
+
+
+def finetune(model, train_x: torch.Tensor, train_y: np.ndarray, val_x: torch.Tensor, val_y: np.ndarray, num_classes: int,
+             settings: FinetuneSettings, seed: int, head_init: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[nn.Module, float, float]:
+    """Fine-tune a copy of ``model.backbone`` with a new linear head; the learning rate of
+    ``settings.lr`` with the best validation accuracy wins. ``head_init`` = (W [C, D], b [C])
+    starts the head from a probe (LP-FT). Returns (network, validation accuracy, lr)."""
+    best = None
+    y = torch.from_numpy(train_y)
+    for lr in settings.lr:
+        torch.manual_seed(seed)
+        net = _FinetuneNet(copy.deepcopy(model.backbone), model.feature_dim, num_classes)
+        if head_init is not None:
+            net.head.weight.data.copy_(torch.from_numpy(head_init[0]).float())
+            net.head.bias.data.copy_(torch.from_numpy(head_init[1]).float())
+        else:  # a zero head (as BiT) does not send large random gradients into the backbone
+            nn.init.zeros_(net.head.weight)
+            nn.init.zeros_(net.head.bias)
+        # The new head learns HEAD_LR_MULTIPLIER times faster than the pretrained backbone.
+        opt = torch.optim.AdamW([
+            {"params": net.backbone.parameters(), "lr_scale": 1.0},
+            {"params": net.head.parameters(), "lr_scale": HEAD_LR_MULTIPLIER},
+        ], lr=lr, weight_decay=settings.weight_decay)
+        g = torch.Generator().manual_seed(seed)
+        n, bs = len(train_y), min(settings.batch_size, len(train_y))
+        order, pos = torch.randperm(n, generator=g), 0
+        net.train()
+        for step in range(settings.steps):
+            if pos + bs > n:
+                order, pos = torch.randperm(n, generator=g), 0
+            idx = order[pos : pos + bs]
+            pos += bs
+            for group in opt.param_groups:  # cosine decay over the steps
+                group["lr"] = group["lr_scale"] * lr * 0.5 * (1 + np.cos(np.pi * step / settings.steps))
+            loss = nn.functional.cross_entropy(net(normalize(train_x[idx])), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        val_acc = float(np.mean(_logits(net, val_x).argmax(1) == val_y)) if len(val_y) else 0.0
+        if best is None or val_acc > best[1]:
+            best = (net, val_acc, lr)
+    return best
+
+
+def evaluate_transfer(
     checkpoint_dir: str,
     task: ShardedDataset,
-    image_size: int,
-    fits: list[tuple[int | str, int]],
+    fits: list[Fit],
     val_fraction: float = 0.2,
-) -> list[dict]:
-    """Closed-form ridge probes for every (shots, seed) in ``fits``, from one feature pass.
+    finetune_settings: FinetuneSettings = FinetuneSettings(),
+    cache: FeatureCache | None = None,
+    image_size: int | None = None,
+) -> tuple[list[FitResult], TransferStats]:
+    """Every fit of one (checkpoint, task), sharing feature extraction and decoded images."""
+    from trainers.pretrain import load_model, weights_digest
 
-    Returns one dict per fit with ``shots``, ``seed``, ``accuracy``, ``mean_per_class_accuracy``,
-    ``validation_accuracy``, ``l2_reg`` and ``num_train_examples``.
-    """
     model = load_model(checkpoint_dir)
-    train = extract_features(model, task, "train", image_size)
-    test = extract_features(model, task, "test", image_size)
-    val = validation_mask(train.keys, val_fraction)
-    pool_keys, pool_x, pool_y = train.keys[~val], train.x[~val], train.y[~val]
+    image_size = image_size or model.meta.get("image_size", 32)
+    stats = TransferStats()
+    C = task.num_classes
+
+    # Frozen features: one extraction per layer and split, unless the cache holds it.
+    layers = sorted({f.layer for f in fits if f.protocol in FROZEN} | ({FINAL_LAYER} if any(f.protocol == "lp_ft" for f in fits) else set()))
+    feats: dict[tuple[str, str], Features] = {}
+    if layers:
+        digest = weights_digest(checkpoint_dir)
+        missing = []
+        for layer in layers:
+            got = {s: cache.get(feature_key(digest, task.fingerprint, s, layer, image_size)) if cache else None for s in ("train", "test")}
+            if all(v is not None for v in got.values()):
+                feats.update({(layer, s): v for s, v in got.items()})
+                stats.feature_cache_hits += 1
+            else:
+                missing.append(layer)
+        if missing:
+            for split in ("train", "test"):
+                for layer, f in extract_layers(model, task, split, image_size, missing).items():
+                    feats[(layer, split)] = f
+                    if cache:
+                        cache.put(feature_key(digest, task.fingerprint, split, layer, image_size), f)
+            stats.feature_extractions += len(missing)
+
+    images: dict[str, _Images] = {}
+
+    def imgs(split: str) -> _Images:
+        if split not in images:
+            images[split] = _Images(task, split, image_size)
+        return images[split]
+
     results = []
-    for shots, seed in fits:
-        idx = shot_indices(pool_keys, pool_y, shots, seed, task.num_classes)
-        r = ridge_few_shot(pool_x[idx], pool_y[idx], train.x[val], train.y[val], test.x, test.y, task.num_classes)
-        results.append(
-            {
-                "shots": shots,
-                "seed": seed,
-                "accuracy": r.accuracy,
-                "mean_per_class_accuracy": r.mean_per_class_accuracy,
-                "validation_accuracy": r.validation_accuracy,
-                "l2_reg": r.l2_reg,
-                "num_train_examples": int(len(idx)),
-            }
-        )
-    return results
+    for fit in fits:
+        if fit.protocol == "zero_shot":
+            results.append(_zero_shot(model, task, imgs("test"), fit))
+            continue
+        if fit.protocol in FROZEN:
+            train, test = feats[(fit.layer, "train")], feats[(fit.layer, "test")]
+            keys, y, x = train.keys, train.y, train.x
+        else:
+            im = imgs("train")
+            keys, y, x = im.keys, im.y, None
+        val = validation_mask(keys, val_fraction)
+        pool = np.flatnonzero(~val)
+        idx = pool[shot_indices(keys[pool], y[pool], fit.shots, fit.seed, C)]
+        if fit.protocol == "linear_probe":
+            r = ridge_few_shot(x[idx], y[idx], x[val], y[val], test.x, test.y, C)
+            results.append(_result(fit, r.scores, test.keys, test.y, C, len(idx), validation_accuracy=r.validation_accuracy, l2_reg=r.l2_reg))
+        elif fit.protocol == "logistic":
+            r = logistic_probe(x[idx], y[idx], x[val], y[val], test.x, C)
+            results.append(_result(fit, r.scores, test.keys, test.y, C, len(idx), validation_accuracy=r.validation_accuracy, l2_reg=r.l2_reg))
+        else:
+            head = None
+            if fit.protocol == "lp_ft":  # the probe on final features, folded back to raw features
+                ftr = feats[(FINAL_LAYER, "train")]
+                if not np.array_equal(ftr.keys, keys):
+                    raise RuntimeError(f"feature and image order of task '{task.name}' differ: stale feature cache?")
+                r = logistic_probe(ftr.x[idx], ftr.y[idx], ftr.x[val], ftr.y[val], None, C)
+                head = r.raw_head()
+            test_im = imgs("test")
+            net, val_acc, lr = finetune(model, im.x[idx], y[idx], im.x[val], y[val], C, finetune_settings, fit.seed, head)
+            scores = _logits(net, test_im.x)
+            results.append(_result(fit, scores, test_im.keys, test_im.y, C, len(idx), validation_accuracy=val_acc, learning_rate=lr))
+    return results, stats
+
+
+def _zero_shot(model, task: ShardedDataset, test: _Images, fit: Fit) -> FitResult:
+    from trainers.methods import ClipModel, class_prompts, tokenize, zero_shot_logits
+
+    if not isinstance(model, ClipModel):
+        raise ValueError("zero_shot needs a CLIP checkpoint")
+    tokens = tokenize(class_prompts(task.classes))
+    scores = np.concatenate([
+        zero_shot_logits(model, normalize(test.x[i : i + 512]), tokens).float().numpy() for i in range(0, len(test.x), 512)
+    ])
+    return _result(fit, scores, test.keys, test.y, task.num_classes, 0)
+
+
+def linear_probe_grid(checkpoint_dir: str, task: ShardedDataset, image_size: int, fits: list[tuple[int | str, int]],
+                      val_fraction: float = 0.2) -> list[dict]:
+    """Ridge probes for every (shots, seed) in ``fits``: their metrics, with shots and seed."""
+    results, _ = evaluate_transfer(checkpoint_dir, task, [Fit("linear_probe", s, seed) for s, seed in fits], val_fraction, image_size=image_size)
+    return [{"shots": s, "seed": seed, **r.metrics} for (s, seed), r in zip(fits, results)]

@@ -1,0 +1,237 @@
+"""Pretraining methods and transfer protocols, without Ray: losses against hand-computed values,
+distributed losses against single-process ones (2 real gloo processes), probes against references,
+named layers of every registry model, the feature cache."""
+
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from trainers.features import FeatureCache, Features, feature_key
+from trainers.methods import ClipModel, SimCLRModel, clip_loss, knn_top1, nt_xent_loss, simclr_views, tokenize
+from trainers.models import MODELS, Backbone, layer_names, model_config
+from trainers.probe import logistic_probe
+from trainers.transfer import per_example
+
+pytestmark = pytest.mark.timeout(300)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses against values computed by hand.
+
+
+def test_nt_xent_matches_a_hand_computed_value():
+    # Two images, 2-d projections; views chosen so that every cosine similarity is simple.
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z2 = torch.tensor([[1.0, 1.0], [0.0, -1.0]])
+    t = 0.5
+    # Rows (normalized): a=(1,0), b=(0,1), c=(1,1)/√2, d=(0,-1); positives a-c, b-d.
+    r = 1 / math.sqrt(2)
+    sims = {  # similarity of each anchor to (its positive, the two negatives)
+        "a": (r, [0.0, 0.0]),  # a·c, a·b, a·d
+        "b": (-1.0, [0.0, r]),  # b·d, b·a, b·c
+        "c": (r, [r, -r]),  # c·a, c·b, c·d
+        "d": (-1.0, [0.0, -r]),  # d·b, d·a, d·c
+    }
+    expected = np.mean([-(p / t) + math.log(math.exp(p / t) + sum(math.exp(n / t) for n in negs)) for p, negs in sims.values()])
+    assert float(nt_xent_loss(z1, z2, temperature=t)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_clip_loss_matches_a_hand_computed_value():
+    img = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), dim=1)
+    txt = F.normalize(torch.tensor([[1.0, 0.2], [0.0, 1.0]]), dim=1)
+    scale = torch.tensor(10.0)
+    logits = (scale * img @ txt.T).numpy()
+
+    def ce(rows):  # mean over rows of -log softmax(row)[i]
+        return np.mean([-(row[i] - np.log(np.exp(row).sum())) for i, row in enumerate(rows)])
+
+    expected = (ce(logits) + ce(logits.T)) / 2
+    assert float(clip_loss()(img, txt, scale)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_cross_entropy_of_the_supervised_method_matches_a_hand_computed_value():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    labels = torch.tensor([0, 2])
+    expected = np.mean([-(2.0 - math.log(math.exp(2) + 1 + math.exp(-1))), -(0.0 - math.log(2 * math.exp(0.5) + 1))])
+    assert float(torch.nn.CrossEntropyLoss()(logits, labels)) == pytest.approx(expected, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# One worker with the global batch vs two workers with half each: same loss, same gradient.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses_and_grads(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Loss and input gradients of both contrastive losses for embeddings a, b."""
+    out = {}
+    for name in ("nt_xent", "clip"):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        if name == "nt_xent":
+            loss = nt_xent_loss(x, y)
+        else:
+            loss = clip_loss()(F.normalize(x, dim=1), F.normalize(y, dim=1), torch.tensor(5.0))
+        loss.backward()
+        out[name] = (float(loss.detach()), x.grad.clone(), y.grad.clone())
+    return out
+
+
+def _rank_main(rank: int, port: int, a: torch.Tensor, b: torch.Tensor, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        n = a.shape[0] // 2
+        part = slice(rank * n, (rank + 1) * n)
+        res = _losses_and_grads(a[part], b[part])
+        # Plain arrays: tensors would travel as shared-memory handles that die with this process.
+        queue.put((rank, {k: (loss, ga.numpy(), gb.numpy()) for k, (loss, ga, gb) in res.items()}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_contrastive_losses_on_two_gloo_workers_equal_one_worker():
+    torch.manual_seed(0)
+    a, b = torch.randn(8, 5), torch.randn(8, 5)
+    single = _losses_and_grads(a, b)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, a, b, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for name, (loss, ga, gb) in single.items():
+        # Each rank's loss is the mean over its half of the global batch: their mean is the
+        # one-worker loss.
+        assert (results[0][name][0] + results[1][name][0]) / 2 == pytest.approx(loss, rel=1e-5), name
+        # Gathering with gradients gives rank r the gradient of the *sum* of both ranks' losses
+        # with respect to its rows: twice the one-worker gradient there, which DDP's averaging
+        # over 2 ranks turns into exactly the one-worker parameter gradient.
+        for r in range(2):
+            rows = slice(4 * r, 4 * (r + 1))
+            np.testing.assert_allclose(results[r][name][1], 2 * ga[rows].numpy(), atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(results[r][name][2], 2 * gb[rows].numpy(), atol=1e-6, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Probes, k-NN, augmentations.
+
+
+def test_logistic_probe_matches_scikit_learn():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    n, d, c = 120, 6, 3
+    y = rng.integers(0, c, n)
+    x = rng.normal(size=(n, d)) + 1.5 * np.eye(c, d)[y]
+    l2 = 0.1
+    r = logistic_probe(x, y, x[:30], y[:30], x, c, l2_grid=(l2,), max_iter=500)
+    # Ours: mean CE + l2/2 |W|^2 on standardized x; scikit-learn: C * sum CE + 1/2 |W|^2.
+    xs = (x - x.mean(0)) / (x.std(0) + 1e-5)
+    ref = LogisticRegression(C=1.0 / (l2 * n), tol=1e-10, max_iter=5000).fit(xs, y)
+    ours = np.exp(r.scores - r.scores.max(1, keepdims=True))
+    ours /= ours.sum(1, keepdims=True)
+    np.testing.assert_allclose(ours, ref.predict_proba(xs), atol=2e-4)
+    # Folded into a layer on raw features (LP-FT's head), it gives the same scores.
+    w, b = r.raw_head()
+    np.testing.assert_allclose(x @ w.T + b, r.scores, atol=1e-8)
+
+
+def test_logistic_probe_chooses_l2_on_validation():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 40)
+    x = rng.normal(size=(40, 30)) + 0.3 * y[:, None]
+    r = logistic_probe(x[:20], y[:20], x[20:], y[20:], None, 2, l2_grid=(1e-4, 1.0, 100.0))
+    assert r.l2_reg in (1e-4, 1.0, 100.0) and r.scores is None
+    accs = {l2: logistic_probe(x[:20], y[:20], x[20:], y[20:], None, 2, l2_grid=(l2,)).validation_accuracy for l2 in (1e-4, 1.0, 100.0)}
+    assert r.validation_accuracy == max(accs.values())
+
+
+def test_knn_votes_with_the_nearest_training_features():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = torch.tensor([0, 0, 1, 1])
+    test = torch.tensor([[1.0, 0.05], [0.05, 1.0], [1.0, 0.0]])
+    correct, total = knn_top1(train, labels, test, torch.tensor([0, 1, 1]), num_classes=2, k=2)
+    assert (correct, total) == (2, 3)  # the third point is labelled 1 but sits among the 0s
+
+
+def test_simclr_views_are_random_crops_of_the_same_images_and_reproducible():
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    v1 = simclr_views(images, torch.Generator().manual_seed(0))
+    v2 = simclr_views(images, torch.Generator().manual_seed(0))
+    v3 = simclr_views(images, torch.Generator().manual_seed(1))
+    assert v1.shape == images.shape and torch.equal(v1, v2) and not torch.allclose(v1, v3)
+
+
+def test_clip_and_simclr_models_give_normalized_embeddings():
+    backbone = Backbone(model_config("tiny-cnn"), 16)
+    clip = ClipModel(backbone)
+    img, txt, scale = clip(torch.randn(2, 3, 16, 16), tokenize(["a photo of a 3.", "a photo of a 7."]))
+    assert img.shape == txt.shape == (2, 64) and torch.allclose(img.norm(dim=1), torch.ones(2))
+    assert float(scale) == pytest.approx(1 / 0.07, rel=1e-5)
+    assert SimCLRModel(Backbone(model_config("tiny-cnn"), 16))(torch.randn(2, 3, 16, 16)).shape == (2, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: named layers and widths.
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_registry_model_exposes_its_named_layers(name):
+    cfg = model_config(name)
+    backbone = Backbone(cfg, 16).eval()
+    names = layer_names(cfg)
+    with torch.no_grad():
+        out = backbone.layers(torch.randn(2, 3, 16, 16), names)
+        final = backbone(torch.randn(2, 3, 16, 16))
+    assert list(out) == list(names) and names[-1] == "final"
+    assert all(t.dim() == 2 and t.shape[0] == 2 for t in out.values())
+    assert out["final"].shape[1] == backbone.feature_dim == final.shape[1]
+    with pytest.raises(ValueError, match="no layer 'block99'"):
+        backbone.layers(torch.randn(1, 3, 16, 16), ["block99"])
+
+
+def test_width_scales_cnn_and_vit_but_not_resnet():
+    assert model_config("tiny-cnn", width=2.0)["widths"] == [16, 32]
+    vit = model_config("vit-tiny", width=0.5)
+    assert vit["hidden_dim"] % vit["num_heads"] == 0 and vit["hidden_dim"] == 32
+    with pytest.raises(ValueError, match="fixed width"):
+        model_config("resnet18", width=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs and the feature cache.
+
+
+def test_per_example_outputs_from_scores():
+    scores = np.array([[2.0, 0.0, 1.0], [0.0, 3.0, 0.0]])
+    df = per_example(np.array(["k0", "k1"]), np.array([2, 1]), scores)
+    assert df["prediction"].tolist() == [0, 1]
+    np.testing.assert_allclose(df["margin"], [1.0 - 2.0, 3.0 - 0.0])
+    np.testing.assert_allclose(df["correct_prob"], [np.exp(1) / (np.exp(2) + 1 + np.exp(1)), np.exp(3) / (np.exp(3) + 2)])
+    assert df.columns.tolist() == ["example", "key", "label", "prediction", "correct_prob", "margin"]
+
+
+def test_feature_cache_round_trip_is_exact_and_content_addressed(tmp_path):
+    cache = FeatureCache(str(tmp_path / "cache"))
+    f = Features(np.array(["a", "b"]), np.array([[0.25, 1.5], [3.0, -1.0]], dtype=np.float32).astype(np.float64), np.array([0, 1]))
+    key = feature_key("w" * 64, "task-fp", "train", "final", 16)
+    assert cache.get(key) is None
+    cache.put(key, f)
+    got = cache.get(key)
+    assert got.keys.tolist() == ["a", "b"] and np.array_equal(got.x, f.x) and got.y.tolist() == [0, 1]
+    assert feature_key("w" * 64, "task-fp", "train", "block1", 16) != key
+    assert FeatureCache(str(tmp_path / "cache")).get(key) is not None  # another process, same storage
