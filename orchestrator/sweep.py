@@ -58,8 +58,9 @@ def checkpoint_uri(checkpoint) -> str:
     return f"{scheme}://{checkpoint.path}"
 
 
-def build_pretrain_trainer(job: PretrainJob, ctx: PhaseContext, run_id: str, extra_config: dict | None = None):
-    """The Ray Train ``TorchTrainer`` of one pretraining job, reporting into MLflow run ``run_id``.
+def build_pretrain_trainer(job: PretrainJob, ctx: PhaseContext, run_id: str, extra_config: dict | None = None, in_tune: bool = False):
+    """The Ray Train ``TorchTrainer`` of one pretraining job, reporting into MLflow run ``run_id``
+    (and, ``in_tune``, to the Tune trial that fits it, for progress lines).
 
     Its run name is deterministic (:func:`train_run_name`), so fitting it again resumes from the
     last checkpoint; ``FailureConfig`` restarts failed workers from it within one fit.
@@ -79,7 +80,7 @@ def build_pretrain_trainer(job: PretrainJob, ctx: PhaseContext, run_id: str, ext
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True
     callbacks = [MLflowReportCallback(ctx.tracking_uri, run_id, ctx.mlflow_env)]
-    if _in_tune_trial():  # progress lines
+    if in_tune:
         callbacks.append(TuneReportCallback())
     return TorchTrainer(
         pretrain_loop,
@@ -123,22 +124,13 @@ def build_pretrain_trainer(job: PretrainJob, ctx: PhaseContext, run_id: str, ext
     )
 
 
-def _in_tune_trial() -> bool:
-    try:
-        from ray import tune
-
-        return tune.get_context().get_trial_id() is not None
-    except Exception:  # outside Tune (a trainer fitted directly)
-        return False
-
-
 def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
     apply_mlflow_client_env(ctx.mlflow_env)
     job = ctx.pretrain_jobs[config["job"]]
     run_id = ctx.run_ids[job.config_hash]
     tracker = Tracker(ctx.tracking_uri)
     try:
-        result = build_pretrain_trainer(job, ctx, run_id).fit()
+        result = build_pretrain_trainer(job, ctx, run_id, in_tune=True).fit()
         metrics = result.metrics or {}
         tracker.log(
             run_id,
