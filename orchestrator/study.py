@@ -40,7 +40,6 @@ class StudyOutcome:
     failed: list[str]
     table: str
     seconds: float
-    missing_checkpoints: list[str] = dataclasses.field(default_factory=list)
 
 
 def _is_finished(run) -> bool:
@@ -141,7 +140,7 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
         ctx.pretrain_jobs[job.config_hash] = job
 
     failed: list[str] = []
-    missing: list[str] = []
+    missing: set[str] = set()  # pretraining runs whose checkpoint is gone (said once each)
     transfer_ran = 0
     feature_counts = {"feature_extractions": 0, "feature_cache_hits": 0}
     status = FAILED
@@ -163,12 +162,12 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
                 # Chosen behaviour: fail these fits and say how to redo the pretraining, rather
                 # than silently retraining a model other finished fits were computed from.
                 line = (f"checkpoint of pretraining run '{names[g.pretrain_hash]}' (run {pre.info.run_id}) is missing: "
-                        f"{checkpoint or '(no checkpoint recorded)'}; its {len(fits)} {g.task} fit(s) were not run. "
+                        f"{checkpoint or '(no checkpoint recorded)'}; the transfer fits that need it were not run. "
                         f"To redo that pretraining, delete the run (mlflow runs delete --run-id {pre.info.run_id}) "
                         f"and run the same command again")
-                if line not in missing:
+                if pre.info.run_id not in missing:
                     print(f"error: {line}", file=sys.stderr, flush=True)
-                    missing.append(line)
+                    missing.add(pre.info.run_id)
                 failed.append(f"{names[g.pretrain_hash]} -> {g.task} (missing checkpoint)")
                 continue
             key = f"{g.pretrain_hash}:{g.task}"
@@ -210,5 +209,4 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
         failed=failed,
         table=results_table(transfer_frame(tracker, spec.study)),
         seconds=0.0,
-        missing_checkpoints=missing,
     )

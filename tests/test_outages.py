@@ -9,6 +9,7 @@ without asking the server).
 from __future__ import annotations
 
 import secrets
+import shlex
 import shutil
 import sqlite3
 import threading
@@ -66,21 +67,26 @@ def _wait(condition, timeout: float, what: str) -> None:
 
 
 class Chaos(threading.Thread):
-    """Kills the server once the study's pretraining run has started training; restarts it (same port,
-    same store) once a training report had to be spooled, unless ``restart`` is False."""
+    """Kills the server once the study's pretraining run has started training (or ``trigger()`` is
+    true); restarts it (same port, same store) once a training report had to be spooled, unless
+    ``restart`` is False."""
 
-    def __init__(self, server, study: str, storage: Path, restart: bool):
+    def __init__(self, server, study: str, storage: Path, restart: bool, trigger=None):
         super().__init__(daemon=True)
         self.server, self.study, self.storage, self.restart = server, study, storage, restart
+        self.trigger = trigger
         self.killed_at = self.back_at = None
         self.spooled = False
         self.error: BaseException | None = None
 
     def run(self):
         try:
-            _wait(lambda: _pretrain_run_exists(self.server.db, self.study), 120, "the pretraining run")
-            # The Train run's folder appears when fit() starts: the driver is inside Tune then.
-            _wait(lambda: any(self.storage.glob("pretrain-*")), 120, "the training run to start")
+            if self.trigger is not None:
+                _wait(self.trigger, 120, "the trigger")
+            else:
+                _wait(lambda: _pretrain_run_exists(self.server.db, self.study), 120, "the pretraining run")
+                # The Train run's folder appears when fit() starts: the driver is inside Tune then.
+                _wait(lambda: any(self.storage.glob("pretrain-*")), 120, "the training run to start")
             self.server.kill()
             self.killed_at = time.time()
             if not self.restart:
@@ -205,6 +211,40 @@ def test_planted_secrets_appear_in_no_output(outage_study, tmp_path):
     assert len(texts) + len(blobs) > 20  # the scan saw the outputs it claims to
 
 
+def test_server_down_past_the_deadline_stops_cleanly_and_resumes(outage_study, monkeypatch, capsys):
+    """The server dies in the transfer phase of a grown study (one more shots value) and stays
+    down past a 6 s deadline: exit 3 with the resume command; started again, the same command
+    finishes the study with nothing lost and nothing doubled."""
+    o, server = outage_study, outage_study["server"]
+    monkeypatch.setenv("TRANSFERLAB_TRACKING_DEADLINE_S", "6")
+    argv = o["argv"] + ["transfer.shots=[1,2,full]"]
+    client = MlflowClient(server.url)
+    before = {r.info.run_id for r in _runs(client, "outage")}
+    earlier = set(o["storage"].glob("outage-transfer-*"))  # the transfer phase of the first run
+    chaos = Chaos(server, "outage", o["storage"], restart=False, trigger=lambda: bool(set(o["storage"].glob("outage-transfer-*")) - earlier))
+    chaos.start()
+    capsys.readouterr()
+    code = main(argv)
+    chaos.join(timeout=60)
+    captured = capsys.readouterr()
+    assert chaos.error is None and chaos.killed_at, chaos.error
+    assert code == 3, captured.out + captured.err
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("stopped: tracking server http://***@127.0.0.1:") and "unreachable for" in last, captured.err
+    command = "transferlab " + shlex.join(argv).replace(f"transferlab:{URI_TOKEN}@", "***@")
+    assert last.endswith("resume with the same command: " + command), last
+    assert "Traceback" not in captured.err
+
+    server.start()  # back, same port, same store
+    assert main(argv) == 0, capsys.readouterr()
+    assert "ran 0/1 pretraining runs and 1/3 transfer fits" in capsys.readouterr().out
+    runs = _runs(client, "outage")
+    new = [r for r in runs if r.info.run_id not in before]
+    assert [r.info.run_name for r in new] == ["linear_probe digits 2-shot seed=0"]  # one new run, not two
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert len(client.get_metric_history(new[0].info.run_id, "accuracy")) == 1
+
+
 def test_a_deleted_checkpoint_fails_its_fits_by_name_and_stays_resumable(outage_study, capsys):
     """Chosen behaviour: the transfer fits of a pretraining run whose checkpoint is gone fail,
     naming the run and how to redo it; nothing else is touched, and nothing crashes."""
@@ -215,7 +255,7 @@ def test_a_deleted_checkpoint_fails_its_fits_by_name_and_stays_resumable(outage_
     shutil.rmtree(Path(checkpoint))
     before = len(_runs(client, "outage"))
     capsys.readouterr()
-    code = main(o["argv"] + ["transfer.shots=[1,2,full]"])  # a new fit needs the deleted checkpoint
+    code = main(o["argv"] + ["transfer.shots=[1,2,3,full]"])  # a new fit needs the deleted checkpoint
     captured = capsys.readouterr()
     assert code == 1, captured.out + captured.err
     assert f"checkpoint of pretraining run 'supervised mnist n=200 noise=0' (run {pre.info.run_id}) is missing: {checkpoint}" in captured.err
@@ -225,37 +265,3 @@ def test_a_deleted_checkpoint_fails_its_fits_by_name_and_stays_resumable(outage_
     assert client.get_run(pre.info.run_id).info.status == "FINISHED"
 
 
-def test_server_down_past_the_deadline_stops_cleanly_and_resumes(ray_cluster, mlflow_server_process, tmp_path, monkeypatch, capsys):
-    server = mlflow_server_process
-    if server.proc.poll() is not None:
-        server.start()
-    monkeypatch.setenv("TRANSFERLAB_TRACKING_DEADLINE_S", "6")
-    spec = {**SPEC, "study": "outage-deadline"}
-    study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump(spec))
-    storage = tmp_path / "storage"
-    argv = ["run", str(study), "--tracking-uri", server.url, "--storage-path", str(storage)]
-    chaos = Chaos(server, "outage-deadline", storage, restart=False)
-    chaos.start()
-    capsys.readouterr()
-    code = main(argv)
-    chaos.join(timeout=60)
-    captured = capsys.readouterr()
-    assert chaos.error is None and chaos.killed_at, chaos.error
-    assert code == 3, captured.out + captured.err
-    last = captured.err.strip().splitlines()[-1]
-    assert last.startswith("stopped: tracking server http://127.0.0.1:") and "unreachable for" in last, captured.err
-    assert last.endswith("resume with the same command: transferlab " + " ".join(argv)), last
-    assert "Traceback" not in captured.err
-
-    server.start()  # back, same port, same store
-    assert main(argv) == 0, capsys.readouterr()
-    assert "ran 1/1 pretraining runs and 2/2 transfer fits" in capsys.readouterr().out or True
-    client = MlflowClient(server.url)
-    runs = _runs(client, "outage-deadline")
-    assert sorted(r.data.tags[TAG_KIND] for r in runs) == sorted([KIND_STUDY, KIND_PRETRAIN, KIND_TRANSFER, KIND_TRANSFER])
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    pre = next(r for r in runs if r.data.tags[TAG_KIND] == KIND_PRETRAIN)
-    assert sorted(m.step for m in client.get_metric_history(pre.info.run_id, "train_loss")) == [0, 1]
-    assert len(client.get_metric_history(pre.info.run_id, "upstream_accuracy")) == 1
-    assert not list((storage / SPOOL_DIR).glob("*.json"))
