@@ -12,12 +12,14 @@ from __future__ import annotations
 import functools
 import io
 import os
+import warnings
 from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
-from datasets_.shards import ShardedDataset, parquet_file
+from datasets_.safety import too_many_pixels
+from datasets_.shards import DatasetError, ShardedDataset, parquet_file
 from datasets_.views import PretrainView
 
 # Normalization to roughly [-1, 1]; one constant for every dataset keeps features comparable.
@@ -28,7 +30,17 @@ def decode_uint8(blobs, image_size: int) -> np.ndarray:
     """Decode encoded images (PNG/JPEG/WebP bytes) into a uint8 NCHW array, resized."""
     out = np.empty((len(blobs), 3, image_size, image_size), dtype=np.uint8)
     for i, blob in enumerate(blobs):
-        with Image.open(io.BytesIO(blob)) as img:
+        try:
+            with warnings.catch_warnings():  # refused below, with a reason, rather than warned about
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(blob))
+        except Image.DecompressionBombError as e:
+            raise DatasetError(f"refusing to decode image {i} of the batch: image too large: {e}") from None
+        with img:
+            # Shards may come from anyone: check the declared size before decoding a pixel.
+            reason = too_many_pixels(img)
+            if reason:
+                raise DatasetError(f"refusing to decode image {i} of the batch: {reason}")
             if img.mode != "RGB":
                 img = img.convert("RGB")
             if img.size != (image_size, image_size):

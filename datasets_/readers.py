@@ -33,12 +33,11 @@ from typing import Iterator
 import pyarrow.parquet as pq
 from PIL import Image
 
+from datasets_.safety import MAX_CAPTION_CHARS, MAX_IMAGE_PIXELS, MAX_METADATA_BYTES, too_many_pixels, unsafe_member
 from datasets_.shards import MANIFEST, DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-# Decompression-bomb guard: 64 megapixels is far above any training image.
-MAX_IMAGE_PIXELS = 64_000_000
-MAX_CAPTION_CHARS = 2048
+__all__ = ["MAX_CAPTION_CHARS", "MAX_IMAGE_PIXELS"]  # re-exported; the limits live in datasets_.safety
 SPLIT_ALIASES = {"train": "train", "val": "test", "valid": "test", "validation": "test", "test": "test"}
 
 
@@ -81,9 +80,9 @@ def check_image(blob: bytes) -> str | None:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(blob)) as img:
-                w, h = img.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    return f"image too large: {w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS}"
+                reason = too_many_pixels(img)
+                if reason:
+                    return reason
                 img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return f"image too large: {e}"
@@ -152,9 +151,10 @@ def _shard_paths(uri: str, suffix: str) -> list[str]:
 def folder_layout(root: str) -> tuple[list[tuple[Path, str | None]], list[str]]:
     """(split directories with their split names, sorted class names) of an image folder."""
     base = Path(root)
-    splits = [d for d in sorted(base.iterdir()) if d.is_dir() and d.name in SPLIT_ALIASES]
+    # Symlinked folders are not followed: they could lead anywhere on the machine.
+    splits = [d for d in sorted(base.iterdir()) if d.is_dir() and not d.is_symlink() and d.name in SPLIT_ALIASES]
     layouts = [(d, SPLIT_ALIASES[d.name]) for d in splits] if splits else [(base, None)]
-    classes = sorted({c.name for d, _ in layouts for c in d.iterdir() if c.is_dir()})
+    classes = sorted({c.name for d, _ in layouts for c in d.iterdir() if c.is_dir() and not c.is_symlink()})
     if not classes:
         raise DatasetError(f"{root}: no class folders (expected {root}/<class_name>/*.jpg)")
     return layouts, classes
@@ -167,7 +167,7 @@ def iter_folder(root: str, bad: BadSamples) -> Iterator[Sample]:
     for directory, split in layouts:
         for label, name in enumerate(classes):
             class_dir = directory / name
-            if not class_dir.is_dir():
+            if not class_dir.is_dir() or class_dir.is_symlink():
                 continue
             for f in sorted(class_dir.iterdir()):
                 if f.is_symlink() or not f.is_file() or f.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -200,7 +200,10 @@ def _tar_groups(path: str, bad: BadSamples) -> Iterator[tuple[str, dict[str, byt
         with tarfile.open(path, mode="r|*") as tar:
             current, group = None, {}
             for member in tar:
-                if not member.isreg():  # symlinks, hard links, devices, dirs: never followed
+                unsafe = unsafe_member(member)  # links, devices, absolute or '..' names
+                if unsafe is not None:
+                    if unsafe:
+                        bad.add(path, member.name, unsafe)
                     continue
                 name = member.name
                 base = name.rsplit("/", 1)[-1]
@@ -247,7 +250,7 @@ def iter_webdataset(uri: str, bad: BadSamples) -> Iterator[Sample]:
                     continue
             caption = parts.get("txt", b"").decode("utf-8", errors="replace")[:MAX_CAPTION_CHARS]
             class_name = None
-            if "json" in parts and len(parts["json"]) < 1 << 20:
+            if "json" in parts and len(parts["json"]) <= MAX_METADATA_BYTES:
                 try:
                     meta = json.loads(parts["json"])
                     class_name = meta.get("class_name") if isinstance(meta, dict) else None

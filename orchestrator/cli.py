@@ -1,7 +1,9 @@
 """The ``transferlab`` command line.
 
 Exit codes: 0 success; 1 the study ran but some runs failed; 2 bad input (spec, data, tracking
-URI), reported as one line before any compute starts.
+URI, storage path), reported as one line before any compute starts; 3 the study stopped before
+its end because the tracking server stayed unreachable or storage failed — its state is
+resumable, and the message says how (the same ``transferlab run`` command).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-EXIT_OK, EXIT_FAILED_RUNS, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED_RUNS, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    from orchestrator.retry import TrackingUnavailable
     from orchestrator.spec import SpecError, load_spec
 
     try:
@@ -113,26 +116,62 @@ def main(argv: list[str] | None = None) -> int:
 
         plan = build_plan(spec)
         if args.command == "validate":
+            if spec.tracking_uri:
+                _check_infrastructure(spec.tracking_uri, None, "tracking_uri", None)
             print(
                 f"ok: study '{spec.study}': {len(plan.pretrain_jobs)} pretraining runs, "
                 f"{plan.num_transfer_fits} transfer fits on {len(spec.transfer_tasks)} task(s)"
             )
             return EXIT_OK
-        from orchestrator.tracking import resolve_tracking_uri
+        from orchestrator.study import DEFAULT_STORAGE
 
-        try:
-            resolve_tracking_uri(args.tracking_uri or spec.tracking_uri)
-        except ValueError as e:
-            raise SpecError("--tracking-uri" if args.tracking_uri else "tracking_uri", str(e)) from None
+        _check_infrastructure(args.tracking_uri or spec.tracking_uri, args.storage_path or spec.storage_path or DEFAULT_STORAGE,
+                              "--tracking-uri" if args.tracking_uri else "tracking_uri",
+                              "--storage-path" if args.storage_path else "storage_path")
         return _run(args, spec, plan)
     except SpecError as e:
         return _error(str(e))
+    except (TrackingUnavailable, OSError) as e:
+        if args.command != "run":
+            raise
+        return _stopped(e, argv)
     except KeyboardInterrupt:
         print("interrupted: finished runs are recorded; run the same command again to continue", file=sys.stderr)
         return 130
 
 
+def _check_infrastructure(tracking_uri, storage, tracking_field, storage_field) -> None:
+    """The tracking server answers and the storage path takes a write, before any compute."""
+    from orchestrator.preflight import check_storage, check_tracking
+    from orchestrator.spec import SpecError
+    from orchestrator.tracking import resolve_tracking_uri
+
+    try:
+        check_tracking(resolve_tracking_uri(tracking_uri))
+    except ValueError as e:
+        raise SpecError(tracking_field, str(e)) from None
+    if storage is not None:
+        try:
+            check_storage(storage)
+        except ValueError as e:
+            raise SpecError(storage_field, str(e)) from None
+
+
+def _stopped(e: Exception, argv: list[str] | None) -> int:
+    """The study stopped mid-way (tracking outage past its deadline, storage failure)."""
+    import shlex
+
+    from orchestrator.retry import redact
+
+    what = str(e) if not isinstance(e, OSError) else f"storage failed: {e.strerror or e} ({getattr(e, 'filename', '') or ''})"
+    command = "transferlab " + shlex.join(sys.argv[1:] if argv is None else argv)
+    print(f"stopped: {redact(what)}. Finished runs are recorded in MLflow and checkpoints kept in storage; "
+          f"when the problem is fixed, resume with the same command: {redact(command)}", file=sys.stderr)
+    return EXIT_STOPPED
+
+
 def _run(args, spec, plan) -> int:
+    from orchestrator.retry import redact
     from orchestrator.study import run_study
     from orchestrator.tracking import resolve_tracking_uri
 
@@ -144,7 +183,7 @@ def _run(args, spec, plan) -> int:
         f"{outcome.transfer_ran}/{outcome.transfer_total} transfer fits in {outcome.seconds:.0f}s"
         + (" (the others were already in MLflow)." if (outcome.pretrain_ran, outcome.transfer_ran) != (outcome.pretrain_total, outcome.transfer_total) else ".")
     )
-    print(f"browse them: mlflow ui --backend-store-uri {resolve_tracking_uri(args.tracking_uri or spec.tracking_uri)}")
+    print(f"browse them: mlflow ui --backend-store-uri {redact(resolve_tracking_uri(args.tracking_uri or spec.tracking_uri))}")
     if outcome.failed:
         print(f"{len(outcome.failed)} trial(s) failed: {'; '.join(outcome.failed)}. Run the same command again to retry them.", file=sys.stderr)
         return EXIT_FAILED_RUNS

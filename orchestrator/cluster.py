@@ -6,6 +6,8 @@ import contextlib
 import logging
 import os
 
+from orchestrator.retry import MLFLOW_HTTP_ENV
+
 # Environment every Ray worker of a study gets: no MLflow telemetry (machines may have no
 # internet), no Ray Data progress bars interleaved with our progress lines.
 WORKER_ENV = {
@@ -13,6 +15,8 @@ WORKER_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     # Tune's own console reporter (experiment banners, trial tables) off: we print progress lines.
     "RAY_AIR_NEW_OUTPUT": "0",
+    # MLflow's HTTP client retries briefly; orchestrator.retry rides out longer outages.
+    **MLFLOW_HTTP_ENV,
 }
 
 # MLflow client settings that the driver may hold and that every Ray process talking to MLflow
@@ -27,6 +31,8 @@ MLFLOW_CLIENT_ENV = (
     "MLFLOW_TRACKING_INSECURE_TLS",
     "MLFLOW_TRACKING_SERVER_CERT_PATH",
     "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    # Not a secret, but every process writing to MLflow must give up on an outage together.
+    "TRANSFERLAB_TRACKING_DEADLINE_S",
 )
 
 

@@ -58,20 +58,36 @@ def _typename(v: Any) -> str:
     return "null" if v is None else {"dict": "mapping", "list": "list", "str": "string"}.get(type(v).__name__, type(v).__name__)
 
 
-def _int(path: str, v: Any, minimum: int | None = None) -> int:
+_INT_MAX = 2**31 - 1  # no count or seed in a study is larger; bigger ints are typos or attacks
+
+
+def _int(path: str, v: Any, minimum: int | None = None, maximum: int = _INT_MAX) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise SpecError(path, f"must be an integer, got {_typename(v)} {v!r}")
+        raise SpecError(path, f"must be an integer, got {_typename(v)} {_short(v)}")
     if minimum is not None and v < minimum:
-        raise SpecError(path, f"must be >= {minimum}, got {v}")
+        raise SpecError(path, f"must be >= {minimum}, got {_short(v)}")
+    if v > maximum:
+        raise SpecError(path, f"must be <= {maximum}, got {_short(v)}")
     return v
+
+
+def _short(v: Any) -> str:
+    """repr of a value, cut to fit one error line (values may be huge or hostile)."""
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _float(path: str, v: Any, lo: float | None = None, hi: float | None = None) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise SpecError(path, f"must be a number, got {_typename(v)} {v!r}")
-    v = float(v)
+        raise SpecError(path, f"must be a number, got {_typename(v)} {_short(v)}")
+    try:
+        v = float(v)
+    except OverflowError:
+        raise SpecError(path, f"must be a finite number, got {_short(v)}") from None
     if v != v:
         raise SpecError(path, "must be a number, got NaN")
+    if v in (float("inf"), float("-inf")):
+        raise SpecError(path, f"must be a finite number, got {v}")
     if lo is not None and hi is not None and not lo <= v <= hi:
         raise SpecError(path, f"must be in [{lo:g}, {hi:g}], got {v:g}")
     if lo is not None and v < lo:
@@ -88,13 +104,13 @@ def _positive_float(path: str, v: Any) -> float:
 
 def _bool(path: str, v: Any) -> bool:
     if not isinstance(v, bool):
-        raise SpecError(path, f"must be true or false, got {_typename(v)} {v!r}")
+        raise SpecError(path, f"must be true or false, got {_typename(v)} {_short(v)}")
     return v
 
 
 def _str(path: str, v: Any) -> str:
     if not isinstance(v, str) or not v.strip():
-        raise SpecError(path, f"must be a non-empty string, got {_typename(v)} {v!r}")
+        raise SpecError(path, f"must be a non-empty string, got {_typename(v)} {_short(v)}")
     return v
 
 
@@ -103,7 +119,7 @@ def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
         if not isinstance(v, str) or v not in options:
             hint = difflib.get_close_matches(str(v), options, n=1)
             extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise SpecError(path, f"unknown value {v!r}{extra}; choose from: {', '.join(options)}")
+            raise SpecError(path, f"unknown value {_short(v)}{extra}; choose from: {', '.join(options)}")
         return v
 
     return read
@@ -119,14 +135,16 @@ def _shots(path: str, v: Any) -> int | str:
     if v == FULL:
         return FULL
     if isinstance(v, bool) or not isinstance(v, int):
-        raise SpecError(path, f"must be a positive integer or 'full', got {_typename(v)} {v!r}")
+        raise SpecError(path, f"must be a positive integer or 'full', got {_typename(v)} {_short(v)}")
     return _int(path, v, minimum=1)
 
 
 def _name(path: str, v: Any) -> str:
     v = _str(path, v)
+    if len(v) > 128:
+        raise SpecError(path, f"must be at most 128 characters, got {len(v)}")
     if not _NAME.match(v):
-        raise SpecError(path, f"{v!r} may hold only letters, digits, '_', '.', '-' and must start with a letter or digit")
+        raise SpecError(path, f"{_short(v)} may hold only letters, digits, '_', '.', '-' and must start with a letter or digit")
     return v
 
 
@@ -139,7 +157,7 @@ def _list(path: str, v: Any, item: Callable[[str, Any], Any]) -> tuple:
     seen = set()
     for i, x in enumerate(out):
         if x in seen:
-            raise SpecError(f"{path}[{i}]", f"duplicate value {v[i]!r}")
+            raise SpecError(f"{path}[{i}]", f"duplicate value {_short(v[i])}")
         seen.add(x)
     return out
 
@@ -219,8 +237,8 @@ _SETTING_READERS: dict[str, Callable[[str, Any], Any]] = {
     "method": _choice(METHODS),
     "model": lambda p, v: _model_name(p, v),
     "width": _positive_float,
-    "image_size": lambda p, v: _int(p, v, minimum=8),
-    "epochs": lambda p, v: _int(p, v, minimum=1),
+    "image_size": lambda p, v: _int(p, v, minimum=8, maximum=4096),
+    "epochs": lambda p, v: _int(p, v, minimum=1, maximum=100_000),
     "batch_size": lambda p, v: _int(p, v, minimum=1),
     "lr": _positive_float,
     "weight_decay": lambda p, v: _float(p, v, lo=0.0),
@@ -335,7 +353,7 @@ def _regex(path: str, v: Any) -> str:
     try:
         re.compile(v)
     except re.error as e:
-        raise SpecError(path, f"invalid regular expression {v!r}: {e}") from None
+        raise SpecError(path, f"invalid regular expression {_short(v)}: {e}") from None
     return v
 
 
@@ -415,6 +433,24 @@ def parse_spec(data: Any) -> StudySpec:
     )
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last
+    one silently, so a duplicated source or setting would vanish without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable key: the mapping check below reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_short(key)}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a loaded study document."""
     for item in overrides:
@@ -438,11 +474,15 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec
     """Read and validate a study file; relative dataset paths resolve against its folder."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError(str(path), f"cannot read study file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(str(path), f"not UTF-8 text (byte {e.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: tags cannot construct objects
+    except RecursionError:
+        raise SpecError(str(path), "invalid YAML: nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

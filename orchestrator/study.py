@@ -8,8 +8,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator import retry, spool
 from orchestrator.cluster import mlflow_client_env, ray_session
 from orchestrator.plan import StudyPlan, build_plan
+from orchestrator.preflight import checkpoint_exists
 from orchestrator.results import results_table, transfer_frame
 from orchestrator.spec import SpecError, StudySpec
 from orchestrator.sweep import PhaseContext, run_pretrain_phase, run_transfer_phase
@@ -105,6 +107,7 @@ def run_study(
 def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) -> StudyOutcome:
     tracker = Tracker(uri)
     exp = tracker.experiment_id(spec.study)
+    spool.flush(storage, tracker.client)  # metrics an earlier run could not deliver
     study_run = _study_run(tracker, exp, plan)
 
     pre_runs = tracker.runs_by_hash(exp, KIND_PRETRAIN)
@@ -114,12 +117,14 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
     print(
         f"study '{spec.study}': {len(plan.pretrain_jobs)} pretraining runs ({len(plan.pretrain_jobs) - len(todo)} already done), "
         f"{plan.num_transfer_fits} transfer fits ({plan.num_transfer_fits - todo_fits} already done)\n"
-        f"tracking: {uri}   experiment: {spec.study}   storage: {storage}",
+        f"tracking: {retry.redact(uri)}   experiment: {spec.study}   storage: {storage}",
         flush=True,
     )
 
-    ctx = PhaseContext(study=spec.study, tracking_uri=uri, experiment_id=exp, storage_path=storage, resources=spec.resources,
-                       mlflow_env=mlflow_client_env())
+    # Credentials in the URI travel with the other secrets, never inside a URI Ray may store.
+    worker_uri, uri_credentials = retry.split_credentials(uri)
+    ctx = PhaseContext(study=spec.study, tracking_uri=worker_uri, experiment_id=exp, storage_path=storage, resources=spec.resources,
+                       mlflow_env={**mlflow_client_env(), **uri_credentials})
     for job in todo:
         prior = pre_runs.get(job.config_hash)
         if prior is not None:  # interrupted or failed before: resume into the same run
@@ -135,6 +140,7 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
         ctx.pretrain_jobs[job.config_hash] = job
 
     failed: list[str] = []
+    missing: set[str] = set()  # pretraining runs whose checkpoint is gone (said once each)
     transfer_ran = 0
     feature_counts = {"feature_extractions": 0, "feature_cache_hits": 0}
     status = FAILED
@@ -151,6 +157,19 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
             fits = tuple(f for f in g.fits if not _is_finished(transfer_runs.get(f.config_hash)))
             if not fits or not _is_finished(pre):
                 continue
+            checkpoint = pre.data.tags.get(TAG_CHECKPOINT, "")
+            if not checkpoint_exists(checkpoint):
+                # Chosen behaviour: fail these fits and say how to redo the pretraining, rather
+                # than silently retraining a model other finished fits were computed from.
+                line = (f"checkpoint of pretraining run '{names[g.pretrain_hash]}' (run {pre.info.run_id}) is missing: "
+                        f"{checkpoint or '(no checkpoint recorded)'}; the transfer fits that need it were not run. "
+                        f"To redo that pretraining, delete the run (mlflow runs delete --run-id {pre.info.run_id}) "
+                        f"and run the same command again")
+                if pre.info.run_id not in missing:
+                    print(f"error: {line}", file=sys.stderr, flush=True)
+                    missing.add(pre.info.run_id)
+                failed.append(f"{names[g.pretrain_hash]} -> {g.task} (missing checkpoint)")
+                continue
             key = f"{g.pretrain_hash}:{g.task}"
             ctx.transfer_groups[key] = dataclasses.replace(g, fits=fits)
             ctx.run_ids[g.pretrain_hash] = pre.info.run_id
@@ -165,6 +184,7 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
             failed += progress.errors
             for k in feature_counts:
                 feature_counts[k] += sum(int(r.get(k, 0)) for r in progress.results)
+        spool.flush(storage, tracker.client)
         status = FINISHED if not failed else FAILED
     finally:
         counts = {

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from datasets_.views import PretrainView
+from orchestrator import retry, spool
 from orchestrator.cluster import apply_mlflow_client_env
 from orchestrator.plan import PretrainJob, TransferGroup
 from orchestrator.spec import Resources
@@ -79,7 +80,7 @@ def build_pretrain_trainer(job: PretrainJob, ctx: PhaseContext, run_id: str, ext
     # reproducible from its config rather than from how Ray scheduled the read tasks.
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True
-    callbacks = [MLflowReportCallback(ctx.tracking_uri, run_id, ctx.mlflow_env)]
+    callbacks = [MLflowReportCallback(ctx.tracking_uri, run_id, ctx.mlflow_env, ctx.storage_path)]
     if in_tune:
         callbacks.append(TuneReportCallback())
     return TorchTrainer(
@@ -132,6 +133,7 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
     try:
         result = build_pretrain_trainer(job, ctx, run_id, in_tune=True).fit()
         metrics = result.metrics or {}
+        spool.flush(ctx.storage_path, tracker.client, run_id)  # reports the server missed
         tracker.log(
             run_id,
             metrics={"realized_label_noise": job.realized_label_noise, "num_train_samples": job.num_train_samples},
@@ -140,7 +142,10 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
         tracker.finish(run_id)
         return {"upstream_accuracy": metrics.get("upstream_accuracy", float("nan")), "train_loss": metrics.get("train_loss")}
     except BaseException:
-        tracker.finish(run_id, FAILED)
+        try:
+            tracker.finish(run_id, FAILED)
+        except retry.TrackingUnavailable:
+            pass  # the run stays RUNNING in MLflow; the next `transferlab run` resumes it
         raise
 
 
@@ -208,7 +213,7 @@ def _error_line(error_file: str | None) -> str:
             lines = [line.strip() for line in f if line.strip()]
     except OSError:
         return "FAILED"
-    return f"FAILED: {lines[-1][:300]}" if lines else "FAILED"
+    return f"FAILED: {retry.redact(lines[-1])[:300]}" if lines else "FAILED"
 
 
 class Progress:

@@ -51,6 +51,8 @@ from typing import Iterable
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from orchestrator import retry
+
 TAG_KIND = "transferlab.kind"
 TAG_STUDY = "transferlab.study"
 TAG_CONFIG_HASH = "transferlab.config_hash"
@@ -110,11 +112,12 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 
 class Tracker:
-    """Thin layer over :class:`MlflowClient` that speaks the schema above."""
+    """Thin layer over :class:`MlflowClient` that speaks the schema above. Every call is retried
+    through a tracking-server outage up to a deadline (:mod:`orchestrator.retry`)."""
 
     def __init__(self, tracking_uri: str):
         self.uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
+        self.client = retry.RetryingClient(MlflowClient(tracking_uri), tracking_uri)
 
     def experiment_id(self, study: str, create: bool = True) -> str | None:
         exp = self.client.get_experiment_by_name(study)
@@ -201,13 +204,20 @@ class MLflowReportCallback(UserCallback):
     with ``step = metrics["epoch"]``; steps already present (a resumed run) are not logged again.
     ``mlflow_env`` carries the driver's MLflow credentials (``orchestrator.cluster.MLFLOW_CLIENT_ENV``)
     into the controller's process.
+
+    While the tracking server is down, reports go to a durable spool in the study's storage
+    (:mod:`orchestrator.spool`) and training goes on; the next report that reaches the server, the
+    trial before it finishes the run, or the next ``transferlab run`` sends them, once each.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, mlflow_env: dict[str, str] | None = None):
-        self.tracking_uri, self.run_id = tracking_uri, run_id
+    def __init__(self, tracking_uri: str, run_id: str, mlflow_env: dict[str, str] | None = None, spool_storage: str | None = None):
+        self.tracking_uri, self.run_id, self.spool_storage = tracking_uri, run_id, spool_storage
         self._mlflow_env = dict(mlflow_env or {})
         self._client = None
         self._seen: set[tuple[str, int]] = set()
+        self._known: set[str] = set()  # metric keys whose history in MLflow has been read
+        self._pending: list[Metric] = []
+        self._spooled = False
 
     def after_report(self, run_context, metrics, checkpoint):
         if not metrics:
@@ -215,14 +225,39 @@ class MLflowReportCallback(UserCallback):
         report = dict(metrics[0])
         step = int(report.pop("epoch", 0))
         numeric = {k: float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        # The timestamp is fixed now, so a resent batch is the same batch.
+        now = int(time.time() * 1000)
+        self._pending.extend(Metric(k, v, now, step) for k, v in numeric.items())
+        try:
+            self._flush()
+        except Exception as e:
+            if not retry.is_transient(e) or self.spool_storage is None:
+                raise
+            from orchestrator import spool
+
+            spool.write(self.spool_storage, self.run_id, self._pending)
+            self._spooled = True
+            print(f"warning: tracking server {retry.redact(self.tracking_uri)} unreachable; {len(self._pending)} "
+                  f"metric value(s) of step {step} kept in the storage spool until it is back", flush=True)
+            self._pending = []
+
+    def _flush(self) -> None:
         if self._client is None:
             from orchestrator.cluster import apply_mlflow_client_env
 
             apply_mlflow_client_env(self._mlflow_env)
             self._client = MlflowClient(self.tracking_uri)
-            self._seen = logged_steps(self._client, self.run_id, numeric)
-        now = int(time.time() * 1000)
-        new = [Metric(k, v, now, step) for k, v in numeric.items() if (k, step) not in self._seen]
+        unknown = {m.key for m in self._pending} - self._known
+        if unknown:
+            self._seen |= logged_steps(self._client, self.run_id, unknown)
+            self._known |= unknown
+        new = [m for m in self._pending if (m.key, m.step) not in self._seen]
         if new:
             self._client.log_batch(self.run_id, metrics=new)
-            self._seen.update((m.key, step) for m in new)
+            self._seen.update((m.key, m.step) for m in new)
+        self._pending.clear()
+        if self._spooled:  # the server is back: send what earlier reports left in the spool
+            from orchestrator import spool
+
+            spool.flush(self.spool_storage, self._client, self.run_id)
+            self._spooled = False

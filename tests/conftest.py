@@ -78,3 +78,59 @@ def ray_cluster(s3_server):
 @pytest.fixture
 def tracking_uri(tmp_path):
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+class MlflowServer:
+    """A real ``mlflow server`` process (sqlite backend, local proxied artifacts) that a test can
+    kill and start again on the same port and store, as an outage does."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db = root / "mlflow.db"
+        self.proc = None
+        self.starts = 0
+
+    def start(self, timeout: float = 120) -> None:
+        import signal  # noqa: F401  (used by kill)
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        log = open(self.root / f"server-{self.starts}.log", "wb")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.db}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                if urllib.request.urlopen(f"{self.url}/health", timeout=2).status == 200:
+                    return
+            except Exception:
+                time.sleep(0.3)
+        raise RuntimeError(f"mlflow server did not answer /health within {timeout}s: {self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole server process group: no graceful shutdown, as in a crash."""
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def log_tail(self) -> str:
+        logs = sorted(self.root.glob("server-*.log"))
+        return logs[-1].read_text(errors="replace")[-2000:] if logs else ""
+
+
+@pytest.fixture(scope="module")
+def mlflow_server_process(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.kill()

@@ -92,9 +92,9 @@ def test_webdataset_reader_ignores_links_and_counts_bad_images(tars):
     bad = BadSamples()
     samples = list(iter_samples(str(tars / "{00000..00001}.tar"), bad))
     keys = [s.key for s in samples]
-    assert len(samples) == 21  # 20 regular samples + the '../../escape' member, read but never written anywhere
+    assert len(samples) == 20  # the symlink and the '../../escape' member are refused (tests/test_untrusted_shards.py)
     assert "evil" not in keys
-    assert bad.counts == {"undecodable image": 1}
+    assert bad.counts == {"undecodable image": 1, "unsafe tar member": 2}
     s = samples[0]
     assert s.caption.startswith("a photo of the digit") and s.class_name.startswith("digit ")
     assert s.label == int(s.caption.split()[-1])
@@ -167,15 +167,15 @@ def test_prepare_folder_then_inspect(folder, tmp_path, capsys):
 def test_prepare_tars_and_use_them_in_a_study_spec(tars, tmp_path, capsys):
     out = tmp_path / "wds-prepared"
     assert main(["data", "prepare", str(tars / "{00000..00001}.tar"), "--out", str(out)]) == 0
-    # The label-less '../../escape' member cannot join a labeled dataset: skipped and counted.
-    assert "skipped 2 bad sample(s): missing label x1, undecodable image x1" in capsys.readouterr().err
+    # The symlink and the '../../escape' member are refused as unsafe: skipped and counted.
+    assert "skipped 3 bad sample(s): unsafe tar member x2, undecodable image x1" in capsys.readouterr().err
     ds = open_dataset(out)
     assert ds.num_samples("train") + ds.num_samples("test") == 20
     assert ds.classes[0] == "digit 0"
     assert not (tmp_path / "escape.jpg").exists() and not (tmp_path.parent / "escape.jpg").exists()
     raw = inspect(str(tars))
-    assert raw["num_samples"] == 21 and raw["unlabeled"] == 1 and raw["prepared"] is False
-    assert raw["bad_samples"]["total"] == 1
+    assert raw["num_samples"] == 20 and raw["unlabeled"] == 0 and raw["prepared"] is False
+    assert raw["bad_samples"]["total"] == 3
     spec = tmp_path / "s.yaml"
     spec.write_text(f"study: wds\nsources: {{w: {{uri: {out}}}}}\ntasks: {{d: {{uri: 'builtin:digits'}}}}\ntransfer: {{shots: [1]}}\n")
     capsys.readouterr()

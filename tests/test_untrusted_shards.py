@@ -1,0 +1,222 @@
+"""Untrusted shards: each test crafts one hostile file (tar, Parquet, folder or prepared dataset)
+and checks that it becomes a counted bad sample or a clear error — never a file written outside
+the output folder, a link followed, or a bomb decoded."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from datasets_ import DatasetError, write_sharded_dataset
+from datasets_.pipeline import decode_uint8
+from datasets_.prepare import prepare
+from datasets_.readers import BadSamples, iter_samples
+from datasets_.safety import MAX_CAPTION_CHARS, MAX_IMAGE_PIXELS
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _png(size=(8, 8), mode="L") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _bomb() -> bytes:
+    """A 9,000 x 9,000 PNG (81 MP > the 64 MP limit) that compresses to a few kB."""
+    buf = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tar, name, data=b"", kind=tarfile.REGTYPE, linkname=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, linkname, len(data) if kind == tarfile.REGTYPE else 0
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def _shard(tmp_path, hostile):
+    """A shard with two good samples around the hostile members ``hostile(tar)`` adds."""
+    path = tmp_path / "shards" / "00000.tar"
+    path.parent.mkdir()
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "good0.png", _png())
+        _add(tar, "good0.cls", b"0")
+        hostile(tar)
+        _add(tar, "good1.png", _png())
+        _add(tar, "good1.cls", b"1")
+    return path
+
+
+def _read(path, **kw):
+    bad = BadSamples()
+    return list(iter_samples(str(path), bad, **kw)), bad
+
+
+def _prepare_writes_only_inside(tmp_path, shard, forbidden):
+    """`data prepare` of the shard writes its output folder and nothing else; ``forbidden`` (where
+    an extraction would have written) stays absent."""
+    before = {p for p in tmp_path.rglob("*")}
+    out = tmp_path / "prepared"
+    ds, bad = prepare(str(shard), str(out), test_fraction=0.0)
+    new = {p for p in tmp_path.rglob("*")} - before
+    assert all(p == out or out in p.parents for p in new), sorted(map(str, new))
+    assert not forbidden.exists()
+    return ds, bad
+
+
+def test_absolute_member_path_is_a_bad_sample_and_never_written(tmp_path):
+    target = tmp_path / "escaped-absolute.png"
+    shard = _shard(tmp_path, lambda tar: _add(tar, str(target), _png()))
+    samples, bad = _read(shard)
+    assert [s.key for s in samples] == ["good0", "good1"]
+    assert bad.counts == {"unsafe tar member": 1}
+    _, bad = _prepare_writes_only_inside(tmp_path, shard, target)
+    assert bad.total == 1
+
+
+def test_dotdot_member_path_is_a_bad_sample_and_never_written(tmp_path):
+    shard = _shard(tmp_path, lambda tar: _add(tar, "../../escaped-dotdot.png", _png()))
+    samples, bad = _read(shard)
+    assert [s.key for s in samples] == ["good0", "good1"]
+    assert bad.counts == {"unsafe tar member": 1}
+    assert "path with '..'" in bad.examples[0]
+    _prepare_writes_only_inside(tmp_path, shard, tmp_path.parent / "escaped-dotdot.png")
+
+
+def test_symlink_member_is_never_followed(tmp_path):
+    shard = _shard(tmp_path, lambda tar: _add(tar, "evil.png", kind=tarfile.SYMTYPE, linkname="/etc/passwd"))
+    samples, bad = _read(shard)
+    assert [s.key for s in samples] == ["good0", "good1"]
+    assert bad.examples[0].endswith("unsafe tar member: symlink to /etc/passwd")
+
+
+def test_hardlink_member_is_never_followed(tmp_path):
+    def hostile(tar):
+        _add(tar, "evil.png", kind=tarfile.LNKTYPE, linkname="good0.png")  # would read another member
+        _add(tar, "evil2.png", kind=tarfile.LNKTYPE, linkname="/etc/shadow")
+
+    samples, bad = _read(_shard(tmp_path, hostile))
+    assert [s.key for s in samples] == ["good0", "good1"]
+    assert bad.counts == {"unsafe tar member": 2} and "hard link to /etc/shadow" in bad.examples[1]
+
+
+def test_device_and_fifo_members_are_never_opened(tmp_path):
+    def hostile(tar):
+        _add(tar, "zero.png", kind=tarfile.CHRTYPE)
+        _add(tar, "disk.png", kind=tarfile.BLKTYPE)
+        _add(tar, "pipe.png", kind=tarfile.FIFOTYPE)
+
+    samples, bad = _read(_shard(tmp_path, hostile))
+    assert [s.key for s in samples] == ["good0", "good1"]
+    assert bad.counts == {"unsafe tar member": 3}
+    assert [e.rsplit(": ", 1)[1] for e in bad.examples] == ["character device", "block device", "FIFO"]
+
+
+def test_decompression_bomb_in_a_tar_is_a_bad_sample(tmp_path):
+    assert Image.MAX_IMAGE_PIXELS == MAX_IMAGE_PIXELS  # PIL's limit is set explicitly, not PIL's default
+    samples, bad = _read(_shard(tmp_path, lambda tar: _add(tar, "bomb.png", _bomb())))
+    assert [s.key for s in samples] == ["good0", "good1"]
+    assert bad.counts == {"image too large": 1}
+
+
+def test_decompression_bomb_in_parquet_is_a_bad_sample(tmp_path):
+    pq.write_table(pa.table({"key": ["ok", "bomb"], "jpg": [_png(), _bomb()], "label": [0, 1]}), tmp_path / "p.parquet")
+    samples, bad = _read(tmp_path / "p.parquet")
+    assert [s.key for s in samples] == ["ok"] and bad.counts == {"image too large": 1}
+
+
+def test_bomb_inside_someone_elses_prepared_dataset_is_refused_at_decode(tmp_path):
+    """A prepared dataset built elsewhere never went through our readers: decoding checks too."""
+    ds = write_sharded_dataset(tmp_path / "ds", "ds", ["a"], [("train", {"key": "b", "image": _bomb(), "label": 0, "caption": ""})])
+    blob = pq.read_table(ds.files("train")[0]).column("image")[0].as_py()
+    with pytest.raises(DatasetError, match="image too large: 9000x9000"):
+        decode_uint8([_png(), blob], 16)
+
+
+def test_non_image_bytes_with_an_image_extension_are_bad_samples(tmp_path):
+    def hostile(tar):
+        _add(tar, "script.jpg", b"#!/bin/sh\nrm -rf /\n")
+        _add(tar, "html.png", b"<html><script>alert(1)</script></html>")
+        _add(tar, "truncated.png", _png()[:40])
+
+    samples, bad = _read(_shard(tmp_path, hostile))
+    assert [s.key for s in samples] == ["good0", "good1"]
+    assert bad.counts == {"undecodable image": 3}
+
+
+def test_oversized_caption_is_truncated(tmp_path):
+    def hostile(tar):
+        _add(tar, "long.png", _png())
+        _add(tar, "long.txt", b"x" * (5 << 20))  # 5 MB caption
+
+    samples, bad = _read(_shard(tmp_path, hostile))
+    long = next(s for s in samples if s.key == "long")
+    assert len(long.caption) == MAX_CAPTION_CHARS and bad.total == 0
+
+
+def test_oversized_parquet_caption_is_truncated(tmp_path):
+    pq.write_table(pa.table({"key": ["k"], "jpg": [_png()], "label": [0], "caption": ["y" * (1 << 20)]}), tmp_path / "p.parquet")
+    samples, _ = _read(tmp_path / "p.parquet")
+    assert len(samples[0].caption) == MAX_CAPTION_CHARS
+
+
+def test_oversized_metadata_is_ignored(tmp_path):
+    def hostile(tar):
+        _add(tar, "meta.png", _png())
+        _add(tar, "meta.cls", b"0")
+        _add(tar, "meta.json", json.dumps({"class_name": "evil", "pad": "z" * (2 << 20)}).encode())
+
+    samples, bad = _read(_shard(tmp_path, hostile))
+    meta = next(s for s in samples if s.key == "meta")
+    assert meta.class_name is None and meta.label == 0 and bad.total == 0
+
+
+def test_symlinked_class_folder_is_not_followed(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(_png())
+    root = tmp_path / "folder"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "a.png").write_bytes(_png())
+    os.symlink(outside, root / "dog")
+    samples, _ = _read(root)
+    assert [s.key for s in samples] == ["cat/a"]
+
+
+def test_escaping_symlink_to_a_file_in_a_folder_is_not_read(tmp_path):
+    root = tmp_path / "folder"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "a.png").write_bytes(_png())
+    os.symlink("/etc/hostname", root / "cat" / "b.png")
+    os.mkfifo(root / "cat" / "c.png")  # reading a FIFO would block forever
+    samples, _ = _read(root)
+    assert [s.key for s in samples] == ["cat/a"]
+
+
+def test_non_image_labels_and_keys_do_not_break_prepare(tmp_path):
+    def hostile(tar):
+        _add(tar, "neg.png", _png())
+        _add(tar, "neg.cls", b"-7")
+        _add(tar, "word.png", _png())
+        _add(tar, "word.cls", b"seven")
+
+    ds, bad = prepare(str(_shard(tmp_path, hostile)), str(tmp_path / "out"), test_fraction=0.0)
+    assert ds.num_samples("train") == 2
+    assert bad.counts == {"unreadable label": 1, "label out of range": 1}
+
+
+def test_every_attack_is_in_the_reliability_table():
+    from reliability_table import SHARD_ATTACKS  # tests/ is on sys.path (rootdir conftest)
+
+    tests = {name for name in globals() if name.startswith("test_") and name != "test_every_attack_is_in_the_reliability_table"}
+    assert set(SHARD_ATTACKS) == tests
+    assert np.all([len(v) == 2 for v in SHARD_ATTACKS.values()])
