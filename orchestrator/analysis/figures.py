@@ -36,6 +36,19 @@ def _n_text(n: pd.Series) -> str:
     return f"n={lo}" if lo == hi else f"n={lo}–{hi}"
 
 
+def _log_x(ax, values) -> None:
+    """Log x axis labelled with the plotted values themselves (1, 5, 10 shots; 1000, 4000
+    samples), not matplotlib's 2×10⁰ minor-tick labels."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.set_xscale("log")
+    ticks = sorted({float(v) for v in values if np.isfinite(v) and v > 0})
+    if ticks and len(ticks) <= 12:
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+
+
 def _errorbar(ax, x, agg: pd.DataFrame, label: str, **kw):
     yerr = agg["ci"].fillna(0).to_numpy()
     ax.errorbar(x, agg["mean"], yerr=yerr, marker="o", ms=4, capsize=3, label=label, **kw)
@@ -52,7 +65,7 @@ def curves(agg: pd.DataFrame, x: str, series: list[str], title: str, xlabel: str
         label = ", ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
         _errorbar(ax, g[x].to_numpy(float), g, label)
     if logx:
-        ax.set_xscale("log")
+        _log_x(ax, agg[x].to_numpy(float))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title}\nmean ± 95% CI over seeds, {_n_text(agg['n'])} runs per point", fontsize=9)
@@ -68,7 +81,7 @@ def spread(table: pd.DataFrame, title: str) -> bytes:
         g = g.sort_values("shots_n")
         ax.plot(g["shots_n"], g["std_across_sources"], marker="o", label=f"{task}: std")
         ax.plot(g["shots_n"], g["range_across_sources"], marker="s", ls="--", label=f"{task}: max − min")
-    ax.set_xscale("log")
+    _log_x(ax, table["shots_n"].to_numpy(float))
     ax.set_xlabel("shots per class")
     ax.set_ylabel("accuracy spread across sources")
     ax.set_title(f"{title}\nover seed means of {_n_text(table['sources'])} sources", fontsize=9)
@@ -120,7 +133,7 @@ def e_ir_vs_shots(fits: pd.DataFrame, title: str) -> bytes:
         lo = (g["e_ir"] - g["e_ir_ci_low"]).clip(lower=0).fillna(0)
         hi = (g["e_ir_ci_high"] - g["e_ir"]).clip(lower=0).fillna(0)
         ax.errorbar(g["shots_n"], g["e_ir"], yerr=[lo, hi], marker="o", capsize=3, label=f"{task}, fit on {fit_on}")
-    ax.set_xscale("log")
+    _log_x(ax, few["shots_n"].to_numpy(float))
     ax.set_xlabel("shots per class")
     ax.set_ylabel("e_IR (irreducible downstream error)")
     ax.set_title(f"{title}\nbootstrap 95% CI, {_n_text(few['points'])} pretraining runs per fit", fontsize=9)
