@@ -412,6 +412,18 @@ def _resources(m: _Mapping) -> Resources:
     )
 
 
+def _check_amp(pretrain: PretrainSpec, resources: Resources) -> None:
+    """Mixed precision runs on CUDA only; without a GPU it would be ignored while the runs'
+    params said otherwise."""
+    if resources.use_gpu:
+        return
+    swept = "amp" in pretrain.sweep
+    for i, amp in enumerate(pretrain.sweep["amp"] if swept else (pretrain.base.amp,)):
+        if amp != "none":
+            raise SpecError(f"pretrain.sweep.amp[{i}]" if swept else "pretrain.amp",
+                            f"{amp} mixed precision runs on CUDA only: set resources.use_gpu: true, or amp: none")
+
+
 def parse_spec(data: Any) -> StudySpec:
     """Validate a loaded YAML document into a StudySpec (raises SpecError)."""
     top = ("study", "sources", "tasks", "pretrain", "transfer", "resources", "tracking_uri", "storage_path", "preflight_overlap")
@@ -419,13 +431,15 @@ def parse_spec(data: Any) -> StudySpec:
     study = m.get("study", _name)
     sources = _datarefs(m, "sources")
     tasks = _datarefs(m, "tasks")
+    pretrain, resources = _pretrain(m, sources), _resources(m)
+    _check_amp(pretrain, resources)
     return StudySpec(
         study=study,
         sources=sources,
         tasks=tasks,
-        pretrain=_pretrain(m, sources),
+        pretrain=pretrain,
         transfer=_transfer(m, tasks),
-        resources=_resources(m),
+        resources=resources,
         tracking_uri=m.get("tracking_uri", _str, None),
         storage_path=m.get("storage_path", _str, None),
         preflight_overlap=m.get("preflight_overlap", _choice(("off", "warn", "error")), "off"),

@@ -8,18 +8,29 @@ Experiment: the study name. Runs form a three-level tree (``mlflow.parentRunId``
 kind       params                                 metrics
 =========  =====================================  ==================================================
 study      ``study``, ``spec_hash``               ``pretrain_runs``, ``transfer_runs``,
-                                                  ``failed_runs`` (counts after each ``run``)
+                                                  ``failed_runs`` (counts after each ``run``);
+                                                  this ``run``'s transfer work:
+                                                  ``transfer_fits_run``, ``feature_extractions``
+                                                  (layer feature sets computed from images) and
+                                                  ``feature_cache_hits`` (read from the cache)
 pretrain   ``method, source, pretrain_size,       ``train_loss`` and ``images_per_second`` per
            label_noise, model, seed`` + the       epoch (step = epoch), ``upstream_accuracy``
-           other settings (``image_size,          (supervised: top-1 on the source's held-out
-           epochs, batch_size, lr, ...``),        split; clip: zero-shot top-1 there; simclr:
-           ``class_fraction`` when swept, and     k-NN top-1 there), ``realized_label_noise``
-           ``view_fingerprint``                   (fraction of labels actually flipped),
+           other settings (``image_size,          on the source's held-out (test) split, restricted
+           epochs, batch_size, lr, ...``),        to the classes the run trained on (supervised:
+           ``class_fraction`` when swept, and     top-1 of its head; clip: zero-shot top-1 with
+           ``view_fingerprint``                   "a photo of a {class}." prompts of every source
+                                                  class; simclr: k-NN top-1 against its training
+                                                  features), ``realized_label_noise`` (fraction
+                                                  of labels actually flipped),
                                                   ``num_train_samples``
 transfer   ``task, protocol, shots, seed,         ``accuracy`` (task test split),
            layer`` + ``val_fraction``;            ``mean_per_class_accuracy``,
-           protocol is one of linear_probe,       ``validation_accuracy``, ``l2_reg``,
-           logistic, finetune, lp_ft, zero_shot   ``num_train_examples``
+           protocol is one of linear_probe,       ``num_train_examples``; probes and fine-tuning:
+           logistic, finetune, lp_ft, zero_shot   ``validation_accuracy``; linear_probe and
+           (``shots`` 0, ``seed`` 0); finetune    logistic: ``l2_reg``; finetune and lp_ft:
+           and lp_ft add ``finetune_lr,           ``learning_rate`` (the one chosen on
+           finetune_steps, finetune_batch_size,   validation)
+           finetune_weight_decay``
 =========  =====================================  ==================================================
 
 Artifacts: a pretrain run whose view drops classes stores ``view/class_mask.json``

@@ -56,10 +56,39 @@ def test_clip_loss_matches_a_hand_computed_value():
 
 
 def test_cross_entropy_of_the_supervised_method_matches_a_hand_computed_value():
+    from trainers.pretrain import _step_functions
+
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
-    labels = torch.tensor([0, 2])
+    seen = []
+
+    def model(x):  # a "network" with fixed outputs, so the loss is known by hand
+        seen.append(x)
+        return logits
+
+    batch = {"image": torch.full((2, 3, 4, 4), 255, dtype=torch.uint8), "label": torch.tensor([0, 2])}
+    step = _step_functions("supervised", model, torch.device("cpu"), "none", seed=0)
     expected = np.mean([-(2.0 - math.log(math.exp(2) + 1 + math.exp(-1))), -(0.0 - math.log(2 * math.exp(0.5) + 1))])
-    assert float(torch.nn.CrossEntropyLoss()(logits, labels)) == pytest.approx(expected, rel=1e-6)
+    assert float(step(batch)) == pytest.approx(expected, rel=1e-6)
+    assert seen[0].dtype == torch.float32 and float(seen[0].max()) < 5  # normalized, not raw uint8
+
+
+def test_clip_captions_come_from_the_data_else_from_the_class_name_template():
+    from datasets_.pipeline import training_captions
+
+    caps = training_captions(["a", "b", "c"], ["a handwritten seven", "", None], np.array([7, 3, 1]),
+                             [f"digit_{i}" for i in range(10)], view=None)
+    assert caps == ["a handwritten seven", "a photo of a digit 3.", "a photo of a digit 1."]
+    assert training_captions(["a"], None, np.array([2]), ["cat", "dog", "bird"], view=None) == ["a photo of a bird."]
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
+    from trainers.pretrain import lr_at
+
+    assert lr_at(0.5, 1.0, epochs=5, warmup_epochs=1, schedule="cosine") == pytest.approx(0.501)
+    assert lr_at(1.0, 1.0, 5, 1, "cosine") == pytest.approx(1.0)
+    assert lr_at(3.0, 1.0, 5, 1, "cosine") == pytest.approx(0.5)  # halfway through the decay
+    assert lr_at(5.0, 1.0, 5, 1, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(4.0, 0.1, 5, 0, "constant") == 0.1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +115,30 @@ def _losses_and_grads(a: torch.Tensor, b: torch.Tensor) -> dict:
     return out
 
 
+def _model_step(name: str, part: slice = slice(None), ddp: bool = False) -> dict[str, np.ndarray]:
+    """Parameter gradients of one training step of the CLIP or SimCLR model (a tiny ViT: no
+    BatchNorm, whose per-worker statistics would differ) on rows ``part`` of a fixed batch,
+    through DistributedDataParallel when ``ddp``."""
+    torch.manual_seed(0)
+    images, views = torch.randn(8, 3, 8, 8), torch.randn(16, 3, 8, 8)
+    tokens = tokenize([f"a photo of a {i}." for i in range(8)])
+    backbone = Backbone(model_config("vit-tiny"), 8)
+    model = ClipModel(backbone) if name == "clip" else SimCLRModel(backbone)
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+
+    def loss():
+        if name == "clip":
+            return clip_loss()(*net(images[part], tokens[part]))
+        z1, z2 = net(torch.cat([views[:8][part], views[8:][part]])).chunk(2)
+        return nt_xent_loss(z1, z2)
+
+    loss().backward()
+    grads = {k: p.grad.numpy().copy() for k, p in model.named_parameters()}
+    model.zero_grad()
+    loss().backward()  # a second step: DDP fails here if a parameter went unused in the first
+    return grads
+
+
 def _rank_main(rank: int, port: int, a: torch.Tensor, b: torch.Tensor, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
@@ -94,12 +147,15 @@ def _rank_main(rank: int, port: int, a: torch.Tensor, b: torch.Tensor, queue) ->
         part = slice(rank * n, (rank + 1) * n)
         res = _losses_and_grads(a[part], b[part])
         # Plain arrays: tensors would travel as shared-memory handles that die with this process.
-        queue.put((rank, {k: (loss, ga.numpy(), gb.numpy()) for k, (loss, ga, gb) in res.items()}))
+        out = {k: (loss, ga.numpy(), gb.numpy()) for k, (loss, ga, gb) in res.items()}
+        grads = {name: _model_step(name, slice(rank * 4, (rank + 1) * 4), ddp=True) for name in ("clip", "simclr")}
+        queue.put((rank, out, grads if rank == 0 else None))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_contrastive_losses_on_two_gloo_workers_equal_one_worker():
+@pytest.mark.timeout(420)  # two spawned processes importing torch and open_clip: slow on a loaded machine
+def test_contrastive_losses_and_ddp_models_on_two_gloo_workers_equal_one_worker():
     torch.manual_seed(0)
     a, b = torch.randn(8, 5), torch.randn(8, 5)
     single = _losses_and_grads(a, b)
@@ -109,10 +165,23 @@ def test_contrastive_losses_on_two_gloo_workers_equal_one_worker():
     procs = [ctx.Process(target=_rank_main, args=(r, port, a, b, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    try:
+        got = [queue.get(timeout=240) for _ in procs]
+    finally:  # a rank that cannot hand its result over would block the test run's exit
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = {rank: out for rank, out, _ in got}
+    ddp_grads = next(g for _, _, g in got if g is not None)
+    # The real models under DDP, 2 workers with half the batch each: the one-worker gradient of
+    # every parameter (DDP averages; the losses gather the global batch with gradients).
+    for name in ("clip", "simclr"):
+        single = _model_step(name)
+        assert single.keys() == ddp_grads[name].keys()
+        for k, g in single.items():
+            np.testing.assert_allclose(ddp_grads[name][k], g, rtol=1e-4, atol=1e-6, err_msg=f"{name}: {k}")
     for name, (loss, ga, gb) in single.items():
         # Each rank's loss is the mean over its half of the global batch: their mean is the
         # one-worker loss.
@@ -235,3 +304,27 @@ def test_feature_cache_round_trip_is_exact_and_content_addressed(tmp_path):
     assert got.keys.tolist() == ["a", "b"] and np.array_equal(got.x, f.x) and got.y.tolist() == [0, 1]
     assert feature_key("w" * 64, "task-fp", "train", "block1", 16) != key
     assert FeatureCache(str(tmp_path / "cache")).get(key) is not None  # another process, same storage
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision: the policy the loop applies (checkable without a GPU), and its spec check.
+
+
+def test_amp_policy_scales_only_fp16_and_only_on_cuda():
+    from trainers.pretrain import amp_policy
+
+    assert amp_policy("cuda", "bf16") == (torch.bfloat16, False)
+    assert amp_policy("cuda", "fp16") == (torch.float16, True)
+    assert amp_policy("cuda", "none") == (None, False)
+    assert amp_policy("cpu", "fp16") == (None, False)
+
+
+def test_amp_without_a_gpu_is_refused_by_the_spec():
+    from orchestrator.spec import SpecError, parse_spec
+
+    base = {"study": "s", "sources": {"m": "builtin:mnist"}, "tasks": {"d": "builtin:digits"}}
+    with pytest.raises(SpecError, match=r"^pretrain.amp: bf16 mixed precision runs on CUDA only"):
+        parse_spec({**base, "pretrain": {"amp": "bf16"}})
+    with pytest.raises(SpecError, match=r"^pretrain.sweep.amp\[1\]: fp16"):
+        parse_spec({**base, "pretrain": {"sweep": {"amp": ["none", "fp16"]}}})
+    assert parse_spec({**base, "pretrain": {"amp": "fp16"}, "resources": {"use_gpu": True}}).pretrain.base.amp == "fp16"

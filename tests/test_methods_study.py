@@ -77,15 +77,21 @@ def test_every_method_and_protocol_lands_in_mlflow_with_the_schema(methods_study
         assert 0.0 <= r.data.metrics["accuracy"] <= 1.0 and 0.0 <= r.data.metrics["mean_per_class_accuracy"] <= 1.0
         if r.data.params["protocol"] in ("finetune", "lp_ft"):
             assert r.data.params["finetune_steps"] == "10" and r.data.metrics["learning_rate"] == 0.01
-    # The per-example outputs of one run: a row per test example, consistent with its accuracy.
-    run = next(r for r in transfers if r.data.params["protocol"] == "logistic")
-    path = client.download_artifacts(run.info.run_id, PER_EXAMPLE_ARTIFACT)
-    df = pd.read_parquet(path)
-    assert df.columns.tolist() == ["example", "key", "label", "prediction", "correct_prob", "margin"]
-    assert df["example"].tolist() == list(range(len(df))) and len(df) > 100
-    assert (df["prediction"] == df["label"]).mean() == pytest.approx(run.data.metrics["accuracy"])
-    assert ((df["margin"] > 0) == (df["prediction"] == df["label"])).all()
-    assert df["correct_prob"].between(0, 1).all()
+    # The per-example outputs of every run, zero_shot included: a row per test example (the same
+    # examples in every run), consistent with the run's accuracy and mean per-class accuracy.
+    keys = None
+    for run in transfers:
+        df = pd.read_parquet(client.download_artifacts(run.info.run_id, PER_EXAMPLE_ARTIFACT))
+        assert df.columns.tolist() == ["example", "key", "label", "prediction", "correct_prob", "margin"]
+        assert df["example"].tolist() == list(range(len(df))) and len(df) > 100
+        keys = df["key"].tolist() if keys is None else keys
+        assert df["key"].tolist() == keys
+        correct = df["prediction"] == df["label"]
+        assert correct.mean() == pytest.approx(run.data.metrics["accuracy"])
+        per_class = correct.groupby(df["label"]).mean().mean()
+        assert per_class == pytest.approx(run.data.metrics["mean_per_class_accuracy"])
+        assert ((df["margin"] > 0) == correct).all()
+        assert df["correct_prob"].between(0, 1).all()
     # The study run counts the feature work: per checkpoint, 2 layers extracted once.
     study = _runs(client, "methods", KIND_STUDY)[0]
     assert study.data.metrics["feature_extractions"] == 3 * 2

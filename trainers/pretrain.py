@@ -101,10 +101,25 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def amp_policy(device_type: str, amp: str) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether the loss needs a GradScaler) of an ``amp`` setting.
+
+    Mixed precision runs on CUDA only. bf16 keeps float32's exponent range, so its gradients do
+    not underflow and need no loss scaling; fp16 does. Parameters, optimizer state and the
+    contrastive losses' similarity logits stay float32 (embeddings are cast back before the loss).
+    """
+    if device_type != "cuda" or amp == "none":
+        return None, False
+    if amp == "bf16":
+        return torch.bfloat16, False
+    if amp == "fp16":
+        return torch.float16, True
+    raise ValueError(f"unknown amp mode '{amp}' (known: none, bf16, fp16)")
+
+
 def _autocast(device: torch.device, amp: str):
-    if device.type != "cuda" or amp == "none":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    dtype, _ = amp_policy(device.type, amp)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -155,7 +170,7 @@ def pretrain_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     bare = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp == "fp16")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_policy(device.type, amp)[1])
     meta = {
         **config.get("meta", {}),
         "method": method,
@@ -239,7 +254,8 @@ def _step_functions(method: str, model: nn.Module, device, amp: str, seed: int):
         def clip_step(b):
             images = normalize(b["image"].to(device, non_blocking=True))
             image_f, text_f, scale = model(images, b["tokens"].to(device, non_blocking=True))
-            return loss_fn(image_f.float(), text_f.float(), scale.float())
+            with torch.autocast(device.type, enabled=False):  # similarity logits in float32
+                return loss_fn(image_f.float(), text_f.float(), scale.float())
 
         return clip_step
     if method == "simclr":
@@ -250,7 +266,8 @@ def _step_functions(method: str, model: nn.Module, device, amp: str, seed: int):
             views = torch.cat([simclr_views(images, generator), simclr_views(images, generator)])
             z = model(views)  # one forward for both views (DDP allows one per backward)
             z1, z2 = z.float().chunk(2)
-            return nt_xent_loss(z1, z2)
+            with torch.autocast(device.type, enabled=False):  # similarity logits in float32
+                return nt_xent_loss(z1, z2)
 
         return simclr_step
     raise ValueError(f"unknown pretraining method '{method}'")
