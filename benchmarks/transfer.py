@@ -1,6 +1,6 @@
 """Wall time of a shots × seeds × protocols transfer grid with the feature cache vs without it.
 
-    python benchmarks/transfer.py --model small-cnn --image-size 32 --shots 1 5 10 full --seeds 5
+    python benchmarks/transfer.py --model small-cnn --image-size 32 --shots 1 5 10 full --seeds 5 --threads 1
 
 Pretrains one checkpoint in-process (supervised, builtin:mnist, ``--pretrain-epochs``; no Ray:
 only the transfer side is timed), then runs the same grid of frozen-feature fits (linear_probe
@@ -15,7 +15,8 @@ and logistic, every shots × seed, 'full' once, as a study plans them) on builti
 
 Every way must give the same accuracy for every fit (asserted). Fine-tuning protocols (finetune,
 lp_ft) train the whole network on images and read no frozen features (lp_ft only its initial
-probe), so the cache does not change their cost; they are left out of the grid. Run by hand;
+probe), so the cache does not change their cost; they are left out of the grid. Prints wall and
+CPU seconds of each way (CPU time is the steadier figure on a shared machine). Run by hand;
 figures go in docs/benchmarks.md.
 """
 
@@ -66,9 +67,11 @@ def grid(protocols: list[str], shots: list, seeds: int) -> list[Fit]:
 
 
 def timed(fn):
-    t0 = time.perf_counter()
+    """(result, wall seconds, CPU seconds of this process): CPU time, summed over torch's
+    threads, is what the grid costs; wall time also counts waiting for a shared machine."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    return out, time.perf_counter() - t0
+    return out, time.perf_counter() - t0, time.process_time() - c0
 
 
 def main(argv=None) -> dict:
@@ -92,9 +95,9 @@ def main(argv=None) -> dict:
         os.makedirs(ckpt)
         pretrain_s = pretrain(ckpt, args.model, args.image_size, args.pretrain_epochs)
         cache = FeatureCache(f"{tmp}/feature_cache")
-        (cold, cold_stats), cold_s = timed(lambda: evaluate_transfer(ckpt, task, fits, cache=cache))
-        (warm, warm_stats), warm_s = timed(lambda: evaluate_transfer(ckpt, task, fits, cache=cache))
-        nocache, nocache_s = timed(lambda: [evaluate_transfer(ckpt, task, [f])[0][0] for f in fits])
+        (cold, cold_stats), cold_s, cold_cpu = timed(lambda: evaluate_transfer(ckpt, task, fits, cache=cache))
+        (warm, warm_stats), warm_s, warm_cpu = timed(lambda: evaluate_transfer(ckpt, task, fits, cache=cache))
+        nocache, nocache_s, nocache_cpu = timed(lambda: [evaluate_transfer(ckpt, task, [f])[0][0] for f in fits])
 
     acc = {name: np.array([r.metrics["accuracy"] for r in rs]) for name, rs in
            (("cold", cold), ("warm", warm), ("nocache", nocache))}
@@ -112,6 +115,11 @@ def main(argv=None) -> dict:
         "cache_warm_s": round(warm_s, 1),
         "speedup_cold": round(nocache_s / cold_s, 1),
         "speedup_warm": round(nocache_s / warm_s, 1),
+        "no_cache_cpu_s": round(nocache_cpu, 1),
+        "cache_cold_cpu_s": round(cold_cpu, 1),
+        "cache_warm_cpu_s": round(warm_cpu, 1),
+        "cpu_speedup_cold": round(nocache_cpu / cold_cpu, 1),
+        "cpu_speedup_warm": round(nocache_cpu / warm_cpu, 1),
         "extractions_no_cache": len(fits),
         "extractions_cold": cold_stats.feature_extractions,
         "cache_hits_warm": warm_stats.feature_cache_hits,

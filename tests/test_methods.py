@@ -178,9 +178,9 @@ def test_contrastive_losses_and_ddp_models_on_two_gloo_workers_equal_one_worker(
     # The real models under DDP, 2 workers with half the batch each: the one-worker gradient of
     # every parameter (DDP averages; the losses gather the global batch with gradients).
     for name in ("clip", "simclr"):
-        single = _model_step(name)
-        assert single.keys() == ddp_grads[name].keys()
-        for k, g in single.items():
+        reference = _model_step(name)
+        assert reference.keys() == ddp_grads[name].keys()
+        for k, g in reference.items():
             np.testing.assert_allclose(ddp_grads[name][k], g, rtol=1e-4, atol=1e-6, err_msg=f"{name}: {k}")
     for name, (loss, ga, gb) in single.items():
         # Each rank's loss is the mean over its half of the global batch: their mean is the
