@@ -254,6 +254,7 @@ _VIEW_AXES: dict[str, Callable[[str, Any], Any]] = {
     "label_noise": lambda p, v: _float(p, v, lo=0.0, hi=1.0),
     "seed": lambda p, v: _int(p, v, minimum=0),
     "class_fraction": lambda p, v: _class_fraction(p, v),
+    "caption_noise": lambda p, v: _float(p, v, lo=0.0, hi=1.0),  # clip: share of captions swapped
 }
 
 
@@ -366,7 +367,7 @@ def _pretrain(m: _Mapping, sources: dict[str, DataRef]) -> PretrainSpec:
     s = _Mapping("pretrain.sweep", p.get("sweep", lambda _, v: v, {}), axes)
     source_reader = _choice(tuple(sources))
     sweep: dict[str, tuple] = {"source": s.get("source", lambda q, v: _list(q, v, source_reader), tuple(sources))}
-    view_defaults = {"pretrain_size": (None,), "label_noise": (0.0,), "seed": (0,), "class_fraction": (1.0,)}
+    view_defaults = {"pretrain_size": (None,), "label_noise": (0.0,), "seed": (0,), "class_fraction": (1.0,), "caption_noise": (0.0,)}
     for axis, reader in {**_VIEW_AXES, **_SETTING_READERS}.items():
         if axis in s.data:
             sweep[axis] = s.get(axis, lambda q, v, r=reader: _list(q, v, r))
