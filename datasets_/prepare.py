@@ -162,7 +162,7 @@ def scan_source(uri: str, test_fraction: float = TEST_FRACTION, root: Path | Non
     return _write(uri, str(out), fmt, 1 << 30, test_fraction, BadSamples("skip"), "raw", extra, **parquet_columns)
 
 
-def resolve_dataset(uri: str) -> ShardedDataset:
+def resolve_dataset(uri: str, **parquet_columns) -> ShardedDataset:
     """Open ``builtin:NAME`` (preparing it if needed), a prepared dataset (directory or object
     store), or a raw source read as it is (:func:`scan_source`)."""
     if uri.startswith(BUILTIN_PREFIX):
@@ -170,7 +170,7 @@ def resolve_dataset(uri: str) -> ShardedDataset:
     if is_remote(uri) or not os.path.exists(uri.split("{")[0]) or (Path(uri) / MANIFEST).is_file():
         return open_dataset(uri)
     try:
-        return scan_source(uri)
+        return scan_source(uri, **parquet_columns)
     except DatasetError as e:
         if os.path.isdir(uri) and "no class folders" in str(e):
             raise DatasetError(f"{uri}: not a transferlab dataset (no {MANIFEST}) nor a source (no class folders, .tar or .parquet files)") from None

@@ -116,7 +116,7 @@ def resolve_data(spec: StudySpec) -> dict[str, ShardedDataset]:
     for section, refs in (("sources", spec.sources), ("tasks", spec.tasks)):
         for name, ref in refs.items():
             try:
-                out[f"{section}.{name}"] = resolve_dataset(ref.uri)
+                out[f"{section}.{name}"] = resolve_dataset(ref.uri, **ref.columns)
             except DatasetError as e:
                 raise SpecError(f"{section}.{name}.uri", str(e)) from None
     return out
