@@ -13,9 +13,11 @@ pretrain   ``method, source, pretrain_size,       ``train_loss`` and ``images_pe
            label_noise, model, seed`` + the       epoch (step = epoch), ``upstream_accuracy``
            other settings (``image_size,          (supervised: top-1 on the source's held-out
            epochs, batch_size, lr, ...``),        split; clip: zero-shot top-1 there; simclr:
-           ``class_fraction`` when swept, and     k-NN top-1 there), ``realized_label_noise``
-           ``view_fingerprint``                   (fraction of labels actually flipped),
-                                                  ``num_train_samples``
+           ``class_fraction`` when swept,         k-NN top-1 there), ``realized_label_noise``
+           ``caption_noise`` (clip runs) and      (fraction of labels actually flipped),
+           ``view_fingerprint``                   ``num_train_samples``; clip runs with
+                                                  caption noise: ``realized_caption_noise`` per
+                                                  epoch (share of captions swapped)
 transfer   ``task, protocol, shots, seed,         ``accuracy`` (task test split),
            layer`` + ``val_fraction``;            ``mean_per_class_accuracy``,
            protocol is one of linear_probe,       ``validation_accuracy``, ``l2_reg``,
