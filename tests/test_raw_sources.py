@@ -122,6 +122,16 @@ def test_raw_sources_are_scanned_once_and_rescanned_when_they_change(tmp_path):
                              "label": [y % 2 for _, y in rows]}), tmp_path / "p.parquet")
     ds = resolve_dataset(str(tmp_path / "p.parquet"), key_column="uid")
     assert ds.manifest["source_format"] == "parquet" and set(_samples(ds)) == {f"u{i}" for i in range(20)}
+    # The same, named in a study: the spec's column names reach the scan.
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"study": "p", "sources": {"p": {"uri": "p.parquet", "key_column": "uid"}},
+                                    "tasks": {"f": str(src)}, "transfer": {"shots": [1]}}))
+    assert main(["validate", str(spec)]) == 0
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import load_spec
+
+    plan = build_plan(load_spec(spec))
+    assert plan.data["sources.p"].root == ds.root and plan.pretrain_jobs[0].source_root == str(ds.root)
 
 
 def _study(tmp_path, source_uri, task_uri, **pretrain):
