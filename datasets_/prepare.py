@@ -45,13 +45,20 @@ def _rows(samples, bad: BadSamples, test_fraction: float, class_names: dict[int,
     record.update(bad.summary())
 
 
+def _source_name(src: str) -> str:
+    """``shards`` for ``/data/shards/{00000..00009}.tar`` or ``/data/shards/``; ``x`` for ``x.parquet``."""
+    path = Path(src.rstrip("/"))
+    stem = path.name.split("{")[0].removesuffix(".tar").removesuffix(".parquet").rstrip("-_.")
+    return stem or path.parent.name or "dataset"
+
+
 def _write(src: str, out: str, fmt: str, shard_size: int, test_fraction: float, bad: BadSamples,
            shard_format: str, extra: dict, **parquet_columns) -> ShardedDataset:
     class_names: dict[int, str] = {}
     record: dict = {}
     ds = write_sharded_dataset(
         out,
-        name=Path(src.rstrip("/")).name.split("{")[0] or "dataset",
+        name=_source_name(src),
         classes=folder_layout(src)[1] if fmt == "folder" else None,
         rows=_rows(iter_samples(src, bad, **parquet_columns), bad, test_fraction, class_names, record),
         shard_size=shard_size,
