@@ -68,13 +68,14 @@ def read_units(dataset, split: str) -> list[dict]:
     cols = {c: table.column(c).to_pylist() for c in ("key", "label", "caption", "shard")}
     units: list[dict] = []
     for i, shard in enumerate(cols["shard"]):
+        shard = dataset.resolve(shard)
         new = not units or (units[-1]["paths"][-1] != shard if kind != "file" else len(units[-1]["keys"]) >= FILES_PER_UNIT)
         if new:
             units.append({"kind": kind, "paths": [], "keys": [], "labels": [], "captions": [],
                           "columns": dataset.manifest.get("parquet_columns", {})})
         u = units[-1]
         if kind == "file" or not u["paths"]:
-            u["paths"].append(dataset.resolve(shard))
+            u["paths"].append(shard)
         u["keys"].append(cols["key"][i])
         u["labels"].append(int(cols["label"][i]))
         u["captions"].append(cols["caption"][i] or "")

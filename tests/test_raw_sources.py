@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from datasets_ import open_dataset, resolve_dataset
-from datasets_.indexed import iter_encoded
+from datasets_.indexed import iter_encoded, read_units
 from datasets_.prepare import inspect, prepare
 from datasets_.readers import BadSamples, iter_samples
 from orchestrator.cli import main
@@ -88,6 +88,7 @@ def test_webdataset_output_reads_back_as_the_same_samples(tmp_path, capsys):
     assert wds.fingerprint != pq_ds.fingerprint
     assert inspect(str(src))["fingerprint"] == pq_ds.manifest["content_fingerprint"]
     assert _samples(wds) == _samples(pq_ds)
+    assert [u["paths"] for u in read_units(wds, "train")] == [[f] for f in wds.files("train")]  # one read task per tar
     for split in ("train", "test"):
         a, b = wds.keys_and_labels(split), pq_ds.keys_and_labels(split)
         assert list(a.keys) == list(b.keys) and list(a.labels) == list(b.labels)
