@@ -154,7 +154,8 @@ def source_files(uri: str, fmt: str) -> list[str]:
         return _shard_paths(uri, ".parquet")
     out = []
     for top, dirs, files in os.walk(uri):  # os.walk does not follow symlinked folders
-        out += [os.path.join(top, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        paths = (os.path.join(top, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+        out += [p for p in paths if not os.path.islink(p)]  # the reader never follows links either
     return sorted(out)
 
 
