@@ -111,6 +111,8 @@ def test_raw_sources_are_scanned_once_and_rescanned_when_they_change(tmp_path):
     first = resolve_dataset(str(src))
     assert first.format == "raw" and first.manifest["source_format"] == "folder"
     assert first.root == resolve_dataset(str(src)).root  # the cached scan is reused
+    # The scan holds no image bytes: only its manifest and the per-split index.
+    assert sorted(p.name for p in first.root.rglob("*") if p.is_file()) == ["manifest.json", "test.parquet", "train.parquet"]
     prepared, _ = prepare(str(src), str(tmp_path / "pq"))
     assert _samples(first) == _samples(prepared)
     assert first.fingerprint == prepared.manifest["content_fingerprint"]
