@@ -1,12 +1,13 @@
 """Images/s delivered as model-ready batches: transferlab's Ray Data path vs a plain torch
 DataLoader over the same shards with the same decode, vs single-process decode.
 
-    python benchmarks/ingest.py --images 3000 --size 256 --image-size 224 --cpus 2
+    python benchmarks/ingest.py --images 3000 --size 256 --image-size 224 --cpus 2 [--webdataset]
 
 Writes synthetic JPEGs (smooth random colour fields, so they compress like photos) into
 transferlab Parquet shards in a temporary directory, then times each path over ``--epochs``
-passes and reports the last one (the first includes start-up). Run by hand; figures go in
-docs/benchmarks.md.
+passes and reports the last one (the first includes start-up). ``--webdataset`` also times the
+Ray Data path over the same samples as transferlab WebDataset tars (the read-unit path that raw
+sources take too). Run by hand; figures go in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from datasets_ import write_sharded_dataset
 from datasets_.pipeline import decode_images, normalize, ray_dataset
 
 
-def synthetic_dataset(root: str, n: int, size: int, shard_size: int):
+def synthetic_dataset(root: str, n: int, size: int, shard_size: int, shard_format: str = "parquet"):
     rng = np.random.default_rng(0)
 
     def rows():
@@ -37,7 +38,8 @@ def synthetic_dataset(root: str, n: int, size: int, shard_size: int):
             img.save(buf, format="JPEG", quality=90)
             yield "train", {"key": f"img-{i:07d}", "image": buf.getvalue(), "label": i % 10, "caption": ""}
 
-    return write_sharded_dataset(os.path.join(root, "ds"), "synthetic", [str(c) for c in range(10)], rows(), shard_size)
+    return write_sharded_dataset(os.path.join(root, f"ds-{shard_format}"), "synthetic", [str(c) for c in range(10)], rows(),
+                                 shard_size, shard_format=shard_format)
 
 
 def raw_decode(ds, image_size: int, batch: int) -> float:
@@ -92,6 +94,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--cpus", type=int, default=os.cpu_count())
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--webdataset", action="store_true", help="also time the Ray Data path over WebDataset tars")
     args = p.parse_args()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     torch.set_num_threads(1)
@@ -104,6 +107,9 @@ def main() -> None:
 
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         results[f"transferlab Ray Data path, {args.cpus} CPUs"] = ray_data(ds, args.image_size, args.batch, args.epochs)
+        if args.webdataset:
+            tars = synthetic_dataset(tmp, args.images, args.size, max(1, args.images // (2 * args.cpus)), "webdataset")
+            results[f"same, WebDataset tars, {args.cpus} CPUs"] = ray_data(tars, args.image_size, args.batch, args.epochs)
         ray.shutdown()
     base = results[f"torch DataLoader, {args.cpus} workers"]
     print(f"\n{args.images} JPEG {args.size}px -> float32 3x{args.image_size}x{args.image_size}, batch {args.batch}, last of {args.epochs} passes")

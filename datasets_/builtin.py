@@ -93,10 +93,3 @@ def prepare_builtin(name: str, root: Path | None = None) -> ShardedDataset:
                 }
 
     return write_sharded_dataset(out, name=name, classes=classes, rows=rows(), extra={"origin": f"builtin:{name}"})
-
-
-def resolve_dataset(uri: str) -> ShardedDataset:
-    """Open ``builtin:NAME`` (preparing it if needed) or a prepared dataset directory."""
-    if is_builtin(uri):
-        return prepare_builtin(uri[len(BUILTIN_PREFIX):])
-    return open_dataset(uri)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from datasets_.shards import ShardedDataset, parquet_file
+from datasets_.indexed import iter_encoded
+from datasets_.shards import ShardedDataset
 
 
 def image_hashes(blob: bytes) -> tuple[str, int, np.ndarray]:
@@ -43,14 +44,13 @@ class HashedSplit:
 
 def hash_split(dataset: ShardedDataset, split: str) -> HashedSplit:
     keys, digests, dh, thumbs = [], [], [], []
-    for path in dataset.files(split):
-        for rb in parquet_file(path).iter_batches(columns=["key", "image"], batch_size=512):
-            for key, blob in zip(rb.column("key").to_pylist(), rb.column("image").to_pylist()):
-                d, h, t = image_hashes(blob)
-                keys.append(key)
-                digests.append(d)
-                dh.append(h)
-                thumbs.append(t)
+    for b in iter_encoded(dataset, split, 512, columns=("key", "image")):
+        for key, blob in zip(b["key"], b["image"]):
+            d, h, t = image_hashes(blob)
+            keys.append(key)
+            digests.append(d)
+            dh.append(h)
+            thumbs.append(t)
     return HashedSplit(keys, digests, np.array(dh, dtype=np.uint64), np.array(thumbs, dtype=np.uint8).reshape(-1, 16, 16))
 
 

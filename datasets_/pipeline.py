@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from datasets_.safety import too_many_pixels
-from datasets_.shards import DatasetError, ShardedDataset, parquet_file
+from datasets_.shards import DatasetError, ShardedDataset
 from datasets_.views import PretrainView
 
 # Normalization to roughly [-1, 1]; one constant for every dataset keeps features comparable.
@@ -61,12 +61,14 @@ def decode_images(blobs, image_size: int) -> np.ndarray:
     return normalize(decode_uint8(blobs, image_size))
 
 
-def training_captions(keys, captions, labels: np.ndarray, classes: list[str], view: PretrainView | None) -> list[str]:
-    """The text a CLIP model trains on: each sample's caption, or the class-name template
-    (``trainers.methods.CLIP_TEMPLATE``) of its (possibly noisy) label where it has none.
+def training_captions(keys, captions, labels: np.ndarray, classes: list[str], view: PretrainView | None) -> tuple[list[str], np.ndarray]:
+    """The text a CLIP model trains on, and which samples got another sample's caption: each
+    sample's caption, or the class-name template (``trainers.methods.CLIP_TEMPLATE``) of its
+    (possibly noisy) label where it has none.
 
-    For captioned samples, a view's ``label_noise`` is caption noise: that fraction of the
-    batch's captions is swapped among themselves (:func:`datasets_.views.swapped_captions`).
+    A view's ``caption_noise`` swaps that fraction of the batch's captions among themselves
+    (:func:`datasets_.views.swapped_captions`, decided by key hash); label noise reaches only
+    the class-name templates of uncaptioned samples.
     """
     from datasets_.views import swapped_captions
     from trainers.methods import class_prompts
@@ -74,11 +76,13 @@ def training_captions(keys, captions, labels: np.ndarray, classes: list[str], vi
     prompts = class_prompts(classes)
     caps = [c if isinstance(c, str) and c.strip() else None for c in (captions if captions is not None else [None] * len(labels))]
     have = [i for i, c in enumerate(caps) if c is not None]
-    if view is not None and view.label_noise > 0 and have:
-        swapped = swapped_captions([keys[i] for i in have], [caps[i] for i in have], view.label_noise, view.seed)
+    changed = np.zeros(len(caps), dtype=np.uint8)
+    if view is not None and view.caption_noise > 0 and have:
+        swapped = swapped_captions([keys[i] for i in have], [caps[i] for i in have], view.caption_noise, view.seed)
         for i, c in zip(have, swapped):
+            changed[i] = c != caps[i]
             caps[i] = c
-    return [c if c is not None else prompts[int(y)] for c, y in zip(caps, labels)]
+    return [c if c is not None else prompts[int(y)] for c, y in zip(caps, labels)], changed
 
 
 def _view_and_decode(batch: dict, view: PretrainView | None, image_size: int, classes: list[str] | None = None) -> dict:
@@ -96,7 +100,10 @@ def _view_and_decode(batch: dict, view: PretrainView | None, image_size: int, cl
     if classes is not None:  # image-text training: tokenized captions
         from trainers.methods import tokenize
 
-        out["tokens"] = tokenize(training_captions(keys, captions, labels, classes, view)).numpy()
+        texts, changed = training_captions(keys, captions, labels, classes, view)
+        out["tokens"] = tokenize(texts).numpy()
+        if view is not None and view.caption_noise > 0:
+            out["caption_swapped"] = changed  # the loop reports the realized rate from these
     return out
 
 
@@ -124,6 +131,12 @@ def ray_dataset(
     """
     import ray.data
 
+    decode = functools.partial(_view_and_decode, view=view, image_size=image_size, classes=dataset.classes if text else None)
+    if dataset.format != "parquet":
+        return _unit_dataset(dataset, split, task_cpus).map_batches(
+            decode, batch_size=decode_batch_size, batch_format="numpy", num_cpus=task_cpus,
+            concurrency=concurrency or max(1, os.cpu_count() or 1),
+        )
     ctx = ray.data.DataContext.get_current()
     # Ray 2.60's default Parquet datasource (V2) plans a file-listing task that needs a whole
     # CPU and cannot be given less: beside training workers that hold all but a fraction of a
@@ -136,7 +149,7 @@ def ray_dataset(
     finally:
         ctx.use_datasource_v2 = previous
     return ds.map_batches(
-        functools.partial(_view_and_decode, view=view, image_size=image_size, classes=dataset.classes if text else None),
+        decode,
         batch_size=decode_batch_size,
         batch_format="numpy",
         num_cpus=task_cpus,
@@ -144,15 +157,31 @@ def ray_dataset(
     )
 
 
+def _read_units(batch: dict, units: list[dict]) -> Iterator[dict]:
+    from datasets_.indexed import iter_unit
+
+    for i in batch["unit"]:
+        yield from iter_unit(units[int(i)])
+
+
+def _unit_dataset(dataset: ShardedDataset, split: str, task_cpus: float):
+    """Tars and raw sources: one Ray Data row per read unit (a tar, a Parquet file, a run of
+    image files), expanded into sample rows by tasks running our own readers, so the tar and
+    pixel safety checks hold inside Ray too. The units travel with the task function."""
+    import ray.data
+
+    from datasets_.indexed import read_units
+
+    units = read_units(dataset, split)
+    items = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=max(1, len(units)))
+    return items.map_batches(functools.partial(_read_units, units=units), batch_size=1, batch_format="numpy", num_cpus=task_cpus)
+
+
 def iter_local_batches(
     dataset: ShardedDataset, split: str, image_size: int, batch_size: int = 256
 ) -> Iterator[dict]:
     """Decode a split in this process, in file order, with keys (for small downstream tasks)."""
-    for path in dataset.files(split):
-        pf = parquet_file(path)
-        for rb in pf.iter_batches(batch_size=batch_size, columns=["key", "image", "label"]):
-            yield {
-                "key": np.asarray(rb.column("key").to_pylist(), dtype=object),
-                "image": decode_images(rb.column("image").to_pylist(), image_size),
-                "label": rb.column("label").to_numpy().astype(np.int64),
-            }
+    from datasets_.indexed import iter_encoded
+
+    for b in iter_encoded(dataset, split, batch_size):
+        yield {"key": b["key"], "image": decode_images(list(b["image"]), image_size), "label": b["label"]}

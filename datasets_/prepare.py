@@ -1,16 +1,23 @@
-"""``transferlab data prepare`` / ``inspect``: any supported source → Parquet shards + manifest."""
+"""``transferlab data prepare`` / ``inspect`` and raw sources: any supported source → shards +
+manifest (Parquet or WebDataset tars, locally or on an object store), or a cached scan that lets
+a study read the source as it is."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
-from collections import Counter
+import tempfile
 from pathlib import Path
 
-from datasets_.builtin import BUILTIN_PREFIX, TEST_FRACTION, prepare_builtin
-from datasets_.readers import BadSamples, Sample, detect_format, folder_layout, iter_samples
-from datasets_.shards import DatasetError, ShardedDataset, is_remote, open_dataset, write_sharded_dataset
+from datasets_.builtin import BUILTIN_PREFIX, TEST_FRACTION, cache_dir, prepare_builtin
+from datasets_.readers import BadSamples, Sample, detect_format, folder_layout, iter_samples, source_files
+from datasets_.shards import MANIFEST, DatasetError, ShardedDataset, is_remote, open_dataset, write_sharded_dataset
 from datasets_.views import unit_hash
+
+# Bump when a scan's index or manifest changes meaning, so cached scans are redone.
+SCAN_VERSION = "1"
 
 
 def _rows(samples, bad: BadSamples, test_fraction: float, class_names: dict[int, str], record: dict):
@@ -34,8 +41,34 @@ def _rows(samples, bad: BadSamples, test_fraction: float, class_names: dict[int,
         if s.class_name is not None and s.label is not None:
             class_names.setdefault(s.label, s.class_name)
         split = s.split or ("test" if unit_hash([s.key], 0, "prepare-split")[0] < test_fraction else "train")
-        yield split, {"key": s.key, "image": s.image, "label": -1 if s.label is None else s.label, "caption": s.caption}
+        yield split, {"key": s.key, "image": s.image, "label": -1 if s.label is None else s.label, "caption": s.caption, "shard": s.shard}
     record.update(bad.summary())
+
+
+def _source_name(src: str) -> str:
+    """``shards`` for ``/data/shards/{00000..00009}.tar`` or ``/data/shards/``; ``x`` for ``x.parquet``."""
+    path = Path(src.rstrip("/"))
+    stem = path.name.split("{")[0].removesuffix(".tar").removesuffix(".parquet").rstrip("-_.")
+    return stem or path.parent.name or "dataset"
+
+
+def _write(src: str, out: str, fmt: str, shard_size: int, test_fraction: float, bad: BadSamples,
+           shard_format: str, extra: dict, **parquet_columns) -> ShardedDataset:
+    class_names: dict[int, str] = {}
+    record: dict = {}
+    ds = write_sharded_dataset(
+        out,
+        name=_source_name(src),
+        classes=folder_layout(src)[1] if fmt == "folder" else None,
+        rows=_rows(iter_samples(src, bad, **parquet_columns), bad, test_fraction, class_names, record),
+        shard_size=shard_size,
+        extra={"origin": src, "source_format": fmt, "class_names": class_names, "bad_samples": record, **extra},
+        shard_format=shard_format,
+    )
+    if ds.num_samples("train") + ds.num_samples("test") == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        raise DatasetError(f"{src}: no usable samples ({bad.total} bad)")
+    return ds
 
 
 def prepare(
@@ -44,86 +77,123 @@ def prepare(
     shard_size: int = 2000,
     test_fraction: float = TEST_FRACTION,
     on_bad_sample: str = "skip",
+    shard_format: str = "parquet",
     **parquet_columns,
 ) -> tuple[ShardedDataset, BadSamples]:
-    """Convert ``src`` (builtin name, image folder, WebDataset tars, Parquet) into ``out``.
+    """Convert ``src`` (builtin name, image folder, WebDataset tars, Parquet) into ``out``: a
+    directory or an object-store prefix (``s3://bucket/prefix``), as ``parquet`` shards or
+    img2dataset-compatible ``webdataset`` tars.
 
     Samples whose layout names no split go to ``test`` with probability ``test_fraction`` by a
     hash of their key. Returns the dataset and the record of skipped samples (also written to
     the manifest as ``bad_samples``).
     """
+    if is_remote(out):
+        if shard_format != "parquet":
+            raise DatasetError(f"{out}: object stores take Parquet shards only (--format parquet)")
+        with tempfile.TemporaryDirectory(prefix="transferlab-prepare-") as tmp:
+            local, bad = prepare(src, f"{tmp}/ds", shard_size, test_fraction, on_bad_sample, shard_format, **parquet_columns)
+            upload(local, out)
+        return open_dataset(out), bad
     bad = BadSamples(on_bad_sample)
     if src.startswith(BUILTIN_PREFIX):
         cached = prepare_builtin(src[len(BUILTIN_PREFIX):])
-        if Path(out).exists():
-            shutil.rmtree(out)
-        shutil.copytree(cached.root, out)
-        return open_dataset(out), bad
+        if shard_format == "parquet":
+            if Path(out).exists():
+                shutil.rmtree(out)
+            shutil.copytree(cached.root, out)
+            return open_dataset(out), bad
+        return _rewrite(cached, out, shard_size, shard_format), bad
     fmt = detect_format(src)
     if fmt == "transferlab":
         raise DatasetError(f"{src}: already a prepared transferlab dataset (inspect it with `transferlab data inspect`)")
-    class_names: dict[int, str] = {}
-    record: dict = {}
-    samples = iter_samples(src, bad, **parquet_columns)
-    folder_classes = None
-    if fmt == "folder":
-        folder_classes = folder_layout(src)[1]
-    ds = write_sharded_dataset(
-        out,
-        name=Path(src.rstrip("/")).name.split("{")[0] or "dataset",
-        classes=folder_classes,
-        rows=_rows(samples, bad, test_fraction, class_names, record),
-        shard_size=shard_size,
-        extra={"origin": src, "source_format": fmt, "class_names": class_names, "bad_samples": record},
-    )
-    if ds.num_samples("train") + ds.num_samples("test") == 0:
-        raise DatasetError(f"{src}: no usable samples ({bad.total} bad)")
-    return ds, bad
+    return _write(src, out, fmt, shard_size, test_fraction, bad, shard_format, {}, **parquet_columns), bad
+
+
+def _rewrite(ds: ShardedDataset, out: str, shard_size: int, shard_format: str) -> ShardedDataset:
+    """A prepared dataset in another shard format (same samples, splits and class names)."""
+    from datasets_.indexed import iter_encoded
+
+    def rows():
+        for split in ds.manifest["splits"]:
+            for b in iter_encoded(ds, split, columns=("key", "image", "label", "caption")):
+                for k, img, y, c in zip(b["key"], b["image"], b["label"], b["caption"]):
+                    yield split, {"key": k, "image": img, "label": int(y), "caption": c}
+
+    extra = {k: ds.manifest[k] for k in ("origin",) if k in ds.manifest}
+    return write_sharded_dataset(out, ds.name, ds.classes, rows(), shard_size, extra=extra, shard_format=shard_format)
+
+
+def upload(ds: ShardedDataset, uri: str) -> None:
+    """Copy a local prepared dataset to an object-store prefix, manifest last: until it lands,
+    the prefix is not a dataset (:func:`open_dataset` looks for the manifest first)."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, base = pafs.FileSystem.from_uri(uri.rstrip("/"))
+        for rel in [s["path"] for s in ds.manifest["shards"]] + list(ds.manifest.get("index", {}).values()):
+            fs.create_dir(f"{base}/{rel}".rsplit("/", 1)[0], recursive=True)
+            pafs.copy_files(str(Path(ds.root) / rel), f"{base}/{rel}", destination_filesystem=fs)
+        with fs.open_output_stream(f"{base}/{MANIFEST}") as f:
+            f.write(json.dumps(ds.manifest, indent=1).encode())
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{uri}: cannot write dataset ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def scan_key(uri: str, fmt: str, test_fraction: float, parquet_columns: dict) -> tuple[str, list[dict]]:
+    """(cache key, file listing) of a raw source: the key changes when any file's name, size or
+    modification time does, or the reading options do."""
+    listing = []
+    for p in source_files(uri, fmt):
+        st = os.stat(p)
+        listing.append({"path": os.path.abspath(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    payload = {"v": SCAN_VERSION, "uri": os.path.abspath(uri), "fmt": fmt, "files": listing,
+               "test_fraction": test_fraction, "columns": parquet_columns}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20], listing
+
+
+def scan_source(uri: str, test_fraction: float = TEST_FRACTION, root: Path | None = None, **parquet_columns) -> ShardedDataset:
+    """A raw source (image folder, WebDataset tars, Parquet) as a dataset without copying its
+    images: a scan writes keys, labels, captions, splits and counts to an index and manifest
+    under the cache (``$TRANSFERLAB_CACHE/scans/``), reused while the source's files are
+    unchanged. The scan decodes every image once (bad ones are skipped and counted, as in
+    ``data prepare``); training then streams the images from the source's own files."""
+    fmt = detect_format(uri)
+    if fmt == "transferlab":
+        return open_dataset(uri)
+    key, listing = scan_key(uri, fmt, test_fraction, parquet_columns)
+    out = (root or cache_dir()) / "scans" / key
+    if (out / MANIFEST).is_file():
+        return open_dataset(out)
+    extra = {"shards": listing, "parquet_columns": parquet_columns, "test_fraction": test_fraction}
+    return _write(uri, str(out), fmt, 1 << 30, test_fraction, BadSamples("skip"), "raw", extra, **parquet_columns)
+
+
+def resolve_dataset(uri: str, **parquet_columns) -> ShardedDataset:
+    """Open ``builtin:NAME`` (preparing it if needed), a prepared dataset (directory or object
+    store), or a raw source read as it is (:func:`scan_source`)."""
+    if uri.startswith(BUILTIN_PREFIX):
+        return prepare_builtin(uri[len(BUILTIN_PREFIX):])
+    if is_remote(uri) or not os.path.exists(uri.split("{")[0]) or (Path(uri) / MANIFEST).is_file():
+        return open_dataset(uri)
+    try:
+        return scan_source(uri, **parquet_columns)
+    except DatasetError as e:
+        if os.path.isdir(uri) and "no class folders" in str(e):
+            raise DatasetError(f"{uri}: not a transferlab dataset (no {MANIFEST}) nor a source (no class folders, .tar or .parquet files)") from None
+        raise
 
 
 def inspect(uri: str, **parquet_columns) -> dict:
-    """The manifest of a prepared dataset, or one computed by scanning a raw source."""
+    """The manifest of a prepared dataset, or of a scan of a raw source (``prepared: false``)."""
     if uri.startswith(BUILTIN_PREFIX):
         return prepare_builtin(uri[len(BUILTIN_PREFIX):]).manifest
-    if is_remote(uri):
+    if is_remote(uri) or detect_format(uri) == "transferlab":
         return open_dataset(uri).manifest
-    fmt = detect_format(uri)
-    if fmt == "transferlab":
-        return open_dataset(uri).manifest
-    bad = BadSamples("skip")
-    counts: Counter = Counter()
-    names: dict[int, str] = {}
-    splits: Counter = Counter()
-    total = 0
-    digests = []
-    for s in iter_samples(uri, bad, **parquet_columns):
-        total += 1
-        counts[-1 if s.label is None else s.label] += 1
-        splits[s.split or "unsplit"] += 1
-        digests.append(f"{s.key}\x1f{s.label}\x1f{hashlib.blake2b(s.image, digest_size=16).hexdigest()}")
-        if s.class_name is not None and s.label is not None:
-            names.setdefault(s.label, s.class_name)
-    top = max((k for k in counts if k >= 0), default=-1)
-    if fmt == "folder":
-        classes = folder_layout(uri)[1]
-    else:
-        classes = [names.get(i, str(i)) for i in range(top + 1)]
-    # Content fingerprint of the raw source (keys, labels, image bytes); a prepared copy has its
-    # own fingerprint over its shards.
-    fingerprint = hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()[:16]
-    return {
-        "name": Path(uri.rstrip("/")).name,
-        "format": fmt,
-        "num_samples": total,
-        "num_classes": len(classes),
-        "classes": classes,
-        "class_counts": [counts.get(i, 0) for i in range(len(classes))],
-        "unlabeled": counts.get(-1, 0),
-        "splits": dict(splits),
-        "fingerprint": fingerprint,
-        "bad_samples": bad.summary(),
-        "prepared": False,
-    }
+    m = dict(scan_source(uri, **parquet_columns).manifest)
+    m["unlabeled"] = sum(v["unlabeled"] for v in m["splits"].values())
+    m["prepared"] = False
+    return m
 
 
-__all__ = ["prepare", "inspect", "Sample"]
+__all__ = ["prepare", "inspect", "resolve_dataset", "scan_source", "Sample"]

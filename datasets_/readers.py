@@ -49,6 +49,7 @@ class Sample:
     caption: str = ""
     split: str | None = None  # from the source's own layout; None = assign by key hash
     class_name: str | None = None
+    shard: str = ""  # the file it came from (a tar, a Parquet file, or the image file itself)
 
 
 @dataclass
@@ -145,6 +146,19 @@ def _shard_paths(uri: str, suffix: str) -> list[str]:
     return [uri]
 
 
+def source_files(uri: str, fmt: str) -> list[str]:
+    """The files a raw source reads, sorted: what a cached scan of it is keyed by."""
+    if fmt == "webdataset":
+        return _shard_paths(uri, ".tar")
+    if fmt == "parquet":
+        return _shard_paths(uri, ".parquet")
+    out = []
+    for top, dirs, files in os.walk(uri):  # os.walk does not follow symlinked folders
+        paths = (os.path.join(top, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+        out += [p for p in paths if not os.path.islink(p)]  # the reader never follows links either
+    return sorted(out)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -178,7 +192,7 @@ def iter_folder(root: str, bad: BadSamples) -> Iterator[Sample]:
                 if reason:
                     bad.add(str(class_dir), f.name, reason)
                     continue
-                yield Sample(key=key, image=blob, label=label, split=split, class_name=name)
+                yield Sample(key=key, image=blob, label=label, split=split, class_name=name, shard=str(f))
 
 
 def _ends_with_eof_marker(path: str) -> bool:
@@ -230,14 +244,17 @@ def _tar_groups(path: str, bad: BadSamples) -> Iterator[tuple[str, dict[str, byt
         bad.add(path, "(end of shard)", "truncated or corrupt tar: no end-of-archive marker")
 
 
-def iter_webdataset(uri: str, bad: BadSamples) -> Iterator[Sample]:
+def iter_webdataset(uri: str, bad: BadSamples, check_images: bool = True) -> Iterator[Sample]:
+    """Samples of img2dataset-style tars. A ``KEY.json`` with a string ``"key"`` names the sample
+    (img2dataset writes the member key there; transferlab's own tars use it for keys that cannot
+    be member names). ``check_images=False`` skips the decode check (images already vetted)."""
     for path in _shard_paths(uri, ".tar"):
         for key, parts in _tar_groups(path, bad):
             ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
             if ext is None:
                 bad.add(path, key, "no image member")
                 continue
-            reason = check_image(parts[ext])
+            reason = check_image(parts[ext]) if check_images else None
             if reason:
                 bad.add(path, key, reason)
                 continue
@@ -253,15 +270,17 @@ def iter_webdataset(uri: str, bad: BadSamples) -> Iterator[Sample]:
             if "json" in parts and len(parts["json"]) <= MAX_METADATA_BYTES:
                 try:
                     meta = json.loads(parts["json"])
-                    class_name = meta.get("class_name") if isinstance(meta, dict) else None
                 except (json.JSONDecodeError, UnicodeDecodeError):
-                    pass
-            yield Sample(key=key, image=parts[ext], label=label, caption=caption, class_name=class_name)
+                    meta = None
+                if isinstance(meta, dict):
+                    class_name = meta.get("class_name") if isinstance(meta.get("class_name"), str) else None
+                    key = meta["key"] if isinstance(meta.get("key"), str) and meta["key"] else key
+            yield Sample(key=key, image=parts[ext], label=label, caption=caption, class_name=class_name, shard=path)
 
 
 def iter_parquet(
     uri: str, bad: BadSamples, image_column: str = "jpg", label_column: str | None = "label",
-    caption_column: str | None = "caption", key_column: str | None = "key",
+    caption_column: str | None = "caption", key_column: str | None = "key", check_images: bool = True,
 ) -> Iterator[Sample]:
     for path in _shard_paths(uri, ".parquet"):
         schema = pq.read_schema(path)
@@ -281,13 +300,14 @@ def iter_parquet(
                 if not blob:
                     bad.add(path, key, "no image bytes")
                     continue
-                reason = check_image(blob)
+                reason = check_image(blob) if check_images else None
                 if reason:
                     bad.add(path, key, reason)
                     continue
                 label = data[label_column][i] if label_column in data else None
                 caption = (data[caption_column][i] or "") if caption_column in data else ""
-                yield Sample(key=key, image=blob, label=None if label is None else int(label), caption=str(caption)[:MAX_CAPTION_CHARS])
+                yield Sample(key=key, image=blob, label=None if label is None else int(label),
+                             caption=str(caption)[:MAX_CAPTION_CHARS], shard=path)
 
 
 def iter_samples(uri: str, bad: BadSamples, **parquet_columns) -> Iterator[Sample]:

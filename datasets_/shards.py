@@ -10,6 +10,17 @@ Each Parquet shard has the columns of :data:`SCHEMA`: a stable sample ``key`` (v
 few-shot sampling hash it, so it must never change), the encoded image bytes, the integer
 ``label`` and a ``caption``. The manifest records counts, class names, per-shard SHA-256
 checksums and a dataset ``fingerprint`` derived from them: equal fingerprints mean equal bytes.
+
+Two other manifest ``format`` s keep images elsewhere and add a Parquet *index* per split
+(``index/<split>.parquet``: :data:`INDEX_SCHEMA`, in read order) so keys and labels stay cheap:
+``webdataset`` (img2dataset-compatible tars ``<split>/part-NNNNN.tar`` written by ``data
+prepare --format webdataset``) and ``raw`` (a scan of a source read as it is, see
+:func:`datasets_.prepare.scan_source`; shards are the source's own files).
+
+Every manifest also has a ``content_fingerprint``: SHA-256 over the sorted lines
+``key, label, caption, BLAKE2b(image bytes)`` of every sample (:func:`sample_digest`). It does
+not depend on shard format, shard size or order, so the same samples prepared as Parquet, as
+tars, or scanned raw have the same ``content_fingerprint``.
 """
 
 from __future__ import annotations
@@ -36,7 +47,9 @@ SCHEMA = pa.schema(
         ("caption", pa.string()),
     ]
 )
+INDEX_SCHEMA = pa.schema([("key", pa.string()), ("label", pa.int64()), ("caption", pa.string()), ("shard", pa.string())])
 MANIFEST = "manifest.json"
+SHARD_FORMATS = ("parquet", "webdataset", "raw")
 SPLITS = ("train", "test")
 
 
@@ -84,6 +97,11 @@ class ShardedDataset:
         return self.manifest["fingerprint"]
 
     @property
+    def format(self) -> str:
+        """``parquet`` (images in the shards), ``webdataset`` (tar shards) or ``raw`` (a source's own files)."""
+        return self.manifest.get("format", "parquet")
+
+    @property
     def classes(self) -> list[str]:
         return list(self.manifest["classes"])
 
@@ -97,11 +115,23 @@ class ShardedDataset:
     def class_counts(self, split: str) -> list[int]:
         return list(self.manifest["splits"].get(split, {}).get("class_counts", [0] * self.num_classes))
 
+    def resolve(self, path: str) -> str:
+        """A shard path of the manifest or index as a path/URI to open (absolute stays absolute)."""
+        return path if path.startswith("/") or is_remote(path) else f"{str(self.root).rstrip('/')}/{path}"
+
     def files(self, split: str) -> list[str]:
-        return [f"{str(self.root).rstrip('/')}/{s['path']}" for s in self.manifest["shards"] if s["split"] == split]
+        """The files holding a split's images, in read order."""
+        if self.format == "raw":
+            shards = self.read_split(split, ("shard",)).column("shard").to_pylist()
+            return [self.resolve(p) for p in dict.fromkeys(shards)]
+        return [self.resolve(s["path"]) for s in self.manifest["shards"] if s["split"] == split]
 
     def read_split(self, split: str, columns: Sequence[str] = ("key", "label")) -> pa.Table:
         """Read whole columns of a split (cheap for key/label; use Ray Data for images)."""
+        if self.format != "parquet":
+            if split not in self.manifest.get("index", {}):
+                return INDEX_SCHEMA.empty_table().select(list(columns))
+            return pq.read_table(self.resolve(self.manifest["index"][split]), columns=list(columns))
         tables = [pq.read_table(f, columns=list(columns)) for f in self.files(split)]
         return pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(list(columns))
 
@@ -121,6 +151,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def sample_digest(key: str, label: int, caption: str, image: bytes) -> str:
+    """One line of the content fingerprint (see the module docstring)."""
+    return f"{key}\x1f{int(label)}\x1f{caption or ''}\x1f{hashlib.blake2b(image, digest_size=16).hexdigest()}"
+
+
+def content_fingerprint(digests: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()[:16]
+
+
 def write_sharded_dataset(
     out_dir: str | os.PathLike,
     name: str,
@@ -128,14 +167,21 @@ def write_sharded_dataset(
     rows: Iterable[tuple[str, dict]],
     shard_size: int = 2000,
     extra: dict | None = None,
+    shard_format: str = "parquet",
 ) -> ShardedDataset:
-    """Write ``(split, row)`` pairs (rows are dicts with the SCHEMA columns) as Parquet shards
-    per split, plus a manifest.
+    """Write ``(split, row)`` pairs (rows are dicts with the SCHEMA columns) as shards per split,
+    plus a manifest.
 
+    ``shard_format`` is ``parquet``, ``webdataset`` (img2dataset-compatible tars and an index) or
+    ``raw`` (only the index: each row's ``shard`` names the source file its image stays in).
     ``classes=None`` infers ``0..max(label)`` (names from ``extra["class_names"]`` when given);
     label -1 marks an unlabeled sample. The directory appears atomically: rows are written to a
     temporary sibling and renamed, so a crash never leaves a half-written dataset behind.
     """
+    from datasets_.indexed import write_tar
+
+    if shard_format not in SHARD_FORMATS:
+        raise DatasetError(f"unknown shard format '{shard_format}' (known: {', '.join(SHARD_FORMATS)})")
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -146,16 +192,25 @@ def write_sharded_dataset(
         buffers: dict[str, list] = {}
         counts: dict[str, Counter] = {}
         index: Counter = Counter()
+        index_rows: dict[str, list] = {}
+        digests: list[str] = []
 
         def flush(split: str) -> None:
             buf = buffers.get(split)
             if not buf:
                 return
-            rel = f"{split}/part-{index[split]:05d}.parquet"
-            (tmp / split).mkdir(exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(buf, schema=SCHEMA), tmp / rel)
-            shards.append({"path": rel, "split": split, "num_rows": len(buf)})
             buffers[split] = []
+            if shard_format == "raw":
+                index_rows.setdefault(split, []).extend(buf)
+                return
+            rel = f"{split}/part-{index[split]:05d}.{'parquet' if shard_format == 'parquet' else 'tar'}"
+            (tmp / split).mkdir(exist_ok=True)
+            if shard_format == "parquet":
+                pq.write_table(pa.Table.from_pylist(buf, schema=SCHEMA), tmp / rel)
+            else:
+                keys = write_tar(tmp / rel, buf, split, class_names)
+                index_rows.setdefault(split, []).extend({**r, "key": k, "shard": rel} for r, k in zip(buf, keys))
+            shards.append({"path": rel, "split": split, "num_rows": len(buf)})
             index[split] += 1
 
         for split, row in rows:
@@ -164,6 +219,9 @@ def write_sharded_dataset(
                 top = len(classes) - 1 if classes is not None else "..."
                 raise DatasetError(f"{name}: label {label} of sample {row['key']} is outside 0..{top}")
             counts.setdefault(split, Counter())[label] += 1
+            digests.append(sample_digest(row["key"], label, row.get("caption", ""), row["image"]))
+            if shard_format == "raw":
+                row = {k: row.get(k) for k in ("key", "label", "caption", "shard")}
             buffers.setdefault(split, []).append(row)
             if len(buffers[split]) >= shard_size:
                 flush(split)
@@ -182,18 +240,29 @@ def write_sharded_dataset(
         }
         for s in shards:
             s["sha256"] = _sha256(tmp / s["path"])
-        fingerprint = hashlib.sha256(
-            json.dumps([[s["path"], s["sha256"]] for s in shards] + [list(classes)]).encode()
-        ).hexdigest()[:16]
+        content = content_fingerprint(digests)
+        if shard_format == "raw":  # no shard bytes of its own: the samples are the dataset
+            fingerprint = content
+        else:
+            fingerprint = hashlib.sha256(
+                json.dumps([[s["path"], s["sha256"]] for s in shards] + [list(classes)]).encode()
+            ).hexdigest()[:16]
+        index_files = {}
+        for split, irows in index_rows.items():
+            (tmp / "index").mkdir(exist_ok=True)
+            index_files[split] = f"index/{split}.parquet"
+            pq.write_table(pa.Table.from_pylist(irows, schema=INDEX_SCHEMA), tmp / index_files[split])
         manifest = {
             "name": name,
-            "format": "parquet",
+            "format": shard_format,
             "num_samples": sum(v["num_samples"] for v in split_info.values()),
             "num_classes": len(classes),
             "classes": list(classes),
             "splits": split_info,
             "shards": shards,
             "fingerprint": fingerprint,
+            "content_fingerprint": content,
+            **({"index": index_files} if shard_format != "parquet" else {}),
             **extra,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -249,4 +318,9 @@ def open_dataset(path: str | os.PathLike) -> ShardedDataset:
     missing = [s["path"] for s in manifest["shards"] if not (root / s["path"]).is_file()]
     if missing:
         raise DatasetError(f"{root}: shard {missing[0]} listed in the manifest is missing")
+    if manifest.get("format") == "raw":  # a scan is only true of the files it saw
+        for s in manifest["shards"]:
+            st = os.stat(s["path"])
+            if (st.st_size, st.st_mtime_ns) != (s["size"], s["mtime_ns"]):
+                raise DatasetError(f"{s['path']}: changed since {manifest.get('origin', root)} was scanned; validate the study again")
     return ShardedDataset(root, manifest)

@@ -203,6 +203,7 @@ class PretrainView:
     caption_matches: str | None = None  # curation: keep captions matching this regex
     caption_excludes: str | None = None  # curation: drop captions matching this regex
     class_balanced: bool = False
+    caption_noise: float = 0.0  # image-text training: share of captions swapped (swapped_captions)
 
     @property
     def needs_captions(self) -> bool:
@@ -212,6 +213,8 @@ class PretrainView:
     def fingerprint(self) -> str:
         d = asdict(self)
         d.pop("threshold")
+        if not d["caption_noise"]:
+            d.pop("caption_noise")  # views without it keep the fingerprints they had before it existed
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def eligible(self, labels: np.ndarray, captions: Sequence[str] | None = None) -> np.ndarray:

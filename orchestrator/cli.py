@@ -39,10 +39,10 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="prepare and inspect datasets")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    prep = dsub.add_parser("prepare", help="convert a source (builtin:NAME, image folder, WebDataset tars, Parquet) to Parquet shards + manifest")
+    prep = dsub.add_parser("prepare", help="convert a source (builtin:NAME, image folder, WebDataset tars, Parquet) to Parquet or WebDataset shards + manifest")
     prep.add_argument("src", help="builtin:NAME, an image folder, a .tar / {00000..00009}.tar pattern / folder of tars, or Parquet")
-    prep.add_argument("--out", required=True, help="output directory (replaced if it exists)")
-    prep.add_argument("--format", choices=["parquet"], default="parquet", help="output shard format")
+    prep.add_argument("--out", required=True, help="output directory (replaced if it exists), or s3://bucket/prefix")
+    prep.add_argument("--format", choices=["parquet", "webdataset"], default="parquet", help="output shards: parquet (default) or img2dataset-compatible webdataset tars")
     prep.add_argument("--shard-size", type=int, default=2000, help="samples per shard (default 2000)")
     prep.add_argument("--test-fraction", type=float, default=0.2, help="held-out share for sources without their own split (default 0.2)")
     prep.add_argument("--on-bad-sample", choices=["skip", "error"], default="skip", help="skip and count bad samples (default) or stop at the first")
@@ -206,7 +206,7 @@ def _data(args) -> int:
                 return _error(f"--shard-size: must be >= 1, got {args.shard_size}")
             if not 0.0 <= args.test_fraction < 1.0:
                 return _error(f"--test-fraction: must be in [0, 1), got {args.test_fraction}")
-            ds, bad = prepare(args.src, args.out, args.shard_size, args.test_fraction, args.on_bad_sample, **columns)
+            ds, bad = prepare(args.src, args.out, args.shard_size, args.test_fraction, args.on_bad_sample, args.format, **columns)
             m = ds.manifest
             print(f"prepared {args.out}: {m['num_samples']} samples, {m['num_classes']} classes, "
                   f"{len(m['shards'])} shards, fingerprint {m['fingerprint']}")

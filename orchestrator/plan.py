@@ -61,6 +61,7 @@ class PretrainJob:
             "class_fraction": 1.0 if self.view.keep_classes is None else len(self.view.keep_classes) / self.num_classes,
             "kept_classes": "all" if self.view.keep_classes is None else ",".join(map(str, self.view.keep_classes)),
             **({"caption_matches": self.view.caption_matches} if self.view.caption_matches else {}),
+            **({"caption_noise": self.view.caption_noise} if s["method"] == "clip" else {}),
             **({"caption_excludes": self.view.caption_excludes} if self.view.caption_excludes else {}),
         }
 
@@ -115,7 +116,7 @@ def resolve_data(spec: StudySpec) -> dict[str, ShardedDataset]:
     for section, refs in (("sources", spec.sources), ("tasks", spec.tasks)):
         for name, ref in refs.items():
             try:
-                out[f"{section}.{name}"] = resolve_dataset(ref.uri)
+                out[f"{section}.{name}"] = resolve_dataset(ref.uri, **ref.columns)
             except DatasetError as e:
                 raise SpecError(f"{section}.{name}.uri", str(e)) from None
     return out
@@ -182,6 +183,8 @@ def _run_name(settings: dict, source: str, view: PretrainView, varying: set[str]
     if "class_fraction" in varying or view.keep_classes is not None:
         name += f" classes={len(view.keep_classes) if view.keep_classes else 'all'}"
     extras = [f"{k}={settings[k]}" for k in sorted(varying) if k in settings and k not in ("method", "noise_pattern")]
+    if "caption_noise" in varying or view.caption_noise:
+        extras.append(f"captions={view.caption_noise:g}")
     if "seed" in varying:
         extras.append(f"seed={view.seed}")
     return " ".join([name, *extras])
@@ -207,11 +210,15 @@ def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -
         ref = spec.sources[source]
         keep = _kept_classes(ref, ds, point["class_fraction"], point["seed"])
         view = PretrainView(ds.fingerprint, point["pretrain_size"], point["label_noise"], point["seed"], ds.num_classes,
-                            1.0, settings["noise_pattern"], keep, ref.caption_matches, ref.caption_excludes, settings["class_balanced"])
+                            1.0, settings["noise_pattern"], keep, ref.caption_matches, ref.caption_excludes, settings["class_balanced"],
+                            point["caption_noise"])
+        need_captions = view.needs_captions or view.caption_noise > 0
+        if (source, need_captions) not in columns:  # one read of the key/label (and caption) columns per source
+            columns[source, need_captions] = _train_columns(ds, need_captions=need_captions)
+        if view.caption_noise > 0:
+            _check_caption_noise(settings, source, columns[source, need_captions][1])
         if view.fingerprint not in thresholds:
-            if source not in columns:  # one read of the key/label (and caption) columns per source
-                columns[source] = _train_columns(ds, need_captions=view.needs_captions)
-            thresholds[view.fingerprint] = _view_stats(ds, source, view, *columns[source])
+            thresholds[view.fingerprint] = _view_stats(ds, source, view, *columns[source, need_captions])
         threshold, realized, selected = thresholds[view.fingerprint]
         view = dataclasses.replace(view, threshold=threshold)
         mcfg = _model_config(spec, settings)
@@ -302,6 +309,14 @@ def _kept_classes(ref, ds: ShardedDataset, fraction: float, seed: int) -> tuple[
     if fraction < 1.0:
         ids = [ids[i] for i in class_subset(len(ids), fraction, seed)]
     return None if len(ids) == ds.num_classes else tuple(ids)
+
+
+def _check_caption_noise(settings: dict, source: str, captions: list) -> None:
+    if settings["method"] != "clip":
+        raise SpecError("pretrain.sweep.caption_noise", f"caption noise swaps the captions of image-text training; "
+                        f"it needs method 'clip', not '{settings['method']}'")
+    if not any(isinstance(c, str) and c.strip() for c in captions):
+        raise SpecError(f"sources.{source}.uri", f"source '{source}' has no captions for caption_noise to swap")
 
 
 def _train_columns(ds: ShardedDataset, need_captions: bool) -> tuple:

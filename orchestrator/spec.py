@@ -25,6 +25,7 @@ A minimal study::
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from dataclasses import dataclass, field, fields
@@ -200,7 +201,9 @@ class _Mapping:
 
 @dataclass(frozen=True)
 class DataRef:
-    """A named dataset: ``uri`` is ``builtin:NAME`` or a prepared dataset directory.
+    """A named dataset: ``uri`` is ``builtin:NAME``, a prepared dataset (directory or object
+    store), or a raw source read as it is (image folder, WebDataset tars, Parquet); for Parquet,
+    ``columns`` names the image / label / caption / key columns (``image_column: png`` ...).
 
     Sources may be curated: only ``keep_classes`` / all but ``drop_classes`` (class names), and
     only samples whose caption matches ``caption_matches`` and not ``caption_excludes`` (regexes).
@@ -212,6 +215,10 @@ class DataRef:
     drop_classes: tuple[str, ...] = ()
     caption_matches: str | None = None
     caption_excludes: str | None = None
+    columns: dict = field(default_factory=dict)  # raw Parquet: {image_column: ..., label_column: ...}
+
+
+_COLUMN_KEYS = ("image_column", "label_column", "caption_column", "key_column")
 
 
 @dataclass(frozen=True)
@@ -254,6 +261,7 @@ _VIEW_AXES: dict[str, Callable[[str, Any], Any]] = {
     "label_noise": lambda p, v: _float(p, v, lo=0.0, hi=1.0),
     "seed": lambda p, v: _int(p, v, minimum=0),
     "class_fraction": lambda p, v: _class_fraction(p, v),
+    "caption_noise": lambda p, v: _float(p, v, lo=0.0, hi=1.0),  # clip: share of captions swapped
 }
 
 
@@ -334,7 +342,7 @@ def _datarefs(m: _Mapping, key: str) -> dict[str, DataRef]:
         name = _name(f"{path}.{name}", name)
         if isinstance(body, str):
             body = {"uri": body}
-        allowed = ("uri", "keep_classes", "drop_classes", "caption_matches", "caption_excludes") if key == "sources" else ("uri",)
+        allowed = (("uri", "keep_classes", "drop_classes", "caption_matches", "caption_excludes") if key == "sources" else ("uri",)) + _COLUMN_KEYS
         d = _Mapping(f"{path}.{name}", body, allowed)
         class_list = lambda q, v: _list(q, v, lambda r, x: str(x) if isinstance(x, (str, int)) and not isinstance(x, bool) else _str(r, x))
         out[name] = DataRef(
@@ -344,6 +352,7 @@ def _datarefs(m: _Mapping, key: str) -> dict[str, DataRef]:
             drop_classes=d.get("drop_classes", class_list, ()),
             caption_matches=d.get("caption_matches", _regex, None),
             caption_excludes=d.get("caption_excludes", _regex, None),
+            columns={k: d.get(k, _str) for k in _COLUMN_KEYS if k in d.data},
         )
     return out
 
@@ -366,7 +375,7 @@ def _pretrain(m: _Mapping, sources: dict[str, DataRef]) -> PretrainSpec:
     s = _Mapping("pretrain.sweep", p.get("sweep", lambda _, v: v, {}), axes)
     source_reader = _choice(tuple(sources))
     sweep: dict[str, tuple] = {"source": s.get("source", lambda q, v: _list(q, v, source_reader), tuple(sources))}
-    view_defaults = {"pretrain_size": (None,), "label_noise": (0.0,), "seed": (0,), "class_fraction": (1.0,)}
+    view_defaults = {"pretrain_size": (None,), "label_noise": (0.0,), "seed": (0,), "class_fraction": (1.0,), "caption_noise": (0.0,)}
     for axis, reader in {**_VIEW_AXES, **_SETTING_READERS}.items():
         if axis in s.data:
             sweep[axis] = s.get(axis, lambda q, v, r=reader: _list(q, v, r))
@@ -510,5 +519,5 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec
     for group in (spec.sources, spec.tasks):
         for name, ref in group.items():
             if "://" not in ref.uri and not ref.uri.startswith("builtin:") and not Path(ref.uri).is_absolute():
-                group[name] = DataRef(name, str((path.parent / ref.uri).resolve()))
+                group[name] = dataclasses.replace(ref, uri=str((path.parent / ref.uri).resolve()))
     return spec

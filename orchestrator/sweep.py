@@ -99,6 +99,7 @@ def build_pretrain_trainer(job: PretrainJob, ctx: PhaseContext, run_id: str, ext
             "warmup_epochs": s["warmup_epochs"],
             "amp": s["amp"],
             "seed": job.view.seed,
+            "caption_noise": job.view.caption_noise,
             "num_train_samples": job.num_train_samples,
             "meta": {"config_hash": job.config_hash, "source": job.source, "classes": ds.classes},
             **(extra_config or {}),

@@ -17,12 +17,14 @@ pretrain   ``method, source, pretrain_size,       ``train_loss`` and ``images_pe
            label_noise, model, seed`` + the       epoch (step = epoch), ``upstream_accuracy``
            other settings (``image_size,          on the source's held-out (test) split, restricted
            epochs, batch_size, lr, ...``),        to the classes the run trained on (supervised:
-           ``class_fraction`` when swept, and     top-1 of its head; clip: zero-shot top-1 with
-           ``view_fingerprint``                   "a photo of a {class}." prompts of every source
-                                                  class; simclr: k-NN top-1 against its training
+           ``class_fraction`` when swept,         top-1 of its head; clip: zero-shot top-1 with
+           ``caption_noise`` (clip runs) and      "a photo of a {class}." prompts of every source
+           ``view_fingerprint``                   class; simclr: k-NN top-1 against its training
                                                   features), ``realized_label_noise`` (fraction
                                                   of labels actually flipped),
-                                                  ``num_train_samples``
+                                                  ``num_train_samples``; clip runs with caption
+                                                  noise: ``realized_caption_noise`` per epoch
+                                                  (share of captions swapped)
 transfer   ``task, protocol, shots, seed,         ``accuracy`` (task test split),
            layer`` + ``val_fraction``;            ``mean_per_class_accuracy``,
            protocol is one of linear_probe,       ``num_train_examples``; probes and fine-tuning:

@@ -61,3 +61,30 @@ def test_a_study_streams_its_source_from_s3(ray_cluster, s3_digits, tmp_path):
     pre = runs["supervised remote n=200 noise=0"]
     assert pre.info.status == "FINISHED" and 0.0 <= pre.data.metrics["upstream_accuracy"] <= 1.0
     assert runs["linear_probe local 1-shot seed=0"].info.status == "FINISHED"
+
+
+def test_prepare_writes_a_dataset_straight_to_s3(s3_digits, tmp_path, capsys):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for i in range(24):
+        folder = tmp_path / "src" / f"digit_{d.target[i] % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.fromarray(np.round(d.images[i] * 255 / 16).astype(np.uint8)).save(buf, format="PNG")
+        (folder / f"{i:02d}.png").write_bytes(buf.getvalue())
+    uri = "s3://lab/prepared/tiny"
+    assert main(["data", "prepare", str(tmp_path / "src"), "--out", uri, "--shard-size", "8"]) == 0
+    assert main(["data", "prepare", str(tmp_path / "src"), "--out", str(tmp_path / "local"), "--shard-size", "8"]) == 0
+    remote, local = open_dataset(uri), open_dataset(tmp_path / "local")
+    assert remote.fingerprint == local.fingerprint and remote.num_samples("train") == local.num_samples("train")
+    assert list(remote.keys_and_labels("train").keys) == list(local.keys_and_labels("train").keys)
+    capsys.readouterr()
+    assert main(["data", "prepare", str(tmp_path / "src"), "--out", "s3://lab/prepared/w", "--format", "webdataset"]) == 2
+    assert capsys.readouterr().err.strip() == "error: s3://lab/prepared/w: object stores take Parquet shards only (--format parquet)"
+    assert main(["data", "prepare", str(tmp_path / "src"), "--out", "s3://no-such-bucket/x"]) == 2
+    assert capsys.readouterr().err.startswith("error: s3://no-such-bucket/x: cannot write dataset")

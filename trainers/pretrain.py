@@ -152,7 +152,7 @@ def pretrain_loop(config: dict) -> None:
     Required config keys: ``model_config``, ``num_classes``, ``epochs``, ``batch_size`` (global),
     ``lr``, ``weight_decay``, ``seed``, ``num_train_samples``. Optional: ``method`` (supervised),
     ``image_size`` (32), ``classes`` (class names: CLIP's zero-shot prompts), ``lr_schedule``
-    (cosine), ``warmup_epochs`` (0), ``amp`` ("none"|"bf16"|"fp16", CUDA only), ``meta`` (stored
+    (cosine), ``warmup_epochs`` (0), ``caption_noise`` (0: report ``realized_caption_noise`` when above), ``amp`` ("none"|"bf16"|"fp16", CUDA only), ``meta`` (stored
     in the checkpoint), ``fault`` (test hook, see :func:`_maybe_inject_fault`).
     """
     import ray.train
@@ -197,7 +197,7 @@ def pretrain_loop(config: dict) -> None:
 
     for epoch in range(start_epoch, epochs):
         model.train()
-        loss_sum, seen, step, t0 = 0.0, 0, 0, time.perf_counter()
+        loss_sum, seen, step, swapped, t0 = 0.0, 0, 0, 0, time.perf_counter()
         # The shard iterator is one-shot: make a new one every epoch.
         for batch in train_shard.iter_torch_batches(
             batch_size=batch_size,
@@ -215,18 +215,22 @@ def pretrain_loop(config: dict) -> None:
             scaler.step(optimizer)
             scaler.update()
             n = len(batch["label"])
+            if "caption_swapped" in batch:
+                swapped += int(batch["caption_swapped"].sum())
             loss_sum += float(loss.detach()) * n
             seen += n
             step += 1
             if step == max(1, steps_per_epoch // 2):
                 _maybe_inject_fault(config, epoch, rank)
         elapsed = time.perf_counter() - t0
-        loss_sum, seen, elapsed_sum = _all_reduce_sum([loss_sum, seen, elapsed], device)
+        loss_sum, seen, elapsed_sum, swapped = _all_reduce_sum([loss_sum, seen, elapsed, swapped], device)
         metrics = {
             "epoch": epoch,
             "train_loss": loss_sum / max(seen, 1),
             "images_per_second": seen / max(elapsed_sum / world, 1e-9),
         }
+        if config.get("caption_noise", 0.0) > 0:  # share of this epoch's captions that were another sample's
+            metrics["realized_caption_noise"] = swapped / max(seen, 1)
         if epoch == epochs - 1:
             correct, total = upstream_top1(method, bare, train_shard, heldout_shard, device, amp, config)
             correct, total = _all_reduce_sum([correct, total], device)

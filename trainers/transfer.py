@@ -136,15 +136,14 @@ class _Images:
     """A split's decoded images as uint8 tensors, with keys and labels (for fine-tuning)."""
 
     def __init__(self, dataset: ShardedDataset, split: str, image_size: int):
+        from datasets_.indexed import iter_encoded
         from datasets_.pipeline import decode_uint8
-        from datasets_.shards import parquet_file
 
         imgs, keys, ys = [], [], []
-        for path in dataset.files(split):
-            for rb in parquet_file(path).iter_batches(batch_size=256, columns=["key", "image", "label"]):
-                imgs.append(decode_uint8(rb.column("image").to_pylist(), image_size))
-                keys += rb.column("key").to_pylist()
-                ys.append(rb.column("label").to_numpy().astype(np.int64))
+        for b in iter_encoded(dataset, split, 256):
+            imgs.append(decode_uint8(list(b["image"]), image_size))
+            keys += list(b["key"])
+            ys.append(b["label"])
         self.x = torch.from_numpy(np.concatenate(imgs))
         self.keys = np.asarray(keys, dtype=str)
         self.y = np.concatenate(ys)

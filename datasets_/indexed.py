@@ -1,0 +1,139 @@
+"""Datasets whose images are not in Parquet shards: transferlab's own WebDataset tars and raw
+sources read as they are (see :mod:`datasets_.shards` for the two manifest formats).
+
+Keys, labels and captions come from the dataset's index; images are read from the shard files
+by *read units* (one tar or Parquet file, or a run of image files of a folder). A unit is the
+piece of work one Ray Data task reads, or that a local loop reads in turn, so Ray streams and
+local reads see the same samples in the same order. Only samples the index lists are emitted:
+the scan that wrote it already dropped bad, duplicate and other-split samples.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+# Keys that can be WebDataset member names as they are: no dots (the extension starts at the
+# first one), no '..', relative. Other keys are written under a counter and kept in KEY.json.
+_MEMBER_KEY = re.compile(r"[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*")
+FILES_PER_UNIT = 256
+
+
+def image_extension(blob: bytes) -> str:
+    """``jpg``, ``png`` or ``webp`` from the image bytes' magic number (PIL decides on the bytes
+    when reading, so any other format goes as ``png``)."""
+    if blob[:2] == b"\xff\xd8":
+        return "jpg"
+    if blob[:4] == b"RIFF" and blob[8:12] == b"WEBP":
+        return "webp"
+    return "png"
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0  # fixed metadata: same rows, same bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_tar(path: Path, rows: list[dict], split: str, class_names: dict) -> list[str]:
+    """Write rows as an img2dataset-layout tar (``KEY.jpg|png|webp``, ``KEY.txt``, ``KEY.cls``
+    when labelled, ``KEY.json``); returns the keys as a reader of the tar will see them."""
+    keys = []
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i, row in enumerate(rows):
+            key, label = row["key"], int(row["label"])
+            member = key if _MEMBER_KEY.fullmatch(key) and len(key) < 200 else f"{path.stem}-{i:09d}"
+            meta = {"key": key, "split": split}
+            if label >= 0 and label in class_names:
+                meta["class_name"] = class_names[label]
+            _add(tar, f"{member}.{image_extension(row['image'])}", row["image"])
+            _add(tar, f"{member}.txt", (row.get("caption") or "").encode())
+            if label >= 0:
+                _add(tar, f"{member}.cls", str(label).encode())
+            _add(tar, f"{member}.json", json.dumps(meta, sort_keys=True).encode())
+            keys.append(key)
+    return keys
+
+
+def read_units(dataset, split: str) -> list[dict]:
+    """The read units of a split, in index order, each with its samples' keys, labels, captions."""
+    table = dataset.read_split(split, ("key", "label", "caption", "shard"))
+    kind = {"webdataset": "tar"}.get(dataset.format) or {"folder": "file", "webdataset": "tar", "parquet": "parquet"}[dataset.manifest["source_format"]]
+    cols = {c: table.column(c).to_pylist() for c in ("key", "label", "caption", "shard")}
+    units: list[dict] = []
+    for i, shard in enumerate(cols["shard"]):
+        shard = dataset.resolve(shard)
+        new = not units or (units[-1]["paths"][-1] != shard if kind != "file" else len(units[-1]["keys"]) >= FILES_PER_UNIT)
+        if new:
+            units.append({"kind": kind, "paths": [], "keys": [], "labels": [], "captions": [],
+                          "columns": dataset.manifest.get("parquet_columns", {})})
+        u = units[-1]
+        if kind == "file" or not u["paths"]:
+            u["paths"].append(shard)
+        u["keys"].append(cols["key"][i])
+        u["labels"].append(int(cols["label"][i]))
+        u["captions"].append(cols["caption"][i] or "")
+    return units
+
+
+def _unit_images(unit: dict) -> Iterator[tuple[str, bytes]]:
+    """(key, image bytes) of the unit's files, in file order (other samples included)."""
+    from datasets_.readers import BadSamples, iter_parquet, iter_webdataset
+
+    if unit["kind"] == "file":
+        yield from zip(unit["keys"], (Path(p).read_bytes() for p in unit["paths"]))
+    elif unit["kind"] == "tar":
+        for s in iter_webdataset(unit["paths"][0], BadSamples(), check_images=False):
+            yield s.key, s.image
+    else:
+        for s in iter_parquet(unit["paths"][0], BadSamples(), check_images=False, **unit["columns"]):
+            yield s.key, s.image
+
+
+def iter_unit(unit: dict, batch_size: int = 256) -> Iterator[dict]:
+    """Batches ``{key, image (bytes), label, caption}`` of the unit's indexed samples."""
+    where = {k: i for i, k in enumerate(unit["keys"])}
+    rows: list[int] = []
+    images: list[bytes] = []
+
+    def batch() -> dict:
+        return {
+            "key": np.asarray([unit["keys"][i] for i in rows], dtype=object),
+            "image": np.asarray(images, dtype=object),
+            "label": np.asarray([unit["labels"][i] for i in rows], dtype=np.int64),
+            "caption": np.asarray([unit["captions"][i] for i in rows], dtype=object),
+        }
+
+    for key, blob in _unit_images(unit):
+        i = where.pop(key, None)
+        if i is None:
+            continue  # not in this split, or dropped by the scan
+        rows.append(i)
+        images.append(blob)
+        if len(rows) >= batch_size:
+            yield batch()
+            rows, images = [], []
+    if rows:
+        yield batch()
+
+
+def iter_encoded(dataset, split: str, batch_size: int = 256, columns=("key", "image", "label")) -> Iterator[dict]:
+    """A split's samples as batches of numpy columns (images still encoded), in read order, for
+    any dataset format."""
+    if dataset.format == "parquet":
+        from datasets_.shards import parquet_file
+
+        for path in dataset.files(split):
+            for rb in parquet_file(path).iter_batches(batch_size=batch_size, columns=list(columns)):
+                yield {c: (rb.column(c).to_numpy().astype(np.int64) if c == "label" else np.asarray(rb.column(c).to_pylist(), dtype=object))
+                       for c in columns}
+        return
+    for unit in read_units(dataset, split):
+        for b in iter_unit(unit, batch_size):
+            yield {c: b[c] for c in columns}
