@@ -145,10 +145,10 @@ def cluster_tracking_uri(given: str | None, loopback: bool) -> tuple[str, dict[s
         raise SpecError("--tracking-uri", f"{shown} is a file on this machine, which the cluster cannot reach; "
                         "give a tracking server it can reach (http(s)://HOST:PORT)")
     try:
-        uri = resolve_tracking_uri(uri)
+        resolved = resolve_tracking_uri(uri)
     except ValueError as e:
         raise SpecError("--tracking-uri", str(e)) from None
-    return split_credentials(uri)
+    return split_credentials(resolved)
 
 
 def cluster_storage(given: str | None, loopback: bool) -> str:
@@ -163,6 +163,15 @@ def cluster_storage(given: str | None, loopback: bool) -> str:
                         "storage every node of the cluster reads and writes (s3://BUCKET/PATH, gs://..., or an "
                         "absolute path on a shared mount)")
     return str(Path(given or DEFAULT_STORAGE).resolve())
+
+
+def local_stores(sub: "Submission") -> tuple[str | None, str | None]:
+    """(tracking URI, storage) of ``sub`` that are files on this machine, to check here before
+    submitting to a cluster on this machine; an http(s) server may be a name only the cluster
+    resolves (a port-forwarded cluster looks like loopback too), so it is not contacted."""
+    tracking = sub.tracking_uri if sub.tracking_uri.startswith(("sqlite:", "file:")) else None
+    storage = sub.storage if "://" not in sub.storage else None
+    return tracking, storage
 
 
 def project_files(root: Path) -> list[str]:

@@ -62,10 +62,8 @@ def _submit(args) -> int:
     sub, doc = jobs.build_submission(spec, args.study_file, args.working_dir, args.tracking_uri, args.storage_path,
                                      loopback, args.pip_pinned)
     plan = build_plan(spec)
-    if loopback:  # the cluster is this machine: what answers here answers there
-        from orchestrator.cli import _check_infrastructure
-
-        _check_infrastructure(sub.tracking_uri, sub.storage, "--tracking-uri", "--storage-path")
+    if loopback:  # a cluster on this machine uses the files here: check them as `run` does
+        _check_local_stores(sub)
     print(f"ok: study '{spec.study}': {len(plan.pretrain_jobs)} pretraining runs, {plan.num_transfer_fits} transfer fits "
           f"on {len(spec.transfer_tasks)} task(s)")
     print(f"tracking: {jobs.scrub(sub.tracking_uri)}   storage: {sub.storage}")
@@ -90,6 +88,20 @@ def _submit(args) -> int:
     info = _wait(client, job_id, show=not args.follow)
     print("\n".join(jobs.describe(info)))
     return jobs.exit_code(info)
+
+
+def _check_local_stores(sub) -> None:
+    from orchestrator import jobs
+    from orchestrator.preflight import check_storage, check_tracking
+    from orchestrator.spec import SpecError
+
+    tracking, storage = jobs.local_stores(sub)
+    for name, value, check in (("--tracking-uri", tracking, check_tracking), ("--storage-path", storage, check_storage)):
+        if value:
+            try:
+                check(value)
+            except ValueError as e:
+                raise SpecError(name, str(e)) from None
 
 
 def _wait(client, job_id: str, show: bool, timeout_s: float | None = None):

@@ -80,6 +80,7 @@ def test_submission_carries_what_the_cluster_needs_and_no_token(project, monkeyp
                                      "s3://bucket/studies", loopback=False)
     assert again.submission_id == sub.submission_id != other.submission_id
     assert sub.submission_id.startswith("transferlab-tiny-submit-")
+    assert jobs.local_stores(sub) == (None, None)  # nothing here to check: the server may be cluster-internal
     assert jobs.scrub(f"x {TOKEN} {PASSWORD} http://u:{PASSWORD}@h y") == "x *** *** http://***@h y"
     pins = jobs.pinned_requirements()
     assert "torch" in {p.split("==")[0] for p in pins} and not any(p.startswith("ray") for p in pins)
@@ -206,7 +207,7 @@ def test_submit_status_logs_run_stop_on_a_cluster(head, tmp_path):
 
     status = _cli("status", job, "--address", head["api"])
     assert status.returncode == 0 and status.stdout.startswith(f"{job}: SUCCEEDED")
-    assert "runs: transferlab run tiny.yaml --address auto" in status.stdout
+    assert "runs: transferlab run tiny-submit.yaml --address auto" in status.stdout  # staged under the study name
     logs = _cli("logs", job, "--address", head["api"])
     assert "ran 1/1 pretraining runs and 1/1 transfer fits" in logs.stdout
 
