@@ -199,11 +199,11 @@ def test_submit_status_logs_run_stop_on_a_cluster(head, tmp_path):
     db = tmp_path / "mlflow.db"
     where = ["--address", head["api"], "--tracking-uri", f"sqlite:///{db}", "--storage-path", str(tmp_path / "storage")]
 
-    out = _cli("submit", str(study), *where)
+    out = _cli("submit", str(study), *where, "--follow")  # the job's log streamed, then its final status
     assert out.returncode == 0, out.stdout + out.stderr
     job = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("submitted: "))
     assert job.startswith("transferlab-tiny-submit-")
-    assert f"{job}: SUCCEEDED (exit code 0)" in out.stdout
+    assert out.stdout.index("ran 1/1 pretraining runs and 1/1 transfer fits") < out.stdout.index(f"{job}: SUCCEEDED (exit code 0)")
 
     status = _cli("status", job, "--address", head["api"])
     assert status.returncode == 0 and status.stdout.startswith(f"{job}: SUCCEEDED")
