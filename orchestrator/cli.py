@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (overrides the spec's tracking_uri)")
     r.add_argument("--storage-path", default=None, help="where checkpoints go (default: ./transferlab_storage)")
 
+    from orchestrator.jobs_cli import add_parsers as add_job_parsers
+
+    add_job_parsers(sub, study_args)
+
     d = sub.add_parser("data", help="prepare and inspect datasets")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     prep = dsub.add_parser("prepare", help="convert a source (builtin:NAME, image folder, WebDataset tars, Parquet) to Parquet or WebDataset shards + manifest")
@@ -111,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             return _analysis(args)
         if args.command == "data":
             return _data(args)
+        if args.command in ("submit", "status", "logs", "stop"):
+            from orchestrator.jobs_cli import run as run_job_command
+
+            return run_job_command(args)
         spec = load_spec(args.study_file, args.overrides)
         from orchestrator.plan import build_plan
 

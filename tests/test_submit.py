@@ -1,0 +1,239 @@
+"""`transferlab submit / status / logs / stop` against a real `ray start` cluster on loopback,
+with token auth on, and the submission they build (what travels, what never does)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import jobs
+from orchestrator.cli import main
+from orchestrator.spec import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TOKEN = "planted-ray-token-" + uuid.uuid4().hex
+PASSWORD = "planted-mlflow-password-" + uuid.uuid4().hex
+
+TINY = {
+    "study": "tiny-submit",
+    "sources": {"digits": {"uri": "builtin:digits"}},
+    "tasks": {"digits": {"uri": "builtin:digits"}},
+    "pretrain": {"method": "supervised", "model": "tiny-cnn", "image_size": 8, "epochs": 1, "batch_size": 32,
+                 "sweep": {"source": ["digits"], "pretrain_size": [200], "label_noise": [0.0], "seed": [0]}},
+    "transfer": {"protocol": ["linear_probe"], "shots": [1], "seeds": [0]},
+    "resources": {"workers": 1, "cpus_per_worker": 1, "use_gpu": False},
+}
+
+
+def _write(path: Path, doc: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+# --- the submission, built without a cluster -------------------------------------------------
+
+@pytest.fixture
+def project(tmp_path):
+    """A project folder with code, a study, and what must never travel."""
+    root = tmp_path / "lab"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "a.py").write_text("x = 1\n")
+    for junk in (".venv/lib/site.py", "data/shard-0.parquet", "mlflow.db", "pkg/__pycache__/a.pyc"):
+        (root / junk).parent.mkdir(parents=True, exist_ok=True)
+        (root / junk).write_text("junk")
+    _write(root / "studies" / "tiny.yaml", TINY)
+    return root
+
+
+def test_submission_carries_what_the_cluster_needs_and_no_token(project, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    study = project / "studies" / "tiny.yaml"
+    spec = load_spec(study, ["transfer.seeds=[0,1]"])
+    sub, doc = jobs.build_submission(spec, str(study), str(project), "https://ray-user:uri-secret@mlflow.lab:443",
+                                     "s3://bucket/studies", loopback=False)
+    assert sub.files == ["pkg/a.py", "studies/tiny.yaml"]  # no venv, data, local store, bytecode
+    assert sub.study_path == "studies/tiny.yaml" and doc["transfer"]["seeds"] == [0, 1]  # overrides applied
+    assert sub.entrypoint == ("transferlab run studies/tiny.yaml --address auto --tracking-uri https://mlflow.lab:443 "
+                              "--storage-path s3://bucket/studies")
+    # MLflow credentials travel as the job's environment (the cluster may lack them); the Ray
+    # token never does: the job's driver authenticates with its node's own token.
+    # (Those of the URI win over the environment's.)
+    assert sub.env_vars == {"MLFLOW_TRACKING_URI": "https://mlflow.lab:443", "MLFLOW_TRACKING_USERNAME": "ray-user",
+                            "MLFLOW_TRACKING_PASSWORD": "uri-secret"}
+    everything = repr((sub.entrypoint, sub.env_vars, doc, sub.submission_id))
+    assert TOKEN not in everything and "uri-secret" not in sub.entrypoint
+    # The id is the study's: the same submission gets it again, a changed one does not.
+    again, _ = jobs.build_submission(load_spec(study, ["transfer.seeds=[0,1]"]), str(study), str(project),
+                                     "https://mlflow.lab:443", "s3://bucket/studies", loopback=False)
+    other, _ = jobs.build_submission(load_spec(study), str(study), str(project), "https://mlflow.lab:443",
+                                     "s3://bucket/studies", loopback=False)
+    assert again.submission_id == sub.submission_id != other.submission_id
+    assert sub.submission_id.startswith("transferlab-tiny-submit-")
+    assert jobs.local_stores(sub) == (None, None)  # nothing here to check: the server may be cluster-internal
+    assert jobs.scrub(f"x {TOKEN} {PASSWORD} http://u:{PASSWORD}@h y") == "x *** *** http://***@h y"
+    pins = jobs.pinned_requirements()
+    assert "torch" in {p.split("==")[0] for p in pins} and not any(p.startswith("ray") for p in pins)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tracking-uri", "sqlite:///mlflow.db", "--storage-path", "s3://b/p"], "--tracking-uri: sqlite:///mlflow.db is a file on this machine"),
+    (["--tracking-uri", "http://mlflow:5000"], "--storage-path: the default ./transferlab_storage is a folder on this machine"),
+    (["--tracking-uri", "http://mlflow:5000", "--storage-path", "ckpt"], "--storage-path: ckpt is a folder on this machine"),
+])
+def test_remote_cluster_refuses_local_stores(project, capsys, extra, message):
+    argv = ["submit", str(project / "studies" / "tiny.yaml"), "--address", "http://10.255.0.1:8265", "--working-dir", str(project)]
+    assert main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_oversized_working_dir_and_unreachable_cluster(project, capsys, tmp_path):
+    with open(project / "pkg" / "weights.bin", "wb") as f:  # sparse: 600 MiB that take no disk
+        f.truncate(600 * 2**20)
+    argv = ["submit", str(project / "studies" / "tiny.yaml"), "--working-dir", str(project),
+            "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--storage-path", str(tmp_path / "st")]
+    assert main(argv + ["--address", "http://127.0.0.1:8265"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --working-dir: ") and "over Ray's 512 MiB limit; largest: pkg/weights.bin (600 MiB)" in err
+    (project / "pkg" / "weights.bin").unlink()
+    port = _free_port()
+    for argv in (argv + ["--address", f"http://127.0.0.1:{port}"], ["status", "some-job", "--address", f"127.0.0.1:{port}"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --address: cannot use the Ray job API at http://127.0.0.1:{port}: connection refused " \
+                      "(is the dashboard running, and is the port forwarded?)\n"
+
+
+# --- a real cluster --------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _marked(marker: str) -> list[int]:
+    """Processes whose environment carries ``marker``: the cluster's, its workers, job drivers
+    (which Ray starts in sessions of their own), whatever they left behind."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and marker.encode() in (d / "environ").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _kill(marker: str) -> None:
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        for pid in _marked(marker):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while _marked(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def head():
+    """`ray start --head` on loopback with token auth, its own temp dir and ports.
+
+    Not `ray stop` afterwards: it stops every Ray of this user on the machine (other tests'
+    and other people's). Every process of this cluster carries a marker in its environment,
+    and exactly those are ended.
+    """
+    marker = f"TRANSFERLAB_TEST_CLUSTER={uuid.uuid4().hex}"
+    temp = tempfile.mkdtemp(prefix="tl-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update({marker.split("=")[0]: marker.split("=")[1], "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
+                "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"})
+    gcs, dash = _free_port(), _free_port()
+    ports = {f"--{name}": str(_free_port()) for name in (
+        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port")}
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "4", "--include-dashboard=true",
+           "--disable-usage-stats", "--temp-dir", temp, *[x for kv in ports.items() for x in kv]]
+    try:
+        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, start_new_session=True)
+        if started.returncode != 0:
+            pytest.fail(f"ray start failed: {started.stderr[-2000:]}")
+        yield {"gcs": f"127.0.0.1:{gcs}", "api": f"http://127.0.0.1:{dash}", "temp": temp}
+    finally:
+        _kill(marker)
+        assert not _marked(marker), "processes of the test cluster are still running"
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _cli(*args, env_extra=None, timeout=420) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update({"PYTHONPATH": str(REPO), "RAY_AUTH_TOKEN": TOKEN, "MLFLOW_TRACKING_PASSWORD": PASSWORD, **(env_extra or {})})
+    out = subprocess.run([str(BIN / "transferlab"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    for stream in (out.stdout, out.stderr):
+        assert TOKEN not in stream and PASSWORD not in stream, f"a secret was printed by transferlab {args[0]}"
+    return out
+
+
+@pytest.mark.timeout(900)  # 273-433 s measured on 2 shared cores at load average 25-37 (the job alone: 135 s)
+def test_submit_status_logs_run_stop_on_a_cluster(head, tmp_path):
+    import mlflow
+
+    from orchestrator.tracking import KIND_PRETRAIN, KIND_TRANSFER, TAG_KIND
+
+    study = _write(tmp_path / "tiny.yaml", TINY)
+    db = tmp_path / "mlflow.db"
+    where = ["--address", head["api"], "--tracking-uri", f"sqlite:///{db}", "--storage-path", str(tmp_path / "storage")]
+
+    out = _cli("submit", str(study), *where, "--follow")  # the job's log streamed, then its final status
+    assert out.returncode == 0, out.stdout + out.stderr
+    job = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("submitted: "))
+    assert job.startswith("transferlab-tiny-submit-")
+    assert out.stdout.index("ran 1/1 pretraining runs and 1/1 transfer fits") < out.stdout.index(f"{job}: SUCCEEDED (exit code 0)")
+
+    status = _cli("status", job, "--address", head["api"])
+    assert status.returncode == 0 and status.stdout.startswith(f"{job}: SUCCEEDED")
+    assert "runs: transferlab run tiny-submit.yaml --address auto" in status.stdout  # staged under the study name
+    logs = _cli("logs", job, "--address", head["api"])
+    assert "ran 1/1 pretraining runs and 1/1 transfer fits" in logs.stdout
+
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("tiny-submit").experiment_id
+    for kind in (KIND_PRETRAIN, KIND_TRANSFER):
+        runs = client.search_runs([exp], filter_string=f"tags.`{TAG_KIND}` = '{kind}'")
+        assert [r.info.status for r in runs] == ["FINISHED"]
+
+    # `run` joining the same cluster by its GCS address finds the study done.
+    ran = _cli("run", str(study), "--address", head["gcs"], *where[2:], env_extra={"RAY_AUTH_MODE": "token"})
+    assert ran.returncode == 0, ran.stderr
+    assert "1 pretraining runs (1 already done), 1 transfer fits (1 already done)" in ran.stdout
+
+    # A longer variant: submitted without waiting, submitted again while it runs, stopped.
+    longer = [str(study), "pretrain.epochs=50", *where]
+    first = _cli("submit", *longer, "--no-wait")
+    second_job = next(line.split()[1] for line in first.stdout.splitlines() if line.startswith("submitted: "))
+    assert second_job != job
+    again = _cli("submit", *longer, "--no-wait")
+    assert f"already running: {second_job}" in again.stdout and "submitted:" not in again.stdout
+    stop = _cli("stop", second_job, "--address", head["api"])
+    assert stop.returncode == 0 and f"{second_job}: STOPPED" in stop.stdout
+    assert _cli("status", second_job, "--address", head["api"]).stdout.startswith(f"{second_job}: STOPPED")
+
+    unknown = _cli("logs", "no-such-job", "--address", head["api"])
+    assert unknown.returncode == 2 and unknown.stderr.startswith("error: JOB: no job 'no-such-job' on this cluster")
+    assert unknown.stderr.count("\n") == 1
