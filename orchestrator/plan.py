@@ -99,6 +99,7 @@ class StudyPlan:
     data: dict[str, ShardedDataset]
     pretrain_jobs: list[PretrainJob]
     transfer_groups: list[TransferGroup] = field(default_factory=list)
+    datamodels: object | None = None  # orchestrator.datamodels.DatamodelPlan of a datamodels study
 
     @property
     def num_transfer_fits(self) -> int:
@@ -193,6 +194,10 @@ def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -
     _check_data(spec, data)
     if spec.preflight_overlap != "off":
         _check_overlap(spec, data)
+    if spec.datamodels is not None:  # a datamodel sweep replaces the pretraining grid
+        from orchestrator.datamodels import build_datamodel_plan
+
+        return StudyPlan(spec=spec, data=data, pretrain_jobs=[], datamodels=build_datamodel_plan(spec, data))
     sweep = spec.pretrain.sweep
     axes = list(sweep)
     varying = {a for a in axes if len(sweep[a]) > 1}
