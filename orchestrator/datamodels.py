@@ -40,7 +40,7 @@ from orchestrator.tracking import (
 )
 
 SWEEP_FILE, EXAMPLES_FILE = "sweep.json", "examples.parquet"
-PART_PREFIX = "models-"
+MODELS_DIR, PART_PREFIX = "models", "models-"  # MODELS_DIR holds only parts: a plain Parquet dataset
 
 
 @dataclass(frozen=True)
@@ -147,13 +147,13 @@ def part_name(models) -> str:
 
 
 def write_part(uri: str, models, table: pa.Table) -> str:
-    return _write_atomic(uri, part_name(models), lambda f: pq.write_table(table, f))
+    return _write_atomic(f"{uri.rstrip('/')}/{MODELS_DIR}", part_name(models), lambda f: pq.write_table(table, f))
 
 
 def _parts(uri: str) -> list[str]:
     import pyarrow.fs
 
-    fs, root = _fs(uri)
+    fs, root = _fs(f"{uri.rstrip('/')}/{MODELS_DIR}")
     if fs.get_file_info(root).type == pyarrow.fs.FileType.NotFound:
         return []
     infos = fs.get_file_info(pyarrow.fs.FileSelector(root))

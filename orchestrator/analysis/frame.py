@@ -66,8 +66,8 @@ class StudyRuns:
         parts = []
         for kind in _COUNTED:
             counts = self.status.get(kind, {})
-            if kind == KIND_DATAMODELS and not counts:
-                continue
+            if not counts and (kind == KIND_DATAMODELS or self.status.get(KIND_DATAMODELS)):
+                continue  # a datamodels study has no pretrain/transfer runs, other studies no datamodels runs
             total = sum(counts.values())
             others = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()) if s != FINISHED and n)
             parts.append(f"{counts.get(FINISHED, 0)}/{total} {kind} runs finished" + (f" ({others})" if others else ""))
