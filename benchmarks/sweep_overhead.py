@@ -98,7 +98,8 @@ def main() -> None:
     p.add_argument("--models", type=int, default=24)
     p.add_argument("--per-trial", type=int, default=12)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--trials", type=int, default=50)
+    p.add_argument("--trials", type=int, default=50, help="trivial trials of the overhead comparison (0: skip it)")
+    p.add_argument("--skip-sweep", action="store_true", help="only the overhead comparison")
     args = p.parse_args()
     import ray
 
@@ -106,17 +107,25 @@ def main() -> None:
 
     quiet_ray_logs()
     ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=False)
-    with tempfile.TemporaryDirectory(prefix="sweep-overhead-") as root:
-        stacked = sweep_seconds(args.models, args.per_trial, root, args.epochs)
-        single = sweep_seconds(args.models, 1, root, args.epochs)
-        ours, bare = overhead(args.trials, root)
-    ray.shutdown()
     m = args.models
-    print(f"\n| what | wall | figure |\n|---|---|---|")
-    print(f"| datamodel sweep, {m} models, B={args.per_trial} per trial ({-(-m // args.per_trial)} trials) | {stacked:.1f} s | {3600 * m / stacked:,.0f} models/hour |")
-    print(f"| same sweep, B=1 ({m} trials) | {single:.1f} s | {3600 * m / single:,.0f} models/hour |")
-    print(f"| {args.trials} trivial trials, transferlab phase runner (+1 MLflow run, 1 Parquet part each) | {ours:.1f} s | {ours / args.trials:.2f} s/trial |")
-    print(f"| {args.trials} trivial trials, bare Ray Tune function trainable | {bare:.1f} s | {bare / args.trials:.2f} s/trial |")
+    rows = ["| what | wall | figure |", "|---|---|---|"]
+
+    def row(line: str) -> None:  # printed as soon as measured: a long run keeps what it has
+        rows.append(line)
+        print(line, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="sweep-overhead-") as root:
+        if not args.skip_sweep:
+            t = sweep_seconds(m, args.per_trial, root, args.epochs)
+            row(f"| datamodel sweep, {m} models, B={args.per_trial} per trial ({-(-m // args.per_trial)} trials) | {t:.1f} s | {3600 * m / t:,.0f} models/hour |")
+            t = sweep_seconds(m, 1, root, args.epochs)
+            row(f"| same sweep, B=1 ({m} trials) | {t:.1f} s | {3600 * m / t:,.0f} models/hour |")
+        if args.trials:
+            ours, bare = overhead(args.trials, root)
+            row(f"| {args.trials} trivial trials, transferlab phase runner (+1 MLflow run, 1 Parquet part each) | {ours:.1f} s | {ours / args.trials:.2f} s/trial |")
+            row(f"| {args.trials} trivial trials, bare Ray Tune function trainable | {bare:.1f} s | {bare / args.trials:.2f} s/trial |")
+    ray.shutdown()
+    print("\n" + "\n".join(rows))
 
 
 if __name__ == "__main__":

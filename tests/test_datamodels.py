@@ -127,15 +127,17 @@ def test_datamodel_sweep_records_a_table_resumes_and_reports_planted_influence(r
     n_test = len(pq.read_table(table_dir / "examples.parquet"))
     assert all(len(x) == n_test for x in t["correct_prob"]) and t["accuracy"].between(0.5, 1.0).all()
 
-    # Resume: a rerun trains nothing; a lost part is retrained alone; a larger sweep adds models.
+    # Resume: the models of a lost part (as a killed trial leaves) are trained again, those of the
+    # other part are not; a larger num_models extends the same sweep and table.
     parts[1].unlink()
     capsys.readouterr()
-    assert main(run) == 0
-    out = capsys.readouterr().out
-    assert "24/24 models" in out and "12 trained now, 12 already there" in out
     assert main(run + ["datamodels.num_models=30"]) == 0
-    assert "6 trained now, 24 already there" in capsys.readouterr().out
-    assert len(_runs(client, KIND_DATAMODELS)) == 1 and len(_runs(client, KIND_DATAMODEL_BATCH)) == 4
+    out = capsys.readouterr().out
+    assert "30/30 models" in out and "18 trained now, 12 already there" in out
+    assert len(_runs(client, KIND_DATAMODELS)) == 1
+    again = sorted((int(b.data.params["first_model"]), int(b.data.params["last_model"])) for b in _runs(client, KIND_DATAMODEL_BATCH))
+    assert again == [(0, 11), (12, 23), (12, 23), (24, 29)]
+    assert pd.read_parquet(table_dir / "models")["model"].sort_values().tolist() == list(range(30))
 
     # The report computes influence from the table; each source class helps its own target class most.
     assert main(["report", "dm", "--tracking-uri", uri, "--out", str(tmp_path / "rep"), "--bootstrap", "0"]) == 0
