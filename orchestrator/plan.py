@@ -191,7 +191,8 @@ def _run_name(settings: dict, source: str, view: PretrainView, varying: set[str]
 def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -> StudyPlan:
     """Pre-flight the data and expand the pretraining grid and the transfer fits."""
     data = data if data is not None else resolve_data(spec)
-    _check_data(spec, data)
+    # A datamodels study probes at datamodels.shots (checked with its plan), not transfer.shots.
+    _check_data(spec if spec.datamodels is None else dataclasses.replace(spec, transfer=dataclasses.replace(spec.transfer, shots=(FULL,))), data)
     if spec.preflight_overlap != "off":
         _check_overlap(spec, data)
     if spec.datamodels is not None:  # a datamodel sweep replaces the pretraining grid
