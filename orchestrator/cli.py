@@ -126,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             if spec.tracking_uri:
                 _check_infrastructure(spec.tracking_uri, None, "tracking_uri", None)
+            if plan.datamodels is not None:
+                d = spec.datamodels
+                print(f"ok: study '{spec.study}': datamodel sweep of {d.num_models} models on {d.class_fraction:g} of the classes "
+                      f"of '{d.source}', {-(-d.num_models // d.models_per_trial)} trials, probed on '{d.task}'")
+                return EXIT_OK
             print(
                 f"ok: study '{spec.study}': {len(plan.pretrain_jobs)} pretraining runs, "
                 f"{plan.num_transfer_fits} transfer fits on {len(spec.transfer_tasks)} task(s)"
@@ -186,11 +191,14 @@ def _run(args, spec, plan) -> int:
     outcome = run_study(spec, address=args.address, tracking_uri=args.tracking_uri, storage_path=args.storage_path, plan=plan)
     print()
     print(outcome.table)
-    print(
-        f"\nran {outcome.pretrain_ran}/{outcome.pretrain_total} pretraining runs and "
-        f"{outcome.transfer_ran}/{outcome.transfer_total} transfer fits in {outcome.seconds:.0f}s"
-        + (" (the others were already in MLflow)." if (outcome.pretrain_ran, outcome.transfer_ran) != (outcome.pretrain_total, outcome.transfer_total) else ".")
-    )
+    if outcome.summary:
+        print(f"{outcome.summary} in {outcome.seconds:.0f}s")
+    else:
+        print(
+            f"\nran {outcome.pretrain_ran}/{outcome.pretrain_total} pretraining runs and "
+            f"{outcome.transfer_ran}/{outcome.transfer_total} transfer fits in {outcome.seconds:.0f}s"
+            + (" (the others were already in MLflow)." if (outcome.pretrain_ran, outcome.transfer_ran) != (outcome.pretrain_total, outcome.transfer_total) else ".")
+        )
     print(f"browse them: mlflow ui --backend-store-uri {redact(resolve_tracking_uri(args.tracking_uri or spec.tracking_uri))}")
     if outcome.failed:
         print(f"{len(outcome.failed)} trial(s) failed: {'; '.join(outcome.failed)}. Run the same command again to retry them.", file=sys.stderr)

@@ -100,6 +100,7 @@ class StudyPlan:
     data: dict[str, ShardedDataset]
     pretrain_jobs: list[PretrainJob]
     transfer_groups: list[TransferGroup] = field(default_factory=list)
+    datamodels: object | None = None  # orchestrator.datamodels.DatamodelPlan of a datamodels study
 
     @property
     def num_transfer_fits(self) -> int:
@@ -193,9 +194,14 @@ def _run_name(settings: dict, source: str, view: PretrainView, varying: set[str]
 def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -> StudyPlan:
     """Pre-flight the data and expand the pretraining grid and the transfer fits."""
     data = data if data is not None else resolve_data(spec)
-    _check_data(spec, data)
+    # A datamodels study probes at datamodels.shots (checked with its plan), not transfer.shots.
+    _check_data(spec if spec.datamodels is None else dataclasses.replace(spec, transfer=dataclasses.replace(spec.transfer, shots=(FULL,))), data)
     if spec.preflight_overlap != "off":
         _check_overlap(spec, data)
+    if spec.datamodels is not None:  # a datamodel sweep replaces the pretraining grid
+        from orchestrator.datamodels import build_datamodel_plan
+
+        return StudyPlan(spec=spec, data=data, pretrain_jobs=[], datamodels=build_datamodel_plan(spec, data))
     sweep = spec.pretrain.sweep
     axes = list(sweep)
     varying = {a for a in axes if len(sweep[a]) > 1}

@@ -315,6 +315,27 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class DatamodelSpec:
+    """A datamodel sweep (Jain et al.): ``num_models`` supervised models with the ``pretrain``
+    settings, model i on a random ``class_fraction`` of ``source``'s classes (seeded by ``seed``
+    and i), each probed on ``task``. ``models_per_trial`` models train at once in one process."""
+
+    source: str
+    task: str
+    num_models: int
+    class_fraction: float = 0.5
+    seed: int = 0
+    models_per_trial: int = 16
+    protocol: str = "linear_probe"  # frozen-feature probe: linear_probe | logistic
+    shots: int | str = FULL  # examples per class of the probe, or 'full'
+    transfer_seed: int = 0  # few-shot draw of the probe
+
+
+DATAMODEL_PROTOCOLS = ("linear_probe", "logistic")
+MAX_DATAMODELS = 1_000_000  # model seeds are seed * MAX_DATAMODELS + index
+
+
+@dataclass(frozen=True)
 class StudySpec:
     study: str  # also the MLflow experiment name
     sources: dict[str, DataRef]
@@ -325,6 +346,7 @@ class StudySpec:
     tracking_uri: str | None = None  # default: MLflow's default store in the working directory
     storage_path: str | None = None  # checkpoints; default ./transferlab_storage
     preflight_overlap: str = "off"  # leakage check source train vs task test: off | warn | error
+    datamodels: DatamodelSpec | None = None  # a datamodel sweep instead of the pretraining grid
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -433,9 +455,35 @@ def _check_amp(pretrain: PretrainSpec, resources: Resources) -> None:
                             f"{amp} mixed precision runs on CUDA only: set resources.use_gpu: true, or amp: none")
 
 
+def _datamodels(m: _Mapping, sources: dict[str, DataRef], tasks: dict[str, DataRef]) -> DatamodelSpec | None:
+    if m.data.get("datamodels") is None:
+        return None
+    d = _Mapping("datamodels", m.data["datamodels"], tuple(f.name for f in fields(DatamodelSpec)))
+    pretrain = m.data.get("pretrain")
+    if isinstance(pretrain, dict) and "sweep" in pretrain:
+        raise SpecError("pretrain.sweep", "a datamodels study draws its own class subsets (datamodels.class_fraction); remove the sweep")
+    if isinstance(pretrain, dict) and pretrain.get("method", "supervised") != "supervised":
+        raise SpecError("pretrain.method", f"datamodel sweeps train supervised models only, got {_short(pretrain['method'])}")
+    fraction = d.get("class_fraction", _class_fraction, 0.5)
+    if fraction == 1.0:
+        raise SpecError("datamodels.class_fraction", "must be below 1: models that all see every class say nothing about any class")
+    return DatamodelSpec(
+        source=d.get("source", _choice(tuple(sources))),
+        task=d.get("task", _choice(tuple(tasks))),
+        num_models=d.get("num_models", lambda q, v: _int(q, v, minimum=2, maximum=MAX_DATAMODELS)),
+        class_fraction=fraction,
+        seed=d.get("seed", lambda q, v: _int(q, v, minimum=0, maximum=2000), 0),
+        models_per_trial=d.get("models_per_trial", lambda q, v: _int(q, v, minimum=1, maximum=4096), 16),
+        protocol=d.get("protocol", _choice(DATAMODEL_PROTOCOLS), "linear_probe"),
+        shots=d.get("shots", _shots, FULL),
+        transfer_seed=d.get("transfer_seed", lambda q, v: _int(q, v, minimum=0), 0),
+    )
+
+
 def parse_spec(data: Any) -> StudySpec:
     """Validate a loaded YAML document into a StudySpec (raises SpecError)."""
-    top = ("study", "sources", "tasks", "pretrain", "transfer", "resources", "tracking_uri", "storage_path", "preflight_overlap")
+    top = ("study", "sources", "tasks", "pretrain", "transfer", "resources", "tracking_uri", "storage_path", "preflight_overlap",
+           "datamodels")
     m = _Mapping("", data, top)
     study = m.get("study", _name)
     sources = _datarefs(m, "sources")
@@ -452,6 +500,7 @@ def parse_spec(data: Any) -> StudySpec:
         tracking_uri=m.get("tracking_uri", _str, None),
         storage_path=m.get("storage_path", _str, None),
         preflight_overlap=m.get("preflight_overlap", _choice(("off", "warn", "error")), "off"),
+        datamodels=_datamodels(m, sources, tasks),
         raw=data,
     )
 

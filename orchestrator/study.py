@@ -40,6 +40,7 @@ class StudyOutcome:
     failed: list[str]
     table: str
     seconds: float
+    summary: str | None = None  # a datamodels study's one-line outcome (it has no pretrain/transfer runs)
 
 
 def _is_finished(run) -> bool:
@@ -109,6 +110,8 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
     exp = tracker.experiment_id(spec.study)
     spool.flush(storage, tracker.client)  # metrics an earlier run could not deliver
     study_run = _study_run(tracker, exp, plan)
+    if plan.datamodels is not None:
+        return _run_datamodels(spec, plan, tracker, exp, study_run, storage, cpus, uri)
 
     pre_runs = tracker.runs_by_hash(exp, KIND_PRETRAIN)
     todo = [j for j in plan.pretrain_jobs if not _is_finished(pre_runs.get(j.config_hash))]
@@ -210,3 +213,21 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
         table=results_table(transfer_frame(tracker, spec.study)),
         seconds=0.0,
     )
+
+
+def _run_datamodels(spec: StudySpec, plan: StudyPlan, tracker: Tracker, exp: str, study_run: str, storage: str, cpus: float,
+                    uri: str) -> StudyOutcome:
+    from orchestrator.datamodels import run_datamodels
+
+    worker_uri, uri_credentials = retry.split_credentials(uri)
+    status = FAILED
+    try:
+        dm = run_datamodels(spec, plan.datamodels, tracker, exp, study_run, storage, cpus, worker_uri,
+                            {**mlflow_client_env(), **uri_credentials})
+        status = FINISHED if not dm.failed and dm.done == dm.total else FAILED
+    finally:
+        step = len(tracker.client.get_metric_history(study_run, "failed_runs"))
+        tracker.log(study_run, metrics={"failed_runs": 0 if status == FINISHED else 1}, step=step)
+        tracker.finish(study_run, status)
+    failed = [f"datamodels trial {x}" for x in dm.failed]
+    return StudyOutcome(study_run, 0, 0, 0, 0, failed, "", 0.0, summary=dm.summary())

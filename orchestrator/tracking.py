@@ -47,6 +47,22 @@ PNG figures and fitted numbers under ``report/`` on the study run; ``transferlab
 logs the follow-up plan (``counterfactual/plan.json``: follow-up study name, and per source
 added: arm ``harmful|helpful|random|baseline``, K and the removed classes) on the study run too.
 
+Datamodel studies (a ``datamodels:`` section) replace the pretrain/transfer levels with two:
+a ``datamodels`` run under the study run (params: ``source, task, class_fraction,
+seed, models_per_trial, protocol, shots, transfer_seed, val_fraction`` + the pretraining
+settings; tag ``transferlab.datamodel_table``: where the table lives; metrics ``models_done``,
+``models_total`` (the spec's ``num_models``: a rerun with more extends the sweep),
+``failed_trials``, one step per ``run``), and one ``datamodel_batch`` run per
+finished trial under it (params ``first_model, last_model, models``; metrics ``models``,
+``seconds``, ``models_per_hour``, ``mean_accuracy``; the trial's table part as artifact under
+``datamodels/``). Thousands of models are rows of the table, not MLflow runs. The **table** is
+a Parquet dataset (``TABLE/models/``, readable as one table by ``pandas.read_parquet``), one
+file per finished trial (``models-FIRST-LAST.parquet``, written atomically), one row per model: ``model`` (index), ``seed``, ``mask`` (list of bool, one per
+source class), ``num_train_samples``, ``train_loss``, ``accuracy`` (task test split) and
+per-target-example lists ``correct_prob``, ``margin``, ``prediction`` (position = ``example``);
+beside ``models/``, ``examples.parquet`` (``example, key, label``) and ``sweep.json`` (class names,
+config hash, settings).
+
 Tags on every run: ``transferlab.kind`` (study|pretrain|transfer), ``transferlab.study``,
 ``transferlab.config_hash`` (hash of everything that determines the result: a finished run with
 this hash means the job is done), ``mlflow.runName``. Pretrain runs also carry
@@ -74,6 +90,9 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 
 KIND_STUDY, KIND_PRETRAIN, KIND_TRANSFER = "study", "pretrain", "transfer"
+KIND_DATAMODELS, KIND_DATAMODEL_BATCH = "datamodels", "datamodel_batch"
+TAG_DATAMODEL_TABLE = "transferlab.datamodel_table"
+DATAMODEL_PART_ARTIFACT_DIR = "datamodels"
 
 PRETRAIN_PARAMS = ("method", "source", "pretrain_size", "label_noise", "model", "seed")
 TRANSFER_PARAMS = ("task", "protocol", "shots", "seed", "layer")

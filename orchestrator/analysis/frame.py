@@ -22,6 +22,7 @@ import pandas as pd
 from orchestrator.analysis import AnalysisError
 from orchestrator.tracking import (
     FINISHED,
+    KIND_DATAMODELS,
     KIND_PRETRAIN,
     KIND_STUDY,
     KIND_TRANSFER,
@@ -40,6 +41,7 @@ from orchestrator.tracking import (
 )
 
 FULL = "full"
+_COUNTED = (KIND_PRETRAIN, KIND_TRANSFER, KIND_DATAMODELS)  # run kinds whose status the report shows
 PRETRAIN_SEED = "pretrain_seed"
 PRETRAIN_RUN_ID, RUN_ID, ARTIFACT_URI = "pretrain_run_id", "run_id", "artifact_uri"
 
@@ -58,12 +60,14 @@ class StudyRuns:
     @property
     def partial(self) -> bool:
         """True while any pretraining or transfer run is not FINISHED (running, failed, killed)."""
-        return any(s != FINISHED and n for kind in (KIND_PRETRAIN, KIND_TRANSFER) for s, n in self.status.get(kind, {}).items())
+        return any(s != FINISHED and n for kind in _COUNTED for s, n in self.status.get(kind, {}).items())
 
     def status_line(self) -> str:
         parts = []
-        for kind in (KIND_PRETRAIN, KIND_TRANSFER):
+        for kind in _COUNTED:
             counts = self.status.get(kind, {})
+            if not counts and (kind == KIND_DATAMODELS or self.status.get(KIND_DATAMODELS)):
+                continue  # a datamodels study has no pretrain/transfer runs, other studies no datamodels runs
             total = sum(counts.values())
             others = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()) if s != FINISHED and n)
             parts.append(f"{counts.get(FINISHED, 0)}/{total} {kind} runs finished" + (f" ({others})" if others else ""))
@@ -143,7 +147,7 @@ def load_study(tracker: Tracker, study: str) -> StudyRuns:
         raise AnalysisError("study", f"no study named '{study}' in {tracker.uri}")
     runs = tracker.runs(exp.experiment_id)
     sr = frames_from_runs(study, exp.experiment_id, runs)
-    if sr.pretrain.empty and not any(sr.status.get(k) for k in (KIND_PRETRAIN, KIND_TRANSFER)):
+    if sr.pretrain.empty and not any(sr.status.get(k) for k in _COUNTED):
         raise AnalysisError("study", f"study '{study}' has no pretraining or transfer runs yet")
     return sr
 

@@ -21,6 +21,7 @@ import pandas as pd
 
 from orchestrator.analysis import counterfactual as cf
 from orchestrator.analysis import figures, influence, tables
+from orchestrator.analysis.datamodels import datamodel_inputs
 from orchestrator.analysis.frame import StudyRuns, influence_inputs, load_study
 from orchestrator.tracking import REPORT_ARTIFACT_DIR, Tracker
 
@@ -129,10 +130,11 @@ def _abnar(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
     rep.numbers["best_layer"] = _records(layers[layers["best"]]) if len(layers) else []
 
 
-def _jain(rep: Report, tracker: Tracker, sr: StudyRuns, seed: int) -> None:
+def _jain(rep: Report, tracker: Tracker, sr: StudyRuns, seed: int, datamodels: list | None = None) -> None:
     t = sr.transfer
     inputs = [x for task, protocol, source in t.groupby(["task", "protocol", "source"]).size().index
-              if (x := influence_inputs(sr, task, protocol, source=source)) is not None]
+              if (x := influence_inputs(sr, task, protocol, source=source)) is not None] if len(t) else []
+    inputs += datamodels or []  # datamodel sweeps: masks and outputs from their table
     if not inputs:
         return
     sec = rep.section("Source-class influence (Jain et al.)",
@@ -192,12 +194,15 @@ def build_report(tracker: Tracker, study: str, n_boot: int = 200, seed: int = 0)
     rep = Report(study, sr.study_run_id, sr.status_line(), sr.partial)
     rep.numbers.update({"study": study, "partial": sr.partial, "status": sr.status, "finished_transfer_runs": len(sr.transfer),
                         "n_boot": n_boot, "seed": seed})
-    if sr.transfer.empty:
+    dm = datamodel_inputs(tracker, sr.experiment_id)
+    if sr.transfer.empty and not dm:
         rep.section("No results yet", "No transfer run of this study has finished.")
+    elif sr.transfer.empty:
+        _jain(rep, tracker, sr, seed, dm)
     else:
         _entezari(rep, sr.transfer, n_boot, seed)
         _abnar(rep, sr.transfer, n_boot, seed)
-        _jain(rep, tracker, sr, seed)
+        _jain(rep, tracker, sr, seed, dm)
     rep.numbers["seconds"] = round(time.perf_counter() - t0, 2)
     return rep
 

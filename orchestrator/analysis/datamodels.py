@@ -1,0 +1,35 @@
+"""Influence inputs from a datamodel sweep's table (see orchestrator.datamodels).
+
+A datamodels study has no pretrain/transfer runs: its ``datamodels`` run names the table (tag
+``transferlab.datamodel_table``), one row per trained model with its class mask and its outputs
+on every target example. This turns that table into the same :class:`InfluenceInputs` the
+class-subset runs give, so the report's influence section reads both alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from orchestrator.analysis.frame import InfluenceInputs
+from orchestrator.tracking import KIND_DATAMODELS, TAG_DATAMODEL_TABLE, Tracker
+
+
+def datamodel_inputs(tracker: Tracker, experiment_id: str, column: str = "correct_prob") -> list[InfluenceInputs]:
+    """One InfluenceInputs per datamodel sweep of the study that has finished models (any run status:
+    a sweep still running gives its finished models; the report flags it partial)."""
+    from orchestrator.datamodels import read_examples, read_sweep, read_table
+
+    out = []
+    for run in sorted(tracker.runs(experiment_id, KIND_DATAMODELS), key=lambda r: r.info.start_time or 0):
+        uri = run.data.tags.get(TAG_DATAMODEL_TABLE)
+        sweep = read_sweep(uri) if uri else None
+        table = read_table(uri, ["model", "mask", column]) if sweep else None
+        if table is None or table.num_rows < 2:
+            continue
+        masks = np.array(table.column("mask").to_pylist(), dtype=bool)
+        outputs = np.array(table.column(column).to_pylist(), dtype=float)
+        ex = read_examples(uri)
+        examples = ex.column("example").to_numpy() if ex is not None else np.arange(outputs.shape[1])
+        out.append(InfluenceInputs(sweep["task"], sweep["protocol"], sweep["source"], str(sweep["shots"]),
+                                   list(sweep["classes"]), masks, outputs, examples))
+    return out

@@ -1,0 +1,150 @@
+"""Datamodel sweeps: stacked training equals training alone, the spec's errors, and one sweep end
+to end on a real local Ray + sqlite MLflow with a planted signal (source and task are both
+builtin:digits, so each source class duplicates one target class)."""
+
+import copy
+
+import numpy as np
+import pyarrow.parquet as pq
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.cli import main
+from orchestrator.spec import SpecError, parse_spec
+from orchestrator.tracking import KIND_DATAMODEL_BATCH, KIND_DATAMODELS, KIND_STUDY, TAG_DATAMODEL_TABLE, TAG_KIND, TAG_PARENT
+from datasets_.pipeline import normalize
+from trainers.datamodels import TrainSettings, index_stream, stacked_features, train_stacked
+from trainers.models import build_model, model_config
+from trainers.pretrain import lr_at
+
+STUDY = {
+    "study": "dm",
+    "sources": {"digits_src": {"uri": "builtin:digits"}},
+    "tasks": {"digits": {"uri": "builtin:digits"}},
+    "pretrain": {"model": "tiny-cnn", "image_size": 8, "epochs": 3, "batch_size": 32, "lr": 0.01},
+    "datamodels": {"source": "digits_src", "task": "digits", "num_models": 24, "class_fraction": 0.5, "models_per_trial": 12},
+    "resources": {"cpus_per_worker": 1},
+}
+
+
+def _toy(n=240, classes=6, seed=0):
+    rng = np.random.default_rng(seed)
+    images = torch.from_numpy(rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8))
+    return images, rng.integers(0, classes, n), np.array([f"k{i}" for i in range(n)])
+
+
+@pytest.mark.timeout(120)
+def test_a_stacked_model_trains_as_it_would_alone():
+    """Model 1 of a stack of 3 == the same model stacked alone == a plain loop with torch.optim.AdamW
+    on its own index stream (its classes only, full batches, reshuffled per epoch from its seed)."""
+    torch.set_num_threads(1)
+    images, labels, keys = _toy()
+    cfg, C = model_config("tiny-cnn"), 6
+    masks = np.array([[1, 1, 0, 1, 0, 1], [0, 1, 1, 1, 0, 0], [1, 0, 1, 0, 1, 1]], dtype=bool)
+    s = TrainSettings(image_size=8, epochs=1, batch_size=16, lr=0.01, weight_decay=5e-4)
+    three = train_stacked(cfg, C, images, labels, keys, masks, [10, 11, 12], s)
+    alone = train_stacked(cfg, C, images, labels, keys, masks[1:2], [11], s)
+
+    torch.manual_seed(11)
+    net = build_model(cfg, C, 8).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    stream = index_stream(np.argsort(keys), labels, masks[1], 16, 1, 11)
+    assert set(labels[stream.ravel()]) <= {1, 2, 3}  # only its own classes
+    for t, rows in enumerate(stream):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(t / len(stream), s.lr, 1, 0.0, "cosine")
+        loss = torch.nn.functional.cross_entropy(net(normalize(images[rows])), torch.from_numpy(labels[rows]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    plain = net.state_dict()
+    for k in three.params:
+        assert torch.allclose(three.params[k][1], alone.params[k][0], atol=1e-6), k
+        assert torch.allclose(three.params[k][1], plain[k], rtol=1e-4, atol=1e-5), k
+    for k in three.buffers:  # BatchNorm running statistics too
+        assert torch.allclose(three.buffers[k][1].float(), plain[k].float(), rtol=1e-4, atol=1e-5), k
+    # Models with fewer samples run fewer steps and then stay put; features match the module's.
+    assert three.num_train_samples.tolist() == [int(np.isin(labels, np.flatnonzero(m)).sum()) for m in masks]
+    x = normalize(images[:20])
+    feats = stacked_features(three, x)
+    assert feats.shape == (3, 20, 16)
+    one = three.model(1, C, cfg, 8)
+    assert np.allclose(feats[1], one.backbone(x).detach().double().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"datamodels": {"class_fraction": 1.0}}, "datamodels.class_fraction: must be below 1"),
+    ({"datamodels": {"task": "cifar"}}, "datamodels.task: unknown value 'cifar'"),
+    ({"datamodels": {"models_per_trial": 0}}, "datamodels.models_per_trial: must be >= 1, got 0"),
+    ({"datamodels": {"num_models": 1}}, "datamodels.num_models: must be >= 2, got 1"),
+    ({"datamodels": {"protocol": "finetune"}}, "datamodels.protocol: unknown value 'finetune'"),
+    ({"datamodels": {"modles": 3}}, "datamodels.modles: unknown key"),
+    ({"pretrain": {"sweep": {"seed": [0, 1]}}}, "pretrain.sweep: a datamodels study draws its own class subsets"),
+    ({"pretrain": {"method": "clip"}}, "pretrain.method: datamodel sweeps train supervised models only"),
+])
+def test_bad_datamodel_specs_name_the_field(change, field):
+    doc = copy.deepcopy(STUDY)
+    for section, values in change.items():
+        doc[section] = {**doc[section], **values}
+    with pytest.raises(SpecError) as e:
+        parse_spec(doc)
+    assert str(e.value).startswith(field) and "\n" not in str(e.value)
+
+
+def _runs(client, kind):
+    exp = client.get_experiment_by_name("dm")
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{kind}'", max_results=1000)
+
+
+@pytest.mark.timeout(900)
+def test_datamodel_sweep_records_a_table_resumes_and_reports_planted_influence(ray_cluster, tmp_path, capsys):
+    spec = tmp_path / "dm.yaml"
+    spec.write_text(yaml.safe_dump(STUDY))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = ["run", str(spec), "--tracking-uri", uri, "--storage-path", str(tmp_path / "storage")]
+    assert main(["validate", str(spec)]) == 0
+    assert "datamodel sweep of 24 models" in capsys.readouterr().out
+    assert main(run) == 0
+
+    client = MlflowClient(uri)
+    (sweep,) = _runs(client, KIND_DATAMODELS)
+    (study,) = _runs(client, KIND_STUDY)
+    batches = _runs(client, KIND_DATAMODEL_BATCH)
+    assert sweep.data.tags[TAG_PARENT] == study.info.run_id and sweep.info.status == "FINISHED"
+    assert len(batches) == 2 and {b.data.tags[TAG_PARENT] for b in batches} == {sweep.info.run_id}
+    assert sorted(b.data.metrics["models"] for b in batches) == [12, 12]
+    assert sweep.data.metrics["models_done"] == 24 and sweep.data.params["models_per_trial"] == "12"
+    table_dir = tmp_path / "storage" / "datamodels" / sweep.data.tags[TAG_DATAMODEL_TABLE].rsplit("/", 1)[1]
+    parts = sorted((table_dir / "models").glob("*.parquet"))
+    assert [p.name for p in parts] == ["models-000000-000011.parquet", "models-000012-000023.parquet"]
+    t = pd.read_parquet(table_dir / "models").sort_values("model")
+    assert t["model"].tolist() == list(range(24))
+    masks = np.stack(t["mask"].to_numpy())
+    assert masks.shape == (24, 10) and (masks.sum(1) == 5).all() and len({tuple(m) for m in masks}) > 20
+    n_test = len(pq.read_table(table_dir / "examples.parquet"))
+    assert all(len(x) == n_test for x in t["correct_prob"]) and t["accuracy"].between(0.5, 1.0).all()
+
+    # Resume: the models of a lost part (as a killed trial leaves) are trained again, those of the
+    # other part are not; a larger num_models extends the same sweep and table.
+    parts[1].unlink()
+    capsys.readouterr()
+    assert main(run + ["datamodels.num_models=30"]) == 0
+    out = capsys.readouterr().out
+    assert "30/30 models" in out and "18 trained now, 12 already there" in out
+    assert len(_runs(client, KIND_DATAMODELS)) == 1
+    again = sorted((int(b.data.params["first_model"]), int(b.data.params["last_model"])) for b in _runs(client, KIND_DATAMODEL_BATCH))
+    assert again == [(0, 11), (12, 23), (12, 23), (24, 29)]
+    assert pd.read_parquet(table_dir / "models")["model"].sort_values().tolist() == list(range(30))
+
+    # The report computes influence from the table; each source class helps its own target class most.
+    assert main(["report", "dm", "--tracking-uri", uri, "--out", str(tmp_path / "rep"), "--bootstrap", "0"]) == 0
+    ranking = pd.read_csv(tmp_path / "rep" / "tables" / "class_ranking.csv")
+    assert (ranking["models"] == 30).all() and len(ranking) == 10
+    ex = pd.read_csv(tmp_path / "rep" / "tables" / "influence_per_example.csv")
+    labels = pq.read_table(table_dir / "examples.parquet").to_pandas().set_index("example")["label"]
+    ex["target"] = ex["example"].map(labels)
+    per_target = ex.groupby(["target", "class"])["influence"].mean().unstack()
+    assert (per_target.idxmax(axis=1) == per_target.index).sum() >= 9, per_target.round(3)

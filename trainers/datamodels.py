@@ -1,0 +1,188 @@
+"""Datamodel batches: B small supervised models, each on its own class subset, trained at once.
+
+Jain et al.'s datamodels need hundreds to thousands of small models, each pretrained on a random
+subset of the source's classes and evaluated on one target task. One process trains B of them as
+one stacked model: :func:`torch.func.stack_module_state` stacks their parameters (and BatchNorm
+buffers) along a new leading dimension, and :func:`torch.func.vmap` over
+:func:`torch.func.functional_call` runs the B forward/backward passes as one batched computation.
+
+**Each model sees only its own subset, as if trained alone.** Every model has its own index
+stream (:func:`index_stream`): the samples of its kept classes, reshuffled every epoch from its
+own seed, cut into full batches of ``batch_size``. At step t model b reads rows ``stream_b[t]``,
+so the stacked step gathers a [B, batch_size] block of *different* samples — no masking of a
+shared batch (which would waste (1 − α) of the compute, give each model a random effective batch
+size and put excluded classes into BatchNorm's batch statistics). Models whose subset is smaller
+run fewer steps: past its last step a model's parameters, optimizer state and BatchNorm buffers
+are frozen (``torch.where`` on an ``active`` mask), so it ends exactly where a run of its own
+steps would. AdamW is written out on the stacked tensors, the same update as ``torch.optim.AdamW``
+(a test checks one stacked model against a plain loop with ``torch.optim.AdamW``), with the
+learning rate of :func:`trainers.pretrain.lr_at` per model. A model's result therefore does not
+depend on B or on which models share its batch (up to float rounding of batched kernels).
+
+Knows nothing of Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+
+from datasets_.pipeline import normalize
+from datasets_.views import validation_mask
+from trainers.features import Features
+from trainers.models import build_model
+from trainers.pretrain import lr_at
+from trainers.probe import logistic_probe, ridge_few_shot
+
+BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, as in trainers.pretrain
+PROTOCOLS = ("linear_probe", "logistic")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The pretraining settings a datamodel batch uses (a subset of orchestrator.spec.PretrainSettings)."""
+
+    image_size: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+
+
+def index_stream(order: np.ndarray, labels: np.ndarray, kept: np.ndarray, batch_size: int, epochs: int, seed: int) -> np.ndarray:
+    """A model's training rows, [steps, batch_size]: its kept classes' samples, reshuffled each epoch.
+
+    ``order`` lists the rows sorted by sample key, so the stream depends on keys and ``seed`` only,
+    not on file order. steps = ceil(epochs · n / batch_size); the last batch wraps into a fresh
+    shuffle, so every batch is full (one more partial epoch at most).
+    """
+    rows = order[np.isin(labels[order], np.flatnonzero(kept))]
+    if len(rows) == 0:
+        raise ValueError("a model's class subset has no training sample")
+    steps = math.ceil(epochs * len(rows) / batch_size)
+    need, parts, epoch = steps * batch_size, [], 0
+    while sum(len(p) for p in parts) < need:
+        parts.append(rows[np.random.default_rng([seed, epoch]).permutation(len(rows))])
+        epoch += 1
+    return np.concatenate(parts)[:need].reshape(steps, batch_size)
+
+
+@dataclass
+class StackedModels:
+    base: nn.Module  # a model on the meta device: the architecture functional_call runs
+    params: dict[str, torch.Tensor]  # name -> [B, ...]
+    buffers: dict[str, torch.Tensor]  # name -> [B, ...] (BatchNorm running statistics)
+    train_loss: np.ndarray  # [B] mean loss over each model's last epoch of steps
+    num_train_samples: np.ndarray  # [B]
+
+    def model(self, b: int, num_classes: int, model_config: dict, image_size: int) -> nn.Module:
+        """Model b as an ordinary module (for checks and for saving)."""
+        m = build_model(model_config, num_classes, image_size)
+        m.load_state_dict({**{k: v[b] for k, v in self.params.items()}, **{k: v[b] for k, v in self.buffers.items()}})
+        return m.eval()
+
+
+def _init_models(model_config: dict, num_classes: int, image_size: int, seeds: list[int]) -> list[nn.Module]:
+    models = []
+    for s in seeds:
+        torch.manual_seed(s)
+        models.append(build_model(model_config, num_classes, image_size))
+    return models
+
+
+def _adamw(p, g, m, v, t, lr, wd, active):
+    """One AdamW step on stacked tensors; ``t``, ``lr``, ``active`` are per model [B]."""
+    shape = (-1,) + (1,) * (p.dim() - 1)
+    act, lr_, tt = active.view(shape), lr.to(p.dtype).view(shape), t.to(p.dtype).view(shape)
+    m_new = BETAS[0] * m + (1 - BETAS[0]) * g
+    v_new = BETAS[1] * v + (1 - BETAS[1]) * g * g
+    step_size = lr_ / (1 - BETAS[0] ** tt)
+    denom = (v_new / (1 - BETAS[1] ** tt)).sqrt() + EPS
+    p_new = p * (1 - lr_ * wd) - step_size * m_new / denom
+    return torch.where(act, p_new, p), torch.where(act, m_new, m), torch.where(act, v_new, v)
+
+
+def train_stacked(model_config: dict, num_classes: int, images: torch.Tensor, labels: np.ndarray, keys: np.ndarray,
+                  masks: np.ndarray, seeds: list[int], s: TrainSettings) -> StackedModels:
+    """Train len(seeds) supervised models at once; model b on the classes ``masks[b]`` holds.
+
+    ``images``: uint8 [N, 3, S, S] of the source's training split; ``labels`` [N]; ``keys`` [N].
+    Model b's initialization and its data order both come from ``seeds[b]``.
+    """
+    B = len(seeds)
+    order = np.argsort(keys, kind="stable")
+    streams = [index_stream(order, labels, masks[b], s.batch_size, s.epochs, seeds[b]) for b in range(B)]
+    steps = np.array([len(x) for x in streams])
+    per_epoch = steps / s.epochs  # fractional steps per epoch, for the lr schedule
+    models = _init_models(model_config, num_classes, s.image_size, seeds)
+    params, buffers = stack_module_state(models)
+    params = {k: v.detach() for k, v in params.items()}
+    base = copy.deepcopy(models[0]).to("meta").train()
+    m = {k: torch.zeros_like(v) for k, v in params.items()}
+    v2 = {k: torch.zeros_like(v) for k, v in params.items()}
+    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+    def loss_fn(p, buf, x, y):
+        return nn.functional.cross_entropy(functional_call(base, (p, buf), (normalize(x),)), y)
+
+    step_grad = vmap(grad_and_value(loss_fn))
+    loss_sum, loss_n = np.zeros(B), np.zeros(B)
+    for t in range(int(steps.max())):
+        active_np = t < steps
+        rows = np.stack([streams[b][min(t, steps[b] - 1)] for b in range(B)])
+        x, y = images[torch.from_numpy(rows)], y_all[torch.from_numpy(rows)]
+        old_buffers = {k: b.clone() for k, b in buffers.items()}
+        grads, loss = step_grad(params, buffers, x, y)  # updates BatchNorm buffers in place
+        active = torch.from_numpy(active_np)
+        lr = torch.tensor([lr_at(t / per_epoch[b], s.lr, s.epochs, s.warmup_epochs, s.lr_schedule) for b in range(B)])
+        tt = torch.from_numpy(np.minimum(t, steps - 1) + 1.0)
+        for k in params:
+            params[k], m[k], v2[k] = _adamw(params[k], grads[k], m[k], v2[k], tt, lr, s.weight_decay, active)
+        for k, b in buffers.items():  # a finished model's BatchNorm statistics stay as they were
+            buffers[k].copy_(torch.where(active.view((-1,) + (1,) * (b.dim() - 1)), b, old_buffers[k]))
+        last_epoch = active_np & (t >= steps - np.ceil(per_epoch))
+        loss_sum += np.where(last_epoch, loss.detach().numpy(), 0.0)
+        loss_n += last_epoch
+    n_samples = np.array([int(np.isin(labels, np.flatnonzero(mk)).sum()) for mk in masks])
+    return StackedModels(base, params, buffers, loss_sum / np.maximum(loss_n, 1), n_samples)
+
+
+@torch.no_grad()
+def stacked_features(sm: StackedModels, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    """Final backbone features of every model on shared images (normalized float32 [N, 3, S, S]): [B, N, D]."""
+    backbone = sm.base.backbone.eval()
+    strip = lambda d: {k[len("backbone."):]: v for k, v in d.items() if k.startswith("backbone.")}
+    p, b = strip(sm.params), strip(sm.buffers)
+    run = vmap(lambda pp, bb, x: functional_call(backbone, (pp, bb), (x,)), in_dims=(0, 0, None))
+    out = [run(p, b, images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    sm.base.train()
+    return torch.cat(out, dim=1).double().numpy()
+
+
+def probe_outputs(train: Features, test: Features, num_classes: int, protocol: str, shots, seed: int,
+                  val_fraction: float) -> tuple[float, pd.DataFrame]:
+    """(test accuracy, per-example outputs) of one frozen-feature probe, chosen and scored as
+    :func:`trainers.transfer.evaluate_transfer` does (validation carve-out by key hash, shots
+    from the rest, the test split only scored)."""
+    from trainers.transfer import per_example, shot_indices
+
+    val = validation_mask(train.keys, val_fraction)
+    pool = np.flatnonzero(~val)
+    idx = pool[shot_indices(train.keys[pool], train.y[pool], shots, seed, num_classes)]
+    if protocol == "linear_probe":
+        scores = ridge_few_shot(train.x[idx], train.y[idx], train.x[val], train.y[val], test.x, test.y, num_classes).scores
+    elif protocol == "logistic":
+        scores = logistic_probe(train.x[idx], train.y[idx], train.x[val], train.y[val], test.x, num_classes).scores
+    else:
+        raise ValueError(f"unknown datamodel protocol '{protocol}' (known: {', '.join(PROTOCOLS)})")
+    out = per_example(test.keys, test.y, scores)
+    return float((out["prediction"] == out["label"]).mean()), out
