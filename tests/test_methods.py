@@ -75,10 +75,12 @@ def test_cross_entropy_of_the_supervised_method_matches_a_hand_computed_value():
 def test_clip_captions_come_from_the_data_else_from_the_class_name_template():
     from datasets_.pipeline import training_captions
 
-    caps = training_captions(["a", "b", "c"], ["a handwritten seven", "", None], np.array([7, 3, 1]),
-                             [f"digit_{i}" for i in range(10)], view=None)
+    caps, swapped = training_captions(["a", "b", "c"], ["a handwritten seven", "", None], np.array([7, 3, 1]),
+                                      [f"digit_{i}" for i in range(10)], view=None)
     assert caps == ["a handwritten seven", "a photo of a digit 3.", "a photo of a digit 1."]
-    assert training_captions(["a"], None, np.array([2]), ["cat", "dog", "bird"], view=None) == ["a photo of a bird."]
+    assert not np.any(swapped)  # no view, no caption noise
+    caps, _ = training_captions(["a"], None, np.array([2]), ["cat", "dog", "bird"], view=None)
+    assert caps == ["a photo of a bird."]
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
