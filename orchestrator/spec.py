@@ -307,6 +307,14 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """Limits on one ``transferlab run`` (``plan``/``validate``/``run`` refuse a study over them)."""
+
+    max_trials: int | None = None  # Ray Tune trials the run may launch (pretraining + transfer)
+    max_hours: float | None = None  # estimated wall time; at run time no trial starts after it
+
+
+@dataclass(frozen=True)
 class StudySpec:
     study: str  # also the MLflow experiment name
     sources: dict[str, DataRef]
@@ -317,6 +325,7 @@ class StudySpec:
     tracking_uri: str | None = None  # default: MLflow's default store in the working directory
     storage_path: str | None = None  # checkpoints; default ./transferlab_storage
     preflight_overlap: str = "off"  # leakage check source train vs task test: off | warn | error
+    budget: Budget = field(default_factory=Budget)
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -412,9 +421,17 @@ def _resources(m: _Mapping) -> Resources:
     )
 
 
+def _budget(m: _Mapping) -> Budget:
+    b = _Mapping("budget", m.get("budget", lambda _, v: v, {}), tuple(f.name for f in fields(Budget)))
+    return Budget(
+        max_trials=b.get("max_trials", lambda q, v: _int(q, v, minimum=1), None),
+        max_hours=b.get("max_hours", _positive_float, None),
+    )
+
+
 def parse_spec(data: Any) -> StudySpec:
     """Validate a loaded YAML document into a StudySpec (raises SpecError)."""
-    top = ("study", "sources", "tasks", "pretrain", "transfer", "resources", "tracking_uri", "storage_path", "preflight_overlap")
+    top = ("study", "sources", "tasks", "pretrain", "transfer", "resources", "tracking_uri", "storage_path", "preflight_overlap", "budget")
     m = _Mapping("", data, top)
     study = m.get("study", _name)
     sources = _datarefs(m, "sources")
@@ -429,6 +446,7 @@ def parse_spec(data: Any) -> StudySpec:
         tracking_uri=m.get("tracking_uri", _str, None),
         storage_path=m.get("storage_path", _str, None),
         preflight_overlap=m.get("preflight_overlap", _choice(("off", "warn", "error")), "off"),
+        budget=_budget(m),
         raw=data,
     )
 

@@ -8,14 +8,19 @@ Experiment: the study name. Runs form a three-level tree (``mlflow.parentRunId``
 kind       params                                 metrics
 =========  =====================================  ==================================================
 study      ``study``, ``spec_hash``               ``pretrain_runs``, ``transfer_runs``,
-                                                  ``failed_runs`` (counts after each ``run``)
+                                                  ``failed_runs`` (counts after each ``run``);
+                                                  live, per phase (``pretrain``/``transfer``):
+                                                  ``PHASE_trials_done|running|failed|
+                                                  not_launched|total``, updated at each
+                                                  trial start and end (step = the ``run``)
 pretrain   ``method, source, pretrain_size,       ``train_loss`` and ``images_per_second`` per
            label_noise, model, seed`` + the       epoch (step = epoch), ``upstream_accuracy``
            other settings (``image_size,          (supervised: top-1 on the source's held-out
            epochs, batch_size, lr, ...``),        split; clip: zero-shot top-1 there; simclr:
            ``class_fraction`` when swept, and     k-NN top-1 there), ``realized_label_noise``
            ``view_fingerprint``                   (fraction of labels actually flipped),
-                                                  ``num_train_samples``
+                                                  ``num_train_samples``, ``trial_seconds``
+                                                  (wall time of the trial that finished it)
 transfer   ``task, protocol, shots, seed,         ``accuracy`` (task test split),
            layer`` + ``val_fraction``;            ``mean_per_class_accuracy``,
            protocol is one of linear_probe,       ``validation_accuracy``, ``l2_reg``,
@@ -39,6 +44,12 @@ Tags on every run: ``transferlab.kind`` (study|pretrain|transfer), ``transferlab
 this hash means the job is done), ``mlflow.runName``. Pretrain runs also carry
 ``transferlab.checkpoint`` (the checkpoint directory transfer runs read). ``pretrain_size`` is
 ``full`` when the whole source is used; ``shots`` is ``full`` for the whole training pool.
+
+Run status: FINISHED means done (the job is skipped next time). FAILED: the trial failed, or
+the run was left RUNNING by a driver that died and no later ``run`` resumed it (superseded, or
+no longer in the grid). KILLED: ``transferlab run`` stopped it on purpose (``budget.max_hours``
+reached, ``--fail-fast``). FAILED and KILLED runs whose job is still in the grid are reopened,
+with the same run id, by the next ``run``. One ``transferlab run`` drives a study at a time.
 """
 
 from __future__ import annotations
@@ -71,13 +82,14 @@ METRIC_ACCURACY = "accuracy"
 METRIC_MEAN_PER_CLASS_ACCURACY = "mean_per_class_accuracy"
 METRIC_NUM_TRAIN_SAMPLES = "num_train_samples"
 PARAM_CLASS_FRACTION = "class_fraction"
+METRIC_TRIAL_SECONDS = "trial_seconds"
 
 VIEW_MASK_ARTIFACT = "view/class_mask.json"
 PER_EXAMPLE_ARTIFACT = "outputs/per_example.parquet"
 REPORT_ARTIFACT_DIR = "report"
 COUNTERFACTUAL_PLAN_ARTIFACT = "counterfactual/plan.json"
 
-FINISHED, FAILED, RUNNING = "FINISHED", "FAILED", "RUNNING"
+FINISHED, FAILED, RUNNING, KILLED = "FINISHED", "FAILED", "RUNNING", "KILLED"
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
