@@ -136,10 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         from orchestrator.study import DEFAULT_STORAGE
 
+        tracking_field = "--tracking-uri" if args.tracking_uri else "tracking_uri"
+        _check_infrastructure(args.tracking_uri or spec.tracking_uri, None, tracking_field, None)
+        _summary(spec, plan, args.tracking_uri, budget=True)  # before the storage probe writes anything
         _check_infrastructure(args.tracking_uri or spec.tracking_uri, args.storage_path or spec.storage_path or DEFAULT_STORAGE,
-                              "--tracking-uri" if args.tracking_uri else "tracking_uri",
-                              "--storage-path" if args.storage_path else "storage_path")
-        _summary(spec, plan, args.tracking_uri, budget=True)
+                              tracking_field, "--storage-path" if args.storage_path else "storage_path")
         return _run(args, spec, plan)
     except SpecError as e:
         return _error(str(e))

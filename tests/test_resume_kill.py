@@ -25,14 +25,14 @@ from orchestrator.tracking import KIND_PRETRAIN, KIND_STUDY, KIND_TRANSFER, TAG_
 pytestmark = pytest.mark.timeout(900)
 
 ROOT = Path(__file__).resolve().parents[1]
-EPOCHS = 4
+EPOCHS = 3
 STUDY = {
     "study": "killed",
     "sources": {"mnist": {"uri": "builtin:mnist"}},
     "tasks": {"digits": {"uri": "builtin:digits"}},
     "pretrain": {
         "model": "tiny-cnn", "image_size": 16, "epochs": EPOCHS, "batch_size": 32,
-        "sweep": {"pretrain_size": [200], "label_noise": [0.0, 0.2, 0.4]},
+        "sweep": {"pretrain_size": [100], "label_noise": [0.0, 0.2, 0.4]},
     },
     "transfer": {"protocol": ["linear_probe"], "shots": [1], "seeds": [0]},
     # One pretraining trial at a time: the kill lands while exactly one job is mid-way.
