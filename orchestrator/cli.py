@@ -126,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             return _plan(args, spec, plan)
         if args.command == "validate":
-            if spec.tracking_uri:
+            budgeted = spec.budget.max_trials is not None or spec.budget.max_hours is not None
+            if spec.tracking_uri or budgeted:  # a budget counts only what MLflow does not hold yet
                 _check_infrastructure(spec.tracking_uri, None, "tracking_uri", None)
-            _summary(spec, plan, None, budget=True)
+            if budgeted:
+                _summary(spec, plan, None, budget=True)
             print(
                 f"ok: study '{spec.study}': {len(plan.pretrain_jobs)} pretraining runs, "
                 f"{plan.num_transfer_fits} transfer fits on {len(spec.transfer_tasks)} task(s)"
@@ -176,8 +178,7 @@ def _plan(args, spec, plan) -> int:
     from orchestrator.estimate import format_summary
     from orchestrator.retry import redact
 
-    if args.tracking_uri or spec.tracking_uri:
-        _check_infrastructure(args.tracking_uri or spec.tracking_uri, None, "--tracking-uri" if args.tracking_uri else "tracking_uri", None)
+    _check_infrastructure(args.tracking_uri or spec.tracking_uri, None, "--tracking-uri" if args.tracking_uri else "tracking_uri", None)
     summary, uri = _summary(spec, plan, args.tracking_uri, budget=False)
     if args.json:
         print(json.dumps({**summary.to_dict(), "tracking_uri": redact(uri)}, indent=1))

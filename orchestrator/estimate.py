@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from orchestrator.plan import FINETUNE_PROTOCOLS, PretrainJob, StudyPlan, TransferGroup
-from orchestrator.spec import SpecError, StudySpec
+from orchestrator.spec import FinetuneSpec, SpecError, StudySpec
 from orchestrator.tracking import FINISHED, KIND_PRETRAIN, KIND_TRANSFER, METRIC_TRIAL_SECONDS, TAG_PARENT, Tracker
 
 # Defaults measured on a 2-core CPU machine with the quickstart study (README, Measured).
@@ -101,7 +101,7 @@ def calibration(state: MlflowState) -> dict[str, tuple[float, int]]:
         if r.info.status == FINISHED and METRIC_TRIAL_SECONDS in m:
             key = (r.data.tags.get(TAG_PARENT), r.data.params.get("task"), m[METRIC_TRIAL_SECONDS])
             trials.setdefault(key, []).append(r.data.params.get("protocol", "linear_probe"))
-    finetune = {"steps": 100, "lr": (0.001, 0.01)}  # FinetuneSpec defaults; finetune history is rare
+    finetune = asdict(FinetuneSpec())  # the runs' own settings are not read back: defaults suffice here
     tra = [(key[2], default_transfer_seconds(protocols, finetune)) for key, protocols in trials.items()]
     out = {}
     for kind, pairs in ((KIND_PRETRAIN, pre), (KIND_TRANSFER, tra)):

@@ -122,3 +122,5 @@ def test_max_hours_stops_launching_and_fail_fast_stops_at_the_first_failure(ray_
     assert (m["transfer_trials_done"], m["transfer_trials_total"]) == (1, 1)
     kinds = [r.data.tags[TAG_KIND] for r in runs.values()]
     assert kinds.count(KIND_STUDY) == 1 and kinds.count(KIND_PRETRAIN) == 2
+    with capsys.disabled():  # shown with -s: the progress lines docs/planning.md quotes
+        print("\n".join(line for line in out.splitlines() if line.startswith("[pretrain")))
