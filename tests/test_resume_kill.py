@@ -8,6 +8,7 @@ finished one.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,14 +91,21 @@ def _plan(argv, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_sigkilled_study_resumes_exactly_once(tmp_path, capsys):
+@pytest.fixture
+def ray_tmp():
+    """A short private Ray temp dir (socket paths must stay under 108 bytes) that marks the
+    study's Ray processes; removed afterwards."""
+    path = tempfile.mkdtemp(prefix="tlkill", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_sigkilled_study_resumes_exactly_once(tmp_path, capsys, ray_tmp):
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(STUDY))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = [str(study), "--tracking-uri", uri]
     run_argv = [sys.executable, "-m", "orchestrator.cli", "run", *common, "--storage-path", str(tmp_path / "storage")]
-    # A short private temp dir (Ray's socket paths must stay under 108 bytes) marks its processes.
-    ray_tmp = tempfile.mkdtemp(prefix="tlkill", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_RUN_ID")}
     env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled")
 
