@@ -280,6 +280,11 @@ class Progress:
         self.errors: list[str] = []
         self.results: list[dict] = []  # the last result of every finished trial
 
+    def __getstate__(self):
+        # Tune pickles its callbacks into tuner.pkl in storage; the MLflow sink holds the
+        # tracking URI, credentials included, which must never reach storage.
+        return {**self.__dict__, "on_counts": None}
+
     def label(self, trial) -> str:
         key = next(iter(trial.config.values()))
         return self.labels.get(key, key)
