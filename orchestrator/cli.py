@@ -1,8 +1,9 @@
 """The ``transferlab`` command line.
 
-Exit codes: 0 success; 1 the study ran but some runs failed; 2 bad input (spec, data, tracking
-URI, storage path), reported as one line before any compute starts; 3 the study stopped before
-its end because the tracking server stayed unreachable or storage failed — its state is
+Exit codes: 0 success; 1 the study ran but some runs failed (with ``--fail-fast``: it stopped at
+the first); 2 bad input (spec, data, tracking URI, storage path, a study over its ``budget``),
+reported as one line before any compute starts; 3 the study stopped before its end because the
+tracking server stayed unreachable, storage failed or ``budget.max_hours`` passed — its state is
 resumable, and the message says how (the same ``transferlab run`` command).
 """
 
@@ -31,8 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a study spec and its data without running anything")
     study_args(v)
 
+    pl = sub.add_parser("plan", help="print what `run` would do (jobs to run / cached / resumed, trials, estimated time); runs nothing")
+    study_args(pl)
+    pl.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (overrides the spec's tracking_uri)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+
     r = sub.add_parser("run", help="run a study (skipping every run MLflow already holds)")
     study_args(r)
+    r.add_argument("--fail-fast", action="store_true", help="stop the study at the first failed trial (default: record it FAILED and go on)")
     r.add_argument("--address", default=None, help="Ray cluster to join ('auto' for a `ray start` cluster); default: a private local Ray")
     r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (overrides the spec's tracking_uri)")
     r.add_argument("--storage-path", default=None, help="where checkpoints go (default: ./transferlab_storage)")
@@ -105,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    args.argv = argv
     from orchestrator.retry import TrackingUnavailable
     from orchestrator.spec import SpecError, load_spec
 
@@ -123,14 +131,20 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator.plan import build_plan
 
         plan = build_plan(spec)
+        if args.command == "plan" and plan.datamodels is not None:
+            print(f"{_datamodels_line(spec)}; models already in the sweep's table are skipped when it runs")
+            return EXIT_OK
+        if args.command == "plan":
+            return _plan(args, spec, plan)
         if args.command == "validate":
-            if spec.tracking_uri:
+            budgeted = spec.budget.max_trials is not None or spec.budget.max_hours is not None
+            if spec.tracking_uri or budgeted:  # a budget counts only what MLflow does not hold yet
                 _check_infrastructure(spec.tracking_uri, None, "tracking_uri", None)
             if plan.datamodels is not None:
-                d = spec.datamodels
-                print(f"ok: study '{spec.study}': datamodel sweep of {d.num_models} models on {d.class_fraction:g} of the classes "
-                      f"of '{d.source}', {-(-d.num_models // d.models_per_trial)} trials, probed on '{d.task}'")
+                print(f"ok: {_datamodels_line(spec)}")
                 return EXIT_OK
+            if budgeted:
+                _summary(spec, plan, None, budget=True)
             print(
                 f"ok: study '{spec.study}': {len(plan.pretrain_jobs)} pretraining runs, "
                 f"{plan.num_transfer_fits} transfer fits on {len(spec.transfer_tasks)} task(s)"
@@ -138,9 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         from orchestrator.study import DEFAULT_STORAGE
 
+        tracking_field = "--tracking-uri" if args.tracking_uri else "tracking_uri"
+        _check_infrastructure(args.tracking_uri or spec.tracking_uri, None, tracking_field, None)
+        if plan.datamodels is not None:
+            _datamodels_line(spec)  # its budget check
+        else:
+            _summary(spec, plan, args.tracking_uri, budget=True)  # before the storage probe writes anything
         _check_infrastructure(args.tracking_uri or spec.tracking_uri, args.storage_path or spec.storage_path or DEFAULT_STORAGE,
-                              "--tracking-uri" if args.tracking_uri else "tracking_uri",
-                              "--storage-path" if args.storage_path else "storage_path")
+                              tracking_field, "--storage-path" if args.storage_path else "storage_path")
         return _run(args, spec, plan)
     except SpecError as e:
         return _error(str(e))
@@ -151,6 +170,54 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished runs are recorded; run the same command again to continue", file=sys.stderr)
         return 130
+
+
+def _datamodels_line(spec) -> str:
+    """A datamodels study in one line; refuses one whose trials exceed ``budget.max_trials``."""
+    from orchestrator.spec import SpecError
+
+    d = spec.datamodels
+    trials = -(-d.num_models // d.models_per_trial)
+    if spec.budget.max_trials is not None and trials > spec.budget.max_trials:
+        raise SpecError("budget.max_trials", f"the datamodel sweep needs {trials} trials, {trials - spec.budget.max_trials} over the "
+                                             f"budget of {spec.budget.max_trials}; raise datamodels.models_per_trial or the budget")
+    return (f"study '{spec.study}': datamodel sweep of {d.num_models} models on {d.class_fraction:g} of the classes "
+            f"of '{d.source}', {trials} trials of up to {d.models_per_trial} models, probed on '{d.task}'")
+
+
+def _summary(spec, plan, tracking_uri, budget: bool):
+    """The plan summary against MLflow (read only); with ``budget``, refuse a study over it."""
+    from orchestrator.estimate import check_budget, read_state, summarize
+    from orchestrator.spec import SpecError
+    from orchestrator.tracking import resolve_tracking_uri
+
+    field = "--tracking-uri" if tracking_uri else "tracking_uri"
+    try:
+        uri = resolve_tracking_uri(tracking_uri or spec.tracking_uri)
+    except ValueError as e:
+        raise SpecError(field, str(e)) from None
+    summary = summarize(plan, read_state(uri, spec.study))
+    if budget:
+        check_budget(spec, summary)
+    return summary, uri
+
+
+def _plan(args, spec, plan) -> int:
+    import json
+
+    from orchestrator.estimate import format_summary
+    from orchestrator.retry import redact
+
+    _check_infrastructure(args.tracking_uri or spec.tracking_uri, None, "--tracking-uri" if args.tracking_uri else "tracking_uri", None)
+    summary, uri = _summary(spec, plan, args.tracking_uri, budget=False)
+    if args.json:
+        print(json.dumps({**summary.to_dict(), "tracking_uri": redact(uri)}, indent=1))
+    else:
+        print(format_summary(summary, spec, redact(uri)))
+    from orchestrator.estimate import check_budget
+
+    check_budget(spec, summary)  # printed first, so the refusal comes with the numbers
+    return EXIT_OK
 
 
 def _check_infrastructure(tracking_uri, storage, tracking_field, storage_field) -> None:
@@ -188,7 +255,8 @@ def _run(args, spec, plan) -> int:
     from orchestrator.study import run_study
     from orchestrator.tracking import resolve_tracking_uri
 
-    outcome = run_study(spec, address=args.address, tracking_uri=args.tracking_uri, storage_path=args.storage_path, plan=plan)
+    outcome = run_study(spec, address=args.address, tracking_uri=args.tracking_uri, storage_path=args.storage_path, plan=plan,
+                        fail_fast=args.fail_fast)
     print()
     print(outcome.table)
     if outcome.summary:
@@ -200,6 +268,15 @@ def _run(args, spec, plan) -> int:
             + (" (the others were already in MLflow)." if (outcome.pretrain_ran, outcome.transfer_ran) != (outcome.pretrain_total, outcome.transfer_total) else ".")
         )
     print(f"browse them: mlflow ui --backend-store-uri {redact(resolve_tracking_uri(args.tracking_uri or spec.tracking_uri))}")
+    if outcome.stopped and not outcome.failed:
+        import shlex
+
+        command = "transferlab " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
+        print(f"stopped: {outcome.stopped}. Finished runs are recorded in MLflow, stopped ones are KILLED and keep "
+              f"their checkpoints; resume with the same command: {redact(command)}", file=sys.stderr)
+        return EXIT_STOPPED
+    if outcome.stopped:
+        print(f"stopped at {outcome.stopped}; runs it stopped are KILLED in MLflow and resume with the same command", file=sys.stderr)
     if outcome.failed:
         print(f"{len(outcome.failed)} trial(s) failed: {'; '.join(outcome.failed)}. Run the same command again to retry them.", file=sys.stderr)
         return EXIT_FAILED_RUNS

@@ -19,7 +19,6 @@ import numpy as np
 
 from datasets_ import DatasetError, PretrainView, ShardedDataset, resolve_dataset, subset_threshold, validation_mask
 from datasets_.views import class_subset
-from orchestrator import __version__
 from orchestrator.spec import FULL, PretrainSettings, SpecError, StudySpec
 from trainers.models import FINAL_LAYER, layer_names, model_config
 
@@ -27,8 +26,16 @@ FROZEN_PROTOCOLS = ("linear_probe", "logistic")  # read frozen features of every
 FINETUNE_PROTOCOLS = ("finetune", "lp_ft")
 
 
+# The code version inside every content hash. It is not the package version (which moves with
+# every release, deployment tags included): bump it only when a change alters what a pretraining
+# run or a transfer fit computes (loops, models, views, probes), so that every study recomputes
+# instead of reusing results of the old code. It started equal to the package version 0.2.0,
+# which the hash held before, so results recorded then stay valid.
+RESULTS_VERSION = "0.2.0"
+
+
 def content_hash(obj) -> str:
-    payload = json.dumps({"code": __version__, "config": obj}, sort_keys=True, default=str)
+    payload = json.dumps({"code": RESULTS_VERSION, "config": obj}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 

@@ -336,6 +336,14 @@ MAX_DATAMODELS = 1_000_000  # model seeds are seed * MAX_DATAMODELS + index
 
 
 @dataclass(frozen=True)
+class Budget:
+    """Limits on one ``transferlab run`` (``plan``/``validate``/``run`` refuse a study over them)."""
+
+    max_trials: int | None = None  # Ray Tune trials the run may launch (pretraining + transfer)
+    max_hours: float | None = None  # estimated wall time; at run time no trial starts after it
+
+
+@dataclass(frozen=True)
 class StudySpec:
     study: str  # also the MLflow experiment name
     sources: dict[str, DataRef]
@@ -347,6 +355,7 @@ class StudySpec:
     storage_path: str | None = None  # checkpoints; default ./transferlab_storage
     preflight_overlap: str = "off"  # leakage check source train vs task test: off | warn | error
     datamodels: DatamodelSpec | None = None  # a datamodel sweep instead of the pretraining grid
+    budget: Budget = field(default_factory=Budget)
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -477,13 +486,20 @@ def _datamodels(m: _Mapping, sources: dict[str, DataRef], tasks: dict[str, DataR
         protocol=d.get("protocol", _choice(DATAMODEL_PROTOCOLS), "linear_probe"),
         shots=d.get("shots", _shots, FULL),
         transfer_seed=d.get("transfer_seed", lambda q, v: _int(q, v, minimum=0), 0),
+
+
+def _budget(m: _Mapping) -> Budget:
+    b = _Mapping("budget", m.get("budget", lambda _, v: v, {}), tuple(f.name for f in fields(Budget)))
+    return Budget(
+        max_trials=b.get("max_trials", lambda q, v: _int(q, v, minimum=1), None),
+        max_hours=b.get("max_hours", _positive_float, None),
     )
 
 
 def parse_spec(data: Any) -> StudySpec:
     """Validate a loaded YAML document into a StudySpec (raises SpecError)."""
     top = ("study", "sources", "tasks", "pretrain", "transfer", "resources", "tracking_uri", "storage_path", "preflight_overlap",
-           "datamodels")
+           "datamodels", "budget")
     m = _Mapping("", data, top)
     study = m.get("study", _name)
     sources = _datarefs(m, "sources")
@@ -501,6 +517,7 @@ def parse_spec(data: Any) -> StudySpec:
         storage_path=m.get("storage_path", _str, None),
         preflight_overlap=m.get("preflight_overlap", _choice(("off", "warn", "error")), "off"),
         datamodels=_datamodels(m, sources, tasks),
+        budget=_budget(m),
         raw=data,
     )
 

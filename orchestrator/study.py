@@ -18,6 +18,8 @@ from orchestrator.sweep import PhaseContext, run_pretrain_phase, run_transfer_ph
 from orchestrator.tracking import (
     FAILED,
     FINISHED,
+    KILLED,
+    RUNNING,
     KIND_PRETRAIN,
     KIND_STUDY,
     KIND_TRANSFER,
@@ -41,6 +43,9 @@ class StudyOutcome:
     table: str
     seconds: float
     summary: str | None = None  # a datamodels study's one-line outcome (it has no pretrain/transfer runs)
+    # Why the study stopped before its end, on purpose (budget.max_hours, --fail-fast); None if
+    # it ran to the end. Resumable: the same command continues.
+    stopped: str | None = None
 
 
 def _is_finished(run) -> bool:
@@ -86,9 +91,17 @@ def run_study(
     tracking_uri: str | None = None,
     storage_path: str | None = None,
     plan: StudyPlan | None = None,
+    fail_fast: bool = False,
 ) -> StudyOutcome:
-    """Run every job of the study that MLflow does not hold as finished; return the outcome."""
+    """Run every job of the study that MLflow does not hold as finished; return the outcome.
+
+    No trial starts work once ``spec.budget.max_hours`` have passed since this call (running
+    ones finish); with ``fail_fast`` the study stops at the first failed trial. Runs it stops
+    are marked KILLED in MLflow and resumed by the next call.
+    """
     t0 = time.monotonic()
+    hours = spec.budget.max_hours
+    deadline = time.time() + hours * 3600.0 if hours is not None else None
     uri = resolve_tracking_uri(tracking_uri or spec.tracking_uri)
     storage = storage_path or spec.storage_path or DEFAULT_STORAGE
     if "://" not in storage:  # a local directory; s3://, gs://... URIs are shared storage as they are
@@ -100,12 +113,52 @@ def run_study(
         for warning in check_cluster(spec, ray.cluster_resources(), embedded):
             print(f"warning: {warning} (trials wait until the cluster can hold them)", file=sys.stderr)
         cpus = float(ray.cluster_resources().get("CPU", 1))
-        outcome = _run(spec, plan, uri, storage, cpus)
+        outcome = _run(spec, plan, uri, storage, cpus, deadline, fail_fast)
     outcome.seconds = time.monotonic() - t0
     return outcome
 
 
-def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) -> StudyOutcome:
+def _settle_orphans(tracker: Tracker, exp: str, keep: set[str]) -> None:
+    """Mark FAILED the runs an earlier, killed driver left RUNNING that this run will not reopen
+    (superseded by a finished run of the same job, or no longer in the grid)."""
+    for kind in (KIND_PRETRAIN, KIND_TRANSFER):
+        for r in tracker.runs(exp, kind):
+            if r.info.status == RUNNING and r.info.run_id not in keep:
+                print(f"note: run {r.info.run_id} ('{r.info.run_name}') was left RUNNING by an interrupted driver "
+                      f"and is not resumed by this run; marked FAILED", flush=True)
+                tracker.finish(r.info.run_id, FAILED)
+
+
+def _kill_leftovers(tracker: Tracker, exp: str) -> None:
+    """Runs still RUNNING when this driver is done were stopped by it (budget, fail-fast, an
+    exception): KILLED, so no run stays RUNNING; the next ``run`` reopens them."""
+    for kind in (KIND_PRETRAIN, KIND_TRANSFER):
+        for r in tracker.runs(exp, kind):
+            if r.info.status == RUNNING:
+                tracker.finish(r.info.run_id, KILLED)
+
+
+def _progress_logger(tracker: Tracker, run_id: str, step: int):
+    """Log a phase's live trial counts on the study run; best effort, without retries, so that
+    a slow tracking server never stalls Tune's event loop (the final counts are logged after)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracker.uri)
+
+    def log(counts: dict) -> None:
+        try:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in counts.items()])
+        except Exception as e:  # noqa: BLE001 - progress metrics are not worth a failed study
+            print(f"warning: could not log progress on the study run: {type(e).__name__}", file=sys.stderr)
+
+    return log
+
+
+def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float, deadline: float | None = None,
+         fail_fast: bool = False) -> StudyOutcome:
     tracker = Tracker(uri)
     exp = tracker.experiment_id(spec.study)
     spool.flush(storage, tracker.client)  # metrics an earlier run could not deliver
@@ -115,7 +168,12 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
 
     pre_runs = tracker.runs_by_hash(exp, KIND_PRETRAIN)
     todo = [j for j in plan.pretrain_jobs if not _is_finished(pre_runs.get(j.config_hash))]
-    done_fits = {h for h, r in tracker.runs_by_hash(exp, KIND_TRANSFER).items() if _is_finished(r)}
+    all_fits = tracker.runs_by_hash(exp, KIND_TRANSFER)
+    done_fits = {h for h, r in all_fits.items() if _is_finished(r)}
+    reopened = {pre_runs[j.config_hash].info.run_id for j in todo if j.config_hash in pre_runs}
+    reopened |= {all_fits[f.config_hash].info.run_id for g in plan.transfer_groups for f in g.fits
+                 if f.config_hash in all_fits and f.config_hash not in done_fits}
+    _settle_orphans(tracker, exp, reopened)
     todo_fits = sum(1 for g in plan.transfer_groups for f in g.fits if f.config_hash not in done_fits)
     print(
         f"study '{spec.study}': {len(plan.pretrain_jobs)} pretraining runs ({len(plan.pretrain_jobs) - len(todo)} already done), "
@@ -127,7 +185,9 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
     # Credentials in the URI travel with the other secrets, never inside a URI Ray may store.
     worker_uri, uri_credentials = retry.split_credentials(uri)
     ctx = PhaseContext(study=spec.study, tracking_uri=worker_uri, experiment_id=exp, storage_path=storage, resources=spec.resources,
-                       mlflow_env={**mlflow_client_env(), **uri_credentials})
+                       mlflow_env={**mlflow_client_env(), **uri_credentials}, deadline=deadline, fail_fast=fail_fast)
+    step = len(tracker.client.get_metric_history(study_run, "pretrain_runs"))  # one step per `run`
+    on_counts = _progress_logger(tracker, study_run, step)
     for job in todo:
         prior = pre_runs.get(job.config_hash)
         if prior is not None:  # interrupted or failed before: resume into the same run
@@ -147,9 +207,17 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
     transfer_ran = 0
     feature_counts = {"feature_extractions": 0, "feature_cache_hits": 0}
     status = FAILED
+    stopped: str | None = None
+    crash: BaseException | None = None
+    not_launched = 0  # trials that never started work (budget.max_hours)
     try:
         if todo:
-            failed += run_pretrain_phase(ctx, todo, cpus).errors
+            progress = run_pretrain_phase(ctx, todo, cpus, on_counts)
+            failed += progress.errors
+            not_launched += progress.total - progress.done - progress.failed
+        if failed and fail_fast:
+            stopped = "the first failed trial (--fail-fast)"
+            raise _Stop
 
         pre_runs = tracker.runs_by_hash(exp, KIND_PRETRAIN)
         transfer_runs = tracker.runs_by_hash(exp, KIND_TRANSFER)
@@ -182,14 +250,31 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
                     ctx.run_ids[f.config_hash] = transfer_runs[f.config_hash].info.run_id
             labels[key] = f"{names[g.pretrain_hash]} -> {g.task} ({len(fits)} fits)"
             transfer_ran += len(fits)
+        if labels and ctx.past_deadline():
+            not_launched += len(labels)
+            transfer_ran = 0
+            raise _Stop
         if labels:
-            progress = run_transfer_phase(ctx, labels, cpus)
+            progress = run_transfer_phase(ctx, labels, cpus, on_counts)
             failed += progress.errors
+            not_launched += progress.total - progress.done - progress.failed
             for k in feature_counts:
                 feature_counts[k] += sum(int(r.get(k, 0)) for r in progress.results)
+            if failed and fail_fast:
+                stopped = "the first failed trial (--fail-fast)"
         spool.flush(storage, tracker.client)
         status = FINISHED if not failed else FAILED
+    except _Stop:
+        pass
+    except BaseException as e:
+        crash = e
+        raise
     finally:
+        if stopped is None and not_launched and ctx.past_deadline():
+            stopped = f"budget.max_hours ({spec.budget.max_hours:g} h) reached; {not_launched} trial(s) not launched"
+            status = KILLED
+        if not isinstance(crash, retry.TrackingUnavailable):  # else the next `run` settles them
+            _kill_leftovers(tracker, exp)
         counts = {
             "pretrain_runs": sum(1 for r in tracker.runs_by_hash(exp, KIND_PRETRAIN).values() if _is_finished(r)),
             "transfer_runs": sum(1 for r in tracker.runs_by_hash(exp, KIND_TRANSFER).values() if _is_finished(r)),
@@ -199,7 +284,6 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
             **feature_counts,
         }
         # One step per invocation of `run`, so the study run shows how the study grew.
-        step = len(tracker.client.get_metric_history(study_run, "pretrain_runs"))
         tracker.log(study_run, metrics=counts, step=step)
         tracker.finish(study_run, status)
 
@@ -212,6 +296,7 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float) 
         failed=failed,
         table=results_table(transfer_frame(tracker, spec.study)),
         seconds=0.0,
+        stopped=stopped,
     )
 
 
@@ -231,3 +316,7 @@ def _run_datamodels(spec: StudySpec, plan: StudyPlan, tracker: Tracker, exp: str
         tracker.finish(study_run, status)
     failed = [f"datamodels trial {x}" for x in dm.failed]
     return StudyOutcome(study_run, 0, 0, 0, 0, failed, "", 0.0, summary=dm.summary())
+
+
+class _Stop(Exception):
+    """Internal: leave the phases early (fail-fast, budget); the outcome says why."""

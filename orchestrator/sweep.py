@@ -19,7 +19,19 @@ from orchestrator import retry, spool
 from orchestrator.cluster import apply_mlflow_client_env
 from orchestrator.plan import PretrainJob, TransferGroup
 from orchestrator.spec import Resources
-from orchestrator.tracking import FAILED, KIND_TRANSFER, PER_EXAMPLE_ARTIFACT, TAG_CHECKPOINT, MLflowReportCallback, Tracker
+from orchestrator.tracking import (
+    FAILED,
+    KIND_TRANSFER,
+    METRIC_TRIAL_SECONDS,
+    PER_EXAMPLE_ARTIFACT,
+    TAG_CHECKPOINT,
+    MLflowReportCallback,
+    Tracker,
+)
+
+# What a trial returns when it started after the study's budget.max_hours deadline: it did
+# nothing, and the study counts it as not launched.
+NOT_LAUNCHED = "not_launched"
 
 
 @dataclass
@@ -38,6 +50,12 @@ class PhaseContext:
     # MLflow credentials/TLS settings of the driver (orchestrator.cluster.MLFLOW_CLIENT_ENV);
     # secrets, so kept out of the repr (and out of Tune's param_space, which is saved to disk).
     mlflow_env: dict[str, str] = field(default_factory=dict, repr=False)
+    # Wall-clock time (time.time()) after which no trial starts work (budget.max_hours).
+    deadline: float | None = None
+    fail_fast: bool = False  # stop the phase at its first failed trial
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
 
 
 def train_run_name(job: PretrainJob) -> str:
@@ -127,6 +145,9 @@ def build_pretrain_trainer(job: PretrainJob, ctx: PhaseContext, run_id: str, ext
 
 
 def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
+    if ctx.past_deadline():
+        return {NOT_LAUNCHED: 1}
+    t0 = time.monotonic()
     apply_mlflow_client_env(ctx.mlflow_env)
     job = ctx.pretrain_jobs[config["job"]]
     run_id = ctx.run_ids[job.config_hash]
@@ -137,7 +158,8 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
         spool.flush(ctx.storage_path, tracker.client, run_id)  # reports the server missed
         tracker.log(
             run_id,
-            metrics={"realized_label_noise": job.realized_label_noise, "num_train_samples": job.num_train_samples},
+            metrics={"realized_label_noise": job.realized_label_noise, "num_train_samples": job.num_train_samples,
+                     METRIC_TRIAL_SECONDS: time.monotonic() - t0},
             tags={TAG_CHECKPOINT: checkpoint_uri(result.checkpoint)},
         )
         tracker.finish(run_id)
@@ -174,6 +196,9 @@ def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
     from datasets_ import open_dataset
     from trainers.transfer import FinetuneSettings, Fit, evaluate_transfer
 
+    if ctx.past_deadline():
+        return {NOT_LAUNCHED: 1}
+    t0 = time.monotonic()
     apply_mlflow_client_env(ctx.mlflow_env)
     group = ctx.transfer_groups[config["group"]]
     parent = ctx.run_ids[group.pretrain_hash]
@@ -184,6 +209,8 @@ def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
     fits = [Fit(f.protocol, f.shots, f.seed, f.layer) for f in group.fits]
     with Checkpoint(ctx.checkpoints[group.pretrain_hash]).as_directory() as ckpt_dir:
         results, stats = evaluate_transfer(ckpt_dir, task, fits, group.val_fraction, settings, feature_cache(ctx.storage_path), group.image_size)
+    # The trial's time so far (the fits' share of logging is small), the same on every fit.
+    seconds = time.monotonic() - t0
     for fit, r in zip(group.fits, results):
         run_id = ctx.run_ids.get(fit.config_hash)
         if run_id is None:
@@ -193,7 +220,7 @@ def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
         else:
             tracker.reopen(run_id)
             tracker.log(run_id, params=group.params(fit))
-        tracker.log(run_id, metrics=r.metrics)
+        tracker.log(run_id, metrics={**r.metrics, METRIC_TRIAL_SECONDS: seconds})
         with tempfile.TemporaryDirectory() as d:
             path = f"{d}/{PER_EXAMPLE_ARTIFACT.rsplit('/', 1)[1]}"
             r.outputs.to_parquet(path, index=False)
@@ -218,15 +245,23 @@ def _error_line(error_file: str | None) -> str:
 
 
 class Progress:
-    """Prints a line per intermediate report (e.g. each epoch) and per finished or failed
-    trial, with counts and elapsed time."""
+    """Live progress of one phase: a line per intermediate report (e.g. each epoch), per trial
+    start and per finished or failed trial, each with the phase's counts (done / running /
+    failed of total) and an ETA; a summary line at the end (:meth:`summary`).
 
-    def __init__(self, phase: str, total: int, labels: dict[str, str], summarize, describe_report=None):
+    ``on_counts(counts)``, if given, receives the counts (``PHASE_trials_done`` ...) after every
+    change; the study logs them on its MLflow run.
+    """
+
+    def __init__(self, phase: str, total: int, labels: dict[str, str], summarize, describe_report=None, on_counts=None):
         from ray import tune
 
         outer = self
 
         class _Callback(tune.Callback):
+            def on_trial_start(self, iteration, trials, trial, **info):
+                outer.started(trial)
+
             def on_trial_result(self, iteration, trials, trial, result, **info):
                 line = outer.describe_report(result) if outer.describe_report else None
                 if line:
@@ -239,24 +274,59 @@ class Progress:
                 outer.report(trial, ok=False)
 
         self.callback = _Callback()
-        self.describe_report = describe_report
+        self.describe_report, self.on_counts = describe_report, on_counts
         self.phase, self.total, self.labels, self.summarize = phase, total, labels, summarize
-        self.done = self.failed = 0
+        self.done = self.failed = self.running = self.not_launched = 0
         self.t0 = time.monotonic()
         self.errors: list[str] = []
         self.results: list[dict] = []  # the last result of every finished trial
+
+    def __getstate__(self):
+        # Tune pickles its callbacks into tuner.pkl in storage; the MLflow sink holds the
+        # tracking URI, credentials included, which must never reach storage.
+        return {**self.__dict__, "on_counts": None}
 
     def label(self, trial) -> str:
         key = next(iter(trial.config.values()))
         return self.labels.get(key, key)
 
+    @property
+    def counts(self) -> dict[str, int]:
+        p = self.phase
+        return {f"{p}_trials_done": self.done, f"{p}_trials_running": self.running, f"{p}_trials_failed": self.failed,
+                f"{p}_trials_not_launched": self.not_launched, f"{p}_trials_total": self.total}
+
+    def _status(self) -> str:
+        elapsed = time.monotonic() - self.t0
+        ended = self.done + self.failed
+        left = self.total - ended - self.not_launched
+        # Each ended trial took elapsed/ended of wall time at the concurrency seen so far.
+        eta = f"~{elapsed / ended * left:.0f}s left" if ended else "ETA after the first trial"
+        return (f"done {self.done}, running {self.running}, failed {self.failed} of {self.total}; "
+                f"{elapsed:.0f}s elapsed, {eta}")
+
+    def _changed(self) -> None:
+        if self.on_counts is not None:
+            self.on_counts(self.counts)
+
+    def started(self, trial) -> None:
+        self.running += 1
+        print(f"[{self.phase}] started {self.label(trial)}  ({self._status()})", flush=True)
+        self._changed()
+
     def report(self, trial, ok: bool) -> None:
         label = self.label(trial)
-        elapsed = time.monotonic() - self.t0
+        self.running = max(0, self.running - 1)
+        last = dict(trial.last_result or {})
+        if ok and last.get(NOT_LAUNCHED):
+            self.not_launched += 1
+            print(f"[{self.phase}] {label}: not launched (budget.max_hours reached)", flush=True)
+            self._changed()
+            return
         if ok:
             self.done += 1
-            self.results.append(dict(trial.last_result or {}))
-            detail = self.summarize(trial.last_result or {})
+            self.results.append(last)
+            detail = self.summarize(last)
         else:
             self.failed += 1
             detail = _error_line(trial.error_file)
@@ -264,14 +334,35 @@ class Progress:
                 detail += f" (full traceback: {trial.error_file})"
             self.errors.append(label)
         n = self.done + self.failed
-        eta = elapsed / n * (self.total - n)
-        print(f"[{self.phase} {n}/{self.total}] {label}: {detail}  ({elapsed:.0f}s elapsed, ~{eta:.0f}s left)", flush=True)
+        print(f"[{self.phase} {n}/{self.total}] {label}: {detail}  ({self._status()})", flush=True)
+        self._changed()
+
+    def summary(self) -> str:
+        never = self.total - self.done - self.failed - self.not_launched
+        extra = f", {self.not_launched + never} not launched" if self.not_launched + never else ""
+        return (f"[{self.phase}] phase over: {self.done} done, {self.failed} failed{extra} of {self.total} trials "
+                f"in {time.monotonic() - self.t0:.0f}s")
 
 
-def _run_phase(phase: str, trainable, key: str, items: dict[str, str], ctx: PhaseContext, cpus: float, concurrency: int, summarize, describe_report=None) -> Progress:
+def _fail_fast_stopper(progress: Progress):
+    """A Tune stopper that ends the whole phase (running and pending trials) at the first failure."""
     from ray import tune
 
-    progress = Progress(phase, len(items), items, summarize, describe_report)
+    class _FailFast(tune.Stopper):
+        def __call__(self, trial_id, result):
+            return False
+
+        def stop_all(self):
+            return progress.failed > 0
+
+    return _FailFast()
+
+
+def _run_phase(phase: str, trainable, key: str, items: dict[str, str], ctx: PhaseContext, cpus: float, concurrency: int,
+               summarize, describe_report=None, on_counts=None) -> Progress:
+    from ray import tune
+
+    progress = Progress(phase, len(items), items, summarize, describe_report, on_counts)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trainable, ctx=ctx), {"CPU": cpus}),
         param_space={key: tune.grid_search(list(items))},
@@ -280,11 +371,13 @@ def _run_phase(phase: str, trainable, key: str, items: dict[str, str], ctx: Phas
             name=f"{ctx.study}-{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=ctx.storage_path,
             callbacks=[progress.callback],
+            stop=_fail_fast_stopper(progress) if ctx.fail_fast else None,
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
     tuner.fit()
+    print(progress.summary(), flush=True)
     return progress
 
 
@@ -296,13 +389,18 @@ def pretrain_concurrency(resources: Resources, cluster_cpus: float) -> int:
     return max(1, int(math.floor(cluster_cpus / per_trial)))
 
 
-def run_pretrain_phase(ctx: PhaseContext, jobs: list[PretrainJob], cluster_cpus: float) -> Progress:
+def transfer_concurrency(cluster_cpus: float) -> int:
+    """Concurrent transfer trials: one CPU each."""
+    return max(1, int(cluster_cpus))
+
+
+def run_pretrain_phase(ctx: PhaseContext, jobs: list[PretrainJob], cluster_cpus: float, on_counts=None) -> Progress:
     items = {j.config_hash: j.run_name for j in jobs}
     # The trial only drives a TorchTrainer whose workers are scheduled on their own.
     return _run_phase(
         "pretrain", _pretrain_trial, "job", items, ctx, 0.01, pretrain_concurrency(ctx.resources, cluster_cpus),
         lambda r: f"upstream_accuracy={r.get('upstream_accuracy', float('nan')):.3f}",
-        _describe_epoch,
+        _describe_epoch, on_counts,
     )
 
 
@@ -312,10 +410,11 @@ def _describe_epoch(result: dict) -> str | None:
     return f"epoch {int(result['epoch']) + 1}: train_loss={result['train_loss']:.4f} ({result.get('images_per_second', 0):.0f} img/s)"
 
 
-def run_transfer_phase(ctx: PhaseContext, labels: dict[str, str], cluster_cpus: float) -> Progress:
+def run_transfer_phase(ctx: PhaseContext, labels: dict[str, str], cluster_cpus: float, on_counts=None) -> Progress:
     return _run_phase(
-        "transfer", _transfer_trial, "group", labels, ctx, 1.0, max(1, int(cluster_cpus)),
+        "transfer", _transfer_trial, "group", labels, ctx, 1.0, transfer_concurrency(cluster_cpus),
         lambda r: f"{r.get('fits', 0)} fits, mean accuracy {r.get('mean_accuracy', float('nan')):.3f}, "
                   f"features: {r.get('feature_extractions', 0)} extracted, {r.get('feature_cache_hits', 0)} from cache",
+        on_counts=on_counts,
     )
 

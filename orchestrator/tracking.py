@@ -12,7 +12,11 @@ study      ``study``, ``spec_hash``               ``pretrain_runs``, ``transfer_
                                                   this ``run``'s transfer work:
                                                   ``transfer_fits_run``, ``feature_extractions``
                                                   (layer feature sets computed from images) and
-                                                  ``feature_cache_hits`` (read from the cache)
+                                                  ``feature_cache_hits`` (read from the cache);
+                                                  live, per phase (``pretrain``/``transfer``):
+                                                  ``PHASE_trials_done|running|failed|
+                                                  not_launched|total``, updated at each
+                                                  trial start and end (step = the ``run``)
 pretrain   ``method, source, pretrain_size,       ``train_loss`` and ``images_per_second`` per
            label_noise, model, seed`` + the       epoch (step = epoch), ``upstream_accuracy``
            other settings (``image_size,          on the source's held-out (test) split, restricted
@@ -24,7 +28,8 @@ pretrain   ``method, source, pretrain_size,       ``train_loss`` and ``images_pe
                                                   of labels actually flipped),
                                                   ``num_train_samples``; clip runs with caption
                                                   noise: ``realized_caption_noise`` per epoch
-                                                  (share of captions swapped)
+                                                  (share of captions swapped), ``trial_seconds``
+                                                  (wall time of the trial that finished it)
 transfer   ``task, protocol, shots, seed,         ``accuracy`` (task test split),
            layer`` + ``val_fraction``;            ``mean_per_class_accuracy``,
            protocol is one of linear_probe,       ``num_train_examples``; probes and fine-tuning:
@@ -68,6 +73,12 @@ Tags on every run: ``transferlab.kind`` (study|pretrain|transfer), ``transferlab
 this hash means the job is done), ``mlflow.runName``. Pretrain runs also carry
 ``transferlab.checkpoint`` (the checkpoint directory transfer runs read). ``pretrain_size`` is
 ``full`` when the whole source is used; ``shots`` is ``full`` for the whole training pool.
+
+Run status: FINISHED means done (the job is skipped next time). FAILED: the trial failed, or
+the run was left RUNNING by a driver that died and no later ``run`` resumed it (superseded, or
+no longer in the grid). KILLED: ``transferlab run`` stopped it on purpose (``budget.max_hours``
+reached, ``--fail-fast``). FAILED and KILLED runs whose job is still in the grid are reopened,
+with the same run id, by the next ``run``. One ``transferlab run`` drives a study at a time.
 """
 
 from __future__ import annotations
@@ -103,13 +114,14 @@ METRIC_ACCURACY = "accuracy"
 METRIC_MEAN_PER_CLASS_ACCURACY = "mean_per_class_accuracy"
 METRIC_NUM_TRAIN_SAMPLES = "num_train_samples"
 PARAM_CLASS_FRACTION = "class_fraction"
+METRIC_TRIAL_SECONDS = "trial_seconds"
 
 VIEW_MASK_ARTIFACT = "view/class_mask.json"
 PER_EXAMPLE_ARTIFACT = "outputs/per_example.parquet"
 REPORT_ARTIFACT_DIR = "report"
 COUNTERFACTUAL_PLAN_ARTIFACT = "counterfactual/plan.json"
 
-FINISHED, FAILED, RUNNING = "FINISHED", "FAILED", "RUNNING"
+FINISHED, FAILED, RUNNING, KILLED = "FINISHED", "FAILED", "RUNNING", "KILLED"
 
 
 def resolve_tracking_uri(uri: str | None) -> str:

@@ -1,0 +1,260 @@
+"""What a ``transferlab run`` would do, before it does it: the DAG summary, trial counts, a wall
+time estimate, and the study's budget (``budget.max_trials``, ``budget.max_hours``).
+
+Nothing here starts Ray or writes to MLflow or storage: MLflow is only searched, and a sqlite
+store that does not exist yet is an empty store (opening it would create the file).
+
+Cost model (deliberately simple; it says what it assumes):
+
+- A ``run`` costs ``STARTUP_S`` (Ray start, Tune set-up) if it launches anything.
+- A pretraining run costs ``PRETRAIN_OVERHEAD_S`` (TorchTrainer start-up and teardown, Ray Data
+  start) plus ``PRETRAIN_S_PER_SAMPLE_EPOCH`` per training sample and epoch, scaled by the pixel
+  count relative to 32x32. The per-sample figure is a CPU figure for the small CNNs; the held-out
+  evaluation, model size and GPUs are not modelled.
+- A transfer trial (one pretraining checkpoint x one task) costs ``TRANSFER_OVERHEAD_S`` (trial
+  start, checkpoint load, feature extraction) plus, per fit, ``FROZEN_FIT_S`` for the closed-form
+  probes or ``FINETUNE_S_PER_STEP`` per step and learning rate for finetune / lp_ft.
+- Finished runs of the same kind in the study's MLflow experiment that recorded
+  ``trial_seconds`` calibrate these defaults: every default estimate is multiplied by the median
+  ratio of measured to default-estimated seconds over those runs (one factor per kind).
+- Trials of a phase run in grid order on ``concurrency`` slots (Tune's ``max_concurrent_trials``);
+  the wall time of a phase is when its last trial would end; phases run one after the other.
+  Without a cluster at hand the concurrency is that of the private local Ray ``run`` would start
+  here, unless ``resources.max_concurrent_trials`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from orchestrator.plan import FINETUNE_PROTOCOLS, PretrainJob, StudyPlan, TransferGroup
+from orchestrator.spec import FinetuneSpec, SpecError, StudySpec
+from orchestrator.tracking import FINISHED, KIND_PRETRAIN, KIND_TRANSFER, METRIC_TRIAL_SECONDS, TAG_PARENT, Tracker
+
+# Defaults measured on a 2-core CPU machine with the quickstart study (README, Measured).
+STARTUP_S = 10.0
+PRETRAIN_OVERHEAD_S = 25.0
+PRETRAIN_S_PER_SAMPLE_EPOCH = 0.008
+TRANSFER_OVERHEAD_S = 10.0
+FROZEN_FIT_S = 0.3
+FINETUNE_S_PER_STEP = 0.01
+
+
+@dataclass
+class MlflowState:
+    """The study's runs in MLflow by config hash (empty for a study never run)."""
+
+    pretrain: dict = field(default_factory=dict)
+    transfer: dict = field(default_factory=dict)
+
+
+def read_state(uri: str, study: str) -> MlflowState:
+    """Search (never write) the study's pretraining and transfer runs."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return MlflowState()
+    tracker = Tracker(uri)
+    exp = tracker.experiment_id(study, create=False)
+    if exp is None:
+        return MlflowState()
+    return MlflowState(tracker.runs_by_hash(exp, KIND_PRETRAIN), tracker.runs_by_hash(exp, KIND_TRANSFER))
+
+
+def default_pretrain_seconds(settings: dict, num_train_samples: int) -> float:
+    pixels = (settings["image_size"] / 32.0) ** 2
+    return PRETRAIN_OVERHEAD_S + PRETRAIN_S_PER_SAMPLE_EPOCH * pixels * num_train_samples * settings["epochs"]
+
+
+def _fit_seconds(protocol: str, finetune: dict) -> float:
+    if protocol in FINETUNE_PROTOCOLS:
+        return FINETUNE_S_PER_STEP * finetune["steps"] * len(finetune["lr"])
+    return FROZEN_FIT_S
+
+
+def default_transfer_seconds(protocols: list[str], finetune: dict) -> float:
+    return TRANSFER_OVERHEAD_S + sum(_fit_seconds(p, finetune) for p in protocols)
+
+
+def _median_ratio(pairs: list[tuple[float, float]]) -> float | None:
+    ratios = [measured / predicted for measured, predicted in pairs if predicted > 0 and measured > 0]
+    return statistics.median(ratios) if ratios else None
+
+
+def calibration(state: MlflowState) -> dict[str, tuple[float, int]]:
+    """kind -> (factor on the default estimate, finished runs it rests on); factor 1 without history."""
+    pre = []
+    for r in state.pretrain.values():
+        m, p = r.data.metrics, r.data.params
+        if r.info.status == FINISHED and METRIC_TRIAL_SECONDS in m and "num_train_samples" in m:
+            try:
+                settings = {"image_size": int(p["image_size"]), "epochs": int(p["epochs"])}
+            except (KeyError, ValueError):
+                continue
+            pre.append((m[METRIC_TRIAL_SECONDS], default_pretrain_seconds(settings, int(m["num_train_samples"]))))
+    # Transfer runs of one trial share its trial_seconds: group them back into trials.
+    trials: dict[tuple, list[str]] = {}
+    for r in state.transfer.values():
+        m = r.data.metrics
+        if r.info.status == FINISHED and METRIC_TRIAL_SECONDS in m:
+            key = (r.data.tags.get(TAG_PARENT), r.data.params.get("task"), m[METRIC_TRIAL_SECONDS])
+            trials.setdefault(key, []).append(r.data.params.get("protocol", "linear_probe"))
+    finetune = asdict(FinetuneSpec())  # the runs' own settings are not read back: defaults suffice here
+    tra = [(key[2], default_transfer_seconds(protocols, finetune)) for key, protocols in trials.items()]
+    out = {}
+    for kind, pairs in ((KIND_PRETRAIN, pre), (KIND_TRANSFER, tra)):
+        factor = _median_ratio(pairs)
+        out[kind] = (factor, len(pairs)) if factor is not None else (1.0, 0)
+    return out
+
+
+def phase_seconds(durations: list[float], concurrency: int) -> float:
+    """When the last of ``durations`` ends, started in order on ``concurrency`` slots."""
+    slots = [0.0] * max(1, min(concurrency, len(durations) or 1))
+    end = 0.0
+    for d in durations:
+        start = heapq.heappop(slots)
+        end = max(end, start + d)
+        heapq.heappush(slots, start + d)
+    return end
+
+
+@dataclass
+class PlanSummary:
+    """What ``transferlab run`` would do now (see :func:`summarize`)."""
+
+    study: str
+    pretrain_jobs: int
+    pretrain_cached: int  # a FINISHED run with the job's hash exists
+    pretrain_resume: int  # a run exists but did not finish: it is reopened (from its checkpoint)
+    pretrain_new: int
+    transfer_fits: int
+    transfer_cached: int
+    transfer_todo: int
+    pretrain_trials: int
+    transfer_trials: int
+    pretrain_concurrency: int
+    transfer_concurrency: int
+    pretrain_seconds: float
+    transfer_seconds: float
+    calibrated_on: dict[str, int]  # kind -> finished runs the cost model was calibrated on
+    jobs: list[dict]  # one entry per pretraining job: name, status, estimate, transfer fits
+
+    @property
+    def trials(self) -> int:
+        return self.pretrain_trials + self.transfer_trials
+
+    @property
+    def seconds(self) -> float:
+        return (STARTUP_S if self.trials else 0.0) + self.pretrain_seconds + self.transfer_seconds
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "trials": self.trials, "seconds": self.seconds}
+
+
+def job_status(run) -> str:
+    if run is None:
+        return "new"
+    return "cached" if run.info.status == FINISHED else "resume"
+
+
+def default_cluster_cpus() -> float:
+    """Logical CPUs of the private local Ray that ``run`` starts here (orchestrator.cluster)."""
+    return float(2 * (os.cpu_count() or 1))
+
+
+def summarize(plan: StudyPlan, state: MlflowState, cluster_cpus: float | None = None) -> PlanSummary:
+    """The DAG of ``plan`` against what MLflow holds: counts, trials, estimated seconds."""
+    from orchestrator.sweep import pretrain_concurrency, transfer_concurrency
+
+    cpus = cluster_cpus or default_cluster_cpus()
+    cal = calibration(state)
+    pre_factor, tra_factor = cal[KIND_PRETRAIN][0], cal[KIND_TRANSFER][0]
+    done_fits = {h for h, r in state.transfer.items() if r.info.status == FINISHED}
+    groups: dict[str, list[TransferGroup]] = {}
+    for g in plan.transfer_groups:
+        groups.setdefault(g.pretrain_hash, []).append(g)
+    jobs, pre_durations, tra_durations = [], [], []
+    for job in plan.pretrain_jobs:
+        status = job_status(state.pretrain.get(job.config_hash))
+        seconds = default_pretrain_seconds(job.settings, job.num_train_samples) * pre_factor if status != "cached" else 0.0
+        if status != "cached":
+            pre_durations.append(seconds)
+        fits = {}
+        for g in groups.get(job.config_hash, []):
+            todo = [f for f in g.fits if f.config_hash not in done_fits]
+            fits[g.task] = {"fits": len(g.fits), "to_run": len(todo)}
+            if todo:
+                tra_durations.append(default_transfer_seconds([f.protocol for f in todo], g.finetune) * tra_factor)
+        jobs.append({"name": job.run_name, "config_hash": job.config_hash, "status": status, "seconds": seconds, "transfer": fits})
+    statuses = [j["status"] for j in jobs]
+    pc, tc = pretrain_concurrency(plan.spec.resources, cpus), transfer_concurrency(cpus)
+    todo_fits = sum(1 for g in plan.transfer_groups for f in g.fits if f.config_hash not in done_fits)
+    return PlanSummary(
+        study=plan.spec.study,
+        pretrain_jobs=len(jobs),
+        pretrain_cached=statuses.count("cached"),
+        pretrain_resume=statuses.count("resume"),
+        pretrain_new=statuses.count("new"),
+        transfer_fits=plan.num_transfer_fits,
+        transfer_cached=plan.num_transfer_fits - todo_fits,
+        transfer_todo=todo_fits,
+        pretrain_trials=len(pre_durations),
+        transfer_trials=len(tra_durations),
+        pretrain_concurrency=pc,
+        transfer_concurrency=tc,
+        pretrain_seconds=phase_seconds(pre_durations, pc),
+        transfer_seconds=phase_seconds(tra_durations, tc),
+        calibrated_on={k: n for k, (_, n) in cal.items()},
+        jobs=jobs,
+    )
+
+
+def check_budget(spec: StudySpec, summary: PlanSummary) -> None:
+    """Raise a :class:`SpecError` naming the budget field a study exceeds, and by how much."""
+    b = spec.budget
+    if b.max_trials is not None and summary.trials > b.max_trials:
+        raise SpecError("budget.max_trials", f"the study would launch {summary.trials} Tune trials "
+                        f"({summary.pretrain_trials} pretraining, {summary.transfer_trials} transfer), "
+                        f"{summary.trials - b.max_trials} over the budget of {b.max_trials}")
+    hours = summary.seconds / 3600.0
+    if b.max_hours is not None and hours > b.max_hours:
+        raise SpecError("budget.max_hours", f"the study is estimated at {hours:.3g} h of wall time, "
+                        f"{hours - b.max_hours:.3g} h over the budget of {b.max_hours:g} h (see `transferlab plan`)")
+
+
+def duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def format_summary(s: PlanSummary, spec: StudySpec, uri: str) -> str:
+    """The human-readable plan, as ``transferlab plan`` prints it."""
+    lines = [f"plan of study '{s.study}' against {uri} (nothing is run or written)"]
+    for j in s.jobs:
+        tasks = ", ".join(f"{t}: {v['to_run']}/{v['fits']} fits to run" for t, v in j["transfer"].items())
+        est = f"~{duration(j['seconds'])}" if j["status"] != "cached" else ""
+        lines.append(f"  {j['status']:<7} {j['name']:<45} {est:<12} {tasks}")
+    lines += [
+        f"pretraining runs: {s.pretrain_jobs}: {s.pretrain_new} to run, {s.pretrain_resume} interrupted (resume), "
+        f"{s.pretrain_cached} finished (cached)",
+        f"transfer fits:    {s.transfer_fits}: {s.transfer_todo} to run, {s.transfer_cached} finished (cached)",
+        f"Tune trials:      {s.trials} ({s.pretrain_trials} pretraining, up to {s.pretrain_concurrency} at a time; "
+        f"{s.transfer_trials} transfer, up to {s.transfer_concurrency} at a time)",
+        f"estimated wall time: {duration(s.seconds)} (pretraining {duration(s.pretrain_seconds)}, transfer "
+        f"{duration(s.transfer_seconds)}, start-up {duration(STARTUP_S if s.trials else 0)}); cost model "
+        + ("calibrated on " + ", ".join(f"{n} finished {k} run(s)" for k, n in s.calibrated_on.items() if n)
+           if any(s.calibrated_on.values()) else "defaults (no finished runs with timings yet)"),
+    ]
+    b = spec.budget
+    if b.max_trials is not None or b.max_hours is not None:
+        parts = ([f"max_trials {b.max_trials}"] if b.max_trials is not None else []) + (
+            [f"max_hours {b.max_hours:g}"] if b.max_hours is not None else [])
+        lines.append(f"budget: {', '.join(parts)}")
+    return "\n".join(lines)
