@@ -486,6 +486,7 @@ def _datamodels(m: _Mapping, sources: dict[str, DataRef], tasks: dict[str, DataR
         protocol=d.get("protocol", _choice(DATAMODEL_PROTOCOLS), "linear_probe"),
         shots=d.get("shots", _shots, FULL),
         transfer_seed=d.get("transfer_seed", lambda q, v: _int(q, v, minimum=0), 0),
+    )
 
 
 def _budget(m: _Mapping) -> Budget:
