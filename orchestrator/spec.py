@@ -126,6 +126,11 @@ def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
     return read
 
 
+def _overlap_mode(path: str, v: Any) -> str:
+    # YAML 1.1 reads a bare `off` as false: take it as the word the user wrote.
+    return _choice(("off", "warn", "error"))(path, "off" if v is False else v)
+
+
 def _size_or_full(path: str, v: Any) -> int | None:
     if v == FULL or v is None:
         return None
@@ -516,7 +521,7 @@ def parse_spec(data: Any) -> StudySpec:
         resources=resources,
         tracking_uri=m.get("tracking_uri", _str, None),
         storage_path=m.get("storage_path", _str, None),
-        preflight_overlap=m.get("preflight_overlap", _choice(("off", "warn", "error")), "off"),
+        preflight_overlap=m.get("preflight_overlap", _overlap_mode, "off"),
         datamodels=_datamodels(m, sources, tasks),
         budget=_budget(m),
         raw=data,

@@ -38,6 +38,12 @@ def test_quickstart_spec_parses_as_written():
     assert spec.tracking_uri is None
 
 
+def test_bare_off_means_off_as_the_readme_writes_it(tmp_path):
+    # YAML 1.1 reads `preflight_overlap: off` as false; the README's spec block writes it bare.
+    text = QUICKSTART.read_text() + "\npreflight_overlap: off\n"
+    assert load_spec(_write(tmp_path, text)).preflight_overlap == "off"
+
+
 def test_validate_reports_the_plan(capsys):
     assert main(["validate", str(QUICKSTART)]) == 0
     assert "4 pretraining runs, 40 transfer fits" in capsys.readouterr().out
