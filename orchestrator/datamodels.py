@@ -224,6 +224,7 @@ class DatamodelContext:
     cpus_per_trial: float
     trials: dict[str, tuple[int, ...]] = field(default_factory=dict)
     mlflow_env: dict[str, str] = field(default_factory=dict, repr=False)
+    fail_fast: bool = False  # stop the sweep at its first failed trial (sweep._run_phase reads it)
 
 
 def _decode_split(ds, split: str, image_size: int):
@@ -335,7 +336,7 @@ def _sweep_run(tracker: Tracker, exp: str, spec: StudySpec, plan: DatamodelPlan,
 
 
 def run_datamodels(spec: StudySpec, plan: DatamodelPlan, tracker: Tracker, exp: str, study_run: str, storage: str, cpus: float,
-                   worker_uri: str, mlflow_env: dict) -> DatamodelOutcome:
+                   worker_uri: str, mlflow_env: dict, fail_fast: bool = False) -> DatamodelOutcome:
     """Train every model of the sweep the table lacks; record the sweep and its trials in MLflow."""
     from orchestrator.sweep import _run_phase
 
@@ -349,7 +350,7 @@ def run_datamodels(spec: StudySpec, plan: DatamodelPlan, tracker: Tracker, exp: 
           f"table: {retry.redact(table)}", flush=True)
     r = spec.resources
     ctx = DatamodelContext(spec.study, worker_uri, exp, storage, run_id, table, plan, r.cpus_per_worker,
-                           trial_batches(todo, plan.models_per_trial), mlflow_env)
+                           trial_batches(todo, plan.models_per_trial), mlflow_env, fail_fast)
     failed: list[str] = []
     status = FAILED
     try:

@@ -164,7 +164,7 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float, 
     spool.flush(storage, tracker.client)  # metrics an earlier run could not deliver
     study_run = _study_run(tracker, exp, plan)
     if plan.datamodels is not None:
-        return _run_datamodels(spec, plan, tracker, exp, study_run, storage, cpus, uri)
+        return _run_datamodels(spec, plan, tracker, exp, study_run, storage, cpus, uri, fail_fast)
 
     pre_runs = tracker.runs_by_hash(exp, KIND_PRETRAIN)
     todo = [j for j in plan.pretrain_jobs if not _is_finished(pre_runs.get(j.config_hash))]
@@ -301,14 +301,14 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float, 
 
 
 def _run_datamodels(spec: StudySpec, plan: StudyPlan, tracker: Tracker, exp: str, study_run: str, storage: str, cpus: float,
-                    uri: str) -> StudyOutcome:
+                    uri: str, fail_fast: bool = False) -> StudyOutcome:
     from orchestrator.datamodels import run_datamodels
 
     worker_uri, uri_credentials = retry.split_credentials(uri)
     status = FAILED
     try:
         dm = run_datamodels(spec, plan.datamodels, tracker, exp, study_run, storage, cpus, worker_uri,
-                            {**mlflow_client_env(), **uri_credentials})
+                            {**mlflow_client_env(), **uri_credentials}, fail_fast)
         status = FINISHED if not dm.failed and dm.done == dm.total else FAILED
     finally:
         step = len(tracker.client.get_metric_history(study_run, "failed_runs"))
