@@ -177,6 +177,21 @@ def _unit_dataset(dataset: ShardedDataset, split: str, task_cpus: float):
     return items.map_batches(functools.partial(_read_units, units=units), batch_size=1, batch_format="numpy", num_cpus=task_cpus)
 
 
+def decode_split(dataset: ShardedDataset, split: str, image_size: int, batch_size: int = 256):
+    """A whole split decoded in this process, in read order, for any dataset format:
+    (uint8 images [N, 3, S, S] as a torch tensor, int64 labels, keys)."""
+    import torch
+
+    from datasets_.indexed import iter_encoded
+
+    imgs, keys, ys = [], [], []
+    for b in iter_encoded(dataset, split, batch_size):
+        imgs.append(decode_uint8(list(b["image"]), image_size))
+        keys += list(b["key"])
+        ys.append(b["label"])
+    return torch.from_numpy(np.concatenate(imgs)), np.concatenate(ys), np.asarray(keys, dtype=str)
+
+
 def iter_local_batches(
     dataset: ShardedDataset, split: str, image_size: int, batch_size: int = 256
 ) -> Iterator[dict]:

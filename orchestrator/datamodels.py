@@ -227,38 +227,22 @@ class DatamodelContext:
     fail_fast: bool = False  # stop the sweep at its first failed trial (sweep._run_phase reads it)
 
 
-def _decode_split(ds, split: str, image_size: int):
-    """(uint8 images [N, 3, S, S] as a tensor, labels, keys) of a split, in file order."""
-    import torch
-
-    from datasets_.pipeline import decode_uint8
-    from datasets_.shards import parquet_file
-
-    imgs, keys, ys = [], [], []
-    for path in ds.files(split):
-        for rb in parquet_file(path).iter_batches(batch_size=512, columns=["key", "image", "label"]):
-            imgs.append(decode_uint8(rb.column("image").to_pylist(), image_size))
-            keys += rb.column("key").to_pylist()
-            ys.append(rb.column("label").to_numpy().astype(np.int64))
-    return torch.from_numpy(np.concatenate(imgs)), np.concatenate(ys), np.asarray(keys, dtype=str)
-
-
 def train_and_probe(plan: DatamodelPlan, models: tuple[int, ...]) -> pa.Table:
     """Train the given models of the sweep at once, probe each on the task: their table rows."""
     from datasets_ import open_dataset
-    from datasets_.pipeline import normalize
+    from datasets_.pipeline import decode_split, normalize
     from trainers.datamodels import TrainSettings, probe_outputs, stacked_features, train_stacked
     from trainers.features import Features
 
     s = plan.settings
     ts = TrainSettings(s["image_size"], s["epochs"], s["batch_size"], s["lr"], s["weight_decay"], s["lr_schedule"], s["warmup_epochs"])
-    images, labels, keys = _decode_split(open_dataset(plan.source_root), "train", ts.image_size)
+    images, labels, keys = decode_split(open_dataset(plan.source_root), "train", ts.image_size)
     idx = list(models)
     sm = train_stacked(plan.model_config, len(plan.classes), images, labels, keys, plan.masks[idx], [plan.seeds[i] for i in idx], ts)
     task = open_dataset(plan.task_root)
     feats = {}
     for split in ("train", "test"):
-        x, y, k = _decode_split(task, split, ts.image_size)
+        x, y, k = decode_split(task, split, ts.image_size)
         feats[split] = (stacked_features(sm, normalize(x)), y, k)
     rows = []
     for j, i in enumerate(idx):

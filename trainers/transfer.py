@@ -136,17 +136,9 @@ class _Images:
     """A split's decoded images as uint8 tensors, with keys and labels (for fine-tuning)."""
 
     def __init__(self, dataset: ShardedDataset, split: str, image_size: int):
-        from datasets_.indexed import iter_encoded
-        from datasets_.pipeline import decode_uint8
+        from datasets_.pipeline import decode_split
 
-        imgs, keys, ys = [], [], []
-        for b in iter_encoded(dataset, split, 256):
-            imgs.append(decode_uint8(list(b["image"]), image_size))
-            keys += list(b["key"])
-            ys.append(b["label"])
-        self.x = torch.from_numpy(np.concatenate(imgs))
-        self.keys = np.asarray(keys, dtype=str)
-        self.y = np.concatenate(ys)
+        self.x, self.y, self.keys = decode_split(dataset, split, image_size)
 
 
 class _FinetuneNet(nn.Module):
