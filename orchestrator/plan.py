@@ -131,7 +131,6 @@ def resolve_data(spec: StudySpec) -> dict[str, ShardedDataset]:
 
 
 def _check_data(spec: StudySpec, data: dict[str, ShardedDataset]) -> None:
-    sizes = spec.pretrain.sweep["pretrain_size"]
     for section, names in (("sources", spec.pretrain.sweep["source"]), ("tasks", spec.transfer_tasks)):
         for name in names:
             ds = data[f"{section}.{name}"]
@@ -142,9 +141,10 @@ def _check_data(spec: StudySpec, data: dict[str, ShardedDataset]) -> None:
     for source in spec.pretrain.sweep["source"]:
         ds = data[f"sources.{source}"]
         n = ds.num_samples("train")
-        for i, size in enumerate(sizes):
-            if size is not None and size > n:
-                raise SpecError(f"pretrain.sweep.pretrain_size[{i}]", f"{size} exceeds the {n} training samples of source '{source}'")
+        for g, grid in enumerate(spec.pretrain.grids):
+            for i, size in enumerate(grid["pretrain_size"] if source in grid["source"] else ()):
+                if size is not None and size > n:
+                    raise SpecError(f"{spec.pretrain.grid_path(g)}.pretrain_size[{i}]", f"{size} exceeds the {n} training samples of source '{source}'")
         if ds.num_samples("test") == 0:
             raise SpecError(f"sources.{source}.uri", f"source '{source}' has no held-out test split for upstream accuracy")
     for task in spec.transfer_tasks:
@@ -209,47 +209,7 @@ def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -
         from orchestrator.datamodels import build_datamodel_plan
 
         return StudyPlan(spec=spec, data=data, pretrain_jobs=[], datamodels=build_datamodel_plan(spec, data))
-    sweep = spec.pretrain.sweep
-    axes = list(sweep)
-    varying = {a for a in axes if len(sweep[a]) > 1}
-    jobs: list[PretrainJob] = []
-    thresholds: dict[str, tuple] = {}
-    columns: dict[str, tuple] = {}
-    for combo in itertools.product(*(sweep[a] for a in axes)):
-        point = dict(zip(axes, combo))
-        settings = asdict(PretrainSettings(**{k: point.get(k, v) for k, v in asdict(spec.pretrain.base).items()}))
-        source = point["source"]
-        ds = data[f"sources.{source}"]
-        ref = spec.sources[source]
-        keep = _kept_classes(ref, ds, point["class_fraction"], point["seed"])
-        view = PretrainView(ds.fingerprint, point["pretrain_size"], point["label_noise"], point["seed"], ds.num_classes,
-                            1.0, settings["noise_pattern"], keep, ref.caption_matches, ref.caption_excludes, settings["class_balanced"],
-                            point["caption_noise"])
-        need_captions = view.needs_captions or view.caption_noise > 0
-        if (source, need_captions) not in columns:  # one read of the key/label (and caption) columns per source
-            columns[source, need_captions] = _train_columns(ds, need_captions=need_captions)
-        if view.caption_noise > 0:
-            _check_caption_noise(settings, source, columns[source, need_captions][1])
-        if view.fingerprint not in thresholds:
-            thresholds[view.fingerprint] = _view_stats(ds, source, view, *columns[source, need_captions])
-        threshold, realized, selected = thresholds[view.fingerprint]
-        view = dataclasses.replace(view, threshold=threshold)
-        mcfg = _model_config(spec, settings)
-        h = content_hash({"kind": "pretrain", "settings": settings, "model_config": mcfg, "view": view.fingerprint})
-        jobs.append(
-            PretrainJob(
-                source=source,
-                source_root=str(ds.root),
-                settings=settings,
-                model_config=mcfg,
-                view=view,
-                num_classes=ds.num_classes,
-                num_train_samples=selected,
-                realized_label_noise=realized,
-                config_hash=h,
-                run_name=_run_name(settings, source, view, varying),
-            )
-        )
+    jobs = _pretrain_jobs(spec, data)
     plan = StudyPlan(spec=spec, data=data, pretrain_jobs=jobs)
     t = spec.transfer
     _check_transfer(spec, jobs)
@@ -274,6 +234,52 @@ def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -
     return plan
 
 
+def _pretrain_jobs(spec: StudySpec, data: dict[str, ShardedDataset]) -> list[PretrainJob]:
+    """Every point of every pretraining grid, once: a point that an earlier grid already holds
+    (same content hash) is dropped, so overlapping grids cost nothing twice."""
+    # Names say what varies across the whole plan, so points of different grids keep distinct names.
+    varying = {a for a, values in spec.pretrain.sweep.items() if len(values) > 1}
+    jobs: dict[str, PretrainJob] = {}
+    thresholds: dict[str, tuple] = {}
+    columns: dict[str, tuple] = {}
+    for g, grid in enumerate(spec.pretrain.grids):
+        path, axes = spec.pretrain.grid_path(g), list(grid)
+        for combo in itertools.product(*(grid[a] for a in axes)):
+            point = dict(zip(axes, combo))
+            settings = asdict(PretrainSettings(**{k: point.get(k, v) for k, v in asdict(spec.pretrain.base).items()}))
+            source = point["source"]
+            ds = data[f"sources.{source}"]
+            ref = spec.sources[source]
+            keep = _kept_classes(ref, ds, point["class_fraction"], point["seed"])
+            view = PretrainView(ds.fingerprint, point["pretrain_size"], point["label_noise"], point["seed"], ds.num_classes,
+                                1.0, settings["noise_pattern"], keep, ref.caption_matches, ref.caption_excludes, settings["class_balanced"],
+                                point["caption_noise"])
+            need_captions = view.needs_captions or view.caption_noise > 0
+            if (source, need_captions) not in columns:  # one read of the key/label (and caption) columns per source
+                columns[source, need_captions] = _train_columns(ds, need_captions=need_captions)
+            if view.caption_noise > 0:
+                _check_caption_noise(path, settings, source, columns[source, need_captions][1])
+            if view.fingerprint not in thresholds:
+                thresholds[view.fingerprint] = _view_stats(path, ds, source, view, *columns[source, need_captions])
+            threshold, realized, selected = thresholds[view.fingerprint]
+            view = dataclasses.replace(view, threshold=threshold)
+            mcfg = _model_config(spec, settings, f"{path}.width" if "width" in grid else "pretrain.width")
+            h = content_hash({"kind": "pretrain", "settings": settings, "model_config": mcfg, "view": view.fingerprint})
+            jobs.setdefault(h, PretrainJob(
+                source=source,
+                source_root=str(ds.root),
+                settings=settings,
+                model_config=mcfg,
+                view=view,
+                num_classes=ds.num_classes,
+                num_train_samples=selected,
+                realized_label_noise=realized,
+                config_hash=h,
+                run_name=_run_name(settings, source, view, varying),
+            ))
+    return list(jobs.values())
+
+
 def _fit(job: PretrainJob, ds: ShardedDataset, task: str, protocol: str, shots, seed: int, layer: str, t, finetune: dict) -> TransferFit:
     config = {"kind": "transfer", "pretrain": job.config_hash, "task": ds.fingerprint, "protocol": protocol,
               "shots": shots, "seed": seed, "layer": layer, "val_fraction": t.val_fraction}
@@ -286,9 +292,9 @@ def _fit(job: PretrainJob, ds: ShardedDataset, task: str, protocol: str, shots, 
     return TransferFit(protocol, shots, seed, layer, content_hash(config), name)
 
 
-def _model_config(spec: StudySpec, settings: dict) -> dict:
-    """The model config of a grid point; size/shape problems are spec errors."""
-    field = "pretrain.sweep.width" if "width" in spec.pretrain.sweep else "pretrain.width"
+def _model_config(spec: StudySpec, settings: dict, field: str | None = None) -> dict:
+    """The model config of a grid point; size/shape problems are spec errors naming ``field`` (the width's)."""
+    field = field or ("pretrain.sweep.width" if "width" in spec.pretrain.sweep else "pretrain.width")
     try:
         cfg = model_config(settings["model"], width=settings["width"])
     except ValueError as e:
@@ -324,9 +330,9 @@ def _kept_classes(ref, ds: ShardedDataset, fraction: float, seed: int) -> tuple[
     return None if len(ids) == ds.num_classes else tuple(ids)
 
 
-def _check_caption_noise(settings: dict, source: str, captions: list) -> None:
+def _check_caption_noise(grid_path: str, settings: dict, source: str, captions: list) -> None:
     if settings["method"] != "clip":
-        raise SpecError("pretrain.sweep.caption_noise", f"caption noise swaps the captions of image-text training; "
+        raise SpecError(f"{grid_path}.caption_noise", f"caption noise swaps the captions of image-text training; "
                         f"it needs method 'clip', not '{settings['method']}'")
     if not any(isinstance(c, str) and c.strip() for c in captions):
         raise SpecError(f"sources.{source}.uri", f"source '{source}' has no captions for caption_noise to swap")
@@ -338,7 +344,7 @@ def _train_columns(ds: ShardedDataset, need_captions: bool) -> tuple:
     return split, captions
 
 
-def _view_stats(ds: ShardedDataset, source: str, view: PretrainView, split, captions) -> tuple[object, float, int]:
+def _view_stats(grid_path: str, ds: ShardedDataset, source: str, view: PretrainView, split, captions) -> tuple[object, float, int]:
     """(subset threshold(s), realized label-noise rate, number of samples) of one view."""
     from datasets_ import in_subset, noisy_labels
     from datasets_.views import balanced_thresholds
@@ -354,7 +360,7 @@ def _view_stats(ds: ShardedDataset, source: str, view: PretrainView, split, capt
         else:
             threshold = subset_threshold(split.keys[allowed], size, view.seed)
     except ValueError as e:
-        raise SpecError("pretrain.sweep.pretrain_size", f"source '{source}': {e} (after class and caption filters: {int(allowed.sum())} samples)") from None
+        raise SpecError(f"{grid_path}.pretrain_size", f"source '{source}': {e} (after class and caption filters: {int(allowed.sum())} samples)") from None
     keep = in_subset(split.keys, threshold, view.seed, split.labels) & allowed
     noisy = noisy_labels(split.keys[keep], split.labels[keep], ds.num_classes, view.label_noise, view.seed, view.noise_pattern)
     realized = float((noisy != split.labels[keep]).mean()) if keep.any() else 0.0

@@ -25,6 +25,7 @@ A minimal study::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -285,8 +286,20 @@ def _model_name(path: str, v: Any) -> str:
 
 @dataclass(frozen=True)
 class PretrainSpec:
+    """``pretrain.sweep`` is one grid (axis -> values) or a list of grids whose points are united.
+    ``sweep`` is every axis's values over all grids (a grid without the axis adds the base value)."""
+
     base: PretrainSettings
     sweep: dict[str, tuple]  # axis -> values; always has source, pretrain_size, label_noise, seed
+    grids: tuple[dict[str, tuple], ...] = ()  # each has the same always-present axes as sweep
+    listed: bool = False  # the YAML gave a list of grids: fields read pretrain.sweep[i]
+
+    def __post_init__(self):
+        if not self.grids:  # built by hand from one grid
+            object.__setattr__(self, "grids", (self.sweep,))
+
+    def grid_path(self, i: int) -> str:
+        return f"pretrain.sweep[{i}]" if self.listed else "pretrain.sweep"
 
 
 @dataclass(frozen=True)
@@ -407,17 +420,31 @@ def _pretrain(m: _Mapping, sources: dict[str, DataRef]) -> PretrainSpec:
     p = _Mapping("pretrain", m.get("pretrain", lambda _, v: v, {}), allowed)
     defaults = PretrainSettings()
     base = PretrainSettings(**{k: p.get(k, r, getattr(defaults, k)) for k, r in _SETTING_READERS.items()})
+    raw = p.get("sweep", lambda _, v: v, {})
+    listed = isinstance(raw, list)
+    if listed and not raw:
+        raise SpecError("pretrain.sweep", "must hold at least one grid (a mapping of axis -> values)")
+    if not listed and not isinstance(raw, dict):
+        raise SpecError("pretrain.sweep", f"must be a mapping of axis -> values or a list of them, got {_typename(raw)}")
+    grids = tuple(_grid(f"pretrain.sweep[{i}]" if listed else "pretrain.sweep", g, sources) for i, g in enumerate(raw if listed else [raw]))
+    axes = dict.fromkeys(a for g in grids for a in g)
+    sweep = {a: tuple(dict.fromkeys(v for g in grids for v in (g[a] if a in g else (getattr(base, a),)))) for a in axes}
+    return PretrainSpec(base=base, sweep=sweep, grids=grids, listed=listed)
+
+
+def _grid(path: str, data: Any, sources: dict[str, DataRef]) -> dict[str, tuple]:
+    """One grid of the pretraining sweep, with the view axes it leaves out at their defaults."""
     axes = ("source",) + tuple(_VIEW_AXES) + tuple(_SETTING_READERS)
-    s = _Mapping("pretrain.sweep", p.get("sweep", lambda _, v: v, {}), axes)
+    s = _Mapping(path, data, axes)
     source_reader = _choice(tuple(sources))
-    sweep: dict[str, tuple] = {"source": s.get("source", lambda q, v: _list(q, v, source_reader), tuple(sources))}
+    grid: dict[str, tuple] = {"source": s.get("source", lambda q, v: _list(q, v, source_reader), tuple(sources))}
     view_defaults = {"pretrain_size": (None,), "label_noise": (0.0,), "seed": (0,), "class_fraction": (1.0,), "caption_noise": (0.0,)}
     for axis, reader in {**_VIEW_AXES, **_SETTING_READERS}.items():
         if axis in s.data:
-            sweep[axis] = s.get(axis, lambda q, v, r=reader: _list(q, v, r))
+            grid[axis] = s.get(axis, lambda q, v, r=reader: _list(q, v, r))
         elif axis in view_defaults:
-            sweep[axis] = view_defaults[axis]
-    return PretrainSpec(base=base, sweep=sweep)
+            grid[axis] = view_defaults[axis]
+    return grid
 
 
 def _transfer(m: _Mapping, tasks: dict[str, DataRef]) -> TransferSpec:
@@ -462,11 +489,12 @@ def _check_amp(pretrain: PretrainSpec, resources: Resources) -> None:
     params said otherwise."""
     if resources.use_gpu:
         return
-    swept = "amp" in pretrain.sweep
-    for i, amp in enumerate(pretrain.sweep["amp"] if swept else (pretrain.base.amp,)):
-        if amp != "none":
-            raise SpecError(f"pretrain.sweep.amp[{i}]" if swept else "pretrain.amp",
-                            f"{amp} mixed precision runs on CUDA only: set resources.use_gpu: true, or amp: none")
+    for g, grid in enumerate(pretrain.grids):
+        swept = "amp" in grid
+        for i, amp in enumerate(grid["amp"] if swept else (pretrain.base.amp,)):
+            if amp != "none":
+                raise SpecError(f"{pretrain.grid_path(g)}.amp[{i}]" if swept else "pretrain.amp",
+                                f"{amp} mixed precision runs on CUDA only: set resources.use_gpu: true, or amp: none")
 
 
 def _datamodels(m: _Mapping, sources: dict[str, DataRef], tasks: dict[str, DataRef]) -> DatamodelSpec | None:
@@ -552,17 +580,27 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SpecError(item, "override must look like key.path=value")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
         try:
-            node[parts[-1]] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             raise SpecError(key, f"cannot parse override value {value!r}") from None
+        _set_path(data, key.split("."), parsed)
     return data
+
+
+def _set_path(node: dict, parts: list[str], value: Any) -> None:
+    """``node[a][b]... = value``, making missing mappings; through a list of mappings (a list of
+    grids, ``pretrain.sweep.seed=[0,1]``) it sets the rest of the path in every one."""
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, list) and child and all(isinstance(x, dict) for x in child):
+            for x in child:
+                _set_path(x, parts[i + 1:], copy.deepcopy(value))
+            return
+        if not isinstance(child, dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:

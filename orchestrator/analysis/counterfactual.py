@@ -86,9 +86,12 @@ def plan_followup(spec: StudySpec, source: str, ranking: pd.DataFrame, ks: list[
             plan["sources"][source_name(source, arm, k)] = {"arm": arm, "k": k, "removed_classes": removed}
     doc["sources"] = sources
     doc["tasks"] = {t: {"uri": r.uri} for t, r in spec.tasks.items()}
-    sweep = doc.setdefault("pretrain", {}).setdefault("sweep", {})
-    sweep.pop("class_fraction", None)
-    sweep["source"] = list(sources)
+    pretrain = doc.setdefault("pretrain", {})
+    sweep = pretrain.get("sweep") or {}
+    for grid in sweep if isinstance(sweep, list) else [sweep]:  # one grid or a list of grids: each gets every source
+        grid.pop("class_fraction", None)
+        grid["source"] = list(sources)
+    pretrain["sweep"] = sweep
     parse_spec(copy.deepcopy(doc))  # raises SpecError naming the field if the plan is not a valid study
     return doc, plan
 
