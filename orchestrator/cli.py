@@ -104,6 +104,10 @@ def _error(msg: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Progress lines must reach a log file or `ray job logs` as they happen, not when a block
+    # buffer fills: line-buffer stdout even when it is not a terminal.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     parser = _parser()
     # KEY=VALUE overrides may come after options too (`run s.yaml --address auto epochs=1`).
     args, extra = parser.parse_known_args(argv)
