@@ -11,6 +11,7 @@ shots × seed fit from them, so light work never pays a trainer's start-up.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -363,6 +364,9 @@ def _run_phase(phase: str, trainable, key: str, items: dict[str, str], ctx: Phas
     from ray import tune
 
     progress = Progress(phase, len(items), items, summarize, describe_report, on_counts)
+    # Tune's own SIGINT handler ends only the current phase and returns normally, so Ctrl-C would
+    # start the next phase and exit 0. Without it, Ctrl-C stops the study (exit 130, resumable).
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trainable, ctx=ctx), {"CPU": cpus}),
         param_space={key: tune.grid_search(list(items))},

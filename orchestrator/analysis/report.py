@@ -110,7 +110,7 @@ def _abnar(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
                       "is made on the upper convex hull (the best downstream accuracy reached for each upstream accuracy) and on "
                       "all points; CIs are bootstrap 95% intervals. The held-out check fits on the lowest 80% of upstream "
                       "accuracies and scores RMSE of e_DS on the Pareto front (best runs) of the top 20%.")
-    points = tables.us_ds_points(t)
+    points = tables.us_ds_points(tables.final_layer(t))
     rep.table(sec, "downstream_vs_upstream", points, "The scatter's points.", show=False)
     fitted, check = tables.saturation_tables(points, n_boot=n_boot, seed=seed)
     rep.table(sec, "saturation_fits", fitted, "Fitted k, α, e_IR with bootstrap 95% CIs, per task and shots.")
@@ -200,7 +200,7 @@ def build_report(tracker: Tracker, study: str, n_boot: int = 200, seed: int = 0)
     elif sr.transfer.empty:
         _jain(rep, tracker, sr, seed, dm)
     else:
-        _entezari(rep, sr.transfer, n_boot, seed)
+        _entezari(rep, tables.final_layer(sr.transfer), n_boot, seed)
         _abnar(rep, sr.transfer, n_boot, seed)
         _jain(rep, tracker, sr, seed, dm)
     rep.numbers["seconds"] = round(time.perf_counter() - t0, 2)

@@ -18,6 +18,13 @@ from orchestrator.tracking import METRIC_ACCURACY, METRIC_NUM_TRAIN_SAMPLES, MET
 
 SIZE, ACC = METRIC_NUM_TRAIN_SAMPLES, METRIC_ACCURACY
 SETTING = ["task", "protocol"]
+FINAL_LAYER = "final"  # trainers.models.FINAL_LAYER (the analysis does not import torch)
+
+
+def final_layer(t: pd.DataFrame) -> pd.DataFrame:
+    """Runs that read the backbone's final representation: a layer-wise study's earlier layers are
+    compared in :func:`best_layer_table`, not mixed into the curves and fits."""
+    return t[t["layer"].astype(str).isin(["", FINAL_LAYER])]
 
 
 def series_keys(t: pd.DataFrame) -> list[str]:
