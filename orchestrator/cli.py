@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     def study_args(sp):
         sp.add_argument("study_file", metavar="STUDY.yaml", help="study spec file")
         sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override spec fields, e.g. pretrain.epochs=1")
+        sp.add_argument("--quick", action="store_true", help="apply the study file's quick: section (a toy-size variant, named STUDY-quick)")
 
     v = sub.add_parser("validate", help="check a study spec and its data without running anything")
     study_args(v)
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator.jobs_cli import run as run_job_command
 
             return run_job_command(args)
-        spec = load_spec(args.study_file, args.overrides)
+        spec = load_spec(args.study_file, args.overrides, quick=args.quick)
         from orchestrator.plan import build_plan
 
         plan = build_plan(spec)

@@ -55,7 +55,7 @@ def _submit(args) -> int:
     from orchestrator.plan import build_plan
     from orchestrator.spec import load_spec
 
-    spec = load_spec(args.study_file, args.overrides)
+    spec = load_spec(args.study_file, args.overrides, quick=args.quick)
     url = jobs.job_api_url(args.address)
     loopback = jobs.is_loopback(url)
     # Where results go and what is uploaded first (cheap), then the data, as `validate` does.

@@ -603,8 +603,32 @@ def _set_path(node: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
-    """Read and validate a study file; relative dataset paths resolve against its folder."""
+QUICK_SUFFIX = "-quick"
+
+
+def apply_quick(data: dict, quick: bool) -> dict:
+    """Drop the document's ``quick:`` section; with ``quick``, apply it first: each ``key.path:
+    value`` replaces that field (as a KEY=VALUE override would), and the study is renamed
+    STUDY-quick so toy runs never mix with the real study's in MLflow."""
+    section = data.pop("quick", None)
+    if not quick:
+        return data
+    if section is None:
+        raise SpecError("--quick", "this study file has no 'quick:' section (key.path: value fields for a toy-size run)")
+    if not isinstance(section, dict) or not section:
+        raise SpecError("quick", f"must be a non-empty mapping of key.path -> value, got {_typename(section)}")
+    for key, value in section.items():
+        if not isinstance(key, str) or not key or key.startswith(".") or key.endswith(".") or key == "quick":
+            raise SpecError(f"quick.{key}", "must be a dotted field path such as pretrain.epochs")
+        _set_path(data, key.split("."), copy.deepcopy(value))
+    if "study" not in section and isinstance(data.get("study"), str):
+        data["study"] += QUICK_SUFFIX
+    return data
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None, quick: bool = False) -> StudySpec:
+    """Read and validate a study file; relative dataset paths resolve against its folder.
+    ``quick`` applies the file's ``quick:`` section (see :func:`apply_quick`) before ``overrides``."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -623,6 +647,8 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec
         raise SpecError(str(path), f"invalid YAML{where}: {problem}") from None
     if data is None:
         raise SpecError(str(path), "the study file is empty")
+    if isinstance(data, dict):
+        data = apply_quick(data, quick)
     if isinstance(data, dict) and overrides:
         data = apply_overrides(data, overrides)
     spec = parse_spec(data)
