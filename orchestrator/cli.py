@@ -86,8 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-log", action="store_true", help="do not log the report as artifacts on the study run")
 
     cfp = sub.add_parser("counterfactual", help="plan the follow-up study that removes the K most harmful / helpful / random source classes")
-    cfp.add_argument("study", help="study name (the MLflow experiment) with class-subset pretraining runs")
+    cfp.add_argument("study", help="study name (the MLflow experiment) with class-subset pretraining runs or a datamodel sweep")
     cfp.add_argument("--spec", required=True, metavar="STUDY.yaml", help="the study's spec file (the follow-up keeps its settings)")
+    cfp.add_argument("--quick", action="store_true", help="the study ran with --quick: read the spec's quick: section too")
     cfp.add_argument("--remove-top", required=True, type=int, nargs="+", metavar="K", help="numbers of classes to remove, e.g. 1 2 4")
     cfp.add_argument("--arms", nargs="+", default=["harmful", "helpful", "random"], help="which classes to remove (default: all three arms)")
     cfp.add_argument("--task", default=None, help="target task whose influence ranks the classes (default: the first with influence)")
@@ -95,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     cfp.add_argument("--name", default=None, help="follow-up study name (default: STUDY-counterfactual)")
     cfp.add_argument("--out", default=".", help="folder for the follow-up YAML and plan (default: here)")
     cfp.add_argument("--seed", type=int, default=0, help="seed of the random arm (default 0)")
+    cfp.add_argument("--seeds", type=int, default=None, metavar="N",
+                     help="pretraining seeds 0..N-1 of every follow-up source (default: the study's; 3 for a datamodels study)")
     cfp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's default store here)")
     return p
 
@@ -406,29 +409,23 @@ def _report(args, tracker) -> int:
 def _counterfactual(args, tracker) -> int:
     from orchestrator.analysis import AnalysisError
     from orchestrator.analysis import counterfactual as cf
-    from orchestrator.analysis.frame import influence_inputs, load_study
+    from orchestrator.analysis.frame import load_study
     from orchestrator.analysis.influence import ranking, task_influence
     from orchestrator.spec import load_spec
 
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, quick=args.quick)
     if spec.study != args.study:
         raise AnalysisError("--spec", f"is the spec of study '{spec.study}', not '{args.study}'")
     bad = [a for a in args.arms if a not in cf.ARMS]
     if bad:
         raise AnalysisError("--arms", f"unknown arm {bad[0]!r}; choose from: {', '.join(cf.ARMS)}")
-    sources = list(spec.pretrain.sweep["source"])
-    source = args.source or (sources[0] if len(sources) == 1 else None)
-    if source is None:
-        raise AnalysisError("--source", f"the study has several sources ({', '.join(sources)}); name one")
+    if args.seeds is not None and args.seeds < 1:
+        raise AnalysisError("--seeds", f"must be >= 1, got {args.seeds}")
     sr = load_study(tracker, args.study)
-    tasks = [args.task] if args.task else list(dict.fromkeys(sr.transfer["task"]))
-    inputs = next((x for task in tasks for protocol in sorted(set(sr.transfer["protocol"]))
-                   if (x := influence_inputs(sr, task, protocol, source=source)) is not None), None)
-    if inputs is None:
-        raise AnalysisError("study", f"'{args.study}' has no class-subset runs with per-example outputs"
-                            + (f" on task '{args.task}'" if args.task else "") + " to estimate influence from")
+    inputs = (_datamodel_influence if spec.datamodels is not None else _class_subset_influence)(args, spec, sr, tracker)
     rank = ranking(inputs.classes, task_influence(inputs.masks, inputs.outputs))
-    doc, plan = cf.plan_followup(spec, source, rank, args.remove_top, args.arms, inputs.task, seed=args.seed, name=args.name)
+    doc, plan = cf.plan_followup(spec, inputs.source, rank, args.remove_top, args.arms, inputs.task, seed=args.seed,
+                                 name=args.name, seeds=args.seeds)
     path = cf.write_followup(doc, plan, args.out)
     if sr.study_run_id:
         cf.log_plan(tracker, sr.study_run_id, plan)
@@ -438,6 +435,41 @@ def _counterfactual(args, tracker) -> int:
     print(f"follow-up study: {path} ({len(plan['sources'])} sources); run it with: transferlab run {path}")
     print(f"then: transferlab report {args.study}  plots target accuracy vs K for each arm")
     return EXIT_OK
+
+
+def _class_subset_influence(args, spec, sr, tracker):
+    """Influence inputs from the class-subset pretraining runs of ``--source`` on ``--task``."""
+    from orchestrator.analysis import AnalysisError
+    from orchestrator.analysis.frame import influence_inputs
+
+    sources = list(spec.pretrain.sweep["source"])
+    source = args.source or (sources[0] if len(sources) == 1 else None)
+    if source is None:
+        raise AnalysisError("--source", f"the study has several sources ({', '.join(sources)}); name one")
+    tasks = [args.task] if args.task else list(dict.fromkeys(sr.transfer["task"]))
+    inputs = next((x for task in tasks for protocol in sorted(set(sr.transfer["protocol"]))
+                   if (x := influence_inputs(sr, task, protocol, source=source)) is not None), None)
+    if inputs is None:
+        raise AnalysisError("study", f"'{args.study}' has no class-subset runs with per-example outputs"
+                            + (f" on task '{args.task}'" if args.task else "") + " to estimate influence from")
+    return inputs
+
+
+def _datamodel_influence(args, spec, sr, tracker):
+    """Influence inputs from the table of the spec's datamodel sweep (the latest such sweep of the study)."""
+    from orchestrator.analysis import AnalysisError
+    from orchestrator.analysis.datamodels import datamodel_inputs
+
+    d = spec.datamodels
+    for flag, given, own in (("--task", args.task, d.task), ("--source", args.source, d.source)):
+        if given is not None and given != own:
+            raise AnalysisError(flag, f"the datamodel sweep of study '{spec.study}' has {flag[2:]} '{own}', not '{given}'")
+    found = [x for x in datamodel_inputs(tracker, sr.experiment_id)
+             if (x.task, x.source, x.protocol, x.shots) == (d.task, d.source, d.protocol, str(d.shots))]
+    if not found:
+        raise AnalysisError("study", f"'{args.study}' has no datamodel sweep of '{d.source}' probed on '{d.task}' with "
+                                     "at least 2 finished models; run the study first")
+    return found[-1]
 
 
 if __name__ == "__main__":

@@ -231,9 +231,13 @@ def test_counterfactual_plans_a_valid_followup_and_report_plots_the_arms(classes
         "pretrain": {"sweep": {"source": ["mnist"], "class_fraction": [0.5], "seed": [0, 1, 2]}},
         "transfer": {"shots": [10, "full"]}}))
     out = tmp_path / "cf"
+    assert main(["counterfactual", "classes", "--spec", str(spec_file), "--remove-top", "1", "--seeds", "2", "--name", "two-seeds",
+                 "--tracking-uri", store[0], "--out", str(out)]) == 0
+    assert load_spec(out / "two-seeds.yaml").pretrain.sweep["seed"] == (0, 1)
     assert main(["counterfactual", "classes", "--spec", str(spec_file), "--remove-top", "1", "2",
                  "--tracking-uri", store[0], "--out", str(out)]) == 0
     spec = load_spec(out / "classes-counterfactual.yaml")
+    assert spec.pretrain.sweep["seed"] == (0, 1, 2)  # the study's own seeds
     assert spec.sources["mnist-harmful-k1"].drop_classes == (HARMFUL,)
     assert spec.sources["mnist-helpful-k1"].drop_classes == (HELPFUL,)
     assert set(spec.sources["mnist-harmful-k2"].drop_classes) > {HARMFUL}
@@ -263,3 +267,5 @@ def test_counterfactual_rejects_bad_k(classes_study, store, tmp_path, capsys):
     spec_file.write_text(yaml.safe_dump({"study": "classes", "sources": {"mnist": "builtin:mnist"}, "tasks": {"digits": "builtin:digits"}}))
     assert main(["counterfactual", "classes", "--spec", str(spec_file), "--remove-top", "10", "--tracking-uri", store[0], "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "error: --remove-top: K must be in 1..9 (classes with an influence estimate), got 10"
+    assert main(["counterfactual", "classes", "--spec", str(spec_file), "--remove-top", "1", "--seeds", "0", "--tracking-uri", store[0]]) == 2
+    assert capsys.readouterr().err.strip() == "error: --seeds: must be >= 1, got 0"

@@ -1,8 +1,10 @@
 """Datamodel sweeps: stacked training equals training alone, the spec's errors, and one sweep end
 to end on a real local Ray + sqlite MLflow with a planted signal (source and task are both
-builtin:digits, so each source class duplicates one target class)."""
+builtin:digits, so each source class duplicates one target class), then its counterfactual
+follow-up planned, run and reported."""
 
 import copy
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,13 +14,15 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from orchestrator.analysis.counterfactual import read_plan
 from orchestrator.cli import main
-from orchestrator.spec import SpecError, parse_spec
-from orchestrator.tracking import KIND_DATAMODEL_BATCH, KIND_DATAMODELS, KIND_STUDY, TAG_DATAMODEL_TABLE, TAG_KIND, TAG_PARENT
+from orchestrator.spec import SpecError, load_spec, parse_spec
+from orchestrator.tracking import KIND_DATAMODEL_BATCH, KIND_DATAMODELS, KIND_STUDY, TAG_DATAMODEL_TABLE, TAG_KIND, TAG_PARENT, Tracker
 from datasets_.pipeline import normalize
 from trainers.datamodels import TrainSettings, index_stream, stacked_features, train_stacked
 from trainers.models import build_model, model_config
 from trainers.pretrain import lr_at
+from tests.synthetic_runs import SyntheticStudy
 
 STUDY = {
     "study": "dm",
@@ -100,7 +104,7 @@ def _runs(client, kind):
 
 
 @pytest.mark.timeout(900)
-def test_datamodel_sweep_records_a_table_resumes_and_reports_planted_influence(ray_cluster, tmp_path, capsys):
+def test_datamodel_sweep_records_a_table_resumes_reports_planted_influence_and_plans_a_counterfactual(ray_cluster, tmp_path, capsys):
     spec = tmp_path / "dm.yaml"
     spec.write_text(yaml.safe_dump(STUDY))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -148,3 +152,51 @@ def test_datamodel_sweep_records_a_table_resumes_and_reports_planted_influence(r
     ex["target"] = ex["example"].map(labels)
     per_target = ex.groupby(["target", "class"])["influence"].mean().unstack()
     assert (per_target.idxmax(axis=1) == per_target.index).sum() >= 9, per_target.round(3)
+
+    _counterfactual(spec, uri, tmp_path, capsys, study.info.run_id, ranking)
+
+
+def _counterfactual(spec, uri, tmp_path, capsys, study_run_id, ranking):
+    """The sweep's ranking plans an ordinary follow-up study (pretraining runs of the arms' sources,
+    probed as the sweep probed), and the report of the sweep's study plots the follow-up's arms."""
+    cf = ["counterfactual", "dm", "--spec", str(spec), "--tracking-uri", uri, "--remove-top"]
+    capsys.readouterr()
+    assert main(cf + ["1", "--task", "cifar"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --task: the datamodel sweep of study 'dm' has task 'digits', not 'cifar'"
+    assert main(cf + ["1", "--arms", "harmful", "--seeds", "1", "--out", str(tmp_path / "cf1")]) == 0
+    small = tmp_path / "cf1" / "dm-counterfactual.yaml"
+    sweep = load_spec(small).pretrain.sweep
+    assert (sweep["source"], sweep["seed"]) == (("digits_src", "digits_src-harmful-k1"), (0,))
+    capsys.readouterr()
+    assert main(["validate", str(small)]) == 0  # its data too; running it costs ~15 s per pretraining run
+    assert "2 pretraining runs, 2 transfer fits on 1 task(s)" in capsys.readouterr().out
+
+    assert main(cf + ["1", "2", "--out", str(tmp_path / "cf")]) == 0
+    printed = capsys.readouterr().out
+    follow = load_spec(tmp_path / "cf" / "dm-counterfactual.yaml")
+    arms = [f"digits_src-{arm}-k{k}" for arm in ("harmful", "helpful", "random") for k in (1, 2)]
+    assert follow.datamodels is None and follow.pretrain.sweep["source"] == ("digits_src", *arms)
+    assert follow.pretrain.sweep["seed"] == (0, 1, 2) and follow.pretrain.base == load_spec(spec).pretrain.base
+    t = follow.transfer
+    assert (t.protocol, t.shots, t.seeds, follow.transfer_tasks) == (("linear_probe",), ("full",), (0,), ("digits",))
+    plan = json.loads((tmp_path / "cf" / "dm-counterfactual.plan.json").read_text())
+    worst, best = str(ranking["class"].iloc[-1]), str(ranking["class"].iloc[0])  # the report's ranking
+    assert plan["sources"]["digits_src-harmful-k1"]["removed_classes"] == [worst]
+    assert follow.sources["digits_src-helpful-k1"].drop_classes == (best,)
+    assert f"harmful K=1: drop {worst}  (source digits_src-harmful-k1)" in printed
+    assert read_plan(Tracker(uri), study_run_id) == plan
+
+    # The follow-up's runs, written as `transferlab run` writes them, with planted accuracies.
+    runs = SyntheticStudy(uri, "dm-counterfactual", tmp_path / "artifacts")
+    effect = {"baseline": 0.0, "harmful": 0.05, "helpful": -0.05, "random": 0.0}
+    for source, info in plan["sources"].items():
+        for seed in range(3):
+            pre = runs.pretrain(source, "full", upstream=0.9, seed=seed, model="tiny-cnn")
+            runs.transfer(pre, "digits", "full", 0, 0.6 + effect[info["arm"]] * info["k"] + 0.001 * seed)
+    assert main(["report", "dm", "--tracking-uri", uri, "--out", str(tmp_path / "rep2"), "--bootstrap", "0", "--json"]) == 0
+    numbers = json.loads(capsys.readouterr().out)["counterfactual"]
+    got = {(r["arm"], r["k"]): r["mean"] for r in numbers["arms"]}
+    assert numbers["followup_study"] == "dm-counterfactual" and len(got) == 9
+    assert got[("harmful", 2)] == pytest.approx(0.701) and got[("helpful", 1)] == pytest.approx(0.551)
+    assert got[("random", 0)] == got[("harmful", 0)] == pytest.approx(0.601)
+    assert (tmp_path / "rep2" / "figures" / "counterfactual.png").exists()

@@ -3,9 +3,13 @@ classes, retrain, re-evaluate — planned as an ordinary follow-up study.
 
 The follow-up study has one source per (arm, K): the original source with the removed classes
 added to its ``drop_classes``, plus the unmodified source (arm ``baseline``, K = 0). Every other
-setting is the original study's, without the ``class_fraction`` sweep. The plan (which source is
-which arm and K, and the removed classes) is written next to the YAML and logged on the original
-study run as ``counterfactual/plan.json``; ``transferlab report`` reads it to plot accuracy vs K.
+setting is the original study's, without the ``class_fraction`` sweep. Of a datamodels study the
+follow-up keeps the ``pretrain`` settings (its models train as the datamodels did, now as
+ordinary pretraining runs), drops ``datamodels:`` and probes the task as the sweep did: a
+``transfer`` section of the sweep's protocol, shots, transfer seed and task. The plan (which
+source is which arm and K, and the removed classes) is written next to the YAML and logged on the
+original study run as ``counterfactual/plan.json``; ``transferlab report`` reads it to plot
+accuracy vs K.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ import yaml
 
 from orchestrator.analysis import AnalysisError
 from orchestrator.analysis.fits import aggregate
-from orchestrator.spec import StudySpec, load_spec, parse_spec
+from orchestrator.spec import DataRef, StudySpec, load_spec, parse_spec
 from orchestrator.tracking import COUNTERFACTUAL_PLAN_ARTIFACT, METRIC_ACCURACY, Tracker
 
 ARMS = ("harmful", "helpful", "random")
 BASELINE = "baseline"
+DATAMODEL_SEEDS = 3  # pretraining seeds of each follow-up source of a datamodels study, unless --seeds says
 
 
 def removed_classes(ranking: pd.DataFrame, arm: str, k: int, seed: int = 0) -> list[str]:
@@ -51,8 +56,12 @@ def source_name(source: str, arm: str, k: int) -> str:
 
 
 def plan_followup(spec: StudySpec, source: str, ranking: pd.DataFrame, ks: list[int], arms: list[str],
-                  task: str, seed: int = 0, name: str | None = None) -> tuple[dict, dict]:
-    """The follow-up study document (a valid spec) and its plan; AnalysisError on bad K or source."""
+                  task: str, seed: int = 0, name: str | None = None, seeds: int | None = None) -> tuple[dict, dict]:
+    """The follow-up study document (a valid spec) and its plan; AnalysisError on bad K or source.
+
+    ``seeds``: pretraining seeds 0..seeds-1 of every source (default: the study's own seeds; 3
+    for a datamodels study, which has none: :data:`DATAMODEL_SEEDS`).
+    """
     if source not in spec.sources:
         raise AnalysisError("--source", f"unknown source {source!r}; the study has: {', '.join(spec.sources)}")
     usable = int(ranking["influence"].notna().sum())
@@ -63,37 +72,58 @@ def plan_followup(spec: StudySpec, source: str, ranking: pd.DataFrame, ks: list[
     name = name or f"{spec.study}-counterfactual"
     doc = copy.deepcopy(spec.raw)
     doc["study"] = name
-
-    def entry(drop: list[str]) -> dict:
-        e = {"uri": ref.uri}
-        if ref.keep_classes is not None:
-            e["keep_classes"] = list(ref.keep_classes)
-        if ref.caption_matches:
-            e["caption_matches"] = ref.caption_matches
-        if ref.caption_excludes:
-            e["caption_excludes"] = ref.caption_excludes
-        if drop:
-            e["drop_classes"] = list(drop)
-        return e
-
-    sources = {source: entry(list(ref.drop_classes))}
+    sources = {source: _entry(ref, list(ref.drop_classes))}
     plan = {"study": spec.study, "followup_study": name, "task": task, "seed": seed,
             "sources": {source: {"arm": BASELINE, "k": 0, "removed_classes": []}}}
     for arm in arms:
         for k in sorted(ks):
             removed = removed_classes(ranking, arm, k, seed)
-            sources[source_name(source, arm, k)] = entry(list(ref.drop_classes) + removed)
+            sources[source_name(source, arm, k)] = _entry(ref, list(ref.drop_classes) + removed)
             plan["sources"][source_name(source, arm, k)] = {"arm": arm, "k": k, "removed_classes": removed}
     doc["sources"] = sources
-    doc["tasks"] = {t: {"uri": r.uri} for t, r in spec.tasks.items()}
-    pretrain = doc.setdefault("pretrain", {})
-    sweep = pretrain.get("sweep") or {}
-    for grid in sweep if isinstance(sweep, list) else [sweep]:  # one grid or a list of grids: each gets every source
-        grid.pop("class_fraction", None)
-        grid["source"] = list(sources)
-    pretrain["sweep"] = sweep
+    doc["tasks"] = {t: _entry(r) for t, r in spec.tasks.items()}
+    if spec.datamodels is not None:
+        _from_datamodels(doc, spec, list(sources), DATAMODEL_SEEDS if seeds is None else seeds)
+    else:
+        pretrain = doc.setdefault("pretrain", {})
+        sweep = pretrain.get("sweep") or {}
+        for grid in sweep if isinstance(sweep, list) else [sweep]:  # one grid or a list of grids: each gets every source
+            grid.pop("class_fraction", None)
+            grid["source"] = list(sources)
+            if seeds is not None:
+                grid["seed"] = list(range(seeds))
+        pretrain["sweep"] = sweep
     parse_spec(copy.deepcopy(doc))  # raises SpecError naming the field if the plan is not a valid study
     return doc, plan
+
+
+def _entry(ref: DataRef, drop: list[str] | None = None) -> dict:
+    """A source or task entry of the follow-up: the (resolved) uri and its curation and columns."""
+    e = {"uri": ref.uri, **ref.columns}
+    if ref.keep_classes is not None:
+        e["keep_classes"] = list(ref.keep_classes)
+    if ref.caption_matches:
+        e["caption_matches"] = ref.caption_matches
+    if ref.caption_excludes:
+        e["caption_excludes"] = ref.caption_excludes
+    if drop:
+        e["drop_classes"] = list(drop)
+    return e
+
+
+def _from_datamodels(doc: dict, spec: StudySpec, sources: list[str], seeds: int) -> None:
+    """Turn a datamodels study's document into an ordinary one: pretraining runs on the arms'
+    sources with the sweep's settings, probed as the sweep probed its models."""
+    d = spec.datamodels
+    doc.pop("datamodels")
+    doc["pretrain"] = {**(doc.get("pretrain") or {}), "sweep": {"source": sources, "seed": list(range(seeds))}}
+    doc["transfer"] = {"protocol": [d.protocol], "shots": [d.shots], "seeds": [d.transfer_seed], "tasks": [d.task],
+                       "val_fraction": spec.transfer.val_fraction}
+    # A trial budget counted the sweep's batched trials; the follow-up's runs are another count.
+    budget = {k: v for k, v in (doc.get("budget") or {}).items() if k != "max_trials"}
+    doc.pop("budget", None)
+    if budget:
+        doc["budget"] = budget
 
 
 def write_followup(doc: dict, plan: dict, out_dir: str | Path) -> Path:

@@ -3,7 +3,8 @@
 A datamodels study has no pretrain/transfer runs: its ``datamodels`` run names the table (tag
 ``transferlab.datamodel_table``), one row per trained model with its class mask and its outputs
 on every target example. This turns that table into the same :class:`InfluenceInputs` the
-class-subset runs give, so the report's influence section reads both alike.
+class-subset runs give, so the report's influence section and ``transferlab counterfactual``
+read both alike.
 """
 
 from __future__ import annotations
