@@ -288,7 +288,37 @@ def _run(args, spec, plan) -> int:
     if outcome.failed:
         print(f"{len(outcome.failed)} trial(s) failed: {'; '.join(outcome.failed)}. Run the same command again to retry them.", file=sys.stderr)
         return EXIT_FAILED_RUNS
+    if spec.datamodels is not None and spec.datamodels.counterfactual is not None:
+        return _run_followup(args, spec)
     return EXIT_OK
+
+
+def _run_followup(args, spec) -> int:
+    """``datamodels.counterfactual``: plan the follow-up study from the finished sweep (as
+    ``transferlab counterfactual`` does) and run it with the same tracking, storage and Ray.
+    The ranking is a function of the sweep's table, so a rerun plans the same follow-up and
+    MLflow skips what it already holds."""
+    import types
+
+    from orchestrator.analysis import AnalysisError
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import load_spec
+    from orchestrator.study import DEFAULT_STORAGE
+    from orchestrator.tracking import Tracker, resolve_tracking_uri
+
+    c = spec.datamodels.counterfactual
+    storage = args.storage_path or spec.storage_path or DEFAULT_STORAGE
+    cf_args = types.SimpleNamespace(study=spec.study, task=None, source=None, remove_top=list(c.remove_top), arms=list(c.arms),
+                                    seed=0, seeds=c.seeds, name=None, out=os.path.join(storage, "counterfactual"))
+    print(f"\n[counterfactual] planning the follow-up of '{spec.study}': remove the top {', '.join(map(str, c.remove_top))} "
+          f"{'/'.join(c.arms)} classes, {c.seeds} seed(s) each")
+    try:
+        path, plan = _plan_counterfactual(cf_args, spec, Tracker(resolve_tracking_uri(args.tracking_uri or spec.tracking_uri)))
+    except AnalysisError as e:
+        return _error(str(e))
+    followup = load_spec(path)
+    print(f"[counterfactual] follow-up study '{followup.study}' ({path}); then `transferlab report {spec.study}` plots accuracy vs K")
+    return _run(args, followup, build_plan(followup))
 
 
 def _data(args) -> int:
@@ -416,6 +446,20 @@ def _counterfactual(args, tracker) -> int:
     spec = load_spec(args.spec, quick=args.quick)
     if spec.study != args.study:
         raise AnalysisError("--spec", f"is the spec of study '{spec.study}', not '{args.study}'")
+    path, _ = _plan_counterfactual(args, spec, tracker)
+    print(f"follow-up study: {path}; run it with: transferlab run {path}")
+    print(f"then: transferlab report {args.study}  plots target accuracy vs K for each arm")
+    return EXIT_OK
+
+
+def _plan_counterfactual(args, spec, tracker):
+    """Rank the classes of ``spec``'s finished study, write the follow-up study under ``args.out``
+    and log its plan on the study run; returns (follow-up YAML path, plan)."""
+    from orchestrator.analysis import AnalysisError
+    from orchestrator.analysis import counterfactual as cf
+    from orchestrator.analysis.frame import load_study
+    from orchestrator.analysis.influence import ranking, task_influence
+
     bad = [a for a in args.arms if a not in cf.ARMS]
     if bad:
         raise AnalysisError("--arms", f"unknown arm {bad[0]!r}; choose from: {', '.join(cf.ARMS)}")
@@ -432,9 +476,7 @@ def _counterfactual(args, tracker) -> int:
     for src, info in plan["sources"].items():
         if info["arm"] != cf.BASELINE:
             print(f"{info['arm']:>8} K={info['k']}: drop {', '.join(info['removed_classes'])}  (source {src})")
-    print(f"follow-up study: {path} ({len(plan['sources'])} sources); run it with: transferlab run {path}")
-    print(f"then: transferlab report {args.study}  plots target accuracy vs K for each arm")
-    return EXIT_OK
+    return path, plan
 
 
 def _class_subset_influence(args, spec, sr, tracker):

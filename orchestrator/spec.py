@@ -347,6 +347,34 @@ class DatamodelSpec:
     protocol: str = "linear_probe"  # frozen-feature probe: linear_probe | logistic
     shots: int | str = FULL  # examples per class of the probe, or 'full'
     transfer_seed: int = 0  # few-shot draw of the probe
+    counterfactual: "CounterfactualSpec | None" = None  # run the follow-up study right after the sweep
+
+
+@dataclass(frozen=True)
+class CounterfactualSpec:
+    """``datamodels.counterfactual``: after the sweep, plan and run the follow-up study that
+    removes the K most harmful / helpful / random classes (``transferlab counterfactual``)."""
+
+    remove_top: tuple[int, ...]
+    arms: tuple[str, ...] = ("harmful", "helpful", "random")
+    seeds: int = 3  # pretraining seeds of each follow-up source
+
+
+COUNTERFACTUAL_ARMS = ("harmful", "helpful", "random")
+
+
+def _counterfactual(data: Any, num_classes_hint: int | None = None) -> CounterfactualSpec | None:
+    if data is None:
+        return None
+    c = _Mapping("datamodels.counterfactual", data, tuple(f.name for f in fields(CounterfactualSpec)))
+    ks = c.get("remove_top", lambda q, v: _list(q, v, lambda r, x: _int(r, x, minimum=1)))
+    if not ks:
+        raise SpecError("datamodels.counterfactual.remove_top", "must list at least one K (classes to remove)")
+    return CounterfactualSpec(
+        remove_top=tuple(sorted(set(ks))),
+        arms=c.get("arms", lambda q, v: _list(q, v, _choice(COUNTERFACTUAL_ARMS)), COUNTERFACTUAL_ARMS),
+        seeds=c.get("seeds", lambda q, v: _int(q, v, minimum=1, maximum=1000), 3),
+    )
 
 
 DATAMODEL_PROTOCOLS = ("linear_probe", "logistic")
@@ -519,6 +547,7 @@ def _datamodels(m: _Mapping, sources: dict[str, DataRef], tasks: dict[str, DataR
         protocol=d.get("protocol", _choice(DATAMODEL_PROTOCOLS), "linear_probe"),
         shots=d.get("shots", _shots, FULL),
         transfer_seed=d.get("transfer_seed", lambda q, v: _int(q, v, minimum=0), 0),
+        counterfactual=_counterfactual(d.get("counterfactual", lambda _, v: v, None)),
     )
 
 
