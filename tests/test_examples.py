@@ -1,0 +1,73 @@
+"""The paper studies in examples/: the full specs plan what their headers say, and their --quick
+variants run end to end on the session Ray (plumbing, not findings), including Jain et al.'s
+counterfactual follow-up, and feed examples/results.py, which writes the results page."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.cli import main
+from orchestrator.plan import build_plan
+from orchestrator.spec import SpecError, load_spec
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+STUDIES = ("role_of_data", "limits", "data_based")
+
+
+def _results_module():
+    spec = importlib.util.spec_from_file_location("example_results", EXAMPLES / "results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.timeout(300)
+def test_full_studies_plan_the_papers_grids():
+    role = build_plan(load_spec(EXAMPLES / "role_of_data.yaml"))
+    jobs = [(j.source, j.settings["method"], j.view.label_noise, j.num_train_samples) for j in role.pretrain_jobs]
+    assert len(jobs) == 30  # 2 sources x (3 sizes x 3 noise levels supervised + 3 sizes x {clip, simclr})
+    assert {m for _, m, _, _ in jobs} == {"supervised", "clip", "simclr"}
+    assert {p for _, m, p, _ in jobs if m != "supervised"} == {0.0}  # label noise is swept for supervised only
+    assert {n for s, _, _, n in jobs if s == "glyphs"} == {500, 2000, 7344} and {n for s, _, _, n in jobs if s == "mnist"} == {500, 2000, 4000}
+    assert role.num_transfer_fits == 30 * 2 * (4 * 3 + 1)
+    limits = build_plan(load_spec(EXAMPLES / "limits.yaml"))
+    assert len(limits.pretrain_jobs) == 32 and len({j.config_hash for j in limits.pretrain_jobs}) == 32
+    dm = load_spec(EXAMPLES / "data_based.yaml")
+    assert dm.datamodels.num_models >= 300 and dm.datamodels.counterfactual.remove_top == (3, 6, 12)
+    for name in STUDIES:
+        assert load_spec(EXAMPLES / f"{name}.yaml", quick=True).study == f"{name}-quick"
+    with pytest.raises(SpecError, match="--quick"):
+        load_spec(EXAMPLES / "quickstart.yaml", quick=True)
+
+
+@pytest.mark.timeout(1200)
+def test_quick_studies_run_end_to_end_and_write_the_results_page(ray_cluster, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--tracking-uri", uri, "--storage-path", str(tmp_path / "storage")]
+    for name in STUDIES:
+        assert main(["run", str(EXAMPLES / f"{name}.yaml"), "--quick", *common]) == 0, name
+    client = MlflowClient(uri)
+    finished = {}
+    for exp in client.search_experiments():
+        runs = client.search_runs([exp.experiment_id], max_results=1000)
+        assert all(r.info.status == "FINISHED" for r in runs), exp.name
+        finished[exp.name] = {k: sum(r.data.tags.get("transferlab.kind") == k for r in runs) for k in ("pretrain", "transfer")}
+    assert finished["role_of_data-quick"] == {"pretrain": 7, "transfer": 7 * 2 * 3}  # 7 models x 2 tasks x (1-shot x 2 + full)
+    assert finished["limits-quick"]["pretrain"] == 3
+    assert finished["data_based-quick-counterfactual"]["pretrain"] == 2  # baseline + harmful K=1, one seed
+    assert "planning the follow-up of 'data_based-quick'" in capsys.readouterr().out
+
+    out = tmp_path / "docs" / "results.md"
+    assert _results_module().main([f"{n}-quick={uri}" for n in STUDIES] + ["--out", str(out)]) == 0
+    page = out.read_text()
+    for title in ("Entezari", "Abnar", "Jain"):
+        assert f"## {title}" in page
+    for claim in ("spread between sources", "saturates", "planted duplicate class", "Removing the most harmful"):
+        assert claim in page
+    assert page.count("verdict: **") >= 6
+    assert "transferlab run examples/data_based.yaml --quick" in page
+    figures = [line.split("(")[1].rstrip(")") for line in page.splitlines() if line.startswith("![")]
+    assert figures and all((out.parent / f).is_file() for f in figures)
