@@ -112,6 +112,11 @@ def data_based(tracker: Tracker, study: str) -> str:
         parts.append("No counterfactual follow-up recorded yet (`transferlab counterfactual` logs its plan on the study run).\n")
     else:
         follow = load_study(tracker, plan["followup_study"]).transfer
+        arms = {v["arm"] for v in plan["sources"].values()} - {"baseline"}
+        ks = sorted({v["k"] for v in plan["sources"].values()} - {0})
+        parts.append(f"Follow-up study `{plan['followup_study']}` ({'/'.join(sorted(arms))} arms, K = {', '.join(map(str, ks))}; "
+                     f"run by the same command): {wall_time(tracker, plan['followup_study'])}. Removed classes per arm and K: "
+                     + "; ".join(f"{v['arm']} K={v['k']}: {', '.join(v['removed_classes'])}" for v in plan["sources"].values() if v["k"]) + ".\n")
         parts.append(claim_table("2. Removing the most harmful classes helps, removing the most helpful hurts", claims.counterfactual_claims(None, follow, plan)))
     return "\n".join(parts)
 
