@@ -33,6 +33,7 @@ from orchestrator.tracking import (
     DATAMODEL_PART_ARTIFACT_DIR,
     FAILED,
     FINISHED,
+    KILLED,
     KIND_DATAMODEL_BATCH,
     KIND_DATAMODELS,
     TAG_DATAMODEL_TABLE,
@@ -225,6 +226,10 @@ class DatamodelContext:
     trials: dict[str, tuple[int, ...]] = field(default_factory=dict)
     mlflow_env: dict[str, str] = field(default_factory=dict, repr=False)
     fail_fast: bool = False  # stop the sweep at its first failed trial (sweep._run_phase reads it)
+    deadline: float | None = None  # time.time() after which no trial starts (budget.max_hours)
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
 
 
 def train_and_probe(plan: DatamodelPlan, models: tuple[int, ...]) -> pa.Table:
@@ -266,6 +271,10 @@ TABLE_SCHEMA = pa.schema([
 def _datamodel_trial(config: dict, ctx: DatamodelContext) -> dict:
     import torch
 
+    from orchestrator.sweep import NOT_LAUNCHED
+
+    if ctx.past_deadline():  # budget.max_hours: the table keeps what finished; a rerun goes on
+        return {NOT_LAUNCHED: 1}
     apply_mlflow_client_env(ctx.mlflow_env)
     torch.set_num_threads(max(1, int(ctx.cpus_per_trial)))
     models = ctx.trials[config["trial"]]
@@ -303,6 +312,7 @@ class DatamodelOutcome:
     done: int
     failed: list[str]
     table: str
+    not_launched: int = 0  # trials skipped past budget.max_hours
 
     def summary(self) -> str:
         return (f"datamodels: {self.done}/{self.total} models in the table {self.table} "
@@ -320,7 +330,7 @@ def _sweep_run(tracker: Tracker, exp: str, spec: StudySpec, plan: DatamodelPlan,
 
 
 def run_datamodels(spec: StudySpec, plan: DatamodelPlan, tracker: Tracker, exp: str, study_run: str, storage: str, cpus: float,
-                   worker_uri: str, mlflow_env: dict, fail_fast: bool = False) -> DatamodelOutcome:
+                   worker_uri: str, mlflow_env: dict, fail_fast: bool = False, deadline: float | None = None) -> DatamodelOutcome:
     """Train every model of the sweep the table lacks; record the sweep and its trials in MLflow."""
     from orchestrator.sweep import _run_phase
 
@@ -334,8 +344,9 @@ def run_datamodels(spec: StudySpec, plan: DatamodelPlan, tracker: Tracker, exp: 
           f"table: {retry.redact(table)}", flush=True)
     r = spec.resources
     ctx = DatamodelContext(spec.study, worker_uri, exp, storage, run_id, table, plan, r.cpus_per_worker,
-                           trial_batches(todo, plan.models_per_trial), mlflow_env, fail_fast)
+                           trial_batches(todo, plan.models_per_trial), mlflow_env, fail_fast, deadline)
     failed: list[str] = []
+    not_launched = 0
     status = FAILED
     try:
         if ctx.trials:
@@ -345,11 +356,13 @@ def run_datamodels(spec: StudySpec, plan: DatamodelPlan, tracker: Tracker, exp: 
                                   lambda x: f"{x.get('models', 0)} models in {x.get('seconds', 0):.1f}s, "
                                             f"mean accuracy {x.get('mean_accuracy', float('nan')):.3f}")
             failed = progress.errors
+            not_launched = progress.not_launched
         now = finished_models(table)
-        status = FINISHED if len(now & set(range(plan.num_models))) == plan.num_models else FAILED
+        status = (FINISHED if len(now & set(range(plan.num_models))) == plan.num_models
+                  else KILLED if not_launched and not failed else FAILED)
     finally:
         n_done = len(finished_models(table) & set(range(plan.num_models)))
         step = len(tracker.client.get_metric_history(run_id, "models_done"))
         tracker.log(run_id, metrics={"models_done": n_done, "models_total": plan.num_models, "failed_trials": len(failed)}, step=step)
         tracker.finish(run_id, status)
-    return DatamodelOutcome(plan.num_models, done_before, n_done - done_before, n_done, failed, table)
+    return DatamodelOutcome(plan.num_models, done_before, n_done - done_before, n_done, failed, table, not_launched)

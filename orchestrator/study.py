@@ -164,7 +164,7 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float, 
     spool.flush(storage, tracker.client)  # metrics an earlier run could not deliver
     study_run = _study_run(tracker, exp, plan)
     if plan.datamodels is not None:
-        return _run_datamodels(spec, plan, tracker, exp, study_run, storage, cpus, uri, fail_fast)
+        return _run_datamodels(spec, plan, tracker, exp, study_run, storage, cpus, uri, fail_fast, deadline)
 
     pre_runs = tracker.runs_by_hash(exp, KIND_PRETRAIN)
     todo = [j for j in plan.pretrain_jobs if not _is_finished(pre_runs.get(j.config_hash))]
@@ -301,21 +301,25 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float, 
 
 
 def _run_datamodels(spec: StudySpec, plan: StudyPlan, tracker: Tracker, exp: str, study_run: str, storage: str, cpus: float,
-                    uri: str, fail_fast: bool = False) -> StudyOutcome:
+                    uri: str, fail_fast: bool = False, deadline: float | None = None) -> StudyOutcome:
     from orchestrator.datamodels import run_datamodels
 
     worker_uri, uri_credentials = retry.split_credentials(uri)
     status = FAILED
+    stopped = None
     try:
         dm = run_datamodels(spec, plan.datamodels, tracker, exp, study_run, storage, cpus, worker_uri,
-                            {**mlflow_client_env(), **uri_credentials}, fail_fast)
+                            {**mlflow_client_env(), **uri_credentials}, fail_fast, deadline)
         status = FINISHED if not dm.failed and dm.done == dm.total else FAILED
+        if dm.not_launched and not dm.failed:
+            stopped = f"budget.max_hours ({spec.budget.max_hours:g} h) reached; {dm.not_launched} datamodel trial(s) not launched"
+            status = KILLED
     finally:
         step = len(tracker.client.get_metric_history(study_run, "failed_runs"))
         tracker.log(study_run, metrics={"failed_runs": 0 if status == FINISHED else 1}, step=step)
         tracker.finish(study_run, status)
     failed = [f"datamodels trial {x}" for x in dm.failed]
-    return StudyOutcome(study_run, 0, 0, 0, 0, failed, "", 0.0, summary=dm.summary())
+    return StudyOutcome(study_run, 0, 0, 0, 0, failed, "", 0.0, summary=dm.summary(), stopped=stopped)
 
 
 class _Stop(Exception):

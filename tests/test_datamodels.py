@@ -111,13 +111,17 @@ def test_datamodel_sweep_records_a_table_resumes_reports_planted_influence_and_p
     run = ["run", str(spec), "--tracking-uri", uri, "--storage-path", str(tmp_path / "storage")]
     assert main(["validate", str(spec)]) == 0
     assert "datamodel sweep of 24 models" in capsys.readouterr().out
+    # Past budget.max_hours no trial starts: exit 3 with the resume command, nothing in the table.
+    assert main(run + ["budget.max_hours=0.0000001"]) == 3
+    assert "stopped: budget.max_hours (1e-07 h) reached; 2 datamodel trial(s) not launched" in capsys.readouterr().err
     assert main(run) == 0
 
     client = MlflowClient(uri)
     (sweep,) = _runs(client, KIND_DATAMODELS)
     (study,) = _runs(client, KIND_STUDY)
     batches = _runs(client, KIND_DATAMODEL_BATCH)
-    assert sweep.data.tags[TAG_PARENT] == study.info.run_id and sweep.info.status == "FINISHED"
+    assert sweep.data.tags[TAG_PARENT] == study.info.run_id and sweep.info.status == "FINISHED"  # reopened, then finished
+    assert [m.value for m in client.get_metric_history(sweep.info.run_id, "models_done")] == [0, 24]
     assert len(batches) == 2 and {b.data.tags[TAG_PARENT] for b in batches} == {sweep.info.run_id}
     assert sorted(b.data.metrics["models"] for b in batches) == [12, 12]
     assert sweep.data.metrics["models_done"] == 24 and sweep.data.params["models_per_trial"] == "12"
