@@ -52,7 +52,11 @@ def _fmt(v: float) -> str:
     return "—" if v is None or not np.isfinite(v) else f"{v:+.3f}"
 
 
+VERDICTS: list[tuple[str, str]] = []  # (claim, overall verdict) in page order, for the summary table
+
+
 def claim_table(title: str, rows: pd.DataFrame) -> str:
+    VERDICTS.append((title.split(". ", 1)[-1], claims.summary(rows)))
     out = [f"**{title}** — verdict: **{claims.summary(rows)}**", "",
            "| setting | statistic | estimate | 95% CI | n | verdict |", "|---|---|---|---|---|---|"]
     for r in rows.itertuples():
@@ -150,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         command = f"transferlab run examples/{base}.yaml" + (" --quick" if study != base else "")
         body.append(f"## {title}\n\n`{command}` — wall time on this machine: {wall_time(tracker, study)}.\n\n"
                     f"{figures_md(study, made)}\n{claims_of(tracker, study)}")
+    summary = ["| claim | verdict |", "|---|---|", *(f"| {c} | {v} |" for c, v in VERDICTS)]
+    body.insert(1, "## Summary\n\n" + "\n".join(summary) + "\n")
     out.write_text("\n".join(body))
     print(f"wrote {out}", file=sys.stderr)
     return 0
