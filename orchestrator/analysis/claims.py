@@ -9,7 +9,9 @@ shots ...) with the claim's statistic, its 95% CI and a verdict:
 - ``inconclusive``: the interval contains zero (or there is too little data for one).
 
 Intervals are bootstrap percentiles over the seeds of each cell (few-shot draws × pretraining
-seeds), cells resampled independently, unless a row says otherwise. :func:`summary` turns the rows
+seeds), cells resampled independently, unless a row says otherwise (Welch t-intervals for the
+counterfactual's retrained models). A cell of one run (a full-data fit of one pretraining seed)
+adds no spread; a statistic of such cells only has no interval and is inconclusive. :func:`summary` turns the rows
 of one claim into one verdict. ``examples/results.py`` prints these tables for docs/results.md.
 """
 
@@ -19,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from orchestrator.analysis import fits, influence
 from orchestrator.analysis.tables import ACC, SIZE, best_layer_table, final_layer, saturation_tables, us_ds_points
@@ -39,15 +42,33 @@ def verdict(lo: float, hi: float, expect: int = +1) -> str:
 def bootstrap(cells: list[np.ndarray], stat: Callable[[list[float]], float], n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float, float]:
     """``stat`` of the cells' means, and its 95% percentile interval resampling each cell on its own.
 
-    A cell of one value contributes no spread (the interval then reflects only the other cells)."""
+    A cell of one value contributes no spread (the interval then reflects only the other cells);
+    when no cell has two values there is no interval (NaN)."""
     cells = [np.asarray(c, float)[np.isfinite(np.asarray(c, float))] for c in cells]
     if any(len(c) == 0 for c in cells):
         return float("nan"), float("nan"), float("nan")
     est = float(stat([c.mean() for c in cells]))
+    if all(len(c) < 2 for c in cells):
+        return est, float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     draws = [stat([c[rng.integers(0, len(c), len(c))].mean() for c in cells]) for _ in range(n_boot)]
     lo, hi = fits.percentile_ci(draws)
     return est, lo, hi
+
+
+def welch(a, b) -> tuple[float, float, float]:
+    """mean(a) − mean(b) and its 95% Welch t-interval (NaN without two values on each side)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    d = float(a.mean() - b.mean()) if len(a) and len(b) else float("nan")
+    if len(a) < 2 or len(b) < 2:
+        return d, float("nan"), float("nan")
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = np.sqrt(va + vb)
+    if se == 0:
+        return d, d, d
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    h = float(stats.t.ppf(0.975, df) * se)
+    return d, d - h, d + h
 
 
 def _row(claim: str, setting: str, statistic: str, est_lo_hi: tuple, n: str, expect: int = +1) -> dict:
@@ -229,12 +250,12 @@ def counterfactual_claims(arms: pd.DataFrame, followup: pd.DataFrame, plan: dict
             if (arm, k) not in by:
                 continue
             rows.append(_row(f"removing the most {arm} classes {'raises' if expect > 0 else 'lowers'} target accuracy",
-                             f"K={k}, vs all classes", f"acc(without {arm} K) − acc(baseline)", bootstrap([by[arm, k], base], lambda m: m[0] - m[1]),
+                             f"K={k}, vs all classes", f"acc(without {arm} K) − acc(baseline), Welch", welch(by[arm, k], base),
                              f"{len(by[arm, k])}/{len(base)} models", expect))
             if ("random", k) in by:
                 rows.append(_row(f"removing the most {arm} classes {'raises' if expect > 0 else 'lowers'} target accuracy",
-                                 f"K={k}, vs random K", f"acc(without {arm} K) − acc(without random K)",
-                                 bootstrap([by[arm, k], by["random", k]], lambda m: m[0] - m[1]), f"{len(by[arm, k])}/{len(by['random', k])} models", expect))
+                                 f"K={k}, vs random K", f"acc(without {arm} K) − acc(without random K), Welch",
+                                 welch(by[arm, k], by["random", k]), f"{len(by[arm, k])}/{len(by['random', k])} models", expect))
     return _frame(rows)
 
 
