@@ -29,9 +29,13 @@ def test_verdicts_follow_the_interval_and_the_predicted_sign():
     assert claims.verdict(0.1, 0.3) == REPRODUCED and claims.verdict(-0.3, -0.1) == NOT_REPRODUCED
     assert claims.verdict(-0.1, 0.2) == INCONCLUSIVE and claims.verdict(float("nan"), 1) == INCONCLUSIVE
     assert claims.verdict(-0.3, -0.1, expect=-1) == REPRODUCED
-    rows = pd.DataFrame({"verdict": [REPRODUCED, REPRODUCED, INCONCLUSIVE]})
-    assert claims.summary(rows).startswith(f"{REPRODUCED} (2 of 3")
-    assert claims.summary(pd.DataFrame({"verdict": [REPRODUCED, NOT_REPRODUCED, REPRODUCED]})).startswith(INCONCLUSIVE)
+    def rows(verdicts, ci=1.0):
+        return pd.DataFrame({"verdict": verdicts, "ci_low": ci, "ci_high": ci})
+    assert claims.summary(rows([REPRODUCED, REPRODUCED, INCONCLUSIVE])).startswith(f"{REPRODUCED} (2 of 3")
+    assert claims.summary(rows([REPRODUCED, NOT_REPRODUCED, REPRODUCED])).startswith(INCONCLUSIVE)
+    mixed = rows([REPRODUCED, REPRODUCED, INCONCLUSIVE]).assign(ci_low=[0.1, 0.2, np.nan])
+    assert claims.summary(mixed) == f"{REPRODUCED} (2 of 2 settings reproduced, 0 contradicted, 0 inconclusive; 1 without an interval not counted)"
+    assert "point estimates" in claims.summary(rows([REPRODUCED], ci=np.nan))
 
 
 @pytest.mark.parametrize("few_gap, full_gap, expected", [(0.20, 0.02, REPRODUCED), (0.02, 0.20, NOT_REPRODUCED), (0.05, 0.05, INCONCLUSIVE)])

@@ -261,10 +261,15 @@ def counterfactual_claims(arms: pd.DataFrame, followup: pd.DataFrame, plan: dict
 
 def summary(rows: pd.DataFrame) -> str:
     """One verdict for a claim's rows: reproduced / not reproduced when at least two thirds of the
-    settings say so and none says the opposite, else inconclusive; with the counts."""
+    settings with an interval say so and none says the opposite, else inconclusive; with the
+    counts. Rows without an interval (one-run cells, a point check) count only if none has one."""
     if rows.empty:
         return f"{INCONCLUSIVE} (no settings)"
-    counts = rows["verdict"].value_counts()
-    yes, no, n = int(counts.get(REPRODUCED, 0)), int(counts.get(NOT_REPRODUCED, 0)), len(rows)
+    has_ci = rows["ci_low"].notna() & rows["ci_high"].notna()
+    judged = rows[has_ci] if has_ci.any() else rows
+    counts = judged["verdict"].value_counts()
+    yes, no, n = int(counts.get(REPRODUCED, 0)), int(counts.get(NOT_REPRODUCED, 0)), len(judged)
     overall = REPRODUCED if yes >= 2 * n / 3 and not no else NOT_REPRODUCED if no >= 2 * n / 3 and not yes else INCONCLUSIVE
-    return f"{overall} ({yes} of {n} settings reproduced, {no} contradicted, {n - yes - no} inconclusive)"
+    skipped = f"; {len(rows) - n} without an interval not counted" if n < len(rows) else ""
+    basis = " (point estimates, no intervals)" if not has_ci.any() else ""
+    return f"{overall}{basis} ({yes} of {n} settings reproduced, {no} contradicted, {n - yes - no} inconclusive{skipped})"
