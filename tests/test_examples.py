@@ -30,7 +30,7 @@ def test_full_studies_plan_the_papers_grids():
     assert len(jobs) == 30  # 2 sources x (3 sizes x 3 noise levels supervised + 3 sizes x {clip, simclr})
     assert {m for _, m, _, _ in jobs} == {"supervised", "clip", "simclr"}
     assert {p for _, m, p, _ in jobs if m != "supervised"} == {0.0}  # label noise is swept for supervised only
-    assert {n for s, _, _, n in jobs if s == "glyphs"} == {500, 2000, 7344} and {n for s, _, _, n in jobs if s == "mnist"} == {500, 2000, 4000}
+    assert {n for s, _, _, n in jobs if s == "glyphs"} == {500, 2000, 7344} and {n for s, _, _, n in jobs if s == "mnist"} == {500, 2000, 4006}
     assert role.num_transfer_fits == 30 * 2 * (4 * 3 + 1)
     limits = build_plan(load_spec(EXAMPLES / "limits.yaml"))
     assert len(limits.pretrain_jobs) == 32 and len({j.config_hash for j in limits.pretrain_jobs}) == 32
