@@ -35,7 +35,7 @@ def test_full_studies_plan_the_papers_grids():
     limits = build_plan(load_spec(EXAMPLES / "limits.yaml"))
     assert len(limits.pretrain_jobs) == 32 and len({j.config_hash for j in limits.pretrain_jobs}) == 32
     dm = load_spec(EXAMPLES / "data_based.yaml")
-    assert dm.datamodels.num_models >= 300 and dm.datamodels.counterfactual.remove_top == (3, 6, 12)
+    assert dm.datamodels.num_models >= 300 and dm.datamodels.counterfactual.remove_top == (3, 9)
     for name in STUDIES:
         assert load_spec(EXAMPLES / f"{name}.yaml", quick=True).study == f"{name}-quick"
     with pytest.raises(SpecError, match="--quick"):
