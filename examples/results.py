@@ -28,7 +28,9 @@ from orchestrator.analysis.datamodels import datamodel_inputs
 from orchestrator.analysis.frame import load_study
 from orchestrator.analysis.report import build_report, write_report
 from orchestrator.spec import QUICK_SUFFIX
-from orchestrator.tracking import KIND_STUDY, Tracker
+from orchestrator.datamodels import read_examples
+from orchestrator.tracking import KIND_DATAMODELS, KIND_STUDY, TAG_DATAMODEL_TABLE, Tracker
+from datasets_.builtin import PLANTED_DIGIT
 
 HEADER = """# Results of the paper studies
 
@@ -39,7 +41,7 @@ contains zero; a claim's overall verdict needs two thirds of its settings and no
 (orchestrator/analysis/claims.py). Figures and tables/*.csv of each study are in results/STUDY/.
 """
 
-PLANTED = "handwritten-7"  # builtin:glyphs-planted's duplicate of the digits task's class 7
+PLANTED = f"handwritten-{PLANTED_DIGIT}"  # builtin:glyphs-planted's duplicate of the digits task's class
 FIGURES = {  # report figures shown on the page, per study (others stay in docs/results/STUDY/figures)
     "role_of_data": ["accuracy_vs_shots_digits", "accuracy_vs_shots_letters", "spread_vs_shots",
                      "accuracy_vs_size_digits_mnist", "accuracy_vs_size_letters_glyphs"],
@@ -105,12 +107,23 @@ def limits(tracker: Tracker, study: str) -> str:
     return "\n".join(parts)
 
 
+def example_labels(tracker: Tracker, experiment_id: str, examples) -> np.ndarray | None:
+    """Target labels of a datamodel sweep's examples (its table's examples.parquet), in ``examples`` order."""
+    for run in tracker.runs(experiment_id, KIND_DATAMODELS):
+        ex = read_examples(run.data.tags.get(TAG_DATAMODEL_TABLE, ""))
+        if ex is not None:
+            by = dict(zip(ex.column("example").to_pylist(), ex.column("label").to_pylist()))
+            return np.array([by[int(e)] for e in examples])
+    return None
+
+
 def data_based(tracker: Tracker, study: str) -> str:
     sr = load_study(tracker, study)
     parts = []
     for x in datamodel_inputs(tracker, sr.experiment_id):
+        labels = example_labels(tracker, sr.experiment_id, x.examples)
         parts.append(claim_table(f"1. The planted duplicate class ranks most helpful ({x.masks.shape[0]} models, task {x.task})",
-                                 claims.planted_class_rank(x.classes, x.masks, x.outputs, PLANTED)))
+                                 claims.planted_class_rank(x.classes, x.masks, x.outputs, PLANTED, labels, PLANTED_DIGIT)))
     plan = read_plan(tracker, sr.study_run_id)
     if plan is None:
         parts.append("No counterfactual follow-up recorded yet (`transferlab counterfactual` logs its plan on the study run).\n")

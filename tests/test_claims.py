@@ -88,5 +88,11 @@ def test_planted_class_is_ranked_first():
     masks = rng.random((200, 6)) < 0.5
     outputs = 0.5 + 0.2 * masks[:, [3]] + 0.05 * masks[:, [0]] + rng.normal(0, 0.02, (200, 4))
     (row,) = claims.planted_class_rank(list("abcdef"), masks, outputs, planted="d").to_dict("records")
-    assert row["setting"].startswith("d: rank 1 of 6") and row["verdict"] == REPRODUCED
+    assert row["setting"] == "all target examples: d ranks 1 of 6" and row["verdict"] == REPRODUCED
     assert row["estimate"] == pytest.approx(0.15, abs=0.02)
+    # Class d helps only the target examples labelled 2: diluted over all, first on its own class.
+    outputs = 0.5 + 0.05 * masks[:, [0]] + rng.normal(0, 0.02, (200, 4))
+    outputs[:, 3] += 0.2 * masks[:, 3]
+    overall, own = claims.planted_class_rank(list("abcdef"), masks, outputs, "d", labels=[0, 1, 1, 2], target_label=2).to_dict("records")
+    assert overall["verdict"] == INCONCLUSIVE and abs(overall["estimate"]) < 0.02  # a: 0.05 on all; d: 0.2 on one of four
+    assert own["setting"] == "target class 2 only: d ranks 1 of 6" and own["verdict"] == REPRODUCED

@@ -217,19 +217,28 @@ def layer_claims(t: pd.DataFrame, near: str, far: str) -> pd.DataFrame:
 # Jain et al.: influence and the counterfactual
 
 
-def planted_class_rank(classes: list[str], masks, outputs, planted: str) -> pd.DataFrame:
-    """The planted duplicate class must be the most helpful: its influence minus the runner-up's
-    (± 1.96 × the two Welch standard errors combined)."""
-    rank = influence.ranking(classes, influence.task_influence(masks, outputs))
-    mine = rank[rank["class"] == planted]
-    if mine.empty:
-        return _frame([])
-    r = mine.iloc[0]
-    other = rank[rank["class"] != planted].iloc[0]
-    d, se = r["influence"] - other["influence"], float(np.hypot(r["se"], other["se"]))
-    return _frame([_row("the planted duplicate class ranks most helpful", f"{planted}: rank {int(r['rank'])} of {len(rank)}",
-                        f"influence({planted}) − influence({other['class']}, the best other class)", (d, d - 1.96 * se, d + 1.96 * se),
-                        f"{int(r['models_with'])} models with, {int(r['models_without'])} without")])
+def planted_class_rank(classes: list[str], masks, outputs, planted: str, labels=None, target_label: int | None = None) -> pd.DataFrame:
+    """The planted duplicate class must be the most helpful: its influence minus the best other
+    class's (± 1.96 × the two Welch standard errors combined), on every target example and, given
+    the examples' ``labels``, on the examples of the class it duplicates (``target_label``), where
+    Jain et al. read such effects."""
+    outputs = np.asarray(outputs, float)
+    scopes = [("all target examples", np.ones(outputs.shape[1], bool))]
+    if labels is not None and target_label is not None:
+        scopes.append((f"target class {target_label} only", np.asarray(labels) == target_label))
+    rows = []
+    for scope, keep in scopes:
+        rank = influence.ranking(classes, influence.task_influence(masks, outputs[:, keep]))
+        mine = rank[rank["class"] == planted]
+        if mine.empty or not keep.any():
+            continue
+        r = mine.iloc[0]
+        other = rank[rank["class"] != planted].iloc[0]
+        d, se = r["influence"] - other["influence"], float(np.hypot(r["se"], other["se"]))
+        rows.append(_row("the planted duplicate class ranks most helpful", f"{scope}: {planted} ranks {int(r['rank'])} of {len(rank)}",
+                         f"influence({planted}) − influence({other['class']}, the best other class)", (d, d - 1.96 * se, d + 1.96 * se),
+                         f"{int(r['models_with'])} models with, {int(r['models_without'])} without; {int(keep.sum())} examples"))
+    return _frame(rows)
 
 
 def counterfactual_claims(arms: pd.DataFrame, followup: pd.DataFrame, plan: dict) -> pd.DataFrame:
