@@ -42,7 +42,7 @@ def test_full_studies_plan_the_papers_grids():
         load_spec(EXAMPLES / "quickstart.yaml", quick=True)
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 def test_quick_studies_run_end_to_end_and_write_the_results_page(ray_cluster, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -55,8 +55,8 @@ def test_quick_studies_run_end_to_end_and_write_the_results_page(ray_cluster, tm
         runs = client.search_runs([exp.experiment_id], max_results=1000)
         assert all(r.info.status == "FINISHED" for r in runs), exp.name
         finished[exp.name] = {k: sum(r.data.tags.get("transferlab.kind") == k for r in runs) for k in ("pretrain", "transfer")}
-    assert finished["role_of_data-quick"] == {"pretrain": 7, "transfer": 7 * 2 * 3}  # 7 models x 2 tasks x (1-shot x 2 + full)
-    assert finished["limits-quick"]["pretrain"] == 3
+    assert finished["role_of_data-quick"] == {"pretrain": 4, "transfer": 4 * 2 * 3}  # 4 models x 2 tasks x (1-shot x 2 + full)
+    assert finished["limits-quick"] == {"pretrain": 2, "transfer": 2 * 2 * 2 * 2}  # 2 models x 2 tasks x 2 shots x 2 layers
     assert finished["data_based-quick-counterfactual"]["pretrain"] == 2  # baseline + harmful K=1, one seed
     assert "planning the follow-up of 'data_based-quick'" in capsys.readouterr().out
 
