@@ -149,13 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("stores", nargs="+", metavar="STUDY=TRACKING_URI")
     p.add_argument("--out", default="docs/results.md")
+    p.add_argument("--note", default="", help="a paragraph for the top of the page (e.g. how loaded the machine was)")
     args = p.parse_args(argv)
     out = Path(args.out)
     stores = dict(s.split("=", 1) for s in args.stores)
     bad = [s for s in stores if s.removesuffix(QUICK_SUFFIX) not in SECTIONS]
     if bad:
         p.error(f"unknown study {bad[0]!r}; known: {', '.join(SECTIONS)} (or their {QUICK_SUFFIX} variants)")
-    body = [HEADER]
+    body = [HEADER + (f"\n{args.note}\n" if args.note else "")]
     for study, uri in stores.items():
         title, claims_of = SECTIONS[study.removesuffix(QUICK_SUFFIX)]
         tracker = Tracker(uri)
