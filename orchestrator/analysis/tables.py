@@ -23,8 +23,10 @@ FINAL_LAYER = "final"  # trainers.models.FINAL_LAYER (the analysis does not impo
 
 def final_layer(t: pd.DataFrame) -> pd.DataFrame:
     """Runs that read the backbone's final representation: a layer-wise study's earlier layers are
-    compared in :func:`best_layer_table`, not mixed into the curves and fits."""
-    return t[t["layer"].astype(str).isin(["", FINAL_LAYER])]
+    compared in :func:`best_layer_table`, not mixed into the curves and fits. A frame without a
+    final-layer run (only named layers) is returned whole."""
+    final = t["layer"].astype(str).isin(["", FINAL_LAYER])
+    return t[final] if final.any() else t
 
 
 def series_keys(t: pd.DataFrame) -> list[str]:
