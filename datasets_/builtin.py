@@ -72,8 +72,7 @@ def _glyphs_planted() -> tuple:
     influence must rank it the most helpful class for ``digits`` (examples/data_based.yaml)."""
     images, labels, classes, split = _glyphs()
     d_images, d_labels, _ = _digits()
-    d_keys = np.array([f"digits-{i:06d}" for i in range(len(d_labels))], dtype=object)
-    take = (d_labels == PLANTED_DIGIT) & ~(unit_hash(d_keys, seed=0, salt="builtin-split") < TEST_FRACTION)
+    take = (d_labels == PLANTED_DIGIT) & ~hash_test_split(builtin_keys("digits", len(d_labels)))
     planted = np.stack([np.asarray(Image.fromarray(x).resize(images.shape[1:][::-1], Image.Resampling.BILINEAR)) for x in d_images[take]])
     return (np.concatenate([images, planted]), np.concatenate([labels, np.full(len(planted), len(classes))]),
             [*classes, f"handwritten-{PLANTED_DIGIT}"], np.concatenate([split, np.full(len(planted), "train")]))
@@ -88,6 +87,16 @@ BUILTINS: dict[str, tuple[Callable[[], tuple], str]] = {
     "letters": (_letters, "a photo of the printed letter {label}."),
     "glyphs-planted": (_glyphs_planted, "a photo of the character {label}."),
 }
+
+
+def builtin_keys(name: str, n: int) -> np.ndarray:
+    """The stable sample keys of builtin ``name``'s n samples, in the package's order."""
+    return np.array([f"{name}-{i:06d}" for i in range(n)], dtype=object)
+
+
+def hash_test_split(keys: np.ndarray) -> np.ndarray:
+    """True where a builtin sample without its own split is in the test split (by key hash)."""
+    return unit_hash(keys, seed=0, salt="builtin-split") < TEST_FRACTION
 
 
 def cache_dir() -> Path:
@@ -113,8 +122,8 @@ def prepare_builtin(name: str, root: Path | None = None) -> ShardedDataset:
         return open_dataset(out)
     load, template = BUILTINS[name]
     images, labels, classes, *split = load()
-    keys = np.array([f"{name}-{i:06d}" for i in range(len(labels))], dtype=object)
-    is_test = (split[0] == "test") if split else unit_hash(keys, seed=0, salt="builtin-split") < TEST_FRACTION
+    keys = builtin_keys(name, len(labels))
+    is_test = (split[0] == "test") if split else hash_test_split(keys)
 
     # Shards hold samples in a hash order, not the package's (often label-sorted) order, so that
     # streaming readers with a local shuffle buffer see mixed classes in every batch.

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets_.builtin import PLANTED_DIGIT, TEST_FRACTION, _digits, prepare_builtin
+from datasets_.builtin import PLANTED_DIGIT, _digits, builtin_keys, hash_test_split, prepare_builtin
 from datasets_.glyphs import FACES, TEST_EVERY, _rng, font_dir, render
-from datasets_.views import unit_hash
 
 
 def _decode(table) -> np.ndarray:
@@ -52,8 +51,7 @@ def test_planted_source_class_is_the_digit_tasks_training_images(tmp_path):
     train = ds.read_split("train", ["label", "image"])
     mine = _decode(train.filter(np.asarray(train.column("label")) == planted))
     images, labels, _ = _digits()
-    keys = np.array([f"digits-{i:06d}" for i in range(len(labels))], dtype=object)
-    is_test = unit_hash(keys, seed=0, salt="builtin-split") < TEST_FRACTION
+    is_test = hash_test_split(builtin_keys("digits", len(labels)))
     sevens = labels == PLANTED_DIGIT
     assert len(mine) == int((sevens & ~is_test).sum()) > 100
     def big(x):
