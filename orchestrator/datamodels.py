@@ -16,7 +16,6 @@ the sweep and one ``datamodel_batch`` run per finished trial, not one run per mo
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import uuid
@@ -223,6 +222,7 @@ class DatamodelContext:
     table: str
     plan: DatamodelPlan
     cpus_per_trial: float
+    use_gpu: bool = False  # each trial holds a share of a GPU (resources.light_trial_gpus) and trains there
     trials: dict[str, tuple[int, ...]] = field(default_factory=dict)
     mlflow_env: dict[str, str] = field(default_factory=dict, repr=False)
     fail_fast: bool = False  # stop the sweep at its first failed trial (sweep._run_phase reads it)
@@ -232,10 +232,11 @@ class DatamodelContext:
         return self.deadline is not None and time.time() > self.deadline
 
 
-def train_and_probe(plan: DatamodelPlan, models: tuple[int, ...]) -> pa.Table:
-    """Train the given models of the sweep at once, probe each on the task: their table rows."""
+def train_and_probe(plan: DatamodelPlan, models: tuple[int, ...], device=None) -> pa.Table:
+    """Train the given models of the sweep at once on ``device`` (default CPU), probe each on
+    the task: their table rows."""
     from datasets_ import open_dataset
-    from datasets_.pipeline import decode_split, normalize
+    from datasets_.pipeline import decode_split
     from trainers.datamodels import TrainSettings, probe_outputs, stacked_features, train_stacked
     from trainers.features import Features
 
@@ -243,12 +244,13 @@ def train_and_probe(plan: DatamodelPlan, models: tuple[int, ...]) -> pa.Table:
     ts = TrainSettings(s["image_size"], s["epochs"], s["batch_size"], s["lr"], s["weight_decay"], s["lr_schedule"], s["warmup_epochs"])
     images, labels, keys = decode_split(open_dataset(plan.source_root), "train", ts.image_size)
     idx = list(models)
-    sm = train_stacked(plan.model_config, len(plan.classes), images, labels, keys, plan.masks[idx], [plan.seeds[i] for i in idx], ts)
+    sm = train_stacked(plan.model_config, len(plan.classes), images, labels, keys, plan.masks[idx], [plan.seeds[i] for i in idx], ts,
+                       device)
     task = open_dataset(plan.task_root)
     feats = {}
     for split in ("train", "test"):
         x, y, k = decode_split(task, split, ts.image_size)
-        feats[split] = (stacked_features(sm, normalize(x)), y, k)
+        feats[split] = (stacked_features(sm, x), y, k)
     rows = []
     for j, i in enumerate(idx):
         (ftr, ytr, ktr), (fte, yte, kte) = feats["train"], feats["test"]
@@ -276,10 +278,12 @@ def _datamodel_trial(config: dict, ctx: DatamodelContext) -> dict:
     if ctx.past_deadline():  # budget.max_hours: the table keeps what finished; a rerun goes on
         return {NOT_LAUNCHED: 1}
     apply_mlflow_client_env(ctx.mlflow_env)
+    from trainers.devices import trial_device
+
     torch.set_num_threads(max(1, int(ctx.cpus_per_trial)))
     models = ctx.trials[config["trial"]]
     t0 = time.monotonic()
-    table = train_and_probe(ctx.plan, models)
+    table = train_and_probe(ctx.plan, models, trial_device(ctx.use_gpu))
     path = write_part(ctx.table, models, table)
     seconds = time.monotonic() - t0
     mean_acc = float(np.mean(table.column("accuracy").to_numpy()))
@@ -343,16 +347,19 @@ def run_datamodels(spec: StudySpec, plan: DatamodelPlan, tracker: Tracker, exp: 
     print(f"datamodels: {plan.num_models} models ({done_before} already in the table), {plan.models_per_trial} per trial\n"
           f"table: {retry.redact(table)}", flush=True)
     r = spec.resources
-    ctx = DatamodelContext(spec.study, worker_uri, exp, storage, run_id, table, plan, r.cpus_per_worker,
+    ctx = DatamodelContext(spec.study, worker_uri, exp, storage, run_id, table, plan, r.cpus_per_worker, r.use_gpu,
                            trial_batches(todo, plan.models_per_trial), mlflow_env, fail_fast, deadline)
     failed: list[str] = []
     not_launched = 0
     status = FAILED
     try:
         if ctx.trials:
-            concurrency = r.max_concurrent_trials or max(1, int(math.floor(cpus / r.cpus_per_worker)))
+            import ray
+
+            cluster = {"CPU": cpus, "GPU": float(ray.cluster_resources().get("GPU", 0))}
+            concurrency = r.max_concurrent_trials or r.light_concurrency(cluster, r.cpus_per_worker)
             labels = {k: f"models {v[0]}..{v[-1]} ({len(v)})" for k, v in ctx.trials.items()}
-            progress = _run_phase("datamodels", _datamodel_trial, "trial", labels, ctx, r.cpus_per_worker, concurrency,
+            progress = _run_phase("datamodels", _datamodel_trial, "trial", labels, ctx, r.light_trial(r.cpus_per_worker), concurrency,
                                   lambda x: f"{x.get('models', 0)} models in {x.get('seconds', 0):.1f}s, "
                                             f"mean accuracy {x.get('mean_accuracy', float('nan')):.3f}")
             failed = progress.errors

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -323,13 +324,32 @@ class TransferSpec:
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
 
 
+LIGHT_TRIAL_GPUS = 0.25
+
+
 @dataclass(frozen=True)
 class Resources:
     workers: int = 1  # Ray Train workers per pretraining run
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    # GPU share of each transfer and datamodel trial (light work) when use_gpu: 0.25 packs four
+    # of them on a GPU. None = LIGHT_TRIAL_GPUS.
+    light_trial_gpus: float | None = None
     max_concurrent_trials: int | None = None  # default: derived from the cluster's CPUs
     max_failures: int = 2  # restarts of a pretraining run's workers (from the last checkpoint)
+
+    def light_trial(self, cpus: float = 1.0) -> dict[str, float]:
+        """The Ray resources of one transfer or datamodel trial: ``cpus``, and its GPU share
+        when the study uses GPUs (fractional, so several small trials share one device)."""
+        if not self.use_gpu:
+            return {"CPU": cpus}
+        return {"CPU": cpus, "GPU": self.light_trial_gpus or LIGHT_TRIAL_GPUS}
+
+    def light_concurrency(self, cluster: dict, cpus: float = 1.0) -> int:
+        """Light trials the cluster (``ray.cluster_resources()``-shaped) holds at once."""
+        need = self.light_trial(cpus)
+        fits = min(cluster.get(k, 0.0) / v for k, v in need.items())
+        return max(1, int(math.floor(fits + 1e-9)))
 
 
 @dataclass(frozen=True)
@@ -503,13 +523,27 @@ def _finetune(data: Any) -> FinetuneSpec:
 def _resources(m: _Mapping) -> Resources:
     r = _Mapping("resources", m.get("resources", lambda _, v: v, {}), tuple(f.name for f in fields(Resources)))
     d = Resources()
+    use_gpu = r.get("use_gpu", _bool, d.use_gpu)
     return Resources(
         workers=r.get("workers", lambda q, v: _int(q, v, minimum=1), d.workers),
         cpus_per_worker=r.get("cpus_per_worker", _positive_float, d.cpus_per_worker),
-        use_gpu=r.get("use_gpu", _bool, d.use_gpu),
+        use_gpu=use_gpu,
+        light_trial_gpus=r.get("light_trial_gpus", _light_trial_gpus(use_gpu), None),
         max_concurrent_trials=r.get("max_concurrent_trials", lambda q, v: _int(q, v, minimum=1), None),
         max_failures=r.get("max_failures", lambda q, v: _int(q, v, minimum=0), d.max_failures),
     )
+
+
+def _light_trial_gpus(use_gpu: bool) -> Callable[[str, Any], float]:
+    def read(path: str, v: Any) -> float:
+        share = _float(path, v)
+        if not 0 < share <= 1:
+            raise SpecError(path, f"must be in (0, 1] (a share of one GPU), got {share:g}")
+        if not use_gpu:
+            raise SpecError(path, "applies to GPU trials only: set resources.use_gpu: true, or remove it")
+        return share
+
+    return read
 
 
 def _check_amp(pretrain: PretrainSpec, resources: Resources) -> None:

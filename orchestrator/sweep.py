@@ -195,6 +195,7 @@ def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
     from ray.train import Checkpoint
 
     from datasets_ import open_dataset
+    from trainers.devices import trial_device
     from trainers.transfer import FinetuneSettings, Fit, evaluate_transfer
 
     if ctx.past_deadline():
@@ -209,7 +210,8 @@ def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
     settings = FinetuneSettings(tuple(ft["lr"]), ft["steps"], ft["batch_size"], ft["weight_decay"])
     fits = [Fit(f.protocol, f.shots, f.seed, f.layer) for f in group.fits]
     with Checkpoint(ctx.checkpoints[group.pretrain_hash]).as_directory() as ckpt_dir:
-        results, stats = evaluate_transfer(ckpt_dir, task, fits, group.val_fraction, settings, feature_cache(ctx.storage_path), group.image_size)
+        results, stats = evaluate_transfer(ckpt_dir, task, fits, group.val_fraction, settings, feature_cache(ctx.storage_path), group.image_size,
+                                           trial_device(ctx.resources.use_gpu))
     # The trial's time so far (the fits' share of logging is small), the same on every fit.
     seconds = time.monotonic() - t0
     for fit, r in zip(group.fits, results):
@@ -359,8 +361,10 @@ def _fail_fast_stopper(progress: Progress):
     return _FailFast()
 
 
-def _run_phase(phase: str, trainable, key: str, items: dict[str, str], ctx: PhaseContext, cpus: float, concurrency: int,
+def _run_phase(phase: str, trainable, key: str, items: dict[str, str], ctx: PhaseContext, resources: float | dict, concurrency: int,
                summarize, describe_report=None, on_counts=None) -> Progress:
+    """One Tune grid over ``items``, each trial holding ``resources`` (a CPU count, or a Ray
+    resource dict such as ``{"CPU": 1, "GPU": 0.25}``), at most ``concurrency`` at once."""
     from ray import tune
 
     progress = Progress(phase, len(items), items, summarize, describe_report, on_counts)
@@ -368,7 +372,7 @@ def _run_phase(phase: str, trainable, key: str, items: dict[str, str], ctx: Phas
     # start the next phase and exit 0. Without it, Ctrl-C stops the study (exit 130, resumable).
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trainable, ctx=ctx), {"CPU": cpus}),
+        tune.with_resources(tune.with_parameters(trainable, ctx=ctx), resources if isinstance(resources, dict) else {"CPU": resources}),
         param_space={key: tune.grid_search(list(items))},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_dirname_creator=lambda t: f"{phase}-{t.trial_id}"),
         run_config=tune.RunConfig(
@@ -393,9 +397,12 @@ def pretrain_concurrency(resources: Resources, cluster_cpus: float) -> int:
     return max(1, int(math.floor(cluster_cpus / per_trial)))
 
 
-def transfer_concurrency(cluster_cpus: float) -> int:
-    """Concurrent transfer trials: one CPU each."""
-    return max(1, int(cluster_cpus))
+def transfer_concurrency(cluster_cpus: float, resources: Resources | None = None, cluster_gpus: float | None = None) -> int:
+    """Concurrent transfer trials: one CPU each, and with GPUs their share of one
+    (``resources.light_trial_gpus``); the GPU count is unknown (None) when planning offline."""
+    if resources is None or not resources.use_gpu or cluster_gpus is None:
+        return max(1, int(cluster_cpus))
+    return resources.light_concurrency({"CPU": cluster_cpus, "GPU": cluster_gpus})
 
 
 def run_pretrain_phase(ctx: PhaseContext, jobs: list[PretrainJob], cluster_cpus: float, on_counts=None) -> Progress:
@@ -415,8 +422,12 @@ def _describe_epoch(result: dict) -> str | None:
 
 
 def run_transfer_phase(ctx: PhaseContext, labels: dict[str, str], cluster_cpus: float, on_counts=None) -> Progress:
+    import ray
+
+    gpus = float(ray.cluster_resources().get("GPU", 0))
     return _run_phase(
-        "transfer", _transfer_trial, "group", labels, ctx, 1.0, transfer_concurrency(cluster_cpus),
+        "transfer", _transfer_trial, "group", labels, ctx, ctx.resources.light_trial(),
+        transfer_concurrency(cluster_cpus, ctx.resources, gpus),
         lambda r: f"{r.get('fits', 0)} fits, mean accuracy {r.get('mean_accuracy', float('nan')):.3f}, "
                   f"features: {r.get('feature_extractions', 0)} extracted, {r.get('feature_cache_hits', 0)} from cache",
         on_counts=on_counts,

@@ -73,7 +73,7 @@ def test_a_stacked_model_trains_as_it_would_alone():
     # Models with fewer samples run fewer steps and then stay put; features match the module's.
     assert three.num_train_samples.tolist() == [int(np.isin(labels, np.flatnonzero(m)).sum()) for m in masks]
     x = normalize(images[:20])
-    feats = stacked_features(three, x)
+    feats = stacked_features(three, images[:20])
     assert feats.shape == (3, 20, 16)
     one = three.model(1, C, cfg, 8)
     assert np.allclose(feats[1], one.backbone(x).detach().double().numpy(), atol=1e-5)

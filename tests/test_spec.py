@@ -101,6 +101,7 @@ BAD = [
     ("resources.workers", 0, "resources.workers: must be >= 1, got 0"),
     ("resources.use_gpu", "yes", "resources.use_gpu: must be true or false"),
     ("resources.gpus", 1, "resources.gpus: unknown key"),
+    ("resources.light_trial_gpus", 0.5, "resources.light_trial_gpus: applies to GPU trials only: set resources.use_gpu: true"),
     ("tracking_uri", "mlflow.db", "tracking_uri: tracking URI 'mlflow.db' has no scheme"),
     ("trackinguri", None, "trackinguri: unknown key; did you mean 'tracking_uri'?"),
     ("sources.mnist.keep_classes", [0, 12], "sources.mnist.keep_classes: unknown class '12'"),

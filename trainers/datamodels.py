@@ -112,12 +112,15 @@ def _adamw(p, g, m, v, t, lr, wd, active):
 
 
 def train_stacked(model_config: dict, num_classes: int, images: torch.Tensor, labels: np.ndarray, keys: np.ndarray,
-                  masks: np.ndarray, seeds: list[int], s: TrainSettings) -> StackedModels:
-    """Train len(seeds) supervised models at once; model b on the classes ``masks[b]`` holds.
+                  masks: np.ndarray, seeds: list[int], s: TrainSettings, device: torch.device | str | None = None) -> StackedModels:
+    """Train len(seeds) supervised models at once on ``device`` (default CPU); model b on the
+    classes ``masks[b]`` holds.
 
-    ``images``: uint8 [N, 3, S, S] of the source's training split; ``labels`` [N]; ``keys`` [N].
-    Model b's initialization and its data order both come from ``seeds[b]``.
+    ``images``: uint8 [N, 3, S, S] of the source's training split (moved to ``device`` once, as
+    uint8); ``labels`` [N]; ``keys`` [N]. Model b's initialization and its data order both come
+    from ``seeds[b]``; they are drawn on the CPU, so a model starts the same on every device.
     """
+    device = torch.device(device or "cpu")
     B = len(seeds)
     order = np.argsort(keys, kind="stable")
     streams = [index_stream(order, labels, masks[b], s.batch_size, s.epochs, seeds[b]) for b in range(B)]
@@ -125,11 +128,13 @@ def train_stacked(model_config: dict, num_classes: int, images: torch.Tensor, la
     per_epoch = steps / s.epochs  # fractional steps per epoch, for the lr schedule
     models = _init_models(model_config, num_classes, s.image_size, seeds)
     params, buffers = stack_module_state(models)
-    params = {k: v.detach() for k, v in params.items()}
+    params = {k: v.detach().to(device) for k, v in params.items()}
+    buffers = {k: v.to(device) for k, v in buffers.items()}
     base = copy.deepcopy(models[0]).to("meta").train()
     m = {k: torch.zeros_like(v) for k, v in params.items()}
     v2 = {k: torch.zeros_like(v) for k, v in params.items()}
-    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+    images = images.to(device)
 
     def loss_fn(p, buf, x, y):
         return nn.functional.cross_entropy(functional_call(base, (p, buf), (normalize(x),)), y)
@@ -139,18 +144,19 @@ def train_stacked(model_config: dict, num_classes: int, images: torch.Tensor, la
     for t in range(int(steps.max())):
         active_np = t < steps
         rows = np.stack([streams[b][min(t, steps[b] - 1)] for b in range(B)])
-        x, y = images[torch.from_numpy(rows)], y_all[torch.from_numpy(rows)]
+        rows_t = torch.from_numpy(rows).to(device)
+        x, y = images[rows_t], y_all[rows_t]
         old_buffers = {k: b.clone() for k, b in buffers.items()}
         grads, loss = step_grad(params, buffers, x, y)  # updates BatchNorm buffers in place
-        active = torch.from_numpy(active_np)
-        lr = torch.tensor([lr_at(t / per_epoch[b], s.lr, s.epochs, s.warmup_epochs, s.lr_schedule) for b in range(B)])
-        tt = torch.from_numpy(np.minimum(t, steps - 1) + 1.0)
+        active = torch.from_numpy(active_np).to(device)
+        lr = torch.tensor([lr_at(t / per_epoch[b], s.lr, s.epochs, s.warmup_epochs, s.lr_schedule) for b in range(B)], device=device)
+        tt = torch.from_numpy(np.minimum(t, steps - 1) + 1.0).to(device)
         for k in params:
             params[k], m[k], v2[k] = _adamw(params[k], grads[k], m[k], v2[k], tt, lr, s.weight_decay, active)
         for k, b in buffers.items():  # a finished model's BatchNorm statistics stay as they were
             buffers[k].copy_(torch.where(active.view((-1,) + (1,) * (b.dim() - 1)), b, old_buffers[k]))
         last_epoch = active_np & (t >= steps - np.ceil(per_epoch))
-        loss_sum += np.where(last_epoch, loss.detach().numpy(), 0.0)
+        loss_sum += np.where(last_epoch, loss.detach().cpu().numpy(), 0.0)
         loss_n += last_epoch
     n_samples = np.array([int(np.isin(labels, np.flatnonzero(mk)).sum()) for mk in masks])
     return StackedModels(base, params, buffers, loss_sum / np.maximum(loss_n, 1), n_samples)
@@ -158,14 +164,16 @@ def train_stacked(model_config: dict, num_classes: int, images: torch.Tensor, la
 
 @torch.no_grad()
 def stacked_features(sm: StackedModels, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
-    """Final backbone features of every model on shared images (normalized float32 [N, 3, S, S]): [B, N, D]."""
+    """Final backbone features of every model on shared images (uint8 [N, 3, S, S], normalized
+    batch by batch on the models' device): [B, N, D]."""
     backbone = sm.base.backbone.eval()
     strip = lambda d: {k[len("backbone."):]: v for k, v in d.items() if k.startswith("backbone.")}
     p, b = strip(sm.params), strip(sm.buffers)
     run = vmap(lambda pp, bb, x: functional_call(backbone, (pp, bb), (x,)), in_dims=(0, 0, None))
-    out = [run(p, b, images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    device = next(iter(sm.params.values())).device
+    out = [run(p, b, normalize(images[i : i + batch_size].to(device))).double().cpu() for i in range(0, len(images), batch_size)]
     sm.base.train()
-    return torch.cat(out, dim=1).double().numpy()
+    return torch.cat(out, dim=1).numpy()
 
 
 def probe_outputs(train: Features, test: Features, num_classes: int, protocol: str, shots, seed: int,

@@ -74,15 +74,21 @@ class TransferStats:
     per_fit: list = field(default_factory=list)
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def extract_layers(model, dataset: ShardedDataset, split: str, image_size: int, layers: list[str], batch_size: int = 256) -> dict[str, Features]:
-    """Features of several named layers of ``model.backbone`` from one pass over a split."""
+    """Features of several named layers of ``model.backbone`` from one pass over a split, on
+    the model's device."""
     keys, ys = [], []
     xs: dict[str, list] = {name: [] for name in layers}
+    device = _device(model)
     for batch in iter_local_batches(dataset, split, image_size, batch_size):
-        out = model.backbone.layers(torch.from_numpy(batch["image"]), layers)
+        out = model.backbone.layers(torch.from_numpy(batch["image"]).to(device, non_blocking=True), layers)
         for name in layers:
-            xs[name].append(out[name].float().numpy())
+            xs[name].append(out[name].float().cpu().numpy())
         keys.append(batch["key"])
         ys.append(batch["label"])
     k = np.concatenate(keys).astype(str)
@@ -153,20 +159,26 @@ class _FinetuneNet(nn.Module):
 
 @torch.no_grad()
 def _logits(net: nn.Module, x_uint8: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    """Scores of uint8 images (on the CPU), batch by batch on the network's device."""
     net.eval()
-    return np.concatenate([net(normalize(x_uint8[i : i + batch_size])).float().numpy() for i in range(0, len(x_uint8), batch_size)])
+    device = _device(net)
+    return np.concatenate([net(normalize(x_uint8[i : i + batch_size].to(device))).float().cpu().numpy()
+                           for i in range(0, len(x_uint8), batch_size)])
 
 
 def finetune(model, train_x: torch.Tensor, train_y: np.ndarray, val_x: torch.Tensor, val_y: np.ndarray, num_classes: int,
              settings: FinetuneSettings, seed: int, head_init: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[nn.Module, float, float]:
     """Fine-tune a copy of ``model.backbone`` with a new linear head; the learning rate of
     ``settings.lr`` with the best validation accuracy wins. ``head_init`` = (W [C, D], b [C])
-    starts the head from a probe (LP-FT). Returns (network, validation accuracy, lr)."""
+    starts the head from a probe (LP-FT). Trains on ``model``'s device. Returns (network,
+    validation accuracy, lr)."""
     best = None
-    y = torch.from_numpy(train_y)
+    device = _device(model)
+    y = torch.from_numpy(train_y).to(device)
+    train_x = train_x.to(device)
     for lr in settings.lr:
         torch.manual_seed(seed)
-        net = _FinetuneNet(copy.deepcopy(model.backbone), model.feature_dim, num_classes)
+        net = _FinetuneNet(copy.deepcopy(model.backbone), model.feature_dim, num_classes).to(device)
         if head_init is not None:
             net.head.weight.data.copy_(torch.from_numpy(head_init[0]).float())
             net.head.bias.data.copy_(torch.from_numpy(head_init[1]).float())
@@ -185,7 +197,7 @@ def finetune(model, train_x: torch.Tensor, train_y: np.ndarray, val_x: torch.Ten
         for step in range(settings.steps):
             if pos + bs > n:
                 order, pos = torch.randperm(n, generator=g), 0
-            idx = order[pos : pos + bs]
+            idx = order[pos : pos + bs].to(device)
             pos += bs
             for group in opt.param_groups:  # cosine decay over the steps
                 group["lr"] = group["lr_scale"] * lr * 0.5 * (1 + np.cos(np.pi * step / settings.steps))
@@ -207,11 +219,13 @@ def evaluate_transfer(
     finetune_settings: FinetuneSettings = FinetuneSettings(),
     cache: FeatureCache | None = None,
     image_size: int | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[list[FitResult], TransferStats]:
-    """Every fit of one (checkpoint, task), sharing feature extraction and decoded images."""
+    """Every fit of one (checkpoint, task), sharing feature extraction and decoded images; the
+    network runs on ``device`` (default CPU), the probes on its features on the CPU."""
     from trainers.pretrain import load_model, weights_digest
 
-    model = load_model(checkpoint_dir)
+    model = load_model(checkpoint_dir).to(device or "cpu")
     image_size = image_size or model.meta.get("image_size", 32)
     stats = TransferStats()
     C = task.num_classes
@@ -284,9 +298,10 @@ def _zero_shot(model, task: ShardedDataset, test: _Images, fit: Fit) -> FitResul
 
     if not isinstance(model, ClipModel):
         raise ValueError("zero_shot needs a CLIP checkpoint")
-    tokens = tokenize(class_prompts(task.classes))
+    device = _device(model)
+    tokens = tokenize(class_prompts(task.classes)).to(device)
     scores = np.concatenate([
-        zero_shot_logits(model, normalize(test.x[i : i + 512]), tokens).float().numpy() for i in range(0, len(test.x), 512)
+        zero_shot_logits(model, normalize(test.x[i : i + 512].to(device)), tokens).float().cpu().numpy() for i in range(0, len(test.x), 512)
     ])
     return _result(fit, scores, test.keys, test.y, task.num_classes, 0)
 
