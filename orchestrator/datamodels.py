@@ -299,6 +299,16 @@ def _datamodel_trial(config: dict, ctx: DatamodelContext) -> dict:
     return {"models": len(models), "mean_accuracy": mean_acc, "seconds": seconds}
 
 
+def _memory_line(plan: DatamodelPlan) -> str:
+    """Each trial holds the source's training split decoded (uint8) in memory, for the stacked
+    models' random access: say how much, so a source too large for a node is seen up front."""
+    from datasets_ import open_dataset
+
+    n = open_dataset(plan.source_root).num_samples("train")
+    side = plan.settings["image_size"]
+    return f"each trial decodes the source's {n:,} training images at {side}px into {n * 3 * side * side / 2**20:,.0f} MiB of memory"
+
+
 def trial_batches(todo: list[int], per_trial: int) -> dict[str, tuple[int, ...]]:
     """Model indices still to do, cut into trials of ``per_trial`` (key: first-last index)."""
     out = {}
@@ -344,8 +354,8 @@ def run_datamodels(spec: StudySpec, plan: DatamodelPlan, tracker: Tracker, exp: 
     done = finished_models(table)
     todo = [i for i in range(plan.num_models) if i not in done]
     done_before = plan.num_models - len(todo)
-    print(f"datamodels: {plan.num_models} models ({done_before} already in the table), {plan.models_per_trial} per trial\n"
-          f"table: {retry.redact(table)}", flush=True)
+    print(f"datamodels: {plan.num_models} models ({done_before} already in the table), {plan.models_per_trial} per trial; "
+          f"{_memory_line(plan)}\ntable: {retry.redact(table)}", flush=True)
     r = spec.resources
     ctx = DatamodelContext(spec.study, worker_uri, exp, storage, run_id, table, plan, r.cpus_per_worker, r.use_gpu,
                            trial_batches(todo, plan.models_per_trial), mlflow_env, fail_fast, deadline)
