@@ -91,6 +91,7 @@ def test_raw_sources_on_s3_inspect_and_prepare_as_on_disk(sources, tmp_path, cap
         (f"s3://{BUCKET}/laion/", sources / "laion", "webdataset", 300, []),
         (f"s3://{BUCKET}/pq", sources / "pq", "parquet", 600, PQ_FLAGS),
     ]
+    manifests = {}
     for i, (uri, local, fmt, n, flags) in enumerate(cases):
         capsys.readouterr()
         assert main(["data", "inspect", uri, "--json", *flags]) == 0, uri
@@ -98,10 +99,13 @@ def test_raw_sources_on_s3_inspect_and_prepare_as_on_disk(sources, tmp_path, cap
         on_disk = inspect(str(local), **(PQ_COLUMNS if flags else {}))
         assert (m["prepared"], m["source_format"], m["num_samples"], m["bad_samples"]["total"]) == (False, fmt, n, 0), uri
         assert m["content_fingerprint"] == on_disk["content_fingerprint"] and m["splits"] == on_disk["splits"], uri
+        manifests[fmt] = manifests.get(fmt, m)
+        if i == 2:
+            continue  # the same tars as the brace pattern: inspecting them is enough
         assert main(["data", "prepare", uri, "--out", str(tmp_path / f"out{i}"), *flags]) == 0, uri
         assert open_dataset(tmp_path / f"out{i}").manifest["content_fingerprint"] == m["content_fingerprint"], uri
     # The folder's own train/ and val/ splits; class names are the class prefixes.
-    assert (m_folder := inspect(f"s3://{BUCKET}/imgs"))["splits"]["test"]["num_samples"] == 15
+    assert (m_folder := manifests["folder"])["splits"]["test"]["num_samples"] == 15
     assert m_folder["classes"] == ["digit_0", "digit_1", "digit_2"]
     # A changed object changes the scan key: a new scan, and the old one is refused.
     first = resolve_dataset(f"s3://{BUCKET}/imgs")
@@ -167,3 +171,24 @@ def test_missing_s3_sources_are_one_line_errors_at_validate(sources, tmp_path, c
         assert main(["data", "inspect", uri]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"error: {message}"), err
+
+
+def test_tar_safety_checks_hold_on_s3(sources, tmp_path):
+    """The remote tar path is the local reader on a stream: links are never followed, a cut-off
+    shard loses its tail, both counted as bad samples."""
+    from datasets_.readers import BadSamples, iter_samples
+
+    good = (sources / "laion" / "00000.tar").read_bytes()
+    with tarfile.open(tmp_path / "evil.tar", "w") as tar:
+        info = tarfile.TarInfo("link.jpg")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    (tmp_path / "cut.tar").write_bytes(good[: len(good) // 2])
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}/x")
+    for name in ("evil.tar", "cut.tar"):
+        pafs.copy_files(str(tmp_path / name), f"{BUCKET}/unsafe/{name}", destination_filesystem=fs)
+    bad = BadSamples()
+    keys = [s.key for s in iter_samples(f"s3://{BUCKET}/unsafe/", bad)]
+    assert 0 < len(keys) < 100 and all(k.startswith("00000") for k in keys)
+    assert set(bad.counts) == {"unsafe tar member", "truncated or corrupt tar"}
+    assert any("symlink to /etc/passwd" in e for e in bad.examples)
