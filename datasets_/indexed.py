@@ -2,7 +2,8 @@
 sources read as they are (see :mod:`datasets_.shards` for the two manifest formats).
 
 Keys, labels and captions come from the dataset's index; images are read from the shard files
-by *read units* (one tar or Parquet file, or a run of image files of a folder). A unit is the
+(local or on an object store) by *read units*: one tar, a run of row groups of a Parquet file, or
+a run of image files of a folder. A unit is the
 piece of work one Ray Data task reads, or that a local loop reads in turn, so Ray streams and
 local reads see the same samples in the same order. Only samples the index lists are emitted:
 the scan that wrote it already dropped bad, duplicate and other-split samples.
@@ -22,7 +23,9 @@ import numpy as np
 # Keys that can be WebDataset member names as they are: no dots (the extension starts at the
 # first one), no '..', relative. Other keys are written under a counter and kept in KEY.json.
 _MEMBER_KEY = re.compile(r"[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*")
-FILES_PER_UNIT = 256
+# Samples a read unit holds before the next one starts (image files; Parquet row groups are
+# never cut, so a Parquet unit ends at the first row-group boundary past this many samples).
+SAMPLES_PER_UNIT = 256
 
 
 def image_extension(blob: bytes) -> str:
@@ -61,21 +64,35 @@ def write_tar(path: Path, rows: list[dict], split: str, class_names: dict) -> li
     return keys
 
 
-def read_units(dataset, split: str) -> list[dict]:
-    """The read units of a split, in index order, each with its samples' keys, labels, captions."""
-    table = dataset.read_split(split, ("key", "label", "caption", "shard"))
+def read_units(dataset, split: str, samples_per_unit: int = SAMPLES_PER_UNIT) -> list[dict]:
+    """The read units of a split, in index order, each with its samples' keys, labels, captions.
+
+    A Parquet file with several row groups is cut into units of whole row groups (``row_groups``
+    = ``[lo, hi)``), so one big file is read by several tasks; the units' samples, concatenated,
+    are the whole-file read's in the same order."""
     kind = {"webdataset": "tar"}.get(dataset.format) or {"folder": "file", "webdataset": "tar", "parquet": "parquet"}[dataset.manifest["source_format"]]
-    cols = {c: table.column(c).to_pylist() for c in ("key", "label", "caption", "shard")}
+    names = ("key", "label", "caption", "shard") + (("row_group",) if kind == "parquet" else ())
+    table = dataset.read_split(split, names)
+    cols = {c: table.column(c).to_pylist() for c in names}
     units: list[dict] = []
     for i, shard in enumerate(cols["shard"]):
         shard = dataset.resolve(shard)
-        new = not units or (units[-1]["paths"][-1] != shard if kind != "file" else len(units[-1]["keys"]) >= FILES_PER_UNIT)
+        group = cols["row_group"][i] if kind == "parquet" else None
+        last = units[-1] if units else None
+        if last is None or (last["paths"][-1] != shard if kind != "file" else len(last["keys"]) >= samples_per_unit):
+            new = True
+        else:  # a Parquet unit ends at a row-group boundary once it is full
+            new = kind == "parquet" and group is not None and group >= last["row_groups"][1] and len(last["keys"]) >= samples_per_unit
         if new:
             units.append({"kind": kind, "paths": [], "keys": [], "labels": [], "captions": [],
                           "columns": dataset.manifest.get("parquet_columns", {})})
+            if group is not None:
+                units[-1]["row_groups"] = [group, group + 1]
         u = units[-1]
         if kind == "file" or not u["paths"]:
             u["paths"].append(shard)
+        if group is not None:
+            u["row_groups"][1] = group + 1
         u["keys"].append(cols["key"][i])
         u["labels"].append(int(cols["label"][i]))
         u["captions"].append(cols["caption"][i] or "")
@@ -84,15 +101,18 @@ def read_units(dataset, split: str) -> list[dict]:
 
 def _unit_images(unit: dict) -> Iterator[tuple[str, bytes]]:
     """(key, image bytes) of the unit's files, in file order (other samples included)."""
+    from datasets_.objstore import read_bytes
     from datasets_.readers import BadSamples, iter_parquet, iter_webdataset
 
     if unit["kind"] == "file":
-        yield from zip(unit["keys"], (Path(p).read_bytes() for p in unit["paths"]))
+        yield from zip(unit["keys"], (read_bytes(p) for p in unit["paths"]))
     elif unit["kind"] == "tar":
         for s in iter_webdataset(unit["paths"][0], BadSamples(), check_images=False):
             yield s.key, s.image
     else:
-        for s in iter_parquet(unit["paths"][0], BadSamples(), check_images=False, **unit["columns"]):
+        groups = unit.get("row_groups")
+        for s in iter_parquet(unit["paths"][0], BadSamples(), check_images=False, row_groups=tuple(groups) if groups else None,
+                              **unit["columns"]):
             yield s.key, s.image
 
 

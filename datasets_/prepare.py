@@ -12,12 +12,12 @@ import tempfile
 from pathlib import Path
 
 from datasets_.builtin import BUILTIN_PREFIX, TEST_FRACTION, cache_dir, prepare_builtin
-from datasets_.readers import BadSamples, Sample, detect_format, folder_layout, iter_samples, source_files
+from datasets_.readers import BadSamples, Sample, detect_format, folder_layout, iter_samples, source_listing
 from datasets_.shards import MANIFEST, DatasetError, ShardedDataset, is_remote, open_dataset, write_sharded_dataset
 from datasets_.views import unit_hash
 
 # Bump when a scan's index or manifest changes meaning, so cached scans are redone.
-SCAN_VERSION = "1"
+SCAN_VERSION = "2"  # 2: the index records Parquet row groups
 
 
 def _rows(samples, bad: BadSamples, test_fraction: float, class_names: dict[int, str], record: dict):
@@ -41,7 +41,8 @@ def _rows(samples, bad: BadSamples, test_fraction: float, class_names: dict[int,
         if s.class_name is not None and s.label is not None:
             class_names.setdefault(s.label, s.class_name)
         split = s.split or ("test" if unit_hash([s.key], 0, "prepare-split")[0] < test_fraction else "train")
-        yield split, {"key": s.key, "image": s.image, "label": -1 if s.label is None else s.label, "caption": s.caption, "shard": s.shard}
+        yield split, {"key": s.key, "image": s.image, "label": -1 if s.label is None else s.label, "caption": s.caption, "shard": s.shard,
+                     "row_group": s.row_group}
     record.update(bad.summary())
 
 
@@ -89,8 +90,6 @@ def prepare(
     the manifest as ``bad_samples``).
     """
     if is_remote(out):
-        if shard_format != "parquet":
-            raise DatasetError(f"{out}: object stores take Parquet shards only (--format parquet)")
         with tempfile.TemporaryDirectory(prefix="transferlab-prepare-") as tmp:
             local, bad = prepare(src, f"{tmp}/ds", shard_size, test_fraction, on_bad_sample, shard_format, **parquet_columns)
             upload(local, out)
@@ -141,24 +140,22 @@ def upload(ds: ShardedDataset, uri: str) -> None:
 
 
 def scan_key(uri: str, fmt: str, test_fraction: float, parquet_columns: dict) -> tuple[str, list[dict]]:
-    """(cache key, file listing) of a raw source: the key changes when any file's name, size or
-    modification time does, or the reading options do."""
-    listing = []
-    for p in source_files(uri, fmt):
-        st = os.stat(p)
-        listing.append({"path": os.path.abspath(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    payload = {"v": SCAN_VERSION, "uri": os.path.abspath(uri), "fmt": fmt, "files": listing,
+    """(cache key, file listing) of a raw source: the key changes when any file's (or object's)
+    name, size or modification time does, or the reading options do."""
+    listing = [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns} for f in source_listing(uri, fmt)]
+    payload = {"v": SCAN_VERSION, "uri": uri if is_remote(uri) else os.path.abspath(uri), "fmt": fmt, "files": listing,
                "test_fraction": test_fraction, "columns": parquet_columns}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20], listing
 
 
-def scan_source(uri: str, test_fraction: float = TEST_FRACTION, root: Path | None = None, **parquet_columns) -> ShardedDataset:
+def scan_source(uri: str, test_fraction: float = TEST_FRACTION, root: Path | None = None, fmt: str | None = None,
+                **parquet_columns) -> ShardedDataset:
     """A raw source (image folder, WebDataset tars, Parquet) as a dataset without copying its
     images: a scan writes keys, labels, captions, splits and counts to an index and manifest
     under the cache (``$TRANSFERLAB_CACHE/scans/``), reused while the source's files are
     unchanged. The scan decodes every image once (bad ones are skipped and counted, as in
     ``data prepare``); training then streams the images from the source's own files."""
-    fmt = detect_format(uri)
+    fmt = fmt or detect_format(uri)
     if fmt == "transferlab":
         return open_dataset(uri)
     key, listing = scan_key(uri, fmt, test_fraction, parquet_columns)
@@ -171,10 +168,12 @@ def scan_source(uri: str, test_fraction: float = TEST_FRACTION, root: Path | Non
 
 def resolve_dataset(uri: str, **parquet_columns) -> ShardedDataset:
     """Open ``builtin:NAME`` (preparing it if needed), a prepared dataset (directory or object
-    store), or a raw source read as it is (:func:`scan_source`)."""
+    store), or a raw source read as it is (:func:`scan_source`), local or on an object store."""
     if uri.startswith(BUILTIN_PREFIX):
         return prepare_builtin(uri[len(BUILTIN_PREFIX):])
-    if is_remote(uri) or not os.path.exists(uri.split("{")[0]) or (Path(uri) / MANIFEST).is_file():
+    if is_remote(uri):
+        return scan_source(uri, fmt=detect_format(uri), **parquet_columns)
+    if not os.path.exists(uri.split("{")[0]) or (Path(uri) / MANIFEST).is_file():
         return open_dataset(uri)
     try:
         return scan_source(uri, **parquet_columns)
@@ -188,9 +187,10 @@ def inspect(uri: str, **parquet_columns) -> dict:
     """The manifest of a prepared dataset, or of a scan of a raw source (``prepared: false``)."""
     if uri.startswith(BUILTIN_PREFIX):
         return prepare_builtin(uri[len(BUILTIN_PREFIX):]).manifest
-    if is_remote(uri) or detect_format(uri) == "transferlab":
+    fmt = detect_format(uri)
+    if fmt == "transferlab":
         return open_dataset(uri).manifest
-    m = dict(scan_source(uri, **parquet_columns).manifest)
+    m = dict(scan_source(uri, fmt=fmt, **parquet_columns).manifest)
     m["unlabeled"] = sum(v["unlabeled"] for v in m["splits"].values())
     m["prepared"] = False
     return m

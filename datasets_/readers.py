@@ -8,6 +8,10 @@
 - **Parquet** (img2dataset's parquet output, or anyone's): an encoded-image column plus optional
   label, caption and key columns whose names are configurable.
 
+Each is read from a local path or an object-store URI (``s3://bucket/imgs/``,
+``s3://bucket/laion/{00000..00099}.tar``), listed and streamed through :mod:`datasets_.objstore`;
+tars are read as streams either way, so the safety checks below are the same for both.
+
 Every reader yields :class:`Sample` s. Images are checked (decodable, within a pixel limit)
 before they are accepted; a bad sample is skipped and counted by a :class:`BadSamples`, or
 raises :class:`~datasets_.shards.DatasetError` naming shard and key when ``on_bad_sample`` is
@@ -30,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import pyarrow.parquet as pq
 from PIL import Image
 
+from datasets_ import objstore
 from datasets_.safety import MAX_CAPTION_CHARS, MAX_IMAGE_PIXELS, MAX_METADATA_BYTES, too_many_pixels, unsafe_member
-from datasets_.shards import MANIFEST, DatasetError
+from datasets_.shards import MANIFEST, DatasetError, is_remote, parquet_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 __all__ = ["MAX_CAPTION_CHARS", "MAX_IMAGE_PIXELS"]  # re-exported; the limits live in datasets_.safety
@@ -50,6 +54,7 @@ class Sample:
     split: str | None = None  # from the source's own layout; None = assign by key hash
     class_name: str | None = None
     shard: str = ""  # the file it came from (a tar, a Parquet file, or the image file itself)
+    row_group: int | None = None  # a Parquet sample's row group (read units are row-group ranges)
 
 
 @dataclass
@@ -114,6 +119,8 @@ def detect_format(uri: str) -> str:
         return "webdataset"
     if uri.endswith(".parquet"):
         return "parquet"
+    if is_remote(uri):
+        return _detect_remote(uri)
     p = Path(uri)
     if not p.exists():
         raise DatasetError(f"{uri}: no such file or directory")
@@ -129,7 +136,45 @@ def detect_format(uri: str) -> str:
     raise DatasetError(f"{uri}: not a dataset directory, .tar shard or .parquet file")
 
 
+def _detect_remote(uri: str) -> str:
+    """The format of an object-store prefix, from one listing of what lies directly under it."""
+    found = objstore.kind(uri)
+    if found is None:
+        raise DatasetError(f"{uri}: not a transferlab dataset (no {MANIFEST}) nor a source (no objects under this prefix)")
+    if found == "file":
+        raise DatasetError(f"{uri}: not a dataset prefix, .tar shard or .parquet file")
+    names = objstore.child_names(uri)
+    if MANIFEST in names:
+        return "transferlab"
+    if any(n.endswith(".tar") for n in names):
+        return "webdataset"
+    if any(n.endswith(".parquet") for n in names):
+        return "parquet"
+    return "folder"
+
+
+def _remote_shards(uri: str, suffix: str) -> list[objstore.FileStat]:
+    if "{" in uri:
+        paths = expand_braces(uri)
+        stats = objstore.stat(paths)
+        missing = [p for p, st in zip(paths, stats) if st is None]
+        if missing:
+            raise DatasetError(f"{missing[0]}: shard named by {uri} does not exist")
+        return stats
+    if uri.endswith(suffix):
+        st = objstore.stat([uri])[0]
+        if st is None:
+            raise DatasetError(f"{uri}: no such object")
+        return [st]
+    found = [f for f in objstore.list_files(uri) if f.path.endswith(suffix)]
+    if not found:
+        raise DatasetError(f"{uri}: no *{suffix} objects")
+    return found
+
+
 def _shard_paths(uri: str, suffix: str) -> list[str]:
+    if is_remote(uri):
+        return [f.path for f in _remote_shards(uri, suffix)]
     if "{" in uri:
         paths = expand_braces(uri)
         missing = [p for p in paths if not os.path.exists(p)]
@@ -146,8 +191,20 @@ def _shard_paths(uri: str, suffix: str) -> list[str]:
     return [uri]
 
 
+def source_listing(uri: str, fmt: str) -> list[objstore.FileStat]:
+    """The files a raw source reads, sorted, with sizes and mtimes: what a cached scan of it is
+    keyed by. A remote source costs one listing (or one stat per named shard), not a read."""
+    if not is_remote(uri):
+        return [st for st in objstore.stat(source_files(uri, fmt)) if st is not None]
+    if fmt == "folder":
+        return [f for f in objstore.list_files(uri) if f.path.lower().endswith(IMAGE_EXTENSIONS)]
+    return _remote_shards(uri, ".tar" if fmt == "webdataset" else ".parquet")
+
+
 def source_files(uri: str, fmt: str) -> list[str]:
-    """The files a raw source reads, sorted: what a cached scan of it is keyed by."""
+    """The files a raw source reads, sorted."""
+    if is_remote(uri):
+        return [f.path for f in source_listing(uri, fmt)]
     if fmt == "webdataset":
         return _shard_paths(uri, ".tar")
     if fmt == "parquet":
@@ -162,8 +219,29 @@ def source_files(uri: str, fmt: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def folder_layout(root: str) -> tuple[list[tuple[Path, str | None]], list[str]]:
+def _remote_folder(root: str) -> tuple[list[tuple[str, str | None]], list[str], dict[str, list[str]]]:
+    """:func:`folder_layout` of a prefix, from one listing, plus the image URIs under each
+    class prefix (``{split_prefix}/{class}``), sorted by name."""
+    base = root.rstrip("/")
+    rel = [f.path[len(base) + 1:].split("/") for f in objstore.list_files(base)]
+    splits = sorted({p[0] for p in rel if len(p) >= 3 and p[0] in SPLIT_ALIASES})
+    depth = 1 if splits else 0
+    layouts = [(f"{base}/{d}", SPLIT_ALIASES[d]) for d in splits] if splits else [(base, None)]
+    images: dict[str, list[str]] = {}
+    for p in rel:
+        if len(p) == depth + 2 and (not splits or p[0] in splits):
+            images.setdefault(f"{base}/{'/'.join(p[:-1])}", []).append(p[-1])
+    classes = sorted({p[depth] for p in rel if len(p) >= depth + 2 and (not splits or p[0] in splits)})
+    if not classes:
+        raise DatasetError(f"{root}: no class folders (expected {root}/<class_name>/*.jpg)")
+    files = {d: [f"{d}/{n}" for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)] for d, names in images.items()}
+    return layouts, classes, files
+
+
+def folder_layout(root: str) -> tuple[list[tuple[Path | str, str | None]], list[str]]:
     """(split directories with their split names, sorted class names) of an image folder."""
+    if is_remote(root):
+        return _remote_folder(root)[:2]
     base = Path(root)
     # Symlinked folders are not followed: they could lead anywhere on the machine.
     splits = [d for d in sorted(base.iterdir()) if d.is_dir() and not d.is_symlink() and d.name in SPLIT_ALIASES]
@@ -174,8 +252,27 @@ def folder_layout(root: str) -> tuple[list[tuple[Path, str | None]], list[str]]:
     return layouts, classes
 
 
+def _iter_remote_folder(root: str, bad: BadSamples) -> Iterator[Sample]:
+    """:func:`iter_folder` of a prefix: same keys, order and labels as the folder copied to disk."""
+    base = root.rstrip("/")
+    layouts, classes, files = _remote_folder(base)
+    for directory, split in layouts:
+        for label, name in enumerate(classes):
+            for uri in files.get(f"{directory}/{name}", []):
+                key = uri[len(base) + 1:].rsplit(".", 1)[0]
+                blob = objstore.read_bytes(uri)
+                reason = check_image(blob)
+                if reason:
+                    bad.add(f"{directory}/{name}", uri.rsplit("/", 1)[1], reason)
+                    continue
+                yield Sample(key=key, image=blob, label=label, split=split, class_name=name, shard=uri)
+
+
 def iter_folder(root: str, bad: BadSamples) -> Iterator[Sample]:
     """ImageNet-style folders; class names are the sub-folder names, sorted."""
+    if is_remote(root):
+        yield from _iter_remote_folder(root, bad)
+        return
     base = Path(root)
     layouts, classes = folder_layout(root)
     for directory, split in layouts:
@@ -198,20 +295,16 @@ def iter_folder(root: str, bad: BadSamples) -> Iterator[Sample]:
 def _ends_with_eof_marker(path: str) -> bool:
     """A complete tar ends with two zero blocks; Python's tarfile quietly stops at a truncated
     header instead of failing, so this is how a cut-off shard is noticed."""
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        if size < 1024:
-            return False
-        f.seek(size - 1024)
-        return f.read(1024) == b"\0" * 1024
+    size, end = objstore.tail(path, 1024)
+    return size >= 1024 and end == b"\0" * 1024
 
 
 def _tar_groups(path: str, bad: BadSamples) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample, consecutive members grouped as WebDataset does."""
-    complete = _ends_with_eof_marker(path)
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        complete = _ends_with_eof_marker(path)
+        # A stream, local or remote: members are read in order, never extracted or sought.
+        with objstore.open_stream(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             current, group = None, {}
             for member in tar:
                 unsafe = unsafe_member(member)  # links, devices, absolute or '..' names
@@ -281,37 +374,42 @@ def iter_webdataset(uri: str, bad: BadSamples, check_images: bool = True) -> Ite
 def iter_parquet(
     uri: str, bad: BadSamples, image_column: str = "jpg", label_column: str | None = "label",
     caption_column: str | None = "caption", key_column: str | None = "key", check_images: bool = True,
+    row_groups: tuple[int, int] | None = None,
 ) -> Iterator[Sample]:
+    """Samples of Parquet files; ``row_groups=(lo, hi)`` reads only those row groups of a single
+    file, with the same keys as a whole-file read (default keys count rows from the file's start)."""
     for path in _shard_paths(uri, ".parquet"):
-        schema = pq.read_schema(path)
-        names = set(schema.names)
+        pf = parquet_file(path)
+        names = set(pf.schema_arrow.names)
         image_col = image_column if image_column in names else next((c for c in ("image", "jpg", "png", "webp") if c in names), None)
         if image_col is None:
-            raise DatasetError(f"{path}: no image column '{image_column}' (columns: {', '.join(schema.names)})")
+            raise DatasetError(f"{path}: no image column '{image_column}' (columns: {', '.join(pf.schema_arrow.names)})")
         cols = [c for c in (image_col, label_column, caption_column, key_column) if c and c in names]
-        pf = pq.ParquetFile(path)
-        row = 0
-        for batch in pf.iter_batches(columns=cols, batch_size=512):
-            data = batch.to_pydict()
-            for i in range(batch.num_rows):
-                key = str(data[key_column][i]) if key_column in data and data[key_column][i] is not None else f"{Path(path).stem}-{row:08d}"
-                row += 1
-                blob = data[image_col][i]
-                if not blob:
-                    bad.add(path, key, "no image bytes")
-                    continue
-                reason = check_image(blob) if check_images else None
-                if reason:
-                    bad.add(path, key, reason)
-                    continue
-                label = data[label_column][i] if label_column in data else None
-                caption = (data[caption_column][i] or "") if caption_column in data else ""
-                yield Sample(key=key, image=blob, label=None if label is None else int(label),
-                             caption=str(caption)[:MAX_CAPTION_CHARS], shard=path)
+        lo, hi = row_groups or (0, pf.metadata.num_row_groups)
+        row = sum(pf.metadata.row_group(g).num_rows for g in range(lo))
+        stem = path.rsplit("/", 1)[-1].removesuffix(".parquet")
+        for group in range(lo, hi):
+            for batch in pf.iter_batches(columns=cols, batch_size=512, row_groups=[group]):
+                data = batch.to_pydict()
+                for i in range(batch.num_rows):
+                    key = str(data[key_column][i]) if key_column in data and data[key_column][i] is not None else f"{stem}-{row:08d}"
+                    row += 1
+                    blob = data[image_col][i]
+                    if not blob:
+                        bad.add(path, key, "no image bytes")
+                        continue
+                    reason = check_image(blob) if check_images else None
+                    if reason:
+                        bad.add(path, key, reason)
+                        continue
+                    label = data[label_column][i] if label_column in data else None
+                    caption = (data[caption_column][i] or "") if caption_column in data else ""
+                    yield Sample(key=key, image=blob, label=None if label is None else int(label),
+                                 caption=str(caption)[:MAX_CAPTION_CHARS], shard=path, row_group=group)
 
 
 def iter_samples(uri: str, bad: BadSamples, **parquet_columns) -> Iterator[Sample]:
-    """Samples of any supported local source, with bad samples skipped and counted."""
+    """Samples of any supported source (local or remote), with bad samples skipped and counted."""
     fmt = detect_format(uri)
     if fmt == "folder":
         return iter_folder(uri, bad)

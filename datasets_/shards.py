@@ -47,7 +47,9 @@ SCHEMA = pa.schema(
         ("caption", pa.string()),
     ]
 )
-INDEX_SCHEMA = pa.schema([("key", pa.string()), ("label", pa.int64()), ("caption", pa.string()), ("shard", pa.string())])
+# ``row_group``: a raw Parquet source's row group of the sample (null for tars and image files).
+INDEX_SCHEMA = pa.schema([("key", pa.string()), ("label", pa.int64()), ("caption", pa.string()), ("shard", pa.string()),
+                          ("row_group", pa.int64())])
 MANIFEST = "manifest.json"
 SHARD_FORMATS = ("parquet", "webdataset", "raw")
 SPLITS = ("train", "test")
@@ -209,7 +211,7 @@ def write_sharded_dataset(
                 pq.write_table(pa.Table.from_pylist(buf, schema=SCHEMA), tmp / rel)
             else:
                 keys = write_tar(tmp / rel, buf, split, class_names)
-                index_rows.setdefault(split, []).extend({**r, "key": k, "shard": rel} for r, k in zip(buf, keys))
+                index_rows.setdefault(split, []).extend({**r, "key": k, "shard": rel, "row_group": None} for r, k in zip(buf, keys))
             shards.append({"path": rel, "split": split, "num_rows": len(buf)})
             index[split] += 1
 
@@ -221,7 +223,7 @@ def write_sharded_dataset(
             counts.setdefault(split, Counter())[label] += 1
             digests.append(sample_digest(row["key"], label, row.get("caption", ""), row["image"]))
             if shard_format == "raw":
-                row = {k: row.get(k) for k in ("key", "label", "caption", "shard")}
+                row = {k: row.get(k) for k in ("key", "label", "caption", "shard", "row_group")}
             buffers.setdefault(split, []).append(row)
             if len(buffers[split]) >= shard_size:
                 flush(split)
@@ -315,12 +317,27 @@ def open_dataset(path: str | os.PathLike) -> ShardedDataset:
     for field in ("name", "classes", "splits", "shards", "fingerprint"):
         if field not in manifest:
             raise DatasetError(f"{mpath}: manifest lacks '{field}'")
+    if manifest.get("format") == "raw":  # the shards are the source's own files, maybe remote
+        _check_scan_current(manifest, root)
+        return ShardedDataset(root, manifest)
     missing = [s["path"] for s in manifest["shards"] if not (root / s["path"]).is_file()]
     if missing:
         raise DatasetError(f"{root}: shard {missing[0]} listed in the manifest is missing")
-    if manifest.get("format") == "raw":  # a scan is only true of the files it saw
-        for s in manifest["shards"]:
-            st = os.stat(s["path"])
-            if (st.st_size, st.st_mtime_ns) != (s["size"], s["mtime_ns"]):
-                raise DatasetError(f"{s['path']}: changed since {manifest.get('origin', root)} was scanned; validate the study again")
     return ShardedDataset(root, manifest)
+
+
+def _check_scan_current(manifest: dict, root: Path) -> None:
+    """A scan is only true of the files it saw: refuse it once any has changed. A remote
+    source is listed again (one listing per 1,000 objects, not a request per file)."""
+    from datasets_ import objstore
+    from datasets_.readers import source_listing
+
+    origin = manifest.get("origin", str(root))
+    if is_remote(origin):
+        now = {f.path: f for f in source_listing(origin, manifest["source_format"])}
+        stats = [now.get(s["path"]) for s in manifest["shards"]]
+    else:
+        stats = objstore.stat([s["path"] for s in manifest["shards"]])
+    for s, st in zip(manifest["shards"], stats):
+        if st is None or (st.size, st.mtime_ns) != (s["size"], s["mtime_ns"]):
+            raise DatasetError(f"{s['path']}: changed since {origin} was scanned; validate the study again")

@@ -1,7 +1,9 @@
 """Datasets on an S3-compatible object store (moto's real server on loopback), read by the CLI,
-the planner and Ray Data inside a study."""
+the planner and Ray Data inside a study. (Raw sources on S3 in detail: tests/test_s3_sources.py.)"""
 
+import io
 import json
+import tarfile
 
 import boto3
 import pyarrow.fs as pafs
@@ -41,11 +43,35 @@ def test_missing_s3_dataset_is_a_clear_error(s3_digits, capsys):
     assert capsys.readouterr().err.startswith("error: s3://lab/datasets/nothing-here: not a transferlab dataset")
 
 
+def _raw_tars_on_s3(tmp_path) -> str:
+    """300 digits as img2dataset tars (KEY.jpg, KEY.cls), uploaded as they are."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    (tmp_path / "laion").mkdir()
+    for shard in range(3):
+        with tarfile.open(tmp_path / "laion" / f"{shard:05d}.tar", "w") as tar:
+            for i in range(shard * 100, shard * 100 + 100):
+                buf = io.BytesIO()
+                Image.fromarray(np.round(d.images[i] * 255 / 16).astype(np.uint8)).save(buf, format="JPEG")
+                for ext, data in (("jpg", buf.getvalue()), ("cls", str(d.target[i]).encode())):
+                    info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    fs, _ = pafs.FileSystem.from_uri("s3://lab/x")
+    pafs.copy_files(str(tmp_path / "laion"), "lab/raw/laion", destination_filesystem=fs)
+    return "s3://lab/raw/laion/{00000..00002}.tar"
+
+
 def test_a_study_streams_its_source_from_s3(ray_cluster, s3_digits, tmp_path):
+    """Two sources on S3 in one study: a prepared dataset (Ray's Parquet reader) and raw tars read
+    as they are (a scan, then our tar reader inside Ray Data tasks)."""
     uri, _ = s3_digits
     study = {
         "study": "from-s3",
-        "sources": {"remote": {"uri": uri}},
+        "sources": {"remote": {"uri": uri}, "laion": {"uri": _raw_tars_on_s3(tmp_path)}},
         "tasks": {"local": {"uri": "builtin:digits"}},
         "pretrain": {"model": "tiny-cnn", "image_size": 16, "epochs": 1, "sweep": {"pretrain_size": [200]}},
         "transfer": {"shots": [1], "seeds": [0]},
@@ -58,8 +84,10 @@ def test_a_study_streams_its_source_from_s3(ray_cluster, s3_digits, tmp_path):
     client = MlflowClient(db)
     exp = client.get_experiment_by_name("from-s3").experiment_id
     runs = {r.info.run_name: r for r in client.search_runs([exp])}
-    pre = runs["supervised remote n=200 noise=0"]
-    assert pre.info.status == "FINISHED" and 0.0 <= pre.data.metrics["upstream_accuracy"] <= 1.0
+    for source in ("remote", "laion"):
+        pre = runs[f"supervised {source} n=200 noise=0"]
+        assert pre.info.status == "FINISHED" and pre.data.metrics["num_train_samples"] == 200
+        assert 0.0 <= pre.data.metrics["upstream_accuracy"] <= 1.0
     assert runs["linear_probe local 1-shot seed=0"].info.status == "FINISHED"
 
 
@@ -84,7 +112,7 @@ def test_prepare_writes_a_dataset_straight_to_s3(s3_digits, tmp_path, capsys):
     assert remote.fingerprint == local.fingerprint and remote.num_samples("train") == local.num_samples("train")
     assert list(remote.keys_and_labels("train").keys) == list(local.keys_and_labels("train").keys)
     capsys.readouterr()
-    assert main(["data", "prepare", str(tmp_path / "src"), "--out", "s3://lab/prepared/w", "--format", "webdataset"]) == 2
-    assert capsys.readouterr().err.strip() == "error: s3://lab/prepared/w: object stores take Parquet shards only (--format parquet)"
+    assert main(["data", "prepare", str(tmp_path / "src"), "--out", "s3://lab/prepared/w", "--format", "webdataset"]) == 0
+    assert open_dataset("s3://lab/prepared/w").format == "webdataset"
     assert main(["data", "prepare", str(tmp_path / "src"), "--out", "s3://no-such-bucket/x"]) == 2
     assert capsys.readouterr().err.startswith("error: s3://no-such-bucket/x: cannot write dataset")

@@ -1,0 +1,137 @@
+"""Object-store URIs (``s3://bucket/prefix``, ``gs://...``) behind the few operations the readers
+need: list a prefix, stat files, open a stream, read bytes. Everything goes through
+``pyarrow.fs`` (the S3 endpoint comes from ``AWS_ENDPOINT_URL``, credentials from the usual AWS
+variables), so Ray workers read what the driver listed. Local paths go through the same calls
+where a reader does not care which it has, so one reader serves both.
+
+Every failure to reach or read a URI becomes a one-line :class:`~datasets_.shards.DatasetError`
+naming the URI.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from datasets_.shards import DatasetError, is_remote
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """One object: what a cached scan of it is keyed by (a rewritten object changes size or mtime)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _fs(uri: str):
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri.rstrip("/"))
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{uri}: cannot open ({_first_line(e)})") from None
+
+
+def _scheme(uri: str) -> str:
+    return uri.split("://", 1)[0] + "://"
+
+
+def kind(uri: str) -> str | None:
+    """``file``, ``dir`` (a prefix holding objects) or None (nothing there)."""
+    if not is_remote(uri):
+        return "dir" if os.path.isdir(uri) else "file" if os.path.exists(uri) else None
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:
+        raise DatasetError(f"{uri}: cannot read ({_first_line(e)})") from None
+    return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(info.type)
+
+
+def list_files(uri: str, recursive: bool = True) -> list[FileStat]:
+    """The objects under a remote prefix, sorted by URI (directories left out)."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    scheme = _scheme(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    except OSError as e:
+        raise DatasetError(f"{uri}: cannot list ({_first_line(e)})") from None
+    return sorted((FileStat(scheme + i.path, i.size, i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File),
+                  key=lambda f: f.path)
+
+
+def child_names(uri: str) -> list[str]:
+    """Names directly under a remote prefix: objects and sub-prefixes."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    except OSError as e:
+        raise DatasetError(f"{uri}: cannot list ({_first_line(e)})") from None
+    return [i.base_name for i in infos]
+
+
+def stat(uris: list[str]) -> list[FileStat | None]:
+    """Size and mtime of each file (None where there is none), local or remote."""
+    out: list[FileStat | None] = []
+    remote = [u for u in uris if is_remote(u)]
+    infos = {}
+    if remote:
+        import pyarrow.fs as pafs
+
+        fs, _ = _fs(remote[0])
+        paths = [_fs(u)[1] for u in remote]
+        try:
+            got = fs.get_file_info(paths)
+        except OSError as e:
+            raise DatasetError(f"{remote[0]}: cannot read ({_first_line(e)})") from None
+        infos = {u: FileStat(u, i.size, i.mtime_ns or 0) for u, i in zip(remote, got) if i.type == pafs.FileType.File}
+    for u in uris:
+        if is_remote(u):
+            out.append(infos.get(u))
+        elif os.path.isfile(u):
+            st = os.stat(u)
+            out.append(FileStat(os.path.abspath(u), st.st_size, st.st_mtime_ns))
+        else:
+            out.append(None)
+    return out
+
+
+def open_stream(uri: str):
+    """A sequential binary stream (a context manager) of a local file or an object."""
+    if not is_remote(uri):
+        return open(uri, "rb")
+    fs, path = _fs(uri)
+    return fs.open_input_stream(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    try:
+        with open_stream(uri) as f:
+            return f.read()
+    except OSError as e:
+        raise DatasetError(f"{uri}: cannot read ({_first_line(e)})") from None
+
+
+def tail(uri: str, n: int) -> tuple[int, bytes]:
+    """(size, last ``n`` bytes) of a file, without reading the rest."""
+    if not is_remote(uri):
+        with open(uri, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - n))
+            return size, f.read(n)
+    fs, path = _fs(uri)
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        return size, f.read_at(min(n, size), max(0, size - n))
