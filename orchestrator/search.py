@@ -176,12 +176,14 @@ def search_fit(ctx: PhaseContext, key: str, label: str, cluster_cpus: float) -> 
     group, _ = ctx.searches[key]
     steps, s = group.finetune["steps"], group.finetune["search"]
     watch = _Watch(ctx, label, steps)
+    # The generator bounds concurrency itself: Tune ignores max_concurrent_trials with one.
+    sampler = BasicVariantGenerator(random_state=s["seed"], max_concurrent=min(
+        s["num_samples"], s["max_concurrent_trials"] or transfer_concurrency(cluster_cpus)))
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_search_trial, ctx=ctx, key=key), {"CPU": 1}),
         param_space=search_space(s),
         tune_config=tune.TuneConfig(
-            num_samples=s["num_samples"], search_alg=BasicVariantGenerator(random_state=s["seed"]), scheduler=scheduler(s, steps),
-            max_concurrent_trials=min(s["num_samples"], s["max_concurrent_trials"] or transfer_concurrency(cluster_cpus)),
+            num_samples=s["num_samples"], search_alg=sampler, scheduler=scheduler(s, steps),
             reuse_actors=True, trial_dirname_creator=lambda t: f"search-{t.trial_id}",
         ),
         run_config=tune.RunConfig(
