@@ -5,7 +5,9 @@ features are extracted once per layer (or read from the :class:`~trainers.featur
 and shared by every linear_probe / logistic fit of every shots × seed; fine-tuning fits decode the
 task's images once. The task's train split is divided, by key hash, into a validation part
 (chooses hyperparameters: the probes' L2 strength, the fine-tuning learning rate) and a pool the
-shots are drawn from; the test split is only ever scored.
+shots are drawn from; the test split is only ever scored. A hyperparameter search trains one
+fine-tuning config at a time on a :class:`FinetuneProblem` (the same inputs, the same loop:
+:func:`train_finetune`).
 
 Protocols:
 - ``linear_probe``: closed-form ridge few-shot probe (:func:`trainers.probe.ridge_few_shot`).
