@@ -273,7 +273,7 @@ def format_summary(s: PlanSummary, spec: StudySpec, uri: str) -> str:
         f"transfer fits:    {s.transfer_fits}: {s.transfer_todo} to run, {s.transfer_cached} finished (cached)",
         f"Tune trials:      {s.trials} ({s.pretrain_trials} pretraining, up to {s.pretrain_concurrency} at a time; "
         f"{s.transfer_trials} transfer, up to {s.transfer_concurrency} at a time"
-        + (f"; {s.search_trials} fine-tuning search trials for {s.search_fits} fits" if s.search_fits else "") + ")",
+        + (f"; {s.search_trials} fine-tuning search trials for {s.search_fits} fit(s)" if s.search_fits else "") + ")",
         f"estimated wall time: {duration(s.seconds)} (pretraining {duration(s.pretrain_seconds)}, transfer "
         f"{duration(s.transfer_seconds)}, " + (f"search {duration(s.search_seconds)}, " if s.search_fits else "")
         + f"start-up {duration(STARTUP_S if s.trials else 0)}); cost model "

@@ -12,8 +12,9 @@ mode="max")`` can stop the worse configs at its rungs (``random``: no scheduler)
 
 The config with the best validation accuracy among the trials that ran every step (ties: the
 first sampled) is then retrained, deterministically (same seed, one thread, so it is the chosen
-trial's network again), in a 1-CPU Ray task that scores the test split — never read before — and
-records the fit's MLflow run (:func:`orchestrator.sweep.record_fit`) with ``search/trials.json``.
+trial's network again), in a Ray actor kept for the phase, which scores the test split — never
+read before — and records the fit's MLflow run (:func:`orchestrator.sweep.record_fit`) with
+``search/trials.json``.
 A fit whose run is FINISHED is skipped by the next ``run``; one cut short by ``budget.max_hours``
 or a failure is searched again from scratch.
 """
@@ -81,7 +82,7 @@ def _search_trial(config: dict, ctx: PhaseContext, key: str) -> None:
 
     if ctx.past_deadline():
         return  # reports nothing: the search is incomplete and the fit is not recorded
-    torch.set_num_threads(1)  # as the retraining task: the same arithmetic, the same network
+    torch.set_num_threads(1)  # as the retraining (_final_fit): the same arithmetic, the same network
     group, _ = ctx.searches[key]
     ft = group.finetune
     problem = _problem(ctx, key)
@@ -110,11 +111,29 @@ def _final_fit(ctx: PhaseContext, key: str, chosen: dict, trials: list[dict], se
             "weight_decay": chosen["weight_decay"], "trials": len(trials), "stopped_early": stopped}
 
 
+class _Finisher:
+    """One process for the phase that retrains each fit's chosen config (:func:`_final_fit`):
+    started with the phase, it imports torch, the trainers and MLflow while the first search
+    runs instead of after each. It reserves no CPU: it works only between two searches, when no
+    trial of the phase runs (a reserved CPU would be one trial fewer, or on a 1-CPU cluster a
+    deadlock)."""
+
+    def __init__(self):
+        import mlflow  # noqa: F401
+        import ray.train  # noqa: F401
+
+        import trainers.transfer  # noqa: F401
+
+    def finish(self, ctx: PhaseContext, key: str, chosen: dict, trials: list[dict], seconds: float) -> dict:
+        return _final_fit(ctx, key, chosen, trials, seconds)
+
+
 def _trials(results, steps: int) -> list[dict]:
     """Every trial of a finished search, in sampling order: config, steps reached, validation
     accuracy at each report. Raises if a trial failed."""
     out = []
-    for i, r in enumerate(results):
+    # Trial ids (in each trial's folder name) count up in sampling order.
+    for i, r in enumerate(sorted(results, key=lambda r: r.path)):
         if r.error is not None:
             raise RuntimeError(f"search trial {i} failed: {type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:200]}")
         df = r.metrics_dataframe
@@ -165,9 +184,10 @@ class _Watch:
         self.callback, self.stopper = Lines(), Stop()
 
 
-def search_fit(ctx: PhaseContext, key: str, label: str, cluster_cpus: float) -> dict:
-    """Search one fit's hyperparameters, retrain the best config, record the fit; the outcome
-    (``{NOT_LAUNCHED: 1}`` if ``budget.max_hours`` passed before the search was over)."""
+def search_fit(ctx: PhaseContext, key: str, label: str, cluster_cpus: float, finisher) -> dict:
+    """Search one fit's hyperparameters, then have ``finisher`` (a :class:`_Finisher` actor)
+    retrain the best config and record the fit; the outcome (``{NOT_LAUNCHED: 1}`` if
+    ``budget.max_hours`` passed before the search was over)."""
     import ray
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -196,8 +216,7 @@ def search_fit(ctx: PhaseContext, key: str, label: str, cluster_cpus: float) -> 
         return {NOT_LAUNCHED: 1}
     trials = _trials(results, steps)
     chosen = choose(trials, steps)
-    final = ray.remote(num_cpus=1)(_final_fit)
-    return ray.get(final.remote(ctx, key, chosen, trials, time.monotonic() - t0))
+    return ray.get(finisher.finish.remote(ctx, key, chosen, trials, time.monotonic() - t0))
 
 
 def run_search_phase(ctx: PhaseContext, labels: dict[str, str], cluster_cpus: float, on_counts=None) -> Progress:
@@ -207,14 +226,22 @@ def run_search_phase(ctx: PhaseContext, labels: dict[str, str], cluster_cpus: fl
                         lambda r: f"chose lr={r['lr']:.3g} weight_decay={r['weight_decay']:.3g} (validation {r['validation_accuracy']:.3f}), "
                                   f"test accuracy {r['accuracy']:.3f}; {r['trials']} trials, {r['stopped_early']} stopped early",
                         on_counts=on_counts)
-    for key, label in labels.items():
-        if ctx.past_deadline() or (ctx.fail_fast and progress.failed):
-            break
-        progress.start(label)
-        try:
-            progress.end(label, True, search_fit(ctx, key, label, cluster_cpus))
-        except Exception as e:  # noqa: BLE001 - the fit fails; the study goes on (or stops: --fail-fast)
-            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            progress.end(label, False, {}, f"FAILED: {retry.redact(last)[:300]}")
+    import ray
+
+    finisher = None
+    try:
+        for key, label in labels.items():
+            if ctx.past_deadline() or (ctx.fail_fast and progress.failed):
+                break
+            finisher = finisher or ray.remote(num_cpus=0)(_Finisher).remote()
+            progress.start(label)
+            try:
+                progress.end(label, True, search_fit(ctx, key, label, cluster_cpus, finisher))
+            except Exception as e:  # noqa: BLE001 - the fit fails; the study goes on (or stops: --fail-fast)
+                last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                progress.end(label, False, {}, f"FAILED: {retry.redact(last)[:300]}")
+    finally:
+        if finisher is not None:
+            ray.kill(finisher)
     print(progress.summary(), flush=True)
     return progress

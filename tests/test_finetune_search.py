@@ -3,6 +3,7 @@ Ray and a real MLflow store: ASHA and random search, the chosen config, the tria
 caching on rerun and the plan's trial count. Bad search specs are in tests/bad_specs/."""
 
 import json
+import time
 from dataclasses import asdict
 
 import pytest
@@ -10,9 +11,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.plan import finetune_config
-from orchestrator.search import TRIALS_ARTIFACT, choose
-from orchestrator.spec import FinetuneSpec, parse_spec
+from orchestrator.plan import build_plan, finetune_config
+from orchestrator.search import TRIALS_ARTIFACT, choose, run_search_phase
+from orchestrator.spec import FinetuneSpec, Resources, parse_spec
+from orchestrator.sweep import PhaseContext
 from orchestrator.tracking import KIND_STUDY, KIND_TRANSFER, PER_EXAMPLE_ARTIFACT, TAG_KIND
 
 STEPS = 24
@@ -133,3 +135,26 @@ def test_choose_prefers_full_length_trials_then_the_first_sampled():
               {"trial": 2, "steps": 24, "val_accuracy": 0.7}, {"trial": 3, "steps": 24, "val_accuracy": 0.7}]
     assert choose(trials, 24)["trial"] == 2
     assert choose([{"trial": 0, "steps": 6, "val_accuracy": 0.2}], 24)["trial"] == 0
+
+
+def _context(tmp, **kw) -> PhaseContext:
+    plan = build_plan(parse_spec(_spec({**RANDOM, "num_samples": 1}, "finetune")))
+    (group,) = plan.transfer_groups
+    ctx = PhaseContext("ftsearch-phase", "sqlite:///unused.db", "0", str(tmp), Resources(), **kw)
+    ctx.searches = {"a": (group, group.fits[0]), "b": (group, group.fits[0])}
+    ctx.checkpoints[group.pretrain_hash] = str(tmp / "no-such-checkpoint")
+    return ctx
+
+
+def test_no_search_starts_after_the_budget_deadline(tmp_path, capsys):
+    progress = run_search_phase(_context(tmp_path, deadline=time.time() - 1), {"a": "first", "b": "second"}, 4)
+    assert (progress.done, progress.failed, progress.running) == (0, 0, 0)
+    assert "0 done, 0 failed, 2 not launched of 2" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(200)
+def test_fail_fast_stops_the_phase_at_the_first_failed_search(ray_cluster, tmp_path, capsys):
+    progress = run_search_phase(_context(tmp_path, fail_fast=True), {"a": "first", "b": "second"}, 4)
+    out = capsys.readouterr().out
+    assert progress.errors == ["first"] and "started second" not in out
+    assert "[finetune-search 1/2] first: FAILED: " in out and "1 not launched of 2" in out
