@@ -331,7 +331,7 @@ class Progress:
         self._changed()
 
     def report(self, trial, ok: bool) -> None:
-        error = _error_line(trial.error_file) + (f" (full traceback: {trial.error_file})" if trial.error_file else "")
+        error = "" if ok else _error_line(trial.error_file) + (f" (full traceback: {trial.error_file})" if trial.error_file else "")
         self.end(self.label(trial), ok, dict(trial.last_result or {}), error)
 
     def end(self, label: str, ok: bool, last: dict, error: str = "FAILED") -> None:
