@@ -318,8 +318,8 @@ class FinetuneSearch:
     num_samples: int = 8
     lr: tuple[float, float] = (1e-4, 1e-1)  # [lo, hi], sampled log-uniformly
     weight_decay: float | tuple[float, float] = 1e-4  # a fixed number, or [lo, hi] sampled log-uniformly
-    eval_every: int = 25  # steps between validation reports (default: grace_steps)
-    grace_steps: int = 25  # asha: steps before a config can be stopped (default: steps // 4)
+    eval_every: int = 25  # steps between validation reports (parsed default: grace_steps)
+    grace_steps: int = 25  # asha: steps before a config can be stopped (parsed default: steps // 4)
     reduction_factor: int = 2  # asha: 1 in reduction_factor configs goes on at each rung
     seed: int = 0  # of the sampler
     max_concurrent_trials: int | None = None  # default: one per cluster CPU; 1 makes asha deterministic
@@ -548,6 +548,7 @@ def _search(data: Any, ft: FinetuneSpec) -> FinetuneSearch:
     path = "transfer.finetune.search"
     s = _Mapping(path, data, tuple(x.name for x in fields(FinetuneSearch)))
     algorithm = s.get("algorithm", _choice(SEARCH_ALGORITHMS))
+
     def steps(q: str, v: Any) -> int:
         if _int(q, v, minimum=1) > ft.steps:
             raise SpecError(q, f"must be <= transfer.finetune.steps ({ft.steps}), got {v}")
