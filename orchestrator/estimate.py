@@ -14,6 +14,10 @@ Cost model (deliberately simple; it says what it assumes):
 - A transfer trial (one pretraining checkpoint x one task) costs ``TRANSFER_OVERHEAD_S`` (trial
   start, checkpoint load, feature extraction) plus, per fit, ``FROZEN_FIT_S`` for the closed-form
   probes or ``FINETUNE_S_PER_STEP`` per step and learning rate for finetune / lp_ft.
+- A searched finetune / lp_ft fit (``transfer.finetune.search``) launches ``num_samples`` Tune
+  trials of ``SEARCH_TRIAL_OVERHEAD_S`` plus ``FINETUNE_S_PER_STEP`` per step each (every trial
+  at full length: ASHA's early stops make it shorter), on the search's concurrency, then retrains
+  the chosen config once at the same cost; fits are searched one after the other. Not calibrated.
 - Finished runs of the same kind in the study's MLflow experiment that recorded
   ``trial_seconds`` calibrate these defaults: every default estimate is multiplied by the median
   ratio of measured to default-estimated seconds over those runs (one factor per kind).
@@ -42,6 +46,7 @@ PRETRAIN_S_PER_SAMPLE_EPOCH = 0.008
 TRANSFER_OVERHEAD_S = 10.0
 FROZEN_FIT_S = 0.3
 FINETUNE_S_PER_STEP = 0.01
+SEARCH_TRIAL_OVERHEAD_S = 3.0
 
 
 @dataclass
@@ -141,14 +146,17 @@ class PlanSummary:
     transfer_seconds: float
     calibrated_on: dict[str, int]  # kind -> finished runs the cost model was calibrated on
     jobs: list[dict]  # one entry per pretraining job: name, status, estimate, transfer fits
+    search_fits: int = 0  # finetune / lp_ft fits still to search (transfer.finetune.search)
+    search_trials: int = 0  # their Tune trials, num_samples each
+    search_seconds: float = 0.0
 
     @property
     def trials(self) -> int:
-        return self.pretrain_trials + self.transfer_trials
+        return self.pretrain_trials + self.transfer_trials + self.search_trials
 
     @property
     def seconds(self) -> float:
-        return (STARTUP_S if self.trials else 0.0) + self.pretrain_seconds + self.transfer_seconds
+        return (STARTUP_S if self.trials else 0.0) + self.pretrain_seconds + self.transfer_seconds + self.search_seconds
 
     def to_dict(self) -> dict:
         return {**asdict(self), "trials": self.trials, "seconds": self.seconds}
@@ -176,7 +184,7 @@ def summarize(plan: StudyPlan, state: MlflowState, cluster_cpus: float | None = 
     groups: dict[str, list[TransferGroup]] = {}
     for g in plan.transfer_groups:
         groups.setdefault(g.pretrain_hash, []).append(g)
-    jobs, pre_durations, tra_durations = [], [], []
+    jobs, pre_durations, tra_durations, searches = [], [], [], []
     for job in plan.pretrain_jobs:
         status = job_status(state.pretrain.get(job.config_hash))
         seconds = default_pretrain_seconds(job.settings, job.num_train_samples) * pre_factor if status != "cached" else 0.0
@@ -186,8 +194,11 @@ def summarize(plan: StudyPlan, state: MlflowState, cluster_cpus: float | None = 
         for g in groups.get(job.config_hash, []):
             todo = [f for f in g.fits if f.config_hash not in done_fits]
             fits[g.task] = {"fits": len(g.fits), "to_run": len(todo)}
-            if todo:
-                tra_durations.append(default_transfer_seconds([f.protocol for f in todo], g.finetune) * tra_factor)
+            plain = [f for f in todo if not g.searched(f)]
+            if plain:
+                tra_durations.append(default_transfer_seconds([f.protocol for f in plain], g.finetune) * tra_factor)
+            for _ in range(len(todo) - len(plain)):
+                searches.append(search_estimate(g.finetune, cpus))
         jobs.append({"name": job.run_name, "config_hash": job.config_hash, "status": status, "seconds": seconds, "transfer": fits})
     statuses = [j["status"] for j in jobs]
     pc, tc = pretrain_concurrency(plan.spec.resources, cpus), transfer_concurrency(cpus)
@@ -209,7 +220,21 @@ def summarize(plan: StudyPlan, state: MlflowState, cluster_cpus: float | None = 
         transfer_seconds=phase_seconds(tra_durations, tc),
         calibrated_on={k: n for k, (_, n) in cal.items()},
         jobs=jobs,
+        search_fits=len(searches),
+        search_trials=sum(n for n, _ in searches),
+        search_seconds=sum(seconds for _, seconds in searches),
     )
+
+
+def search_estimate(finetune: dict, cluster_cpus: float) -> tuple[int, float]:
+    """(Tune trials, seconds) of one searched fit: its trials on the search's concurrency, then
+    the retraining of the chosen config."""
+    from orchestrator.sweep import transfer_concurrency
+
+    s = finetune["search"]
+    trial = SEARCH_TRIAL_OVERHEAD_S + FINETUNE_S_PER_STEP * finetune["steps"]
+    slots = s["max_concurrent_trials"] or transfer_concurrency(cluster_cpus)
+    return s["num_samples"], phase_seconds([trial] * s["num_samples"], slots) + trial
 
 
 def check_budget(spec: StudySpec, summary: PlanSummary) -> None:
@@ -217,7 +242,8 @@ def check_budget(spec: StudySpec, summary: PlanSummary) -> None:
     b = spec.budget
     if b.max_trials is not None and summary.trials > b.max_trials:
         raise SpecError("budget.max_trials", f"the study would launch {summary.trials} Tune trials "
-                        f"({summary.pretrain_trials} pretraining, {summary.transfer_trials} transfer), "
+                        f"({summary.pretrain_trials} pretraining, {summary.transfer_trials} transfer"
+                        + (f", {summary.search_trials} fine-tuning search" if summary.search_trials else "") + "), "
                         f"{summary.trials - b.max_trials} over the budget of {b.max_trials}")
     hours = summary.seconds / 3600.0
     if b.max_hours is not None and hours > b.max_hours:
@@ -246,9 +272,11 @@ def format_summary(s: PlanSummary, spec: StudySpec, uri: str) -> str:
         f"{s.pretrain_cached} finished (cached)",
         f"transfer fits:    {s.transfer_fits}: {s.transfer_todo} to run, {s.transfer_cached} finished (cached)",
         f"Tune trials:      {s.trials} ({s.pretrain_trials} pretraining, up to {s.pretrain_concurrency} at a time; "
-        f"{s.transfer_trials} transfer, up to {s.transfer_concurrency} at a time)",
+        f"{s.transfer_trials} transfer, up to {s.transfer_concurrency} at a time"
+        + (f"; {s.search_trials} fine-tuning search trials for {s.search_fits} fit(s)" if s.search_fits else "") + ")",
         f"estimated wall time: {duration(s.seconds)} (pretraining {duration(s.pretrain_seconds)}, transfer "
-        f"{duration(s.transfer_seconds)}, start-up {duration(STARTUP_S if s.trials else 0)}); cost model "
+        f"{duration(s.transfer_seconds)}, " + (f"search {duration(s.search_seconds)}, " if s.search_fits else "")
+        + f"start-up {duration(STARTUP_S if s.trials else 0)}); cost model "
         + ("calibrated on " + ", ".join(f"{n} finished {k} run(s)" for k, n in s.calibrated_on.items() if n)
            if any(s.calibrated_on.values()) else "defaults (no finished runs with timings yet)"),
     ]

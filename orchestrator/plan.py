@@ -19,7 +19,7 @@ import numpy as np
 
 from datasets_ import DatasetError, PretrainView, ShardedDataset, resolve_dataset, subset_threshold, validation_mask
 from datasets_.views import class_subset
-from orchestrator.spec import FULL, PretrainSettings, SpecError, StudySpec
+from orchestrator.spec import FULL, FinetuneSpec, PretrainSettings, SpecError, StudySpec
 from trainers.models import FINAL_LAYER, layer_names, model_config
 
 FROZEN_PROTOCOLS = ("linear_probe", "logistic")  # read frozen features of every transfer.layers
@@ -90,15 +90,29 @@ class TransferGroup:
     task_root: str
     image_size: int
     val_fraction: float
-    finetune: dict  # orchestrator.spec.FinetuneSpec as a dict
+    finetune: dict  # orchestrator.spec.FinetuneSpec as a dict (finetune_config)
     fits: tuple[TransferFit, ...]
+
+    def searched(self, fit: TransferFit) -> bool:
+        """Whether the fit's hyperparameters come from a Tune search (orchestrator.search)."""
+        return fit.protocol in FINETUNE_PROTOCOLS and self.finetune.get("search") is not None
 
     def params(self, fit: TransferFit) -> dict:
         p = {"task": self.task, "protocol": fit.protocol, "shots": fit.shots, "seed": fit.seed, "layer": fit.layer,
              "val_fraction": self.val_fraction}
         if fit.protocol in FINETUNE_PROTOCOLS:
-            p.update({f"finetune_{k}": v for k, v in self.finetune.items()})
+            p.update({f"finetune_{k}": v for k, v in self.finetune.items() if k != "search"})
+            if self.searched(fit):
+                p.update(search_params(self.finetune["search"]))
         return p
+
+
+def search_params(search: dict) -> dict:
+    """A fine-tuning search's settings as ``search_*`` params (asha's only where they apply)."""
+    skip = () if search["algorithm"] == "asha" else ("grace_steps", "reduction_factor")
+    out = {f"search_{k}": v for k, v in search.items() if k not in skip}
+    out["search_max_concurrent_trials"] = search["max_concurrent_trials"] or "cluster_cpus"
+    return out
 
 
 @dataclass
@@ -213,7 +227,7 @@ def build_plan(spec: StudySpec, data: dict[str, ShardedDataset] | None = None) -
     plan = StudyPlan(spec=spec, data=data, pretrain_jobs=jobs)
     t = spec.transfer
     _check_transfer(spec, jobs)
-    finetune = asdict(t.finetune)
+    finetune = finetune_config(t.finetune)
     for job in jobs:
         for task in spec.transfer_tasks:
             ds = data[f"tasks.{task}"]
@@ -278,6 +292,17 @@ def _pretrain_jobs(spec: StudySpec, data: dict[str, ShardedDataset]) -> list[Pre
                 run_name=_run_name(settings, source, view, varying),
             ))
     return list(jobs.values())
+
+
+def finetune_config(ft: FinetuneSpec) -> dict:
+    """What decides a fine-tuning fit's result, as hashed and logged (``finetune_*`` params).
+    Without a search it is the dict it always was, so existing studies keep their cache; with
+    one, the search's ranges replace the lr grid and the weight decay."""
+    d = asdict(ft)
+    search = d.pop("search")
+    if search is None:
+        return d
+    return {"steps": d["steps"], "batch_size": d["batch_size"], "search": search}
 
 
 def _fit(job: PretrainJob, ds: ShardedDataset, task: str, protocol: str, shots, seed: int, layer: str, t, finetune: dict) -> TransferFit:

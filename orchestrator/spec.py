@@ -303,14 +303,38 @@ class PretrainSpec:
         return f"pretrain.sweep[{i}]" if self.listed else "pretrain.sweep"
 
 
+SEARCH_ALGORITHMS = ("random", "asha")
+
+
+@dataclass(frozen=True)
+class FinetuneSearch:
+    """A Ray Tune search over the fine-tuning hyperparameters of each finetune / lp_ft fit, in
+    place of the ``lr`` grid (orchestrator.search). ``num_samples`` configs are drawn
+    log-uniformly from the ranges (seeded by ``seed``); each trains up to ``transfer.finetune.steps``
+    steps and reports validation accuracy every ``eval_every`` steps; ``asha`` stops the worse
+    configs at rungs ``grace_steps`` × ``reduction_factor``^k. The best on validation is retrained
+    and scored on test."""
+
+    algorithm: str  # random | asha
+    num_samples: int = 8
+    lr: tuple[float, float] = (1e-4, 1e-1)  # [lo, hi], sampled log-uniformly
+    weight_decay: float | tuple[float, float] = 1e-4  # a fixed number, or [lo, hi] sampled log-uniformly
+    eval_every: int = 25  # steps between validation reports (parsed default: grace_steps)
+    grace_steps: int = 25  # asha: steps before a config can be stopped (parsed default: steps // 4)
+    reduction_factor: int = 2  # asha: 1 in reduction_factor configs goes on at each rung
+    seed: int = 0  # of the sampler
+    max_concurrent_trials: int | None = None  # default: one per cluster CPU; 1 makes asha deterministic
+
+
 @dataclass(frozen=True)
 class FinetuneSpec:
     """Settings of the finetune and lp_ft protocols (see trainers.transfer.FinetuneSettings)."""
 
     lr: tuple[float, ...] = (1e-3, 1e-2)  # a grid: the learning rate with the best validation accuracy wins
-    steps: int = 100  # AdamW steps on the shots
+    steps: int = 100  # AdamW steps on the shots (with a search: each trial's maximum)
     batch_size: int = 32
     weight_decay: float = 1e-4
+    search: FinetuneSearch | None = None  # a Tune search instead of the lr grid
 
 
 @dataclass(frozen=True)
@@ -498,7 +522,7 @@ def _grid(path: str, data: Any, sources: dict[str, DataRef]) -> dict[str, tuple]
 def _transfer(m: _Mapping, tasks: dict[str, DataRef]) -> TransferSpec:
     t = _Mapping("transfer", m.get("transfer", lambda _, v: v, {}), tuple(f.name for f in fields(TransferSpec)))
     d = TransferSpec()
-    return TransferSpec(
+    spec = TransferSpec(
         protocol=t.get("protocol", lambda q, v: _list(q, v, _choice(PROTOCOLS)), d.protocol),
         shots=t.get("shots", lambda q, v: _list(q, v, _shots), d.shots),
         seeds=t.get("seeds", lambda q, v: _list(q, v, lambda r, x: _int(r, x, minimum=0)), d.seeds),
@@ -507,16 +531,66 @@ def _transfer(m: _Mapping, tasks: dict[str, DataRef]) -> TransferSpec:
         layers=t.get("layers", lambda q, v: _list(q, v, _name), d.layers),
         finetune=_finetune(t.get("finetune", lambda _, v: v, {})),
     )
+    if spec.finetune.search is not None and not set(spec.protocol) & {"finetune", "lp_ft"}:
+        raise SpecError("transfer.finetune.search", "searches the finetune and lp_ft protocols; transfer.protocol has neither")
+    return spec
 
 
 def _finetune(data: Any) -> FinetuneSpec:
     f = _Mapping("transfer.finetune", data, tuple(x.name for x in fields(FinetuneSpec)))
     d = FinetuneSpec()
-    return FinetuneSpec(
+    spec = FinetuneSpec(
         lr=f.get("lr", lambda q, v: _list(q, v, _positive_float), d.lr),
         steps=f.get("steps", lambda q, v: _int(q, v, minimum=1), d.steps),
         batch_size=f.get("batch_size", lambda q, v: _int(q, v, minimum=1), d.batch_size),
         weight_decay=f.get("weight_decay", lambda q, v: _float(q, v, lo=0.0), d.weight_decay),
+    )
+    if f.data.get("search") is None:
+        return spec
+    for key in ("lr", "weight_decay"):  # one place per setting: the search's ranges replace these
+        if key in f.data and key in (f.data["search"] if isinstance(f.data["search"], dict) else {}):
+            raise SpecError(f"transfer.finetune.{key}", f"is set both here and in transfer.finetune.search.{key}; keep one")
+    if "lr" in f.data:
+        raise SpecError("transfer.finetune.lr", "a search samples the lr from transfer.finetune.search.lr; remove this grid")
+    return dataclasses.replace(spec, search=_search(f.data["search"], spec))
+
+
+def _log_range(path: str, v: Any) -> tuple[float, float]:
+    if not isinstance(v, list) or len(v) != 2:
+        raise SpecError(path, f"must be a range [lo, hi], got {_typename(v)} {_short(v)}")
+    lo, hi = _positive_float(f"{path}[0]", v[0]), _positive_float(f"{path}[1]", v[1])
+    if not lo < hi:
+        raise SpecError(path, f"lo must be below hi, got [{lo:g}, {hi:g}]")
+    return lo, hi
+
+
+def _search(data: Any, ft: FinetuneSpec) -> FinetuneSearch:
+    path = "transfer.finetune.search"
+    s = _Mapping(path, data, tuple(x.name for x in fields(FinetuneSearch)))
+    algorithm = s.get("algorithm", _choice(SEARCH_ALGORITHMS))
+
+    def steps(q: str, v: Any) -> int:
+        if _int(q, v, minimum=1) > ft.steps:
+            raise SpecError(q, f"must be <= transfer.finetune.steps ({ft.steps}), got {v}")
+        return v
+
+    if algorithm != "asha":
+        for key in ("grace_steps", "reduction_factor"):
+            if key in s.data:
+                raise SpecError(s.at(key), f"applies to algorithm asha only, not {algorithm}")
+    grace = s.get("grace_steps", steps, max(1, ft.steps // 4))
+    weight_decay = s.data.get("weight_decay", ft.weight_decay)
+    return FinetuneSearch(
+        algorithm=algorithm,
+        num_samples=s.get("num_samples", lambda q, v: _int(q, v, minimum=1, maximum=10_000), FinetuneSearch.num_samples),
+        lr=s.get("lr", _log_range, FinetuneSearch.lr),
+        weight_decay=_log_range(s.at("weight_decay"), weight_decay) if isinstance(weight_decay, list)
+        else _float(s.at("weight_decay"), weight_decay, lo=0.0),
+        eval_every=s.get("eval_every", steps, grace),
+        grace_steps=grace,
+        reduction_factor=s.get("reduction_factor", lambda q, v: _int(q, v, minimum=2, maximum=100), FinetuneSearch.reduction_factor),
+        seed=s.get("seed", lambda q, v: _int(q, v, minimum=0), 0),
+        max_concurrent_trials=s.get("max_concurrent_trials", lambda q, v: _int(q, v, minimum=1, maximum=10_000), None),
     )
 
 

@@ -13,6 +13,7 @@ from orchestrator.cluster import mlflow_client_env, ray_session
 from orchestrator.plan import StudyPlan, build_plan
 from orchestrator.preflight import checkpoint_exists
 from orchestrator.results import results_table, transfer_frame
+from orchestrator.search import run_search_phase
 from orchestrator.spec import SpecError, StudySpec
 from orchestrator.sweep import PhaseContext, run_pretrain_phase, run_transfer_phase
 from orchestrator.tracking import (
@@ -223,6 +224,7 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float, 
         transfer_runs = tracker.runs_by_hash(exp, KIND_TRANSFER)
         names = {j.config_hash: j.run_name for j in plan.pretrain_jobs}
         labels = {}
+        searches = {}  # fit hash -> label of the fits tuned in the finetune-search phase
         for g in plan.transfer_groups:
             pre = pre_runs.get(g.pretrain_hash)
             fits = tuple(f for f in g.fits if not _is_finished(transfer_runs.get(f.config_hash)))
@@ -242,16 +244,21 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float, 
                 failed.append(f"{names[g.pretrain_hash]} -> {g.task} (missing checkpoint)")
                 continue
             key = f"{g.pretrain_hash}:{g.task}"
-            ctx.transfer_groups[key] = dataclasses.replace(g, fits=fits)
             ctx.run_ids[g.pretrain_hash] = pre.info.run_id
             ctx.checkpoints[g.pretrain_hash] = pre.data.tags[TAG_CHECKPOINT]
             for f in fits:
                 if f.config_hash in transfer_runs:  # an earlier attempt left it unfinished
                     ctx.run_ids[f.config_hash] = transfer_runs[f.config_hash].info.run_id
-            labels[key] = f"{names[g.pretrain_hash]} -> {g.task} ({len(fits)} fits)"
+                if g.searched(f):  # tuned by its own Tune search, in the phase after this one
+                    ctx.searches[f.config_hash] = (g, f)
+                    searches[f.config_hash] = f"{names[g.pretrain_hash]} -> {f.run_name}"
+            plain = tuple(f for f in fits if not g.searched(f))
+            if plain:
+                ctx.transfer_groups[key] = dataclasses.replace(g, fits=plain)
+                labels[key] = f"{names[g.pretrain_hash]} -> {g.task} ({len(plain)} fits)"
             transfer_ran += len(fits)
-        if labels and ctx.past_deadline():
-            not_launched += len(labels)
+        if (labels or searches) and ctx.past_deadline():
+            not_launched += len(labels) + len(searches)
             transfer_ran = 0
             raise _Stop
         if labels:
@@ -260,6 +267,12 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float, 
             not_launched += progress.total - progress.done - progress.failed
             for k in feature_counts:
                 feature_counts[k] += sum(int(r.get(k, 0)) for r in progress.results)
+            if failed and fail_fast:
+                stopped = "the first failed trial (--fail-fast)"
+        if searches and not (failed and fail_fast):
+            progress = run_search_phase(ctx, searches, cpus, on_counts)
+            failed += progress.errors
+            not_launched += progress.total - progress.done - progress.failed
             if failed and fail_fast:
                 stopped = "the first failed trial (--fail-fast)"
         spool.flush(storage, tracker.client)

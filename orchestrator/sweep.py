@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datasets_.views import PretrainView
 from orchestrator import retry, spool
 from orchestrator.cluster import apply_mlflow_client_env
-from orchestrator.plan import PretrainJob, TransferGroup
+from orchestrator.plan import PretrainJob, TransferFit, TransferGroup
 from orchestrator.spec import Resources
 from orchestrator.tracking import (
     FAILED,
@@ -48,6 +48,8 @@ class PhaseContext:
     transfer_groups: dict[str, TransferGroup] = field(default_factory=dict)
     run_ids: dict[str, str] = field(default_factory=dict)  # config_hash -> MLflow run id to use
     checkpoints: dict[str, str] = field(default_factory=dict)  # pretrain hash -> checkpoint dir
+    # fit hash -> (its group, the fit) of fine-tuning fits tuned by a search (orchestrator.search)
+    searches: dict[str, tuple[TransferGroup, TransferFit]] = field(default_factory=dict)
     # MLflow credentials/TLS settings of the driver (orchestrator.cluster.MLFLOW_CLIENT_ENV);
     # secrets, so kept out of the repr (and out of Tune's param_space, which is saved to disk).
     mlflow_env: dict[str, str] = field(default_factory=dict, repr=False)
@@ -189,9 +191,32 @@ def feature_cache(storage_path: str):
     return FeatureCache(f"{storage_path.rstrip('/')}/feature_cache")
 
 
-def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
+def record_fit(tracker: Tracker, ctx: PhaseContext, group: TransferGroup, fit: TransferFit, result, metrics: dict,
+               artifacts: dict[str, object] | None = None) -> str:
+    """Record one finished transfer fit: its run (created, or the one an earlier attempt left),
+    params, the result's metrics and ``metrics``, the per-example outputs, ``artifacts`` (artifact
+    path -> JSON-able object); then FINISHED. Returns the run id."""
     import tempfile
 
+    run_id = ctx.run_ids.get(fit.config_hash)
+    if run_id is None:
+        run_id = tracker.create_run(ctx.experiment_id, KIND_TRANSFER, ctx.study, fit.run_name, fit.config_hash, group.params(fit),
+                                    parent_run_id=ctx.run_ids[group.pretrain_hash])
+    else:
+        tracker.reopen(run_id)
+        tracker.log(run_id, params=group.params(fit))
+    tracker.log(run_id, metrics={**result.metrics, **metrics})
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/{PER_EXAMPLE_ARTIFACT.rsplit('/', 1)[1]}"
+        result.outputs.to_parquet(path, index=False)
+        tracker.client.log_artifact(run_id, path, PER_EXAMPLE_ARTIFACT.rsplit("/", 1)[0])
+    for name, obj in (artifacts or {}).items():
+        tracker.client.log_dict(run_id, obj, name)
+    tracker.finish(run_id)
+    return run_id
+
+
+def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
     from ray.train import Checkpoint
 
     from datasets_ import open_dataset
@@ -203,11 +228,11 @@ def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
     t0 = time.monotonic()
     apply_mlflow_client_env(ctx.mlflow_env)
     group = ctx.transfer_groups[config["group"]]
-    parent = ctx.run_ids[group.pretrain_hash]
     tracker = Tracker(ctx.tracking_uri)
     task = open_dataset(group.task_root)
     ft = group.finetune
-    settings = FinetuneSettings(tuple(ft["lr"]), ft["steps"], ft["batch_size"], ft["weight_decay"])
+    # A searched group's dict has no lr grid; its fine-tuning fits run in the search phase.
+    settings = FinetuneSettings(**{k: tuple(v) if k == "lr" else v for k, v in ft.items() if k != "search"})
     fits = [Fit(f.protocol, f.shots, f.seed, f.layer) for f in group.fits]
     with Checkpoint(ctx.checkpoints[group.pretrain_hash]).as_directory() as ckpt_dir:
         results, stats = evaluate_transfer(ckpt_dir, task, fits, group.val_fraction, settings, feature_cache(ctx.storage_path), group.image_size,
@@ -215,20 +240,7 @@ def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
     # The trial's time so far (the fits' share of logging is small), the same on every fit.
     seconds = time.monotonic() - t0
     for fit, r in zip(group.fits, results):
-        run_id = ctx.run_ids.get(fit.config_hash)
-        if run_id is None:
-            run_id = tracker.create_run(
-                ctx.experiment_id, KIND_TRANSFER, ctx.study, fit.run_name, fit.config_hash, group.params(fit), parent_run_id=parent
-            )
-        else:
-            tracker.reopen(run_id)
-            tracker.log(run_id, params=group.params(fit))
-        tracker.log(run_id, metrics={**r.metrics, METRIC_TRIAL_SECONDS: seconds})
-        with tempfile.TemporaryDirectory() as d:
-            path = f"{d}/{PER_EXAMPLE_ARTIFACT.rsplit('/', 1)[1]}"
-            r.outputs.to_parquet(path, index=False)
-            tracker.client.log_artifact(run_id, path, PER_EXAMPLE_ARTIFACT.rsplit("/", 1)[0])
-        tracker.finish(run_id)
+        record_fit(tracker, ctx, group, fit, r, {METRIC_TRIAL_SECONDS: seconds})
     return {
         "fits": len(results),
         "mean_accuracy": sum(r.metrics["accuracy"] for r in results) / max(len(results), 1),
@@ -295,7 +307,7 @@ class Progress:
 
     @property
     def counts(self) -> dict[str, int]:
-        p = self.phase
+        p = self.phase.replace("-", "_")
         return {f"{p}_trials_done": self.done, f"{p}_trials_running": self.running, f"{p}_trials_failed": self.failed,
                 f"{p}_trials_not_launched": self.not_launched, f"{p}_trials_total": self.total}
 
@@ -313,14 +325,21 @@ class Progress:
             self.on_counts(self.counts)
 
     def started(self, trial) -> None:
+        self.start(self.label(trial))
+
+    def start(self, label: str) -> None:
         self.running += 1
-        print(f"[{self.phase}] started {self.label(trial)}  ({self._status()})", flush=True)
+        print(f"[{self.phase}] started {label}  ({self._status()})", flush=True)
         self._changed()
 
     def report(self, trial, ok: bool) -> None:
-        label = self.label(trial)
+        error = "" if ok else _error_line(trial.error_file) + (f" (full traceback: {trial.error_file})" if trial.error_file else "")
+        self.end(self.label(trial), ok, dict(trial.last_result or {}), error)
+
+    def end(self, label: str, ok: bool, last: dict, error: str = "FAILED") -> None:
+        """A trial (or a phase's unit of work) ended: ``last`` is its result, ``error`` the line
+        said when it failed."""
         self.running = max(0, self.running - 1)
-        last = dict(trial.last_result or {})
         if ok and last.get(NOT_LAUNCHED):
             self.not_launched += 1
             print(f"[{self.phase}] {label}: not launched (budget.max_hours reached)", flush=True)
@@ -332,9 +351,7 @@ class Progress:
             detail = self.summarize(last)
         else:
             self.failed += 1
-            detail = _error_line(trial.error_file)
-            if trial.error_file:
-                detail += f" (full traceback: {trial.error_file})"
+            detail = error
             self.errors.append(label)
         n = self.done + self.failed
         print(f"[{self.phase} {n}/{self.total}] {label}: {detail}  ({self._status()})", flush=True)

@@ -13,7 +13,8 @@ study      ``study``, ``spec_hash``               ``pretrain_runs``, ``transfer_
                                                   ``transfer_fits_run``, ``feature_extractions``
                                                   (layer feature sets computed from images) and
                                                   ``feature_cache_hits`` (read from the cache);
-                                                  live, per phase (``pretrain``/``transfer``):
+                                                  live, per phase (``pretrain``/``transfer``/
+                                                  ``finetune_search``):
                                                   ``PHASE_trials_done|running|failed|
                                                   not_launched|total``, updated at each
                                                   trial start and end (step = the ``run``)
@@ -36,9 +37,21 @@ transfer   ``task, protocol, shots, seed,         ``accuracy`` (task test split)
            logistic, finetune, lp_ft, zero_shot   ``validation_accuracy``; linear_probe and
            (``shots`` 0, ``seed`` 0); finetune    logistic: ``l2_reg``; finetune and lp_ft:
            and lp_ft add ``finetune_lr,           ``learning_rate`` (the one chosen on
-           finetune_steps, finetune_batch_size,   validation)
-           finetune_weight_decay``
+           finetune_steps, finetune_batch_size,   validation); searched fits also
+           finetune_weight_decay`` (searched      ``weight_decay`` (chosen),
+           fits: ``finetune_steps,                ``search_trials``,
+           finetune_batch_size`` + ``search_*``)  ``search_trials_stopped_early``,
+                                                  ``search_seconds``
 =========  =====================================  ==================================================
+
+Searched fits (``transfer.finetune.search``, orchestrator.search) carry the search's settings as
+params ``search_algorithm, search_num_samples, search_lr`` (``lo,hi``), ``search_weight_decay``,
+``search_eval_every, search_seed, search_max_concurrent_trials`` and, for asha,
+``search_grace_steps, search_reduction_factor``; and the artifact ``search/trials.json``:
+``{"algorithm", "max_steps", "chosen": index, "trials": [{"trial", "lr", "weight_decay", "steps"
+(reached), "val_accuracy" (at the last report), "stopped_early", "history": [{"step",
+"val_accuracy"}, ...]}, ...]}`` in sampling order. The study run's live counts of that phase are
+``finetune_search_trials_*``, counting searched fits.
 
 Artifacts: a pretrain run whose view drops classes stores ``view/class_mask.json``
 (``{"classes": [...names], "included": [...bools]}``): the datamodel mask of Jain et al.

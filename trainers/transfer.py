@@ -5,7 +5,9 @@ features are extracted once per layer (or read from the :class:`~trainers.featur
 and shared by every linear_probe / logistic fit of every shots × seed; fine-tuning fits decode the
 task's images once. The task's train split is divided, by key hash, into a validation part
 (chooses hyperparameters: the probes' L2 strength, the fine-tuning learning rate) and a pool the
-shots are drawn from; the test split is only ever scored.
+shots are drawn from; the test split is only ever scored. A hyperparameter search trains one
+fine-tuning config at a time on a :class:`FinetuneProblem` (the same inputs, the same loop:
+:func:`train_finetune`).
 
 Protocols:
 - ``linear_probe``: closed-form ridge few-shot probe (:func:`trainers.probe.ridge_few_shot`).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -166,49 +169,159 @@ def _logits(net: nn.Module, x_uint8: torch.Tensor, batch_size: int = 512) -> np.
                            for i in range(0, len(x_uint8), batch_size)])
 
 
-def finetune(model, train_x: torch.Tensor, train_y: np.ndarray, val_x: torch.Tensor, val_y: np.ndarray, num_classes: int,
-             settings: FinetuneSettings, seed: int, head_init: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[nn.Module, float, float]:
-    """Fine-tune a copy of ``model.backbone`` with a new linear head; the learning rate of
-    ``settings.lr`` with the best validation accuracy wins. ``head_init`` = (W [C, D], b [C])
-    starts the head from a probe (LP-FT). Trains on ``model``'s device. Returns (network,
-    validation accuracy, lr)."""
-    best = None
+def train_finetune(model, train_x: torch.Tensor, train_y: np.ndarray, num_classes: int, lr: float, weight_decay: float,
+                   steps: int, batch_size: int, seed: int, head_init: tuple[np.ndarray, np.ndarray] | None = None,
+                   every: int = 0, on_eval: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
+    """Fine-tune a copy of ``model.backbone`` with a new linear head, for one config: ``steps``
+    AdamW steps (cosine decay) of ``batch_size`` shots, the head at :data:`HEAD_LR_MULTIPLIER`
+    times ``lr``. ``head_init`` = (W [C, D], b [C]) starts the head from a probe (LP-FT).
+    ``on_eval(step, net)`` is called after every ``every`` steps and after the last one (steps
+    done so far); it may put ``net`` in eval mode, training resumes in train mode. Evaluating
+    draws no random numbers, so the network is the same with or without it. Trains on
+    ``model``'s device (the shots move there once, as uint8)."""
+    torch.manual_seed(seed)
     device = _device(model)
     y = torch.from_numpy(train_y).to(device)
     train_x = train_x.to(device)
+    net = _FinetuneNet(copy.deepcopy(model.backbone), model.feature_dim, num_classes).to(device)
+    if head_init is not None:
+        net.head.weight.data.copy_(torch.from_numpy(head_init[0]).float())
+        net.head.bias.data.copy_(torch.from_numpy(head_init[1]).float())
+    else:  # a zero head (as BiT) does not send large random gradients into the backbone
+        nn.init.zeros_(net.head.weight)
+        nn.init.zeros_(net.head.bias)
+    # The new head learns HEAD_LR_MULTIPLIER times faster than the pretrained backbone.
+    opt = torch.optim.AdamW([
+        {"params": net.backbone.parameters(), "lr_scale": 1.0},
+        {"params": net.head.parameters(), "lr_scale": HEAD_LR_MULTIPLIER},
+    ], lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    n, bs = len(train_y), min(batch_size, len(train_y))
+    order, pos = torch.randperm(n, generator=g), 0
+    net.train()
+    for step in range(steps):
+        if pos + bs > n:
+            order, pos = torch.randperm(n, generator=g), 0
+        idx = order[pos : pos + bs].to(device)
+        pos += bs
+        for group in opt.param_groups:  # cosine decay over the steps
+            group["lr"] = group["lr_scale"] * lr * 0.5 * (1 + np.cos(np.pi * step / steps))
+        loss = nn.functional.cross_entropy(net(normalize(train_x[idx])), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if on_eval is not None and ((every and (step + 1) % every == 0) or step + 1 == steps):
+            on_eval(step + 1, net)
+            net.train()
+    return net
+
+
+def validation_accuracy(net: nn.Module, val_x: torch.Tensor, val_y: np.ndarray) -> float:
+    return float(np.mean(_logits(net, val_x).argmax(1) == val_y)) if len(val_y) else 0.0
+
+
+def finetune(model, train_x: torch.Tensor, train_y: np.ndarray, val_x: torch.Tensor, val_y: np.ndarray, num_classes: int,
+             settings: FinetuneSettings, seed: int, head_init: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[nn.Module, float, float]:
+    """:func:`train_finetune` for each learning rate of ``settings.lr``; the one with the best
+    validation accuracy wins. Returns (network, validation accuracy, lr)."""
+    best = None
     for lr in settings.lr:
-        torch.manual_seed(seed)
-        net = _FinetuneNet(copy.deepcopy(model.backbone), model.feature_dim, num_classes).to(device)
-        if head_init is not None:
-            net.head.weight.data.copy_(torch.from_numpy(head_init[0]).float())
-            net.head.bias.data.copy_(torch.from_numpy(head_init[1]).float())
-        else:  # a zero head (as BiT) does not send large random gradients into the backbone
-            nn.init.zeros_(net.head.weight)
-            nn.init.zeros_(net.head.bias)
-        # The new head learns HEAD_LR_MULTIPLIER times faster than the pretrained backbone.
-        opt = torch.optim.AdamW([
-            {"params": net.backbone.parameters(), "lr_scale": 1.0},
-            {"params": net.head.parameters(), "lr_scale": HEAD_LR_MULTIPLIER},
-        ], lr=lr, weight_decay=settings.weight_decay)
-        g = torch.Generator().manual_seed(seed)
-        n, bs = len(train_y), min(settings.batch_size, len(train_y))
-        order, pos = torch.randperm(n, generator=g), 0
-        net.train()
-        for step in range(settings.steps):
-            if pos + bs > n:
-                order, pos = torch.randperm(n, generator=g), 0
-            idx = order[pos : pos + bs].to(device)
-            pos += bs
-            for group in opt.param_groups:  # cosine decay over the steps
-                group["lr"] = group["lr_scale"] * lr * 0.5 * (1 + np.cos(np.pi * step / settings.steps))
-            loss = nn.functional.cross_entropy(net(normalize(train_x[idx])), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        val_acc = float(np.mean(_logits(net, val_x).argmax(1) == val_y)) if len(val_y) else 0.0
+        net = train_finetune(model, train_x, train_y, num_classes, lr, settings.weight_decay, settings.steps,
+                             settings.batch_size, seed, head_init)
+        val_acc = validation_accuracy(net, val_x, val_y)
         if best is None or val_acc > best[1]:
             best = (net, val_acc, lr)
     return best
+
+
+def frozen_features(model, checkpoint_dir: str, task: ShardedDataset, layers: list[str], image_size: int,
+                    cache: FeatureCache | None, stats: TransferStats) -> dict[tuple[str, str], Features]:
+    """(layer, split) -> frozen features of the train and test splits: from the cache, else one
+    extraction pass per split for every layer the cache lacks (then cached)."""
+    from trainers.pretrain import weights_digest
+
+    feats: dict[tuple[str, str], Features] = {}
+    if not layers:
+        return feats
+    digest = weights_digest(checkpoint_dir)
+    missing = []
+    for layer in layers:
+        got = {s: cache.get(feature_key(digest, task.fingerprint, s, layer, image_size)) if cache else None for s in ("train", "test")}
+        if all(v is not None for v in got.values()):
+            feats.update({(layer, s): v for s, v in got.items()})
+            stats.feature_cache_hits += 1
+        else:
+            missing.append(layer)
+    if missing:
+        for split in ("train", "test"):
+            for layer, f in extract_layers(model, task, split, image_size, missing).items():
+                feats[(layer, split)] = f
+                if cache:
+                    cache.put(feature_key(digest, task.fingerprint, split, layer, image_size), f)
+        stats.feature_extractions += len(missing)
+    return feats
+
+
+def fit_indices(keys: np.ndarray, y: np.ndarray, fit: Fit, val_fraction: float, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shot indices, validation mask) of one fit over a task's train split."""
+    val = validation_mask(keys, val_fraction)
+    pool = np.flatnonzero(~val)
+    return pool[shot_indices(keys[pool], y[pool], fit.shots, fit.seed, num_classes)], val
+
+
+def _lp_ft_head(final_train: Features, keys: np.ndarray, idx: np.ndarray, val: np.ndarray, num_classes: int, task: str):
+    """The logistic probe on final features, folded back to raw features: LP-FT's initial head."""
+    if not np.array_equal(final_train.keys, keys):
+        raise RuntimeError(f"feature and image order of task '{task}' differ: stale feature cache?")
+    f = final_train
+    return logistic_probe(f.x[idx], f.y[idx], f.x[val], f.y[val], None, num_classes).raw_head()
+
+
+@dataclass
+class FinetuneProblem:
+    """One finetune / lp_ft fit, ready to be trained config by config (a hyperparameter search):
+    the pretrained model, its shots, the validation carve-out and, for lp_ft, the probe head."""
+
+    model: nn.Module
+    fit: Fit
+    task: ShardedDataset
+    image_size: int
+    train_x: torch.Tensor
+    train_y: np.ndarray
+    val_x: torch.Tensor
+    val_y: np.ndarray
+    head_init: tuple[np.ndarray, np.ndarray] | None
+
+    def train(self, lr: float, weight_decay: float, steps: int, batch_size: int, every: int = 0, on_eval=None) -> nn.Module:
+        return train_finetune(self.model, self.train_x, self.train_y, self.task.num_classes, lr, weight_decay, steps, batch_size,
+                              self.fit.seed, self.head_init, every, on_eval)
+
+    def validation_accuracy(self, net: nn.Module) -> float:
+        return validation_accuracy(net, self.val_x, self.val_y)
+
+    def test(self, net: nn.Module, **extra) -> FitResult:
+        """Score ``net`` on the task's test split (after the choice is made, never before)."""
+        test = _Images(self.task, "test", self.image_size)
+        return _result(self.fit, _logits(net, test.x), test.keys, test.y, self.task.num_classes, len(self.train_y), **extra)
+
+
+def finetune_problem(checkpoint_dir: str, task: ShardedDataset, fit: Fit, val_fraction: float = 0.2,
+                     cache: FeatureCache | None = None, image_size: int | None = None,
+                     device: torch.device | str | None = None) -> FinetuneProblem:
+    """The :class:`FinetuneProblem` of one fit: decodes the task's train split once (and, for
+    lp_ft, reads or extracts its final features) — the same inputs :func:`evaluate_transfer`
+    gives the fit. The model sits on ``device`` (default CPU), where its configs train."""
+    from trainers.pretrain import load_model
+
+    model = load_model(checkpoint_dir).to(device or "cpu")
+    image_size = image_size or model.meta.get("image_size", 32)
+    im = _Images(task, "train", image_size)
+    idx, val = fit_indices(im.keys, im.y, fit, val_fraction, task.num_classes)
+    head = None
+    if fit.protocol == "lp_ft":
+        feats = frozen_features(model, checkpoint_dir, task, [FINAL_LAYER], image_size, cache, TransferStats())
+        head = _lp_ft_head(feats[(FINAL_LAYER, "train")], im.keys, idx, val, task.num_classes, task.name)
+    return FinetuneProblem(model, fit, task, image_size, im.x[idx], im.y[idx], im.x[val], im.y[val], head)
 
 
 def evaluate_transfer(
@@ -223,7 +336,7 @@ def evaluate_transfer(
 ) -> tuple[list[FitResult], TransferStats]:
     """Every fit of one (checkpoint, task), sharing feature extraction and decoded images; the
     network runs on ``device`` (default CPU), the probes on its features on the CPU."""
-    from trainers.pretrain import load_model, weights_digest
+    from trainers.pretrain import load_model
 
     model = load_model(checkpoint_dir).to(device or "cpu")
     image_size = image_size or model.meta.get("image_size", 32)
@@ -232,24 +345,7 @@ def evaluate_transfer(
 
     # Frozen features: one extraction per layer and split, unless the cache holds it.
     layers = sorted({f.layer for f in fits if f.protocol in FROZEN} | ({FINAL_LAYER} if any(f.protocol == "lp_ft" for f in fits) else set()))
-    feats: dict[tuple[str, str], Features] = {}
-    if layers:
-        digest = weights_digest(checkpoint_dir)
-        missing = []
-        for layer in layers:
-            got = {s: cache.get(feature_key(digest, task.fingerprint, s, layer, image_size)) if cache else None for s in ("train", "test")}
-            if all(v is not None for v in got.values()):
-                feats.update({(layer, s): v for s, v in got.items()})
-                stats.feature_cache_hits += 1
-            else:
-                missing.append(layer)
-        if missing:
-            for split in ("train", "test"):
-                for layer, f in extract_layers(model, task, split, image_size, missing).items():
-                    feats[(layer, split)] = f
-                    if cache:
-                        cache.put(feature_key(digest, task.fingerprint, split, layer, image_size), f)
-            stats.feature_extractions += len(missing)
+    feats = frozen_features(model, checkpoint_dir, task, layers, image_size, cache, stats)
 
     images: dict[str, _Images] = {}
 
@@ -269,9 +365,7 @@ def evaluate_transfer(
         else:
             im = imgs("train")
             keys, y, x = im.keys, im.y, None
-        val = validation_mask(keys, val_fraction)
-        pool = np.flatnonzero(~val)
-        idx = pool[shot_indices(keys[pool], y[pool], fit.shots, fit.seed, C)]
+        idx, val = fit_indices(keys, y, fit, val_fraction, C)
         if fit.protocol == "linear_probe":
             r = ridge_few_shot(x[idx], y[idx], x[val], y[val], test.x, test.y, C)
             results.append(_result(fit, r.scores, test.keys, test.y, C, len(idx), validation_accuracy=r.validation_accuracy, l2_reg=r.l2_reg))
@@ -279,13 +373,7 @@ def evaluate_transfer(
             r = logistic_probe(x[idx], y[idx], x[val], y[val], test.x, C)
             results.append(_result(fit, r.scores, test.keys, test.y, C, len(idx), validation_accuracy=r.validation_accuracy, l2_reg=r.l2_reg))
         else:
-            head = None
-            if fit.protocol == "lp_ft":  # the probe on final features, folded back to raw features
-                ftr = feats[(FINAL_LAYER, "train")]
-                if not np.array_equal(ftr.keys, keys):
-                    raise RuntimeError(f"feature and image order of task '{task.name}' differ: stale feature cache?")
-                r = logistic_probe(ftr.x[idx], ftr.y[idx], ftr.x[val], ftr.y[val], None, C)
-                head = r.raw_head()
+            head = _lp_ft_head(feats[(FINAL_LAYER, "train")], keys, idx, val, C, task.name) if fit.protocol == "lp_ft" else None
             test_im = imgs("test")
             net, val_acc, lr = finetune(model, im.x[idx], y[idx], im.x[val], y[val], C, finetune_settings, fit.seed, head)
             scores = _logits(net, test_im.x)
