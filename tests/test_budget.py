@@ -1,4 +1,7 @@
-"""Budgets (budget.max_trials, budget.max_hours), the plan estimate, --fail-fast and phase progress."""
+"""Budgets (budget.max_trials, budget.max_hours), the plan estimate, --fail-fast, phase progress,
+and a failing pretraining run that is recorded and does not stop the study."""
+
+import json
 
 import pytest
 import yaml
@@ -66,14 +69,16 @@ def _runs(client, study):
 
 
 def test_max_hours_stops_launching_and_fail_fast_stops_at_the_first_failure(ray_cluster, tmp_path, capsys, monkeypatch):
-    """One study, three runs: past max_hours (exit 3), --fail-fast (exit 1), then the default."""
+    """One study, three runs: past max_hours (exit 3), --fail-fast (exit 1), then the default, where
+    the source whose images are not images fails, is recorded, and the good source's runs complete.
+    (One study for all of it: each pretraining run costs a TorchTrainer start-up.)"""
     from datasets_ import write_sharded_dataset
 
     rows = [(split, {"key": f"bad-{split}-{i}", "image": b"not a png", "label": i % 2, "caption": ""})
             for split, n in (("train", 80), ("test", 10)) for i in range(n)]
     write_sharded_dataset(tmp_path / "broken", "broken", ["a", "b"], rows)
     spec = {**SPEC, "study": "stops", "sources": {"broken": {"uri": str(tmp_path / "broken")}, "mnist": {"uri": "builtin:mnist"}},
-            "pretrain": {**SPEC["pretrain"], "sweep": {"pretrain_size": [40], "label_noise": [0.0]}},
+            "pretrain": {**SPEC["pretrain"], "sweep": {"pretrain_size": [40], "label_noise": [0.0], "class_fraction": [0.5]}},
             "resources": {"workers": 1, "max_failures": 0, "max_concurrent_trials": 1},
             "budget": {"max_hours": 0.0003}}  # about 1 s: over before the first trial starts
     study = tmp_path / "study.yaml"
@@ -85,7 +90,7 @@ def test_max_hours_stops_launching_and_fail_fast_stops_at_the_first_failure(ray_
     for name in ("STARTUP_S", "PRETRAIN_OVERHEAD_S", "PRETRAIN_S_PER_SAMPLE_EPOCH", "TRANSFER_OVERHEAD_S", "FROZEN_FIT_S"):
         monkeypatch.setattr(estimate, name, 0.0)
     client = MlflowClient(uri)
-    broken, good = "supervised broken n=40 noise=0", "supervised mnist n=40 noise=0"
+    broken, good = "supervised broken n=40 noise=0 classes=1", "supervised mnist n=40 noise=0 classes=5"
 
     assert main(argv) == 3
     captured = capsys.readouterr()
@@ -109,10 +114,21 @@ def test_max_hours_stops_launching_and_fail_fast_stops_at_the_first_failure(ray_
     assert not [r for r in runs.values() if r.data.tags.get(TAG_KIND) == "transfer"]
 
     assert main([*argv, "budget.max_hours=100"]) == 1  # the broken source fails again, the rest runs
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert f"{broken}: FAILED" in out
+    assert f"1 trial(s) failed: {broken}" in captured.err
     runs = _runs(client, "stops")
+    assert runs[broken].info.status == "FAILED"
     assert runs[good].info.status == "FINISHED" and runs[good].info.run_id == first_ids[good]
+    # The class-filtered view is recorded with the run: its class mask and the kept classes.
+    path = client.download_artifacts(runs[good].info.run_id, "view/class_mask.json", str(tmp_path))
+    recorded = json.loads(open(path).read())
+    assert recorded["classes"] == [str(i) for i in range(10)] and sum(recorded["included"]) == 5
+    assert runs[good].data.params["kept_classes"] == ",".join(str(i) for i, k in enumerate(recorded["included"]) if k)
     assert runs["linear_probe digits 1-shot seed=0"].info.status == "FINISHED"
+    assert runs["study stops"].info.status == "FAILED"
+    assert runs["study stops"].data.metrics["failed_runs"] == 1
     assert "[pretrain] started" in out and "running 1" in out
     assert "done 1, running 0, failed 1 of 2" in out
     assert "[pretrain] phase over: 1 done, 1 failed of 2 trials" in out

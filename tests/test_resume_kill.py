@@ -106,7 +106,9 @@ def test_sigkilled_study_resumes_exactly_once(tmp_path, capsys, ray_tmp):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = [str(study), "--tracking-uri", uri]
     run_argv = [sys.executable, "-m", "orchestrator.cli", "run", *common, "--storage-path", str(tmp_path / "storage")]
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_RUN_ID")}
+    # Ray Train's default 2 s controller poll (conftest shortens it for the other tests) paces the
+    # epochs, so the kill below lands between two epochs' checkpoints, not after the last one.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_RUN_ID", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
     env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled")
 
     fresh = _plan(common, capsys)
