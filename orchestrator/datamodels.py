@@ -364,9 +364,9 @@ def run_datamodels(spec: StudySpec, plan: DatamodelPlan, tracker: Tracker, exp: 
     status = FAILED
     try:
         if ctx.trials:
-            import ray
+            from orchestrator.sweep import cluster_gpus
 
-            cluster = {"CPU": cpus, "GPU": float(ray.cluster_resources().get("GPU", 0))}
+            cluster = {"CPU": cpus, "GPU": cluster_gpus()}
             concurrency = r.max_concurrent_trials or r.light_concurrency(cluster, r.cpus_per_worker)
             labels = {k: f"models {v[0]}..{v[-1]} ({len(v)})" for k, v in ctx.trials.items()}
             progress = _run_phase("datamodels", _datamodel_trial, "trial", labels, ctx, r.light_trial(r.cpus_per_worker), concurrency,

@@ -25,7 +25,7 @@ import time
 
 from orchestrator import retry
 from orchestrator.cluster import apply_mlflow_client_env
-from orchestrator.sweep import NOT_LAUNCHED, PhaseContext, Progress, feature_cache, record_fit, transfer_concurrency
+from orchestrator.sweep import NOT_LAUNCHED, PhaseContext, Progress, cluster_gpus, feature_cache, record_fit, transfer_concurrency
 from orchestrator.tracking import Tracker
 
 PHASE = "finetune-search"
@@ -61,8 +61,23 @@ def choose(trials: list[dict], steps: int) -> dict:
     return max(pool, key=lambda t: (t["val_accuracy"], -t["trial"]))
 
 
+# This process's last FinetuneProblem: Tune reuses a search's trial actors (reuse_actors), so
+# the configs after a process's first one skip the checkpoint load and the task's decode.
+_LAST_PROBLEM: dict[tuple[str, str], object] = {}
+
+
 def _problem(ctx: PhaseContext, key: str):
-    """The fit's FinetuneProblem, on whichever node this runs (paths/URIs come in ``ctx``)."""
+    """The fit's FinetuneProblem, on whichever node this runs (paths/URIs come in ``ctx``);
+    built once per process and fit (it is only read: every config trains a copy)."""
+    group, _ = ctx.searches[key]
+    memo = (key, ctx.checkpoints[group.pretrain_hash])
+    if memo not in _LAST_PROBLEM:
+        _LAST_PROBLEM.clear()
+        _LAST_PROBLEM[memo] = _build_problem(ctx, key)
+    return _LAST_PROBLEM[memo]
+
+
+def _build_problem(ctx: PhaseContext, key: str):
     from ray.train import Checkpoint
 
     from datasets_ import open_dataset
@@ -185,12 +200,6 @@ class _Watch:
         self.callback, self.stopper = Lines(), Stop()
 
 
-def _cluster_gpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0))
-
-
 def search_fit(ctx: PhaseContext, key: str, label: str, cluster_cpus: float, finisher) -> dict:
     """Search one fit's hyperparameters, then have ``finisher`` (a :class:`_Finisher` actor)
     retrain the best config and record the fit; the outcome (``{NOT_LAUNCHED: 1}`` if
@@ -205,7 +214,7 @@ def search_fit(ctx: PhaseContext, key: str, label: str, cluster_cpus: float, fin
     watch = _Watch(ctx, label, steps)
     # The generator bounds concurrency itself: Tune ignores max_concurrent_trials with one.
     sampler = BasicVariantGenerator(random_state=s["seed"], max_concurrent=min(
-        s["num_samples"], s["max_concurrent_trials"] or transfer_concurrency(cluster_cpus, ctx.resources, _cluster_gpus())))
+        s["num_samples"], s["max_concurrent_trials"] or transfer_concurrency(cluster_cpus, ctx.resources, cluster_gpus())))
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_search_trial, ctx=ctx, key=key), ctx.resources.light_trial()),
         param_space=search_space(s),

@@ -438,13 +438,17 @@ def _describe_epoch(result: dict) -> str | None:
     return f"epoch {int(result['epoch']) + 1}: train_loss={result['train_loss']:.4f} ({result.get('images_per_second', 0):.0f} img/s)"
 
 
-def run_transfer_phase(ctx: PhaseContext, labels: dict[str, str], cluster_cpus: float, on_counts=None) -> Progress:
+def cluster_gpus() -> float:
+    """GPUs of the connected Ray cluster (what light trials are packed onto)."""
     import ray
 
-    gpus = float(ray.cluster_resources().get("GPU", 0))
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def run_transfer_phase(ctx: PhaseContext, labels: dict[str, str], cluster_cpus: float, on_counts=None) -> Progress:
     return _run_phase(
         "transfer", _transfer_trial, "group", labels, ctx, ctx.resources.light_trial(),
-        transfer_concurrency(cluster_cpus, ctx.resources, gpus),
+        transfer_concurrency(cluster_cpus, ctx.resources, cluster_gpus()),
         lambda r: f"{r.get('fits', 0)} fits, mean accuracy {r.get('mean_accuracy', float('nan')):.3f}, "
                   f"features: {r.get('feature_extractions', 0)} extracted, {r.get('feature_cache_hits', 0)} from cache",
         on_counts=on_counts,
