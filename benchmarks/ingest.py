@@ -1,13 +1,19 @@
 """Images/s delivered as model-ready batches: transferlab's Ray Data path vs a plain torch
 DataLoader over the same shards with the same decode, vs single-process decode.
 
-    python benchmarks/ingest.py --images 3000 --size 256 --image-size 224 --cpus 2 [--webdataset]
+    python benchmarks/ingest.py --images 3000 --size 256 --image-size 224 --cpus 2 --rounds 3 [--webdataset]
 
 Writes synthetic JPEGs (smooth random colour fields, so they compress like photos) into
 transferlab Parquet shards in a temporary directory, then times each path over ``--epochs``
-passes and reports the last one (the first includes start-up). ``--webdataset`` also times the
-Ray Data path over the same samples as transferlab WebDataset tars (the read-unit path that raw
-sources take too). Run by hand; figures go in docs/benchmarks.md.
+passes and keeps the last one (the first includes start-up). The paths take turns for
+``--rounds`` rounds, so a noisy neighbour slows all of them alike; the median and range over the
+rounds are printed. Every path decodes with the same function and yields the same model-ready
+float32 batches. The DataLoader runs twice: as written plainly, and with
+``datasets_.pipeline.keep_batch_memory`` in its workers — the allocator setting transferlab's
+own training workers and decode tasks use — so the comparison is not won by that setting alone.
+``--webdataset`` also times the Ray Data path over the same samples as transferlab WebDataset
+tars (the read-unit path that raw sources take too). Run by hand; figures go in
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import statistics
 import tempfile
 import time
 
@@ -24,7 +31,7 @@ import torch
 from PIL import Image
 
 from datasets_ import write_sharded_dataset
-from datasets_.pipeline import decode_images, normalize, ray_dataset
+from datasets_.pipeline import decode_images, keep_batch_memory, normalize, ray_dataset
 
 
 def synthetic_dataset(root: str, n: int, size: int, shard_size: int, shard_format: str = "parquet"):
@@ -64,8 +71,13 @@ class _Shards(torch.utils.data.IterableDataset):
                 )
 
 
-def dataloader(ds, image_size: int, batch: int, workers: int, epochs: int) -> float:
-    loader = torch.utils.data.DataLoader(_Shards(ds.files("train"), image_size, batch), batch_size=None, num_workers=workers)
+def _keep_batch_memory(_worker_id: int) -> None:
+    keep_batch_memory()
+
+
+def dataloader(ds, image_size: int, batch: int, workers: int, epochs: int, keep_memory: bool = False) -> float:
+    loader = torch.utils.data.DataLoader(_Shards(ds.files("train"), image_size, batch), batch_size=None, num_workers=workers,
+                                         worker_init_fn=_keep_batch_memory if keep_memory else None)
     rate = 0.0
     for _ in range(epochs):
         t0, n = time.perf_counter(), 0
@@ -75,8 +87,11 @@ def dataloader(ds, image_size: int, batch: int, workers: int, epochs: int) -> fl
     return rate
 
 
-def ray_data(ds, image_size: int, batch: int, epochs: int) -> float:
-    data = ray_dataset(ds, "train", image_size, decode_batch_size=batch)
+def ray_data(ds, image_size: int, epochs: int, batch: int) -> float:
+    """The consumer is what a transferlab training worker does: it sets ``keep_batch_memory``
+    (``trainers.pretrain.pretrain_loop`` does) and normalizes each uint8 batch."""
+    keep_batch_memory()
+    data = ray_dataset(ds, "train", image_size)
     rate = 0.0
     for _ in range(epochs):
         t0, n = time.perf_counter(), 0
@@ -93,28 +108,42 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=224, help="decoded side fed to the model")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--cpus", type=int, default=os.cpu_count())
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2, help="passes per path per round; the last one counts")
+    p.add_argument("--rounds", type=int, default=3, help="rounds in which every path takes its turn")
     p.add_argument("--webdataset", action="store_true", help="also time the Ray Data path over WebDataset tars")
     args = p.parse_args()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     torch.set_num_threads(1)
+    import ray
+
     with tempfile.TemporaryDirectory() as tmp:
         print(f"writing {args.images} JPEGs of {args.size}px ...", flush=True)
-        ds = synthetic_dataset(tmp, args.images, args.size, shard_size=max(1, args.images // (2 * args.cpus)))
-        results = {"raw decode, 1 process": raw_decode(ds, args.image_size, args.batch)}
-        results[f"torch DataLoader, {args.cpus} workers"] = dataloader(ds, args.image_size, args.batch, args.cpus, args.epochs)
-        import ray
-
+        shard = max(1, args.images // (2 * args.cpus))
+        ds = synthetic_dataset(tmp, args.images, args.size, shard_size=shard)
+        tars = synthetic_dataset(tmp, args.images, args.size, shard, "webdataset") if args.webdataset else None
+        dl = f"torch DataLoader, {args.cpus} workers"
+        paths = {
+            "raw decode, 1 process": lambda: raw_decode(ds, args.image_size, args.batch),
+            dl: lambda: dataloader(ds, args.image_size, args.batch, args.cpus, args.epochs),
+            "same, + keep_batch_memory in workers": lambda: dataloader(ds, args.image_size, args.batch, args.cpus, args.epochs, True),
+            f"transferlab Ray Data path, {args.cpus} CPUs": lambda: ray_data(ds, args.image_size, args.epochs, args.batch),
+        }
+        if tars is not None:
+            paths[f"same, WebDataset tars, {args.cpus} CPUs"] = lambda: ray_data(tars, args.image_size, args.epochs, args.batch)
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-        results[f"transferlab Ray Data path, {args.cpus} CPUs"] = ray_data(ds, args.image_size, args.batch, args.epochs)
-        if args.webdataset:
-            tars = synthetic_dataset(tmp, args.images, args.size, max(1, args.images // (2 * args.cpus)), "webdataset")
-            results[f"same, WebDataset tars, {args.cpus} CPUs"] = ray_data(tars, args.image_size, args.batch, args.epochs)
+        rates: dict[str, list[float]] = {name: [] for name in paths}
+        for r in range(args.rounds):
+            for name, run in paths.items():
+                rates[name].append(run())
+                print(f"round {r + 1}/{args.rounds}  {name:<40} {rates[name][-1]:6.0f} img/s", flush=True)
         ray.shutdown()
-    base = results[f"torch DataLoader, {args.cpus} workers"]
-    print(f"\n{args.images} JPEG {args.size}px -> float32 3x{args.image_size}x{args.image_size}, batch {args.batch}, last of {args.epochs} passes")
-    for name, rate in results.items():
-        print(f"{name:<40} {rate:8.0f} img/s  {rate / base:5.2f}x DataLoader")
+    ratio = {name: [a / b for a, b in zip(v, rates[dl])] for name, v in rates.items()}  # per round, vs that round's DataLoader
+    print(f"\n{args.images} JPEG {args.size}px -> float32 3x{args.image_size}x{args.image_size}, batch {args.batch}, "
+          f"last of {args.epochs} passes, {args.rounds} rounds: median (min-max)")
+    for name, v in rates.items():
+        q = ratio[name]
+        print(f"{name:<40} {statistics.median(v):6.0f} img/s ({min(v):.0f}-{max(v):.0f})   "
+              f"{statistics.median(q):5.2f}x DataLoader ({min(q):.2f}-{max(q):.2f})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Builtin real datasets become Parquet shards with a manifest; images decode back exactly."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -60,3 +63,56 @@ def test_missing_and_foreign_directories_are_clear_errors(tmp_path):
         resolve_dataset(str(tmp_path))
     with pytest.raises(DatasetError, match="unknown builtin dataset 'cifar'"):
         resolve_dataset("builtin:cifar")
+
+
+def test_shard_units_cut_a_split_into_row_ranges_that_read_back_in_order(tmp_path):
+    from datasets_.indexed import iter_encoded
+    from datasets_.pipeline import _iter_shard_rows, _shard_units
+
+    ds = prepare_builtin("digits", root=tmp_path)
+    columns = ["key", "image", "label"]
+    units = _shard_units(ds, "train", columns, rows_per_unit=100)
+    n = ds.num_samples("train")
+    assert len(units) == -(-n // 100) and units[0]["rows"] == [0, 100] and units[-1]["rows"][1] == n
+    # batch_size 64 does not divide 100: unit edges fall inside Parquet batches
+    cut = [(k, img, int(y)) for u in units for b in _iter_shard_rows(u, 64) for k, img, y in zip(b["key"], b["image"], b["label"])]
+    whole = [(k, img, int(y)) for b in iter_encoded(ds, "train", 256) for k, img, y in zip(b["key"], b["image"], b["label"])]
+    assert cut == whole and len(cut) == n
+
+
+def test_ray_dataset_streams_every_sample_once_decoded(ray_cluster, tmp_path):
+    from datasets_.pipeline import decode_split, ray_dataset
+
+    ds = prepare_builtin("digits", root=tmp_path)
+    data = ray_dataset(ds, "train", image_size=8, decode_batch_size=100, concurrency=2)
+    got = sorted((int(y), img.tobytes()) for b in data.iter_batches(batch_size=None, batch_format="numpy")
+                 for img, y in zip(b["image"], b["label"]))
+    images, labels, _ = decode_split(ds, "train", image_size=8)
+    assert got == sorted((int(y), img.tobytes()) for img, y in zip(images.numpy(), labels))
+
+
+KEEP_MEMORY_PROBE = """
+import ctypes, sys
+import numpy as np
+from datasets_.pipeline import keep_batch_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+kept = keep_batch_memory()
+batch = np.ones((64, 3, 224, 224), dtype=np.float32)  # 38.5 MB: above glibc's 32 MiB automatic mmap threshold
+print(kept, libc.mallinfo2().hblkhd >= batch.nbytes)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_keep_batch_memory_puts_batch_sized_buffers_in_the_reusable_heap():
+    def probe(env):
+        out = subprocess.run([sys.executable, "-c", KEEP_MEMORY_PROBE], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env})
+        return out.stdout.split()
+
+    assert probe({"TRANSFERLAB_KEEP_BATCH_MEMORY": "1"}) == ["True", "False"]  # in the heap, reused
+    assert probe({"TRANSFERLAB_KEEP_BATCH_MEMORY": "0"}) == ["False", "True"]  # glibc's default: its own mapping

@@ -138,7 +138,7 @@ def test_webdataset_dataset_on_s3_round_trip(ray_cluster, sources, tmp_path):
 
 
 def test_one_big_parquet_file_is_read_in_row_group_units(ray_cluster, sources):
-    from datasets_.pipeline import _unit_dataset
+    from datasets_.pipeline import decode_uint8, ray_dataset
 
     ds = resolve_dataset(f"s3://{BUCKET}/pq", **PQ_COLUMNS)
     assert ds.files("train") == [f"s3://{BUCKET}/pq/big.parquet"]
@@ -151,9 +151,11 @@ def test_one_big_parquet_file_is_read_in_row_group_units(ray_cluster, sources):
     reads = [[(k, img, y, c) for u in units for b in iter_unit(u, batch_size=64)
               for k, img, y, c in zip(b["key"], b["image"], b["label"], b["caption"])] for units in (whole, per_group, split)]
     assert reads[0] == reads[1] == reads[2] and [r[0] for r in reads[0]] == list(ds.keys_and_labels("train").keys)
-    # Ray Data reads one unit per task, every indexed sample once.
-    rows = _unit_dataset(ds, "train", task_cpus=0.25).take_all()
-    assert sorted(r["key"] for r in rows) == sorted(r[0] for r in reads[0])
+    # Ray Data reads one unit per task, every indexed sample once, decoded as in this process.
+    got = [(int(y), img.tobytes()) for b in ray_dataset(ds, "train", image_size=8).iter_batches(batch_size=None, batch_format="numpy")
+           for img, y in zip(b["image"], b["label"])]
+    want = [(int(r[2]), img.tobytes()) for r, img in zip(reads[0], decode_uint8([r[1] for r in reads[0]], 8))]
+    assert sorted(got) == sorted(want)
 
 
 def test_missing_s3_sources_are_one_line_errors_at_validate(sources, tmp_path, capsys):

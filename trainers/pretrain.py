@@ -21,7 +21,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from datasets_.pipeline import normalize
+from datasets_.pipeline import keep_batch_memory, normalize
 from trainers.methods import (
     build_pretrain_model,
     class_prompts,
@@ -158,6 +158,7 @@ def pretrain_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    keep_batch_memory()  # batches are normalized here, on CPU workers by the CPU
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     method = config.get("method", "supervised")
