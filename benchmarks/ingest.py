@@ -1,7 +1,7 @@
 """Images/s delivered as model-ready batches: transferlab's Ray Data path vs a plain torch
 DataLoader over the same shards with the same decode, vs single-process decode.
 
-    python benchmarks/ingest.py --images 3000 --size 256 --image-size 224 --cpus 2 --rounds 3 [--webdataset]
+    python benchmarks/ingest.py --images 8000 --size 256 --image-size 224 --cpus 2 --rounds 3 [--webdataset]
 
 Writes synthetic JPEGs (smooth random colour fields, so they compress like photos) into
 transferlab Parquet shards in a temporary directory, then times each path over ``--epochs``
@@ -103,7 +103,7 @@ def ray_data(ds, image_size: int, epochs: int, batch: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=3000)
+    p.add_argument("--images", type=int, default=8000)
     p.add_argument("--size", type=int, default=256, help="stored JPEG side")
     p.add_argument("--image-size", type=int, default=224, help="decoded side fed to the model")
     p.add_argument("--batch", type=int, default=64)

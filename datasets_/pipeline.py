@@ -153,8 +153,9 @@ def ray_dataset(
     With ``text`` (CLIP pretraining), batches also carry ``tokens`` (int64 [B, context]): the
     tokenized :func:`training_captions`.
 
-    Nothing is materialized: shards are read, filtered to the view, relabelled and decoded in
-    Ray Data tasks while training consumes them. ``task_cpus`` is the CPU reservation of each
+    Nothing is materialized: each Ray Data task reads one read unit (a row range of a Parquet
+    shard, a tar, a run of image files), filters it to the view, relabels and decodes it, while
+    training consumes the blocks (docs/benchmarks.md: 1.17x a plain DataLoader on 2 cores). ``task_cpus`` is the CPU reservation of each
     read/decode task: fractional, so that training workers holding whole CPUs never leave ingest
     with too little to schedule a task (which hangs silently). ``concurrency`` caps the decode
     tasks running at once (default: this machine's cores): fractional reservations alone let
