@@ -7,6 +7,9 @@ a run of image files of a folder. A unit is the
 piece of work one Ray Data task reads, or that a local loop reads in turn, so Ray streams and
 local reads see the same samples in the same order. Only samples the index lists are emitted:
 the scan that wrote it already dropped bad, duplicate and other-split samples.
+
+transferlab's own Parquet shards need no index: :func:`shard_units` cuts them into row ranges
+(kind ``shard``) that :func:`iter_unit` reads like the other kinds.
 """
 
 from __future__ import annotations
@@ -116,8 +119,44 @@ def _unit_images(unit: dict) -> Iterator[tuple[str, bytes]]:
             yield s.key, s.image
 
 
+def shard_units(dataset, split: str, columns: list[str], rows_per_unit: int | None = None) -> list[dict]:
+    """Read units of a transferlab Parquet split: row ranges of at most ``rows_per_unit`` rows of
+    each shard (its ``num_rows`` is in the manifest; ``None``: whole shards), so a split of few
+    shards is still read by several tasks at once."""
+    units = []
+    for shard in dataset.manifest["shards"]:
+        if shard["split"] != split:
+            continue
+        n = shard["num_rows"]
+        step = rows_per_unit or max(1, n)
+        units += [{"kind": "shard", "path": dataset.resolve(shard["path"]), "rows": [lo, min(n, lo + step)], "columns": columns}
+                  for lo in range(0, n, step)]
+    return units
+
+
+def _shard_rows(unit: dict, batch_size: int) -> Iterator[dict]:
+    """Batches of numpy columns of one Parquet row range, images still encoded."""
+    from datasets_.shards import parquet_file
+
+    lo, hi = unit["rows"]
+    at = 0
+    for rb in parquet_file(unit["path"]).iter_batches(batch_size=batch_size, columns=unit["columns"]):
+        first, at = at, at + rb.num_rows
+        if at <= lo:
+            continue
+        if first >= hi:
+            break
+        rb = rb.slice(max(0, lo - first), min(rb.num_rows, hi - first) - max(0, lo - first))
+        yield {c: (rb.column(c).to_numpy().astype(np.int64) if c == "label" else np.asarray(rb.column(c).to_pylist(), dtype=object))
+               for c in unit["columns"]}
+
+
 def iter_unit(unit: dict, batch_size: int = 256) -> Iterator[dict]:
-    """Batches ``{key, image (bytes), label, caption}`` of the unit's indexed samples."""
+    """Batches ``{key, image (bytes), label, caption}`` of the unit's indexed samples (a
+    :func:`shard_units` unit: its ``columns``)."""
+    if unit["kind"] == "shard":
+        yield from _shard_rows(unit, batch_size)
+        return
     where = {k: i for i, k in enumerate(unit["keys"])}
     rows: list[int] = []
     images: list[bytes] = []
@@ -146,14 +185,7 @@ def iter_unit(unit: dict, batch_size: int = 256) -> Iterator[dict]:
 def iter_encoded(dataset, split: str, batch_size: int = 256, columns=("key", "image", "label")) -> Iterator[dict]:
     """A split's samples as batches of numpy columns (images still encoded), in read order, for
     any dataset format."""
-    if dataset.format == "parquet":
-        from datasets_.shards import parquet_file
-
-        for path in dataset.files(split):
-            for rb in parquet_file(path).iter_batches(batch_size=batch_size, columns=list(columns)):
-                yield {c: (rb.column(c).to_numpy().astype(np.int64) if c == "label" else np.asarray(rb.column(c).to_pylist(), dtype=object))
-                       for c in columns}
-        return
-    for unit in read_units(dataset, split):
+    units = shard_units(dataset, split, list(columns)) if dataset.format == "parquet" else read_units(dataset, split)
+    for unit in units:
         for b in iter_unit(unit, batch_size):
             yield {c: b[c] for c in columns}

@@ -155,24 +155,23 @@ def ray_dataset(
 
     Nothing is materialized: each Ray Data task reads one read unit (a row range of a Parquet
     shard, a tar, a run of image files), filters it to the view, relabels and decodes it, while
-    training consumes the blocks (docs/benchmarks.md: 1.17x a plain DataLoader on 2 cores). ``task_cpus`` is the CPU reservation of each
-    read/decode task: fractional, so that training workers holding whole CPUs never leave ingest
+    training consumes the blocks (docs/benchmarks.md: 1.17x a plain DataLoader on 2 cores).
+    ``task_cpus`` is the CPU reservation of each read/decode task: fractional, so that training workers holding whole CPUs never leave ingest
     with too little to schedule a task (which hangs silently). ``concurrency`` caps the decode
     tasks running at once (default: this machine's cores): fractional reservations alone let
     Ray start four decoders per core, which thrash (measured: 236 vs 790 img/s on 2 cores).
     """
     import ray.data
 
+    from datasets_.indexed import read_units, shard_units
+
     decode = functools.partial(_view_and_decode, view=view, image_size=image_size, classes=dataset.classes if text else None)
     concurrency = concurrency or max(1, os.cpu_count() or 1)
     if dataset.format == "parquet":
         wants_caption = text or (view is not None and view.needs_captions)
         columns = ["key", "image", "label"] + (["caption"] if wants_caption else [])
-        total = dataset.num_samples(split)
-        units = _shard_units(dataset, split, columns, max(decode_batch_size, -(-total // (4 * concurrency))))
+        units = shard_units(dataset, split, columns, max(decode_batch_size, -(-dataset.num_samples(split) // (4 * concurrency))))
     else:
-        from datasets_.indexed import read_units
-
         units = read_units(dataset, split)
     # One operator, one task per read unit: the task reads its unit, applies the view and
     # decodes, yielding a block per ``decode_batch_size`` samples. Encoded bytes never pass
@@ -185,48 +184,12 @@ def ray_dataset(
     )
 
 
-def _shard_units(dataset: ShardedDataset, split: str, columns: list[str], rows_per_unit: int) -> list[dict]:
-    """Read units of a transferlab Parquet split: row ranges of at most ``rows_per_unit`` rows
-    of each shard (its row count is in the manifest), so a split of few shards is still decoded
-    by several tasks at once."""
-    units = []
-    for shard in dataset.manifest["shards"]:
-        if shard["split"] != split:
-            continue
-        n = shard.get("num_rows")
-        for lo in range(0, n, rows_per_unit) if n else [None]:  # no row count: the whole shard
-            rows = None if lo is None else [lo, min(n, lo + rows_per_unit)]
-            units.append({"kind": "shard", "path": dataset.resolve(shard["path"]), "rows": rows, "columns": columns})
-    return units
-
-
-def _iter_shard_rows(unit: dict, batch_size: int) -> Iterator[dict]:
-    """Batches of numpy columns of one Parquet row range, images still encoded."""
-    from datasets_.shards import parquet_file
-
-    lo, hi = unit["rows"] or (0, None)
-    at = 0
-    for rb in parquet_file(unit["path"]).iter_batches(batch_size=batch_size, columns=unit["columns"]):
-        n, first = rb.num_rows, at
-        at += n
-        if at <= lo:
-            continue
-        if hi is not None and first >= hi:
-            break
-        start, stop = max(0, lo - first), n if hi is None else min(n, hi - first)
-        rb = rb.slice(start, stop - start)
-        yield {c: (rb.column(c).to_numpy().astype(np.int64) if c == "label" else np.asarray(rb.column(c).to_pylist(), dtype=object))
-               for c in unit["columns"]}
-
-
 def _read_and_decode(batch: dict, units: list[dict], decode, batch_size: int) -> Iterator[dict]:
     from datasets_.indexed import iter_unit
 
     keep_batch_memory()  # a decoded block of 256 at 224 px is 38.5 MB: reuse it, do not re-map it
     for i in batch["unit"]:
-        unit = units[int(i)]
-        encoded = _iter_shard_rows(unit, batch_size) if unit["kind"] == "shard" else iter_unit(unit, batch_size)
-        for b in encoded:
+        for b in iter_unit(units[int(i)], batch_size):
             out = decode(b)
             if len(out["label"]):
                 yield out

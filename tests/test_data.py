@@ -66,16 +66,15 @@ def test_missing_and_foreign_directories_are_clear_errors(tmp_path):
 
 
 def test_shard_units_cut_a_split_into_row_ranges_that_read_back_in_order(tmp_path):
-    from datasets_.indexed import iter_encoded
-    from datasets_.pipeline import _iter_shard_rows, _shard_units
+    from datasets_.indexed import iter_encoded, iter_unit, shard_units
 
     ds = prepare_builtin("digits", root=tmp_path)
     columns = ["key", "image", "label"]
-    units = _shard_units(ds, "train", columns, rows_per_unit=100)
+    units = shard_units(ds, "train", columns, rows_per_unit=100)
     n = ds.num_samples("train")
     assert len(units) == -(-n // 100) and units[0]["rows"] == [0, 100] and units[-1]["rows"][1] == n
     # batch_size 64 does not divide 100: unit edges fall inside Parquet batches
-    cut = [(k, img, int(y)) for u in units for b in _iter_shard_rows(u, 64) for k, img, y in zip(b["key"], b["image"], b["label"])]
+    cut = [(k, img, int(y)) for u in units for b in iter_unit(u, 64) for k, img, y in zip(b["key"], b["image"], b["label"])]
     whole = [(k, img, int(y)) for b in iter_encoded(ds, "train", 256) for k, img, y in zip(b["key"], b["image"], b["label"])]
     assert cut == whole and len(cut) == n
 
