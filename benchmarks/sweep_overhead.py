@@ -19,15 +19,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from orchestrator.execution.phase import TrialContext
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 def sweep_seconds(models: int, per_trial: int, root: str, epochs: int) -> float:
-    from orchestrator.plan import build_plan
+    from orchestrator.planning.plan import build_plan
     from orchestrator.spec import parse_spec
-    from orchestrator.study import run_study
+    from orchestrator.execution.study import run_study
 
     spec = parse_spec({
         "study": f"bench-b{per_trial}", "sources": {"src": {"uri": "builtin:digits"}}, "tasks": {"digits": {"uri": "builtin:digits"}},
@@ -42,12 +44,8 @@ def sweep_seconds(models: int, per_trial: int, root: str, epochs: int) -> float:
     return time.perf_counter() - t0
 
 
-@dataclass
-class _Ctx:
-    study: str
-    storage_path: str
-    tracking_uri: str
-    experiment_id: str
+@dataclass(kw_only=True)
+class _Ctx(TrialContext):
     table: str
 
 
@@ -55,8 +53,8 @@ def _recorded_noop(config: dict, ctx: _Ctx) -> dict:
     """What a datamodel trial records, without training: one MLflow run and one Parquet part."""
     import pyarrow as pa
 
-    from orchestrator.datamodels import TABLE_SCHEMA, write_part
-    from orchestrator.tracking import Tracker
+    from orchestrator.records.datamodel_table import TABLE_SCHEMA, write_part
+    from orchestrator.records.tracker import Tracker
 
     i = int(config["trial"])
     write_part(ctx.table, (i,), pa.Table.from_pylist([], schema=TABLE_SCHEMA))
@@ -71,15 +69,15 @@ def overhead(trials: int, root: str) -> tuple[float, float]:
     """(transferlab phase seconds, bare Tune seconds) for ``trials`` trivial trials."""
     from ray import tune
 
-    from orchestrator.sweep import _run_phase
-    from orchestrator.tracking import Tracker
+    from orchestrator.execution.phase import run_phase
+    from orchestrator.records.tracker import Tracker
 
     uri = f"sqlite:///{root}/mlflow-noop.db"
     exp = Tracker(uri).experiment_id("noop")
-    ctx = _Ctx("noop", f"{root}/storage-noop", uri, exp, f"{root}/storage-noop/table")
+    ctx = _Ctx(study="noop", storage_path=f"{root}/storage-noop", tracking_uri=uri, experiment_id=exp, table=f"{root}/storage-noop/table")
     items = {f"{i:06d}": f"noop {i}" for i in range(trials)}
     t0 = time.perf_counter()
-    progress = _run_phase("noop", _recorded_noop, "trial", items, ctx, 1.0, 4, lambda r: "ok")
+    progress = run_phase("noop", _recorded_noop, "trial", items, ctx, 1.0, 4, lambda r: "ok")
     ours = time.perf_counter() - t0
     assert not progress.errors, progress.errors
 
@@ -103,7 +101,7 @@ def main() -> None:
     args = p.parse_args()
     import ray
 
-    from orchestrator.cluster import WORKER_ENV, quiet_ray_logs
+    from orchestrator.execution.ray_connection import WORKER_ENV, quiet_ray_logs
 
     quiet_ray_logs()
     ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=False)

@@ -27,7 +27,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from datasets_.shards import DatasetError, ShardedDataset, open_dataset, write_sharded_dataset
+from datasets_.objstore import DatasetError
+from datasets_.shards import ShardedDataset, open_dataset, write_sharded_dataset
 from datasets_.views import unit_hash
 
 BUILTIN_PREFIX = "builtin:"

@@ -14,57 +14,17 @@ transferlab's own Parquet shards need no index: :func:`shard_units` cuts them in
 
 from __future__ import annotations
 
-import io
-import json
-import re
-import tarfile
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-# Keys that can be WebDataset member names as they are: no dots (the extension starts at the
-# first one), no '..', relative. Other keys are written under a counter and kept in KEY.json.
-_MEMBER_KEY = re.compile(r"[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*")
+from datasets_.objstore import read_bytes
+from datasets_.readers import BadSamples, iter_parquet, iter_webdataset
+from datasets_.shards import parquet_file
+
 # Samples a read unit holds before the next one starts (image files; Parquet row groups are
 # never cut, so a Parquet unit ends at the first row-group boundary past this many samples).
 SAMPLES_PER_UNIT = 256
-
-
-def image_extension(blob: bytes) -> str:
-    """``jpg``, ``png`` or ``webp`` from the image bytes' magic number (PIL decides on the bytes
-    when reading, so any other format goes as ``png``)."""
-    if blob[:2] == b"\xff\xd8":
-        return "jpg"
-    if blob[:4] == b"RIFF" and blob[8:12] == b"WEBP":
-        return "webp"
-    return "png"
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, 0  # fixed metadata: same rows, same bytes
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_tar(path: Path, rows: list[dict], split: str, class_names: dict) -> list[str]:
-    """Write rows as an img2dataset-layout tar (``KEY.jpg|png|webp``, ``KEY.txt``, ``KEY.cls``
-    when labelled, ``KEY.json``); returns the keys as a reader of the tar will see them."""
-    keys = []
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for i, row in enumerate(rows):
-            key, label = row["key"], int(row["label"])
-            member = key if _MEMBER_KEY.fullmatch(key) and len(key) < 200 else f"{path.stem}-{i:09d}"
-            meta = {"key": key, "split": split}
-            if label >= 0 and label in class_names:
-                meta["class_name"] = class_names[label]
-            _add(tar, f"{member}.{image_extension(row['image'])}", row["image"])
-            _add(tar, f"{member}.txt", (row.get("caption") or "").encode())
-            if label >= 0:
-                _add(tar, f"{member}.cls", str(label).encode())
-            _add(tar, f"{member}.json", json.dumps(meta, sort_keys=True).encode())
-            keys.append(key)
-    return keys
 
 
 def read_units(dataset, split: str, samples_per_unit: int = SAMPLES_PER_UNIT) -> list[dict]:
@@ -104,9 +64,6 @@ def read_units(dataset, split: str, samples_per_unit: int = SAMPLES_PER_UNIT) ->
 
 def _unit_images(unit: dict) -> Iterator[tuple[str, bytes]]:
     """(key, image bytes) of the unit's files, in file order (other samples included)."""
-    from datasets_.objstore import read_bytes
-    from datasets_.readers import BadSamples, iter_parquet, iter_webdataset
-
     if unit["kind"] == "file":
         yield from zip(unit["keys"], (read_bytes(p) for p in unit["paths"]))
     elif unit["kind"] == "tar":
@@ -136,8 +93,6 @@ def shard_units(dataset, split: str, columns: list[str], rows_per_unit: int | No
 
 def _shard_rows(unit: dict, batch_size: int) -> Iterator[dict]:
     """Batches of numpy columns of one Parquet row range, images still encoded."""
-    from datasets_.shards import parquet_file
-
     lo, hi = unit["rows"]
     at = 0
     for rb in parquet_file(unit["path"]).iter_batches(batch_size=batch_size, columns=unit["columns"]):

@@ -1,11 +1,12 @@
-"""Object-store URIs (``s3://bucket/prefix``, ``gs://...``) behind the few operations the readers
-need: list a prefix, stat files, open a stream, read bytes. Everything goes through
+"""Local paths and object-store URIs (``s3://bucket/prefix``, ``gs://...``) behind the few
+operations every layer needs: list a prefix, stat files, open a stream, read bytes, write a
+file atomically. The leaf of the data layer: it imports nothing of transferlab. Everything goes through
 ``pyarrow.fs`` (the S3 endpoint comes from ``AWS_ENDPOINT_URL``, credentials from the usual AWS
 variables), so Ray workers read what the driver listed. Local paths go through the same calls
 where a reader does not care which it has, so one reader serves both.
 
 Every failure to reach or read a URI becomes a one-line :class:`~datasets_.shards.DatasetError`
-naming the URI.
+naming the URI: :class:`DatasetError`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,44 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from datasets_.shards import DatasetError, is_remote
+from typing import Callable
+
+
+class DatasetError(ValueError):
+    """A dataset is missing, malformed or does not fit the request."""
+
+
+def is_remote(uri) -> bool:
+    """True for object-store URIs (``s3://``, ``gs://``...), read through pyarrow's filesystems
+    (the S3 endpoint comes from ``AWS_ENDPOINT_URL``, credentials from the usual AWS variables)."""
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def filesystem(uri: str):
+    """``(pyarrow filesystem, path in it)`` of a local path (made absolute) or an object-store URI."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(str(uri) if "://" in str(uri) else os.path.abspath(uri))
+
+
+def write_atomic(uri: str, write: Callable) -> str:
+    """``write(stream)`` into the file ``uri`` (parent folders made), so that no reader ever
+    sees half of it: written aside and renamed into place on a local disk; one PUT on an object
+    store, where an object appears whole or not at all. Returns the path in its filesystem."""
+    import uuid
+
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    if is_remote(uri):
+        with fs.open_output_stream(path) as f:
+            write(f)
+        return path
+    parent, name = path.rsplit("/", 1)
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        write(f)
+    fs.move(tmp, path)
+    return path
 
 
 @dataclass(frozen=True)

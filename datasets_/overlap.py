@@ -63,8 +63,10 @@ def near_pairs(a: np.ndarray, b: np.ndarray, max_distance: int, chunk: int = 512
         ii.append(i + start)
         jj.append(j)
         dd.append(dist[i, j])
-    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
-    return cat(ii, np.int64), cat(jj, np.int64), cat(dd, np.int64)
+    def cat(xs):
+        return np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, np.int64)
+
+    return cat(ii), cat(jj), cat(dd)
 
 
 def find_overlap(

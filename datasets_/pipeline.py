@@ -14,14 +14,17 @@ import io
 import os
 import sys
 import warnings
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
+from datasets_.indexed import iter_encoded, iter_unit, read_units, shard_units
+from datasets_.objstore import DatasetError
 from datasets_.safety import too_many_pixels
-from datasets_.shards import DatasetError, ShardedDataset
-from datasets_.views import PretrainView
+from datasets_.shards import ShardedDataset
+from datasets_.views import PretrainView, swapped_captions
 
 # Normalization to roughly [-1, 1]; one constant for every dataset keeps features comparable.
 MEAN, STD = 0.5, 0.5
@@ -92,19 +95,15 @@ def decode_images(blobs, image_size: int) -> np.ndarray:
     return normalize(decode_uint8(blobs, image_size))
 
 
-def training_captions(keys, captions, labels: np.ndarray, classes: list[str], view: PretrainView | None) -> tuple[list[str], np.ndarray]:
-    """The text a CLIP model trains on, and which samples got another sample's caption: each
-    sample's caption, or the class-name template (``trainers.methods.CLIP_TEMPLATE``) of its
-    (possibly noisy) label where it has none.
+def training_captions(keys, captions, labels: np.ndarray, prompts: Sequence[str], view: PretrainView | None) -> tuple[list[str], np.ndarray]:
+    """The text an image-text model trains on, and which samples got another sample's caption:
+    each sample's caption, or ``prompts[label]`` (its class's prompt, by the possibly noisy
+    label) where it has none.
 
     A view's ``caption_noise`` swaps that fraction of the batch's captions among themselves
     (:func:`datasets_.views.swapped_captions`, decided by key hash); label noise reaches only
-    the class-name templates of uncaptioned samples.
+    the class prompts of uncaptioned samples.
     """
-    from datasets_.views import swapped_captions
-    from trainers.methods import class_prompts
-
-    prompts = class_prompts(classes)
     caps = [c if isinstance(c, str) and c.strip() else None for c in (captions if captions is not None else [None] * len(labels))]
     have = [i for i, c in enumerate(caps) if c is not None]
     changed = np.zeros(len(caps), dtype=np.uint8)
@@ -116,7 +115,19 @@ def training_captions(keys, captions, labels: np.ndarray, classes: list[str], vi
     return [c if c is not None else prompts[int(y)] for c, y in zip(caps, labels)], changed
 
 
-def _view_and_decode(batch: dict, view: PretrainView | None, image_size: int, classes: list[str] | None = None) -> dict:
+@dataclass(frozen=True)
+class TextInput:
+    """What image-text training adds to each batch: ``tokenize`` (a picklable function of a list
+    of strings to an int array or tensor [N, context], e.g. the model's tokenizer) applied to
+    :func:`training_captions` with ``prompts`` (one caption per class, for samples without one).
+    The data layer knows no tokenizer of its own: the trainer passes its own in, as open_clip's
+    ``get_data(..., tokenizer=)`` takes one."""
+
+    tokenize: Callable[[list[str]], object]
+    prompts: tuple[str, ...]
+
+
+def _view_and_decode(batch: dict, view: PretrainView | None, image_size: int, text: TextInput | None = None) -> dict:
     labels = np.asarray(batch["label"], dtype=np.int64)
     images = batch["image"]
     keys = list(batch["key"])
@@ -128,11 +139,9 @@ def _view_and_decode(batch: dict, view: PretrainView | None, image_size: int, cl
         keys = [x for x, k in zip(keys, keep) if k]
         captions = [c for c, k in zip(captions, keep) if k] if captions is not None else None
     out = {"image": decode_uint8(images, image_size), "label": labels}
-    if classes is not None:  # image-text training: tokenized captions
-        from trainers.methods import tokenize
-
-        texts, changed = training_captions(keys, captions, labels, classes, view)
-        out["tokens"] = tokenize(texts).numpy()
+    if text is not None:
+        texts, changed = training_captions(keys, captions, labels, text.prompts, view)
+        out["tokens"] = np.asarray(text.tokenize(texts))
         if view is not None and view.caption_noise > 0:
             out["caption_swapped"] = changed  # the loop reports the realized rate from these
     return out
@@ -146,12 +155,12 @@ def ray_dataset(
     decode_batch_size: int = 256,
     task_cpus: float = 0.25,
     concurrency: int | None = None,
-    text: bool = False,
+    text: TextInput | None = None,
 ):
     """A lazily streamed Ray Dataset of decoded uint8 batches of one split, with an optional view.
 
-    With ``text`` (CLIP pretraining), batches also carry ``tokens`` (int64 [B, context]): the
-    tokenized :func:`training_captions`.
+    With ``text`` (image-text pretraining), batches also carry ``tokens`` (int [B, context]): the
+    captions of :func:`training_captions`, tokenized by ``text.tokenize``.
 
     Nothing is materialized: each Ray Data task reads one read unit (a row range of a Parquet
     shard, a tar, a run of image files), filters it to the view, relabels and decodes it, while
@@ -163,12 +172,10 @@ def ray_dataset(
     """
     import ray.data
 
-    from datasets_.indexed import read_units, shard_units
-
-    decode = functools.partial(_view_and_decode, view=view, image_size=image_size, classes=dataset.classes if text else None)
+    decode = functools.partial(_view_and_decode, view=view, image_size=image_size, text=text)
     concurrency = concurrency or max(1, os.cpu_count() or 1)
     if dataset.format == "parquet":
-        wants_caption = text or (view is not None and view.needs_captions)
+        wants_caption = text is not None or (view is not None and view.needs_captions)
         columns = ["key", "image", "label"] + (["caption"] if wants_caption else [])
         units = shard_units(dataset, split, columns, max(decode_batch_size, -(-dataset.num_samples(split) // (4 * concurrency))))
     else:
@@ -185,8 +192,6 @@ def ray_dataset(
 
 
 def _read_and_decode(batch: dict, units: list[dict], decode, batch_size: int) -> Iterator[dict]:
-    from datasets_.indexed import iter_unit
-
     keep_batch_memory()  # a decoded block of 256 at 224 px is 38.5 MB: reuse it, do not re-map it
     for i in batch["unit"]:
         for b in iter_unit(units[int(i)], batch_size):
@@ -200,8 +205,6 @@ def decode_split(dataset: ShardedDataset, split: str, image_size: int, batch_siz
     (uint8 images [N, 3, S, S] as a torch tensor, int64 labels, keys)."""
     import torch
 
-    from datasets_.indexed import iter_encoded
-
     imgs, keys, ys = [], [], []
     for b in iter_encoded(dataset, split, batch_size):
         imgs.append(decode_uint8(list(b["image"]), image_size))
@@ -214,7 +217,5 @@ def iter_local_batches(
     dataset: ShardedDataset, split: str, image_size: int, batch_size: int = 256
 ) -> Iterator[dict]:
     """Decode a split in this process, in file order, with keys (for small downstream tasks)."""
-    from datasets_.indexed import iter_encoded
-
     for b in iter_encoded(dataset, split, batch_size):
         yield {"key": b["key"], "image": decode_images(list(b["image"]), image_size), "label": b["label"]}

@@ -12,8 +12,11 @@ import tempfile
 from pathlib import Path
 
 from datasets_.builtin import BUILTIN_PREFIX, TEST_FRACTION, cache_dir, prepare_builtin
-from datasets_.readers import BadSamples, Sample, detect_format, folder_layout, iter_samples, source_listing
-from datasets_.shards import MANIFEST, DatasetError, ShardedDataset, is_remote, open_dataset, write_sharded_dataset
+from datasets_.listing import detect_format, source_listing
+from datasets_.readers import BadSamples, Sample, folder_layout, iter_samples
+from datasets_.listing import MANIFEST
+from datasets_.objstore import DatasetError, is_remote
+from datasets_.shards import ShardedDataset, open_dataset, write_sharded_dataset
 from datasets_.views import unit_hash
 
 # Bump when a scan's index or manifest changes meaning, so cached scans are redone.

@@ -26,9 +26,12 @@ tars, or scanned raw have the same ``content_fingerprint``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
+import tarfile
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -38,6 +41,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from datasets_ import objstore
+from datasets_.listing import MANIFEST, source_listing
+from datasets_.objstore import DatasetError, is_remote
 
 SCHEMA = pa.schema(
     [
@@ -50,13 +57,8 @@ SCHEMA = pa.schema(
 # ``row_group``: a raw Parquet source's row group of the sample (null for tars and image files).
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("label", pa.int64()), ("caption", pa.string()), ("shard", pa.string()),
                           ("row_group", pa.int64())])
-MANIFEST = "manifest.json"
 SHARD_FORMATS = ("parquet", "webdataset", "raw")
 SPLITS = ("train", "test")
-
-
-class DatasetError(ValueError):
-    """A dataset is missing, malformed or does not fit the request."""
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,6 @@ class Split:
 
     keys: np.ndarray
     labels: np.ndarray
-
-
-def is_remote(uri) -> bool:
-    """True for object-store URIs (``s3://``, ``gs://``...), read through pyarrow's filesystems
-    (the S3 endpoint comes from ``AWS_ENDPOINT_URL``, credentials from the usual AWS variables)."""
-    return "://" in str(uri) and not str(uri).startswith("file://")
 
 
 def parquet_file(path: str) -> pq.ParquetFile:
@@ -162,6 +158,132 @@ def content_fingerprint(digests: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()[:16]
 
 
+# Keys that can be WebDataset member names as they are: no dots (the extension starts at the
+# first one), no '..', relative. Other keys are written under a counter and kept in KEY.json.
+_MEMBER_KEY = re.compile(r"[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*")
+
+
+def image_extension(blob: bytes) -> str:
+    """``jpg``, ``png`` or ``webp`` from the image bytes' magic number (PIL decides on the bytes
+    when reading, so any other format goes as ``png``)."""
+    if blob[:2] == b"\xff\xd8":
+        return "jpg"
+    if blob[:4] == b"RIFF" and blob[8:12] == b"WEBP":
+        return "webp"
+    return "png"
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0  # fixed metadata: same rows, same bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_tar(path: Path, rows: list[dict], split: str, class_names: dict) -> list[str]:
+    """Write rows as an img2dataset-layout tar (``KEY.jpg|png|webp``, ``KEY.txt``, ``KEY.cls``
+    when labelled, ``KEY.json``); returns the keys as a reader of the tar will see them."""
+    keys = []
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i, row in enumerate(rows):
+            key, label = row["key"], int(row["label"])
+            member = key if _MEMBER_KEY.fullmatch(key) and len(key) < 200 else f"{path.stem}-{i:09d}"
+            meta = {"key": key, "split": split}
+            if label >= 0 and label in class_names:
+                meta["class_name"] = class_names[label]
+            _add(tar, f"{member}.{image_extension(row['image'])}", row["image"])
+            _add(tar, f"{member}.txt", (row.get("caption") or "").encode())
+            if label >= 0:
+                _add(tar, f"{member}.cls", str(label).encode())
+            _add(tar, f"{member}.json", json.dumps(meta, sort_keys=True).encode())
+            keys.append(key)
+    return keys
+
+
+class _ShardWriter:
+    """Rows of one dataset written into ``tmp`` as shards per split (and, for tars and raw
+    sources, an index), with what the manifest says of them."""
+
+    def __init__(self, tmp: Path, name: str, classes: Sequence[str] | None, shard_format: str, shard_size: int, class_names: dict):
+        self.tmp, self.name, self.classes, self.format, self.shard_size = tmp, name, classes, shard_format, shard_size
+        self.class_names = class_names
+        self.shards: list[dict] = []
+        self.buffers: dict[str, list] = {}
+        self.counts: dict[str, Counter] = {}
+        self.parts: Counter = Counter()  # shards written per split
+        self.index_rows: dict[str, list] = {}
+        self.digests: list[str] = []
+
+    def add(self, split: str, row: dict) -> None:
+        label = int(row["label"])
+        if label < -1 or (self.classes is not None and label >= len(self.classes)):
+            top = len(self.classes) - 1 if self.classes is not None else "..."
+            raise DatasetError(f"{self.name}: label {label} of sample {row['key']} is outside 0..{top}")
+        self.counts.setdefault(split, Counter())[label] += 1
+        self.digests.append(sample_digest(row["key"], label, row.get("caption", ""), row["image"]))
+        if self.format == "raw":
+            row = {k: row.get(k) for k in ("key", "label", "caption", "shard", "row_group")}
+        self.buffers.setdefault(split, []).append(row)
+        if len(self.buffers[split]) >= self.shard_size:
+            self.flush(split)
+
+    def flush(self, split: str) -> None:
+        buf = self.buffers.get(split)
+        if not buf:
+            return
+        self.buffers[split] = []
+        if self.format == "raw":
+            self.index_rows.setdefault(split, []).extend(buf)
+            return
+        rel = f"{split}/part-{self.parts[split]:05d}.{'parquet' if self.format == 'parquet' else 'tar'}"
+        (self.tmp / split).mkdir(exist_ok=True)
+        if self.format == "parquet":
+            pq.write_table(pa.Table.from_pylist(buf, schema=SCHEMA), self.tmp / rel)
+        else:
+            keys = write_tar(self.tmp / rel, buf, split, self.class_names)
+            self.index_rows.setdefault(split, []).extend({**r, "key": k, "shard": rel, "row_group": None} for r, k in zip(buf, keys))
+        self.shards.append({"path": rel, "split": split, "num_rows": len(buf)})
+        self.parts[split] += 1
+
+    def finish(self, extra: dict) -> dict:
+        """Flush every split, write the index, and return the manifest."""
+        for split in list(self.buffers):
+            self.flush(split)
+        classes = self.classes
+        if classes is None:
+            top = max((lbl for c in self.counts.values() for lbl in c), default=-1)
+            classes = [str(self.class_names.get(i, i)) for i in range(top + 1)]
+        split_info = {
+            split: {"num_samples": sum(c.values()), "class_counts": [c.get(i, 0) for i in range(len(classes))], "unlabeled": c.get(-1, 0)}
+            for split, c in self.counts.items()
+        }
+        for s in self.shards:
+            s["sha256"] = _sha256(self.tmp / s["path"])
+        content = content_fingerprint(self.digests)
+        if self.format == "raw":  # no shard bytes of its own: the samples are the dataset
+            fingerprint = content
+        else:
+            listing = [[s["path"], s["sha256"]] for s in self.shards] + [list(classes)]
+            fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+        index_files = {}
+        for split, irows in self.index_rows.items():
+            (self.tmp / "index").mkdir(exist_ok=True)
+            index_files[split] = f"index/{split}.parquet"
+            pq.write_table(pa.Table.from_pylist(irows, schema=INDEX_SCHEMA), self.tmp / index_files[split])
+        return {
+            "name": self.name,
+            "format": self.format,
+            "num_samples": sum(v["num_samples"] for v in split_info.values()),
+            "num_classes": len(classes),
+            "classes": list(classes),
+            "splits": split_info,
+            "shards": self.shards,
+            "fingerprint": fingerprint,
+            "content_fingerprint": content,
+            **({"index": index_files} if self.format != "parquet" else {}),
+            **extra,
+        }
+
+
 def write_sharded_dataset(
     out_dir: str | os.PathLike,
     name: str,
@@ -180,93 +302,17 @@ def write_sharded_dataset(
     label -1 marks an unlabeled sample. The directory appears atomically: rows are written to a
     temporary sibling and renamed, so a crash never leaves a half-written dataset behind.
     """
-    from datasets_.indexed import write_tar
-
     if shard_format not in SHARD_FORMATS:
         raise DatasetError(f"unknown shard format '{shard_format}' (known: {', '.join(SHARD_FORMATS)})")
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     extra = dict(extra or {})
-    class_names = extra.pop("class_names", {})
     try:
-        shards: list[dict] = []
-        buffers: dict[str, list] = {}
-        counts: dict[str, Counter] = {}
-        index: Counter = Counter()
-        index_rows: dict[str, list] = {}
-        digests: list[str] = []
-
-        def flush(split: str) -> None:
-            buf = buffers.get(split)
-            if not buf:
-                return
-            buffers[split] = []
-            if shard_format == "raw":
-                index_rows.setdefault(split, []).extend(buf)
-                return
-            rel = f"{split}/part-{index[split]:05d}.{'parquet' if shard_format == 'parquet' else 'tar'}"
-            (tmp / split).mkdir(exist_ok=True)
-            if shard_format == "parquet":
-                pq.write_table(pa.Table.from_pylist(buf, schema=SCHEMA), tmp / rel)
-            else:
-                keys = write_tar(tmp / rel, buf, split, class_names)
-                index_rows.setdefault(split, []).extend({**r, "key": k, "shard": rel, "row_group": None} for r, k in zip(buf, keys))
-            shards.append({"path": rel, "split": split, "num_rows": len(buf)})
-            index[split] += 1
-
+        writer = _ShardWriter(tmp, name, classes, shard_format, shard_size, extra.pop("class_names", {}))
         for split, row in rows:
-            label = int(row["label"])
-            if label < -1 or (classes is not None and label >= len(classes)):
-                top = len(classes) - 1 if classes is not None else "..."
-                raise DatasetError(f"{name}: label {label} of sample {row['key']} is outside 0..{top}")
-            counts.setdefault(split, Counter())[label] += 1
-            digests.append(sample_digest(row["key"], label, row.get("caption", ""), row["image"]))
-            if shard_format == "raw":
-                row = {k: row.get(k) for k in ("key", "label", "caption", "shard", "row_group")}
-            buffers.setdefault(split, []).append(row)
-            if len(buffers[split]) >= shard_size:
-                flush(split)
-        for split in list(buffers):
-            flush(split)
-        if classes is None:
-            top = max((lbl for c in counts.values() for lbl in c), default=-1)
-            classes = [str(class_names.get(i, i)) for i in range(top + 1)]
-        split_info = {
-            split: {
-                "num_samples": sum(c.values()),
-                "class_counts": [c.get(i, 0) for i in range(len(classes))],
-                "unlabeled": c.get(-1, 0),
-            }
-            for split, c in counts.items()
-        }
-        for s in shards:
-            s["sha256"] = _sha256(tmp / s["path"])
-        content = content_fingerprint(digests)
-        if shard_format == "raw":  # no shard bytes of its own: the samples are the dataset
-            fingerprint = content
-        else:
-            fingerprint = hashlib.sha256(
-                json.dumps([[s["path"], s["sha256"]] for s in shards] + [list(classes)]).encode()
-            ).hexdigest()[:16]
-        index_files = {}
-        for split, irows in index_rows.items():
-            (tmp / "index").mkdir(exist_ok=True)
-            index_files[split] = f"index/{split}.parquet"
-            pq.write_table(pa.Table.from_pylist(irows, schema=INDEX_SCHEMA), tmp / index_files[split])
-        manifest = {
-            "name": name,
-            "format": shard_format,
-            "num_samples": sum(v["num_samples"] for v in split_info.values()),
-            "num_classes": len(classes),
-            "classes": list(classes),
-            "splits": split_info,
-            "shards": shards,
-            "fingerprint": fingerprint,
-            "content_fingerprint": content,
-            **({"index": index_files} if shard_format != "parquet" else {}),
-            **extra,
-        }
+            writer.add(split, row)
+        manifest = writer.finish(extra)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out.exists():
             shutil.rmtree(out)
@@ -329,9 +375,6 @@ def open_dataset(path: str | os.PathLike) -> ShardedDataset:
 def _check_scan_current(manifest: dict, root: Path) -> None:
     """A scan is only true of the files it saw: refuse it once any has changed. A remote
     source is listed again (one listing per 1,000 objects, not a request per file)."""
-    from datasets_ import objstore
-    from datasets_.readers import source_listing
-
     origin = manifest.get("origin", str(root))
     if is_remote(origin):
         now = {f.path: f for f in source_listing(origin, manifest["source_format"])}

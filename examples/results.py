@@ -24,12 +24,13 @@ import pandas as pd
 
 from orchestrator.analysis import claims
 from orchestrator.analysis.counterfactual import read_plan
-from orchestrator.analysis.datamodels import datamodel_inputs
+from orchestrator.analysis.datamodel_influence import datamodel_inputs
 from orchestrator.analysis.frame import load_study
 from orchestrator.analysis.report import build_report, write_report
 from orchestrator.spec import QUICK_SUFFIX
-from orchestrator.datamodels import read_examples
-from orchestrator.tracking import KIND_DATAMODELS, KIND_STUDY, TAG_DATAMODEL_TABLE, Tracker
+from orchestrator.records.datamodel_table import read_examples
+from orchestrator.records.schema import KIND_DATAMODELS, KIND_STUDY, TAG_DATAMODEL_TABLE
+from orchestrator.records.tracker import Tracker
 from datasets_.builtin import PLANTED_DIGIT
 
 HEADER = """# Results of the paper studies

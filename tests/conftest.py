@@ -68,7 +68,7 @@ def s3_server():
 def ray_cluster(s3_server):
     import ray
 
-    from orchestrator.cluster import WORKER_ENV
+    from orchestrator.execution.ray_connection import WORKER_ENV
 
     ray.init(
         address="local",

@@ -11,7 +11,8 @@ from orchestrator.analysis import fits, influence, tables
 from orchestrator.analysis.frame import influence_inputs, load_study
 from orchestrator.cli import main
 from orchestrator.spec import load_spec
-from orchestrator.tracking import FAILED, RUNNING, Tracker
+from orchestrator.records.schema import FAILED, RUNNING
+from orchestrator.records.tracker import Tracker
 from tests.synthetic_runs import SyntheticStudy, per_example_frame
 
 K, ALPHA, E_IR = 0.5, 1.5, 0.1  # planted e_DS = k·e_US^α + e_IR

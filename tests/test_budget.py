@@ -7,10 +7,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator import estimate
+from orchestrator.planning import estimate
 from orchestrator.cli import main
 from orchestrator.spec import SpecError, parse_spec
-from orchestrator.tracking import KIND_PRETRAIN, KIND_STUDY, TAG_KIND
+from orchestrator.records.schema import KIND_PRETRAIN, KIND_STUDY, TAG_KIND
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -17,9 +17,10 @@ from mlflow.tracking import MlflowClient
 from orchestrator.analysis.counterfactual import read_plan
 from orchestrator.cli import main
 from orchestrator.spec import SpecError, load_spec, parse_spec
-from orchestrator.tracking import KIND_DATAMODEL_BATCH, KIND_DATAMODELS, KIND_STUDY, TAG_DATAMODEL_TABLE, TAG_KIND, TAG_PARENT, Tracker
+from orchestrator.records.schema import KIND_DATAMODELS, KIND_DATAMODEL_BATCH, KIND_STUDY, TAG_DATAMODEL_TABLE, TAG_KIND, TAG_PARENT
+from orchestrator.records.tracker import Tracker
 from datasets_.pipeline import normalize
-from trainers.datamodels import TrainSettings, index_stream, stacked_features, train_stacked
+from trainers.stacked import TrainSettings, index_stream, stacked_features, train_stacked
 from trainers.models import build_model, model_config
 from trainers.pretrain import lr_at
 from tests.synthetic_runs import SyntheticStudy

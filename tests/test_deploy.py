@@ -181,13 +181,13 @@ def test_raycluster_head_workers_autoscaling_auth_and_shared_storage():
 
 
 def test_rayjob_runs_the_study_from_its_configmap_and_resumes_on_retry(tmp_path):
-    from orchestrator.cli import _parser
+    from orchestrator.cli.parser import build_parser
     from orchestrator.spec import load_spec
 
     job = _one("RayJob")["spec"]
     argv = shlex.split(job["entrypoint"])
     assert argv[:2] == ["transferlab", "run"]
-    args = _parser().parse_args(argv[1:])
+    args = build_parser().parse_args(argv[1:])
     assert args.storage_path.startswith("s3://"), "checkpoints must outlive the job's cluster"
     assert args.tracking_uri.startswith("http://mlflow.")
     assert job["backoffLimit"] >= 1 and job["shutdownAfterJobFinishes"] is True

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.plan import build_plan
+from orchestrator.planning.plan import build_plan
 from orchestrator.spec import SpecError, load_spec
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -26,14 +26,14 @@ def _results_module():
 @pytest.mark.timeout(300)
 def test_full_studies_plan_the_papers_grids():
     role = build_plan(load_spec(EXAMPLES / "role_of_data.yaml"))
-    jobs = [(j.source, j.settings["method"], j.view.label_noise, j.num_train_samples) for j in role.pretrain_jobs]
+    jobs = [(j.source, j.settings.method, j.view.label_noise, j.num_train_samples) for j in role.pretrain_runs]
     assert len(jobs) == 30  # 2 sources x (3 sizes x 3 noise levels supervised + 3 sizes x {clip, simclr})
     assert {m for _, m, _, _ in jobs} == {"supervised", "clip", "simclr"}
     assert {p for _, m, p, _ in jobs if m != "supervised"} == {0.0}  # label noise is swept for supervised only
     assert {n for s, _, _, n in jobs if s == "glyphs"} == {500, 2000, 7344} and {n for s, _, _, n in jobs if s == "mnist"} == {500, 2000, 4006}
     assert role.num_transfer_fits == 30 * 2 * (4 * 3 + 1)
     limits = build_plan(load_spec(EXAMPLES / "limits.yaml"))
-    assert len(limits.pretrain_jobs) == 32 and len({j.config_hash for j in limits.pretrain_jobs}) == 32
+    assert len(limits.pretrain_runs) == 32 and len({j.config_hash for j in limits.pretrain_runs}) == 32
     dm = load_spec(EXAMPLES / "data_based.yaml")
     assert dm.datamodels.num_models >= 300 and dm.datamodels.counterfactual.remove_top == (3, 9)
     for name in STUDIES:

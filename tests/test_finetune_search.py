@@ -11,11 +11,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.plan import build_plan, finetune_config
-from orchestrator.search import TRIALS_ARTIFACT, choose, run_search_phase
+from orchestrator.planning.plan import build_plan
+from orchestrator.planning.transfer_fits import finetune_config, finetune_settings
+from orchestrator.execution.search import TRIALS_ARTIFACT, choose, run_search_phase
 from orchestrator.spec import FinetuneSpec, Resources, parse_spec
-from orchestrator.sweep import PhaseContext
-from orchestrator.tracking import KIND_STUDY, KIND_TRANSFER, PER_EXAMPLE_ARTIFACT, TAG_KIND
+from orchestrator.execution.phase import PhaseContext
+from orchestrator.records.schema import KIND_STUDY, KIND_TRANSFER, PER_EXAMPLE_ARTIFACT, TAG_KIND
 
 STEPS = 24
 LR, WD = [1e-5, 0.3], [1e-5, 1e-2]
@@ -123,11 +124,13 @@ def test_random_search_runs_every_trial_to_the_end(searched_study, capsys):
 
 
 def test_without_a_search_the_hashed_finetune_settings_are_unchanged():
-    assert finetune_config(FinetuneSpec()) == {"lr": (1e-3, 1e-2), "steps": 100, "batch_size": 32, "weight_decay": 1e-4}
+    assert finetune_config(finetune_settings(FinetuneSpec()), None) == {"lr": (1e-3, 1e-2), "steps": 100, "batch_size": 32,
+                                                                       "weight_decay": 1e-4}
     spec = parse_spec(_spec({"algorithm": "asha"}, "finetune"))
     s = asdict(spec.transfer.finetune.search)
     assert (s["num_samples"], s["lr"], s["weight_decay"], s["grace_steps"], s["eval_every"]) == (8, (1e-4, 0.1), 1e-4, 6, 6)
-    assert set(finetune_config(spec.transfer.finetune)) == {"steps", "batch_size", "search"}
+    ft = spec.transfer.finetune
+    assert set(finetune_config(finetune_settings(ft), ft.search)) == {"steps", "batch_size", "search"}
 
 
 def test_choose_prefers_full_length_trials_then_the_first_sampled():
@@ -140,7 +143,8 @@ def test_choose_prefers_full_length_trials_then_the_first_sampled():
 def _context(tmp, **kw) -> PhaseContext:
     plan = build_plan(parse_spec(_spec({**RANDOM, "num_samples": 1}, "finetune")))
     (group,) = plan.transfer_groups
-    ctx = PhaseContext("ftsearch-phase", "sqlite:///unused.db", "0", str(tmp), Resources(), **kw)
+    ctx = PhaseContext(study="ftsearch-phase", tracking_uri="sqlite:///unused.db", experiment_id="0", storage_path=str(tmp),
+                       resources=Resources(), **kw)
     ctx.searches = {"a": (group, group.fits[0]), "b": (group, group.fits[0])}
     ctx.checkpoints[group.pretrain_hash] = str(tmp / "no-such-checkpoint")
     return ctx

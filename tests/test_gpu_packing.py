@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from orchestrator.spec import LIGHT_TRIAL_GPUS, Resources, SpecError, load_spec
-from orchestrator.sweep import transfer_concurrency
+from orchestrator.planning.estimate import transfer_concurrency
 from trainers.devices import trial_device
 
 STUDY = {

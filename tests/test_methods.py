@@ -74,12 +74,13 @@ def test_cross_entropy_of_the_supervised_method_matches_a_hand_computed_value():
 
 def test_clip_captions_come_from_the_data_else_from_the_class_name_template():
     from datasets_.pipeline import training_captions
+    from trainers.methods import class_prompts
 
     caps, swapped = training_captions(["a", "b", "c"], ["a handwritten seven", "", None], np.array([7, 3, 1]),
-                                      [f"digit_{i}" for i in range(10)], view=None)
+                                      class_prompts([f"digit_{i}" for i in range(10)]), view=None)
     assert caps == ["a handwritten seven", "a photo of a digit 3.", "a photo of a digit 1."]
     assert not np.any(swapped)  # no view, no caption noise
-    caps, _ = training_captions(["a"], None, np.array([2]), ["cat", "dog", "bird"], view=None)
+    caps, _ = training_captions(["a"], None, np.array([2]), class_prompts(["cat", "dog", "bird"]), view=None)
     assert caps == ["a photo of a bird."]
 
 

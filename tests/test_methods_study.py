@@ -1,7 +1,6 @@
 """The three pretraining methods and every transfer protocol on a real local Ray and a real MLflow
 store: a study of all of them, the feature cache across studies, 1 vs 2 workers, worker kill."""
 
-import io
 
 import pandas as pd
 import pytest
@@ -9,10 +8,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.plan import build_plan
+from orchestrator.planning.plan import build_plan
 from orchestrator.spec import Resources, parse_spec
-from orchestrator.sweep import PhaseContext, build_pretrain_trainer
-from orchestrator.tracking import KIND_PRETRAIN, KIND_STUDY, KIND_TRANSFER, PER_EXAMPLE_ARTIFACT, TAG_KIND, Tracker
+from orchestrator.execution.phase import PhaseContext
+from orchestrator.execution.pretrain_phase import build_pretrain_trainer
+from orchestrator.records.schema import KIND_PRETRAIN, KIND_STUDY, KIND_TRANSFER, PER_EXAMPLE_ARTIFACT, TAG_KIND
+from orchestrator.records.tracker import Tracker
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -115,7 +116,7 @@ def test_a_second_study_reads_features_from_the_cache(methods_study, capsys):
     assert study.data.metrics["transfer_fits_run"] == 2 * 2 * 2
 
 
-def _fit_pretraining(workers: int, tmp, extra_config=None):
+def _fit_pretraining(workers: int, tmp, fault=None):
     """Pretrain the fixed tiny problem on `workers` workers; return (result, MLflow run id, uri)."""
     spec = parse_spec({
         "study": f"workers-{workers}",
@@ -125,20 +126,21 @@ def _fit_pretraining(workers: int, tmp, extra_config=None):
                      "sweep": {"pretrain_size": [1000]}},
         "transfer": {"shots": [1]},
     })
-    job = build_plan(spec).pretrain_jobs[0]
+    run = build_plan(spec).pretrain_runs[0]
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     tracker = Tracker(uri)
     exp = tracker.experiment_id(spec.study)
-    run_id = tracker.create_run(exp, KIND_PRETRAIN, spec.study, job.run_name, job.config_hash, job.params)
-    ctx = PhaseContext(spec.study, uri, exp, str(tmp / "storage"), Resources(workers=workers, cpus_per_worker=1, max_failures=2))
-    result = build_pretrain_trainer(job, ctx, run_id, extra_config).fit()
+    run_id = tracker.create_run(exp, KIND_PRETRAIN, spec.study, run.run_name, run.config_hash, run.params)
+    ctx = PhaseContext(study=spec.study, tracking_uri=uri, experiment_id=exp, storage_path=str(tmp / "storage"),
+                       resources=Resources(workers=workers, cpus_per_worker=1, max_failures=2))
+    result = build_pretrain_trainer(run, ctx, run_id, fault).fit()
     return result, run_id, uri
 
 
 def test_two_workers_match_one_worker_and_survive_a_killed_worker(ray_cluster, tmp_path):
     one, _, _ = _fit_pretraining(1, tmp_path / "one")
     marker = tmp_path / "killed"
-    two, run_id, uri = _fit_pretraining(2, tmp_path / "two", {"fault": {"epoch": 1, "marker": str(marker)}})
+    two, run_id, uri = _fit_pretraining(2, tmp_path / "two", {"epoch": 1, "marker": str(marker)})
     # Rank 0 died in the middle of epoch 1; FailureConfig restarted the group from epoch 0's
     # checkpoint and the run finished all 3 epochs.
     assert marker.read_text() == "killed in epoch 1\n"

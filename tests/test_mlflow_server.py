@@ -27,14 +27,7 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.tracking import (
-    KIND_PRETRAIN,
-    KIND_STUDY,
-    KIND_TRANSFER,
-    TAG_CHECKPOINT,
-    TAG_KIND,
-    VIEW_MASK_ARTIFACT,
-)
+from orchestrator.records.schema import KIND_PRETRAIN, KIND_STUDY, KIND_TRANSFER, TAG_CHECKPOINT, TAG_KIND, VIEW_MASK_ARTIFACT
 
 pytestmark = pytest.mark.timeout(600)
 

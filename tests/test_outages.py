@@ -21,8 +21,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.spool import SPOOL_DIR
-from orchestrator.tracking import KIND_PRETRAIN, KIND_STUDY, KIND_TRANSFER, TAG_CHECKPOINT, TAG_KIND
+from orchestrator.records.spool import SPOOL_DIR
+from orchestrator.records.schema import KIND_PRETRAIN, KIND_STUDY, KIND_TRANSFER, TAG_CHECKPOINT, TAG_KIND
 
 pytestmark = pytest.mark.timeout(300)
 

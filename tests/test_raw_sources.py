@@ -64,7 +64,7 @@ def _tars(root, n=80, per_shard=40, classes=4):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-    return str(root / ("{00000..%05d}.tar" % (n // per_shard - 1)))
+    return str(root / f"{{00000..{n // per_shard - 1:05d}}}.tar")
 
 
 def _samples(ds):
@@ -130,11 +130,11 @@ def test_raw_sources_are_scanned_once_and_rescanned_when_they_change(tmp_path):
     spec.write_text(yaml.safe_dump({"study": "p", "sources": {"p": {"uri": "p.parquet", "key_column": "uid"}},
                                     "tasks": {"f": str(src)}, "transfer": {"shots": [1]}}))
     assert main(["validate", str(spec)]) == 0
-    from orchestrator.plan import build_plan
+    from orchestrator.planning.plan import build_plan
     from orchestrator.spec import load_spec
 
     plan = build_plan(load_spec(spec))
-    assert plan.data["sources.p"].root == ds.root and plan.pretrain_jobs[0].source_root == str(ds.root)
+    assert plan.data["sources.p"].root == ds.root and plan.pretrain_runs[0].source_root == str(ds.root)
 
 
 def _study(tmp_path, source_uri, task_uri, **pretrain):

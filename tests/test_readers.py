@@ -14,7 +14,8 @@ from PIL import Image
 
 from datasets_ import DatasetError, open_dataset
 from datasets_.prepare import inspect, prepare
-from datasets_.readers import BadSamples, expand_braces, iter_samples
+from datasets_.listing import expand_braces
+from datasets_.readers import BadSamples, iter_samples
 from orchestrator.cli import main
 
 

@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.tracking import KIND_PRETRAIN, KIND_STUDY, KIND_TRANSFER, TAG_CONFIG_HASH, TAG_KIND
+from orchestrator.records.schema import KIND_PRETRAIN, KIND_STUDY, KIND_TRANSFER, TAG_CONFIG_HASH, TAG_KIND
 
 pytestmark = pytest.mark.timeout(900)
 

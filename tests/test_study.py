@@ -5,17 +5,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.tracking import (
-    KIND_PRETRAIN,
-    KIND_STUDY,
-    KIND_TRANSFER,
-    TAG_CHECKPOINT,
-    TAG_CONFIG_HASH,
-    TAG_KIND,
-    TAG_PARENT,
-    MLflowReportCallback,
-    Tracker,
-)
+from orchestrator.records.schema import KIND_PRETRAIN, KIND_STUDY, KIND_TRANSFER, TAG_CHECKPOINT, TAG_CONFIG_HASH, TAG_KIND, TAG_PARENT
+from orchestrator.records.train_callback import MLflowReportCallback
+from orchestrator.records.tracker import Tracker
 
 pytestmark = pytest.mark.timeout(900)
 

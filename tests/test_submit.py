@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import jobs
+from orchestrator.execution import ray_jobs as jobs
 from orchestrator.cli import main
 from orchestrator.spec import load_spec
 
@@ -108,8 +108,8 @@ def test_oversized_working_dir_and_unreachable_cluster(project, capsys, tmp_path
     assert err.startswith("error: --working-dir: ") and "over Ray's 512 MiB limit; largest: pkg/weights.bin (600 MiB)" in err
     (project / "pkg" / "weights.bin").unlink()
     port = _free_port()
-    for argv in (argv + ["--address", f"http://127.0.0.1:{port}"], ["status", "some-job", "--address", f"127.0.0.1:{port}"]):
-        assert main(argv) == 2
+    for command in (argv + ["--address", f"http://127.0.0.1:{port}"], ["status", "some-job", "--address", f"127.0.0.1:{port}"]):
+        assert main(command) == 2
         err = capsys.readouterr().err
         assert err == f"error: --address: cannot use the Ray job API at http://127.0.0.1:{port}: connection refused " \
                       "(is the dashboard running, and is the port forwarded?)\n"
@@ -196,7 +196,7 @@ def _cli(*args, env_extra=None, timeout=420) -> subprocess.CompletedProcess:
 def test_submit_status_logs_run_stop_on_a_cluster(head, tmp_path):
     import mlflow
 
-    from orchestrator.tracking import KIND_PRETRAIN, KIND_TRANSFER, TAG_KIND
+    from orchestrator.records.schema import KIND_PRETRAIN, KIND_TRANSFER, TAG_KIND
 
     study = _write(tmp_path / "tiny.yaml", TINY)
     db = tmp_path / "mlflow.db"

@@ -11,7 +11,7 @@ import yaml
 
 from orchestrator.analysis.counterfactual import plan_followup
 from orchestrator.cli import main
-from orchestrator.plan import build_plan
+from orchestrator.planning.plan import build_plan
 from orchestrator.spec import SpecError, parse_spec
 
 pytestmark = pytest.mark.timeout(300)
@@ -34,7 +34,7 @@ def _study(sweep) -> dict:
 
 
 def _points(plan) -> list[tuple]:
-    return [(j.settings["method"], j.view.pretrain_size, j.view.label_noise) for j in plan.pretrain_jobs]
+    return [(j.settings.method, j.view.pretrain_size, j.view.label_noise) for j in plan.pretrain_runs]
 
 
 def test_a_list_of_grids_plans_their_union_and_plan_counts_it(tmp_path, capsys):
@@ -44,12 +44,12 @@ def test_a_list_of_grids_plans_their_union_and_plan_counts_it(tmp_path, capsys):
     plan = build_plan(spec)
     supervised = [("supervised", n, q) for n in (100, 200) for q in (0.0, 0.2, 0.4)]
     assert _points(plan) == supervised + [("simclr", 100, 0.0), ("simclr", 200, 0.0)]
-    assert len({j.run_name for j in plan.pretrain_jobs}) == 8 and plan.num_transfer_fits == 8
+    assert len({j.run_name for j in plan.pretrain_runs}) == 8 and plan.num_transfer_fits == 8
 
     # an overlapping grid adds only its new point, after the others
     plan = build_plan(parse_spec(_study([SUPERVISED, SIMCLR, {"method": ["supervised"], "pretrain_size": [100], "label_noise": [0.0, 0.6]}])))
     assert _points(plan) == supervised + [("simclr", 100, 0.0), ("simclr", 200, 0.0), ("supervised", 100, 0.6)]
-    assert len({j.config_hash for j in plan.pretrain_jobs}) == 9
+    assert len({j.config_hash for j in plan.pretrain_runs}) == 9
 
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(STUDY))
@@ -67,8 +67,8 @@ def test_one_grid_in_a_list_plans_the_same_jobs_as_the_mapping():
     assert mapping.pretrain.grids == (mapping.pretrain.sweep,) and not mapping.pretrain.listed
     assert mapping.pretrain.sweep == listed.pretrain.sweep
     a, b = build_plan(mapping), build_plan(listed)
-    assert [(j.config_hash, j.run_name) for j in a.pretrain_jobs] == [(j.config_hash, j.run_name) for j in b.pretrain_jobs]
-    assert len(a.pretrain_jobs) == 6
+    assert [(j.config_hash, j.run_name) for j in a.pretrain_runs] == [(j.config_hash, j.run_name) for j in b.pretrain_runs]
+    assert len(a.pretrain_runs) == 6
 
 
 @pytest.mark.parametrize("sweep, message", [

@@ -164,7 +164,7 @@ def test_caption_curation():
 def test_plan_applies_source_curation_and_balance(tmp_path):
     """The planned view, applied to every training sample, selects exactly what it promises."""
     from datasets_ import prepare_builtin
-    from orchestrator.plan import build_plan
+    from orchestrator.planning.plan import build_plan
     from orchestrator.spec import parse_spec
 
     spec = parse_spec({
@@ -179,7 +179,7 @@ def test_plan_applies_source_curation_and_balance(tmp_path):
     ds = prepare_builtin("digits")
     split = ds.keys_and_labels("train")
     masks = []
-    for job in plan.pretrain_jobs:
+    for job in plan.pretrain_runs:
         assert job.view.keep_classes == (0, 1, 2)
         keep, noisy = job.view.apply(split.keys, split.labels)
         assert keep.sum() == job.num_train_samples == job.view.pretrain_size

@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
+
+from datasets_.objstore import filesystem, write_atomic
 
 EXTRACTOR_VERSION = 1
 
@@ -37,10 +37,8 @@ class FeatureCache:
     """Feature sets under ``root`` (a directory or an object-store URI such as ``s3://b/p``)."""
 
     def __init__(self, root: str):
-        import pyarrow.fs
-
         self.root = root.rstrip("/")
-        self.fs, self.path = pyarrow.fs.FileSystem.from_uri(self.root if "://" in self.root else os.path.abspath(self.root))
+        self.fs, self.path = filesystem(self.root)
 
     def _file(self, key: str) -> str:
         return f"{self.path}/{key[:2]}/{key}.npz"
@@ -58,13 +56,4 @@ class FeatureCache:
     def put(self, key: str, features: Features) -> None:
         buf = io.BytesIO()
         np.savez(buf, keys=np.asarray(features.keys, dtype=str), x=features.x.astype(np.float32), y=features.y)
-        path = self._file(key)
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        if "://" in self.root:  # object stores write whole objects at once
-            with self.fs.open_output_stream(path) as f:
-                f.write(buf.getvalue())
-            return
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # local: write aside, then rename into place
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(buf.getvalue())
-        self.fs.move(tmp, path)
+        write_atomic(f"{self.root}/{key[:2]}/{key}.npz", lambda f: f.write(buf.getvalue()))

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainers.models import Backbone
+from trainers.protocols import METHODS
 
-METHODS = ("supervised", "clip", "simclr")
 CLIP_TEMPLATE = "a photo of a {label}."
 # Text tower of the small CLIP models: the tokenizer's full vocabulary, a short context.
 CLIP_TEXT = {"context_length": 32, "width": 64, "heads": 4, "layers": 2}
@@ -274,3 +274,11 @@ def build_pretrain_model(method: str, model_config: dict, num_classes: int, imag
     if method == "simclr":
         return SimCLRModel(backbone)
     raise ValueError(f"unknown pretraining method '{method}' (known: {', '.join(METHODS)})")
+
+
+def clip_text_input(classes: list[str]):
+    """What a CLIP model's training batches carry as text (:class:`datasets_.pipeline.TextInput`):
+    captions tokenized by :func:`tokenize`, and :func:`class_prompts` for samples without one."""
+    from datasets_.pipeline import TextInput
+
+    return TextInput(tokenize, tuple(class_prompts(classes)))

@@ -16,7 +16,8 @@ import copy
 import torch
 from torch import nn
 
-FINAL_LAYER = "final"
+from trainers.protocols import FINAL_LAYER
+
 
 MODELS: dict[str, dict] = {
     # A few thousand parameters: for tests and smoke runs.

@@ -12,11 +12,13 @@ run means the same optimization on 1 or N workers (contrastive losses gather the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,6 +37,41 @@ from trainers.methods import (
 )
 
 CHECKPOINT_FILE = "model.pt"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything one pretraining run's loop needs. The plan builds it once; it crosses the Ray
+    boundary as a dict (:meth:`to_dict`, Ray Train's ``train_loop_config``) and the loop rebuilds
+    it (:meth:`from_dict`)."""
+
+    method: str  # supervised | clip | simclr (trainers.methods)
+    model_config: dict  # trainers.models.model_config(...)
+    num_classes: int
+    classes: tuple[str, ...]  # class names: CLIP's zero-shot prompts
+    image_size: int
+    epochs: int
+    batch_size: int  # global: each of W workers takes batch_size // W
+    lr: float  # AdamW peak learning rate
+    weight_decay: float
+    lr_schedule: str  # cosine | constant, after warmup_epochs
+    warmup_epochs: float
+    amp: str  # none | bf16 | fp16 (CUDA only)
+    seed: int  # model init and data order
+    num_train_samples: int  # samples the view selects (steps per epoch, the lr schedule)
+    caption_noise: float = 0.0  # above 0: report realized_caption_noise each epoch
+    meta: dict = field(default_factory=dict)  # stored in the checkpoint
+    fault: dict | None = None  # test hook, see _maybe_inject_fault
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PretrainConfig":
+        return cls(**{**d, "classes": tuple(d["classes"])})
+
+    def replace(self, **changes) -> "PretrainConfig":
+        return dataclasses.replace(self, **changes)
 
 
 def save_checkpoint(directory: str, model: nn.Module, meta: dict, optimizer=None, epoch: int = -1) -> str:
@@ -135,10 +172,10 @@ def evaluate_top1(model: nn.Module, batches, device, amp: str = "none") -> tuple
     return correct, total
 
 
-def _maybe_inject_fault(config: dict, epoch: int, rank: int) -> None:
-    """Test hook: ``{"fault": {"epoch": e, "marker": path}}`` kills rank 0's process once, in the
+def _maybe_inject_fault(config: PretrainConfig, epoch: int, rank: int) -> None:
+    """Test hook: ``fault={"epoch": e, "marker": path}`` kills rank 0's process once, in the
     middle of epoch ``e`` (the marker file records that it happened)."""
-    fault = config.get("fault")
+    fault = config.fault
     if not fault or rank != 0 or epoch != fault["epoch"] or os.path.exists(fault["marker"]):
         return
     with open(fault["marker"], "w") as f:
@@ -146,37 +183,32 @@ def _maybe_inject_fault(config: dict, epoch: int, rank: int) -> None:
     os._exit(1)
 
 
-def pretrain_loop(config: dict) -> None:
-    """Ray Train per-worker loop of every pretraining method (``config["method"]``).
-
-    Required config keys: ``model_config``, ``num_classes``, ``epochs``, ``batch_size`` (global),
-    ``lr``, ``weight_decay``, ``seed``, ``num_train_samples``. Optional: ``method`` (supervised),
-    ``image_size`` (32), ``classes`` (class names: CLIP's zero-shot prompts), ``lr_schedule``
-    (cosine), ``warmup_epochs`` (0), ``caption_noise`` (0: report ``realized_caption_noise`` when above), ``amp`` ("none"|"bf16"|"fp16", CUDA only), ``meta`` (stored
-    in the checkpoint), ``fault`` (test hook, see :func:`_maybe_inject_fault`).
-    """
+def pretrain_loop(train_loop_config: dict) -> None:
+    """Ray Train per-worker loop of every pretraining method: ``train_loop_config`` is a
+    :class:`PretrainConfig` as a dict."""
     import ray.train
     import ray.train.torch
 
     keep_batch_memory()  # batches are normalized here, on CPU workers by the CPU
+    config = PretrainConfig.from_dict(train_loop_config)
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    method = config.get("method", "supervised")
-    torch.manual_seed(config["seed"])
+    method = config.method
+    torch.manual_seed(config.seed)
     device = ray.train.torch.get_device()
-    amp = config.get("amp", "none")
-    image_size = config.get("image_size", 32)
+    amp = config.amp
+    image_size = config.image_size
 
-    model = build_pretrain_model(method, config["model_config"], config["num_classes"], image_size)
+    model = build_pretrain_model(method, config.model_config, config.num_classes, image_size)
     model = ray.train.torch.prepare_model(model)
     bare = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_policy(device.type, amp)[1])
     meta = {
-        **config.get("meta", {}),
+        **config.meta,
         "method": method,
-        "model_config": config["model_config"],
-        "num_classes": config["num_classes"],
+        "model_config": config.model_config,
+        "num_classes": config.num_classes,
         "image_size": image_size,
     }
 
@@ -189,10 +221,10 @@ def pretrain_loop(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
 
-    step_loss = _step_functions(method, model, device, amp, config["seed"] + 7919 * rank)
-    epochs = config["epochs"]
-    batch_size = max(1, config["batch_size"] // world)  # per worker; batch_size is global
-    steps_per_epoch = max(1, math.ceil(config["num_train_samples"] / world / batch_size))
+    step_loss = _step_functions(method, model, device, amp, config.seed + 7919 * rank)
+    epochs = config.epochs
+    batch_size = max(1, config.batch_size // world)  # per worker; batch_size is global
+    steps_per_epoch = max(1, math.ceil(config.num_train_samples / world / batch_size))
     train_shard = ray.train.get_dataset_shard("train")
     heldout_shard = ray.train.get_dataset_shard("heldout")
 
@@ -203,10 +235,10 @@ def pretrain_loop(config: dict) -> None:
         for batch in train_shard.iter_torch_batches(
             batch_size=batch_size,
             local_shuffle_buffer_size=max(1024, 4 * batch_size),
-            local_shuffle_seed=config["seed"] * 1000 + epoch,
+            local_shuffle_seed=config.seed * 1000 + epoch,
             prefetch_batches=2,
         ):
-            lr = lr_at(epoch + step / steps_per_epoch, config["lr"], epochs, config.get("warmup_epochs", 0), config.get("lr_schedule", "cosine"))
+            lr = lr_at(epoch + step / steps_per_epoch, config.lr, epochs, config.warmup_epochs, config.lr_schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with _autocast(device, amp):
@@ -230,7 +262,7 @@ def pretrain_loop(config: dict) -> None:
             "train_loss": loss_sum / max(seen, 1),
             "images_per_second": seen / max(elapsed_sum / world, 1e-9),
         }
-        if config.get("caption_noise", 0.0) > 0:  # share of this epoch's captions that were another sample's
+        if config.caption_noise > 0:  # share of this epoch's captions that were another sample's
             metrics["realized_caption_noise"] = swapped / max(seen, 1)
         if epoch == epochs - 1:
             correct, total = upstream_top1(method, bare, train_shard, heldout_shard, device, amp, config)
@@ -242,10 +274,6 @@ def pretrain_loop(config: dict) -> None:
                 save_checkpoint(d, bare, meta, optimizer, epoch)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
-
-
-# The loop's former name, kept for callers of the supervised-only version.
-supervised_train_loop = pretrain_loop
 
 
 def _step_functions(method: str, model: nn.Module, device, amp: str, seed: int):
@@ -279,15 +307,14 @@ def _step_functions(method: str, model: nn.Module, device, amp: str, seed: int):
 
 
 @torch.no_grad()
-def upstream_top1(method: str, model: nn.Module, train_shard, heldout_shard, device, amp: str, config: dict) -> tuple[int, int]:
+def upstream_top1(method: str, model: nn.Module, train_shard, heldout_shard, device, amp: str, config: PretrainConfig) -> tuple[int, int]:
     """(correct, total) of this worker's held-out shard under the method's upstream measure."""
     model.eval()
     heldout = heldout_shard.iter_torch_batches(batch_size=256)
     if method == "supervised":
         return evaluate_top1(model, heldout, device, amp)
     if method == "clip":
-        classes = config.get("classes") or [str(c) for c in range(config["num_classes"])]
-        tokens = tokenize(class_prompts(classes))
+        tokens = tokenize(class_prompts(list(config.classes)))
         correct = total = 0
         for batch in heldout:
             with _autocast(device, amp):
@@ -311,4 +338,4 @@ def upstream_top1(method: str, model: nn.Module, train_shard, heldout_shard, dev
         test_y.append(batch["label"].to(device))
     if not test_x or bank_x.shape[0] == 0:
         return 0, sum(int(t.numel()) for t in test_y)
-    return knn_top1(bank_x, bank_y, torch.cat(test_x), torch.cat(test_y), config["num_classes"])
+    return knn_top1(bank_x, bank_y, torch.cat(test_x), torch.cat(test_y), config.num_classes)

@@ -163,7 +163,7 @@ def logistic_probe(
     for l2 in sorted(l2_grid, reverse=True):
         opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, line_search_fn="strong_wolfe")
 
-        def closure():
+        def closure(opt=opt, l2=l2):
             opt.zero_grad()
             loss = torch.nn.functional.cross_entropy(xt @ w + b, yt) + 0.5 * l2 * (w * w).sum()
             loss.backward()

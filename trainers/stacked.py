@@ -40,9 +40,9 @@ from trainers.features import Features
 from trainers.models import build_model
 from trainers.pretrain import lr_at
 from trainers.probe import logistic_probe, ridge_few_shot
+from trainers.protocols import FROZEN_PROTOCOLS
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, as in trainers.pretrain
-PROTOCOLS = ("linear_probe", "logistic")
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,10 @@ def stacked_features(sm: StackedModels, images: torch.Tensor, batch_size: int = 
     """Final backbone features of every model on shared images (uint8 [N, 3, S, S], normalized
     batch by batch on the models' device): [B, N, D]."""
     backbone = sm.base.backbone.eval()
-    strip = lambda d: {k[len("backbone."):]: v for k, v in d.items() if k.startswith("backbone.")}
+
+    def strip(d):
+        return {k[len("backbone.") :]: v for k, v in d.items() if k.startswith("backbone.")}
+
     p, b = strip(sm.params), strip(sm.buffers)
     run = vmap(lambda pp, bb, x: functional_call(backbone, (pp, bb), (x,)), in_dims=(0, 0, None))
     device = next(iter(sm.params.values())).device
@@ -191,6 +194,6 @@ def probe_outputs(train: Features, test: Features, num_classes: int, protocol: s
     elif protocol == "logistic":
         scores = logistic_probe(train.x[idx], train.y[idx], train.x[val], train.y[val], test.x, num_classes).scores
     else:
-        raise ValueError(f"unknown datamodel protocol '{protocol}' (known: {', '.join(PROTOCOLS)})")
+        raise ValueError(f"unknown datamodel protocol '{protocol}' (known: {', '.join(FROZEN_PROTOCOLS)})")
     out = per_example(test.keys, test.y, scores)
     return float((out["prediction"] == out["label"]).mean()), out

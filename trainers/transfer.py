@@ -36,13 +36,10 @@ from datasets_.pipeline import iter_local_batches, normalize
 from datasets_.shards import ShardedDataset
 from datasets_.views import few_shot_indices, validation_mask
 from trainers.features import FeatureCache, Features, feature_key
-from trainers.models import FINAL_LAYER
+from trainers.protocols import FINAL_LAYER, FROZEN_PROTOCOLS, FULL
 from trainers.probe import logistic_probe, mean_per_class_accuracy, ridge_few_shot
 
-FULL = "full"
 HEAD_LR_MULTIPLIER = 10.0
-FROZEN = ("linear_probe", "logistic")  # protocols that read frozen features
-FINETUNED = ("finetune", "lp_ft")
 
 
 @dataclass(frozen=True)
@@ -54,6 +51,15 @@ class FinetuneSettings:
     steps: int = 100
     batch_size: int = 32
     weight_decay: float = 1e-4
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """What every fit of one (checkpoint, task) shares; the plan builds it once per group."""
+
+    image_size: int | None = None  # None: the checkpoint's own
+    val_fraction: float = 0.2  # of the task's train split, held out (by key hash) to choose L2 / the lr
+    finetune: FinetuneSettings = FinetuneSettings()
 
 
 @dataclass(frozen=True)
@@ -305,18 +311,17 @@ class FinetuneProblem:
         return _result(self.fit, _logits(net, test.x), test.keys, test.y, self.task.num_classes, len(self.train_y), **extra)
 
 
-def finetune_problem(checkpoint_dir: str, task: ShardedDataset, fit: Fit, val_fraction: float = 0.2,
-                     cache: FeatureCache | None = None, image_size: int | None = None,
-                     device: torch.device | str | None = None) -> FinetuneProblem:
+def finetune_problem(checkpoint_dir: str, task: ShardedDataset, fit: Fit, config: TransferConfig = TransferConfig(),
+                     cache: FeatureCache | None = None, device: torch.device | str | None = None) -> FinetuneProblem:
     """The :class:`FinetuneProblem` of one fit: decodes the task's train split once (and, for
     lp_ft, reads or extracts its final features) — the same inputs :func:`evaluate_transfer`
     gives the fit. The model sits on ``device`` (default CPU), where its configs train."""
     from trainers.pretrain import load_model
 
     model = load_model(checkpoint_dir).to(device or "cpu")
-    image_size = image_size or model.meta.get("image_size", 32)
+    image_size = config.image_size or model.meta["image_size"]
     im = _Images(task, "train", image_size)
-    idx, val = fit_indices(im.keys, im.y, fit, val_fraction, task.num_classes)
+    idx, val = fit_indices(im.keys, im.y, fit, config.val_fraction, task.num_classes)
     head = None
     if fit.protocol == "lp_ft":
         feats = frozen_features(model, checkpoint_dir, task, [FINAL_LAYER], image_size, cache, TransferStats())
@@ -328,10 +333,8 @@ def evaluate_transfer(
     checkpoint_dir: str,
     task: ShardedDataset,
     fits: list[Fit],
-    val_fraction: float = 0.2,
-    finetune_settings: FinetuneSettings = FinetuneSettings(),
+    config: TransferConfig = TransferConfig(),
     cache: FeatureCache | None = None,
-    image_size: int | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[list[FitResult], TransferStats]:
     """Every fit of one (checkpoint, task), sharing feature extraction and decoded images; the
@@ -339,12 +342,12 @@ def evaluate_transfer(
     from trainers.pretrain import load_model
 
     model = load_model(checkpoint_dir).to(device or "cpu")
-    image_size = image_size or model.meta.get("image_size", 32)
+    image_size = config.image_size or model.meta["image_size"]
     stats = TransferStats()
     C = task.num_classes
 
     # Frozen features: one extraction per layer and split, unless the cache holds it.
-    layers = sorted({f.layer for f in fits if f.protocol in FROZEN} | ({FINAL_LAYER} if any(f.protocol == "lp_ft" for f in fits) else set()))
+    layers = sorted({f.layer for f in fits if f.protocol in FROZEN_PROTOCOLS} | ({FINAL_LAYER} if any(f.protocol == "lp_ft" for f in fits) else set()))
     feats = frozen_features(model, checkpoint_dir, task, layers, image_size, cache, stats)
 
     images: dict[str, _Images] = {}
@@ -359,13 +362,13 @@ def evaluate_transfer(
         if fit.protocol == "zero_shot":
             results.append(_zero_shot(model, task, imgs("test"), fit))
             continue
-        if fit.protocol in FROZEN:
+        if fit.protocol in FROZEN_PROTOCOLS:
             train, test = feats[(fit.layer, "train")], feats[(fit.layer, "test")]
             keys, y, x = train.keys, train.y, train.x
         else:
             im = imgs("train")
             keys, y, x = im.keys, im.y, None
-        idx, val = fit_indices(keys, y, fit, val_fraction, C)
+        idx, val = fit_indices(keys, y, fit, config.val_fraction, C)
         if fit.protocol == "linear_probe":
             r = ridge_few_shot(x[idx], y[idx], x[val], y[val], test.x, test.y, C)
             results.append(_result(fit, r.scores, test.keys, test.y, C, len(idx), validation_accuracy=r.validation_accuracy, l2_reg=r.l2_reg))
@@ -375,7 +378,7 @@ def evaluate_transfer(
         else:
             head = _lp_ft_head(feats[(FINAL_LAYER, "train")], keys, idx, val, C, task.name) if fit.protocol == "lp_ft" else None
             test_im = imgs("test")
-            net, val_acc, lr = finetune(model, im.x[idx], y[idx], im.x[val], y[val], C, finetune_settings, fit.seed, head)
+            net, val_acc, lr = finetune(model, im.x[idx], y[idx], im.x[val], y[val], C, config.finetune, fit.seed, head)
             scores = _logits(net, test_im.x)
             results.append(_result(fit, scores, test_im.keys, test_im.y, C, len(idx), validation_accuracy=val_acc, learning_rate=lr))
     return results, stats
@@ -392,10 +395,3 @@ def _zero_shot(model, task: ShardedDataset, test: _Images, fit: Fit) -> FitResul
         zero_shot_logits(model, normalize(test.x[i : i + 512].to(device)), tokens).float().cpu().numpy() for i in range(0, len(test.x), 512)
     ])
     return _result(fit, scores, test.keys, test.y, task.num_classes, 0)
-
-
-def linear_probe_grid(checkpoint_dir: str, task: ShardedDataset, image_size: int, fits: list[tuple[int | str, int]],
-                      val_fraction: float = 0.2) -> list[dict]:
-    """Ridge probes for every (shots, seed) in ``fits``: their metrics, with shots and seed."""
-    results, _ = evaluate_transfer(checkpoint_dir, task, [Fit("linear_probe", s, seed) for s, seed in fits], val_fraction, image_size=image_size)
-    return [{"shots": s, "seed": seed, **r.metrics} for (s, seed), r in zip(fits, results)]

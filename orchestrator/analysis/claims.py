@@ -24,7 +24,9 @@ import pandas as pd
 from scipy import stats
 
 from orchestrator.analysis import fits, influence
+from orchestrator.analysis.frame import at_largest_shots
 from orchestrator.analysis.tables import ACC, SIZE, best_layer_table, final_layer, saturation_tables, us_ds_points
+from trainers.protocols import FULL
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 COLUMNS = ["claim", "setting", "statistic", "estimate", "ci_low", "ci_high", "n", "verdict"]
@@ -109,11 +111,14 @@ def source_spread(t: pd.DataFrame) -> pd.DataFrame:
     rows, few = [], _few(t)
     for (task, method), g in t.groupby(["task", "method"]):
         sources = sorted(g["source"].unique())
-        if len(sources) < 2 or not (g["shots"] == "full").any():
+        if len(sources) < 2 or not (g["shots"] == FULL).any():
             continue
         cells = [_cell(g, source=s, shots_n=shots, **{SIZE: _largest(g, s)}) for shots in (few, np.inf) for s in sources]
         k = len(sources)
-        stat = lambda m: (max(m[:k]) - min(m[:k])) - (max(m[k:]) - min(m[k:]))
+
+        def stat(m, k=k):
+            return (max(m[:k]) - min(m[:k])) - (max(m[k:]) - min(m[k:]))
+
         rows.append(_row("spread across sources shrinks with shots", f"{task}, {method}",
                          f"range across {k} sources at {few:g} shot(s) − at full", bootstrap(cells, stat),
                          f"{min(len(c) for c in cells[:k])}/{min(len(c) for c in cells[k:])} runs per source"))
@@ -129,7 +134,7 @@ def size_helps_few_shot_more(t: pd.DataFrame) -> pd.DataFrame:
     rows, few = [], _few(t)
     for (task, source, method), g in t.groupby(["task", "source", "method"]):
         lo_n, hi_n = g[SIZE].min(), g[SIZE].max()
-        if lo_n == hi_n or not (g["shots"] == "full").any():
+        if lo_n == hi_n or not (g["shots"] == FULL).any():
             continue
         cells = [_cell(g, shots_n=s, **{SIZE: n}) for s in (few, np.inf) for n in (lo_n, hi_n)]
         rows.append(_row("more data helps few-shot more than full", f"{task} ← {source}, {method}",
@@ -153,7 +158,7 @@ def noisy_larger_vs_clean_smaller(t: pd.DataFrame) -> pd.DataFrame:
         for p in sorted(g.loc[g["label_noise"] > 0, "label_noise"].unique()):
             for shots in (few, np.inf):
                 cells = [_cell(g, label_noise=p, shots_n=shots, **{SIZE: big}), _cell(g, label_noise=0.0, shots_n=shots, **{SIZE: small})]
-                label = "full" if shots == np.inf else f"{shots:g}-shot"
+                label = FULL if shots == np.inf else f"{shots:g}-shot"
                 rows.append(_row("larger noisy set vs smaller clean set", f"{task} ← {source}, {method}, {label}",
                                  f"acc({big:,.0f}, noise {p:g}) − acc({small:,.0f}, clean)", bootstrap(cells, lambda m: m[0] - m[1]),
                                  f"{len(cells[0])}/{len(cells[1])} runs"))
@@ -249,8 +254,7 @@ def counterfactual_claims(arms: pd.DataFrame, followup: pd.DataFrame, plan: dict
     t = t[t["task"] == plan["task"]]
     if t.empty:
         return _frame([])
-    shots = "full" if (t["shots"] == "full").any() else t.loc[t["shots_n"].idxmax(), "shots"]
-    t = t[t["shots"] == shots]
+    t = at_largest_shots(t)
     by = {(v["arm"], v["k"]): t.loc[t["source"] == s, ACC].to_numpy(float) for s, v in plan["sources"].items()}
     base = by.get(("baseline", 0))
     rows = []

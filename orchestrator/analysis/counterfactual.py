@@ -24,11 +24,15 @@ import pandas as pd
 import yaml
 
 from orchestrator.analysis import AnalysisError
+from orchestrator.analysis.datamodel_influence import datamodel_inputs
 from orchestrator.analysis.fits import aggregate
+from orchestrator.analysis.frame import InfluenceInputs, StudyRuns, at_largest_shots, influence_inputs, load_study
+from orchestrator.analysis.influence import ranking, task_influence
+from orchestrator.records.schema import COUNTERFACTUAL_PLAN_ARTIFACT, METRIC_ACCURACY
+from orchestrator.records.tracker import Tracker
+from orchestrator.spec import COUNTERFACTUAL_ARMS as ARMS
 from orchestrator.spec import DataRef, StudySpec, load_spec, parse_spec
-from orchestrator.tracking import COUNTERFACTUAL_PLAN_ARTIFACT, METRIC_ACCURACY, Tracker
 
-ARMS = ("harmful", "helpful", "random")
 BASELINE = "baseline"
 DATAMODEL_SEEDS = 3  # pretraining seeds of each follow-up source of a datamodels study, unless --seeds says
 
@@ -161,8 +165,8 @@ def arm_accuracy(followup_transfer: pd.DataFrame, plan: dict) -> pd.DataFrame:
     if t.empty:
         return pd.DataFrame(columns=["arm", "k", "mean", "ci", "n"])
     # Compare like with like: the original study's largest shots setting ('full' if present).
-    shots = "full" if (t["shots"] == "full").any() else t.loc[t["shots_n"].idxmax(), "shots"]
-    t = t[t["shots"] == shots]
+    t = at_largest_shots(t)
+    shots = t["shots"].iloc[0]
     rows = []
     arms = sorted({v["arm"] for v in plan["sources"].values()} - {BASELINE})
     for src, info in plan["sources"].items():
@@ -171,3 +175,62 @@ def arm_accuracy(followup_transfer: pd.DataFrame, plan: dict) -> pd.DataFrame:
     agg = aggregate(pd.concat(rows), ["arm", "k"], METRIC_ACCURACY)
     agg["shots"] = shots
     return agg
+
+
+def plan_counterfactual(tracker: Tracker, spec: StudySpec, ks: list[int], arms: list[str] = ARMS, task: str | None = None,
+                        source: str | None = None, seed: int = 0, seeds: int | None = None, name: str | None = None,
+                        out: str | Path = ".") -> tuple[Path, dict]:
+    """Rank the source classes of ``spec``'s finished study by their influence on ``task``,
+    write the follow-up study that removes the top ``ks`` of each arm into ``out``, and log its
+    plan on the study run. Returns (follow-up YAML path, plan); AnalysisError on bad input."""
+    bad = [a for a in arms if a not in ARMS]
+    if bad:
+        raise AnalysisError("--arms", f"unknown arm {bad[0]!r}; choose from: {', '.join(ARMS)}")
+    if seeds is not None and seeds < 1:
+        raise AnalysisError("--seeds", f"must be >= 1, got {seeds}")
+    sr = load_study(tracker, spec.study)
+    if spec.datamodels is not None:
+        inputs = _datamodel_influence(spec, sr, tracker, task, source)
+    else:
+        inputs = _class_subset_influence(spec, sr, task, source)
+    rank = ranking(inputs.classes, task_influence(inputs.masks, inputs.outputs))
+    doc, plan = plan_followup(spec, inputs.source, rank, ks, list(arms), inputs.task, seed=seed, name=name, seeds=seeds)
+    path = write_followup(doc, plan, out)
+    if sr.study_run_id:
+        log_plan(tracker, sr.study_run_id, plan)
+    return path, plan
+
+
+def arm_lines(plan: dict) -> list[str]:
+    """One line per follow-up source of an arm: which classes it drops."""
+    return [f"{info['arm']:>8} K={info['k']}: drop {', '.join(info['removed_classes'])}  (source {src})"
+            for src, info in plan["sources"].items() if info["arm"] != BASELINE]
+
+
+def _class_subset_influence(spec: StudySpec, sr: StudyRuns, task: str | None, source: str | None) -> InfluenceInputs:
+    """Influence inputs from the class-subset pretraining runs of ``source`` on ``task``."""
+    sources = list(spec.pretrain.sweep["source"])
+    source = source or (sources[0] if len(sources) == 1 else None)
+    if source is None:
+        raise AnalysisError("--source", f"the study has several sources ({', '.join(sources)}); name one")
+    tasks = [task] if task else list(dict.fromkeys(sr.transfer["task"]))
+    inputs = next((x for t in tasks for protocol in sorted(set(sr.transfer["protocol"]))
+                   if (x := influence_inputs(sr, t, protocol, source=source)) is not None), None)
+    if inputs is None:
+        raise AnalysisError("study", f"'{spec.study}' has no class-subset runs with per-example outputs"
+                            + (f" on task '{task}'" if task else "") + " to estimate influence from")
+    return inputs
+
+
+def _datamodel_influence(spec: StudySpec, sr: StudyRuns, tracker: Tracker, task: str | None, source: str | None) -> InfluenceInputs:
+    """Influence inputs from the table of the spec's datamodel sweep (the latest such sweep of the study)."""
+    d = spec.datamodels
+    for flag, given, own in (("--task", task, d.task), ("--source", source, d.source)):
+        if given is not None and given != own:
+            raise AnalysisError(flag, f"the datamodel sweep of study '{spec.study}' has {flag[2:]} '{own}', not '{given}'")
+    found = [x for x in datamodel_inputs(tracker, sr.experiment_id)
+             if (x.task, x.source, x.protocol, x.shots) == (d.task, d.source, d.protocol, str(d.shots))]
+    if not found:
+        raise AnalysisError("study", f"'{spec.study}' has no datamodel sweep of '{d.source}' probed on '{d.task}' with "
+                                     "at least 2 finished models; run the study first")
+    return found[-1]

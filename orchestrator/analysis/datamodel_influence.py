@@ -1,4 +1,4 @@
-"""Influence inputs from a datamodel sweep's table (see orchestrator.datamodels).
+"""Influence inputs from a datamodel sweep's table (:mod:`orchestrator.records.datamodel_table`).
 
 A datamodels study has no pretrain/transfer runs: its ``datamodels`` run names the table (tag
 ``transferlab.datamodel_table``), one row per trained model with its class mask and its outputs
@@ -12,14 +12,14 @@ from __future__ import annotations
 import numpy as np
 
 from orchestrator.analysis.frame import InfluenceInputs
-from orchestrator.tracking import KIND_DATAMODELS, TAG_DATAMODEL_TABLE, Tracker
+from orchestrator.records.datamodel_table import read_examples, read_sweep, read_table
+from orchestrator.records.schema import KIND_DATAMODELS, TAG_DATAMODEL_TABLE
+from orchestrator.records.tracker import Tracker
 
 
 def datamodel_inputs(tracker: Tracker, experiment_id: str, column: str = "correct_prob") -> list[InfluenceInputs]:
     """One InfluenceInputs per datamodel sweep of the study that has finished models (any run status:
     a sweep still running gives its finished models; the report flags it partial)."""
-    from orchestrator.datamodels import read_examples, read_sweep, read_table
-
     out = []
     for run in sorted(tracker.runs(experiment_id, KIND_DATAMODELS), key=lambda r: r.info.start_time or 0):
         uri = run.data.tags.get(TAG_DATAMODEL_TABLE)

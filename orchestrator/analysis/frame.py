@@ -3,7 +3,7 @@
 Runs are read with the search API (``MlflowClient.search_runs``, paged) and transfer runs are
 joined to their pretraining run through the ``mlflow.parentRunId`` tag. Only FINISHED runs enter
 the frames; every run is counted by kind and status so a report can say it is partial.
-Column names are the MLflow param and metric names of :mod:`orchestrator.tracking`, except the
+Column names are the MLflow param and metric names of :mod:`orchestrator.records.schema`, except the
 pretraining run's ``seed``, which becomes ``pretrain_seed`` beside the transfer run's ``seed``.
 """
 
@@ -20,27 +20,10 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.analysis import AnalysisError
-from orchestrator.tracking import (
-    FINISHED,
-    KIND_DATAMODELS,
-    KIND_PRETRAIN,
-    KIND_STUDY,
-    KIND_TRANSFER,
-    METRIC_ACCURACY,
-    METRIC_MEAN_PER_CLASS_ACCURACY,
-    METRIC_NUM_TRAIN_SAMPLES,
-    METRIC_UPSTREAM_ACCURACY,
-    PARAM_CLASS_FRACTION,
-    PER_EXAMPLE_ARTIFACT,
-    PRETRAIN_PARAMS,
-    TAG_KIND,
-    TAG_PARENT,
-    TRANSFER_PARAMS,
-    VIEW_MASK_ARTIFACT,
-    Tracker,
-)
+from orchestrator.records.schema import FINISHED, KIND_DATAMODELS, KIND_PRETRAIN, KIND_STUDY, KIND_TRANSFER, METRIC_ACCURACY, METRIC_MEAN_PER_CLASS_ACCURACY, METRIC_NUM_TRAIN_SAMPLES, METRIC_UPSTREAM_ACCURACY, PARAM_CLASS_FRACTION, PER_EXAMPLE_ARTIFACT, PRETRAIN_PARAMS, TAG_KIND, TAG_PARENT, TRANSFER_PARAMS, VIEW_MASK_ARTIFACT
+from orchestrator.records.tracker import Tracker
+from trainers.protocols import FULL
 
-FULL = "full"
 _COUNTED = (KIND_PRETRAIN, KIND_TRANSFER, KIND_DATAMODELS)  # run kinds whose status the report shows
 PRETRAIN_SEED = "pretrain_seed"
 PRETRAIN_RUN_ID, RUN_ID, ARTIFACT_URI = "pretrain_run_id", "run_id", "artifact_uri"
@@ -227,6 +210,13 @@ class InfluenceInputs:
     examples: np.ndarray  # example ids (columns of outputs)
 
 
+def at_largest_shots(t: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the largest shots setting of ``t`` ('full' if present): what counterfactual
+    and influence comparisons compare, like with like."""
+    shots = FULL if (t["shots"] == FULL).any() else t.loc[t["shots_n"].idxmax(), "shots"]
+    return t[t["shots"] == shots]
+
+
 def influence_inputs(sr: StudyRuns, task: str, protocol: str, source: str | None = None,
                      column: str = "correct_prob") -> InfluenceInputs | None:
     """Class masks of the pretraining runs (of ``source``, if given) and their per-example outputs on ``task``.
@@ -239,8 +229,7 @@ def influence_inputs(sr: StudyRuns, task: str, protocol: str, source: str | None
         t = t[t["source"] == source]
     if t.empty:
         return None
-    shots = FULL if (t["shots"] == FULL).any() else t.loc[t["shots_n"].idxmax(), "shots"]
-    t = t[t["shots"] == shots]
+    t = at_largest_shots(t)
     pre_ids = sorted(t[PRETRAIN_RUN_ID].unique())
     pre_uris = sr.pretrain.set_index(RUN_ID).loc[pre_ids, ARTIFACT_URI].tolist()
     classes, masks = class_masks(pre_uris)
@@ -257,4 +246,4 @@ def influence_inputs(sr: StudyRuns, task: str, protocol: str, source: str | None
         counts[row[pid], ok] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(counts > 0, sums / counts, np.nan)
-    return InfluenceInputs(task, protocol, source, str(shots), classes, masks, mean, examples)
+    return InfluenceInputs(task, protocol, source, str(t["shots"].iloc[0]), classes, masks, mean, examples)

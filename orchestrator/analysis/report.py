@@ -21,9 +21,10 @@ import pandas as pd
 
 from orchestrator.analysis import counterfactual as cf
 from orchestrator.analysis import figures, influence, tables
-from orchestrator.analysis.datamodels import datamodel_inputs
+from orchestrator.analysis.datamodel_influence import datamodel_inputs
 from orchestrator.analysis.frame import StudyRuns, influence_inputs, load_study
-from orchestrator.tracking import REPORT_ARTIFACT_DIR, Tracker
+from orchestrator.records.schema import REPORT_ARTIFACT_DIR
+from orchestrator.records.tracker import Tracker
 
 SHOWN_ROWS = 25  # rows of a table shown in the HTML; the CSV has all of them
 

@@ -14,11 +14,11 @@ import pandas as pd
 
 from orchestrator.analysis import fits
 from orchestrator.analysis.frame import PRETRAIN_RUN_ID, PRETRAIN_SEED
-from orchestrator.tracking import METRIC_ACCURACY, METRIC_NUM_TRAIN_SAMPLES, METRIC_UPSTREAM_ACCURACY, PARAM_CLASS_FRACTION
+from orchestrator.records.schema import METRIC_ACCURACY, METRIC_NUM_TRAIN_SAMPLES, METRIC_UPSTREAM_ACCURACY, PARAM_CLASS_FRACTION
+from trainers.protocols import FINAL_LAYER
 
 SIZE, ACC = METRIC_NUM_TRAIN_SAMPLES, METRIC_ACCURACY
 SETTING = ["task", "protocol"]
-FINAL_LAYER = "final"  # trainers.models.FINAL_LAYER (the analysis does not import torch)
 
 
 def final_layer(t: pd.DataFrame) -> pd.DataFrame:

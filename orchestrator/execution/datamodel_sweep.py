@@ -1,34 +1,31 @@
-"""Datamodel sweeps (Jain et al. 2022): many small models on random class subsets of a source.
+"""Running a datamodel sweep (Jain et al. 2022): many small models on random class subsets of a
+source, ``models_per_trial`` at a time.
 
-A study with a ``datamodels:`` section trains ``num_models`` supervised models, model i on the
-classes :func:`orchestrator.plan._kept_classes` picks for seed ``seed * MAX_DATAMODELS + i``
-(the same pure, seeded class-subset view a ``class_fraction`` sweep uses), and probes each one's
-frozen features on the task. Models run ``models_per_trial`` at a time in plain Ray Tune
-function trials, stacked with ``torch.func`` (:mod:`trainers.datamodels`): no TorchTrainer per
-model, whose ~12 s start-up would dominate a model that trains in a second.
+Models run in plain Ray Tune function trials, stacked with ``torch.func``
+(:mod:`trainers.stacked`): no TorchTrainer per model, whose ~12 s start-up would dominate a model
+that trains in a second. Which model trains on which classes is the plan's
+(:mod:`orchestrator.planning.datamodel_plan`).
 
-Results go to one columnar table (the layout is documented in :mod:`orchestrator.tracking`):
-each finished trial writes one Parquet part atomically, so a rerun skips every model index a
-part holds and a killed trial leaves nothing half-written. MLflow gets one ``datamodels`` run for
-the sweep and one ``datamodel_batch`` run per finished trial, not one run per model.
+Results go to one columnar table (:mod:`orchestrator.records.datamodel_table`): each finished
+trial writes one Parquet part atomically, so a rerun skips every model a part holds. MLflow gets
+one ``datamodels`` run for the sweep and one ``datamodel_batch`` run per finished trial, not one
+run per model.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from orchestrator import retry
-from orchestrator.cluster import apply_mlflow_client_env
-from orchestrator.spec import FULL, MAX_DATAMODELS, PretrainSettings, SpecError, StudySpec
-from orchestrator.tracking import (
+from datasets_.objstore import is_remote
+from orchestrator.execution.phase import NOT_LAUNCHED, TrialContext, cluster_gpus, run_phase
+from orchestrator.planning.datamodel_plan import DatamodelPlan
+from orchestrator.records.datamodel_table import TABLE_SCHEMA, finished_models, table_uri, write_header, write_part
+from orchestrator.records.retry import redact
+from orchestrator.records.schema import (
     DATAMODEL_PART_ARTIFACT_DIR,
     FAILED,
     FINISHED,
@@ -36,200 +33,37 @@ from orchestrator.tracking import (
     KIND_DATAMODEL_BATCH,
     KIND_DATAMODELS,
     TAG_DATAMODEL_TABLE,
-    Tracker,
 )
-
-SWEEP_FILE, EXAMPLES_FILE = "sweep.json", "examples.parquet"
-MODELS_DIR, PART_PREFIX = "models", "models-"  # MODELS_DIR holds only parts: a plain Parquet dataset
-
-
-@dataclass(frozen=True)
-class DatamodelPlan:
-    """Everything a datamodel sweep needs: the models' class masks and seeds, and where data lives."""
-
-    config_hash: str  # of everything but num_models and models_per_trial: a larger sweep extends this one
-    source: str
-    source_root: str
-    task: str
-    task_root: str
-    classes: tuple[str, ...]  # the source's classes (mask columns)
-    settings: dict  # PretrainSettings as a dict
-    model_config: dict
-    masks: np.ndarray  # bool [num_models, classes]
-    seeds: tuple[int, ...]  # model init and data order of each model
-    protocol: str
-    shots: int | str
-    transfer_seed: int
-    val_fraction: float
-    models_per_trial: int
-    run_name: str
-
-    @property
-    def num_models(self) -> int:
-        return len(self.seeds)
-
-    def params(self, spec: StudySpec) -> dict:
-        d = spec.datamodels
-        return {"source": self.source, "task": self.task, "class_fraction": d.class_fraction,
-                "seed": d.seed, "models_per_trial": self.models_per_trial, "protocol": self.protocol, "shots": self.shots,
-                "transfer_seed": self.transfer_seed, "val_fraction": self.val_fraction, **self.settings,
-                "model_config": self.model_config}
+from orchestrator.records.tracker import Tracker
+from orchestrator.spec import StudySpec
 
 
-def model_seed(seed: int, index: int) -> int:
-    return seed * MAX_DATAMODELS + index
+def _write_header(table: str, plan: DatamodelPlan) -> None:
+    """The table's ``sweep.json`` and ``examples.parquet`` (the task's test examples)."""
+    from dataclasses import asdict
 
-
-def build_datamodel_plan(spec: StudySpec, data: dict) -> DatamodelPlan:
-    """The sweep of a datamodels spec: masks from the class-subset view, checked against the data."""
-    from orchestrator.plan import _kept_classes, _model_config, content_hash
-    from datasets_ import validation_mask
-
-    d = spec.datamodels
-    src, task = data[f"sources.{d.source}"], data[f"tasks.{d.task}"]
-    ref = spec.sources[d.source]
-    settings = asdict(spec.pretrain.base)
-    seeds = tuple(model_seed(d.seed, i) for i in range(d.num_models))
-    masks = np.zeros((d.num_models, src.num_classes), dtype=bool)
-    for i, s in enumerate(seeds):
-        kept = _kept_classes(ref, src, d.class_fraction, s)
-        masks[i, list(range(src.num_classes)) if kept is None else list(kept)] = True
-    if masks.all(axis=0).all():
-        raise SpecError("datamodels.class_fraction", f"{d.class_fraction:g} of the {src.num_classes} classes of '{d.source}' keeps every class")
-    if d.shots != FULL:
-        train = task.keys_and_labels("train")
-        pool = train.labels[~validation_mask(train.keys, spec.transfer.val_fraction)]
-        smallest = min(int((pool == c).sum()) for c in range(task.num_classes))
-        if d.shots > smallest:
-            raise SpecError("datamodels.shots", f"{d.shots} shots exceed the {smallest} training examples of the smallest class of task '{d.task}'")
-    mcfg = _model_config(spec, settings)
-    h = content_hash({"kind": KIND_DATAMODELS, "settings": settings, "model_config": mcfg, "source": src.fingerprint,
-                      "keep": ref.keep_classes, "drop": ref.drop_classes, "class_fraction": d.class_fraction, "seed": d.seed,
-                      "task": task.fingerprint, "protocol": d.protocol, "shots": d.shots, "transfer_seed": d.transfer_seed,
-                      "val_fraction": spec.transfer.val_fraction})
-    name = f"datamodels {d.source} -> {d.task} alpha={d.class_fraction:g} seed={d.seed}"
-    return DatamodelPlan(h, d.source, str(src.root), d.task, str(task.root), tuple(src.classes), settings, mcfg, masks, seeds,
-                         d.protocol, d.shots, d.transfer_seed, spec.transfer.val_fraction, d.models_per_trial, name)
-
-
-# ---------------------------------------------------------------------------------------------
-# The table: a Parquet dataset, one part per finished trial.
-
-
-def table_uri(storage_path: str, study: str, config_hash: str) -> str:
-    return f"{storage_path.rstrip('/')}/datamodels/{study}-{config_hash}"
-
-
-def _fs(uri: str):
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
-
-
-def _write_atomic(uri: str, name: str, write) -> str:
-    """``write(sink)`` into ``uri/name``: aside and renamed on local disks, one PUT on object stores."""
-    fs, root = _fs(uri)
-    fs.create_dir(root, recursive=True)
-    path = f"{root}/{name}"
-    if "://" in uri:
-        with fs.open_output_stream(path) as f:
-            write(f)
-        return path
-    tmp = f"{root}/.{name}.{uuid.uuid4().hex}.tmp"
-    with fs.open_output_stream(tmp) as f:
-        write(f)
-    fs.move(tmp, path)
-    return path
-
-
-def part_name(models) -> str:
-    return f"{PART_PREFIX}{min(models):06d}-{max(models):06d}.parquet"
-
-
-def write_part(uri: str, models, table: pa.Table) -> str:
-    return _write_atomic(f"{uri.rstrip('/')}/{MODELS_DIR}", part_name(models), lambda f: pq.write_table(table, f))
-
-
-def _parts(uri: str) -> list[str]:
-    import pyarrow.fs
-
-    fs, root = _fs(f"{uri.rstrip('/')}/{MODELS_DIR}")
-    if fs.get_file_info(root).type == pyarrow.fs.FileType.NotFound:
-        return []
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(root))
-    return sorted(i.path for i in infos if i.base_name.startswith(PART_PREFIX) and i.base_name.endswith(".parquet"))
-
-
-def read_table(uri: str, columns: list[str] | None = None) -> pa.Table | None:
-    """Every finished model's row (sorted by model index), or None if no trial has finished."""
-    fs, _ = _fs(uri)
-    parts = [pq.read_table(p, columns=columns, filesystem=fs) for p in _parts(uri)]
-    if not parts:
-        return None
-    t = pa.concat_tables(parts)
-    return t.sort_by("model") if "model" in t.column_names else t
-
-
-def finished_models(uri: str) -> set[int]:
-    t = read_table(uri, ["model"])
-    return set() if t is None else set(t.column("model").to_pylist())
-
-
-def read_examples(uri: str) -> pa.Table | None:
-    fs, root = _fs(uri)
-    try:
-        return pq.read_table(f"{root}/{EXAMPLES_FILE}", filesystem=fs)
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def read_sweep(uri: str) -> dict | None:
-    fs, root = _fs(uri)
-    try:
-        with fs.open_input_stream(f"{root}/{SWEEP_FILE}") as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def _write_header(uri: str, plan: DatamodelPlan) -> None:
-    """sweep.json and examples.parquet, once per table."""
     from datasets_ import open_dataset
 
-    if read_sweep(uri) is None:
-        doc = {"config_hash": plan.config_hash, "source": plan.source, "task": plan.task, "classes": list(plan.classes),
-               "protocol": plan.protocol, "shots": plan.shots, "settings": plan.settings, "model_config": plan.model_config}
-        _write_atomic(uri, SWEEP_FILE, lambda f: f.write(json.dumps(doc, indent=1).encode()))
-    if read_examples(uri) is None:
+    def examples() -> pa.Table:
         test = open_dataset(plan.task_root).keys_and_labels("test")
-        ex = pa.table({"example": np.arange(len(test.keys), dtype=np.int64), "key": test.keys.astype(str), "label": test.labels.astype(np.int64)})
-        _write_atomic(uri, EXAMPLES_FILE, lambda f: pq.write_table(ex, f))
+        return pa.table({"example": np.arange(len(test.keys), dtype=np.int64), "key": test.keys.astype(str),
+                         "label": test.labels.astype(np.int64)})
+
+    sweep = {"config_hash": plan.config_hash, "source": plan.source, "task": plan.task, "classes": list(plan.classes),
+             "protocol": plan.protocol, "shots": plan.shots, "settings": asdict(plan.settings), "model_config": plan.model_config}
+    write_header(table, sweep, examples)
 
 
-# ---------------------------------------------------------------------------------------------
-# Trials: one Tune function trial trains, probes and records models_per_trial models.
+@dataclass(kw_only=True)
+class DatamodelContext(TrialContext):
+    """What every trial of a datamodel sweep needs."""
 
-
-@dataclass
-class DatamodelContext:
-    """What every trial needs, shipped once through the object store (see sweep.PhaseContext)."""
-
-    study: str
-    tracking_uri: str
-    experiment_id: str
-    storage_path: str
     sweep_run_id: str
     table: str
     plan: DatamodelPlan
     cpus_per_trial: float
     use_gpu: bool = False  # each trial holds a share of a GPU (resources.light_trial_gpus) and trains there
-    trials: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    mlflow_env: dict[str, str] = field(default_factory=dict, repr=False)
-    fail_fast: bool = False  # stop the sweep at its first failed trial (sweep._run_phase reads it)
-    deadline: float | None = None  # time.time() after which no trial starts (budget.max_hours)
-
-    def past_deadline(self) -> bool:
-        return self.deadline is not None and time.time() > self.deadline
+    trials: dict[str, tuple[int, ...]] = field(default_factory=dict)  # trial key -> model indices
 
 
 def train_and_probe(plan: DatamodelPlan, models: tuple[int, ...], device=None) -> pa.Table:
@@ -237,11 +71,10 @@ def train_and_probe(plan: DatamodelPlan, models: tuple[int, ...], device=None) -
     the task: their table rows."""
     from datasets_ import open_dataset
     from datasets_.pipeline import decode_split
-    from trainers.datamodels import TrainSettings, probe_outputs, stacked_features, train_stacked
     from trainers.features import Features
+    from trainers.stacked import probe_outputs, stacked_features, train_stacked
 
-    s = plan.settings
-    ts = TrainSettings(s["image_size"], s["epochs"], s["batch_size"], s["lr"], s["weight_decay"], s["lr_schedule"], s["warmup_epochs"])
+    ts = plan.train
     images, labels, keys = decode_split(open_dataset(plan.source_root), "train", ts.image_size)
     idx = list(models)
     sm = train_stacked(plan.model_config, len(plan.classes), images, labels, keys, plan.masks[idx], [plan.seeds[i] for i in idx], ts,
@@ -263,23 +96,13 @@ def train_and_probe(plan: DatamodelPlan, models: tuple[int, ...], device=None) -
     return pa.Table.from_pylist(rows, schema=TABLE_SCHEMA)
 
 
-TABLE_SCHEMA = pa.schema([
-    ("model", pa.int64()), ("seed", pa.int64()), ("mask", pa.list_(pa.bool_())), ("num_train_samples", pa.int64()),
-    ("train_loss", pa.float32()), ("accuracy", pa.float32()), ("correct_prob", pa.list_(pa.float32())),
-    ("margin", pa.list_(pa.float32())), ("prediction", pa.list_(pa.int32())),
-])
-
-
 def _datamodel_trial(config: dict, ctx: DatamodelContext) -> dict:
     import torch
 
-    from orchestrator.sweep import NOT_LAUNCHED
-
-    if ctx.past_deadline():  # budget.max_hours: the table keeps what finished; a rerun goes on
-        return {NOT_LAUNCHED: 1}
-    apply_mlflow_client_env(ctx.mlflow_env)
     from trainers.devices import trial_device
 
+    if not ctx.begin_trial():  # budget.max_hours: the table keeps what finished; a rerun goes on
+        return {NOT_LAUNCHED: 1}
     torch.set_num_threads(max(1, int(ctx.cpus_per_trial)))
     models = ctx.trials[config["trial"]]
     t0 = time.monotonic()
@@ -293,7 +116,7 @@ def _datamodel_trial(config: dict, ctx: DatamodelContext) -> dict:
                                 {"first_model": min(models), "last_model": max(models), "models": len(models)}, parent_run_id=ctx.sweep_run_id)
     tracker.log(run_id, metrics={"models": len(models), "seconds": seconds, "models_per_hour": 3600 * len(models) / seconds,
                                  "mean_accuracy": mean_acc})
-    if "://" not in ctx.table:
+    if not is_remote(ctx.table):
         tracker.client.log_artifact(run_id, path, DATAMODEL_PART_ARTIFACT_DIR)
     tracker.finish(run_id)
     return {"models": len(models), "mean_accuracy": mean_acc, "seconds": seconds}
@@ -305,7 +128,7 @@ def _memory_line(plan: DatamodelPlan) -> str:
     from datasets_ import open_dataset
 
     n = open_dataset(plan.source_root).num_samples("train")
-    side = plan.settings["image_size"]
+    side = plan.train.image_size
     return f"each trial decodes the source's {n:,} training images at {side}px into {n * 3 * side * side / 2**20:,.0f} MiB of memory"
 
 
@@ -346,8 +169,6 @@ def _sweep_run(tracker: Tracker, exp: str, spec: StudySpec, plan: DatamodelPlan,
 def run_datamodels(spec: StudySpec, plan: DatamodelPlan, tracker: Tracker, exp: str, study_run: str, storage: str, cpus: float,
                    worker_uri: str, mlflow_env: dict, fail_fast: bool = False, deadline: float | None = None) -> DatamodelOutcome:
     """Train every model of the sweep the table lacks; record the sweep and its trials in MLflow."""
-    from orchestrator.sweep import _run_phase
-
     table = table_uri(storage, spec.study, plan.config_hash)
     _write_header(table, plan)
     run_id = _sweep_run(tracker, exp, spec, plan, study_run, table)
@@ -355,23 +176,22 @@ def run_datamodels(spec: StudySpec, plan: DatamodelPlan, tracker: Tracker, exp: 
     todo = [i for i in range(plan.num_models) if i not in done]
     done_before = plan.num_models - len(todo)
     print(f"datamodels: {plan.num_models} models ({done_before} already in the table), {plan.models_per_trial} per trial; "
-          f"{_memory_line(plan)}\ntable: {retry.redact(table)}", flush=True)
+          f"{_memory_line(plan)}\ntable: {redact(table)}", flush=True)
     r = spec.resources
-    ctx = DatamodelContext(spec.study, worker_uri, exp, storage, run_id, table, plan, r.cpus_per_worker, r.use_gpu,
-                           trial_batches(todo, plan.models_per_trial), mlflow_env, fail_fast, deadline)
+    ctx = DatamodelContext(study=spec.study, tracking_uri=worker_uri, experiment_id=exp, storage_path=storage, mlflow_env=mlflow_env,
+                           deadline=deadline, fail_fast=fail_fast, sweep_run_id=run_id, table=table, plan=plan,
+                           cpus_per_trial=r.cpus_per_worker, use_gpu=r.use_gpu, trials=trial_batches(todo, plan.models_per_trial))
     failed: list[str] = []
     not_launched = 0
     status = FAILED
     try:
         if ctx.trials:
-            from orchestrator.sweep import cluster_gpus
-
             cluster = {"CPU": cpus, "GPU": cluster_gpus()}
             concurrency = r.max_concurrent_trials or r.light_concurrency(cluster, r.cpus_per_worker)
             labels = {k: f"models {v[0]}..{v[-1]} ({len(v)})" for k, v in ctx.trials.items()}
-            progress = _run_phase("datamodels", _datamodel_trial, "trial", labels, ctx, r.light_trial(r.cpus_per_worker), concurrency,
-                                  lambda x: f"{x.get('models', 0)} models in {x.get('seconds', 0):.1f}s, "
-                                            f"mean accuracy {x.get('mean_accuracy', float('nan')):.3f}")
+            progress = run_phase("datamodels", _datamodel_trial, "trial", labels, ctx, r.light_trial(r.cpus_per_worker), concurrency,
+                                 lambda x: f"{x.get('models', 0)} models in {x.get('seconds', 0):.1f}s, "
+                                           f"mean accuracy {x.get('mean_accuracy', float('nan')):.3f}")
             failed = progress.errors
             not_launched = progress.not_launched
         now = finished_models(table)

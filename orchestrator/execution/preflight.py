@@ -11,7 +11,9 @@ import os
 import uuid
 from pathlib import Path
 
-from orchestrator.retry import redact, split_credentials
+from datasets_.objstore import filesystem
+from orchestrator.records.credentials import split_credentials
+from orchestrator.records.retry import redact
 
 PROBE_BYTES = 1 << 16  # a storage path that cannot take 64 KiB cannot take a checkpoint
 
@@ -48,7 +50,7 @@ def check_storage(storage: str) -> None:
     import pyarrow.fs as pafs
 
     try:
-        fs, base = pafs.FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
+        fs, base = filesystem(storage)
         fs.create_dir(base, recursive=True)
         probe = f"{base.rstrip('/')}/.transferlab-probe-{uuid.uuid4().hex}"
         if isinstance(fs, pafs.LocalFileSystem):
@@ -71,7 +73,7 @@ def checkpoint_exists(uri: str) -> bool:
     import pyarrow.fs as pafs
 
     try:
-        fs, path = pafs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).resolve()))
+        fs, path = filesystem(uri)
         info = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except (OSError, ValueError):
         return False

@@ -6,7 +6,8 @@ import contextlib
 import logging
 import os
 
-from orchestrator.retry import MLFLOW_HTTP_ENV
+from orchestrator.records.retry import MLFLOW_HTTP_ENV
+from orchestrator.spec import SpecError
 
 # Environment every Ray worker of a study gets: no MLflow telemetry (machines may have no
 # internet), no Ray Data progress bars interleaved with our progress lines.
@@ -15,40 +16,9 @@ WORKER_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     # Tune's own console reporter (experiment banners, trial tables) off: we print progress lines.
     "RAY_AIR_NEW_OUTPUT": "0",
-    # MLflow's HTTP client retries briefly; orchestrator.retry rides out longer outages.
+    # MLflow's HTTP client retries briefly; orchestrator.records.retry rides out longer outages.
     **MLFLOW_HTTP_ENV,
 }
-
-# MLflow client settings that the driver may hold and that every Ray process talking to MLflow
-# (pretraining and transfer trials, the Train controller's report callback) needs as well:
-# basic-auth or token credentials and TLS options of a shared tracking server. They are secrets:
-# they travel to trials inside the phase context (Ray's object store), are applied to the
-# process environment there, and are never printed, logged, or recorded as MLflow params/tags.
-MLFLOW_CLIENT_ENV = (
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_INSECURE_TLS",
-    "MLFLOW_TRACKING_SERVER_CERT_PATH",
-    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
-    # Not a secret, but every process writing to MLflow must give up on an outage together.
-    "TRANSFERLAB_TRACKING_DEADLINE_S",
-)
-
-
-def mlflow_client_env() -> dict[str, str]:
-    """The :data:`MLFLOW_CLIENT_ENV` variables set in this process (for shipping to workers)."""
-    return {k: os.environ[k] for k in MLFLOW_CLIENT_ENV if os.environ.get(k)}
-
-
-def apply_mlflow_client_env(env: dict[str, str]) -> None:
-    """Make a worker's MLflow clients use the driver's credentials (see :data:`MLFLOW_CLIENT_ENV`).
-
-    Needed even on a cluster whose pods carry them: a Ray started before the variables were set
-    (a notebook, a test session, a ``ray start`` node) does not pass them to its workers.
-    """
-    os.environ.update({k: v for k, v in env.items() if k in MLFLOW_CLIENT_ENV})
-
 
 def quiet_ray_logs() -> None:
     """Keep the console to transferlab's own progress lines (Ray's logs stay in its log dir)."""
@@ -82,8 +52,6 @@ def ray_session(address: str | None, num_cpus: int | None = None):
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
         except (ConnectionError, RuntimeError) as e:
-            from orchestrator.spec import SpecError
-
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SpecError("--address", f"cannot connect to the Ray cluster at {address!r}: {first}") from None
     else:

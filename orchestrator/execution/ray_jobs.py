@@ -29,8 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from orchestrator.cluster import mlflow_client_env
-from orchestrator.retry import redact, split_credentials
+from datasets_.objstore import is_remote
+from orchestrator.execution.study import DEFAULT_STORAGE
+from orchestrator.records.credentials import mlflow_client_env, split_credentials
+from orchestrator.records.retry import redact
+from orchestrator.records.tracker import resolve_tracking_uri
 from orchestrator.spec import SpecError, StudySpec
 
 # Ray refuses a working_dir package over 512 MiB; checked here, before compression, with a
@@ -136,8 +139,6 @@ def cluster_tracking_uri(given: str | None, loopback: bool) -> tuple[str, dict[s
     A sqlite or file store is a file on this machine: fine for a cluster on this machine (the
     path is made absolute here), refused for any other, which could not reach it.
     """
-    from orchestrator.tracking import resolve_tracking_uri
-
     uri = given or os.environ.get("MLFLOW_TRACKING_URI")
     local = uri is None or "://" not in uri or uri.startswith(("sqlite:", "file:"))
     if local and not loopback:
@@ -154,9 +155,7 @@ def cluster_tracking_uri(given: str | None, loopback: bool) -> tuple[str, dict[s
 def cluster_storage(given: str | None, loopback: bool) -> str:
     """Where the job's checkpoints go: a URI or an absolute path as given; a relative path (or
     the default) is resolved here for a cluster on this machine and refused for any other."""
-    from orchestrator.study import DEFAULT_STORAGE
-
-    if given and ("://" in given or Path(given).is_absolute()):
+    if given and (is_remote(given) or Path(given).is_absolute()):
         return given
     if not loopback:
         raise SpecError("--storage-path", f"{given or 'the default ./' + DEFAULT_STORAGE} is a folder on this machine; give "
@@ -170,7 +169,7 @@ def local_stores(sub: "Submission") -> tuple[str | None, str | None]:
     submitting to a cluster on this machine; an http(s) server may be a name only the cluster
     resolves (a port-forwarded cluster looks like loopback too), so it is not contacted."""
     tracking = sub.tracking_uri if sub.tracking_uri.startswith(("sqlite:", "file:")) else None
-    storage = sub.storage if "://" not in sub.storage else None
+    storage = sub.storage if not is_remote(sub.storage) else None
     return tracking, storage
 
 
@@ -220,7 +219,7 @@ def _staged_study(spec: StudySpec, study_file: Path, root: Path, files: list[str
         for name, ref in refs.items():
             body = doc[section][name]
             written = body if isinstance(body, str) else body["uri"]
-            if "://" in ref.uri or ref.uri.startswith("builtin:") or Path(written).is_absolute():
+            if is_remote(ref.uri) or ref.uri.startswith("builtin:") or Path(written).is_absolute():
                 continue
             if loopback:
                 uri = ref.uri
@@ -296,11 +295,11 @@ def active_attempt(client, base: str) -> tuple[str | None, str]:
     """(the id of an attempt of ``base`` still pending or running, or None; the id to submit)."""
     ids = {j.submission_id: str(j.status) for j in client.list_jobs() if (j.submission_id or "").startswith(base)}
     attempts = [base] + [f"{base}-{i}" for i in range(2, len(ids) + 3)]
-    running = next((a for a in attempts if _status_name(ids.get(a)) in ACTIVE), None)
+    running = next((a for a in attempts if status_name(ids.get(a)) in ACTIVE), None)
     return running, next(a for a in attempts if a not in ids)
 
 
-def _status_name(status) -> str | None:
+def status_name(status) -> str | None:
     return None if status is None else str(getattr(status, "value", status)).split(".")[-1]
 
 
@@ -336,7 +335,7 @@ def describe(info) -> list[str]:
     def when(ms):
         return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
-    status = _status_name(info.status)
+    status = status_name(info.status)
     exit_code = getattr(info, "driver_exit_code", None)
     lines = [f"{info.submission_id or info.job_id}: {status}" + (f" (exit code {exit_code})" if exit_code is not None else "")]
     lines.append(f"  runs: {scrub(info.entrypoint)}")
@@ -353,7 +352,7 @@ def describe(info) -> list[str]:
 def exit_code(info) -> int:
     """The job's outcome as ``transferlab run``'s exit codes: 0 done, 1 runs failed or the job
     failed otherwise, 2/3 as the study's driver said; a stopped job is 130 (as Ctrl-C)."""
-    status = _status_name(info.status)
+    status = status_name(info.status)
     if status == "SUCCEEDED":
         return 0
     if status == "STOPPED":

@@ -13,7 +13,7 @@ mode="max")`` can stop the worse configs at its rungs (``random``: no scheduler)
 The config with the best validation accuracy among the trials that ran every step (ties: the
 first sampled) is then retrained, deterministically (same seed, one thread, so it is the chosen
 trial's network again), in a Ray actor kept for the phase, which scores the test split — never
-read before — and records the fit's MLflow run (:func:`orchestrator.sweep.record_fit`) with
+read before — and records the fit's MLflow run (:func:`~orchestrator.execution.transfer_phase.record_fit`) with
 ``search/trials.json``.
 A fit whose run is FINISHED is skipped by the next ``run``; one cut short by ``budget.max_hours``
 or a failure is searched again from scratch.
@@ -23,32 +23,35 @@ from __future__ import annotations
 
 import time
 
-from orchestrator import retry
-from orchestrator.cluster import apply_mlflow_client_env
-from orchestrator.sweep import NOT_LAUNCHED, PhaseContext, Progress, cluster_gpus, feature_cache, record_fit, transfer_concurrency
-from orchestrator.tracking import Tracker
+from orchestrator.execution.phase import NOT_LAUNCHED, PhaseContext, Progress, cluster_gpus, phase_stopper
+from orchestrator.execution.transfer_phase import feature_cache, record_fit, trainer_fit
+from orchestrator.planning.estimate import transfer_concurrency
+from orchestrator.records.credentials import apply_mlflow_client_env
+from orchestrator.records.retry import redact
+from orchestrator.records.tracker import Tracker
+from orchestrator.spec import FinetuneSearch
 
 PHASE = "finetune-search"
 TRIALS_ARTIFACT = "search/trials.json"
 
 
-def search_space(search: dict) -> dict:
+def search_space(search: FinetuneSearch) -> dict:
     """Tune's param_space of a search: log-uniform ranges, a fixed weight decay as it is."""
     from ray import tune
 
-    wd = search["weight_decay"]
-    return {"lr": tune.loguniform(*search["lr"]),
+    wd = search.weight_decay
+    return {"lr": tune.loguniform(*search.lr),
             "weight_decay": tune.loguniform(*wd) if isinstance(wd, (list, tuple)) else float(wd)}
 
 
-def scheduler(search: dict, steps: int):
+def scheduler(search: FinetuneSearch, steps: int):
     """ASHA over steps for ``asha``; None (every trial runs every step) for ``random``."""
-    if search["algorithm"] != "asha":
+    if search.algorithm != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(time_attr="step", metric="val_accuracy", mode="max", max_t=steps,
-                         grace_period=search["grace_steps"], reduction_factor=search["reduction_factor"])
+                         grace_period=search.grace_steps, reduction_factor=search.reduction_factor)
 
 
 def choose(trials: list[dict], steps: int) -> dict:
@@ -82,13 +85,13 @@ def _build_problem(ctx: PhaseContext, key: str):
 
     from datasets_ import open_dataset
     from trainers.devices import trial_device
-    from trainers.transfer import Fit, finetune_problem
+    from trainers.transfer import finetune_problem
 
     group, fit = ctx.searches[key]
     task = open_dataset(group.task_root)
     with Checkpoint(ctx.checkpoints[group.pretrain_hash]).as_directory() as ckpt_dir:
-        return finetune_problem(ckpt_dir, task, Fit(fit.protocol, fit.shots, fit.seed, fit.layer), group.val_fraction,
-                                feature_cache(ctx.storage_path), group.image_size, trial_device(ctx.resources.use_gpu))
+        return finetune_problem(ckpt_dir, task, trainer_fit(fit), group.config, feature_cache(ctx.storage_path),
+                                trial_device(ctx.resources.use_gpu))
 
 
 def _search_trial(config: dict, ctx: PhaseContext, key: str) -> None:
@@ -100,9 +103,9 @@ def _search_trial(config: dict, ctx: PhaseContext, key: str) -> None:
         return  # reports nothing: the search is incomplete and the fit is not recorded
     torch.set_num_threads(1)  # as the retraining (_final_fit): the same arithmetic, the same network
     group, _ = ctx.searches[key]
-    ft = group.finetune
+    ft = group.config.finetune
     problem = _problem(ctx, key)
-    problem.train(config["lr"], config["weight_decay"], ft["steps"], ft["batch_size"], ft["search"]["eval_every"],
+    problem.train(config["lr"], config["weight_decay"], ft.steps, ft.batch_size, group.search.eval_every,
                   lambda step, net: tune.report({"val_accuracy": problem.validation_accuracy(net), "step": step}))
 
 
@@ -113,15 +116,15 @@ def _final_fit(ctx: PhaseContext, key: str, chosen: dict, trials: list[dict], se
     torch.set_num_threads(1)
     apply_mlflow_client_env(ctx.mlflow_env)
     group, fit = ctx.searches[key]
-    ft = group.finetune
+    ft = group.config.finetune
     problem = _problem(ctx, key)
-    net = problem.train(chosen["lr"], chosen["weight_decay"], ft["steps"], ft["batch_size"])
+    net = problem.train(chosen["lr"], chosen["weight_decay"], ft.steps, ft.batch_size)
     val_acc = problem.validation_accuracy(net)
     result = problem.test(net, validation_accuracy=val_acc, learning_rate=chosen["lr"], weight_decay=chosen["weight_decay"])
     stopped = sum(t["stopped_early"] for t in trials)
     record_fit(Tracker(ctx.tracking_uri), ctx, group, fit, result,
                {"search_trials": len(trials), "search_trials_stopped_early": stopped, "search_seconds": seconds},
-               {TRIALS_ARTIFACT: {"algorithm": ft["search"]["algorithm"], "max_steps": ft["steps"], "chosen": chosen["trial"],
+               {TRIALS_ARTIFACT: {"algorithm": group.search.algorithm, "max_steps": ft.steps, "chosen": chosen["trial"],
                                   "trials": trials}})
     return {"accuracy": result.metrics["accuracy"], "validation_accuracy": val_acc, "lr": chosen["lr"],
             "weight_decay": chosen["weight_decay"], "trials": len(trials), "stopped_early": stopped}
@@ -188,16 +191,7 @@ class _Watch:
                 print(f"[{PHASE}] {label}: trial {trial.trial_id} FAILED (traceback: {trial.error_file})", flush=True)
 
         # Tune pickles stoppers and callbacks into its storage: they hold no ctx (credentials).
-        deadline, fail_fast = ctx.deadline, ctx.fail_fast
-
-        class Stop(tune.Stopper):
-            def __call__(self, trial_id, result):
-                return False
-
-            def stop_all(self):
-                return (deadline is not None and time.time() > deadline) or (fail_fast and watch.failed)
-
-        self.callback, self.stopper = Lines(), Stop()
+        self.callback, self.stopper = Lines(), phase_stopper(ctx.deadline, ctx.fail_fast, lambda: watch.failed)
 
 
 def search_fit(ctx: PhaseContext, key: str, label: str, cluster_cpus: float, finisher) -> dict:
@@ -210,16 +204,16 @@ def search_fit(ctx: PhaseContext, key: str, label: str, cluster_cpus: float, fin
 
     t0 = time.monotonic()
     group, _ = ctx.searches[key]
-    steps, s = group.finetune["steps"], group.finetune["search"]
+    steps, s = group.config.finetune.steps, group.search
     watch = _Watch(ctx, label, steps)
     # The generator bounds concurrency itself: Tune ignores max_concurrent_trials with one.
-    sampler = BasicVariantGenerator(random_state=s["seed"], max_concurrent=min(
-        s["num_samples"], s["max_concurrent_trials"] or transfer_concurrency(cluster_cpus, ctx.resources, cluster_gpus())))
+    sampler = BasicVariantGenerator(random_state=s.seed, max_concurrent=min(
+        s.num_samples, s.max_concurrent_trials or transfer_concurrency(cluster_cpus, ctx.resources, cluster_gpus())))
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_search_trial, ctx=ctx, key=key), ctx.resources.light_trial()),
         param_space=search_space(s),
         tune_config=tune.TuneConfig(
-            num_samples=s["num_samples"], search_alg=sampler, scheduler=scheduler(s, steps),
+            num_samples=s.num_samples, search_alg=sampler, scheduler=scheduler(s, steps),
             reuse_actors=True, trial_dirname_creator=lambda t: f"search-{t.trial_id}",
         ),
         run_config=tune.RunConfig(
@@ -258,7 +252,7 @@ def run_search_phase(ctx: PhaseContext, labels: dict[str, str], cluster_cpus: fl
                 progress.end(label, True, search_fit(ctx, key, label, cluster_cpus, finisher))
             except Exception as e:  # noqa: BLE001 - the fit fails; the study goes on (or stops: --fail-fast)
                 last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                progress.end(label, False, {}, f"FAILED: {retry.redact(last)[:300]}")
+                progress.end(label, False, {}, f"FAILED: {redact(last)[:300]}")
     finally:
         if finisher is not None:
             ray.kill(finisher)

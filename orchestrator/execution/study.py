@@ -1,36 +1,47 @@
-"""Running a study end to end: plan, skip what MLflow already holds, run the rest, summarize."""
+"""Running a study end to end: plan, skip what MLflow already holds, run the rest phase by phase
+(pretraining, transfer, fine-tuning search; or a datamodel sweep), summarize.
+
+Fail-fast and the budget end a study early on purpose: no later phase starts, runs it stopped
+are KILLED in MLflow, and the next ``run`` of the same study resumes them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator import retry, spool
-from orchestrator.cluster import mlflow_client_env, ray_session
-from orchestrator.plan import StudyPlan, build_plan
-from orchestrator.preflight import checkpoint_exists
-from orchestrator.results import results_table, transfer_frame
-from orchestrator.search import run_search_phase
-from orchestrator.spec import SpecError, StudySpec
-from orchestrator.sweep import PhaseContext, run_pretrain_phase, run_transfer_phase
-from orchestrator.tracking import (
+from datasets_.objstore import is_remote
+from orchestrator.execution.datamodel_sweep import run_datamodels
+from orchestrator.execution.phase import PhaseContext, Progress
+from orchestrator.execution.preflight import checkpoint_exists
+from orchestrator.execution.pretrain_phase import run_pretrain_phase
+from orchestrator.execution.ray_connection import ray_session
+from orchestrator.execution.search import run_search_phase
+from orchestrator.execution.transfer_phase import run_transfer_phase
+from orchestrator.planning.plan import StudyPlan, build_plan
+from orchestrator.records import spool
+from orchestrator.records.credentials import mlflow_client_env, split_credentials
+from orchestrator.records.results import results_table, transfer_frame
+from orchestrator.records.retry import TrackingUnavailable, redact
+from orchestrator.records.schema import (
     FAILED,
     FINISHED,
     KILLED,
-    RUNNING,
     KIND_PRETRAIN,
     KIND_STUDY,
     KIND_TRANSFER,
+    RUNNING,
     TAG_CHECKPOINT,
     VIEW_MASK_ARTIFACT,
-    Tracker,
-    resolve_tracking_uri,
 )
+from orchestrator.records.tracker import Tracker, resolve_tracking_uri
+from orchestrator.spec import SpecError, StudySpec
 
 DEFAULT_STORAGE = "transferlab_storage"
+FAIL_FAST = "the first failed trial (--fail-fast)"
 
 
 @dataclass
@@ -49,23 +60,10 @@ class StudyOutcome:
     stopped: str | None = None
 
 
-def _is_finished(run) -> bool:
-    return run is not None and run.info.status == FINISHED
-
-
-def _study_run(tracker: Tracker, exp: str, plan: StudyPlan) -> str:
-    """The study's one top-level run, reused on every later ``run`` of the same study."""
-    spec = plan.spec
-    existing = sorted(tracker.runs(exp, KIND_STUDY), key=lambda r: r.info.start_time or 0)
-    if existing:
-        run_id = existing[0].info.run_id
-        tracker.reopen(run_id)
-        tracker.log(run_id, tags={"transferlab.spec_hash": plan.spec_hash})
-        return run_id
-    return tracker.create_run(
-        exp, KIND_STUDY, spec.study, f"study {spec.study}", plan.spec_hash,
-        {"study": spec.study}, tags={"transferlab.spec_hash": plan.spec_hash},
-    )
+def storage_location(given: str | None) -> str:
+    """Where checkpoints go: a URI as it is (shared storage), a local folder made absolute."""
+    storage = given or DEFAULT_STORAGE
+    return storage if is_remote(storage) else str(Path(storage).resolve())
 
 
 def check_cluster(spec: StudySpec, resources: dict, embedded: bool) -> list[str]:
@@ -80,7 +78,8 @@ def check_cluster(spec: StudySpec, resources: dict, embedded: bool) -> list[str]
         problems.append(("resources.use_gpu", "is true but the Ray cluster has no GPU"))
     need = r.workers * r.cpus_per_worker
     if need > resources.get("CPU", 0):
-        problems.append(("resources.workers", f"{r.workers} workers x {r.cpus_per_worker:g} CPUs need {need:g} CPUs; the Ray cluster has {resources.get('CPU', 0):g}"))
+        problems.append(("resources.workers", f"{r.workers} workers x {r.cpus_per_worker:g} CPUs need {need:g} CPUs; "
+                                              f"the Ray cluster has {resources.get('CPU', 0):g}"))
     if embedded and problems:
         raise SpecError(*problems[0])
     return [f"{field}: {msg}" for field, msg in problems]
@@ -104,9 +103,7 @@ def run_study(
     hours = spec.budget.max_hours
     deadline = time.time() + hours * 3600.0 if hours is not None else None
     uri = resolve_tracking_uri(tracking_uri or spec.tracking_uri)
-    storage = storage_path or spec.storage_path or DEFAULT_STORAGE
-    if "://" not in storage:  # a local directory; s3://, gs://... URIs are shared storage as they are
-        storage = str(Path(storage).resolve())
+    storage = storage_location(storage_path or spec.storage_path)
     plan = plan or build_plan(spec)
     with ray_session(address) as embedded:
         import ray
@@ -114,118 +111,167 @@ def run_study(
         for warning in check_cluster(spec, ray.cluster_resources(), embedded):
             print(f"warning: {warning} (trials wait until the cluster can hold them)", file=sys.stderr)
         cpus = float(ray.cluster_resources().get("CPU", 1))
-        outcome = _run(spec, plan, uri, storage, cpus, deadline, fail_fast)
+        # Credentials in the URI travel with the other secrets, never inside a URI Ray may store.
+        worker_uri, uri_credentials = split_credentials(uri)
+        tracker = Tracker(uri)
+        exp = tracker.experiment_id(spec.study)
+        spool.flush(storage, tracker.client)  # metrics an earlier run could not deliver
+        ctx = PhaseContext(study=spec.study, tracking_uri=worker_uri, experiment_id=exp, storage_path=storage,
+                           mlflow_env={**mlflow_client_env(), **uri_credentials}, deadline=deadline, fail_fast=fail_fast,
+                           resources=spec.resources)
+        study_run = _study_run(tracker, exp, plan)
+        if plan.datamodels is not None:
+            outcome = _run_datamodels(spec, plan, tracker, study_run, ctx, cpus)
+        else:
+            outcome = _StudyDriver(spec, plan, tracker, study_run, ctx, cpus).run()
     outcome.seconds = time.monotonic() - t0
     return outcome
 
 
-def _settle_orphans(tracker: Tracker, exp: str, keep: set[str]) -> None:
-    """Mark FAILED the runs an earlier, killed driver left RUNNING that this run will not reopen
-    (superseded by a finished run of the same job, or no longer in the grid)."""
-    for kind in (KIND_PRETRAIN, KIND_TRANSFER):
-        for r in tracker.runs(exp, kind):
-            if r.info.status == RUNNING and r.info.run_id not in keep:
-                print(f"note: run {r.info.run_id} ('{r.info.run_name}') was left RUNNING by an interrupted driver "
-                      f"and is not resumed by this run; marked FAILED", flush=True)
-                tracker.finish(r.info.run_id, FAILED)
-
-
-def _kill_leftovers(tracker: Tracker, exp: str) -> None:
-    """Runs still RUNNING when this driver is done were stopped by it (budget, fail-fast, an
-    exception): KILLED, so no run stays RUNNING; the next ``run`` reopens them."""
-    for kind in (KIND_PRETRAIN, KIND_TRANSFER):
-        for r in tracker.runs(exp, kind):
-            if r.info.status == RUNNING:
-                tracker.finish(r.info.run_id, KILLED)
-
-
-def _progress_logger(tracker: Tracker, run_id: str, step: int):
-    """Log a phase's live trial counts on the study run; best effort, without retries, so that
-    a slow tracking server never stalls Tune's event loop (the final counts are logged after)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracker.uri)
-
-    def log(counts: dict) -> None:
-        try:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in counts.items()])
-        except Exception as e:  # noqa: BLE001 - progress metrics are not worth a failed study
-            print(f"warning: could not log progress on the study run: {type(e).__name__}", file=sys.stderr)
-
-    return log
-
-
-def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float, deadline: float | None = None,
-         fail_fast: bool = False) -> StudyOutcome:
-    tracker = Tracker(uri)
-    exp = tracker.experiment_id(spec.study)
-    spool.flush(storage, tracker.client)  # metrics an earlier run could not deliver
-    study_run = _study_run(tracker, exp, plan)
-    if plan.datamodels is not None:
-        return _run_datamodels(spec, plan, tracker, exp, study_run, storage, cpus, uri, fail_fast, deadline)
-
-    pre_runs = tracker.runs_by_hash(exp, KIND_PRETRAIN)
-    todo = [j for j in plan.pretrain_jobs if not _is_finished(pre_runs.get(j.config_hash))]
-    all_fits = tracker.runs_by_hash(exp, KIND_TRANSFER)
-    done_fits = {h for h, r in all_fits.items() if _is_finished(r)}
-    reopened = {pre_runs[j.config_hash].info.run_id for j in todo if j.config_hash in pre_runs}
-    reopened |= {all_fits[f.config_hash].info.run_id for g in plan.transfer_groups for f in g.fits
-                 if f.config_hash in all_fits and f.config_hash not in done_fits}
-    _settle_orphans(tracker, exp, reopened)
-    todo_fits = sum(1 for g in plan.transfer_groups for f in g.fits if f.config_hash not in done_fits)
-    print(
-        f"study '{spec.study}': {len(plan.pretrain_jobs)} pretraining runs ({len(plan.pretrain_jobs) - len(todo)} already done), "
-        f"{plan.num_transfer_fits} transfer fits ({plan.num_transfer_fits - todo_fits} already done)\n"
-        f"tracking: {retry.redact(uri)}   experiment: {spec.study}   storage: {storage}",
-        flush=True,
+def _study_run(tracker: Tracker, exp: str, plan: StudyPlan) -> str:
+    """The study's one top-level run, reused on every later ``run`` of the same study."""
+    spec = plan.spec
+    existing = sorted(tracker.runs(exp, KIND_STUDY), key=lambda r: r.info.start_time or 0)
+    if existing:
+        run_id = existing[0].info.run_id
+        tracker.reopen(run_id)
+        tracker.log(run_id, tags={"transferlab.spec_hash": plan.spec_hash})
+        return run_id
+    return tracker.create_run(
+        exp, KIND_STUDY, spec.study, f"study {spec.study}", plan.spec_hash,
+        {"study": spec.study}, tags={"transferlab.spec_hash": plan.spec_hash},
     )
 
-    # Credentials in the URI travel with the other secrets, never inside a URI Ray may store.
-    worker_uri, uri_credentials = retry.split_credentials(uri)
-    ctx = PhaseContext(study=spec.study, tracking_uri=worker_uri, experiment_id=exp, storage_path=storage, resources=spec.resources,
-                       mlflow_env={**mlflow_client_env(), **uri_credentials}, deadline=deadline, fail_fast=fail_fast)
-    step = len(tracker.client.get_metric_history(study_run, "pretrain_runs"))  # one step per `run`
-    on_counts = _progress_logger(tracker, study_run, step)
-    for job in todo:
-        prior = pre_runs.get(job.config_hash)
-        if prior is not None:  # interrupted or failed before: resume into the same run
-            run_id = prior.info.run_id
-            tracker.reopen(run_id)
-        else:
-            run_id = tracker.create_run(exp, KIND_PRETRAIN, spec.study, job.run_name, job.config_hash, job.params, parent_run_id=study_run)
-            if job.view.keep_classes is not None:
-                classes = plan.data[f"sources.{job.source}"].classes
-                mask = [c in job.view.keep_classes for c in range(job.num_classes)]
-                tracker.client.log_dict(run_id, {"classes": classes, "included": mask}, VIEW_MASK_ARTIFACT)
-        ctx.run_ids[job.config_hash] = run_id
-        ctx.pretrain_jobs[job.config_hash] = job
 
-    failed: list[str] = []
-    missing: set[str] = set()  # pretraining runs whose checkpoint is gone (said once each)
-    transfer_ran = 0
-    feature_counts = {"feature_extractions": 0, "feature_cache_hits": 0}
-    status = FAILED
-    stopped: str | None = None
-    crash: BaseException | None = None
-    not_launched = 0  # trials that never started work (budget.max_hours)
-    try:
+def _is_finished(run) -> bool:
+    return run is not None and run.info.status == FINISHED
+
+
+def _next_step(tracker: Tracker, run_id: str, metric: str) -> int:
+    """One step per ``run`` of the study: how many times ``metric`` was logged before."""
+    return len(tracker.client.get_metric_history(run_id, metric))
+
+
+def _close_study_run(tracker: Tracker, study_run: str, status: str, counts: dict, step: int) -> None:
+    """This ``run``'s counts at its step (so the study run shows how the study grew), then its status."""
+    tracker.log(study_run, metrics=counts, step=step)
+    tracker.finish(study_run, status)
+
+
+def _budget_line(spec: StudySpec, not_launched: int, what: str = "trial(s)") -> str:
+    return f"budget.max_hours ({spec.budget.max_hours:g} h) reached; {not_launched} {what} not launched"
+
+
+@dataclass
+class _Tally:
+    """What this ``run`` did so far, phase by phase."""
+
+    failed: list[str] = field(default_factory=list)
+    not_launched: int = 0  # trials that never started work (budget.max_hours)
+    transfer_ran: int = 0
+    features: dict = field(default_factory=lambda: {"feature_extractions": 0, "feature_cache_hits": 0})
+
+    def add(self, progress: Progress) -> None:
+        self.failed += progress.errors
+        self.not_launched += progress.total - progress.done - progress.failed
+        for k in self.features:
+            self.features[k] += sum(int(r.get(k, 0)) for r in progress.results)
+
+
+class _StudyDriver:
+    """One ``run`` of an ordinary study: its pretraining runs, then their transfer fits, then
+    the searched fine-tuning fits."""
+
+    def __init__(self, spec: StudySpec, plan: StudyPlan, tracker: Tracker, study_run: str, ctx: PhaseContext, cpus: float):
+        self.spec, self.plan, self.tracker, self.study_run, self.ctx, self.cpus = spec, plan, tracker, study_run, ctx, cpus
+        self.exp = ctx.experiment_id
+        self.names = {r.config_hash: r.run_name for r in plan.pretrain_runs}
+        self.tally = _Tally()
+
+    def run(self) -> StudyOutcome:
+        tracker, plan, spec = self.tracker, self.plan, self.spec
+        todo = self._open_pretrain_runs()
+        step = _next_step(tracker, self.study_run, "pretrain_runs")
+        on_counts = _progress_logger(tracker, self.study_run, step)
+        status, crash = FAILED, None
+        try:
+            self._run_phases(todo, on_counts)
+            spool.flush(self.ctx.storage_path, tracker.client)
+            status = FINISHED if not self.tally.failed else FAILED
+        except BaseException as e:
+            crash = e
+            raise
+        finally:
+            stopped = FAIL_FAST if self.ctx.fail_fast and self.tally.failed else None
+            if stopped is None and self.tally.not_launched and self.ctx.past_deadline():
+                stopped, status = _budget_line(spec, self.tally.not_launched), KILLED
+            if not isinstance(crash, TrackingUnavailable):  # else the next `run` settles them
+                self._kill_leftovers()
+            _close_study_run(tracker, self.study_run, status, self._counts(), step)
+        return StudyOutcome(self.study_run, len(plan.pretrain_runs), len(todo), plan.num_transfer_fits, self.tally.transfer_ran,
+                            self.tally.failed, results_table(transfer_frame(tracker, spec.study)), 0.0, stopped=stopped)
+
+    def _run_phases(self, todo: list, on_counts) -> None:
+        """The phases in order; a failure with --fail-fast, or the deadline, ends them early."""
+        ctx, tally = self.ctx, self.tally
         if todo:
-            progress = run_pretrain_phase(ctx, todo, cpus, on_counts)
-            failed += progress.errors
-            not_launched += progress.total - progress.done - progress.failed
-        if failed and fail_fast:
-            stopped = "the first failed trial (--fail-fast)"
-            raise _Stop
+            tally.add(run_pretrain_phase(ctx, todo, self.cpus, on_counts))
+        if tally.failed and ctx.fail_fast:
+            return
+        labels, searches = self._schedule_transfer()
+        if (labels or searches) and ctx.past_deadline():
+            tally.not_launched += len(labels) + len(searches)
+            tally.transfer_ran = 0
+            return
+        if labels:
+            tally.add(run_transfer_phase(ctx, labels, self.cpus, on_counts))
+        if searches and not (tally.failed and ctx.fail_fast):
+            tally.add(run_search_phase(ctx, searches, self.cpus, on_counts))
 
+    def _open_pretrain_runs(self) -> list:
+        """The pretraining runs still to do, each with its MLflow run (reopened or created); the
+        runs an interrupted driver left behind that this one will not resume are settled."""
+        tracker, exp, plan, ctx = self.tracker, self.exp, self.plan, self.ctx
         pre_runs = tracker.runs_by_hash(exp, KIND_PRETRAIN)
-        transfer_runs = tracker.runs_by_hash(exp, KIND_TRANSFER)
-        names = {j.config_hash: j.run_name for j in plan.pretrain_jobs}
-        labels = {}
-        searches = {}  # fit hash -> label of the fits tuned in the finetune-search phase
-        for g in plan.transfer_groups:
+        todo = [r for r in plan.pretrain_runs if not _is_finished(pre_runs.get(r.config_hash))]
+        all_fits = tracker.runs_by_hash(exp, KIND_TRANSFER)
+        done_fits = {h for h, r in all_fits.items() if _is_finished(r)}
+        reopened = {pre_runs[r.config_hash].info.run_id for r in todo if r.config_hash in pre_runs}
+        reopened |= {all_fits[f.config_hash].info.run_id for g in plan.transfer_groups for f in g.fits
+                     if f.config_hash in all_fits and f.config_hash not in done_fits}
+        self._settle_orphans(reopened)
+        todo_fits = sum(1 for g in plan.transfer_groups for f in g.fits if f.config_hash not in done_fits)
+        print(
+            f"study '{self.spec.study}': {len(plan.pretrain_runs)} pretraining runs ({len(plan.pretrain_runs) - len(todo)} already "
+            f"done), {plan.num_transfer_fits} transfer fits ({plan.num_transfer_fits - todo_fits} already done)\n"
+            f"tracking: {redact(tracker.uri)}   experiment: {self.spec.study}   storage: {ctx.storage_path}",
+            flush=True,
+        )
+        for run in todo:
+            prior = pre_runs.get(run.config_hash)
+            if prior is not None:  # interrupted or failed before: resume into the same run
+                run_id = prior.info.run_id
+                tracker.reopen(run_id)
+            else:
+                run_id = tracker.create_run(exp, KIND_PRETRAIN, self.spec.study, run.run_name, run.config_hash, run.params,
+                                            parent_run_id=self.study_run)
+                if run.view.keep_classes is not None:
+                    mask = [c in run.view.keep_classes for c in range(run.num_classes)]
+                    tracker.client.log_dict(run_id, {"classes": list(run.config.classes), "included": mask}, VIEW_MASK_ARTIFACT)
+            ctx.run_ids[run.config_hash] = run_id
+            ctx.pretrain_runs[run.config_hash] = run
+        return todo
+
+    def _schedule_transfer(self) -> tuple[dict[str, str], dict[str, str]]:
+        """The transfer trials (group key -> label) and searched fits (fit hash -> label) still
+        to run, with what their trials need put into the context. Fits whose checkpoint is
+        gone fail here, with how to redo their pretraining."""
+        tracker, ctx, names = self.tracker, self.ctx, self.names
+        pre_runs = tracker.runs_by_hash(self.exp, KIND_PRETRAIN)
+        transfer_runs = tracker.runs_by_hash(self.exp, KIND_TRANSFER)
+        missing: set[str] = set()  # pretraining runs whose checkpoint is gone (said once each)
+        labels, searches = {}, {}
+        for g in self.plan.transfer_groups:
             pre = pre_runs.get(g.pretrain_hash)
             fits = tuple(f for f in g.fits if not _is_finished(transfer_runs.get(f.config_hash)))
             if not fits or not _is_finished(pre):
@@ -234,18 +280,17 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float, 
             if not checkpoint_exists(checkpoint):
                 # Chosen behaviour: fail these fits and say how to redo the pretraining, rather
                 # than silently retraining a model other finished fits were computed from.
-                line = (f"checkpoint of pretraining run '{names[g.pretrain_hash]}' (run {pre.info.run_id}) is missing: "
-                        f"{checkpoint or '(no checkpoint recorded)'}; the transfer fits that need it were not run. "
-                        f"To redo that pretraining, delete the run (mlflow runs delete --run-id {pre.info.run_id}) "
-                        f"and run the same command again")
                 if pre.info.run_id not in missing:
-                    print(f"error: {line}", file=sys.stderr, flush=True)
+                    print(f"error: checkpoint of pretraining run '{names[g.pretrain_hash]}' (run {pre.info.run_id}) is missing: "
+                          f"{checkpoint or '(no checkpoint recorded)'}; the transfer fits that need it were not run. "
+                          f"To redo that pretraining, delete the run (mlflow runs delete --run-id {pre.info.run_id}) "
+                          f"and run the same command again", file=sys.stderr, flush=True)
                     missing.add(pre.info.run_id)
-                failed.append(f"{names[g.pretrain_hash]} -> {g.task} (missing checkpoint)")
+                self.tally.failed.append(f"{names[g.pretrain_hash]} -> {g.task} (missing checkpoint)")
                 continue
             key = f"{g.pretrain_hash}:{g.task}"
             ctx.run_ids[g.pretrain_hash] = pre.info.run_id
-            ctx.checkpoints[g.pretrain_hash] = pre.data.tags[TAG_CHECKPOINT]
+            ctx.checkpoints[g.pretrain_hash] = checkpoint
             for f in fits:
                 if f.config_hash in transfer_runs:  # an earlier attempt left it unfinished
                     ctx.run_ids[f.config_hash] = transfer_runs[f.config_hash].info.run_id
@@ -256,84 +301,68 @@ def _run(spec: StudySpec, plan: StudyPlan, uri: str, storage: str, cpus: float, 
             if plain:
                 ctx.transfer_groups[key] = dataclasses.replace(g, fits=plain)
                 labels[key] = f"{names[g.pretrain_hash]} -> {g.task} ({len(plain)} fits)"
-            transfer_ran += len(fits)
-        if (labels or searches) and ctx.past_deadline():
-            not_launched += len(labels) + len(searches)
-            transfer_ran = 0
-            raise _Stop
-        if labels:
-            progress = run_transfer_phase(ctx, labels, cpus, on_counts)
-            failed += progress.errors
-            not_launched += progress.total - progress.done - progress.failed
-            for k in feature_counts:
-                feature_counts[k] += sum(int(r.get(k, 0)) for r in progress.results)
-            if failed and fail_fast:
-                stopped = "the first failed trial (--fail-fast)"
-        if searches and not (failed and fail_fast):
-            progress = run_search_phase(ctx, searches, cpus, on_counts)
-            failed += progress.errors
-            not_launched += progress.total - progress.done - progress.failed
-            if failed and fail_fast:
-                stopped = "the first failed trial (--fail-fast)"
-        spool.flush(storage, tracker.client)
-        status = FINISHED if not failed else FAILED
-    except _Stop:
-        pass
-    except BaseException as e:
-        crash = e
-        raise
-    finally:
-        if stopped is None and not_launched and ctx.past_deadline():
-            stopped = f"budget.max_hours ({spec.budget.max_hours:g} h) reached; {not_launched} trial(s) not launched"
-            status = KILLED
-        if not isinstance(crash, retry.TrackingUnavailable):  # else the next `run` settles them
-            _kill_leftovers(tracker, exp)
-        counts = {
+            self.tally.transfer_ran += len(fits)
+        return labels, searches
+
+    def _settle_orphans(self, keep: set[str]) -> None:
+        """Mark FAILED the runs an earlier, killed driver left RUNNING that this run will not reopen
+        (superseded by a finished run of the same job, or no longer in the grid)."""
+        for kind in (KIND_PRETRAIN, KIND_TRANSFER):
+            for r in self.tracker.runs(self.exp, kind):
+                if r.info.status == RUNNING and r.info.run_id not in keep:
+                    print(f"note: run {r.info.run_id} ('{r.info.run_name}') was left RUNNING by an interrupted driver "
+                          f"and is not resumed by this run; marked FAILED", flush=True)
+                    self.tracker.finish(r.info.run_id, FAILED)
+
+    def _kill_leftovers(self) -> None:
+        """Runs still RUNNING when this driver is done were stopped by it (budget, fail-fast, an
+        exception): KILLED, so no run stays RUNNING; the next ``run`` reopens them."""
+        for kind in (KIND_PRETRAIN, KIND_TRANSFER):
+            for r in self.tracker.runs(self.exp, kind):
+                if r.info.status == RUNNING:
+                    self.tracker.finish(r.info.run_id, KILLED)
+
+    def _counts(self) -> dict:
+        tracker, exp = self.tracker, self.exp
+        return {
             "pretrain_runs": sum(1 for r in tracker.runs_by_hash(exp, KIND_PRETRAIN).values() if _is_finished(r)),
             "transfer_runs": sum(1 for r in tracker.runs_by_hash(exp, KIND_TRANSFER).values() if _is_finished(r)),
-            "failed_runs": len(failed),
+            "failed_runs": len(self.tally.failed),
             # This invocation's transfer work: fits run, and how their frozen features were had.
-            "transfer_fits_run": transfer_ran,
-            **feature_counts,
+            "transfer_fits_run": self.tally.transfer_ran,
+            **self.tally.features,
         }
-        # One step per invocation of `run`, so the study run shows how the study grew.
-        tracker.log(study_run, metrics=counts, step=step)
-        tracker.finish(study_run, status)
-
-    return StudyOutcome(
-        study_run_id=study_run,
-        pretrain_total=len(plan.pretrain_jobs),
-        pretrain_ran=len(todo),
-        transfer_total=plan.num_transfer_fits,
-        transfer_ran=transfer_ran,
-        failed=failed,
-        table=results_table(transfer_frame(tracker, spec.study)),
-        seconds=0.0,
-        stopped=stopped,
-    )
 
 
-def _run_datamodels(spec: StudySpec, plan: StudyPlan, tracker: Tracker, exp: str, study_run: str, storage: str, cpus: float,
-                    uri: str, fail_fast: bool = False, deadline: float | None = None) -> StudyOutcome:
-    from orchestrator.datamodels import run_datamodels
+def _progress_logger(tracker: Tracker, run_id: str, step: int):
+    """Log a phase's live trial counts on the study run; best effort, without retries, so that
+    a slow tracking server never stalls Tune's event loop (the final counts are logged after)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
 
-    worker_uri, uri_credentials = retry.split_credentials(uri)
-    status = FAILED
-    stopped = None
+    client = MlflowClient(tracker.uri)
+
+    def log(counts: dict) -> None:
+        try:
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in counts.items()])
+        except Exception as e:  # noqa: BLE001 - progress metrics are not worth a failed study
+            print(f"warning: could not log progress on the study run: {type(e).__name__}", file=sys.stderr)
+
+    return log
+
+
+def _run_datamodels(spec: StudySpec, plan: StudyPlan, tracker: Tracker, study_run: str, ctx: PhaseContext,
+                    cpus: float) -> StudyOutcome:
+    status, stopped = FAILED, None
     try:
-        dm = run_datamodels(spec, plan.datamodels, tracker, exp, study_run, storage, cpus, worker_uri,
-                            {**mlflow_client_env(), **uri_credentials}, fail_fast, deadline)
+        dm = run_datamodels(spec, plan.datamodels, tracker, ctx.experiment_id, study_run, ctx.storage_path, cpus,
+                            ctx.tracking_uri, ctx.mlflow_env, ctx.fail_fast, ctx.deadline)
         status = FINISHED if not dm.failed and dm.done == dm.total else FAILED
         if dm.not_launched and not dm.failed:
-            stopped = f"budget.max_hours ({spec.budget.max_hours:g} h) reached; {dm.not_launched} datamodel trial(s) not launched"
-            status = KILLED
+            stopped, status = _budget_line(spec, dm.not_launched, "datamodel trial(s)"), KILLED
     finally:
-        step = len(tracker.client.get_metric_history(study_run, "failed_runs"))
-        tracker.log(study_run, metrics={"failed_runs": 0 if status == FINISHED else 1}, step=step)
-        tracker.finish(study_run, status)
+        _close_study_run(tracker, study_run, status, {"failed_runs": 0 if status == FINISHED else 1},
+                         _next_step(tracker, study_run, "failed_runs"))
     failed = [f"datamodels trial {x}" for x in dm.failed]
     return StudyOutcome(study_run, 0, 0, 0, 0, failed, "", 0.0, summary=dm.summary(), stopped=stopped)
-
-
-class _Stop(Exception):
-    """Internal: leave the phases early (fail-fast, budget); the outcome says why."""

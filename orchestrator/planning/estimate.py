@@ -30,14 +30,19 @@ Cost model (deliberately simple; it says what it assumes):
 from __future__ import annotations
 
 import heapq
+import math
 import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from orchestrator.plan import FINETUNE_PROTOCOLS, PretrainJob, StudyPlan, TransferGroup
-from orchestrator.spec import FinetuneSpec, SpecError, StudySpec
-from orchestrator.tracking import FINISHED, KIND_PRETRAIN, KIND_TRANSFER, METRIC_TRIAL_SECONDS, TAG_PARENT, Tracker
+from orchestrator.planning.plan import StudyPlan
+from orchestrator.planning.transfer_fits import TransferGroup
+from orchestrator.records.schema import FINISHED, KIND_PRETRAIN, KIND_TRANSFER, METRIC_TRIAL_SECONDS, TAG_PARENT
+from orchestrator.records.tracker import Tracker
+from orchestrator.spec import Resources, SpecError, StudySpec
+from trainers.protocols import FINETUNE_PROTOCOLS
+from trainers.transfer import FinetuneSettings
 
 # Defaults measured on a 2-core CPU machine with the quickstart study (README, Measured).
 STARTUP_S = 10.0
@@ -68,18 +73,18 @@ def read_state(uri: str, study: str) -> MlflowState:
     return MlflowState(tracker.runs_by_hash(exp, KIND_PRETRAIN), tracker.runs_by_hash(exp, KIND_TRANSFER))
 
 
-def default_pretrain_seconds(settings: dict, num_train_samples: int) -> float:
-    pixels = (settings["image_size"] / 32.0) ** 2
-    return PRETRAIN_OVERHEAD_S + PRETRAIN_S_PER_SAMPLE_EPOCH * pixels * num_train_samples * settings["epochs"]
+def default_pretrain_seconds(image_size: int, epochs: int, num_train_samples: int) -> float:
+    pixels = (image_size / 32.0) ** 2
+    return PRETRAIN_OVERHEAD_S + PRETRAIN_S_PER_SAMPLE_EPOCH * pixels * num_train_samples * epochs
 
 
-def _fit_seconds(protocol: str, finetune: dict) -> float:
+def _fit_seconds(protocol: str, finetune: FinetuneSettings) -> float:
     if protocol in FINETUNE_PROTOCOLS:
-        return FINETUNE_S_PER_STEP * finetune["steps"] * len(finetune["lr"])
+        return FINETUNE_S_PER_STEP * finetune.steps * len(finetune.lr)
     return FROZEN_FIT_S
 
 
-def default_transfer_seconds(protocols: list[str], finetune: dict) -> float:
+def default_transfer_seconds(protocols: list[str], finetune: FinetuneSettings) -> float:
     return TRANSFER_OVERHEAD_S + sum(_fit_seconds(p, finetune) for p in protocols)
 
 
@@ -95,10 +100,10 @@ def calibration(state: MlflowState) -> dict[str, tuple[float, int]]:
         m, p = r.data.metrics, r.data.params
         if r.info.status == FINISHED and METRIC_TRIAL_SECONDS in m and "num_train_samples" in m:
             try:
-                settings = {"image_size": int(p["image_size"]), "epochs": int(p["epochs"])}
+                image_size, epochs = int(p["image_size"]), int(p["epochs"])
             except (KeyError, ValueError):
                 continue
-            pre.append((m[METRIC_TRIAL_SECONDS], default_pretrain_seconds(settings, int(m["num_train_samples"]))))
+            pre.append((m[METRIC_TRIAL_SECONDS], default_pretrain_seconds(image_size, epochs, int(m["num_train_samples"]))))
     # Transfer runs of one trial share its trial_seconds: group them back into trials.
     trials: dict[tuple, list[str]] = {}
     for r in state.transfer.values():
@@ -106,13 +111,29 @@ def calibration(state: MlflowState) -> dict[str, tuple[float, int]]:
         if r.info.status == FINISHED and METRIC_TRIAL_SECONDS in m:
             key = (r.data.tags.get(TAG_PARENT), r.data.params.get("task"), m[METRIC_TRIAL_SECONDS])
             trials.setdefault(key, []).append(r.data.params.get("protocol", "linear_probe"))
-    finetune = asdict(FinetuneSpec())  # the runs' own settings are not read back: defaults suffice here
+    finetune = FinetuneSettings()  # the runs' own settings are not read back: defaults suffice here
     tra = [(key[2], default_transfer_seconds(protocols, finetune)) for key, protocols in trials.items()]
     out = {}
     for kind, pairs in ((KIND_PRETRAIN, pre), (KIND_TRANSFER, tra)):
         factor = _median_ratio(pairs)
         out[kind] = (factor, len(pairs)) if factor is not None else (1.0, 0)
     return out
+
+
+def pretrain_concurrency(resources: Resources, cluster_cpus: float) -> int:
+    """Concurrent pretraining trials that leave at least one CPU per trial for Ray Data ingest."""
+    if resources.max_concurrent_trials:
+        return resources.max_concurrent_trials
+    per_trial = resources.workers * resources.cpus_per_worker + 1.0
+    return max(1, int(math.floor(cluster_cpus / per_trial)))
+
+
+def transfer_concurrency(cluster_cpus: float, resources: Resources | None = None, cluster_gpus: float | None = None) -> int:
+    """Concurrent transfer trials: one CPU each, and with GPUs their share of one
+    (``resources.light_trial_gpus``); the GPU count is unknown (None) when planning offline."""
+    if resources is None or not resources.use_gpu or cluster_gpus is None:
+        return max(1, int(cluster_cpus))
+    return resources.light_concurrency({"CPU": cluster_cpus, "GPU": cluster_gpus})
 
 
 def phase_seconds(durations: list[float], concurrency: int) -> float:
@@ -169,14 +190,12 @@ def job_status(run) -> str:
 
 
 def default_cluster_cpus() -> float:
-    """Logical CPUs of the private local Ray that ``run`` starts here (orchestrator.cluster)."""
+    """Logical CPUs of the private local Ray that ``run`` starts here (execution.ray_connection)."""
     return float(2 * (os.cpu_count() or 1))
 
 
 def summarize(plan: StudyPlan, state: MlflowState, cluster_cpus: float | None = None) -> PlanSummary:
     """The DAG of ``plan`` against what MLflow holds: counts, trials, estimated seconds."""
-    from orchestrator.sweep import pretrain_concurrency, transfer_concurrency
-
     cpus = cluster_cpus or default_cluster_cpus()
     cal = calibration(state)
     pre_factor, tra_factor = cal[KIND_PRETRAIN][0], cal[KIND_TRANSFER][0]
@@ -185,21 +204,22 @@ def summarize(plan: StudyPlan, state: MlflowState, cluster_cpus: float | None = 
     for g in plan.transfer_groups:
         groups.setdefault(g.pretrain_hash, []).append(g)
     jobs, pre_durations, tra_durations, searches = [], [], [], []
-    for job in plan.pretrain_jobs:
-        status = job_status(state.pretrain.get(job.config_hash))
-        seconds = default_pretrain_seconds(job.settings, job.num_train_samples) * pre_factor if status != "cached" else 0.0
+    for run in plan.pretrain_runs:
+        status = job_status(state.pretrain.get(run.config_hash))
+        seconds = default_pretrain_seconds(run.settings.image_size, run.settings.epochs, run.num_train_samples) * pre_factor \
+            if status != "cached" else 0.0
         if status != "cached":
             pre_durations.append(seconds)
         fits = {}
-        for g in groups.get(job.config_hash, []):
+        for g in groups.get(run.config_hash, []):
             todo = [f for f in g.fits if f.config_hash not in done_fits]
             fits[g.task] = {"fits": len(g.fits), "to_run": len(todo)}
             plain = [f for f in todo if not g.searched(f)]
             if plain:
-                tra_durations.append(default_transfer_seconds([f.protocol for f in plain], g.finetune) * tra_factor)
+                tra_durations.append(default_transfer_seconds([f.protocol for f in plain], g.config.finetune) * tra_factor)
             for _ in range(len(todo) - len(plain)):
-                searches.append(search_estimate(g.finetune, cpus))
-        jobs.append({"name": job.run_name, "config_hash": job.config_hash, "status": status, "seconds": seconds, "transfer": fits})
+                searches.append(search_estimate(g, cpus))
+        jobs.append({"name": run.run_name, "config_hash": run.config_hash, "status": status, "seconds": seconds, "transfer": fits})
     statuses = [j["status"] for j in jobs]
     pc, tc = pretrain_concurrency(plan.spec.resources, cpus), transfer_concurrency(cpus)
     todo_fits = sum(1 for g in plan.transfer_groups for f in g.fits if f.config_hash not in done_fits)
@@ -226,15 +246,13 @@ def summarize(plan: StudyPlan, state: MlflowState, cluster_cpus: float | None = 
     )
 
 
-def search_estimate(finetune: dict, cluster_cpus: float) -> tuple[int, float]:
-    """(Tune trials, seconds) of one searched fit: its trials on the search's concurrency, then
-    the retraining of the chosen config."""
-    from orchestrator.sweep import transfer_concurrency
-
-    s = finetune["search"]
-    trial = SEARCH_TRIAL_OVERHEAD_S + FINETUNE_S_PER_STEP * finetune["steps"]
-    slots = s["max_concurrent_trials"] or transfer_concurrency(cluster_cpus)
-    return s["num_samples"], phase_seconds([trial] * s["num_samples"], slots) + trial
+def search_estimate(group: TransferGroup, cluster_cpus: float) -> tuple[int, float]:
+    """(Tune trials, seconds) of one searched fit of ``group``: its trials on the search's
+    concurrency, then the retraining of the chosen config."""
+    s = group.search
+    trial = SEARCH_TRIAL_OVERHEAD_S + FINETUNE_S_PER_STEP * group.config.finetune.steps
+    slots = s.max_concurrent_trials or transfer_concurrency(cluster_cpus)
+    return s.num_samples, phase_seconds([trial] * s.num_samples, slots) + trial
 
 
 def check_budget(spec: StudySpec, summary: PlanSummary) -> None:

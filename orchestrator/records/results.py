@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from orchestrator.tracking import FINISHED, KIND_PRETRAIN, KIND_TRANSFER, TAG_PARENT, Tracker
+from orchestrator.records.schema import FINISHED, KIND_PRETRAIN, KIND_TRANSFER, TAG_PARENT
+from orchestrator.records.tracker import Tracker
+from trainers.protocols import FULL
 
 
 def transfer_frame(tracker: Tracker, study: str) -> pd.DataFrame:
@@ -43,11 +45,11 @@ def transfer_frame(tracker: Tracker, study: str) -> pd.DataFrame:
 
 
 def _shots_order(value: str) -> tuple[int, int]:
-    return (1, 0) if value == "full" else (0, int(value))
+    return (1, 0) if value == FULL else (0, int(value))
 
 
 def _size_order(value: str) -> float:
-    return float("inf") if value == "full" else float(value)
+    return float("inf") if value == FULL else float(value)
 
 
 def results_table(df: pd.DataFrame) -> str:
@@ -73,10 +75,13 @@ def results_table(df: pd.DataFrame) -> str:
         up = first.loc[pretrain, "upstream_accuracy"]
         rows.append([pretrain, f"{100 * up:.1f}" if pd.notna(up) else "-", task, protocol, *cells])
     rows.sort(key=lambda r: (first.loc[r[0], "source"], _size_order(first.loc[r[0], "pretrain_size"]), first.loc[r[0], "label_noise"], r[0], r[2], r[3]))
-    header = ["pretrain", "upstream", "task", "protocol", *[("full" if k == "full" else f"{k}-shot") for k in shots]]
+    header = ["pretrain", "upstream", "task", "protocol", *[(FULL if k == FULL else f"{k}-shot") for k in shots]]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt = lambda r: "  ".join(str(x).ljust(w) if i < 4 else str(x).rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
-    n_seeds = int(df[df["shots"] != "full"].groupby(keys + ["shots"]).size().max()) if (df["shots"] != "full").any() else 1
+
+    def fmt(r):
+        return "  ".join(str(x).ljust(w) if i < 4 else str(x).rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
+
+    n_seeds = int(df[df["shots"] != FULL].groupby(keys + ["shots"]).size().max()) if (df["shots"] != FULL).any() else 1
     lines = [
         f"Test accuracy (%) on the downstream task; few-shot cells are mean ±std over {n_seeds} seed(s); upstream = held-out source accuracy (%): "
         "top-1 for supervised, zero-shot top-1 for clip, k-NN top-1 for simclr.",

@@ -10,7 +10,7 @@ are FINISHED in MLflow, checkpoints are in storage, and running ``transferlab ru
 up from there.
 
 MLflow's own HTTP client retries for minutes by default; :data:`MLFLOW_HTTP_ENV` (put into the
-driver's and every Ray worker's environment by ``orchestrator.cluster``) bounds that, so that
+driver's and every Ray worker's environment by ``orchestrator.execution.ray_connection``) bounds that, so that
 this module's deadline is the one that counts.
 
 Retried writes are idempotent: metrics keep the timestamp they were first sent with (MLflow
@@ -26,6 +26,8 @@ import re
 import sys
 import time
 from typing import Callable
+
+from orchestrator.records.schema import TAG_CONFIG_HASH, TAG_KIND
 
 DEADLINE_ENV = "TRANSFERLAB_TRACKING_DEADLINE_S"
 DEFAULT_DEADLINE_S = 600.0
@@ -52,26 +54,6 @@ class TrackingUnavailable(RuntimeError):
 def redact(text: str) -> str:
     """``text`` with the user-info of every URI in it (``http://user:TOKEN@host``) masked."""
     return _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", str(text))
-
-
-def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
-    """``http://user:TOKEN@host`` -> (``http://host``, MLflow client credentials as env vars).
-
-    Credentials then travel only where secrets do (``PhaseContext.mlflow_env``), never inside a
-    URI that Ray or Tune may save to storage or print.
-    """
-    from urllib.parse import unquote, urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
-        return uri, {}
-    host = parts.netloc.rsplit("@", 1)[1]
-    env = {}
-    if parts.username:
-        env["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
-    if parts.password:
-        env["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
-    return urlunsplit(parts._replace(netloc=host)), env
 
 
 def deadline_s() -> float:
@@ -148,8 +130,6 @@ class RetryingClient:
     def create_run(self, experiment_id, *args, tags=None, **kwargs):
         """Create a run; after a dropped connection, first look for the run the lost request
         may already have created (same ``transferlab.config_hash`` and kind)."""
-        from orchestrator.tracking import TAG_CONFIG_HASH, TAG_KIND
-
         attempts = 0
 
         def once():

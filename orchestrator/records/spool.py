@@ -16,13 +16,16 @@ import uuid
 
 from mlflow.entities import Metric
 
+from datasets_.objstore import filesystem, write_atomic
+
+from orchestrator.records.retry import TrackingUnavailable, is_transient, redact
+from orchestrator.records.tracker import logged_steps
+
 SPOOL_DIR = "_tracking_spool"
 
 
 def _fs(storage: str):
-    import pyarrow.fs as pafs
-
-    fs, base = pafs.FileSystem.from_uri(storage)
+    fs, base = filesystem(storage)
     return fs, f"{base.rstrip('/')}/{SPOOL_DIR}"
 
 
@@ -30,13 +33,9 @@ def write(storage: str, run_id: str, metrics: list[Metric]) -> None:
     """Store ``metrics`` of ``run_id`` durably until :func:`flush` sends them."""
     if not metrics:
         return
-    fs, d = _fs(storage)
-    fs.create_dir(d, recursive=True)
-    body = {"run_id": run_id, "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics]}
-    tmp = f"{d}/.{uuid.uuid4().hex}.tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(body).encode())
-    fs.move(tmp, f"{d}/{run_id}.{uuid.uuid4().hex}.json")  # readers never see half a file
+    body = json.dumps({"run_id": run_id, "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics]}).encode()
+    # Readers never see half a file; ".tmp" files are not batches (pending() lists *.json).
+    write_atomic(f"{storage.rstrip('/')}/{SPOOL_DIR}/{run_id}.{uuid.uuid4().hex}.json", lambda f: f.write(body))
 
 
 def pending(storage: str, run_id: str | None = None) -> list[str]:
@@ -55,9 +54,6 @@ def flush(storage: str, client, run_id: str | None = None) -> int:
     Returns the number of metric values sent. ``client`` is an MlflowClient; connection errors
     propagate (the caller decides whether to retry).
     """
-    from orchestrator.retry import TrackingUnavailable, is_transient, redact
-    from orchestrator.tracking import logged_steps
-
     fs, _ = _fs(storage)
     sent = 0
     for path in pending(storage, run_id):

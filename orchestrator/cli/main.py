@@ -1,0 +1,54 @@
+"""``transferlab``: parse the command line, call the command, map what went wrong to one line
+and an exit code (:mod:`orchestrator.cli.exits`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import importlib  # noqa: E402
+
+from orchestrator.cli.exits import EXIT_INTERRUPTED, error  # noqa: E402
+from orchestrator.cli.parser import JOB_COMMANDS, build_parser  # noqa: E402
+from orchestrator.records.retry import TrackingUnavailable  # noqa: E402
+from orchestrator.spec import SpecError  # noqa: E402
+
+# Each command's module, imported only when that command runs: their imports (torch, Ray, MLflow,
+# matplotlib) take seconds, and `--help` or a job's `status` needs none of most of them.
+MODULES = {"validate": "study_commands", "plan": "study_commands", "run": "study_commands", "data": "data_commands",
+           "runs": "analysis_commands", "report": "analysis_commands", "counterfactual": "analysis_commands",
+           **{c: "job_commands" for c in JOB_COMMANDS}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Progress lines must reach a log file or `ray job logs` as they happen, not when a block
+    # buffer fills: line-buffer stdout even when it is not a terminal.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    parser = build_parser()
+    # KEY=VALUE overrides may come after options too (`run s.yaml --address auto epochs=1`).
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    args.argv = argv
+    module = importlib.import_module(f"orchestrator.cli.{MODULES[args.command]}")
+    try:
+        return module.run(args)
+    except SpecError as e:
+        return error(str(e))
+    except (TrackingUnavailable, OSError) as e:
+        if args.command != "run":
+            raise
+        return module.stopped(e, argv)
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are recorded; run the same command again to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The Ray Tune phase runner every phase of a study uses: what a trial is handed
+(:class:`TrialContext`), one Tune grid per phase (:func:`run_phase`) and its live progress
+(:class:`Progress`: a line per trial start, report and end, with counts and an ETA)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from orchestrator.planning.pretrain_runs import PretrainRun
+from orchestrator.planning.transfer_fits import TransferFit, TransferGroup
+from orchestrator.records.credentials import apply_mlflow_client_env
+from orchestrator.records.retry import redact
+from orchestrator.spec import Resources
+
+# What a trial returns when it started after the study's budget.max_hours deadline: it did
+# nothing, and the study counts it as not launched.
+NOT_LAUNCHED = "not_launched"
+
+
+@dataclass(kw_only=True)
+class TrialContext:
+    """What every trial of a phase needs, shipped once through Ray's object store."""
+
+    study: str
+    tracking_uri: str  # without credentials: those are in mlflow_env
+    experiment_id: str
+    storage_path: str
+    # MLflow credentials/TLS settings of the driver (records.credentials.MLFLOW_CLIENT_ENV);
+    # secrets, so kept out of the repr (and out of Tune's param_space, which is saved to disk).
+    mlflow_env: dict[str, str] = field(default_factory=dict, repr=False)
+    deadline: float | None = None  # time.time() after which no trial starts work (budget.max_hours)
+    fail_fast: bool = False  # stop the phase at its first failed trial
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
+
+    def begin_trial(self) -> bool:
+        """A trial's first step: False once ``budget.max_hours`` has passed (the trial must then
+        return ``{NOT_LAUNCHED: 1}`` without doing anything); else the driver's MLflow
+        credentials are applied to this worker and the trial goes on."""
+        if self.past_deadline():
+            return False
+        apply_mlflow_client_env(self.mlflow_env)
+        return True
+
+
+@dataclass(kw_only=True)
+class PhaseContext(TrialContext):
+    """What the trials of a study's pretraining, transfer and search phases need."""
+
+    resources: Resources
+    pretrain_runs: dict[str, PretrainRun] = field(default_factory=dict)  # config_hash -> run
+    transfer_groups: dict[str, TransferGroup] = field(default_factory=dict)
+    run_ids: dict[str, str] = field(default_factory=dict)  # config_hash -> MLflow run id to use
+    checkpoints: dict[str, str] = field(default_factory=dict)  # pretrain hash -> checkpoint dir
+    # fit hash -> (its group, the fit) of fine-tuning fits tuned by a search (execution.search)
+    searches: dict[str, tuple[TransferGroup, TransferFit]] = field(default_factory=dict)
+
+
+def _error_line(error_file: str | None) -> str:
+    """The last line of a trial's error file: usually the exception and its message."""
+    try:
+        with open(error_file or "") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return "FAILED"
+    return f"FAILED: {redact(lines[-1])[:300]}" if lines else "FAILED"
+
+
+class Progress:
+    """Live progress of one phase: a line per intermediate report (e.g. each epoch), per trial
+    start and per finished or failed trial, each with the phase's counts (done / running /
+    failed of total) and an ETA; a summary line at the end (:meth:`summary`).
+
+    ``on_counts(counts)``, if given, receives the counts (``PHASE_trials_done`` ...) after every
+    change; the study logs them on its MLflow run.
+    """
+
+    def __init__(self, phase: str, total: int, labels: dict[str, str], summarize, describe_report=None, on_counts=None):
+        from ray import tune
+
+        outer = self
+
+        class _Callback(tune.Callback):
+            def on_trial_start(self, iteration, trials, trial, **info):
+                outer.started(trial)
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                line = outer.describe_report(result) if outer.describe_report else None
+                if line:
+                    print(f"[{outer.phase}] {outer.label(trial)}: {line}", flush=True)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                outer.report(trial, ok=True)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                outer.report(trial, ok=False)
+
+        self.callback = _Callback()
+        self.describe_report, self.on_counts = describe_report, on_counts
+        self.phase, self.total, self.labels, self.summarize = phase, total, labels, summarize
+        self.done = self.failed = self.running = self.not_launched = 0
+        self.t0 = time.monotonic()
+        self.errors: list[str] = []
+        self.results: list[dict] = []  # the last result of every finished trial
+
+    def __getstate__(self):
+        # Tune pickles its callbacks into tuner.pkl in storage; the MLflow sink holds the
+        # tracking URI, credentials included, which must never reach storage.
+        return {**self.__dict__, "on_counts": None}
+
+    def label(self, trial) -> str:
+        key = next(iter(trial.config.values()))
+        return self.labels.get(key, key)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        p = self.phase.replace("-", "_")
+        return {f"{p}_trials_done": self.done, f"{p}_trials_running": self.running, f"{p}_trials_failed": self.failed,
+                f"{p}_trials_not_launched": self.not_launched, f"{p}_trials_total": self.total}
+
+    def _status(self) -> str:
+        elapsed = time.monotonic() - self.t0
+        ended = self.done + self.failed
+        left = self.total - ended - self.not_launched
+        # Each ended trial took elapsed/ended of wall time at the concurrency seen so far.
+        eta = f"~{elapsed / ended * left:.0f}s left" if ended else "ETA after the first trial"
+        return (f"done {self.done}, running {self.running}, failed {self.failed} of {self.total}; "
+                f"{elapsed:.0f}s elapsed, {eta}")
+
+    def _changed(self) -> None:
+        if self.on_counts is not None:
+            self.on_counts(self.counts)
+
+    def started(self, trial) -> None:
+        self.start(self.label(trial))
+
+    def start(self, label: str) -> None:
+        self.running += 1
+        print(f"[{self.phase}] started {label}  ({self._status()})", flush=True)
+        self._changed()
+
+    def report(self, trial, ok: bool) -> None:
+        error = "" if ok else _error_line(trial.error_file) + (f" (full traceback: {trial.error_file})" if trial.error_file else "")
+        self.end(self.label(trial), ok, dict(trial.last_result or {}), error)
+
+    def end(self, label: str, ok: bool, last: dict, error: str = "FAILED") -> None:
+        """A trial (or a phase's unit of work) ended: ``last`` is its result, ``error`` the line
+        said when it failed."""
+        self.running = max(0, self.running - 1)
+        if ok and last.get(NOT_LAUNCHED):
+            self.not_launched += 1
+            print(f"[{self.phase}] {label}: not launched (budget.max_hours reached)", flush=True)
+            self._changed()
+            return
+        if ok:
+            self.done += 1
+            self.results.append(last)
+            detail = self.summarize(last)
+        else:
+            self.failed += 1
+            detail = error
+            self.errors.append(label)
+        n = self.done + self.failed
+        print(f"[{self.phase} {n}/{self.total}] {label}: {detail}  ({self._status()})", flush=True)
+        self._changed()
+
+    def summary(self) -> str:
+        never = self.total - self.done - self.failed - self.not_launched
+        extra = f", {self.not_launched + never} not launched" if self.not_launched + never else ""
+        return (f"[{self.phase}] phase over: {self.done} done, {self.failed} failed{extra} of {self.total} trials "
+                f"in {time.monotonic() - self.t0:.0f}s")
+
+
+def phase_stopper(deadline: float | None, fail_fast: bool, failed: Callable[[], bool]):
+    """A Tune stopper that ends the whole phase (running and pending trials) once ``deadline``
+    (``time.time()``) has passed, or, with ``fail_fast``, once ``failed()``. It holds no trial
+    context: Tune pickles stoppers into its storage, and a context carries credentials."""
+    from ray import tune
+
+    class _Stop(tune.Stopper):
+        def __call__(self, trial_id, result):
+            return False
+
+        def stop_all(self):
+            return (deadline is not None and time.time() > deadline) or (fail_fast and failed())
+
+    return _Stop()
+
+
+def run_phase(phase: str, trainable, key: str, items: dict[str, str], ctx: TrialContext, resources: float | dict, concurrency: int,
+              summarize, describe_report=None, on_counts=None) -> Progress:
+    """One Tune grid over ``items``, each trial holding ``resources`` (a CPU count, or a Ray
+    resource dict such as ``{"CPU": 1, "GPU": 0.25}``), at most ``concurrency`` at once."""
+    from ray import tune
+
+    progress = Progress(phase, len(items), items, summarize, describe_report, on_counts)
+    # Tune's own SIGINT handler ends only the current phase and returns normally, so Ctrl-C would
+    # start the next phase and exit 0. Without it, Ctrl-C stops the study (exit 130, resumable).
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(trainable, ctx=ctx), resources if isinstance(resources, dict) else {"CPU": resources}),
+        param_space={key: tune.grid_search(list(items))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_dirname_creator=lambda t: f"{phase}-{t.trial_id}"),
+        run_config=tune.RunConfig(
+            name=f"{ctx.study}-{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=ctx.storage_path,
+            callbacks=[progress.callback],
+            stop=phase_stopper(None, True, lambda: progress.failed > 0) if ctx.fail_fast else None,
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    tuner.fit()
+    print(progress.summary(), flush=True)
+    return progress
+
+
+def cluster_gpus() -> float:
+    """GPUs of the connected Ray cluster (what light trials are packed onto)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))

@@ -1,0 +1,131 @@
+"""The pretraining phase: one Ray Tune trial per pretraining run, each a Tune *function* that
+builds and fits a Ray Train ``TorchTrainer`` (Train V2 cannot be wrapped by a Tuner directly).
+
+Metrics reach MLflow through :class:`~orchestrator.records.train_callback.MLflowReportCallback`
+on the Train controller, into a run the driver created; the loop itself
+(:func:`trainers.pretrain.pretrain_loop`) knows nothing of MLflow.
+"""
+
+from __future__ import annotations
+
+import time
+
+from datasets_.objstore import is_remote
+from orchestrator.execution.phase import NOT_LAUNCHED, PhaseContext, Progress, run_phase
+from orchestrator.planning.estimate import pretrain_concurrency
+from orchestrator.planning.pretrain_runs import PretrainRun
+from orchestrator.records import retry, spool
+from orchestrator.records.schema import FAILED, METRIC_TRIAL_SECONDS, TAG_CHECKPOINT
+from orchestrator.records.tracker import Tracker
+from orchestrator.records.train_callback import MLflowReportCallback
+
+
+def train_run_name(run: PretrainRun) -> str:
+    """Deterministic Ray Train run name: a second fit() with it resumes from its checkpoint."""
+    return f"pretrain-{run.config_hash}"
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """Where a Ray Train checkpoint lives, as a path or URI any process can open again.
+
+    With ``storage_path`` on an object store, ``Checkpoint.path`` is the key inside the bucket
+    (``bucket/prefix/...``) without its scheme; ``Checkpoint(uri)`` needs the scheme back.
+    """
+    fs = getattr(checkpoint, "filesystem", None)
+    kind = getattr(fs, "type_name", "local")
+    if kind == "local" or is_remote(checkpoint.path):
+        return checkpoint.path
+    scheme = {"gcs": "gs"}.get(kind, kind)
+    return f"{scheme}://{checkpoint.path}"
+
+
+def build_pretrain_trainer(run: PretrainRun, ctx: PhaseContext, run_id: str, fault: dict | None = None, in_tune: bool = False):
+    """The Ray Train ``TorchTrainer`` of one pretraining run, reporting into MLflow run ``run_id``
+    (and, ``in_tune``, to the Tune trial that fits it, for progress lines). ``fault`` is the
+    loop's test hook (``PretrainConfig.fault``).
+
+    Its run name is deterministic (:func:`train_run_name`), so fitting it again resumes from the
+    last checkpoint; ``FailureConfig`` restarts failed workers from it within one fit.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from datasets_ import open_dataset
+    from datasets_.pipeline import ray_dataset
+    from trainers.methods import clip_text_input
+    from trainers.pretrain import pretrain_loop
+
+    config = run.config if fault is None else run.config.replace(fault=fault)
+    ds = open_dataset(run.source_root)
+    # Rows reach each worker in a fixed order (then a seeded local shuffle), so a run is
+    # reproducible from its config rather than from how Ray scheduled the read tasks.
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    callbacks = [MLflowReportCallback(ctx.tracking_uri, run_id, ctx.mlflow_env, ctx.storage_path)]
+    if in_tune:
+        callbacks.append(TuneReportCallback())
+    text = clip_text_input(list(config.classes)) if config.method == "clip" else None
+    r = ctx.resources
+    return TorchTrainer(
+        pretrain_loop,
+        train_loop_config=config.to_dict(),
+        scaling_config=ray.train.ScalingConfig(num_workers=r.workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker}),
+        datasets={
+            "train": ray_dataset(ds, "train", config.image_size, view=run.view, text=text),
+            # Upstream accuracy is measured on the classes the model was trained on.
+            "heldout": ray_dataset(ds, "test", config.image_size, view=run.heldout_view()),
+        },
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
+        run_config=ray.train.RunConfig(
+            name=train_run_name(run),
+            storage_path=ctx.storage_path,
+            # MLflow records for the study; Tune sees each report too (progress lines).
+            callbacks=callbacks,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+        ),
+    )
+
+
+def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
+    if not ctx.begin_trial():
+        return {NOT_LAUNCHED: 1}
+    t0 = time.monotonic()
+    run = ctx.pretrain_runs[config["run"]]
+    run_id = ctx.run_ids[run.config_hash]
+    tracker = Tracker(ctx.tracking_uri)
+    try:
+        result = build_pretrain_trainer(run, ctx, run_id, in_tune=True).fit()
+        metrics = result.metrics or {}
+        spool.flush(ctx.storage_path, tracker.client, run_id)  # reports the server missed
+        tracker.log(
+            run_id,
+            metrics={"realized_label_noise": run.realized_label_noise, "num_train_samples": run.num_train_samples,
+                     METRIC_TRIAL_SECONDS: time.monotonic() - t0},
+            tags={TAG_CHECKPOINT: checkpoint_uri(result.checkpoint)},
+        )
+        tracker.finish(run_id)
+        return {"upstream_accuracy": metrics.get("upstream_accuracy", float("nan")), "train_loss": metrics.get("train_loss")}
+    except BaseException:
+        try:
+            tracker.finish(run_id, FAILED)
+        except retry.TrackingUnavailable:
+            pass  # the run stays RUNNING in MLflow; the next `transferlab run` resumes it
+        raise
+
+
+def _describe_epoch(result: dict) -> str | None:
+    if "epoch" not in result or "train_loss" not in result:
+        return None
+    return f"epoch {int(result['epoch']) + 1}: train_loss={result['train_loss']:.4f} ({result.get('images_per_second', 0):.0f} img/s)"
+
+
+def run_pretrain_phase(ctx: PhaseContext, runs: list[PretrainRun], cluster_cpus: float, on_counts=None) -> Progress:
+    items = {r.config_hash: r.run_name for r in runs}
+    # The trial only drives a TorchTrainer whose workers are scheduled on their own.
+    return run_phase(
+        "pretrain", _pretrain_trial, "run", items, ctx, 0.01, pretrain_concurrency(ctx.resources, cluster_cpus),
+        lambda r: f"upstream_accuracy={r.get('upstream_accuracy', float('nan')):.3f}",
+        _describe_epoch, on_counts,
+    )

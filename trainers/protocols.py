@@ -1,0 +1,14 @@
+"""The words the trainers understand, shared with the spec, the plan and the analysis: the
+pretraining methods, the transfer protocols, ``full`` and the final layer.
+
+It imports nothing (no torch), so the spec validates and the analysis reads runs without
+loading a model library.
+"""
+
+FULL = "full"  # shots: the whole training pool; pretrain_size: the whole source
+FINAL_LAYER = "final"  # the backbone's output, what every probe reads unless transfer.layers says otherwise
+
+METHODS = ("supervised", "clip", "simclr")
+PROTOCOLS = ("linear_probe", "logistic", "finetune", "lp_ft", "zero_shot")
+FROZEN_PROTOCOLS = ("linear_probe", "logistic")  # probes on frozen features of a layer (datamodels use these)
+FINETUNE_PROTOCOLS = ("finetune", "lp_ft")  # train the whole network on the shots
