@@ -15,12 +15,14 @@ run per model.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
+from datasets_ import open_dataset
 from datasets_.objstore import is_remote
+from datasets_.pipeline import decode_split
 from orchestrator.execution.phase import NOT_LAUNCHED, TrialContext, cluster_gpus, run_phase
 from orchestrator.planning.datamodel_plan import DatamodelPlan
 from orchestrator.records.datamodel_table import TABLE_SCHEMA, finished_models, table_uri, write_header, write_part
@@ -36,14 +38,13 @@ from orchestrator.records.schema import (
 )
 from orchestrator.records.tracker import Tracker
 from orchestrator.spec import StudySpec
+from trainers.devices import trial_device
+from trainers.features import Features
+from trainers.stacked import probe_outputs, stacked_features, train_stacked
 
 
 def _write_header(table: str, plan: DatamodelPlan) -> None:
     """The table's ``sweep.json`` and ``examples.parquet`` (the task's test examples)."""
-    from dataclasses import asdict
-
-    from datasets_ import open_dataset
-
     def examples() -> pa.Table:
         test = open_dataset(plan.task_root).keys_and_labels("test")
         return pa.table({"example": np.arange(len(test.keys), dtype=np.int64), "key": test.keys.astype(str),
@@ -69,11 +70,6 @@ class DatamodelContext(TrialContext):
 def train_and_probe(plan: DatamodelPlan, models: tuple[int, ...], device=None) -> pa.Table:
     """Train the given models of the sweep at once on ``device`` (default CPU), probe each on
     the task: their table rows."""
-    from datasets_ import open_dataset
-    from datasets_.pipeline import decode_split
-    from trainers.features import Features
-    from trainers.stacked import probe_outputs, stacked_features, train_stacked
-
     ts = plan.train
     images, labels, keys = decode_split(open_dataset(plan.source_root), "train", ts.image_size)
     idx = list(models)
@@ -99,8 +95,6 @@ def train_and_probe(plan: DatamodelPlan, models: tuple[int, ...], device=None) -
 def _datamodel_trial(config: dict, ctx: DatamodelContext) -> dict:
     import torch
 
-    from trainers.devices import trial_device
-
     if not ctx.begin_trial():  # budget.max_hours: the table keeps what finished; a rerun goes on
         return {NOT_LAUNCHED: 1}
     torch.set_num_threads(max(1, int(ctx.cpus_per_trial)))
@@ -125,8 +119,6 @@ def _datamodel_trial(config: dict, ctx: DatamodelContext) -> dict:
 def _memory_line(plan: DatamodelPlan) -> str:
     """Each trial holds the source's training split decoded (uint8) in memory, for the stacked
     models' random access: say how much, so a source too large for a node is seen up front."""
-    from datasets_ import open_dataset
-
     n = open_dataset(plan.source_root).num_samples("train")
     side = plan.train.image_size
     return f"each trial decodes the source's {n:,} training images at {side}px into {n * 3 * side * side / 2**20:,.0f} MiB of memory"

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 
+from datasets_ import open_dataset
 from datasets_.objstore import is_remote
+from datasets_.pipeline import ray_dataset
 from orchestrator.execution.phase import NOT_LAUNCHED, PhaseContext, Progress, run_phase
 from orchestrator.planning.estimate import pretrain_concurrency
 from orchestrator.planning.pretrain_runs import PretrainRun
@@ -18,6 +20,8 @@ from orchestrator.records import retry, spool
 from orchestrator.records.schema import FAILED, METRIC_TRIAL_SECONDS, TAG_CHECKPOINT
 from orchestrator.records.tracker import Tracker
 from orchestrator.records.train_callback import MLflowReportCallback
+from trainers.methods import clip_text_input
+from trainers.pretrain import pretrain_loop
 
 
 def train_run_name(run: PretrainRun) -> str:
@@ -51,10 +55,6 @@ def build_pretrain_trainer(run: PretrainRun, ctx: PhaseContext, run_id: str, fau
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from datasets_ import open_dataset
-    from datasets_.pipeline import ray_dataset
-    from trainers.methods import clip_text_input
-    from trainers.pretrain import pretrain_loop
 
     config = run.config if fault is None else run.config.replace(fault=fault)
     ds = open_dataset(run.source_root)

@@ -17,6 +17,9 @@ module prints contains any of them (:func:`scrub`).
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import datetime
 import hashlib
 import ipaddress
 import os
@@ -26,8 +29,12 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import yaml
+from packaging.requirements import Requirement
 
 from datasets_.objstore import is_remote
 from orchestrator.execution.study import DEFAULT_STORAGE
@@ -208,8 +215,6 @@ def _staged_study(spec: StudySpec, study_file: Path, root: Path, files: list[str
     """Where the study goes in the working dir, and its document with local dataset paths the
     cluster can open: absolute (a cluster on this machine), or relative to the staged study file
     and among the uploaded files (any other cluster; absolute paths stay, as shared mounts)."""
-    import copy
-
     study_file = study_file.resolve()
     inside = study_file.is_relative_to(root)
     rel = str(study_file.relative_to(root)) if inside else f"{spec.study}.yaml"
@@ -261,10 +266,6 @@ def _flat(d, prefix=""):
 def pinned_requirements() -> list[str]:
     """transferlab's dependencies pinned to the versions installed here (ray left out: the
     cluster's Ray is the one that runs, and must equal the client's)."""
-    from importlib.metadata import PackageNotFoundError, requires, version
-
-    from packaging.requirements import Requirement
-
     out = []
     for line in requires("transferlab") or []:
         req = Requirement(line)
@@ -279,8 +280,6 @@ def pinned_requirements() -> list[str]:
 
 def stage(sub: Submission, doc: dict, working_dir: str) -> str:
     """A temporary folder holding the project's files and the study document (caller removes)."""
-    import yaml
-
     root = Path(working_dir).resolve()
     out = Path(tempfile.mkdtemp(prefix="transferlab-submit-"))
     for name in sub.files:
@@ -330,8 +329,6 @@ def job_info(client, job_id: str):
 
 def describe(info) -> list[str]:
     """``status`` lines of a job: its state, the study command it runs, times, Ray's message."""
-    import datetime
-
     def when(ms):
         return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -363,8 +360,6 @@ def exit_code(info) -> int:
 
 def tail_logs(client, job_id: str, out) -> None:
     """Print the job's log as it grows until the job ends."""
-    import asyncio
-
     async def run():
         async for chunk in client.tail_job_logs(job_id):
             out.write(scrub(chunk))

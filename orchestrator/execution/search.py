@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 
+from datasets_ import open_dataset
 from orchestrator.execution.phase import NOT_LAUNCHED, PhaseContext, Progress, cluster_gpus, phase_stopper
 from orchestrator.execution.transfer_phase import feature_cache, record_fit, trainer_fit
 from orchestrator.planning.estimate import transfer_concurrency
@@ -30,6 +31,8 @@ from orchestrator.records.credentials import apply_mlflow_client_env
 from orchestrator.records.retry import redact
 from orchestrator.records.tracker import Tracker
 from orchestrator.spec import FinetuneSearch
+from trainers.devices import trial_device
+from trainers.transfer import finetune_problem
 
 PHASE = "finetune-search"
 TRIALS_ARTIFACT = "search/trials.json"
@@ -83,9 +86,6 @@ def _problem(ctx: PhaseContext, key: str):
 def _build_problem(ctx: PhaseContext, key: str):
     from ray.train import Checkpoint
 
-    from datasets_ import open_dataset
-    from trainers.devices import trial_device
-    from trainers.transfer import finetune_problem
 
     group, fit = ctx.searches[key]
     task = open_dataset(group.task_root)

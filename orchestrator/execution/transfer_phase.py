@@ -7,24 +7,24 @@ from __future__ import annotations
 import tempfile
 import time
 
+from datasets_ import open_dataset
 from orchestrator.execution.phase import NOT_LAUNCHED, PhaseContext, Progress, cluster_gpus, run_phase
 from orchestrator.planning.estimate import transfer_concurrency
 from orchestrator.planning.transfer_fits import TransferFit, TransferGroup
 from orchestrator.records.schema import KIND_TRANSFER, METRIC_TRIAL_SECONDS, PER_EXAMPLE_ARTIFACT
 from orchestrator.records.tracker import Tracker
+from trainers.devices import trial_device
+from trainers.features import FeatureCache
+from trainers.transfer import Fit, evaluate_transfer
 
 
 def feature_cache(storage_path: str):
     """The study storage's feature cache (shared by every study on that storage)."""
-    from trainers.features import FeatureCache
-
     return FeatureCache(f"{storage_path.rstrip('/')}/feature_cache")
 
 
 def trainer_fit(fit: TransferFit):
     """The transfer trainer's description of a planned fit."""
-    from trainers.transfer import Fit
-
     return Fit(fit.protocol, fit.shots, fit.seed, fit.layer)
 
 
@@ -54,9 +54,6 @@ def record_fit(tracker: Tracker, ctx: PhaseContext, group: TransferGroup, fit: T
 def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
     from ray.train import Checkpoint
 
-    from datasets_ import open_dataset
-    from trainers.devices import trial_device
-    from trainers.transfer import evaluate_transfer
 
     if not ctx.begin_trial():
         return {NOT_LAUNCHED: 1}
