@@ -45,8 +45,14 @@ def synthetic_dataset(root: str, n: int, size: int, shard_size: int, shard_forma
             img.save(buf, format="JPEG", quality=90)
             yield "train", {"key": f"img-{i:07d}", "image": buf.getvalue(), "label": i % 10, "caption": ""}
 
-    return write_sharded_dataset(os.path.join(root, f"ds-{shard_format}"), "synthetic", [str(c) for c in range(10)], rows(),
-                                 shard_size, shard_format=shard_format)
+    return write_sharded_dataset(
+        os.path.join(root, f"ds-{shard_format}"),
+        "synthetic",
+        [str(c) for c in range(10)],
+        rows(),
+        shard_size,
+        shard_format=shard_format,
+    )
 
 
 def raw_decode(ds, image_size: int, batch: int) -> float:
@@ -66,8 +72,9 @@ class _Shards(torch.utils.data.IterableDataset):
         files = self.files if info is None else self.files[info.id :: info.num_workers]
         for f in files:
             for rb in pq.ParquetFile(f).iter_batches(batch_size=self.batch, columns=["image", "label"]):
-                yield torch.from_numpy(decode_images(rb.column("image").to_pylist(), self.image_size)), torch.from_numpy(
-                    rb.column("label").to_numpy()
+                yield (
+                    torch.from_numpy(decode_images(rb.column("image").to_pylist(), self.image_size)),
+                    torch.from_numpy(rb.column("label").to_numpy()),
                 )
 
 
@@ -76,8 +83,12 @@ def _keep_batch_memory(_worker_id: int) -> None:
 
 
 def dataloader(ds, image_size: int, batch: int, workers: int, epochs: int, keep_memory: bool = False) -> float:
-    loader = torch.utils.data.DataLoader(_Shards(ds.files("train"), image_size, batch), batch_size=None, num_workers=workers,
-                                         worker_init_fn=_keep_batch_memory if keep_memory else None)
+    loader = torch.utils.data.DataLoader(
+        _Shards(ds.files("train"), image_size, batch),
+        batch_size=None,
+        num_workers=workers,
+        worker_init_fn=_keep_batch_memory if keep_memory else None,
+    )
     rate = 0.0
     for _ in range(epochs):
         t0, n = time.perf_counter(), 0
@@ -125,11 +136,17 @@ def main() -> None:
         paths = {
             "raw decode, 1 process": lambda: raw_decode(ds, args.image_size, args.batch),
             dl: lambda: dataloader(ds, args.image_size, args.batch, args.cpus, args.epochs),
-            "same, + keep_batch_memory in workers": lambda: dataloader(ds, args.image_size, args.batch, args.cpus, args.epochs, True),
-            f"transferlab Ray Data path, {args.cpus} CPUs": lambda: ray_data(ds, args.image_size, args.epochs, args.batch),
+            "same, + keep_batch_memory in workers": lambda: dataloader(
+                ds, args.image_size, args.batch, args.cpus, args.epochs, True
+            ),
+            f"transferlab Ray Data path, {args.cpus} CPUs": lambda: ray_data(
+                ds, args.image_size, args.epochs, args.batch
+            ),
         }
         if tars is not None:
-            paths[f"same, WebDataset tars, {args.cpus} CPUs"] = lambda: ray_data(tars, args.image_size, args.epochs, args.batch)
+            paths[f"same, WebDataset tars, {args.cpus} CPUs"] = lambda: ray_data(
+                tars, args.image_size, args.epochs, args.batch
+            )
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         rates: dict[str, list[float]] = {name: [] for name in paths}
         for r in range(args.rounds):
@@ -137,13 +154,19 @@ def main() -> None:
                 rates[name].append(run())
                 print(f"round {r + 1}/{args.rounds}  {name:<40} {rates[name][-1]:6.0f} img/s", flush=True)
         ray.shutdown()
-    ratio = {name: [a / b for a, b in zip(v, rates[dl])] for name, v in rates.items()}  # per round, vs that round's DataLoader
-    print(f"\n{args.images} JPEG {args.size}px -> float32 3x{args.image_size}x{args.image_size}, batch {args.batch}, "
-          f"last of {args.epochs} passes, {args.rounds} rounds: median (min-max)")
+    ratio = {
+        name: [a / b for a, b in zip(v, rates[dl])] for name, v in rates.items()
+    }  # per round, vs that round's DataLoader
+    print(
+        f"\n{args.images} JPEG {args.size}px -> float32 3x{args.image_size}x{args.image_size}, batch {args.batch}, "
+        f"last of {args.epochs} passes, {args.rounds} rounds: median (min-max)"
+    )
     for name, v in rates.items():
         q = ratio[name]
-        print(f"{name:<40} {statistics.median(v):6.0f} img/s ({min(v):.0f}-{max(v):.0f})   "
-              f"{statistics.median(q):5.2f}x DataLoader ({min(q):.2f}-{max(q):.2f})")
+        print(
+            f"{name:<40} {statistics.median(v):6.0f} img/s ({min(v):.0f}-{max(v):.0f})   "
+            f"{statistics.median(q):5.2f}x DataLoader ({min(q):.2f}-{max(q):.2f})"
+        )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.synthetic_runs import SyntheticStudy, per_example_frame  # noqa: E402
+from tests.synthetic_runs import SyntheticStudy, per_example_frame
 
 SHOTS = (1, 5, 10, 25)
 TRANSFER_SEEDS = 4
@@ -35,8 +35,12 @@ def write_study(uri: str, root: Path, runs: int, threads: int) -> tuple[int, flo
     """About ``runs`` runs: 3 sources × 4 sizes × 2 noise levels × seeds, 19 transfer runs each."""
     per_pretrain = 1 + len(SHOTS) * TRANSFER_SEEDS + len(LAYERS)
     s = SyntheticStudy(uri, "bench", root / "artifacts")
-    grid = [(src, shift, size, noise) for src, shift in (("mnist", 1.0), ("emnist", 3.0), ("kmnist", 0.5))
-            for size in (1000, 4000, 16000, 64000) for noise in (0.0, 0.4)]
+    grid = [
+        (src, shift, size, noise)
+        for src, shift in (("mnist", 1.0), ("emnist", 3.0), ("kmnist", 0.5))
+        for size in (1000, 4000, 16000, 64000)
+        for noise in (0.0, 0.4)
+    ]
     n_pre = max(len(grid), round((runs - 1) / per_pretrain))
     jobs = [(*grid[i % len(grid)], i // len(grid)) for i in range(n_pre)]
 
@@ -44,9 +48,19 @@ def write_study(uri: str, root: Path, runs: int, threads: int) -> tuple[int, flo
         src, shift, size, noise, seed = job
         rng = np.random.default_rng([len(src), int(shift * 10), size, int(noise * 10), seed])
         included = rng.permutation(10) < 5
-        base = 0.95 - 0.7 * (size * shift * (0.5 if noise else 1.0) * (0.8 + 0.4 * included[3] - 0.3 * included[7])) ** -0.25
-        pre = s.pretrain(src, size, upstream=float(base + rng.normal(0, 0.02)), noise=noise, seed=seed, classes=CLASSES,
-                         included=included.tolist())
+        base = (
+            0.95
+            - 0.7 * (size * shift * (0.5 if noise else 1.0) * (0.8 + 0.4 * included[3] - 0.3 * included[7])) ** -0.25
+        )
+        pre = s.pretrain(
+            src,
+            size,
+            upstream=float(base + rng.normal(0, 0.02)),
+            noise=noise,
+            seed=seed,
+            classes=CLASSES,
+            included=included.tolist(),
+        )
         for shots in SHOTS:
             for t_seed in range(TRANSFER_SEEDS):
                 s.transfer(pre, "digits", shots, t_seed, float(base - 0.25 / np.sqrt(shots) + rng.normal(0, 0.01)))
@@ -64,8 +78,20 @@ def chromium_load(html: Path) -> tuple[int, float]:
     """(load-event time in ms as the page measured it, wall seconds of the headless chromium call)."""
     exe = next(p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p)
     t0 = time.perf_counter()
-    out = subprocess.run([exe, "--headless", "--disable-gpu", "--no-sandbox", "--virtual-time-budget=10000", "--dump-dom", html.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+    out = subprocess.run(
+        [
+            exe,
+            "--headless",
+            "--disable-gpu",
+            "--no-sandbox",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            html.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     wall = time.perf_counter() - t0
     return int(re.search(r'data-load-ms="(\d+)"', out).group(1)), wall
 
@@ -90,9 +116,11 @@ def main() -> None:
         wall = time.perf_counter() - t0
         html = root / "report" / "report.html"
         load_ms, chrome_wall = chromium_load(html)
-        print(f"run {i + 1}: transferlab report {wall:.1f}s wall; report.html {html.stat().st_size / 1e6:.2f} MB, "
-              f"{len(list((root / 'report' / 'figures').glob('*.png')))} figures; chromium load event {load_ms} ms "
-              f"(headless chromium call incl. browser start {chrome_wall:.2f}s)")
+        print(
+            f"run {i + 1}: transferlab report {wall:.1f}s wall; report.html {html.stat().st_size / 1e6:.2f} MB, "
+            f"{len(list((root / 'report' / 'figures').glob('*.png')))} figures; chromium load event {load_ms} ms "
+            f"(headless chromium call incl. browser start {chrome_wall:.2f}s)"
+        )
 
 
 if __name__ == "__main__":

@@ -27,19 +27,34 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 def sweep_seconds(models: int, per_trial: int, root: str, epochs: int) -> float:
+    from orchestrator.execution.study import run_study
     from orchestrator.planning.plan import build_plan
     from orchestrator.spec import parse_spec
-    from orchestrator.execution.study import run_study
 
-    spec = parse_spec({
-        "study": f"bench-b{per_trial}", "sources": {"src": {"uri": "builtin:digits"}}, "tasks": {"digits": {"uri": "builtin:digits"}},
-        "pretrain": {"model": "tiny-cnn", "image_size": 8, "epochs": epochs, "batch_size": 32, "lr": 0.01},
-        "datamodels": {"source": "src", "task": "digits", "num_models": models, "class_fraction": 0.5, "models_per_trial": per_trial},
-        "resources": {"cpus_per_worker": 1},
-    })
+    spec = parse_spec(
+        {
+            "study": f"bench-b{per_trial}",
+            "sources": {"src": {"uri": "builtin:digits"}},
+            "tasks": {"digits": {"uri": "builtin:digits"}},
+            "pretrain": {"model": "tiny-cnn", "image_size": 8, "epochs": epochs, "batch_size": 32, "lr": 0.01},
+            "datamodels": {
+                "source": "src",
+                "task": "digits",
+                "num_models": models,
+                "class_fraction": 0.5,
+                "models_per_trial": per_trial,
+            },
+            "resources": {"cpus_per_worker": 1},
+        }
+    )
     plan = build_plan(spec)
     t0 = time.perf_counter()
-    out = run_study(spec, tracking_uri=f"sqlite:///{root}/mlflow-b{per_trial}.db", storage_path=f"{root}/storage-b{per_trial}", plan=plan)
+    out = run_study(
+        spec,
+        tracking_uri=f"sqlite:///{root}/mlflow-b{per_trial}.db",
+        storage_path=f"{root}/storage-b{per_trial}",
+        plan=plan,
+    )
     assert not out.failed, out.failed
     return time.perf_counter() - t0
 
@@ -59,7 +74,9 @@ def _recorded_noop(config: dict, ctx: _Ctx) -> dict:
     i = int(config["trial"])
     write_part(ctx.table, (i,), pa.Table.from_pylist([], schema=TABLE_SCHEMA))
     tracker = Tracker(ctx.tracking_uri)
-    run_id = tracker.create_run(ctx.experiment_id, "datamodel_batch", ctx.study, f"noop {i}", f"noop-{i}", {"first_model": i})
+    run_id = tracker.create_run(
+        ctx.experiment_id, "datamodel_batch", ctx.study, f"noop {i}", f"noop-{i}", {"first_model": i}
+    )
     tracker.log(run_id, metrics={"models": 0})
     tracker.finish(run_id)
     return {"models": 0}
@@ -74,7 +91,13 @@ def overhead(trials: int, root: str) -> tuple[float, float]:
 
     uri = f"sqlite:///{root}/mlflow-noop.db"
     exp = Tracker(uri).experiment_id("noop")
-    ctx = _Ctx(study="noop", storage_path=f"{root}/storage-noop", tracking_uri=uri, experiment_id=exp, table=f"{root}/storage-noop/table")
+    ctx = _Ctx(
+        study="noop",
+        storage_path=f"{root}/storage-noop",
+        tracking_uri=uri,
+        experiment_id=exp,
+        table=f"{root}/storage-noop/table",
+    )
     items = {f"{i:06d}": f"noop {i}" for i in range(trials)}
     t0 = time.perf_counter()
     progress = run_phase("noop", _recorded_noop, "trial", items, ctx, 1.0, 4, lambda r: "ok")
@@ -104,7 +127,13 @@ def main() -> None:
     from orchestrator.execution.ray_connection import WORKER_ENV, quiet_ray_logs
 
     quiet_ray_logs()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        runtime_env={"env_vars": dict(WORKER_ENV)},
+        log_to_driver=False,
+    )
     m = args.models
     rows = ["| what | wall | figure |", "|---|---|---|"]
 
@@ -115,13 +144,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sweep-overhead-") as root:
         if not args.skip_sweep:
             t = sweep_seconds(m, args.per_trial, root, args.epochs)
-            row(f"| datamodel sweep, {m} models, B={args.per_trial} per trial ({-(-m // args.per_trial)} trials) | {t:.1f} s | {3600 * m / t:,.0f} models/hour |")
+            row(
+                f"| datamodel sweep, {m} models, B={args.per_trial} per trial ({-(-m // args.per_trial)} trials) | "
+                f"{t:.1f} s | {3600 * m / t:,.0f} models/hour |"
+            )
             t = sweep_seconds(m, 1, root, args.epochs)
             row(f"| same sweep, B=1 ({m} trials) | {t:.1f} s | {3600 * m / t:,.0f} models/hour |")
         if args.trials:
             ours, bare = overhead(args.trials, root)
-            row(f"| {args.trials} trivial trials, transferlab phase runner (+1 MLflow run, 1 Parquet part each) | {ours:.1f} s | {ours / args.trials:.2f} s/trial |")
-            row(f"| {args.trials} trivial trials, bare Ray Tune function trainable | {bare:.1f} s | {bare / args.trials:.2f} s/trial |")
+            row(
+                f"| {args.trials} trivial trials, transferlab phase runner (+1 MLflow run, 1 Parquet part each) | "
+                f"{ours:.1f} s | {ours / args.trials:.2f} s/trial |"
+            )
+            row(
+                f"| {args.trials} trivial trials, bare Ray Tune function trainable | {bare:.1f} s | "
+                f"{bare / args.trials:.2f} s/trial |"
+            )
     ray.shutdown()
     print("\n" + "\n".join(rows))
 

@@ -51,12 +51,19 @@ def pretrain(out_dir: str, model: str, image_size: int, epochs: int, seed: int =
     net.train()
     for _ in range(epochs):
         for batch in iter_local_batches(source, "train", image_size, batch_size=64):
-            loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(batch["image"])), torch.from_numpy(batch["label"]))
+            loss = torch.nn.functional.cross_entropy(
+                net(torch.from_numpy(batch["image"])), torch.from_numpy(batch["label"])
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    meta = {"method": "supervised", "model_config": cfg, "num_classes": source.num_classes, "image_size": image_size,
-            "classes": source.classes}
+    meta = {
+        "method": "supervised",
+        "model_config": cfg,
+        "num_classes": source.num_classes,
+        "image_size": image_size,
+        "classes": source.classes,
+    }
     save_checkpoint(out_dir, net.eval(), meta)
     return time.perf_counter() - t0
 
@@ -99,14 +106,18 @@ def main(argv=None) -> dict:
         (warm, warm_stats), warm_s, warm_cpu = timed(lambda: evaluate_transfer(ckpt, task, fits, cache=cache))
         nocache, nocache_s, nocache_cpu = timed(lambda: [evaluate_transfer(ckpt, task, [f])[0][0] for f in fits])
 
-    acc = {name: np.array([r.metrics["accuracy"] for r in rs]) for name, rs in
-           (("cold", cold), ("warm", warm), ("nocache", nocache))}
+    acc = {
+        name: np.array([r.metrics["accuracy"] for r in rs])
+        for name, rs in (("cold", cold), ("warm", warm), ("nocache", nocache))
+    }
     # Features are the model's float32 outputs on every path (the cache stores float32), so
     # every fit sees identical inputs: accuracies must match exactly.
     for name in ("warm", "nocache"):
         if not np.array_equal(acc["cold"], acc[name]):
             diff = np.flatnonzero(acc["cold"] != acc[name])
-            raise AssertionError(f"accuracies differ between 'cache, cold' and '{name}' at fits {[fits[i] for i in diff]}")
+            raise AssertionError(
+                f"accuracies differ between 'cache, cold' and '{name}' at fits {[fits[i] for i in diff]}"
+            )
     figures = {
         "fits": len(fits),
         "pretrain_s": round(pretrain_s, 1),

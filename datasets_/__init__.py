@@ -4,8 +4,8 @@ Knows nothing of Ray Tune or MLflow.
 """
 
 from datasets_.builtin import BUILTINS, prepare_builtin
-from datasets_.prepare import resolve_dataset
 from datasets_.objstore import DatasetError
+from datasets_.prepare import resolve_dataset
 from datasets_.shards import ShardedDataset, open_dataset, write_sharded_dataset
 from datasets_.views import (
     PretrainView,

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -74,9 +74,18 @@ def _glyphs_planted() -> tuple:
     images, labels, classes, split = _glyphs()
     d_images, d_labels, _ = _digits()
     take = (d_labels == PLANTED_DIGIT) & ~hash_test_split(builtin_keys("digits", len(d_labels)))
-    planted = np.stack([np.asarray(Image.fromarray(x).resize(images.shape[1:][::-1], Image.Resampling.BILINEAR)) for x in d_images[take]])
-    return (np.concatenate([images, planted]), np.concatenate([labels, np.full(len(planted), len(classes))]),
-            [*classes, f"handwritten-{PLANTED_DIGIT}"], np.concatenate([split, np.full(len(planted), "train")]))
+    planted = np.stack(
+        [
+            np.asarray(Image.fromarray(x).resize(images.shape[1:][::-1], Image.Resampling.BILINEAR))
+            for x in d_images[take]
+        ]
+    )
+    return (
+        np.concatenate([images, planted]),
+        np.concatenate([labels, np.full(len(planted), len(classes))]),
+        [*classes, f"handwritten-{PLANTED_DIGIT}"],
+        np.concatenate([split, np.full(len(planted), "train")]),
+    )
 
 
 # name -> (loader, caption template). A loader returns images, labels, class names and, optionally,
@@ -133,11 +142,14 @@ def prepare_builtin(name: str, root: Path | None = None) -> ShardedDataset:
     def rows():
         for split, mask in (("train", ~is_test), ("test", is_test)):
             for i in order[mask[order]]:
-                yield split, {
-                    "key": keys[i],
-                    "image": _png(images[i]),
-                    "label": int(labels[i]),
-                    "caption": template.format(label=classes[labels[i]]),
-                }
+                yield (
+                    split,
+                    {
+                        "key": keys[i],
+                        "image": _png(images[i]),
+                        "label": int(labels[i]),
+                        "caption": template.format(label=classes[labels[i]]),
+                    },
+                )
 
     return write_sharded_dataset(out, name=name, classes=classes, rows=rows(), extra={"origin": f"builtin:{name}"})

@@ -24,11 +24,28 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from datasets_.objstore import DatasetError
 
 FACES = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
-    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf", "DejaVuSansMono-BoldOblique.ttf",
-    "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf",
-    "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf",
-    "cmr10.ttf", "cmb10.ttf", "cmti10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmmi10.ttf",
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansMono-BoldOblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "STIXGeneralBolIta.ttf",
+    "cmr10.ttf",
+    "cmb10.ttf",
+    "cmti10.ttf",
+    "cmss10.ttf",
+    "cmtt10.ttf",
+    "cmmi10.ttf",
 )
 TEST_EVERY = 5  # faces 0, 5, 10, 15, 20 are the test split
 SIZE = 28
@@ -68,7 +85,10 @@ def render_set(chars: str, draws: int) -> tuple[np.ndarray, np.ndarray, list[str
     root = font_dir()
     missing = [f for f in FACES if not (root / f).is_file()]
     if missing:
-        raise DatasetError(f"matplotlib's font folder {root} lacks {', '.join(missing)}; the glyph datasets need matplotlib's bundled fonts")
+        raise DatasetError(
+            f"matplotlib's font folder {root} lacks {', '.join(missing)}; the glyph datasets need matplotlib's "
+            "bundled fonts"
+        )
     images, labels, splits = [], [], []
     for f, face in enumerate(FACES):
         split = "test" if f % TEST_EVERY == 0 else "train"

@@ -14,7 +14,7 @@ transferlab's own Parquet shards need no index: :func:`shard_units` cuts them in
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -33,7 +33,9 @@ def read_units(dataset, split: str, samples_per_unit: int = SAMPLES_PER_UNIT) ->
     A Parquet file with several row groups is cut into units of whole row groups (``row_groups``
     = ``[lo, hi)``), so one big file is read by several tasks; the units' samples, concatenated,
     are the whole-file read's in the same order."""
-    kind = {"webdataset": "tar"}.get(dataset.format) or {"folder": "file", "webdataset": "tar", "parquet": "parquet"}[dataset.manifest["source_format"]]
+    kind = {"webdataset": "tar"}.get(dataset.format) or {"folder": "file", "webdataset": "tar", "parquet": "parquet"}[
+        dataset.manifest["source_format"]
+    ]
     names = ("key", "label", "caption", "shard") + (("row_group",) if kind == "parquet" else ())
     table = dataset.read_split(split, names)
     cols = {c: table.column(c).to_pylist() for c in names}
@@ -45,10 +47,23 @@ def read_units(dataset, split: str, samples_per_unit: int = SAMPLES_PER_UNIT) ->
         if last is None or (last["paths"][-1] != shard if kind != "file" else len(last["keys"]) >= samples_per_unit):
             new = True
         else:  # a Parquet unit ends at a row-group boundary once it is full
-            new = kind == "parquet" and group is not None and group >= last["row_groups"][1] and len(last["keys"]) >= samples_per_unit
+            new = (
+                kind == "parquet"
+                and group is not None
+                and group >= last["row_groups"][1]
+                and len(last["keys"]) >= samples_per_unit
+            )
         if new:
-            units.append({"kind": kind, "paths": [], "keys": [], "labels": [], "captions": [],
-                          "columns": dataset.manifest.get("parquet_columns", {})})
+            units.append(
+                {
+                    "kind": kind,
+                    "paths": [],
+                    "keys": [],
+                    "labels": [],
+                    "captions": [],
+                    "columns": dataset.manifest.get("parquet_columns", {}),
+                }
+            )
             if group is not None:
                 units[-1]["row_groups"] = [group, group + 1]
         u = units[-1]
@@ -71,8 +86,13 @@ def _unit_images(unit: dict) -> Iterator[tuple[str, bytes]]:
             yield s.key, s.image
     else:
         groups = unit.get("row_groups")
-        for s in iter_parquet(unit["paths"][0], BadSamples(), check_images=False, row_groups=tuple(groups) if groups else None,
-                              **unit["columns"]):
+        for s in iter_parquet(
+            unit["paths"][0],
+            BadSamples(),
+            check_images=False,
+            row_groups=tuple(groups) if groups else None,
+            **unit["columns"],
+        ):
             yield s.key, s.image
 
 
@@ -86,8 +106,15 @@ def shard_units(dataset, split: str, columns: list[str], rows_per_unit: int | No
             continue
         n = shard["num_rows"]
         step = rows_per_unit or max(1, n)
-        units += [{"kind": "shard", "path": dataset.resolve(shard["path"]), "rows": [lo, min(n, lo + step)], "columns": columns}
-                  for lo in range(0, n, step)]
+        units += [
+            {
+                "kind": "shard",
+                "path": dataset.resolve(shard["path"]),
+                "rows": [lo, min(n, lo + step)],
+                "columns": columns,
+            }
+            for lo in range(0, n, step)
+        ]
     return units
 
 
@@ -102,8 +129,14 @@ def _shard_rows(unit: dict, batch_size: int) -> Iterator[dict]:
         if first >= hi:
             break
         rb = rb.slice(max(0, lo - first), min(rb.num_rows, hi - first) - max(0, lo - first))
-        yield {c: (rb.column(c).to_numpy().astype(np.int64) if c == "label" else np.asarray(rb.column(c).to_pylist(), dtype=object))
-               for c in unit["columns"]}
+        yield {
+            c: (
+                rb.column(c).to_numpy().astype(np.int64)
+                if c == "label"
+                else np.asarray(rb.column(c).to_pylist(), dtype=object)
+            )
+            for c in unit["columns"]
+        }
 
 
 def iter_unit(unit: dict, batch_size: int = 256) -> Iterator[dict]:

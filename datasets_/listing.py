@@ -28,7 +28,7 @@ def expand_braces(pattern: str) -> list[str]:
         items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
     else:
         items = body.split(",")
-    return [p for item in items for p in expand_braces(pattern[: m.start()] + item + pattern[m.end():])]
+    return [p for item in items for p in expand_braces(pattern[: m.start()] + item + pattern[m.end() :])]
 
 
 def detect_format(uri: str) -> str:
@@ -58,7 +58,9 @@ def _detect_remote(uri: str) -> str:
     """The format of an object-store prefix, from one listing of what lies directly under it."""
     found = objstore.kind(uri)
     if found is None:
-        raise DatasetError(f"{uri}: not a transferlab dataset (no {MANIFEST}) nor a source (no objects under this prefix)")
+        raise DatasetError(
+            f"{uri}: not a transferlab dataset (no {MANIFEST}) nor a source (no objects under this prefix)"
+        )
     if found == "file":
         raise DatasetError(f"{uri}: not a dataset prefix, .tar shard or .parquet file")
     names = objstore.child_names(uri)

@@ -12,9 +12,8 @@ naming the URI: :class:`DatasetError`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-
-from typing import Callable
 
 
 class DatasetError(ValueError):
@@ -104,8 +103,10 @@ def list_files(uri: str, recursive: bool = True) -> list[FileStat]:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
     except OSError as e:
         raise DatasetError(f"{uri}: cannot list ({_first_line(e)})") from None
-    return sorted((FileStat(scheme + i.path, i.size, i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File),
-                  key=lambda f: f.path)
+    return sorted(
+        (FileStat(scheme + i.path, i.size, i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File),
+        key=lambda f: f.path,
+    )
 
 
 def child_names(uri: str) -> list[str]:

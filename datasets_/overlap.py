@@ -51,10 +51,14 @@ def hash_split(dataset: ShardedDataset, split: str) -> HashedSplit:
             digests.append(d)
             dh.append(h)
             thumbs.append(t)
-    return HashedSplit(keys, digests, np.array(dh, dtype=np.uint64), np.array(thumbs, dtype=np.uint8).reshape(-1, 16, 16))
+    return HashedSplit(
+        keys, digests, np.array(dh, dtype=np.uint64), np.array(thumbs, dtype=np.uint8).reshape(-1, 16, 16)
+    )
 
 
-def near_pairs(a: np.ndarray, b: np.ndarray, max_distance: int, chunk: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def near_pairs(
+    a: np.ndarray, b: np.ndarray, max_distance: int, chunk: int = 512
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Index arrays (i, j) and Hamming distances of every pair with distance <= max_distance."""
     ii, jj, dd = [], [], []
     for start in range(0, len(a), chunk):
@@ -63,6 +67,7 @@ def near_pairs(a: np.ndarray, b: np.ndarray, max_distance: int, chunk: int = 512
         ii.append(i + start)
         jj.append(j)
         dd.append(dist[i, j])
+
     def cat(xs):
         return np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, np.int64)
 
@@ -70,12 +75,24 @@ def near_pairs(a: np.ndarray, b: np.ndarray, max_distance: int, chunk: int = 512
 
 
 def find_overlap(
-    a: ShardedDataset, b: ShardedDataset, a_splits=("train", "test"), b_splits=("train", "test"),
-    max_distance: int = 10, max_pixel_difference: float = 8.0,
+    a: ShardedDataset,
+    b: ShardedDataset,
+    a_splits=("train", "test"),
+    b_splits=("train", "test"),
+    max_distance: int = 10,
+    max_pixel_difference: float = 8.0,
 ) -> dict:
     """Exact and near-duplicate pairs between splits of ``a`` and ``b``."""
-    report = {"a": a.name, "b": b.name, "max_distance": max_distance, "max_pixel_difference": max_pixel_difference,
-              "pairs": [], "exact": 0, "near": 0, "candidates": 0}
+    report = {
+        "a": a.name,
+        "b": b.name,
+        "max_distance": max_distance,
+        "max_pixel_difference": max_pixel_difference,
+        "pairs": [],
+        "exact": 0,
+        "near": 0,
+        "candidates": 0,
+    }
     hashed_b = {s: hash_split(b, s) for s in b_splits if b.num_samples(s)}
     for sa in a_splits:
         if not a.num_samples(sa):
@@ -87,17 +104,43 @@ def find_overlap(
                 by_digest.setdefault(d, []).append(j)
             exact = {(i, j) for i, d in enumerate(ha.digests) for j in by_digest.get(d, [])}
             for i, j in sorted(exact):
-                report["pairs"].append({"a_split": sa, "a_key": ha.keys[i], "b_split": sb, "b_key": hb.keys[j], "kind": "exact", "distance": 0})
+                report["pairs"].append(
+                    {
+                        "a_split": sa,
+                        "a_key": ha.keys[i],
+                        "b_split": sb,
+                        "b_key": hb.keys[j],
+                        "kind": "exact",
+                        "distance": 0,
+                    }
+                )
             ii, jj, dist = near_pairs(ha.dhashes, hb.dhashes, max_distance)
             report["candidates"] += len(ii)
-            diffs = np.concatenate([
-                np.abs(ha.thumbs[ii[k : k + 4096]].astype(np.int16) - hb.thumbs[jj[k : k + 4096]]).mean(axis=(1, 2))
-                for k in range(0, len(ii), 4096)
-            ]) if len(ii) else np.zeros(0)
+            diffs = (
+                np.concatenate(
+                    [
+                        np.abs(ha.thumbs[ii[k : k + 4096]].astype(np.int16) - hb.thumbs[jj[k : k + 4096]]).mean(
+                            axis=(1, 2)
+                        )
+                        for k in range(0, len(ii), 4096)
+                    ]
+                )
+                if len(ii)
+                else np.zeros(0)
+            )
             for i, j, d, diff in zip(ii, jj, dist, diffs):
                 if diff <= max_pixel_difference and (int(i), int(j)) not in exact:
-                    report["pairs"].append({"a_split": sa, "a_key": ha.keys[i], "b_split": sb, "b_key": hb.keys[j],
-                                            "kind": "near", "distance": int(d), "pixel_difference": round(float(diff), 2)})
+                    report["pairs"].append(
+                        {
+                            "a_split": sa,
+                            "a_key": ha.keys[i],
+                            "b_split": sb,
+                            "b_key": hb.keys[j],
+                            "kind": "near",
+                            "distance": int(d),
+                            "pixel_difference": round(float(diff), 2),
+                        }
+                    )
     report["exact"] = sum(p["kind"] == "exact" for p in report["pairs"])
     report["near"] = sum(p["kind"] == "near" for p in report["pairs"])
     return report

@@ -14,8 +14,8 @@ import io
 import os
 import sys
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -95,7 +95,9 @@ def decode_images(blobs, image_size: int) -> np.ndarray:
     return normalize(decode_uint8(blobs, image_size))
 
 
-def training_captions(keys, captions, labels: np.ndarray, prompts: Sequence[str], view: PretrainView | None) -> tuple[list[str], np.ndarray]:
+def training_captions(
+    keys, captions, labels: np.ndarray, prompts: Sequence[str], view: PretrainView | None
+) -> tuple[list[str], np.ndarray]:
     """The text an image-text model trains on, and which samples got another sample's caption:
     each sample's caption, or ``prompts[label]`` (its class's prompt, by the possibly noisy
     label) where it has none.
@@ -104,7 +106,10 @@ def training_captions(keys, captions, labels: np.ndarray, prompts: Sequence[str]
     (:func:`datasets_.views.swapped_captions`, decided by key hash); label noise reaches only
     the class prompts of uncaptioned samples.
     """
-    caps = [c if isinstance(c, str) and c.strip() else None for c in (captions if captions is not None else [None] * len(labels))]
+    caps = [
+        c if isinstance(c, str) and c.strip() else None
+        for c in (captions if captions is not None else [None] * len(labels))
+    ]
     have = [i for i, c in enumerate(caps) if c is not None]
     changed = np.zeros(len(caps), dtype=np.uint8)
     if view is not None and view.caption_noise > 0 and have:
@@ -165,10 +170,11 @@ def ray_dataset(
     Nothing is materialized: each Ray Data task reads one read unit (a row range of a Parquet
     shard, a tar, a run of image files), filters it to the view, relabels and decodes it, while
     training consumes the blocks (docs/benchmarks.md: 1.17x a plain DataLoader on 2 cores).
-    ``task_cpus`` is the CPU reservation of each read/decode task: fractional, so that training workers holding whole CPUs never leave ingest
-    with too little to schedule a task (which hangs silently). ``concurrency`` caps the decode
-    tasks running at once (default: this machine's cores): fractional reservations alone let
-    Ray start four decoders per core, which thrash (measured: 236 vs 790 img/s on 2 cores).
+    ``task_cpus`` is the CPU reservation of each read/decode task: fractional, so that training
+    workers holding whole CPUs never leave ingest with too little to schedule a task (which
+    hangs silently). ``concurrency`` caps the decode tasks running at once (default: this
+    machine's cores): fractional reservations alone let Ray start four decoders per core, which
+    thrash (measured: 236 vs 790 img/s on 2 cores).
     """
     import ray.data
 
@@ -177,7 +183,9 @@ def ray_dataset(
     if dataset.format == "parquet":
         wants_caption = text is not None or (view is not None and view.needs_captions)
         columns = ["key", "image", "label"] + (["caption"] if wants_caption else [])
-        units = shard_units(dataset, split, columns, max(decode_batch_size, -(-dataset.num_samples(split) // (4 * concurrency))))
+        units = shard_units(
+            dataset, split, columns, max(decode_batch_size, -(-dataset.num_samples(split) // (4 * concurrency)))
+        )
     else:
         units = read_units(dataset, split)
     # One operator, one task per read unit: the task reads its unit, applies the view and
@@ -187,7 +195,10 @@ def ray_dataset(
     items = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=max(1, len(units)))
     return items.map_batches(
         functools.partial(_read_and_decode, units=units, decode=decode, batch_size=decode_batch_size),
-        batch_size=1, batch_format="numpy", num_cpus=task_cpus, compute=ray.data.TaskPoolStrategy(size=concurrency),
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=task_cpus,
+        compute=ray.data.TaskPoolStrategy(size=concurrency),
     )
 
 
@@ -213,9 +224,7 @@ def decode_split(dataset: ShardedDataset, split: str, image_size: int, batch_siz
     return torch.from_numpy(np.concatenate(imgs)), np.concatenate(ys), np.asarray(keys, dtype=str)
 
 
-def iter_local_batches(
-    dataset: ShardedDataset, split: str, image_size: int, batch_size: int = 256
-) -> Iterator[dict]:
+def iter_local_batches(dataset: ShardedDataset, split: str, image_size: int, batch_size: int = 256) -> Iterator[dict]:
     """Decode a split in this process, in file order, with keys (for small downstream tasks)."""
     for b in iter_encoded(dataset, split, batch_size):
         yield {"key": b["key"], "image": decode_images(list(b["image"]), image_size), "label": b["label"]}

@@ -12,10 +12,9 @@ import tempfile
 from pathlib import Path
 
 from datasets_.builtin import BUILTIN_PREFIX, TEST_FRACTION, cache_dir, prepare_builtin
-from datasets_.listing import detect_format, source_listing
-from datasets_.readers import BadSamples, Sample, folder_layout, iter_samples
-from datasets_.listing import MANIFEST
+from datasets_.listing import MANIFEST, detect_format, source_listing
 from datasets_.objstore import DatasetError, is_remote
+from datasets_.readers import BadSamples, Sample, folder_layout, iter_samples
 from datasets_.shards import ShardedDataset, open_dataset, write_sharded_dataset
 from datasets_.views import unit_hash
 
@@ -44,8 +43,17 @@ def _rows(samples, bad: BadSamples, test_fraction: float, class_names: dict[int,
         if s.class_name is not None and s.label is not None:
             class_names.setdefault(s.label, s.class_name)
         split = s.split or ("test" if unit_hash([s.key], 0, "prepare-split")[0] < test_fraction else "train")
-        yield split, {"key": s.key, "image": s.image, "label": -1 if s.label is None else s.label, "caption": s.caption, "shard": s.shard,
-                     "row_group": s.row_group}
+        yield (
+            split,
+            {
+                "key": s.key,
+                "image": s.image,
+                "label": -1 if s.label is None else s.label,
+                "caption": s.caption,
+                "shard": s.shard,
+                "row_group": s.row_group,
+            },
+        )
     record.update(bad.summary())
 
 
@@ -56,8 +64,17 @@ def _source_name(src: str) -> str:
     return stem or path.parent.name or "dataset"
 
 
-def _write(src: str, out: str, fmt: str, shard_size: int, test_fraction: float, bad: BadSamples,
-           shard_format: str, extra: dict, **parquet_columns) -> ShardedDataset:
+def _write(
+    src: str,
+    out: str,
+    fmt: str,
+    shard_size: int,
+    test_fraction: float,
+    bad: BadSamples,
+    shard_format: str,
+    extra: dict,
+    **parquet_columns,
+) -> ShardedDataset:
     class_names: dict[int, str] = {}
     record: dict = {}
     ds = write_sharded_dataset(
@@ -94,12 +111,14 @@ def prepare(
     """
     if is_remote(out):
         with tempfile.TemporaryDirectory(prefix="transferlab-prepare-") as tmp:
-            local, bad = prepare(src, f"{tmp}/ds", shard_size, test_fraction, on_bad_sample, shard_format, **parquet_columns)
+            local, bad = prepare(
+                src, f"{tmp}/ds", shard_size, test_fraction, on_bad_sample, shard_format, **parquet_columns
+            )
             upload(local, out)
         return open_dataset(out), bad
     bad = BadSamples(on_bad_sample)
     if src.startswith(BUILTIN_PREFIX):
-        cached = prepare_builtin(src[len(BUILTIN_PREFIX):])
+        cached = prepare_builtin(src[len(BUILTIN_PREFIX) :])
         if shard_format == "parquet":
             if Path(out).exists():
                 shutil.rmtree(out)
@@ -108,7 +127,9 @@ def prepare(
         return _rewrite(cached, out, shard_size, shard_format), bad
     fmt = detect_format(src)
     if fmt == "transferlab":
-        raise DatasetError(f"{src}: already a prepared transferlab dataset (inspect it with `transferlab data inspect`)")
+        raise DatasetError(
+            f"{src}: already a prepared transferlab dataset (inspect it with `transferlab data inspect`)"
+        )
     return _write(src, out, fmt, shard_size, test_fraction, bad, shard_format, {}, **parquet_columns), bad
 
 
@@ -139,20 +160,29 @@ def upload(ds: ShardedDataset, uri: str) -> None:
         with fs.open_output_stream(f"{base}/{MANIFEST}") as f:
             f.write(json.dumps(ds.manifest, indent=1).encode())
     except (OSError, ValueError) as e:
-        raise DatasetError(f"{uri}: cannot write dataset ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise DatasetError(
+            f"{uri}: cannot write dataset ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
 
 
 def scan_key(uri: str, fmt: str, test_fraction: float, parquet_columns: dict) -> tuple[str, list[dict]]:
     """(cache key, file listing) of a raw source: the key changes when any file's (or object's)
     name, size or modification time does, or the reading options do."""
     listing = [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns} for f in source_listing(uri, fmt)]
-    payload = {"v": SCAN_VERSION, "uri": uri if is_remote(uri) else os.path.abspath(uri), "fmt": fmt, "files": listing,
-               "test_fraction": test_fraction, "columns": parquet_columns}
+    payload = {
+        "v": SCAN_VERSION,
+        "uri": uri if is_remote(uri) else os.path.abspath(uri),
+        "fmt": fmt,
+        "files": listing,
+        "test_fraction": test_fraction,
+        "columns": parquet_columns,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20], listing
 
 
-def scan_source(uri: str, test_fraction: float = TEST_FRACTION, root: Path | None = None, fmt: str | None = None,
-                **parquet_columns) -> ShardedDataset:
+def scan_source(
+    uri: str, test_fraction: float = TEST_FRACTION, root: Path | None = None, fmt: str | None = None, **parquet_columns
+) -> ShardedDataset:
     """A raw source (image folder, WebDataset tars, Parquet) as a dataset without copying its
     images: a scan writes keys, labels, captions, splits and counts to an index and manifest
     under the cache (``$TRANSFERLAB_CACHE/scans/``), reused while the source's files are
@@ -173,7 +203,7 @@ def resolve_dataset(uri: str, **parquet_columns) -> ShardedDataset:
     """Open ``builtin:NAME`` (preparing it if needed), a prepared dataset (directory or object
     store), or a raw source read as it is (:func:`scan_source`), local or on an object store."""
     if uri.startswith(BUILTIN_PREFIX):
-        return prepare_builtin(uri[len(BUILTIN_PREFIX):])
+        return prepare_builtin(uri[len(BUILTIN_PREFIX) :])
     if is_remote(uri):
         return scan_source(uri, fmt=detect_format(uri), **parquet_columns)
     if not os.path.exists(uri.split("{")[0]) or (Path(uri) / MANIFEST).is_file():
@@ -182,14 +212,17 @@ def resolve_dataset(uri: str, **parquet_columns) -> ShardedDataset:
         return scan_source(uri, **parquet_columns)
     except DatasetError as e:
         if os.path.isdir(uri) and "no class folders" in str(e):
-            raise DatasetError(f"{uri}: not a transferlab dataset (no {MANIFEST}) nor a source (no class folders, .tar or .parquet files)") from None
+            raise DatasetError(
+                f"{uri}: not a transferlab dataset (no {MANIFEST}) nor a source (no class folders, .tar or .parquet "
+                "files)"
+            ) from None
         raise
 
 
 def inspect(uri: str, **parquet_columns) -> dict:
     """The manifest of a prepared dataset, or of a scan of a raw source (``prepared: false``)."""
     if uri.startswith(BUILTIN_PREFIX):
-        return prepare_builtin(uri[len(BUILTIN_PREFIX):]).manifest
+        return prepare_builtin(uri[len(BUILTIN_PREFIX) :]).manifest
     fmt = detect_format(uri)
     if fmt == "transferlab":
         return open_dataset(uri).manifest

@@ -28,16 +28,16 @@ import os
 import tarfile
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from PIL import Image
 
 from datasets_ import objstore
 from datasets_.listing import IMAGE_EXTENSIONS, detect_format, shard_paths
-from datasets_.safety import MAX_CAPTION_CHARS, MAX_IMAGE_PIXELS, MAX_METADATA_BYTES, too_many_pixels, unsafe_member
 from datasets_.objstore import DatasetError, is_remote
+from datasets_.safety import MAX_CAPTION_CHARS, MAX_IMAGE_PIXELS, MAX_METADATA_BYTES, too_many_pixels, unsafe_member
 from datasets_.shards import parquet_file
 
 __all__ = ["MAX_CAPTION_CHARS", "MAX_IMAGE_PIXELS"]  # re-exported; the limits live in datasets_.safety
@@ -103,7 +103,7 @@ def _remote_folder(root: str) -> tuple[list[tuple[str, str | None]], list[str], 
     """:func:`folder_layout` of a prefix, from one listing, plus the image URIs under each
     class prefix (``{split_prefix}/{class}``), sorted by name."""
     base = root.rstrip("/")
-    rel = [f.path[len(base) + 1:].split("/") for f in objstore.list_files(base)]
+    rel = [f.path[len(base) + 1 :].split("/") for f in objstore.list_files(base)]
     splits = sorted({p[0] for p in rel if len(p) >= 3 and p[0] in SPLIT_ALIASES})
     depth = 1 if splits else 0
     layouts = [(f"{base}/{d}", SPLIT_ALIASES[d]) for d in splits] if splits else [(base, None)]
@@ -114,7 +114,9 @@ def _remote_folder(root: str) -> tuple[list[tuple[str, str | None]], list[str], 
     classes = sorted({p[depth] for p in rel if len(p) >= depth + 2 and (not splits or p[0] in splits)})
     if not classes:
         raise DatasetError(f"{root}: no class folders (expected {root}/<class_name>/*.jpg)")
-    files = {d: [f"{d}/{n}" for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)] for d, names in images.items()}
+    files = {
+        d: [f"{d}/{n}" for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)] for d, names in images.items()
+    }
     return layouts, classes, files
 
 
@@ -139,7 +141,7 @@ def _iter_remote_folder(root: str, bad: BadSamples) -> Iterator[Sample]:
     for directory, split in layouts:
         for label, name in enumerate(classes):
             for uri in files.get(f"{directory}/{name}", []):
-                key = uri[len(base) + 1:].rsplit(".", 1)[0]
+                key = uri[len(base) + 1 :].rsplit(".", 1)[0]
                 blob = objstore.read_bytes(uri)
                 reason = check_image(blob)
                 if reason:
@@ -252,8 +254,13 @@ def iter_webdataset(uri: str, bad: BadSamples, check_images: bool = True) -> Ite
 
 
 def iter_parquet(
-    uri: str, bad: BadSamples, image_column: str = "jpg", label_column: str | None = "label",
-    caption_column: str | None = "caption", key_column: str | None = "key", check_images: bool = True,
+    uri: str,
+    bad: BadSamples,
+    image_column: str = "jpg",
+    label_column: str | None = "label",
+    caption_column: str | None = "caption",
+    key_column: str | None = "key",
+    check_images: bool = True,
     row_groups: tuple[int, int] | None = None,
 ) -> Iterator[Sample]:
     """Samples of Parquet files; ``row_groups=(lo, hi)`` reads only those row groups of a single
@@ -261,9 +268,15 @@ def iter_parquet(
     for path in shard_paths(uri, ".parquet"):
         pf = parquet_file(path)
         names = set(pf.schema_arrow.names)
-        image_col = image_column if image_column in names else next((c for c in ("image", "jpg", "png", "webp") if c in names), None)
+        image_col = (
+            image_column
+            if image_column in names
+            else next((c for c in ("image", "jpg", "png", "webp") if c in names), None)
+        )
         if image_col is None:
-            raise DatasetError(f"{path}: no image column '{image_column}' (columns: {', '.join(pf.schema_arrow.names)})")
+            raise DatasetError(
+                f"{path}: no image column '{image_column}' (columns: {', '.join(pf.schema_arrow.names)})"
+            )
         cols = [c for c in (image_col, label_column, caption_column, key_column) if c and c in names]
         lo, hi = row_groups or (0, pf.metadata.num_row_groups)
         row = sum(pf.metadata.row_group(g).num_rows for g in range(lo))
@@ -272,7 +285,11 @@ def iter_parquet(
             for batch in pf.iter_batches(columns=cols, batch_size=512, row_groups=[group]):
                 data = batch.to_pydict()
                 for i in range(batch.num_rows):
-                    key = str(data[key_column][i]) if key_column in data and data[key_column][i] is not None else f"{stem}-{row:08d}"
+                    key = (
+                        str(data[key_column][i])
+                        if key_column in data and data[key_column][i] is not None
+                        else f"{stem}-{row:08d}"
+                    )
                     row += 1
                     blob = data[image_col][i]
                     if not blob:
@@ -284,8 +301,14 @@ def iter_parquet(
                         continue
                     label = data[label_column][i] if label_column in data else None
                     caption = (data[caption_column][i] or "") if caption_column in data else ""
-                    yield Sample(key=key, image=blob, label=None if label is None else int(label),
-                                 caption=str(caption)[:MAX_CAPTION_CHARS], shard=path, row_group=group)
+                    yield Sample(
+                        key=key,
+                        image=blob,
+                        label=None if label is None else int(label),
+                        caption=str(caption)[:MAX_CAPTION_CHARS],
+                        shard=path,
+                        row_group=group,
+                    )
 
 
 def iter_samples(uri: str, bad: BadSamples, **parquet_columns) -> Iterator[Sample]:

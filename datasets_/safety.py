@@ -24,8 +24,13 @@ MAX_METADATA_BYTES = 1 << 20
 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
-_KIND = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device",
-         tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "FIFO"}
+_KIND = {
+    tarfile.SYMTYPE: "symlink",
+    tarfile.LNKTYPE: "hard link",
+    tarfile.CHRTYPE: "character device",
+    tarfile.BLKTYPE: "block device",
+    tarfile.FIFOTYPE: "FIFO",
+}
 
 
 def unsafe_member(member: tarfile.TarInfo) -> str | None:

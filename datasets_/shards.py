@@ -34,9 +34,9 @@ import shutil
 import tarfile
 import tempfile
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -55,8 +55,15 @@ SCHEMA = pa.schema(
     ]
 )
 # ``row_group``: a raw Parquet source's row group of the sample (null for tars and image files).
-INDEX_SCHEMA = pa.schema([("key", pa.string()), ("label", pa.int64()), ("caption", pa.string()), ("shard", pa.string()),
-                          ("row_group", pa.int64())])
+INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("label", pa.int64()),
+        ("caption", pa.string()),
+        ("shard", pa.string()),
+        ("row_group", pa.int64()),
+    ]
+)
 SHARD_FORMATS = ("parquet", "webdataset", "raw")
 SPLITS = ("train", "test")
 
@@ -203,7 +210,9 @@ class _ShardWriter:
     """Rows of one dataset written into ``tmp`` as shards per split (and, for tars and raw
     sources, an index), with what the manifest says of them."""
 
-    def __init__(self, tmp: Path, name: str, classes: Sequence[str] | None, shard_format: str, shard_size: int, class_names: dict):
+    def __init__(
+        self, tmp: Path, name: str, classes: Sequence[str] | None, shard_format: str, shard_size: int, class_names: dict
+    ):
         self.tmp, self.name, self.classes, self.format, self.shard_size = tmp, name, classes, shard_format, shard_size
         self.class_names = class_names
         self.shards: list[dict] = []
@@ -240,7 +249,9 @@ class _ShardWriter:
             pq.write_table(pa.Table.from_pylist(buf, schema=SCHEMA), self.tmp / rel)
         else:
             keys = write_tar(self.tmp / rel, buf, split, self.class_names)
-            self.index_rows.setdefault(split, []).extend({**r, "key": k, "shard": rel, "row_group": None} for r, k in zip(buf, keys))
+            self.index_rows.setdefault(split, []).extend(
+                {**r, "key": k, "shard": rel, "row_group": None} for r, k in zip(buf, keys)
+            )
         self.shards.append({"path": rel, "split": split, "num_rows": len(buf)})
         self.parts[split] += 1
 
@@ -253,7 +264,11 @@ class _ShardWriter:
             top = max((lbl for c in self.counts.values() for lbl in c), default=-1)
             classes = [str(self.class_names.get(i, i)) for i in range(top + 1)]
         split_info = {
-            split: {"num_samples": sum(c.values()), "class_counts": [c.get(i, 0) for i in range(len(classes))], "unlabeled": c.get(-1, 0)}
+            split: {
+                "num_samples": sum(c.values()),
+                "class_counts": [c.get(i, 0) for i in range(len(classes))],
+                "unlabeled": c.get(-1, 0),
+            }
             for split, c in self.counts.items()
         }
         for s in self.shards:
@@ -338,7 +353,9 @@ def _open_remote(uri: str) -> ShardedDataset:
     except (OSError, ValueError, KeyError) as e:
         if isinstance(e, DatasetError):
             raise
-        raise DatasetError(f"{uri}: cannot read dataset ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise DatasetError(
+            f"{uri}: cannot read dataset ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     missing = [s["path"] for s, i in zip(manifest["shards"], shard_infos) if i.type != pafs.FileType.File]
     if missing:
         raise DatasetError(f"{uri}: shard {missing[0]} listed in the manifest is missing")

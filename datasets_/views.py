@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -72,7 +72,9 @@ def balanced_thresholds(
         want = base + (1 if i < extra else 0)
         have = u[labels == c]
         if want > len(have):
-            raise ValueError(f"class {c} has {len(have)} samples, fewer than the {want} a balanced subset of {size} needs")
+            raise ValueError(
+                f"class {c} has {len(have)} samples, fewer than the {want} a balanced subset of {size} needs"
+            )
         if want:
             out[c] = float(np.partition(have, want - 1)[want - 1])
     return tuple(out)
@@ -116,7 +118,9 @@ def noisy_labels(
     if transition is not None:
         t = np.asarray(transition, dtype=np.float64)
         if t.shape != (num_classes, num_classes) or (t < 0).any() or not np.allclose(t.sum(1), 1.0):
-            raise ValueError(f"transition must be a {num_classes}x{num_classes} matrix of non-negative rows summing to 1")
+            raise ValueError(
+                f"transition must be a {num_classes}x{num_classes} matrix of non-negative rows summing to 1"
+            )
         u = unit_hash(keys, seed, "noise-transition")
         cdf = np.cumsum(t, axis=1)[labels]
         return np.minimum((u[:, None] >= cdf).sum(1), num_classes - 1).astype(np.int64)
@@ -226,7 +230,9 @@ class PretrainView:
             keep &= curation_mask(captions, self.caption_matches, self.caption_excludes)
         return keep
 
-    def apply(self, keys: Sequence[str], labels: np.ndarray, captions: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def apply(
+        self, keys: Sequence[str], labels: np.ndarray, captions: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Return (keep mask, training labels) for a batch of samples.
 
         Class and caption filters come first, then the size subset is drawn among the remaining

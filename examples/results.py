@@ -22,16 +22,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from datasets_.builtin import PLANTED_DIGIT
 from orchestrator.analysis import claims
 from orchestrator.analysis.counterfactual import read_plan
 from orchestrator.analysis.datamodel_influence import datamodel_inputs
 from orchestrator.analysis.frame import load_study
 from orchestrator.analysis.report import build_report, write_report
-from orchestrator.spec import QUICK_SUFFIX
 from orchestrator.records.datamodel_table import read_examples
 from orchestrator.records.schema import KIND_DATAMODELS, KIND_STUDY, TAG_DATAMODEL_TABLE
 from orchestrator.records.tracker import Tracker
-from datasets_.builtin import PLANTED_DIGIT
+from orchestrator.spec import QUICK_SUFFIX
 
 HEADER = """# Results of the paper studies
 
@@ -44,9 +44,18 @@ contains zero; a claim's overall verdict needs two thirds of its settings and no
 
 PLANTED = f"handwritten-{PLANTED_DIGIT}"  # builtin:glyphs-planted's duplicate of the digits task's class
 FIGURES = {  # report figures shown on the page, per study (others stay in docs/results/STUDY/figures)
-    "role_of_data": ["accuracy_vs_shots_digits", "accuracy_vs_shots_letters", "spread_vs_shots",
-                     "accuracy_vs_size_digits_mnist", "accuracy_vs_size_letters_glyphs"],
-    "limits": ["downstream_vs_upstream_letters_linear_probe", "downstream_vs_upstream_digits_linear_probe", "e_ir_vs_shots"],
+    "role_of_data": [
+        "accuracy_vs_shots_digits",
+        "accuracy_vs_shots_letters",
+        "spread_vs_shots",
+        "accuracy_vs_size_digits_mnist",
+        "accuracy_vs_size_letters_glyphs",
+    ],
+    "limits": [
+        "downstream_vs_upstream_letters_linear_probe",
+        "downstream_vs_upstream_digits_linear_probe",
+        "e_ir_vs_shots",
+    ],
     "data_based": ["influence_digits_linear_probe_glyphs", "influence_convergence", "counterfactual"],
 }
 
@@ -60,8 +69,12 @@ VERDICTS: list[tuple[str, str]] = []  # (claim, overall verdict) in page order, 
 
 def claim_table(title: str, rows: pd.DataFrame) -> str:
     VERDICTS.append((title.split(". ", 1)[-1], claims.summary(rows)))
-    out = [f"**{title}** — verdict: **{claims.summary(rows)}**", "",
-           "| setting | statistic | estimate | 95% CI | n | verdict |", "|---|---|---|---|---|---|"]
+    out = [
+        f"**{title}** — verdict: **{claims.summary(rows)}**",
+        "",
+        "| setting | statistic | estimate | 95% CI | n | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows.itertuples():
         ci = "—" if not np.isfinite(r.ci_low) else f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
         out.append(f"| {r.setting} | {r.statistic} | {_fmt(r.estimate)} | {ci} | {r.n} | {r.verdict} |")
@@ -92,19 +105,36 @@ def figures_md(study: str, made: list[str]) -> str:
 
 def role_of_data(tracker: Tracker, study: str) -> str:
     t = load_study(tracker, study).transfer
-    return "\n".join([
-        claim_table("1. The spread between sources is large at few shots and shrinks with full data", claims.source_spread(t)),
-        claim_table("2. More pretraining data helps few-shot transfer more than full-data transfer", claims.size_helps_few_shot_more(t)),
-        claim_table("3. A larger noisy pretraining set vs a smaller clean one (supervised)", claims.noisy_larger_vs_clean_smaller(t[t["method"] == "supervised"])),
-    ])
+    return "\n".join(
+        [
+            claim_table(
+                "1. The spread between sources is large at few shots and shrinks with full data",
+                claims.source_spread(t),
+            ),
+            claim_table(
+                "2. More pretraining data helps few-shot transfer more than full-data transfer",
+                claims.size_helps_few_shot_more(t),
+            ),
+            claim_table(
+                "3. A larger noisy pretraining set vs a smaller clean one (supervised)",
+                claims.noisy_larger_vs_clean_smaller(t[t["method"] == "supervised"]),
+            ),
+        ]
+    )
 
 
 def limits(tracker: Tracker, study: str) -> str:
     t = load_study(tracker, study).transfer
     sat = claims.saturation_claims(t)
-    parts = [claim_table(f"{i}. {name}", sat[sat["claim"] == name]) for i, name in enumerate(dict.fromkeys(sat["claim"]), 1)]
-    parts.append(claim_table(f"{len(parts) + 1}. The best layer depends on the task (final for near, earlier for far)",
-                             claims.layer_claims(t, near="letters", far="digits")))
+    parts = [
+        claim_table(f"{i}. {name}", sat[sat["claim"] == name]) for i, name in enumerate(dict.fromkeys(sat["claim"]), 1)
+    ]
+    parts.append(
+        claim_table(
+            f"{len(parts) + 1}. The best layer depends on the task (final for near, earlier for far)",
+            claims.layer_claims(t, near="letters", far="digits"),
+        )
+    )
     return "\n".join(parts)
 
 
@@ -123,19 +153,36 @@ def data_based(tracker: Tracker, study: str) -> str:
     parts = []
     for x in datamodel_inputs(tracker, sr.experiment_id):
         labels = example_labels(tracker, sr.experiment_id, x.examples)
-        parts.append(claim_table(f"1. The planted duplicate class ranks most helpful ({x.masks.shape[0]} models, task {x.task})",
-                                 claims.planted_class_rank(x.classes, x.masks, x.outputs, PLANTED, labels, PLANTED_DIGIT)))
+        parts.append(
+            claim_table(
+                f"1. The planted duplicate class ranks most helpful ({x.masks.shape[0]} models, task {x.task})",
+                claims.planted_class_rank(x.classes, x.masks, x.outputs, PLANTED, labels, PLANTED_DIGIT),
+            )
+        )
     plan = read_plan(tracker, sr.study_run_id)
     if plan is None:
-        parts.append("No counterfactual follow-up recorded yet (`transferlab counterfactual` logs its plan on the study run).\n")
+        parts.append(
+            "No counterfactual follow-up recorded yet (`transferlab counterfactual` logs its plan on the study run).\n"
+        )
     else:
         follow = load_study(tracker, plan["followup_study"]).transfer
         arms = {v["arm"] for v in plan["sources"].values()} - {"baseline"}
         ks = sorted({v["k"] for v in plan["sources"].values()} - {0})
-        parts.append(f"Follow-up study `{plan['followup_study']}` ({'/'.join(sorted(arms))} arms, K = {', '.join(map(str, ks))}; "
-                     f"run by the same command): {wall_time(tracker, plan['followup_study'])}. Removed classes per arm and K: "
-                     + "; ".join(f"{v['arm']} K={v['k']}: {', '.join(v['removed_classes'])}" for v in plan["sources"].values() if v["k"]) + ".\n")
-        parts.append(claim_table("2. Removing the most harmful classes helps, removing the most helpful hurts", claims.counterfactual_claims(None, follow, plan)))
+        parts.append(
+            f"Follow-up study `{plan['followup_study']}` ({'/'.join(sorted(arms))} arms, K = "
+            f"{', '.join(map(str, ks))}; "
+            f"run by the same command): {wall_time(tracker, plan['followup_study'])}. Removed classes per arm and K: "
+            + "; ".join(
+                f"{v['arm']} K={v['k']}: {', '.join(v['removed_classes'])}" for v in plan["sources"].values() if v["k"]
+            )
+            + ".\n"
+        )
+        parts.append(
+            claim_table(
+                "2. Removing the most harmful classes helps, removing the most helpful hurts",
+                claims.counterfactual_claims(None, follow, plan),
+            )
+        )
     return "\n".join(parts)
 
 
@@ -167,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{study}: report in {folder}", file=sys.stderr)
         base = study.removesuffix(QUICK_SUFFIX)
         command = f"transferlab run examples/{base}.yaml" + (" --quick" if study != base else "")
-        body.append(f"## {title}\n\n`{command}` — wall time on this machine: {wall_time(tracker, study)}.\n\n"
-                    f"{figures_md(study, made)}\n{claims_of(tracker, study)}")
+        body.append(
+            f"## {title}\n\n`{command}` — wall time on this machine: {wall_time(tracker, study)}.\n\n"
+            f"{figures_md(study, made)}\n{claims_of(tracker, study)}"
+        )
     summary = ["| claim | verdict |", "|---|---|", *(f"| {c} | {v} |" for c, v in VERDICTS)]
     body.insert(1, "## Summary\n\n" + "\n".join(summary) + "\n")
     out.write_text("\n".join(body))

@@ -17,41 +17,115 @@ BEGIN, END = "<!-- BEGIN GENERATED: tests/reliability_table.py -->", "<!-- END G
 
 # test function in tests/test_untrusted_shards.py -> (crafted input, outcome)
 SHARD_ATTACKS = {
-    "test_absolute_member_path_is_a_bad_sample_and_never_written": ("tar member named with an absolute path", "bad sample `unsafe tar member`; `data prepare` writes nothing outside its output folder"),
-    "test_dotdot_member_path_is_a_bad_sample_and_never_written": ("tar member `../../escaped-dotdot.png`", "bad sample `unsafe tar member: path with '..'`; nothing written outside the output folder"),
-    "test_symlink_member_is_never_followed": ("tar symlink member to `/etc/passwd`", "bad sample `unsafe tar member: symlink to /etc/passwd`; never followed"),
-    "test_hardlink_member_is_never_followed": ("tar hard links (to another member, to `/etc/shadow`)", "2 bad samples `unsafe tar member: hard link ...`; never followed"),
-    "test_device_and_fifo_members_are_never_opened": ("tar character device, block device and FIFO members", "3 bad samples; never opened"),
-    "test_decompression_bomb_in_a_tar_is_a_bad_sample": ("9,000 x 9,000 PNG (81 MP, a few kB) in a tar", "bad sample `image too large` (limit 64 MP, set on PIL explicitly)"),
-    "test_decompression_bomb_in_parquet_is_a_bad_sample": ("the same bomb in a Parquet image column", "bad sample `image too large`"),
-    "test_bomb_inside_someone_elses_prepared_dataset_is_refused_at_decode": ("the bomb inside a prepared dataset built elsewhere", "decoding refuses it: `DatasetError: ... image too large: 9000x9000 ...` (the run fails, named)"),
-    "test_non_image_bytes_with_an_image_extension_are_bad_samples": ("a shell script as `.jpg`, HTML as `.png`, a truncated PNG", "3 bad samples `undecodable image`"),
-    "test_oversized_caption_is_truncated": ("a 5 MB `.txt` caption", "caption truncated to 2,048 characters; sample kept"),
-    "test_oversized_parquet_caption_is_truncated": ("a 1 MB caption in Parquet", "caption truncated to 2,048 characters; sample kept"),
-    "test_oversized_metadata_is_ignored": ("2 MB `.json` metadata", "metadata ignored (it only names classes); sample kept"),
-    "test_symlinked_class_folder_is_not_followed": ("image folder whose class folder is a symlink to elsewhere", "not followed: only real folders are classes"),
-    "test_escaping_symlink_to_a_file_in_a_folder_is_not_read": ("image folder with a symlink to `/etc/hostname` and a FIFO named `.png`", "neither is read (a FIFO would block forever)"),
-    "test_non_image_labels_and_keys_do_not_break_prepare": ("`.cls` labels `-7` and `seven`", "bad samples `label out of range`, `unreadable label`; the rest is prepared"),
+    "test_absolute_member_path_is_a_bad_sample_and_never_written": (
+        "tar member named with an absolute path",
+        "bad sample `unsafe tar member`; `data prepare` writes nothing outside its output folder",
+    ),
+    "test_dotdot_member_path_is_a_bad_sample_and_never_written": (
+        "tar member `../../escaped-dotdot.png`",
+        "bad sample `unsafe tar member: path with '..'`; nothing written outside the output folder",
+    ),
+    "test_symlink_member_is_never_followed": (
+        "tar symlink member to `/etc/passwd`",
+        "bad sample `unsafe tar member: symlink to /etc/passwd`; never followed",
+    ),
+    "test_hardlink_member_is_never_followed": (
+        "tar hard links (to another member, to `/etc/shadow`)",
+        "2 bad samples `unsafe tar member: hard link ...`; never followed",
+    ),
+    "test_device_and_fifo_members_are_never_opened": (
+        "tar character device, block device and FIFO members",
+        "3 bad samples; never opened",
+    ),
+    "test_decompression_bomb_in_a_tar_is_a_bad_sample": (
+        "9,000 x 9,000 PNG (81 MP, a few kB) in a tar",
+        "bad sample `image too large` (limit 64 MP, set on PIL explicitly)",
+    ),
+    "test_decompression_bomb_in_parquet_is_a_bad_sample": (
+        "the same bomb in a Parquet image column",
+        "bad sample `image too large`",
+    ),
+    "test_bomb_inside_someone_elses_prepared_dataset_is_refused_at_decode": (
+        "the bomb inside a prepared dataset built elsewhere",
+        "decoding refuses it: `DatasetError: ... image too large: 9000x9000 ...` (the run fails, named)",
+    ),
+    "test_non_image_bytes_with_an_image_extension_are_bad_samples": (
+        "a shell script as `.jpg`, HTML as `.png`, a truncated PNG",
+        "3 bad samples `undecodable image`",
+    ),
+    "test_oversized_caption_is_truncated": (
+        "a 5 MB `.txt` caption",
+        "caption truncated to 2,048 characters; sample kept",
+    ),
+    "test_oversized_parquet_caption_is_truncated": (
+        "a 1 MB caption in Parquet",
+        "caption truncated to 2,048 characters; sample kept",
+    ),
+    "test_oversized_metadata_is_ignored": (
+        "2 MB `.json` metadata",
+        "metadata ignored (it only names classes); sample kept",
+    ),
+    "test_symlinked_class_folder_is_not_followed": (
+        "image folder whose class folder is a symlink to elsewhere",
+        "not followed: only real folders are classes",
+    ),
+    "test_escaping_symlink_to_a_file_in_a_folder_is_not_read": (
+        "image folder with a symlink to `/etc/hostname` and a FIFO named `.png`",
+        "neither is read (a FIFO would block forever)",
+    ),
+    "test_non_image_labels_and_keys_do_not_break_prepare": (
+        "`.cls` labels `-7` and `seven`",
+        "bad samples `label out of range`, `unreadable label`; the rest is prepared",
+    ),
 }
 
 # (failure, test, outcome)
 INFRASTRUCTURE = [
-    ("MLflow server killed (SIGKILL) while a pretraining run trains, restarted on the same port and store", "tests/test_outages.py::test_study_survives_a_server_restart_without_losing_or_duplicating",
-     "reports go to the storage spool, training goes on, calls retry with backoff; once the server is back every metric lands once (no duplicate run or step); exit 0"),
-    ("MLflow server killed and not restarted (deadline `TRANSFERLAB_TRACKING_DEADLINE_S=6`)", "tests/test_outages.py::test_server_down_past_the_deadline_stops_cleanly_and_resumes",
-     "exit 3, last line `stopped: tracking server ... unreachable for Ns ... resume with the same command: transferlab run ...`; the same command later finishes the study with nothing lost or doubled"),
-    ("checkpoint folder of a finished pretraining run deleted, then a new transfer fit needs it", "tests/test_outages.py::test_a_deleted_checkpoint_fails_its_fits_by_name_and_stays_resumable",
-     "those fits fail, naming the run, the missing path and how to redo it (`mlflow runs delete --run-id ID`, run again); exit 1; no run is created or changed"),
-    ("tracking URI nobody listens on (`http://user:***@127.0.0.1:9`)", "tests/bad_specs/tracking_uri_unreachable.yaml",
-     "exit 2 before any compute: `tracking_uri: cannot reach the MLflow tracking server at http://***@127.0.0.1:9 (connection refused)`"),
-    ("read-only storage path", "tests/test_storage_faults.py::test_read_only_storage_is_refused_before_compute",
-     "exit 2 before any compute: `--storage-path: cannot write to ... (Read-only file system)`"),
-    ("full storage path (a 16 kB tmpfs)", "tests/test_storage_faults.py::test_full_storage_is_refused_before_compute",
-     "exit 2 before any compute: `--storage-path: cannot write to ... (No space left on device)`"),
-    ("planted `MLFLOW_TRACKING_PASSWORD`, `AWS_SECRET_ACCESS_KEY`, `RAY_AUTH_TOKEN`, token in the tracking URI", "tests/test_outages.py::test_planted_secrets_appear_in_no_output",
-     "none in stdout/stderr, MLflow params/tags/metric names/artifacts, the server's store, checkpoint storage, Ray's logs (one known Ray exception, below) or `transferlab report` output"),
-    ("a checkpoint holding a pickled object that runs code when unpickled", "tests/test_untrusted_code.py::test_a_malicious_checkpoint_is_refused",
-     "refused by `torch.load(weights_only=True)` (`UnpicklingError`); the payload never runs"),
+    (
+        "MLflow server killed (SIGKILL) while a pretraining run trains, restarted on the same port and store",
+        "tests/test_outages.py::test_study_survives_a_server_restart_without_losing_or_duplicating",
+        "reports go to the storage spool, training goes on, calls retry with backoff; once the server is back every "
+        "metric lands once (no duplicate run or step); exit 0",
+    ),
+    (
+        "MLflow server killed and not restarted (deadline `TRANSFERLAB_TRACKING_DEADLINE_S=6`)",
+        "tests/test_outages.py::test_server_down_past_the_deadline_stops_cleanly_and_resumes",
+        "exit 3, last line `stopped: tracking server ... unreachable for Ns ... resume with the same command: "
+        "transferlab run ...`; the same command later finishes the study with nothing lost or doubled",
+    ),
+    (
+        "checkpoint folder of a finished pretraining run deleted, then a new transfer fit needs it",
+        "tests/test_outages.py::test_a_deleted_checkpoint_fails_its_fits_by_name_and_stays_resumable",
+        "those fits fail, naming the run, the missing path and how to redo it (`mlflow runs delete --run-id ID`, run "
+        "again); exit 1; no run is created or changed",
+    ),
+    (
+        "tracking URI nobody listens on (`http://user:***@127.0.0.1:9`)",
+        "tests/bad_specs/tracking_uri_unreachable.yaml",
+        "exit 2 before any compute: `tracking_uri: cannot reach the MLflow tracking server at http://***@127.0.0.1:9 "
+        "(connection refused)`",
+    ),
+    (
+        "read-only storage path",
+        "tests/test_storage_faults.py::test_read_only_storage_is_refused_before_compute",
+        "exit 2 before any compute: `--storage-path: cannot write to ... (Read-only file system)`",
+    ),
+    (
+        "full storage path (a 16 kB tmpfs)",
+        "tests/test_storage_faults.py::test_full_storage_is_refused_before_compute",
+        "exit 2 before any compute: `--storage-path: cannot write to ... (No space left on device)`",
+    ),
+    (
+        "planted `MLFLOW_TRACKING_PASSWORD`, `AWS_SECRET_ACCESS_KEY`, `RAY_AUTH_TOKEN`, token in the tracking URI",
+        "tests/test_outages.py::test_planted_secrets_appear_in_no_output",
+        "none in stdout/stderr, MLflow params/tags/metric names/artifacts, the server's store, checkpoint storage, "
+        "Ray's logs (one known Ray exception, below) or `transferlab report` output",
+    ),
+    (
+        "a checkpoint holding a pickled object that runs code when unpickled",
+        "tests/test_untrusted_code.py::test_a_malicious_checkpoint_is_refused",
+        "refused by `torch.load(weights_only=True)` (`UnpicklingError`); the payload never runs",
+    ),
 ]
 
 
@@ -63,28 +137,45 @@ def render() -> str:
     sys.path.insert(0, str(HERE))
     from test_bad_specs import CORPUS, expectation
 
-    lines = [f"### Bad study files ({len(CORPUS)} in `tests/bad_specs/`)", "",
-             "Each runs through `transferlab validate` and `transferlab run`: exit 2, one line on stderr "
-             "(`error: ` + the text below, which names the field), no traceback, no MLflow store and no storage "
-             "folder created.", "", "| file | tries | error line starts with / contains |", "|---|---|---|"]
+    lines = [
+        f"### Bad study files ({len(CORPUS)} in `tests/bad_specs/`)",
+        "",
+        "Each runs through `transferlab validate` and `transferlab run`: exit 2, one line on stderr "
+        "(`error: ` + the text below, which names the field), no traceback, no MLflow store and no storage "
+        "folder created.",
+        "",
+        "| file | tries | error line starts with / contains |",
+        "|---|---|---|",
+    ]
     for path in CORPUS:
         expect, tries = expectation(path)
         lines.append(f"| `{path.name}` | {_cell(tries)} | `{_cell(expect)}` |")
-    lines += ["", f"### Untrusted shards ({len(SHARD_ATTACKS)} crafted inputs, `tests/test_untrusted_shards.py`)", "",
-              "| crafted input | outcome |", "|---|---|"]
+    lines += [
+        "",
+        f"### Untrusted shards ({len(SHARD_ATTACKS)} crafted inputs, `tests/test_untrusted_shards.py`)",
+        "",
+        "| crafted input | outcome |",
+        "|---|---|",
+    ]
     lines += [f"| {_cell(a)} | {_cell(o)} |" for a, o in SHARD_ATTACKS.values()]
-    lines += ["", f"### Failing infrastructure ({len(INFRASTRUCTURE)} cases)", "", "| failure | test | outcome |", "|---|---|---|"]
+    lines += [
+        "",
+        f"### Failing infrastructure ({len(INFRASTRUCTURE)} cases)",
+        "",
+        "| failure | test | outcome |",
+        "|---|---|---|",
+    ]
     lines += [f"| {_cell(f)} | `{t}` | {_cell(o)} |" for f, t, o in INFRASTRUCTURE]
     return "\n".join(lines) + "\n"
 
 
 def generated_part(text: str) -> str:
-    return text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip("\n") + "\n"
+    return text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip("\n") + "\n"
 
 
 def write() -> None:
     text = DOC.read_text()
-    DOC.write_text(text[:text.index(BEGIN) + len(BEGIN)] + "\n" + render() + text[text.index(END):])
+    DOC.write_text(text[: text.index(BEGIN) + len(BEGIN)] + "\n" + render() + text[text.index(END) :])
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ import yaml
 from orchestrator.analysis import fits, influence, tables
 from orchestrator.analysis.frame import influence_inputs, load_study
 from orchestrator.cli import main
-from orchestrator.spec import load_spec
 from orchestrator.records.schema import FAILED, RUNNING
 from orchestrator.records.tracker import Tracker
+from orchestrator.spec import load_spec
 from tests.synthetic_runs import SyntheticStudy, per_example_frame
 
 K, ALPHA, E_IR = 0.5, 1.5, 0.1  # planted e_DS = k·e_US^α + e_IR
@@ -74,7 +74,9 @@ def sizes_study(store):
             for seed in range(3):
                 pre = s.pretrain(source, size, upstream=0.9, noise=noise, seed=seed)
                 for shots in (5, 10):
-                    s.transfer(pre, "digits", shots, seed, curve(size, shift) - 0.05 * (shots == 5) + rng.normal(0, 0.002))
+                    s.transfer(
+                        pre, "digits", shots, seed, curve(size, shift) - 0.05 * (shots == 5) + rng.normal(0, 0.002)
+                    )
     return s
 
 
@@ -106,7 +108,9 @@ def test_saturation_fit_recovers_planted_parameters(saturating, tracker):
         assert row["e_ir"] == pytest.approx(E_IR, abs=0.01), row["fit_on"]
     allp = fitted[(fitted["shots"] == "10") & (fitted["fit_on"] == "all_points")].iloc[0]
     assert allp["points"] == 40
-    assert E_IR - 0.005 < allp["e_ir_ci_low"] < E_IR + 0.005 and E_IR - 0.005 < allp["e_ir_ci_high"] < E_IR + 0.01  # narrow, at the truth
+    assert (
+        E_IR - 0.005 < allp["e_ir_ci_low"] < E_IR + 0.005 and E_IR - 0.005 < allp["e_ir_ci_high"] < E_IR + 0.01
+    )  # narrow, at the truth
     # 25 shots is the same curve 2 points better: the fit moves e_IR, not the shape
     e25 = fitted[(fitted["shots"] == "25") & (fitted["fit_on"] == "all_points")].iloc[0]["e_ir"]
     assert e25 == pytest.approx(E_IR - 0.02, abs=0.01)
@@ -121,7 +125,9 @@ def test_hull_fit_beats_all_points_on_heldout_frontier(cloud, tracker):
     assert row["hull_rmse"] < 0.5 * row["all_points_rmse"]
     hull = fitted[fitted["fit_on"] == "hull"].iloc[0]
     assert hull["e_ir"] == pytest.approx(E_IR, abs=0.03)
-    assert fitted[fitted["fit_on"] == "all_points"].iloc[0]["e_ir"] > hull["e_ir"]  # the cloud drags the all-points fit down
+    assert (
+        fitted[fitted["fit_on"] == "all_points"].iloc[0]["e_ir"] > hull["e_ir"]
+    )  # the cloud drags the all-points fit down
 
 
 def test_upper_hull_is_the_nondecreasing_frontier():
@@ -175,7 +181,10 @@ def test_influence_recovers_planted_helpful_and_harmful_class(classes_study, tra
     rank = influence.ranking(x.classes, influence.task_influence(x.masks, x.outputs))
     assert rank.iloc[0]["class"] == HELPFUL and rank.iloc[-1]["class"] == HARMFUL
     top, bottom = rank.iloc[0], rank.iloc[-1]
-    assert abs(top["influence"] - 0.15) < 3 * top["se"] + 0.02 and abs(bottom["influence"] + 0.15) < 3 * bottom["se"] + 0.02
+    assert (
+        abs(top["influence"] - 0.15) < 3 * top["se"] + 0.02
+        and abs(bottom["influence"] + 0.15) < 3 * bottom["se"] + 0.02
+    )
     neutral = rank[~rank["class"].isin([HELPFUL, HARMFUL])]
     assert (neutral["influence"].abs() < 0.06).all()
     per_example = influence.influence(x.masks, x.outputs)
@@ -227,16 +236,58 @@ def test_report_command_rejects_unknown_and_empty_studies(store, capsys):
 
 def test_counterfactual_plans_a_valid_followup_and_report_plots_the_arms(classes_study, store, tmp_path, capsys):
     spec_file = tmp_path / "classes.yaml"
-    spec_file.write_text(yaml.safe_dump({
-        "study": "classes", "sources": {"mnist": {"uri": "builtin:mnist"}}, "tasks": {"digits": {"uri": "builtin:digits"}},
-        "pretrain": {"sweep": {"source": ["mnist"], "class_fraction": [0.5], "seed": [0, 1, 2]}},
-        "transfer": {"shots": [10, "full"]}}))
+    spec_file.write_text(
+        yaml.safe_dump(
+            {
+                "study": "classes",
+                "sources": {"mnist": {"uri": "builtin:mnist"}},
+                "tasks": {"digits": {"uri": "builtin:digits"}},
+                "pretrain": {"sweep": {"source": ["mnist"], "class_fraction": [0.5], "seed": [0, 1, 2]}},
+                "transfer": {"shots": [10, "full"]},
+            }
+        )
+    )
     out = tmp_path / "cf"
-    assert main(["counterfactual", "classes", "--spec", str(spec_file), "--remove-top", "1", "--seeds", "2", "--name", "two-seeds",
-                 "--tracking-uri", store[0], "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "counterfactual",
+                "classes",
+                "--spec",
+                str(spec_file),
+                "--remove-top",
+                "1",
+                "--seeds",
+                "2",
+                "--name",
+                "two-seeds",
+                "--tracking-uri",
+                store[0],
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert load_spec(out / "two-seeds.yaml").pretrain.sweep["seed"] == (0, 1)
-    assert main(["counterfactual", "classes", "--spec", str(spec_file), "--remove-top", "1", "2",
-                 "--tracking-uri", store[0], "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "counterfactual",
+                "classes",
+                "--spec",
+                str(spec_file),
+                "--remove-top",
+                "1",
+                "2",
+                "--tracking-uri",
+                store[0],
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     spec = load_spec(out / "classes-counterfactual.yaml")
     assert spec.pretrain.sweep["seed"] == (0, 1, 2)  # the study's own seeds
     assert spec.sources["mnist-harmful-k1"].drop_classes == (HARMFUL,)
@@ -246,7 +297,11 @@ def test_counterfactual_plans_a_valid_followup_and_report_plots_the_arms(classes
     assert "class_fraction" not in spec.raw["pretrain"]["sweep"]
     assert "harmful K=1: drop 7" in capsys.readouterr().out
     plan = json.loads((out / "classes-counterfactual.plan.json").read_text())
-    assert plan["sources"]["mnist-harmful-k2"] == {"arm": "harmful", "k": 2, "removed_classes": spec.raw["sources"]["mnist-harmful-k2"]["drop_classes"]}
+    assert plan["sources"]["mnist-harmful-k2"] == {
+        "arm": "harmful",
+        "k": 2,
+        "removed_classes": spec.raw["sources"]["mnist-harmful-k2"]["drop_classes"],
+    }
 
     # the follow-up "ran": removing harmful classes helps, helpful ones hurt
     follow = SyntheticStudy(store[0], "classes-counterfactual", store[1])
@@ -256,7 +311,9 @@ def test_counterfactual_plans_a_valid_followup_and_report_plots_the_arms(classes
             pre = follow.pretrain(source, "full", upstream=0.9, seed=seed)
             follow.transfer(pre, "digits", "full", 0, 0.6 + effect[info["arm"]] * info["k"] + 0.001 * seed)
     rep = tmp_path / "rep"
-    assert main(["report", "classes", "--tracking-uri", store[0], "--out", str(rep), "--json", "--bootstrap", "10"]) == 0
+    assert (
+        main(["report", "classes", "--tracking-uri", store[0], "--out", str(rep), "--json", "--bootstrap", "10"]) == 0
+    )
     arms = {(r["arm"], r["k"]): r["mean"] for r in json.loads(capsys.readouterr().out)["counterfactual"]["arms"]}
     assert arms[("harmful", 2)] == pytest.approx(0.701) and arms[("helpful", 2)] == pytest.approx(0.501)
     assert arms[("random", 0)] == arms[("harmful", 0)] == pytest.approx(0.601)
@@ -265,8 +322,47 @@ def test_counterfactual_plans_a_valid_followup_and_report_plots_the_arms(classes
 
 def test_counterfactual_rejects_bad_k(classes_study, store, tmp_path, capsys):
     spec_file = tmp_path / "classes.yaml"
-    spec_file.write_text(yaml.safe_dump({"study": "classes", "sources": {"mnist": "builtin:mnist"}, "tasks": {"digits": "builtin:digits"}}))
-    assert main(["counterfactual", "classes", "--spec", str(spec_file), "--remove-top", "10", "--tracking-uri", store[0], "--out", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == "error: --remove-top: K must be in 1..9 (classes with an influence estimate), got 10"
-    assert main(["counterfactual", "classes", "--spec", str(spec_file), "--remove-top", "1", "--seeds", "0", "--tracking-uri", store[0]]) == 2
+    spec_file.write_text(
+        yaml.safe_dump(
+            {"study": "classes", "sources": {"mnist": "builtin:mnist"}, "tasks": {"digits": "builtin:digits"}}
+        )
+    )
+    assert (
+        main(
+            [
+                "counterfactual",
+                "classes",
+                "--spec",
+                str(spec_file),
+                "--remove-top",
+                "10",
+                "--tracking-uri",
+                store[0],
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: --remove-top: K must be in 1..9 (classes with an influence estimate), got 10"
+    )
+    assert (
+        main(
+            [
+                "counterfactual",
+                "classes",
+                "--spec",
+                str(spec_file),
+                "--remove-top",
+                "1",
+                "--seeds",
+                "0",
+                "--tracking-uri",
+                store[0],
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.strip() == "error: --seeds: must be >= 1, got 0"

@@ -26,8 +26,12 @@ from orchestrator.cli import main
 CORPUS_DIR = Path(__file__).parent / "bad_specs"
 CORPUS = sorted(CORPUS_DIR.glob("*.yaml"))
 # Through the real console script, in a fresh process: YAML attacks, bytes, data-dependent checks.
-SUBPROCESS_CASES = {"python_object_apply": ("validate", "run"), "not_utf8": ("validate",),
-                    "duplicate_source_name": ("validate",), "shots_above_smallest_class": ("run",)}
+SUBPROCESS_CASES = {
+    "python_object_apply": ("validate", "run"),
+    "not_utf8": ("validate",),
+    "duplicate_source_name": ("validate",),
+    "shots_above_smallest_class": ("run",),
+}
 
 
 def expectation(path: Path) -> tuple[str, str]:
@@ -38,7 +42,9 @@ def expectation(path: Path) -> tuple[str, str]:
 
 
 def _store_and_storage_absent(cwd: Path) -> None:
-    assert sorted(p.name for p in cwd.iterdir()) == [], "something was written: " + ", ".join(p.name for p in cwd.iterdir())
+    assert sorted(p.name for p in cwd.iterdir()) == [], "something was written: " + ", ".join(
+        p.name for p in cwd.iterdir()
+    )
 
 
 def test_the_corpus_is_large_and_self_describing():
@@ -70,8 +76,14 @@ def test_console_script_refuses_bad_specs(name, tmp_path):
     expect, _ = expectation(path)
     script = Path(sys.executable).parent / "transferlab"
     for command in SUBPROCESS_CASES[name]:
-        proc = subprocess.run([str(script), command, str(path)], capture_output=True, text=True, cwd=tmp_path,
-                              timeout=150, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        proc = subprocess.run(
+            [str(script), command, str(path)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=150,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.count("\n") == 1 and expect in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and proc.stdout == ""

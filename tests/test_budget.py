@@ -7,10 +7,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.planning import estimate
 from orchestrator.cli import main
-from orchestrator.spec import SpecError, parse_spec
+from orchestrator.planning import estimate
 from orchestrator.records.schema import KIND_PRETRAIN, KIND_STUDY, TAG_KIND
+from orchestrator.spec import SpecError, parse_spec
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -18,19 +18,27 @@ SPEC = {
     "study": "budgeted",
     "sources": {"mnist": {"uri": "builtin:mnist"}},
     "tasks": {"digits": {"uri": "builtin:digits"}},
-    "pretrain": {"model": "tiny-cnn", "image_size": 16, "epochs": 1, "batch_size": 32,
-                 "sweep": {"pretrain_size": [100], "label_noise": [0.0, 0.5]}},
+    "pretrain": {
+        "model": "tiny-cnn",
+        "image_size": 16,
+        "epochs": 1,
+        "batch_size": 32,
+        "sweep": {"pretrain_size": [100], "label_noise": [0.0, 0.5]},
+    },
     "transfer": {"protocol": ["linear_probe"], "shots": [1], "seeds": [0]},
 }
 
 
-@pytest.mark.parametrize("budget, line", [
-    ({"max_trials": 0}, "budget.max_trials: must be >= 1, got 0"),
-    ({"max_trials": 2.5}, "budget.max_trials: must be an integer, got float 2.5"),
-    ({"max_hours": -1}, "budget.max_hours: must be > 0, got -1"),
-    ({"max_hours": "soon"}, "budget.max_hours: must be a number, got string 'soon'"),
-    ({"max_minutes": 3}, "budget.max_minutes: unknown key; did you mean 'max_hours'?"),
-])
+@pytest.mark.parametrize(
+    "budget, line",
+    [
+        ({"max_trials": 0}, "budget.max_trials: must be >= 1, got 0"),
+        ({"max_trials": 2.5}, "budget.max_trials: must be an integer, got float 2.5"),
+        ({"max_hours": -1}, "budget.max_hours: must be > 0, got -1"),
+        ({"max_hours": "soon"}, "budget.max_hours: must be a number, got string 'soon'"),
+        ({"max_minutes": 3}, "budget.max_minutes: unknown key; did you mean 'max_hours'?"),
+    ],
+)
 def test_budget_fields_are_checked(budget, line):
     with pytest.raises(SpecError) as e:
         parse_spec({**SPEC, "budget": budget})
@@ -48,9 +56,14 @@ def test_a_study_over_budget_is_refused_before_compute(tmp_path, capsys):
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump({**SPEC, "budget": {"max_trials": 3}}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    trials = "budget.max_trials: the study would launch 4 Tune trials (2 pretraining, 2 transfer), 1 over the budget of 3"
-    for argv in (["plan", str(study), "--tracking-uri", uri], ["validate", str(study)],
-                 ["run", str(study), "--tracking-uri", uri, "--storage-path", str(tmp_path / "storage")]):
+    trials = (
+        "budget.max_trials: the study would launch 4 Tune trials (2 pretraining, 2 transfer), 1 over the budget of 3"
+    )
+    for argv in (
+        ["plan", str(study), "--tracking-uri", uri],
+        ["validate", str(study)],
+        ["run", str(study), "--tracking-uri", uri, "--storage-path", str(tmp_path / "storage")],
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err == f"error: {trials}", argv
@@ -59,7 +72,9 @@ def test_a_study_over_budget_is_refused_before_compute(tmp_path, capsys):
     assert "Tune trials:      4 (2 pretraining" in out and "budget: max_trials 4" in out
     assert main(["run", str(study), "--tracking-uri", uri, "budget.max_trials=null", "budget.max_hours=0.001"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: budget.max_hours: the study is estimated at ") and "h over the budget of 0.001 h" in err
+    assert (
+        err.startswith("error: budget.max_hours: the study is estimated at ") and "h over the budget of 0.001 h" in err
+    )
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "storage").exists()
 
 
@@ -74,20 +89,36 @@ def test_max_hours_stops_launching_and_fail_fast_stops_at_the_first_failure(ray_
     (One study for all of it: each pretraining run costs a TorchTrainer start-up.)"""
     from datasets_ import write_sharded_dataset
 
-    rows = [(split, {"key": f"bad-{split}-{i}", "image": b"not a png", "label": i % 2, "caption": ""})
-            for split, n in (("train", 80), ("test", 10)) for i in range(n)]
+    rows = [
+        (split, {"key": f"bad-{split}-{i}", "image": b"not a png", "label": i % 2, "caption": ""})
+        for split, n in (("train", 80), ("test", 10))
+        for i in range(n)
+    ]
     write_sharded_dataset(tmp_path / "broken", "broken", ["a", "b"], rows)
-    spec = {**SPEC, "study": "stops", "sources": {"broken": {"uri": str(tmp_path / "broken")}, "mnist": {"uri": "builtin:mnist"}},
-            "pretrain": {**SPEC["pretrain"], "sweep": {"pretrain_size": [40], "label_noise": [0.0], "class_fraction": [0.5]}},
-            "resources": {"workers": 1, "max_failures": 0, "max_concurrent_trials": 1},
-            "budget": {"max_hours": 0.0003}}  # about 1 s: over before the first trial starts
+    spec = {
+        **SPEC,
+        "study": "stops",
+        "sources": {"broken": {"uri": str(tmp_path / "broken")}, "mnist": {"uri": "builtin:mnist"}},
+        "pretrain": {
+            **SPEC["pretrain"],
+            "sweep": {"pretrain_size": [40], "label_noise": [0.0], "class_fraction": [0.5]},
+        },
+        "resources": {"workers": 1, "max_failures": 0, "max_concurrent_trials": 1},
+        "budget": {"max_hours": 0.0003},
+    }  # about 1 s: over before the first trial starts
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(spec))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = ["run", str(study), "--tracking-uri", uri, "--storage-path", str(tmp_path / "storage")]
     # The default cost model would refuse a 1 s budget up front; make it estimate nothing, so
     # the run-time stop is what is tested.
-    for name in ("STARTUP_S", "PRETRAIN_OVERHEAD_S", "PRETRAIN_S_PER_SAMPLE_EPOCH", "TRANSFER_OVERHEAD_S", "FROZEN_FIT_S"):
+    for name in (
+        "STARTUP_S",
+        "PRETRAIN_OVERHEAD_S",
+        "PRETRAIN_S_PER_SAMPLE_EPOCH",
+        "TRANSFER_OVERHEAD_S",
+        "FROZEN_FIT_S",
+    ):
         monkeypatch.setattr(estimate, name, 0.0)
     client = MlflowClient(uri)
     broken, good = "supervised broken n=40 noise=0 classes=1", "supervised mnist n=40 noise=0 classes=5"
@@ -134,7 +165,12 @@ def test_max_hours_stops_launching_and_fail_fast_stops_at_the_first_failure(ray_
     assert "[pretrain] phase over: 1 done, 1 failed of 2 trials" in out
     assert "[transfer] phase over: 1 done, 0 failed of 1 trials" in out
     m = runs["study stops"].data.metrics
-    assert (m["pretrain_trials_done"], m["pretrain_trials_failed"], m["pretrain_trials_running"], m["pretrain_trials_total"]) == (1, 1, 0, 2)
+    assert (
+        m["pretrain_trials_done"],
+        m["pretrain_trials_failed"],
+        m["pretrain_trials_running"],
+        m["pretrain_trials_total"],
+    ) == (1, 1, 0, 2)
     assert (m["transfer_trials_done"], m["transfer_trials_total"]) == (1, 1)
     kinds = [r.data.tags[TAG_KIND] for r in runs.values()]
     assert kinds.count(KIND_STUDY) == 1 and kinds.count(KIND_PRETRAIN) == 2

@@ -54,7 +54,9 @@ def test_planted_source_class_is_the_digit_tasks_training_images(tmp_path):
     is_test = hash_test_split(builtin_keys("digits", len(labels)))
     sevens = labels == PLANTED_DIGIT
     assert len(mine) == int((sevens & ~is_test).sum()) > 100
+
     def big(x):
         return np.asarray(Image.fromarray(x).resize((28, 28), Image.Resampling.BILINEAR)).tobytes()
+
     assert {x.tobytes() for x in mine} == {big(x) for x in images[sevens & ~is_test]}
     assert not {x.tobytes() for x in mine} & {big(x) for x in images[sevens & is_test]}

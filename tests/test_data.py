@@ -74,8 +74,12 @@ def test_shard_units_cut_a_split_into_row_ranges_that_read_back_in_order(tmp_pat
     n = ds.num_samples("train")
     assert len(units) == -(-n // 100) and units[0]["rows"] == [0, 100] and units[-1]["rows"][1] == n
     # batch_size 64 does not divide 100: unit edges fall inside Parquet batches
-    cut = [(k, img, int(y)) for u in units for b in iter_unit(u, 64) for k, img, y in zip(b["key"], b["image"], b["label"])]
-    whole = [(k, img, int(y)) for b in iter_encoded(ds, "train", 256) for k, img, y in zip(b["key"], b["image"], b["label"])]
+    cut = [
+        (k, img, int(y)) for u in units for b in iter_unit(u, 64) for k, img, y in zip(b["key"], b["image"], b["label"])
+    ]
+    whole = [
+        (k, img, int(y)) for b in iter_encoded(ds, "train", 256) for k, img, y in zip(b["key"], b["image"], b["label"])
+    ]
     assert cut == whole and len(cut) == n
 
 
@@ -84,8 +88,11 @@ def test_ray_dataset_streams_every_sample_once_decoded(ray_cluster, tmp_path):
 
     ds = prepare_builtin("digits", root=tmp_path)
     data = ray_dataset(ds, "train", image_size=8, decode_batch_size=100, concurrency=2)
-    got = sorted((int(y), img.tobytes()) for b in data.iter_batches(batch_size=None, batch_format="numpy")
-                 for img, y in zip(b["image"], b["label"]))
+    got = sorted(
+        (int(y), img.tobytes())
+        for b in data.iter_batches(batch_size=None, batch_format="numpy")
+        for img, y in zip(b["image"], b["label"])
+    )
     images, labels, _ = decode_split(ds, "train", image_size=8)
     assert got == sorted((int(y), img.tobytes()) for img, y in zip(images.numpy(), labels))
 
@@ -96,7 +103,10 @@ import numpy as np
 from datasets_.pipeline import keep_batch_memory
 
 class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (n, ctypes.c_size_t)
+        for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
@@ -109,8 +119,13 @@ print(kept, libc.mallinfo2().hblkhd >= batch.nbytes)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 def test_keep_batch_memory_puts_batch_sized_buffers_in_the_reusable_heap():
     def probe(env):
-        out = subprocess.run([sys.executable, "-c", KEEP_MEMORY_PROBE], capture_output=True, text=True, check=True,
-                             env={**os.environ, **env})
+        out = subprocess.run(
+            [sys.executable, "-c", KEEP_MEMORY_PROBE],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, **env},
+        )
         return out.stdout.split()
 
     assert probe({"TRANSFERLAB_KEEP_BATCH_MEMORY": "1"}) == ["True", "False"]  # in the heap, reused

@@ -7,30 +7,43 @@ import copy
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from datasets_.pipeline import normalize
 from orchestrator.analysis.counterfactual import read_plan
 from orchestrator.cli import main
-from orchestrator.spec import SpecError, load_spec, parse_spec
-from orchestrator.records.schema import KIND_DATAMODELS, KIND_DATAMODEL_BATCH, KIND_STUDY, TAG_DATAMODEL_TABLE, TAG_KIND, TAG_PARENT
+from orchestrator.records.schema import (
+    KIND_DATAMODEL_BATCH,
+    KIND_DATAMODELS,
+    KIND_STUDY,
+    TAG_DATAMODEL_TABLE,
+    TAG_KIND,
+    TAG_PARENT,
+)
 from orchestrator.records.tracker import Tracker
-from datasets_.pipeline import normalize
-from trainers.stacked import TrainSettings, index_stream, stacked_features, train_stacked
+from orchestrator.spec import SpecError, load_spec, parse_spec
+from tests.synthetic_runs import SyntheticStudy
 from trainers.models import build_model, model_config
 from trainers.pretrain import lr_at
-from tests.synthetic_runs import SyntheticStudy
+from trainers.stacked import TrainSettings, index_stream, stacked_features, train_stacked
 
 STUDY = {
     "study": "dm",
     "sources": {"digits_src": {"uri": "builtin:digits"}},
     "tasks": {"digits": {"uri": "builtin:digits"}},
     "pretrain": {"model": "tiny-cnn", "image_size": 8, "epochs": 3, "batch_size": 32, "lr": 0.01},
-    "datamodels": {"source": "digits_src", "task": "digits", "num_models": 24, "class_fraction": 0.5, "models_per_trial": 12},
+    "datamodels": {
+        "source": "digits_src",
+        "task": "digits",
+        "num_models": 24,
+        "class_fraction": 0.5,
+        "models_per_trial": 12,
+    },
     "resources": {"cpus_per_worker": 1},
 }
 
@@ -80,16 +93,19 @@ def test_a_stacked_model_trains_as_it_would_alone():
     assert np.allclose(feats[1], one.backbone(x).detach().double().numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"datamodels": {"class_fraction": 1.0}}, "datamodels.class_fraction: must be below 1"),
-    ({"datamodels": {"task": "cifar"}}, "datamodels.task: unknown value 'cifar'"),
-    ({"datamodels": {"models_per_trial": 0}}, "datamodels.models_per_trial: must be >= 1, got 0"),
-    ({"datamodels": {"num_models": 1}}, "datamodels.num_models: must be >= 2, got 1"),
-    ({"datamodels": {"protocol": "finetune"}}, "datamodels.protocol: unknown value 'finetune'"),
-    ({"datamodels": {"modles": 3}}, "datamodels.modles: unknown key"),
-    ({"pretrain": {"sweep": {"seed": [0, 1]}}}, "pretrain.sweep: a datamodels study draws its own class subsets"),
-    ({"pretrain": {"method": "clip"}}, "pretrain.method: datamodel sweeps train supervised models only"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"datamodels": {"class_fraction": 1.0}}, "datamodels.class_fraction: must be below 1"),
+        ({"datamodels": {"task": "cifar"}}, "datamodels.task: unknown value 'cifar'"),
+        ({"datamodels": {"models_per_trial": 0}}, "datamodels.models_per_trial: must be >= 1, got 0"),
+        ({"datamodels": {"num_models": 1}}, "datamodels.num_models: must be >= 2, got 1"),
+        ({"datamodels": {"protocol": "finetune"}}, "datamodels.protocol: unknown value 'finetune'"),
+        ({"datamodels": {"modles": 3}}, "datamodels.modles: unknown key"),
+        ({"pretrain": {"sweep": {"seed": [0, 1]}}}, "pretrain.sweep: a datamodels study draws its own class subsets"),
+        ({"pretrain": {"method": "clip"}}, "pretrain.method: datamodel sweeps train supervised models only"),
+    ],
+)
 def test_bad_datamodel_specs_name_the_field(change, field):
     doc = copy.deepcopy(STUDY)
     for section, values in change.items():
@@ -105,7 +121,9 @@ def _runs(client, kind):
 
 
 @pytest.mark.timeout(900)
-def test_datamodel_sweep_records_a_table_resumes_reports_planted_influence_and_plans_a_counterfactual(ray_cluster, tmp_path, capsys):
+def test_datamodel_sweep_records_a_table_resumes_reports_planted_influence_and_plans_a_counterfactual(
+    ray_cluster, tmp_path, capsys
+):
     spec = tmp_path / "dm.yaml"
     spec.write_text(yaml.safe_dump(STUDY))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -121,7 +139,9 @@ def test_datamodel_sweep_records_a_table_resumes_reports_planted_influence_and_p
     (sweep,) = _runs(client, KIND_DATAMODELS)
     (study,) = _runs(client, KIND_STUDY)
     batches = _runs(client, KIND_DATAMODEL_BATCH)
-    assert sweep.data.tags[TAG_PARENT] == study.info.run_id and sweep.info.status == "FINISHED"  # reopened, then finished
+    assert (
+        sweep.data.tags[TAG_PARENT] == study.info.run_id and sweep.info.status == "FINISHED"
+    )  # reopened, then finished
     assert [m.value for m in client.get_metric_history(sweep.info.run_id, "models_done")] == [0, 24]
     assert len(batches) == 2 and {b.data.tags[TAG_PARENT] for b in batches} == {sweep.info.run_id}
     assert sorted(b.data.metrics["models"] for b in batches) == [12, 12]
@@ -144,7 +164,10 @@ def test_datamodel_sweep_records_a_table_resumes_reports_planted_influence_and_p
     out = capsys.readouterr().out
     assert "30/30 models" in out and "18 trained now, 12 already there" in out
     assert len(_runs(client, KIND_DATAMODELS)) == 1
-    again = sorted((int(b.data.params["first_model"]), int(b.data.params["last_model"])) for b in _runs(client, KIND_DATAMODEL_BATCH))
+    again = sorted(
+        (int(b.data.params["first_model"]), int(b.data.params["last_model"]))
+        for b in _runs(client, KIND_DATAMODEL_BATCH)
+    )
     assert again == [(0, 11), (12, 23), (12, 23), (24, 29)]
     assert pd.read_parquet(table_dir / "models")["model"].sort_values().tolist() == list(range(30))
 
@@ -167,7 +190,10 @@ def _counterfactual(spec, uri, tmp_path, capsys, study_run_id, ranking):
     cf = ["counterfactual", "dm", "--spec", str(spec), "--tracking-uri", uri, "--remove-top"]
     capsys.readouterr()
     assert main(cf + ["1", "--task", "cifar"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --task: the datamodel sweep of study 'dm' has task 'digits', not 'cifar'"
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: --task: the datamodel sweep of study 'dm' has task 'digits', not 'cifar'"
+    )
     assert main(cf + ["1", "--arms", "harmful", "--seeds", "1", "--out", str(tmp_path / "cf1")]) == 0
     small = tmp_path / "cf1" / "dm-counterfactual.yaml"
     sweep = load_spec(small).pretrain.sweep
@@ -198,7 +224,10 @@ def _counterfactual(spec, uri, tmp_path, capsys, study_run_id, ranking):
         for seed in range(3):
             pre = runs.pretrain(source, "full", upstream=0.9, seed=seed, model="tiny-cnn")
             runs.transfer(pre, "digits", "full", 0, 0.6 + effect[info["arm"]] * info["k"] + 0.001 * seed)
-    assert main(["report", "dm", "--tracking-uri", uri, "--out", str(tmp_path / "rep2"), "--bootstrap", "0", "--json"]) == 0
+    assert (
+        main(["report", "dm", "--tracking-uri", uri, "--out", str(tmp_path / "rep2"), "--bootstrap", "0", "--json"])
+        == 0
+    )
     numbers = json.loads(capsys.readouterr().out)["counterfactual"]
     got = {(r["arm"], r["k"]): r["mean"] for r in numbers["arms"]}
     assert numbers["followup_study"] == "dm-counterfactual" and len(got) == 9

@@ -23,9 +23,15 @@ DEPLOY = ROOT / "deploy"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 K8S_API_VERSIONS = {
-    "Namespace": "v1", "ConfigMap": "v1", "Service": "v1",
-    "StatefulSet": "apps/v1", "Deployment": "apps/v1", "Job": "batch/v1",
-    "Ingress": "networking.k8s.io/v1", "RayCluster": "ray.io/v1", "RayJob": "ray.io/v1",
+    "Namespace": "v1",
+    "ConfigMap": "v1",
+    "Service": "v1",
+    "StatefulSet": "apps/v1",
+    "Deployment": "apps/v1",
+    "Job": "batch/v1",
+    "Ingress": "networking.k8s.io/v1",
+    "RayCluster": "ray.io/v1",
+    "RayJob": "ray.io/v1",
 }
 NOT_K8S = {"compose.yaml", "kustomization.yaml", "aws.yaml"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|KEY_ID")
@@ -43,7 +49,7 @@ def _dockerfile_args(path: Path) -> dict[str, str]:
 ARGS = _dockerfile_args(DEPLOY / "docker" / "Dockerfile")
 PROJECT_IMAGE = "ghcr.io/transferlab/transferlab"
 CPU_IMAGE = f"{PROJECT_IMAGE}:{PYPROJECT['project']['version']}-ray{ARGS['RAY_VERSION']}-{ARGS['PYTHON_TAG']}-cpu"
-GPU_IMAGE = f"{PROJECT_IMAGE}:{PYPROJECT['project']['version']}-ray{ARGS['RAY_VERSION']}-{ARGS['PYTHON_TAG']}-{ARGS['CUDA_TAG']}"
+GPU_IMAGE = CPU_IMAGE.removesuffix("-cpu") + f"-{ARGS['CUDA_TAG']}"
 MLFLOW_IMAGE = f"ghcr.io/transferlab/transferlab-mlflow:{PYPROJECT['project']['version']}"
 
 
@@ -74,7 +80,8 @@ def _pod_specs(doc: dict) -> list[dict]:
 def _images(obj) -> list[str]:
     if isinstance(obj, dict):
         return [v for k, v in obj.items() if k in ("image", "head_image", "worker_image") and isinstance(v, str)] + [
-            i for v in obj.values() for i in _images(v)]
+            i for v in obj.values() for i in _images(v)
+        ]
     if isinstance(obj, list):
         return [i for v in obj for i in _images(v)]
     return []
@@ -86,14 +93,18 @@ def test_every_manifest_parses_with_known_kind_and_api_version():
     assert {"RayCluster", "RayJob", "Deployment", "StatefulSet", "Ingress", "ConfigMap"} <= kinds
     for path, d in docs:
         assert d["kind"] in K8S_API_VERSIONS, f"{path}: unexpected kind {d['kind']}"
-        assert d["apiVersion"] == K8S_API_VERSIONS[d["kind"]], f"{path}: {d['kind']} needs {K8S_API_VERSIONS[d['kind']]}"
+        assert d["apiVersion"] == K8S_API_VERSIONS[d["kind"]], (
+            f"{path}: {d['kind']} needs {K8S_API_VERSIONS[d['kind']]}"
+        )
         assert d["metadata"]["name"], path
         if d["kind"] != "Namespace":
             assert d["metadata"]["namespace"] == "transferlab", path
         for pod in _pod_specs(d):
             for c in pod["containers"]:
                 assert c["name"] and c["image"], f"{path}: container without name or image"
-                assert "resources" in c and c["resources"].get("requests"), f"{path}: {c['name']} has no resource requests"
+                assert "resources" in c and c["resources"].get("requests"), (
+                    f"{path}: {c['name']} has no resource requests"
+                )
     assert not [p for p, d in docs if d["kind"] == "Secret"], "Secrets are created by hand, never committed"
 
 
@@ -102,7 +113,9 @@ def test_kustomization_lists_existing_files_and_builds():
     assert all((DEPLOY / "mlflow" / "k8s" / r).exists() for r in k["resources"])
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl not installed: kustomize build not checked")
-    out = subprocess.run(["kubectl", "kustomize", str(DEPLOY / "mlflow" / "k8s")], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(DEPLOY / "mlflow" / "k8s")], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert {d["kind"] for d in yaml.safe_load_all(out.stdout)} >= {"Deployment", "StatefulSet", "Ingress"}
 
@@ -115,19 +128,29 @@ def test_no_secret_is_written_in_any_deploy_file():
             for c in pod["containers"]:
                 for e in c.get("env", []):
                     if SECRET_NAME.search(e["name"]):
-                        assert "value" not in e and "secretKeyRef" in e["valueFrom"], f"{path}: {e['name']} must come from a Secret"
+                        assert "value" not in e and "secretKeyRef" in e["valueFrom"], (
+                            f"{path}: {e['name']} must come from a Secret"
+                        )
     compose = _docs(DEPLOY / "mlflow" / "compose.yaml")[0]
     for name, service in compose["services"].items():
         for key, value in service.get("environment", {}).items():
             if SECRET_NAME.search(key) or key == "PGPASSWORD" or key.startswith("MINIO_ROOT"):
-                assert re.fullmatch(r"\$\{\w+:\?[^}]*\}", value), f"compose {name}.{key} must be ${{VAR:?}} from the environment"
+                assert re.fullmatch(r"\$\{\w+:\?[^}]*\}", value), (
+                    f"compose {name}.{key} must be ${{VAR:?}} from the environment"
+                )
     example = (DEPLOY / "mlflow" / ".env.example").read_text()
-    assert all(re.fullmatch(r"\w+=", line) for line in example.splitlines() if SECRET_NAME.search(line.split("=")[0]) and not line.startswith("#"))
+    assert all(
+        re.fullmatch(r"\w+=", line)
+        for line in example.splitlines()
+        if SECRET_NAME.search(line.split("=")[0]) and not line.startswith("#")
+    )
 
 
 def test_images_are_pinned_to_the_versions_pyproject_pins():
     ray_pin, mlflow_pin = _pin("ray"), _pin("mlflow")
-    assert Version(ARGS["RAY_VERSION"]) in ray_pin.specifier, f"Dockerfile Ray {ARGS['RAY_VERSION']} vs pyproject {ray_pin}"
+    assert Version(ARGS["RAY_VERSION"]) in ray_pin.specifier, (
+        f"Dockerfile Ray {ARGS['RAY_VERSION']} vs pyproject {ray_pin}"
+    )
     min_python = re.search(r"(\d+)\.(\d+)", PYPROJECT["project"]["requires-python"]).groups()
     assert ARGS["PYTHON_TAG"] == f"py{''.join(min_python)}"
     assert re.fullmatch(r"cu1\d\d", ARGS["CUDA_TAG"])
@@ -140,12 +163,18 @@ def test_images_are_pinned_to_the_versions_pyproject_pins():
     mlflow_dockerfile = (DEPLOY / "mlflow" / "Dockerfile").read_text()
     assert f"FROM python:{'.'.join(min_python)}-" in mlflow_dockerfile
     assert re.findall(r"^USER (\S+)", mlflow_dockerfile, re.M)[-1] not in ("root", "0")
-    reqs = {Requirement(line).name: Requirement(line) for line in (DEPLOY / "mlflow" / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")}
+    reqs = {
+        Requirement(line).name: Requirement(line)
+        for line in (DEPLOY / "mlflow" / "requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
     assert reqs["mlflow"].specifier == mlflow_pin.specifier and "auth" in reqs["mlflow"].extras
     assert {"psycopg2-binary", "boto3"} <= set(reqs)
 
     every = [i for _, d in _k8s_docs() for i in _images(d)]
-    every += _images(_docs(DEPLOY / "mlflow" / "compose.yaml")[0]) + _images(_docs(DEPLOY / "cluster-launcher" / "aws.yaml")[0])
+    every += _images(_docs(DEPLOY / "mlflow" / "compose.yaml")[0]) + _images(
+        _docs(DEPLOY / "cluster-launcher" / "aws.yaml")[0]
+    )
     assert every
     for image in every:
         name, _, tag = image.rpartition(":")
@@ -176,7 +205,12 @@ def test_raycluster_head_workers_autoscaling_auth_and_shared_storage():
     for pod in _pod_specs(_one("RayCluster")):
         env = {e["name"]: e for e in pod["containers"][0]["env"]}
         assert env["AWS_ENDPOINT_URL"]["value"].startswith("http")  # S3-compatible checkpoint storage
-        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(env)
+        assert {
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
+        } <= set(env)
         assert env["MLFLOW_TRACKING_URI"]["value"].startswith("http://mlflow.transferlab.svc")
 
 
@@ -213,7 +247,13 @@ def test_mlflow_server_manifests_and_compose_configure_the_same_server():
     entrypoint = (DEPLOY / "mlflow" / "entrypoint.sh").read_text()
     required = set(re.findall(r"^need (\w+)", entrypoint, re.M))
     assert {"MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION", "MLFLOW_ALLOWED_HOSTS"} <= required
-    for flag in ("--app-name basic-auth", "--serve-artifacts", "--artifacts-destination", "--allowed-hosts", "--backend-store-uri"):
+    for flag in (
+        "--app-name basic-auth",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        "--allowed-hosts",
+        "--backend-store-uri",
+    ):
         assert flag in entrypoint
 
     (deploy,) = [d for _, d in _k8s_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"]
@@ -224,7 +264,13 @@ def test_mlflow_server_manifests_and_compose_configure_the_same_server():
     compose_env = compose["mlflow"]["environment"]
     for env in (k8s_env, compose_env):
         assert required <= set(env) | {"MLFLOW_ALLOWED_HOSTS"}
-        assert {"PGPASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"} <= set(env)
+        assert {
+            "PGPASSWORD",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "MLFLOW_AUTH_ADMIN_PASSWORD",
+            "MLFLOW_FLASK_SERVER_SECRET_KEY",
+        } <= set(env)
     for uri in (k8s_env["MLFLOW_BACKEND_STORE_URI"]["value"], compose_env["MLFLOW_BACKEND_STORE_URI"]):
         assert uri.startswith("postgresql+psycopg2://")
     assert k8s_env["MLFLOW_ARTIFACTS_DESTINATION"]["value"].startswith("s3://")
@@ -243,14 +289,30 @@ def test_mlflow_server_manifests_and_compose_configure_the_same_server():
     assert f"CREATE DATABASE {auth_db}" in (DEPLOY / "mlflow" / "initdb" / "10-mlflow-auth.sql").read_text()
 
 
-@pytest.mark.parametrize("env, message", [
-    ({}, "MLFLOW_BACKEND_STORE_URI is not set"),
-    ({"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://mlflow:hunter2@db/mlflow", "MLFLOW_AUTH_DATABASE_URI": "postgresql+psycopg2://mlflow@db/a",
-      "MLFLOW_ARTIFACTS_DESTINATION": "s3://b", "MLFLOW_ALLOWED_HOSTS": "h", "MLFLOW_FLASK_SERVER_SECRET_KEY": "k"}, "holds a password"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({}, "MLFLOW_BACKEND_STORE_URI is not set"),
+        (
+            {
+                "MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://mlflow:hunter2@db/mlflow",
+                "MLFLOW_AUTH_DATABASE_URI": "postgresql+psycopg2://mlflow@db/a",
+                "MLFLOW_ARTIFACTS_DESTINATION": "s3://b",
+                "MLFLOW_ALLOWED_HOSTS": "h",
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": "k",
+            },
+            "holds a password",
+        ),
+    ],
+)
 def test_server_entrypoint_refuses_incomplete_or_leaky_configuration(env, message):
-    out = subprocess.run(["sh", str(DEPLOY / "mlflow" / "entrypoint.sh")], env={"PATH": "/usr/bin:/bin", **env},
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        ["sh", str(DEPLOY / "mlflow" / "entrypoint.sh")],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 2 and message in out.stderr
 
 

@@ -30,7 +30,9 @@ def test_full_studies_plan_the_papers_grids():
     assert len(jobs) == 30  # 2 sources x (3 sizes x 3 noise levels supervised + 3 sizes x {clip, simclr})
     assert {m for _, m, _, _ in jobs} == {"supervised", "clip", "simclr"}
     assert {p for _, m, p, _ in jobs if m != "supervised"} == {0.0}  # label noise is swept for supervised only
-    assert {n for s, _, _, n in jobs if s == "glyphs"} == {500, 2000, 7344} and {n for s, _, _, n in jobs if s == "mnist"} == {500, 2000, 4006}
+    assert {n for s, _, _, n in jobs if s == "glyphs"} == {500, 2000, 7344} and {
+        n for s, _, _, n in jobs if s == "mnist"
+    } == {500, 2000, 4006}
     assert role.num_transfer_fits == 30 * 2 * (4 * 3 + 1)
     limits = build_plan(load_spec(EXAMPLES / "limits.yaml"))
     assert len(limits.pretrain_runs) == 32 and len({j.config_hash for j in limits.pretrain_runs}) == 32
@@ -54,9 +56,17 @@ def test_quick_studies_run_end_to_end_and_write_the_results_page(ray_cluster, tm
     for exp in client.search_experiments():
         runs = client.search_runs([exp.experiment_id], max_results=1000)
         assert all(r.info.status == "FINISHED" for r in runs), exp.name
-        finished[exp.name] = {k: sum(r.data.tags.get("transferlab.kind") == k for r in runs) for k in ("pretrain", "transfer")}
-    assert finished["role_of_data-quick"] == {"pretrain": 4, "transfer": 4 * 2 * 3}  # 4 models x 2 tasks x (1-shot x 2 + full)
-    assert finished["limits-quick"] == {"pretrain": 2, "transfer": 2 * 2 * 2 * 2}  # 2 models x 2 tasks x 2 shots x 2 layers
+        finished[exp.name] = {
+            k: sum(r.data.tags.get("transferlab.kind") == k for r in runs) for k in ("pretrain", "transfer")
+        }
+    assert finished["role_of_data-quick"] == {
+        "pretrain": 4,
+        "transfer": 4 * 2 * 3,
+    }  # 4 models x 2 tasks x (1-shot x 2 + full)
+    assert finished["limits-quick"] == {
+        "pretrain": 2,
+        "transfer": 2 * 2 * 2 * 2,
+    }  # 2 models x 2 tasks x 2 shots x 2 layers
     assert finished["data_based-quick-counterfactual"]["pretrain"] == 2  # baseline + harmful K=1, one seed
     assert "planning the follow-up of 'data_based-quick'" in capsys.readouterr().out
 

@@ -11,12 +11,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
+from orchestrator.execution.phase import PhaseContext
+from orchestrator.execution.search import TRIALS_ARTIFACT, choose, run_search_phase
 from orchestrator.planning.plan import build_plan
 from orchestrator.planning.transfer_fits import finetune_config, finetune_settings
-from orchestrator.execution.search import TRIALS_ARTIFACT, choose, run_search_phase
-from orchestrator.spec import FinetuneSpec, Resources, parse_spec
-from orchestrator.execution.phase import PhaseContext
 from orchestrator.records.schema import KIND_STUDY, KIND_TRANSFER, PER_EXAMPLE_ARTIFACT, TAG_KIND
+from orchestrator.spec import FinetuneSpec, Resources, parse_spec
 
 STEPS = 24
 LR, WD = [1e-5, 0.3], [1e-5, 1e-2]
@@ -27,17 +27,36 @@ def _spec(search: dict, protocol: str) -> dict:
         "study": "ftsearch",
         "sources": {"mnist": {"uri": "builtin:mnist"}},
         "tasks": {"digits": {"uri": "builtin:digits"}},
-        "pretrain": {"model": "tiny-cnn", "image_size": 16, "epochs": 1, "batch_size": 32, "sweep": {"pretrain_size": [300]}},
-        "transfer": {"protocol": [protocol], "shots": [5], "seeds": [0],
-                     "finetune": {"steps": STEPS, "batch_size": 32, "search": search}},
+        "pretrain": {
+            "model": "tiny-cnn",
+            "image_size": 16,
+            "epochs": 1,
+            "batch_size": 32,
+            "sweep": {"pretrain_size": [300]},
+        },
+        "transfer": {
+            "protocol": [protocol],
+            "shots": [5],
+            "seeds": [0],
+            "finetune": {"steps": STEPS, "batch_size": 32, "search": search},
+        },
         "resources": {"workers": 1, "cpus_per_worker": 1},
     }
 
 
 # One config at a time: ASHA is then successive halving in sampling order, so which trials it
 # stops is decided by the configs (seeded) and the deterministic training alone.
-ASHA = {"algorithm": "asha", "num_samples": 4, "lr": LR, "weight_decay": WD, "grace_steps": 6, "reduction_factor": 2,
-        "eval_every": 6, "seed": 0, "max_concurrent_trials": 1}
+ASHA = {
+    "algorithm": "asha",
+    "num_samples": 4,
+    "lr": LR,
+    "weight_decay": WD,
+    "grace_steps": 6,
+    "reduction_factor": 2,
+    "eval_every": 6,
+    "seed": 0,
+    "max_concurrent_trials": 1,
+}
 RANDOM = {"algorithm": "random", "num_samples": 2, "lr": LR, "eval_every": 12, "seed": 1}
 
 
@@ -91,7 +110,10 @@ def test_asha_search_chooses_on_validation_stops_early_and_is_cached_on_rerun(se
     chosen = trials["trials"][trials["chosen"]]
     assert chosen["steps"] == STEPS
     assert chosen["val_accuracy"] == max(t["val_accuracy"] for t in trials["trials"] if t["steps"] == STEPS)
-    assert (m["learning_rate"], m["weight_decay"]) == (pytest.approx(chosen["lr"]), pytest.approx(chosen["weight_decay"]))
+    assert (m["learning_rate"], m["weight_decay"]) == (
+        pytest.approx(chosen["lr"]),
+        pytest.approx(chosen["weight_decay"]),
+    )
     # The retrained network is the chosen trial's: the same validation accuracy.
     assert m["validation_accuracy"] == pytest.approx(chosen["val_accuracy"])
     assert PER_EXAMPLE_ARTIFACT in {a.path for a in client.list_artifacts(run.info.run_id, "outputs")}
@@ -120,22 +142,38 @@ def test_random_search_runs_every_trial_to_the_end(searched_study, capsys):
     assert all(t["steps"] == STEPS and [h["step"] for h in t["history"]] == [12, 24] for t in trials)
     assert len({t["lr"] for t in trials}) == 2 and all(t["weight_decay"] == FinetuneSpec.weight_decay for t in trials)
     chosen = max(trials, key=lambda t: t["val_accuracy"])
-    assert m["learning_rate"] == pytest.approx(chosen["lr"]) and m["validation_accuracy"] == pytest.approx(chosen["val_accuracy"])
+    assert m["learning_rate"] == pytest.approx(chosen["lr"]) and m["validation_accuracy"] == pytest.approx(
+        chosen["val_accuracy"]
+    )
 
 
 def test_without_a_search_the_hashed_finetune_settings_are_unchanged():
-    assert finetune_config(finetune_settings(FinetuneSpec()), None) == {"lr": (1e-3, 1e-2), "steps": 100, "batch_size": 32,
-                                                                       "weight_decay": 1e-4}
+    assert finetune_config(finetune_settings(FinetuneSpec()), None) == {
+        "lr": (1e-3, 1e-2),
+        "steps": 100,
+        "batch_size": 32,
+        "weight_decay": 1e-4,
+    }
     spec = parse_spec(_spec({"algorithm": "asha"}, "finetune"))
     s = asdict(spec.transfer.finetune.search)
-    assert (s["num_samples"], s["lr"], s["weight_decay"], s["grace_steps"], s["eval_every"]) == (8, (1e-4, 0.1), 1e-4, 6, 6)
+    assert (s["num_samples"], s["lr"], s["weight_decay"], s["grace_steps"], s["eval_every"]) == (
+        8,
+        (1e-4, 0.1),
+        1e-4,
+        6,
+        6,
+    )
     ft = spec.transfer.finetune
     assert set(finetune_config(finetune_settings(ft), ft.search)) == {"steps", "batch_size", "search"}
 
 
 def test_choose_prefers_full_length_trials_then_the_first_sampled():
-    trials = [{"trial": 0, "steps": 24, "val_accuracy": 0.5}, {"trial": 1, "steps": 6, "val_accuracy": 0.9},
-              {"trial": 2, "steps": 24, "val_accuracy": 0.7}, {"trial": 3, "steps": 24, "val_accuracy": 0.7}]
+    trials = [
+        {"trial": 0, "steps": 24, "val_accuracy": 0.5},
+        {"trial": 1, "steps": 6, "val_accuracy": 0.9},
+        {"trial": 2, "steps": 24, "val_accuracy": 0.7},
+        {"trial": 3, "steps": 24, "val_accuracy": 0.7},
+    ]
     assert choose(trials, 24)["trial"] == 2
     assert choose([{"trial": 0, "steps": 6, "val_accuracy": 0.2}], 24)["trial"] == 0
 
@@ -143,8 +181,14 @@ def test_choose_prefers_full_length_trials_then_the_first_sampled():
 def _context(tmp, **kw) -> PhaseContext:
     plan = build_plan(parse_spec(_spec({**RANDOM, "num_samples": 1}, "finetune")))
     (group,) = plan.transfer_groups
-    ctx = PhaseContext(study="ftsearch-phase", tracking_uri="sqlite:///unused.db", experiment_id="0", storage_path=str(tmp),
-                       resources=Resources(), **kw)
+    ctx = PhaseContext(
+        study="ftsearch-phase",
+        tracking_uri="sqlite:///unused.db",
+        experiment_id="0",
+        storage_path=str(tmp),
+        resources=Resources(),
+        **kw,
+    )
     ctx.searches = {"a": (group, group.fits[0]), "b": (group, group.fits[0])}
     ctx.checkpoints[group.pretrain_hash] = str(tmp / "no-such-checkpoint")
     return ctx

@@ -5,8 +5,8 @@ itself runs only where one is lent; these pin down what is decided before it."""
 import pytest
 import yaml
 
-from orchestrator.spec import LIGHT_TRIAL_GPUS, Resources, SpecError, load_spec
 from orchestrator.planning.estimate import transfer_concurrency
+from orchestrator.spec import LIGHT_TRIAL_GPUS, Resources, SpecError, load_spec
 from trainers.devices import trial_device
 
 STUDY = {
@@ -44,11 +44,14 @@ def test_concurrency_is_bound_by_the_scarcer_resource():
     assert transfer_concurrency(5) == 5
 
 
-@pytest.mark.parametrize("value, message", [
-    (0, "resources.light_trial_gpus: must be in (0, 1] (a share of one GPU), got 0"),
-    (1.5, "resources.light_trial_gpus: must be in (0, 1] (a share of one GPU), got 1.5"),
-    ("quarter", "resources.light_trial_gpus: must be a number"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (0, "resources.light_trial_gpus: must be in (0, 1] (a share of one GPU), got 0"),
+        (1.5, "resources.light_trial_gpus: must be in (0, 1] (a share of one GPU), got 1.5"),
+        ("quarter", "resources.light_trial_gpus: must be a number"),
+    ],
+)
 def test_bad_gpu_share_is_a_one_line_error(tmp_path, value, message):
     with pytest.raises(SpecError) as e:
         _spec(tmp_path, {"use_gpu": True, "light_trial_gpus": value})

@@ -37,7 +37,11 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
-                base = ".".join(package[: len(package) - node.level + 1] + [node.module or ""]) if node.level else node.module or ""
+                base = (
+                    ".".join(package[: len(package) - node.level + 1] + [node.module or ""])
+                    if node.level
+                    else node.module or ""
+                )
                 targets = [base.rstrip(".")] + [f"{base}.{a.name}" for a in node.names]
             else:
                 continue
@@ -125,7 +129,11 @@ def test_private_names_stay_in_their_module():
     for name, path in _modules().items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PACKAGES:
-                crossing += [f"{name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                crossing += [
+                    f"{name}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
     assert crossing == []
 
 

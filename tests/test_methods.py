@@ -38,7 +38,9 @@ def test_nt_xent_matches_a_hand_computed_value():
         "c": (r, [r, -r]),  # c·a, c·b, c·d
         "d": (-1.0, [0.0, -r]),  # d·b, d·a, d·c
     }
-    expected = np.mean([-(p / t) + math.log(math.exp(p / t) + sum(math.exp(n / t) for n in negs)) for p, negs in sims.values()])
+    expected = np.mean(
+        [-(p / t) + math.log(math.exp(p / t) + sum(math.exp(n / t) for n in negs)) for p, negs in sims.values()]
+    )
     assert float(nt_xent_loss(z1, z2, temperature=t)) == pytest.approx(expected, rel=1e-6)
 
 
@@ -76,8 +78,13 @@ def test_clip_captions_come_from_the_data_else_from_the_class_name_template():
     from datasets_.pipeline import training_captions
     from trainers.methods import class_prompts
 
-    caps, swapped = training_captions(["a", "b", "c"], ["a handwritten seven", "", None], np.array([7, 3, 1]),
-                                      class_prompts([f"digit_{i}" for i in range(10)]), view=None)
+    caps, swapped = training_captions(
+        ["a", "b", "c"],
+        ["a handwritten seven", "", None],
+        np.array([7, 3, 1]),
+        class_prompts([f"digit_{i}" for i in range(10)]),
+        view=None,
+    )
     assert caps == ["a handwritten seven", "a photo of a digit 3.", "a photo of a digit 1."]
     assert not np.any(swapped)  # no view, no caption noise
     caps, _ = training_captions(["a"], None, np.array([2]), class_prompts(["cat", "dog", "bird"]), view=None)
@@ -228,7 +235,10 @@ def test_logistic_probe_chooses_l2_on_validation():
     x = rng.normal(size=(40, 30)) + 0.3 * y[:, None]
     r = logistic_probe(x[:20], y[:20], x[20:], y[20:], None, 2, l2_grid=(1e-4, 1.0, 100.0))
     assert r.l2_reg in (1e-4, 1.0, 100.0) and r.scores is None
-    accs = {l2: logistic_probe(x[:20], y[:20], x[20:], y[20:], None, 2, l2_grid=(l2,)).validation_accuracy for l2 in (1e-4, 1.0, 100.0)}
+    accs = {
+        l2: logistic_probe(x[:20], y[:20], x[20:], y[20:], None, 2, l2_grid=(l2,)).validation_accuracy
+        for l2 in (1e-4, 1.0, 100.0)
+    }
     assert r.validation_accuracy == max(accs.values())
 
 
@@ -293,13 +303,19 @@ def test_per_example_outputs_from_scores():
     df = per_example(np.array(["k0", "k1"]), np.array([2, 1]), scores)
     assert df["prediction"].tolist() == [0, 1]
     np.testing.assert_allclose(df["margin"], [1.0 - 2.0, 3.0 - 0.0])
-    np.testing.assert_allclose(df["correct_prob"], [np.exp(1) / (np.exp(2) + 1 + np.exp(1)), np.exp(3) / (np.exp(3) + 2)])
+    np.testing.assert_allclose(
+        df["correct_prob"], [np.exp(1) / (np.exp(2) + 1 + np.exp(1)), np.exp(3) / (np.exp(3) + 2)]
+    )
     assert df.columns.tolist() == ["example", "key", "label", "prediction", "correct_prob", "margin"]
 
 
 def test_feature_cache_round_trip_is_exact_and_content_addressed(tmp_path):
     cache = FeatureCache(str(tmp_path / "cache"))
-    f = Features(np.array(["a", "b"]), np.array([[0.25, 1.5], [3.0, -1.0]], dtype=np.float32).astype(np.float64), np.array([0, 1]))
+    f = Features(
+        np.array(["a", "b"]),
+        np.array([[0.25, 1.5], [3.0, -1.0]], dtype=np.float32).astype(np.float64),
+        np.array([0, 1]),
+    )
     key = feature_key("w" * 64, "task-fp", "train", "final", 16)
     assert cache.get(key) is None
     cache.put(key, f)

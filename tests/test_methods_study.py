@@ -1,19 +1,18 @@
 """The three pretraining methods and every transfer protocol on a real local Ray and a real MLflow
 store: a study of all of them, the feature cache across studies, 1 vs 2 workers, worker kill."""
 
-
 import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.planning.plan import build_plan
-from orchestrator.spec import Resources, parse_spec
 from orchestrator.execution.phase import PhaseContext
 from orchestrator.execution.pretrain_phase import build_pretrain_trainer
+from orchestrator.planning.plan import build_plan
 from orchestrator.records.schema import KIND_PRETRAIN, KIND_STUDY, KIND_TRANSFER, PER_EXAMPLE_ARTIFACT, TAG_KIND
 from orchestrator.records.tracker import Tracker
+from orchestrator.spec import Resources, parse_spec
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -66,8 +65,15 @@ def test_every_method_and_protocol_lands_in_mlflow_with_the_schema(methods_study
     # Per method: linear_probe and logistic at 2 layers, finetune, lp_ft; zero_shot for clip.
     assert len(transfers) == 3 * 6 + 1
     got = {(r.data.params["protocol"], r.data.params["layer"]) for r in transfers}
-    assert got == {("linear_probe", "block1"), ("linear_probe", "final"), ("logistic", "block1"), ("logistic", "final"),
-                   ("finetune", "final"), ("lp_ft", "final"), ("zero_shot", "final")}
+    assert got == {
+        ("linear_probe", "block1"),
+        ("linear_probe", "final"),
+        ("logistic", "block1"),
+        ("logistic", "final"),
+        ("finetune", "final"),
+        ("lp_ft", "final"),
+        ("zero_shot", "final"),
+    }
     by_id = {r.info.run_id: r.data.params["method"] for r in pretrains}
     zero_shot = [r for r in transfers if r.data.params["protocol"] == "zero_shot"]
     assert len(zero_shot) == 1 and by_id[zero_shot[0].data.tags["mlflow.parentRunId"]] == "clip"
@@ -118,21 +124,34 @@ def test_a_second_study_reads_features_from_the_cache(methods_study, capsys):
 
 def _fit_pretraining(workers: int, tmp, fault=None):
     """Pretrain the fixed tiny problem on `workers` workers; return (result, MLflow run id, uri)."""
-    spec = parse_spec({
-        "study": f"workers-{workers}",
-        "sources": {"mnist": {"uri": "builtin:mnist"}},
-        "tasks": {"digits": {"uri": "builtin:digits"}},
-        "pretrain": {"model": "tiny-cnn", "image_size": 16, "epochs": 3, "batch_size": 64, "lr": 0.005,
-                     "sweep": {"pretrain_size": [1000]}},
-        "transfer": {"shots": [1]},
-    })
+    spec = parse_spec(
+        {
+            "study": f"workers-{workers}",
+            "sources": {"mnist": {"uri": "builtin:mnist"}},
+            "tasks": {"digits": {"uri": "builtin:digits"}},
+            "pretrain": {
+                "model": "tiny-cnn",
+                "image_size": 16,
+                "epochs": 3,
+                "batch_size": 64,
+                "lr": 0.005,
+                "sweep": {"pretrain_size": [1000]},
+            },
+            "transfer": {"shots": [1]},
+        }
+    )
     run = build_plan(spec).pretrain_runs[0]
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     tracker = Tracker(uri)
     exp = tracker.experiment_id(spec.study)
     run_id = tracker.create_run(exp, KIND_PRETRAIN, spec.study, run.run_name, run.config_hash, run.params)
-    ctx = PhaseContext(study=spec.study, tracking_uri=uri, experiment_id=exp, storage_path=str(tmp / "storage"),
-                       resources=Resources(workers=workers, cpus_per_worker=1, max_failures=2))
+    ctx = PhaseContext(
+        study=spec.study,
+        tracking_uri=uri,
+        experiment_id=exp,
+        storage_path=str(tmp / "storage"),
+        resources=Resources(workers=workers, cpus_per_worker=1, max_failures=2),
+    )
     result = build_pretrain_trainer(run, ctx, run_id, fault).fit()
     return result, run_id, uri
 

@@ -27,7 +27,14 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.records.schema import KIND_PRETRAIN, KIND_STUDY, KIND_TRANSFER, TAG_CHECKPOINT, TAG_KIND, VIEW_MASK_ARTIFACT
+from orchestrator.records.schema import (
+    KIND_PRETRAIN,
+    KIND_STUDY,
+    KIND_TRANSFER,
+    TAG_CHECKPOINT,
+    TAG_KIND,
+    VIEW_MASK_ARTIFACT,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -90,8 +97,10 @@ def postgres():
     pytest.importorskip("psycopg2", reason="psycopg2 is not installed (pip install -e '.[test]')")
     bindir = _postgres_bindir()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; install the distribution's "
-                    "postgresql package (.ci/run does) to run the tracking-server test")
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found; install the distribution's "
+            "postgresql package (.ci/run does) to run the tracking-server test"
+        )
     # initdb and postgres refuse to run as root: run them as the `postgres` system user.
     as_owner: list[str] = []
     root = Path(tempfile.mkdtemp(prefix="transferlab-pg-"))
@@ -113,10 +122,31 @@ def postgres():
 
     started = False
     try:
-        pg("initdb", "-D", str(data), "-U", "postgres", "-E", "UTF8", "--auth-local=trust",
-           "--auth-host=scram-sha-256", f"--pwfile={root / 'pw'}")
-        pg("pg_ctl", "-D", str(data), "-l", str(root / "postgres.log"), "-w", "-t", "60",
-           "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
+        pg(
+            "initdb",
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            f"--pwfile={root / 'pw'}",
+        )
+        pg(
+            "pg_ctl",
+            "-D",
+            str(data),
+            "-l",
+            str(root / "postgres.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
+            "start",
+        )
         started = True
         admin = Postgres("127.0.0.1", port, "postgres", superuser_password)
         mlflow_role = Postgres("127.0.0.1", port, "mlflow", secrets.token_urlsafe(16))
@@ -130,8 +160,11 @@ def postgres():
         yield mlflow_role
     finally:
         if started:
-            subprocess.run(as_owner + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-                           capture_output=True, timeout=60)
+            subprocess.run(
+                as_owner + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                capture_output=True,
+                timeout=60,
+            )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -175,7 +208,9 @@ def mlflow_server(postgres, s3_server, tmp_path_factory):
     )
     server = Server(f"http://127.0.0.1:{port}", admin, log)
     with open(log, "wb") as out:
-        proc = subprocess.Popen(["sh", str(ENTRYPOINT)], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            ["sh", str(ENTRYPOINT)], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -205,8 +240,12 @@ def researcher(mlflow_server):
     import requests
 
     user = ("researcher", secrets.token_urlsafe(18))
-    r = requests.post(f"{mlflow_server.url}/api/2.0/mlflow/users/create", auth=mlflow_server.admin,
-                      json={"username": user[0], "password": user[1]}, timeout=30)
+    r = requests.post(
+        f"{mlflow_server.url}/api/2.0/mlflow/users/create",
+        auth=mlflow_server.admin,
+        json={"username": user[0], "password": user[1]},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     return user
 
@@ -221,12 +260,18 @@ def test_the_server_refuses_strangers(mlflow_server, researcher):
     # --allowed-hosts: a request for a host name the server does not serve (DNS rebinding).
     assert requests.get(search, auth=researcher, headers={"Host": "evil.example"}, timeout=30).status_code == 403
     # A non-admin cannot create users.
-    r = requests.post(f"{mlflow_server.url}/api/2.0/mlflow/users/create", auth=researcher,
-                      json={"username": "mallory", "password": secrets.token_urlsafe(18)}, timeout=30)
+    r = requests.post(
+        f"{mlflow_server.url}/api/2.0/mlflow/users/create",
+        auth=researcher,
+        json={"username": "mallory", "password": secrets.token_urlsafe(18)},
+        timeout=30,
+    )
     assert r.status_code == 403
 
 
-def test_a_study_runs_against_the_server_and_reads_back(ray_cluster, mlflow_server, researcher, postgres, s3_server, tmp_path, monkeypatch, capsys):
+def test_a_study_runs_against_the_server_and_reads_back(
+    ray_cluster, mlflow_server, researcher, postgres, s3_server, tmp_path, monkeypatch, capsys
+):
     import boto3
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -246,7 +291,9 @@ def test_a_study_runs_against_the_server_and_reads_back(ray_cluster, mlflow_serv
     exp = client.get_experiment_by_name("server-tiny")
     assert exp.artifact_location.startswith("mlflow-artifacts:")  # proxied: clients never touch S3
     runs = client.search_runs([exp.experiment_id], max_results=1000)
-    by_kind = {k: [r for r in runs if r.data.tags.get(TAG_KIND) == k] for k in (KIND_STUDY, KIND_PRETRAIN, KIND_TRANSFER)}
+    by_kind = {
+        k: [r for r in runs if r.data.tags.get(TAG_KIND) == k] for k in (KIND_STUDY, KIND_PRETRAIN, KIND_TRANSFER)
+    }
     assert [len(v) for v in by_kind.values()] == [1, 1, 2]
     assert {r.info.status for r in runs} == {"FINISHED"}
 
@@ -262,7 +309,7 @@ def test_a_study_runs_against_the_server_and_reads_back(ray_cluster, mlflow_serv
         return {o["Key"]: o for page in pages for o in page.get("Contents", [])}
 
     # The Train checkpoint is on the S3-compatible store, where every node (and a retry) finds it.
-    ckpt_prefix = pretrain.data.tags[TAG_CHECKPOINT][len(f"s3://{CHECKPOINT_BUCKET}/"):]
+    ckpt_prefix = pretrain.data.tags[TAG_CHECKPOINT][len(f"s3://{CHECKPOINT_BUCKET}/") :]
     assert any(k.startswith(ckpt_prefix + "/") for k in objects(CHECKPOINT_BUCKET, ckpt_prefix))
     for r in by_kind[KIND_TRANSFER]:
         assert 0.1 <= r.data.metrics["accuracy"] <= 1.0
@@ -301,11 +348,28 @@ def test_a_study_runs_against_the_server_and_reads_back(ray_cluster, mlflow_serv
     import requests
 
     observer = ("observer", secrets.token_urlsafe(18))
-    assert requests.post(f"{mlflow_server.url}/api/2.0/mlflow/users/create", auth=mlflow_server.admin,
-                         json={"username": observer[0], "password": observer[1]}, timeout=30).status_code == 200
+    assert (
+        requests.post(
+            f"{mlflow_server.url}/api/2.0/mlflow/users/create",
+            auth=mlflow_server.admin,
+            json={"username": observer[0], "password": observer[1]},
+            timeout=30,
+        ).status_code
+        == 200
+    )
     api = f"{mlflow_server.url}/api/2.0/mlflow"
-    assert requests.post(f"{api}/runs/search", auth=observer, json={"experiment_ids": [exp.experiment_id]}, timeout=30).status_code == 200
-    assert requests.post(f"{api}/runs/create", auth=observer, json={"experiment_id": exp.experiment_id}, timeout=30).status_code == 403
+    assert (
+        requests.post(
+            f"{api}/runs/search", auth=observer, json={"experiment_ids": [exp.experiment_id]}, timeout=30
+        ).status_code
+        == 200
+    )
+    assert (
+        requests.post(
+            f"{api}/runs/create", auth=observer, json={"experiment_id": exp.experiment_id}, timeout=30
+        ).status_code
+        == 403
+    )
 
     # A retried job (same study, same storage) finds everything done and adds nothing.
     assert main(argv) == 0

@@ -21,8 +21,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.records.spool import SPOOL_DIR
 from orchestrator.records.schema import KIND_PRETRAIN, KIND_STUDY, KIND_TRANSFER, TAG_CHECKPOINT, TAG_KIND
+from orchestrator.records.spool import SPOOL_DIR
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,7 +31,10 @@ SPEC = {
     "sources": {"mnist": {"uri": "builtin:mnist"}},
     "tasks": {"digits": {"uri": "builtin:digits"}},
     "pretrain": {
-        "model": "tiny-cnn", "image_size": 16, "epochs": 2, "batch_size": 32,
+        "model": "tiny-cnn",
+        "image_size": 16,
+        "epochs": 2,
+        "batch_size": 32,
         "sweep": {"pretrain_size": [200], "label_noise": [0.0], "seed": [0]},
     },
     "transfer": {"shots": [1, "full"], "seeds": [0]},
@@ -49,11 +52,14 @@ def _pretrain_run_exists(db: Path, study: str) -> bool:
     """Read the server's sqlite store directly (read-only), so the probe needs no server."""
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            return con.execute(
-                "SELECT count(*) FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
-                "JOIN tags t ON t.run_uuid = r.run_uuid WHERE e.name = ? AND t.key = ? AND t.value = ?",
-                (study, TAG_KIND, KIND_PRETRAIN),
-            ).fetchone()[0] > 0
+            return (
+                con.execute(
+                    "SELECT count(*) FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
+                    "JOIN tags t ON t.run_uuid = r.run_uuid WHERE e.name = ? AND t.key = ? AND t.value = ?",
+                    (study, TAG_KIND, KIND_PRETRAIN),
+                ).fetchone()[0]
+                > 0
+            )
     except sqlite3.Error:
         return False
 
@@ -133,8 +139,17 @@ def outage_study(ray_cluster, mlflow_server_process, tmp_path_factory):
     finally:
         chaos.join(timeout=180)
         mp.undo()
-    yield {"code": code, "out": out.getvalue(), "err": err.getvalue(), "chaos": chaos, "argv": argv, "t0": t0,
-           "storage": storage, "tmp": tmp, "server": mlflow_server_process}
+    yield {
+        "code": code,
+        "out": out.getvalue(),
+        "err": err.getvalue(),
+        "chaos": chaos,
+        "argv": argv,
+        "t0": t0,
+        "storage": storage,
+        "tmp": tmp,
+        "server": mlflow_server_process,
+    }
 
 
 def test_study_survives_a_server_restart_without_losing_or_duplicating(outage_study):
@@ -203,7 +218,12 @@ def test_planted_secrets_appear_in_no_output(outage_study, tmp_path):
     blobs.update({str(p): p for p in _files(session) if p.stat().st_mtime >= o["t0"] - 1})
     assert any("artifacts" in k for k in blobs) and any(SPOOL_DIR not in k and "pretrain-" in k for k in blobs)
     assert f"tracking: http://***@127.0.0.1:{o['server'].port}" in o["out"]  # printed, redacted
-    leaks = [(where, v, text[max(0, text.find(v) - 200):text.find(v) + 50]) for where, text in texts.items() for v in values if v in text]
+    leaks = [
+        (where, v, text[max(0, text.find(v) - 200) : text.find(v) + 50])
+        for where, text in texts.items()
+        for v in values
+        if v in text
+    ]
     for where, path in blobs.items():
         data = path.read_bytes()
         leaks += [(where, v) for v in values if v.encode() in data and not _known_ray_leak(path, v)]
@@ -221,7 +241,13 @@ def test_server_down_past_the_deadline_stops_cleanly_and_resumes(outage_study, m
     client = MlflowClient(server.url)
     before = {r.info.run_id for r in _runs(client, "outage")}
     earlier = set(o["storage"].glob("outage-transfer-*"))  # the transfer phase of the first run
-    chaos = Chaos(server, "outage", o["storage"], restart=False, trigger=lambda: bool(set(o["storage"].glob("outage-transfer-*")) - earlier))
+    chaos = Chaos(
+        server,
+        "outage",
+        o["storage"],
+        restart=False,
+        trigger=lambda: bool(set(o["storage"].glob("outage-transfer-*")) - earlier),
+    )
     chaos.start()
     capsys.readouterr()
     code = main(argv)
@@ -258,10 +284,11 @@ def test_a_deleted_checkpoint_fails_its_fits_by_name_and_stays_resumable(outage_
     code = main(o["argv"] + ["transfer.shots=[1,2,3,full]"])  # a new fit needs the deleted checkpoint
     captured = capsys.readouterr()
     assert code == 1, captured.out + captured.err
-    assert f"checkpoint of pretraining run 'supervised mnist n=200 noise=0' (run {pre.info.run_id}) is missing: {checkpoint}" in captured.err
+    assert (
+        f"checkpoint of pretraining run 'supervised mnist n=200 noise=0' (run {pre.info.run_id}) is missing: "
+        f"{checkpoint}" in captured.err
+    )
     assert f"mlflow runs delete --run-id {pre.info.run_id}" in captured.err
     assert "Traceback" not in captured.err
     assert len(_runs(client, "outage")) == before  # no half-made runs
     assert client.get_run(pre.info.run_id).info.status == "FINISHED"
-
-

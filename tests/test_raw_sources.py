@@ -59,8 +59,12 @@ def _tars(root, n=80, per_shard=40, classes=4):
             for j in range(per_shard):
                 img, digit = images[shard * per_shard + j]
                 key, label = f"{shard:05d}{j:04d}", digit % classes
-                for ext, data in (("png", _png(img)), ("txt", f"digit {digit} number {key}".encode()),
-                                  ("cls", str(label).encode()), ("json", json.dumps({"key": key}).encode())):
+                for ext, data in (
+                    ("png", _png(img)),
+                    ("txt", f"digit {digit} number {key}".encode()),
+                    ("cls", str(label).encode()),
+                    ("json", json.dumps({"key": key}).encode()),
+                ):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -79,7 +83,22 @@ def _samples(ds):
 def test_webdataset_output_reads_back_as_the_same_samples(tmp_path, capsys):
     src = _folder(tmp_path / "folder")
     assert main(["data", "prepare", str(src), "--out", str(tmp_path / "pq"), "--shard-size", "16"]) == 0
-    assert main(["data", "prepare", str(src), "--out", str(tmp_path / "wds"), "--shard-size", "16", "--format", "webdataset"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                str(src),
+                "--out",
+                str(tmp_path / "wds"),
+                "--shard-size",
+                "16",
+                "--format",
+                "webdataset",
+            ]
+        )
+        == 0
+    )
     pq_ds, wds = open_dataset(tmp_path / "pq"), open_dataset(tmp_path / "wds")
     assert wds.format == "webdataset" and wds.files("train")[0].endswith("train/part-00000.tar")
     # Same manifest facts; the content fingerprint is equal, the byte fingerprint is per format.
@@ -99,7 +118,9 @@ def test_webdataset_output_reads_back_as_the_same_samples(tmp_path, capsys):
     # Our own reader takes the tars as a raw source, with the original keys and class names.
     bad = BadSamples()
     raw = {s.key: (s.image, s.label, s.class_name) for s in iter_samples(str(tmp_path / "wds" / "train"), bad)}
-    assert bad.total == 0 and raw == {k: (v[1], v[2], wds.classes[v[2]]) for k, v in _samples(wds).items() if v[0] == "train"}
+    assert bad.total == 0 and raw == {
+        k: (v[1], v[2], wds.classes[v[2]]) for k, v in _samples(wds).items() if v[0] == "train"
+    }
     assert any("." in k for k in raw)
     # Preparing again gives byte-identical tars (fixed tar metadata).
     again, _ = prepare(str(src), str(tmp_path / "wds2"), shard_size=16, shard_format="webdataset")
@@ -112,7 +133,11 @@ def test_raw_sources_are_scanned_once_and_rescanned_when_they_change(tmp_path):
     assert first.format == "raw" and first.manifest["source_format"] == "folder"
     assert first.root == resolve_dataset(str(src)).root  # the cached scan is reused
     # The scan holds no image bytes: only its manifest and the per-split index.
-    assert sorted(p.name for p in first.root.rglob("*") if p.is_file()) == ["manifest.json", "test.parquet", "train.parquet"]
+    assert sorted(p.name for p in first.root.rglob("*") if p.is_file()) == [
+        "manifest.json",
+        "test.parquet",
+        "train.parquet",
+    ]
     prepared, _ = prepare(str(src), str(tmp_path / "pq"))
     assert _samples(first) == _samples(prepared)
     assert first.fingerprint == prepared.manifest["content_fingerprint"]
@@ -121,14 +146,26 @@ def test_raw_sources_are_scanned_once_and_rescanned_when_they_change(tmp_path):
     assert second.root != first.root and second.num_samples("train") + second.num_samples("test") == 29
     # Parquet with configured columns, read where it lies.
     rows = _digits(20)
-    pq.write_table(pa.table({"uid": [f"u{i}" for i in range(20)], "jpg": [_png(x) for x, _ in rows],
-                             "label": [y % 2 for _, y in rows]}), tmp_path / "p.parquet")
+    pq.write_table(
+        pa.table(
+            {"uid": [f"u{i}" for i in range(20)], "jpg": [_png(x) for x, _ in rows], "label": [y % 2 for _, y in rows]}
+        ),
+        tmp_path / "p.parquet",
+    )
     ds = resolve_dataset(str(tmp_path / "p.parquet"), key_column="uid")
     assert ds.manifest["source_format"] == "parquet" and set(_samples(ds)) == {f"u{i}" for i in range(20)}
     # The same, named in a study: the spec's column names reach the scan.
     spec = tmp_path / "s.yaml"
-    spec.write_text(yaml.safe_dump({"study": "p", "sources": {"p": {"uri": "p.parquet", "key_column": "uid"}},
-                                    "tasks": {"f": str(src)}, "transfer": {"shots": [1]}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "study": "p",
+                "sources": {"p": {"uri": "p.parquet", "key_column": "uid"}},
+                "tasks": {"f": str(src)},
+                "transfer": {"shots": [1]},
+            }
+        )
+    )
     assert main(["validate", str(spec)]) == 0
     from orchestrator.planning.plan import build_plan
     from orchestrator.spec import load_spec
@@ -157,7 +194,10 @@ def test_caption_noise_is_refused_where_it_cannot_apply(tmp_path, capsys):
     assert main(["validate", str(_study(tmp_path, tars, folder, sweep={"caption_noise": [0.3]}))]) == 2
     assert capsys.readouterr().err.startswith("error: pretrain.sweep.caption_noise: caption noise swaps the captions")
     assert main(["validate", str(_study(tmp_path, folder, folder, method="clip", sweep={"caption_noise": [0.3]}))]) == 2
-    assert capsys.readouterr().err.strip() == "error: sources.tars.uri: source 'tars' has no captions for caption_noise to swap"
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: sources.tars.uri: source 'tars' has no captions for caption_noise to swap"
+    )
     assert main(["validate", str(_study(tmp_path, tars, folder, method="clip", sweep={"caption_noise": [1.5]}))]) == 2
     assert "pretrain.sweep.caption_noise[0]: must be in [0, 1], got 1.5" in capsys.readouterr().err
 

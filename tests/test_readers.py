@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from datasets_ import DatasetError, open_dataset
-from datasets_.prepare import inspect, prepare
 from datasets_.listing import expand_braces
+from datasets_.prepare import inspect, prepare
 from datasets_.readers import BadSamples, iter_samples
 from orchestrator.cli import main
 
@@ -115,15 +115,25 @@ def test_truncated_tar_keeps_what_was_readable(tars, tmp_path):
 
 def test_parquet_reader_with_configured_columns(tmp_path):
     images = _digit_images(12)
-    table = pa.table({
-        "uid": [f"u{i}" for i in range(12)],
-        "png_bytes": [_encode(img, "PNG") for img, _ in images],
-        "target": [lbl for _, lbl in images],
-        "text": [f"digit {lbl}" for _, lbl in images],
-    })
+    table = pa.table(
+        {
+            "uid": [f"u{i}" for i in range(12)],
+            "png_bytes": [_encode(img, "PNG") for img, _ in images],
+            "target": [lbl for _, lbl in images],
+            "text": [f"digit {lbl}" for _, lbl in images],
+        }
+    )
     pq.write_table(table, tmp_path / "part-0.parquet")
-    samples = list(iter_samples(str(tmp_path / "part-0.parquet"), BadSamples(), image_column="png_bytes",
-                                label_column="target", caption_column="text", key_column="uid"))
+    samples = list(
+        iter_samples(
+            str(tmp_path / "part-0.parquet"),
+            BadSamples(),
+            image_column="png_bytes",
+            label_column="target",
+            caption_column="text",
+            key_column="uid",
+        )
+    )
     assert [s.key for s in samples] == [f"u{i}" for i in range(12)]
     assert [s.label for s in samples] == [lbl for _, lbl in images]
     with pytest.raises(DatasetError, match="no image column 'jpg'"):
@@ -158,7 +168,11 @@ def test_prepare_folder_then_inspect(folder, tmp_path, capsys):
     assert len(ds.files("train")) == 5  # 30 samples in shards of 7
     assert main(["data", "inspect", str(out), "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
-    assert {k: m[k] for k in ("num_samples", "num_classes", "fingerprint")} == {"num_samples": 40, "num_classes": ds.num_classes, "fingerprint": ds.fingerprint}
+    assert {k: m[k] for k in ("num_samples", "num_classes", "fingerprint")} == {
+        "num_samples": 40,
+        "num_classes": ds.num_classes,
+        "fingerprint": ds.fingerprint,
+    }
     assert m["bad_samples"]["total"] == 1
     # Preparing the same source again gives the same fingerprint.
     again, _ = prepare(str(folder), str(tmp_path / "again"), shard_size=7)
@@ -178,7 +192,10 @@ def test_prepare_tars_and_use_them_in_a_study_spec(tars, tmp_path, capsys):
     assert raw["num_samples"] == 20 and raw["unlabeled"] == 0 and raw["prepared"] is False
     assert raw["bad_samples"]["total"] == 3
     spec = tmp_path / "s.yaml"
-    spec.write_text(f"study: wds\nsources: {{w: {{uri: {out}}}}}\ntasks: {{d: {{uri: 'builtin:digits'}}}}\ntransfer: {{shots: [1]}}\n")
+    spec.write_text(
+        f"study: wds\nsources: {{w: {{uri: {out}}}}}\ntasks: {{d: {{uri: 'builtin:digits'}}}}\ntransfer: "
+        f"{{shots: [1]}}\n"
+    )
     capsys.readouterr()
     assert main(["validate", str(spec)]) == 0
     assert "1 pretraining runs" in capsys.readouterr().out
@@ -202,7 +219,10 @@ def test_unlabeled_source_cannot_be_pretrained_supervised(tmp_path, capsys):
     assert main(["data", "prepare", str(tmp_path / "captions.parquet"), "--out", str(tmp_path / "c")]) == 0
     assert open_dataset(tmp_path / "c").num_classes == 0
     spec = tmp_path / "s.yaml"
-    spec.write_text(f"study: c\nsources: {{c: {{uri: {tmp_path / 'c'}}}}}\ntasks: {{d: 'builtin:digits'}}\ntransfer: {{shots: [1]}}\n")
+    spec.write_text(
+        f"study: c\nsources: {{c: {{uri: {tmp_path / 'c'}}}}}\ntasks: {{d: 'builtin:digits'}}\ntransfer: "
+        f"{{shots: [1]}}\n"
+    )
     capsys.readouterr()
     assert main(["validate", str(spec)]) == 2
     assert capsys.readouterr().err.startswith("error: sources.c.uri: 'c' needs integer labels")

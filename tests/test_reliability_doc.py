@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_doc_tables_are_generated_from_the_tests():
     text = reliability_table.DOC.read_text()
-    assert reliability_table.generated_part(text) == reliability_table.render(), \
+    assert reliability_table.generated_part(text) == reliability_table.render(), (
         "docs/reliability.md is stale: run `python tests/reliability_table.py`"
+    )
 
 
 def test_every_infrastructure_case_names_a_real_test():

@@ -34,13 +34,29 @@ def report_html(tmp_path_factory):
                 for seed in range(4):
                     included = rng.permutation(10) < 5 if source == "mnist" else None
                     base = 0.95 - 0.7 * (size * shift * (0.5 if noise else 1.0)) ** -0.25
-                    pre = s.pretrain(source, size, upstream=base + rng.normal(0, 0.02), noise=noise, seed=seed, classes=classes,
-                                     included=None if included is None else included.tolist())
+                    pre = s.pretrain(
+                        source,
+                        size,
+                        upstream=base + rng.normal(0, 0.02),
+                        noise=noise,
+                        seed=seed,
+                        classes=classes,
+                        included=None if included is None else included.tolist(),
+                    )
                     for shots in (1, 5, "full"):
                         acc = base - {1: 0.2, 5: 0.08, "full": 0.0}[shots] + rng.normal(0, 0.01)
-                        p = np.clip(acc + 0.1 * (included[3] if included is not None else 0) + rng.normal(0, 0.05, 30), 0, 1)
-                        s.transfer(pre, "digits", shots, 0, acc, layer="last" if seed % 2 else "penultimate",
-                                   per_example=per_example_frame(p) if shots == "full" else None)
+                        p = np.clip(
+                            acc + 0.1 * (included[3] if included is not None else 0) + rng.normal(0, 0.05, 30), 0, 1
+                        )
+                        s.transfer(
+                            pre,
+                            "digits",
+                            shots,
+                            0,
+                            acc,
+                            layer="last" if seed % 2 else "penultimate",
+                            per_example=per_example_frame(p) if shots == "full" else None,
+                        )
     out = root / "report"
     assert main(["report", "browser", "--tracking-uri", uri, "--out", str(out), "--bootstrap", "20"]) == 0
     return out / "report.html"
@@ -56,6 +72,8 @@ def test_report_renders_in_headless_chromium_without_errors(report_html, tmp_pat
     body = re.search(r"<body([^>]*)>", dom.stdout)
     assert body, dom.stderr[-2000:]
     attrs = dict(re.findall(r'data-([\w-]+)="([^"]*)"', body.group(1)))
-    assert int(attrs["images"]) >= 8 and attrs["broken-images"] == "0"  # the page's own load check ran and every PNG decoded
+    assert (
+        int(attrs["images"]) >= 8 and attrs["broken-images"] == "0"
+    )  # the page's own load check ran and every PNG decoded
     assert "Uncaught" not in dom.stderr
     assert "Source-class influence" in dom.stdout and "best_layer" in dom.stdout and "data_multiplier" in dom.stdout

@@ -32,7 +32,10 @@ STUDY = {
     "sources": {"mnist": {"uri": "builtin:mnist"}},
     "tasks": {"digits": {"uri": "builtin:digits"}},
     "pretrain": {
-        "model": "tiny-cnn", "image_size": 16, "epochs": EPOCHS, "batch_size": 32,
+        "model": "tiny-cnn",
+        "image_size": 16,
+        "epochs": EPOCHS,
+        "batch_size": 32,
         "sweep": {"pretrain_size": [100], "label_noise": [0.0, 0.2, 0.4]},
     },
     "transfer": {"protocol": ["linear_probe"], "shots": [1], "seeds": [0]},
@@ -108,8 +111,14 @@ def test_sigkilled_study_resumes_exactly_once(tmp_path, capsys, ray_tmp):
     run_argv = [sys.executable, "-m", "orchestrator.cli", "run", *common, "--storage-path", str(tmp_path / "storage")]
     # Ray Train's default 2 s controller poll (conftest shortens it for the other tests) paces the
     # epochs, so the kill below lands between two epochs' checkpoints, not after the last one.
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_RUN_ID", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
-    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "MLFLOW_RUN_ID", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    }
+    env.update(
+        PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled"
+    )
 
     fresh = _plan(common, capsys)
     assert (fresh["pretrain_new"], fresh["pretrain_resume"], fresh["pretrain_cached"]) == (3, 0, 0)
@@ -118,7 +127,9 @@ def test_sigkilled_study_resumes_exactly_once(tmp_path, capsys, ray_tmp):
 
     client = MlflowClient(uri)
     first_log = open(tmp_path / "first.log", "wb")
-    driver = subprocess.Popen(run_argv, env=env, stdout=first_log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    driver = subprocess.Popen(
+        run_argv, env=env, stdout=first_log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path
+    )
     try:
         # Kill once one job has finished and the next has reported (and checkpointed) an epoch.
         deadline = time.monotonic() + 600
@@ -127,7 +138,9 @@ def test_sigkilled_study_resumes_exactly_once(tmp_path, capsys, ray_tmp):
             assert time.monotonic() < deadline, "the first pretraining run did not finish in time"
             runs = _pretrain_runs(client) if (tmp_path / "mlflow.db").exists() else []
             finished = [r for r in runs if r.info.status == "FINISHED"]
-            midway = [r for r in runs if r.info.status == "RUNNING" and 1 <= len(_history(client, r.info.run_id)) < EPOCHS]
+            midway = [
+                r for r in runs if r.info.status == "RUNNING" and 1 <= len(_history(client, r.info.run_id)) < EPOCHS
+            ]
             if finished and midway:
                 break
             time.sleep(0.3)
@@ -151,7 +164,9 @@ def test_sigkilled_study_resumes_exactly_once(tmp_path, capsys, ray_tmp):
     assert killed["pretrain_trials"] == 2
 
     t0 = time.monotonic()
-    second = subprocess.run(run_argv, env=env, capture_output=True, text=True, timeout=800, start_new_session=True, cwd=tmp_path)
+    second = subprocess.run(
+        run_argv, env=env, capture_output=True, text=True, timeout=800, start_new_session=True, cwd=tmp_path
+    )
     resume_seconds = time.monotonic() - t0
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     deadline = time.monotonic() + 30

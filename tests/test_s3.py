@@ -112,7 +112,9 @@ def test_prepare_writes_a_dataset_straight_to_s3(s3_digits, tmp_path, capsys):
     assert remote.fingerprint == local.fingerprint and remote.num_samples("train") == local.num_samples("train")
     assert list(remote.keys_and_labels("train").keys) == list(local.keys_and_labels("train").keys)
     capsys.readouterr()
-    assert main(["data", "prepare", str(tmp_path / "src"), "--out", "s3://lab/prepared/w", "--format", "webdataset"]) == 0
+    assert (
+        main(["data", "prepare", str(tmp_path / "src"), "--out", "s3://lab/prepared/w", "--format", "webdataset"]) == 0
+    )
     assert open_dataset("s3://lab/prepared/w").format == "webdataset"
     assert main(["data", "prepare", str(tmp_path / "src"), "--out", "s3://no-such-bucket/x"]) == 2
     assert capsys.readouterr().err.startswith("error: s3://no-such-bucket/x: cannot write dataset")

@@ -56,14 +56,24 @@ def _write_sources(root):
             for j in range(100):
                 img, y = digits[shard * 100 + j]
                 key = f"{shard:05d}{j:04d}"
-                for ext, data in (("jpg", _encode(img, "JPEG")), ("txt", f"a handwritten {y}".encode()), ("cls", str(y % 4).encode()),
-                                  ("json", json.dumps({"key": key}).encode())):
+                for ext, data in (
+                    ("jpg", _encode(img, "JPEG")),
+                    ("txt", f"a handwritten {y}".encode()),
+                    ("cls", str(y % 4).encode()),
+                    ("json", json.dumps({"key": key}).encode()),
+                ):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
     (root / "pq").mkdir()
-    table = pa.table({"uid": [f"u{i:04d}" for i in range(600)], "img": [_encode(x) for x, _ in digits],
-                      "y": [y % 5 for _, y in digits], "text": [f"digit {y}" for _, y in digits]})
+    table = pa.table(
+        {
+            "uid": [f"u{i:04d}" for i in range(600)],
+            "img": [_encode(x) for x, _ in digits],
+            "y": [y % 5 for _, y in digits],
+            "text": [f"digit {y}" for _, y in digits],
+        }
+    )
     pq.write_table(table, root / "pq" / "big.parquet", row_group_size=150)
 
 
@@ -79,9 +89,12 @@ def sources(s3_server, tmp_path_factory):
 
 
 def _samples(ds) -> list[tuple]:
-    return [(split, k, img, int(y), c) for split in ds.manifest["splits"]
-            for b in iter_encoded(ds, split, columns=("key", "image", "label", "caption"))
-            for k, img, y, c in zip(b["key"], b["image"], b["label"], b["caption"])]
+    return [
+        (split, k, img, int(y), c)
+        for split in ds.manifest["splits"]
+        for b in iter_encoded(ds, split, columns=("key", "image", "label", "caption"))
+        for k, img, y, c in zip(b["key"], b["image"], b["label"], b["caption"])
+    ]
 
 
 def test_raw_sources_on_s3_inspect_and_prepare_as_on_disk(sources, tmp_path, capsys):
@@ -97,7 +110,9 @@ def test_raw_sources_on_s3_inspect_and_prepare_as_on_disk(sources, tmp_path, cap
         assert main(["data", "inspect", uri, "--json", *flags]) == 0, uri
         m = json.loads(capsys.readouterr().out)
         on_disk = inspect(str(local), **(PQ_COLUMNS if flags else {}))
-        assert (m["prepared"], m["source_format"], m["num_samples"], m["bad_samples"]["total"]) == (False, fmt, n, 0), uri
+        assert (m["prepared"], m["source_format"], m["num_samples"], m["bad_samples"]["total"]) == (False, fmt, n, 0), (
+            uri
+        )
         assert m["content_fingerprint"] == on_disk["content_fingerprint"] and m["splits"] == on_disk["splits"], uri
         manifests[fmt] = manifests.get(fmt, m)
         if i == 2:
@@ -117,16 +132,35 @@ def test_raw_sources_on_s3_inspect_and_prepare_as_on_disk(sources, tmp_path, cap
     assert second.root != first.root and second.num_samples("train") == first.num_samples("train")
     with pytest.raises(DatasetError, match="003.jpg: changed since s3://"):
         open_dataset(first.root)
-    pafs.copy_files(str(sources / "imgs/train/digit_0/003.jpg"), f"{BUCKET}/imgs/train/digit_0/003.jpg", destination_filesystem=fs)
+    pafs.copy_files(
+        str(sources / "imgs/train/digit_0/003.jpg"), f"{BUCKET}/imgs/train/digit_0/003.jpg", destination_filesystem=fs
+    )
 
 
 def test_webdataset_dataset_on_s3_round_trip(ray_cluster, sources, tmp_path):
     from datasets_.pipeline import ray_dataset
 
     uri = f"s3://{BUCKET}/prepared/wds"
-    assert main(["data", "prepare", f"s3://{BUCKET}/imgs", "--out", uri, "--format", "webdataset", "--shard-size", "16"]) == 0
-    assert main(["data", "prepare", str(sources / "imgs"), "--out", str(tmp_path / "wds"), "--format", "webdataset",
-                 "--shard-size", "16"]) == 0
+    assert (
+        main(["data", "prepare", f"s3://{BUCKET}/imgs", "--out", uri, "--format", "webdataset", "--shard-size", "16"])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                str(sources / "imgs"),
+                "--out",
+                str(tmp_path / "wds"),
+                "--format",
+                "webdataset",
+                "--shard-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     remote, local = open_dataset(uri), open_dataset(tmp_path / "wds")
     assert remote.format == "webdataset" and remote.files("train")[0] == f"{uri}/train/part-00000.tar"
     assert remote.fingerprint == local.fingerprint  # byte-identical tars from the bucket and from disk
@@ -148,24 +182,44 @@ def test_one_big_parquet_file_is_read_in_row_group_units(ray_cluster, sources):
     assert [u["row_groups"] for u in per_group] == [[0, 1], [1, 2], [2, 3], [3, 4]]
     assert len(split) > len(ds.files("train")) and split[0]["row_groups"][0] == 0 and split[-1]["row_groups"][1] == 4
     # The same samples, in the same order, whichever way the file is cut.
-    reads = [[(k, img, y, c) for u in units for b in iter_unit(u, batch_size=64)
-              for k, img, y, c in zip(b["key"], b["image"], b["label"], b["caption"])] for units in (whole, per_group, split)]
+    reads = [
+        [
+            (k, img, y, c)
+            for u in units
+            for b in iter_unit(u, batch_size=64)
+            for k, img, y, c in zip(b["key"], b["image"], b["label"], b["caption"])
+        ]
+        for units in (whole, per_group, split)
+    ]
     assert reads[0] == reads[1] == reads[2] and [r[0] for r in reads[0]] == list(ds.keys_and_labels("train").keys)
     # Ray Data reads one unit per task, every indexed sample once, decoded as in this process.
-    got = [(int(y), img.tobytes()) for b in ray_dataset(ds, "train", image_size=8).iter_batches(batch_size=None, batch_format="numpy")
-           for img, y in zip(b["image"], b["label"])]
+    got = [
+        (int(y), img.tobytes())
+        for b in ray_dataset(ds, "train", image_size=8).iter_batches(batch_size=None, batch_format="numpy")
+        for img, y in zip(b["image"], b["label"])
+    ]
     want = [(int(r[2]), img.tobytes()) for r, img in zip(reads[0], decode_uint8([r[1] for r in reads[0]], 8))]
     assert sorted(got) == sorted(want)
 
 
 def test_missing_s3_sources_are_one_line_errors_at_validate(sources, tmp_path, capsys):
-    cases = [(f"s3://{BUCKET}/nothing-here/", f"s3://{BUCKET}/nothing-here/: not a transferlab dataset"),
-             (f"s3://{BUCKET}/laion/{{00000..00005}}.tar", f"s3://{BUCKET}/laion/00003.tar: shard named by"),
-             ("s3://no-such-bucket/imgs", "s3://no-such-bucket/imgs: ")]
+    cases = [
+        (f"s3://{BUCKET}/nothing-here/", f"s3://{BUCKET}/nothing-here/: not a transferlab dataset"),
+        (f"s3://{BUCKET}/laion/{{00000..00005}}.tar", f"s3://{BUCKET}/laion/00003.tar: shard named by"),
+        ("s3://no-such-bucket/imgs", "s3://no-such-bucket/imgs: "),
+    ]
     for uri, message in cases:
         path = tmp_path / "study.yaml"
-        path.write_text(yaml.safe_dump({"study": "missing", "sources": {"remote": {"uri": uri}}, "tasks": {"t": "builtin:digits"},
-                                        "transfer": {"shots": [1]}}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "study": "missing",
+                    "sources": {"remote": {"uri": uri}},
+                    "tasks": {"t": "builtin:digits"},
+                    "transfer": {"shots": [1]},
+                }
+            )
+        )
         capsys.readouterr()
         assert main(["validate", str(path)]) == 2, uri
         err = capsys.readouterr().err

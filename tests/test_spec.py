@@ -93,7 +93,11 @@ BAD = [
     ("pretrain.sweep.pretrain_size", [10**6], "pretrain.sweep.pretrain_size[0]: 1000000 exceeds the"),
     ("pretrain.sweep.source", ["imagenet"], "pretrain.sweep.source[0]: unknown value 'imagenet'"),
     ("pretrain.sweep.sizes", [1], "pretrain.sweep.sizes: unknown key"),
-    ("transfer.protocol", ["linear-probe"], "transfer.protocol[0]: unknown value 'linear-probe' (did you mean 'linear_probe'?)"),
+    (
+        "transfer.protocol",
+        ["linear-probe"],
+        "transfer.protocol[0]: unknown value 'linear-probe' (did you mean 'linear_probe'?)",
+    ),
     ("transfer.shots", [1, 0], "transfer.shots[1]: must be >= 1, got 0"),
     ("transfer.shots", ["all"], "transfer.shots[0]: must be a positive integer or 'full'"),
     ("transfer.shots", [1, 500], "transfer.shots[1]: 500 shots exceed the"),
@@ -101,13 +105,25 @@ BAD = [
     ("resources.workers", 0, "resources.workers: must be >= 1, got 0"),
     ("resources.use_gpu", "yes", "resources.use_gpu: must be true or false"),
     ("resources.gpus", 1, "resources.gpus: unknown key"),
-    ("resources.light_trial_gpus", 0.5, "resources.light_trial_gpus: applies to GPU trials only: set resources.use_gpu: true"),
+    (
+        "resources.light_trial_gpus",
+        0.5,
+        "resources.light_trial_gpus: applies to GPU trials only: set resources.use_gpu: true",
+    ),
     ("tracking_uri", "mlflow.db", "tracking_uri: tracking URI 'mlflow.db' has no scheme"),
     ("trackinguri", None, "trackinguri: unknown key; did you mean 'tracking_uri'?"),
     ("sources.mnist.keep_classes", [0, 12], "sources.mnist.keep_classes: unknown class '12'"),
-    ("sources.mnist.drop_classes", [str(i) for i in range(10)], "sources.mnist: keep_classes/drop_classes leave no class"),
+    (
+        "sources.mnist.drop_classes",
+        [str(i) for i in range(10)],
+        "sources.mnist: keep_classes/drop_classes leave no class",
+    ),
     ("sources.mnist.caption_matches", "digit (", "sources.mnist.caption_matches: invalid regular expression 'digit ('"),
-    ("sources.mnist.caption_matches", "^zebra", "sources.mnist: its class and caption filters leave no training sample"),
+    (
+        "sources.mnist.caption_matches",
+        "^zebra",
+        "sources.mnist: its class and caption filters leave no training sample",
+    ),
     ("tasks.digits.keep_classes", [0], "tasks.digits.keep_classes: unknown key; allowed: uri"),
     ("pretrain.class_balanced", "yes", "pretrain.class_balanced: must be true or false"),
     ("pretrain.noise_pattern", "pairs", "pretrain.noise_pattern: unknown value 'pairs'"),
@@ -153,7 +169,11 @@ def test_console_script_exits_2_without_traceback(tmp_path):
     data["pretrain"]["sweep"]["label_noise"] = [0.0, 2]
     study = _write(tmp_path, data)
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "run", str(study)], capture_output=True, text=True, cwd=tmp_path, timeout=120
+        [sys.executable, "-m", "orchestrator.cli", "run", str(study)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: pretrain.sweep.label_noise[1]: must be in [0, 1], got 2"

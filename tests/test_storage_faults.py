@@ -35,7 +35,9 @@ def _namespaces_work() -> bool:
     return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
 
 
-needs_namespaces = pytest.mark.skipif(not _namespaces_work(), reason="unshare -rm (user + mount namespaces) is not available here")
+needs_namespaces = pytest.mark.skipif(
+    not _namespaces_work(), reason="unshare -rm (user + mount namespaces) is not available here"
+)
 
 
 def _run_on_mounted_storage(tmp_path: Path, mount_options: str, remount_ro: bool) -> subprocess.CompletedProcess:
@@ -43,20 +45,35 @@ def _run_on_mounted_storage(tmp_path: Path, mount_options: str, remount_ro: bool
     study.write_text(yaml.safe_dump(SPEC))
     storage = tmp_path / "storage"
     storage.mkdir()
-    cli = [str(Path(sys.executable).parent / "transferlab"), "run", str(study),
-           "--storage-path", str(storage / "checkpoints"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    cli = [
+        str(Path(sys.executable).parent / "transferlab"),
+        "run",
+        str(study),
+        "--storage-path",
+        str(storage / "checkpoints"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
     script = f"mount -t tmpfs -o {mount_options} tmpfs {shlex.quote(str(storage))}"
     if remount_ro:
         script += f" && mount -o remount,ro {shlex.quote(str(storage))}"
     script += " && exec " + shlex.join(cli)
-    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=150, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=150,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
 
 
 def _assert_refused(proc, tmp_path: Path, reason: str) -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stderr.startswith(f"error: --storage-path: cannot write to {tmp_path / 'storage' / 'checkpoints'}"), proc.stderr
+    assert proc.stderr.startswith(f"error: --storage-path: cannot write to {tmp_path / 'storage' / 'checkpoints'}"), (
+        proc.stderr
+    )
     assert reason in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()  # refused before MLflow was touched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["storage", "study.yaml"]

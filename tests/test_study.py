@@ -5,9 +5,17 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.records.schema import KIND_PRETRAIN, KIND_STUDY, KIND_TRANSFER, TAG_CHECKPOINT, TAG_CONFIG_HASH, TAG_KIND, TAG_PARENT
-from orchestrator.records.train_callback import MLflowReportCallback
+from orchestrator.records.schema import (
+    KIND_PRETRAIN,
+    KIND_STUDY,
+    KIND_TRANSFER,
+    TAG_CHECKPOINT,
+    TAG_CONFIG_HASH,
+    TAG_KIND,
+    TAG_PARENT,
+)
 from orchestrator.records.tracker import Tracker
+from orchestrator.records.train_callback import MLflowReportCallback
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -55,7 +63,11 @@ def test_mlflow_holds_the_schema(finished_study):
     for r in pretrains:
         p = r.data.params
         assert {k: p[k] for k in ("method", "source", "pretrain_size", "model", "seed")} == {
-            "method": "supervised", "source": "mnist", "pretrain_size": "300", "model": "tiny-cnn", "seed": "0",
+            "method": "supervised",
+            "source": "mnist",
+            "pretrain_size": "300",
+            "model": "tiny-cnn",
+            "seed": "0",
         }
         assert p["label_noise"] in ("0.0", "0.5")
         assert r.data.tags[TAG_PARENT] == study_id
@@ -71,7 +83,11 @@ def test_mlflow_holds_the_schema(finished_study):
         assert r.data.tags[TAG_PARENT] in parents
         assert r.data.params["task"] == "digits" and r.data.params["protocol"] == "linear_probe"
         assert 0.1 <= r.data.metrics["accuracy"] <= 1.0
-        assert r.data.metrics["num_train_examples"] == (10 * int(r.data.params["shots"]) if r.data.params["shots"] != "full" else r.data.metrics["num_train_examples"])
+        assert r.data.metrics["num_train_examples"] == (
+            10 * int(r.data.params["shots"])
+            if r.data.params["shots"] != "full"
+            else r.data.metrics["num_train_examples"]
+        )
     fulls = [r for r in transfers if r.data.params["shots"] == "full"]
     assert len(fulls) == 2 and all(r.data.params["seed"] == "0" for r in fulls)
     assert len({r.data.tags[TAG_CONFIG_HASH] for r in transfers}) == len(transfers)

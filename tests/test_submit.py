@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.execution import ray_jobs as jobs
 from orchestrator.cli import main
+from orchestrator.execution import ray_jobs as jobs
 from orchestrator.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,8 +27,14 @@ TINY = {
     "study": "tiny-submit",
     "sources": {"digits": {"uri": "builtin:digits"}},
     "tasks": {"digits": {"uri": "builtin:digits"}},
-    "pretrain": {"method": "supervised", "model": "tiny-cnn", "image_size": 8, "epochs": 1, "batch_size": 32,
-                 "sweep": {"source": ["digits"], "pretrain_size": [200], "label_noise": [0.0], "seed": [0]}},
+    "pretrain": {
+        "method": "supervised",
+        "model": "tiny-cnn",
+        "image_size": 8,
+        "epochs": 1,
+        "batch_size": 32,
+        "sweep": {"source": ["digits"], "pretrain_size": [200], "label_noise": [0.0], "seed": [0]},
+    },
     "transfer": {"protocol": ["linear_probe"], "shots": [1], "seeds": [0]},
     "resources": {"workers": 1, "cpus_per_worker": 1, "use_gpu": False},
 }
@@ -41,6 +47,7 @@ def _write(path: Path, doc: dict) -> Path:
 
 
 # --- the submission, built without a cluster -------------------------------------------------
+
 
 @pytest.fixture
 def project(tmp_path):
@@ -60,24 +67,42 @@ def test_submission_carries_what_the_cluster_needs_and_no_token(project, monkeyp
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
     study = project / "studies" / "tiny.yaml"
     spec = load_spec(study, ["transfer.seeds=[0,1]"])
-    sub, doc = jobs.build_submission(spec, str(study), str(project), "https://ray-user:uri-secret@mlflow.lab:443",
-                                     "s3://bucket/studies", loopback=False)
+    sub, doc = jobs.build_submission(
+        spec,
+        str(study),
+        str(project),
+        "https://ray-user:uri-secret@mlflow.lab:443",
+        "s3://bucket/studies",
+        loopback=False,
+    )
     assert sub.files == ["pkg/a.py", "studies/tiny.yaml"]  # no venv, data, local store, bytecode
     assert sub.study_path == "studies/tiny.yaml" and doc["transfer"]["seeds"] == [0, 1]  # overrides applied
-    assert sub.entrypoint == ("transferlab run studies/tiny.yaml --address auto --tracking-uri https://mlflow.lab:443 "
-                              "--storage-path s3://bucket/studies")
+    assert sub.entrypoint == (
+        "transferlab run studies/tiny.yaml --address auto --tracking-uri https://mlflow.lab:443 "
+        "--storage-path s3://bucket/studies"
+    )
     # MLflow credentials travel as the job's environment (the cluster may lack them); the Ray
     # token never does: the job's driver authenticates with its node's own token.
     # (Those of the URI win over the environment's.)
-    assert sub.env_vars == {"MLFLOW_TRACKING_URI": "https://mlflow.lab:443", "MLFLOW_TRACKING_USERNAME": "ray-user",
-                            "MLFLOW_TRACKING_PASSWORD": "uri-secret"}
+    assert sub.env_vars == {
+        "MLFLOW_TRACKING_URI": "https://mlflow.lab:443",
+        "MLFLOW_TRACKING_USERNAME": "ray-user",
+        "MLFLOW_TRACKING_PASSWORD": "uri-secret",
+    }
     everything = repr((sub.entrypoint, sub.env_vars, doc, sub.submission_id))
     assert TOKEN not in everything and "uri-secret" not in sub.entrypoint
     # The id is the study's: the same submission gets it again, a changed one does not.
-    again, _ = jobs.build_submission(load_spec(study, ["transfer.seeds=[0,1]"]), str(study), str(project),
-                                     "https://mlflow.lab:443", "s3://bucket/studies", loopback=False)
-    other, _ = jobs.build_submission(load_spec(study), str(study), str(project), "https://mlflow.lab:443",
-                                     "s3://bucket/studies", loopback=False)
+    again, _ = jobs.build_submission(
+        load_spec(study, ["transfer.seeds=[0,1]"]),
+        str(study),
+        str(project),
+        "https://mlflow.lab:443",
+        "s3://bucket/studies",
+        loopback=False,
+    )
+    other, _ = jobs.build_submission(
+        load_spec(study), str(study), str(project), "https://mlflow.lab:443", "s3://bucket/studies", loopback=False
+    )
     assert again.submission_id == sub.submission_id != other.submission_id
     assert sub.submission_id.startswith("transferlab-tiny-submit-")
     assert jobs.local_stores(sub) == (None, None)  # nothing here to check: the server may be cluster-internal
@@ -86,13 +111,32 @@ def test_submission_carries_what_the_cluster_needs_and_no_token(project, monkeyp
     assert "torch" in {p.split("==")[0] for p in pins} and not any(p.startswith("ray") for p in pins)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--tracking-uri", "sqlite:///mlflow.db", "--storage-path", "s3://b/p"], "--tracking-uri: sqlite:///mlflow.db is a file on this machine"),
-    (["--tracking-uri", "http://mlflow:5000"], "--storage-path: the default ./transferlab_storage is a folder on this machine"),
-    (["--tracking-uri", "http://mlflow:5000", "--storage-path", "ckpt"], "--storage-path: ckpt is a folder on this machine"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--tracking-uri", "sqlite:///mlflow.db", "--storage-path", "s3://b/p"],
+            "--tracking-uri: sqlite:///mlflow.db is a file on this machine",
+        ),
+        (
+            ["--tracking-uri", "http://mlflow:5000"],
+            "--storage-path: the default ./transferlab_storage is a folder on this machine",
+        ),
+        (
+            ["--tracking-uri", "http://mlflow:5000", "--storage-path", "ckpt"],
+            "--storage-path: ckpt is a folder on this machine",
+        ),
+    ],
+)
 def test_remote_cluster_refuses_local_stores(project, capsys, extra, message):
-    argv = ["submit", str(project / "studies" / "tiny.yaml"), "--address", "http://10.255.0.1:8265", "--working-dir", str(project)]
+    argv = [
+        "submit",
+        str(project / "studies" / "tiny.yaml"),
+        "--address",
+        "http://10.255.0.1:8265",
+        "--working-dir",
+        str(project),
+    ]
     assert main(argv + extra) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
@@ -101,21 +145,38 @@ def test_remote_cluster_refuses_local_stores(project, capsys, extra, message):
 def test_oversized_working_dir_and_unreachable_cluster(project, capsys, tmp_path):
     with open(project / "pkg" / "weights.bin", "wb") as f:  # sparse: 600 MiB that take no disk
         f.truncate(600 * 2**20)
-    argv = ["submit", str(project / "studies" / "tiny.yaml"), "--working-dir", str(project),
-            "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--storage-path", str(tmp_path / "st")]
+    argv = [
+        "submit",
+        str(project / "studies" / "tiny.yaml"),
+        "--working-dir",
+        str(project),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/m.db",
+        "--storage-path",
+        str(tmp_path / "st"),
+    ]
     assert main(argv + ["--address", "http://127.0.0.1:8265"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --working-dir: ") and "over Ray's 512 MiB limit; largest: pkg/weights.bin (600 MiB)" in err
+    assert (
+        err.startswith("error: --working-dir: ")
+        and "over Ray's 512 MiB limit; largest: pkg/weights.bin (600 MiB)" in err
+    )
     (project / "pkg" / "weights.bin").unlink()
     port = _free_port()
-    for command in (argv + ["--address", f"http://127.0.0.1:{port}"], ["status", "some-job", "--address", f"127.0.0.1:{port}"]):
+    for command in (
+        argv + ["--address", f"http://127.0.0.1:{port}"],
+        ["status", "some-job", "--address", f"127.0.0.1:{port}"],
+    ):
         assert main(command) == 2
         err = capsys.readouterr().err
-        assert err == f"error: --address: cannot use the Ray job API at http://127.0.0.1:{port}: connection refused " \
-                      "(is the dashboard running, and is the port forwarded?)\n"
+        assert (
+            err == f"error: --address: cannot use the Ray job API at http://127.0.0.1:{port}: connection refused "
+            "(is the dashboard running, and is the port forwarded?)\n"
+        )
 
 
 # --- a real cluster --------------------------------------------------------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -163,15 +224,49 @@ def head():
     marker = f"TRANSFERLAB_TEST_CLUSTER={uuid.uuid4().hex}"
     temp = tempfile.mkdtemp(prefix="tl-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update({marker.split("=")[0]: marker.split("=")[1], "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
-                "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"})
+    env.update(
+        {
+            marker.split("=")[0]: marker.split("=")[1],
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": TOKEN,
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            "PYTHONPATH": str(REPO),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+    )
     gcs, dash = _free_port(), _free_port()
-    ports = {f"--{name}": str(_free_port()) for name in (
-        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "node-manager-port", "object-manager-port")}
-    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "4", "--include-dashboard=true",
-           "--disable-usage-stats", "--temp-dir", temp, *[x for kv in ports.items() for x in kv]]
+    ports = {
+        f"--{name}": str(_free_port())
+        for name in (
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    }
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--num-cpus",
+        "4",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+        "--temp-dir",
+        temp,
+        *[x for kv in ports.items() for x in kv],
+    ]
     try:
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, start_new_session=True)
         if started.returncode != 0:
@@ -185,8 +280,12 @@ def head():
 
 def _cli(*args, env_extra=None, timeout=420) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update({"PYTHONPATH": str(REPO), "RAY_AUTH_TOKEN": TOKEN, "MLFLOW_TRACKING_PASSWORD": PASSWORD, **(env_extra or {})})
-    out = subprocess.run([str(BIN / "transferlab"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    env.update(
+        {"PYTHONPATH": str(REPO), "RAY_AUTH_TOKEN": TOKEN, "MLFLOW_TRACKING_PASSWORD": PASSWORD, **(env_extra or {})}
+    )
+    out = subprocess.run(
+        [str(BIN / "transferlab"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     for stream in (out.stdout, out.stderr):
         assert TOKEN not in stream and PASSWORD not in stream, f"a secret was printed by transferlab {args[0]}"
     return out
@@ -206,7 +305,9 @@ def test_submit_status_logs_run_stop_on_a_cluster(head, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     job = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("submitted: "))
     assert job.startswith("transferlab-tiny-submit-")
-    assert out.stdout.index("ran 1/1 pretraining runs and 1/1 transfer fits") < out.stdout.index(f"{job}: SUCCEEDED (exit code 0)")
+    assert out.stdout.index("ran 1/1 pretraining runs and 1/1 transfer fits") < out.stdout.index(
+        f"{job}: SUCCEEDED (exit code 0)"
+    )
 
     status = _cli("status", job, "--address", head["api"])
     assert status.returncode == 0 and status.stdout.startswith(f"{job}: SUCCEEDED")

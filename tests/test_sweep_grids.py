@@ -47,7 +47,11 @@ def test_a_list_of_grids_plans_their_union_and_plan_counts_it(tmp_path, capsys):
     assert len({j.run_name for j in plan.pretrain_runs}) == 8 and plan.num_transfer_fits == 8
 
     # an overlapping grid adds only its new point, after the others
-    plan = build_plan(parse_spec(_study([SUPERVISED, SIMCLR, {"method": ["supervised"], "pretrain_size": [100], "label_noise": [0.0, 0.6]}])))
+    plan = build_plan(
+        parse_spec(
+            _study([SUPERVISED, SIMCLR, {"method": ["supervised"], "pretrain_size": [100], "label_noise": [0.0, 0.6]}])
+        )
+    )
     assert _points(plan) == supervised + [("simclr", 100, 0.0), ("simclr", 200, 0.0), ("supervised", 100, 0.6)]
     assert len({j.config_hash for j in plan.pretrain_runs}) == 9
 
@@ -55,7 +59,12 @@ def test_a_list_of_grids_plans_their_union_and_plan_counts_it(tmp_path, capsys):
     path.write_text(yaml.safe_dump(STUDY))
     assert main(["plan", str(path), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert (summary["pretrain_jobs"], summary["pretrain_new"], summary["pretrain_trials"], summary["transfer_trials"]) == (8, 8, 8, 8)
+    assert (
+        summary["pretrain_jobs"],
+        summary["pretrain_new"],
+        summary["pretrain_trials"],
+        summary["transfer_trials"],
+    ) == (8, 8, 8, 8)
     # an override of an axis reaches every grid
     assert main(["validate", str(path), "pretrain.sweep.seed=[0, 1]"]) == 0
     assert "16 pretraining runs, 16 transfer fits" in capsys.readouterr().out
@@ -67,18 +76,26 @@ def test_one_grid_in_a_list_plans_the_same_jobs_as_the_mapping():
     assert mapping.pretrain.grids == (mapping.pretrain.sweep,) and not mapping.pretrain.listed
     assert mapping.pretrain.sweep == listed.pretrain.sweep
     a, b = build_plan(mapping), build_plan(listed)
-    assert [(j.config_hash, j.run_name) for j in a.pretrain_runs] == [(j.config_hash, j.run_name) for j in b.pretrain_runs]
+    assert [(j.config_hash, j.run_name) for j in a.pretrain_runs] == [
+        (j.config_hash, j.run_name) for j in b.pretrain_runs
+    ]
     assert len(a.pretrain_runs) == 6
 
 
-@pytest.mark.parametrize("sweep, message", [
-    ([SUPERVISED, {**SIMCLR, "label_noise": [1.4]}], "pretrain.sweep[1].label_noise[0]: must be in [0, 1], got 1.4"),
-    ([SUPERVISED, {"sizes": [1]}], "pretrain.sweep[1].sizes: unknown key"),
-    ([SUPERVISED, {"amp": ["none", "bf16"]}], "pretrain.sweep[1].amp[1]: bf16 mixed precision runs on CUDA only"),
-    ([], "pretrain.sweep: must hold at least one grid (a mapping of axis -> values)"),
-    ([3], "pretrain.sweep[0]: must be a mapping, got int"),
-    ("mnist", "pretrain.sweep: must be a mapping of axis -> values or a list of them, got string"),
-])
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        (
+            [SUPERVISED, {**SIMCLR, "label_noise": [1.4]}],
+            "pretrain.sweep[1].label_noise[0]: must be in [0, 1], got 1.4",
+        ),
+        ([SUPERVISED, {"sizes": [1]}], "pretrain.sweep[1].sizes: unknown key"),
+        ([SUPERVISED, {"amp": ["none", "bf16"]}], "pretrain.sweep[1].amp[1]: bf16 mixed precision runs on CUDA only"),
+        ([], "pretrain.sweep: must hold at least one grid (a mapping of axis -> values)"),
+        ([3], "pretrain.sweep[0]: must be a mapping, got int"),
+        ("mnist", "pretrain.sweep: must be a mapping of axis -> values or a list of them, got string"),
+    ],
+)
 def test_a_bad_grid_is_named(sweep, message):
     with pytest.raises(SpecError) as e:
         parse_spec(_study(sweep))

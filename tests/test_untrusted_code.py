@@ -13,13 +13,29 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted(p for d in ("orchestrator", "trainers", "datasets_", "benchmarks", "deploy", "tests") if (ROOT / d).is_dir()
-                 for p in (ROOT / d).rglob("*.py"))
+SOURCES = sorted(
+    p
+    for d in ("orchestrator", "trainers", "datasets_", "benchmarks", "deploy", "tests")
+    if (ROOT / d).is_dir()
+    for p in (ROOT / d).rglob("*.py")
+)
 
 FORBIDDEN_CALLS = {
-    ("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"), ("cPickle", "load"), ("dill", "load"),
-    ("dill", "loads"), ("joblib", "load"), ("marshal", "loads"), ("marshal", "load"), ("shelve", "open"),
-    ("yaml", "unsafe_load"), ("yaml", "full_load"), ("yaml", "load_all"), ("pd", "read_pickle"), ("pandas", "read_pickle"),
+    ("pickle", "load"),
+    ("pickle", "loads"),
+    ("pickle", "Unpickler"),
+    ("cPickle", "load"),
+    ("dill", "load"),
+    ("dill", "loads"),
+    ("joblib", "load"),
+    ("marshal", "loads"),
+    ("marshal", "load"),
+    ("shelve", "open"),
+    ("yaml", "unsafe_load"),
+    ("yaml", "full_load"),
+    ("yaml", "load_all"),
+    ("pd", "read_pickle"),
+    ("pandas", "read_pickle"),
 }
 UNSAFE_LOADERS = {"Loader", "FullLoader", "UnsafeLoader"}
 ALLOW = "# audit: deliberate exploit"
@@ -78,10 +94,12 @@ def audit(path: Path) -> list[str]:
 def test_the_audit_finds_what_it_looks_for(tmp_path):
     """The audit is not vacuous: a file with every forbidden pattern is caught line by line."""
     bad = tmp_path / "probe.py"
-    bad.write_text("import pickle, yaml, torch\n"
-                   "pickle.loads(b'')\neval('1')\nyaml.load('a')\nyaml.load('a', Loader=yaml.Loader)\n"
-                   "torch.load('x')\ntorch.load('x', weights_only=False)\nmodel.eval()\nyaml.safe_load('a')\n"
-                   "torch.load('x', weights_only=True)\n")
+    bad.write_text(
+        "import pickle, yaml, torch\n"
+        "pickle.loads(b'')\neval('1')\nyaml.load('a')\nyaml.load('a', Loader=yaml.Loader)\n"
+        "torch.load('x')\ntorch.load('x', weights_only=False)\nmodel.eval()\nyaml.safe_load('a')\n"
+        "torch.load('x', weights_only=True)\n"
+    )
     found = audit(bad)
     assert [p.split(":")[-2] for p in found] == ["2", "3", "4", "5", "6", "7"], found
 

@@ -136,7 +136,9 @@ def test_decompression_bomb_in_parquet_is_a_bad_sample(tmp_path):
 
 def test_bomb_inside_someone_elses_prepared_dataset_is_refused_at_decode(tmp_path):
     """A prepared dataset built elsewhere never went through our readers: decoding checks too."""
-    ds = write_sharded_dataset(tmp_path / "ds", "ds", ["a"], [("train", {"key": "b", "image": _bomb(), "label": 0, "caption": ""})])
+    ds = write_sharded_dataset(
+        tmp_path / "ds", "ds", ["a"], [("train", {"key": "b", "image": _bomb(), "label": 0, "caption": ""})]
+    )
     blob = pq.read_table(ds.files("train")[0]).column("image")[0].as_py()
     with pytest.raises(DatasetError, match="image too large: 9000x9000"):
         decode_uint8([_png(), blob], 16)
@@ -164,7 +166,9 @@ def test_oversized_caption_is_truncated(tmp_path):
 
 
 def test_oversized_parquet_caption_is_truncated(tmp_path):
-    pq.write_table(pa.table({"key": ["k"], "jpg": [_png()], "label": [0], "caption": ["y" * (1 << 20)]}), tmp_path / "p.parquet")
+    pq.write_table(
+        pa.table({"key": ["k"], "jpg": [_png()], "label": [0], "caption": ["y" * (1 << 20)]}), tmp_path / "p.parquet"
+    )
     samples, _ = _read(tmp_path / "p.parquet")
     assert len(samples[0].caption) == MAX_CAPTION_CHARS
 
@@ -217,6 +221,10 @@ def test_non_image_labels_and_keys_do_not_break_prepare(tmp_path):
 def test_every_attack_is_in_the_reliability_table():
     from reliability_table import SHARD_ATTACKS  # tests/ is on sys.path (rootdir conftest)
 
-    tests = {name for name in globals() if name.startswith("test_") and name != "test_every_attack_is_in_the_reliability_table"}
+    tests = {
+        name
+        for name in globals()
+        if name.startswith("test_") and name != "test_every_attack_is_in_the_reliability_table"
+    }
     assert set(SHARD_ATTACKS) == tests
     assert np.all([len(v) == 2 for v in SHARD_ATTACKS.values()])

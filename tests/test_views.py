@@ -167,14 +167,19 @@ def test_plan_applies_source_curation_and_balance(tmp_path):
     from orchestrator.planning.plan import build_plan
     from orchestrator.spec import parse_spec
 
-    spec = parse_spec({
-        "study": "v",
-        "sources": {"low": {"uri": "builtin:digits", "keep_classes": [0, 1, 2, 3], "drop_classes": ["3"]}},
-        "tasks": {"d": "builtin:digits"},
-        "pretrain": {"class_balanced": True, "noise_pattern": "pairwise",
-                     "sweep": {"pretrain_size": [60, 150], "label_noise": [0.5]}},
-        "transfer": {"shots": [1]},
-    })
+    spec = parse_spec(
+        {
+            "study": "v",
+            "sources": {"low": {"uri": "builtin:digits", "keep_classes": [0, 1, 2, 3], "drop_classes": ["3"]}},
+            "tasks": {"d": "builtin:digits"},
+            "pretrain": {
+                "class_balanced": True,
+                "noise_pattern": "pairwise",
+                "sweep": {"pretrain_size": [60, 150], "label_noise": [0.5]},
+            },
+            "transfer": {"shots": [1]},
+        }
+    )
     plan = build_plan(spec)
     ds = prepare_builtin("digits")
     split = ds.keys_and_labels("train")

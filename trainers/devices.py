@@ -17,5 +17,7 @@ def trial_device(use_gpu: bool) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
-        raise RuntimeError(f"resources.use_gpu is true but this trial sees no CUDA device (CUDA_VISIBLE_DEVICES={visible})")
+        raise RuntimeError(
+            f"resources.use_gpu is true but this trial sees no CUDA device (CUDA_VISIBLE_DEVICES={visible})"
+        )
     return torch.device("cuda")

@@ -168,9 +168,9 @@ def simclr_views(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
     b = 1 + (rand(n) * 2 - 1).view(n, 1, 1, 1) * 0.4
     c = 1 + (rand(n) * 2 - 1).view(n, 1, 1, 1) * 0.4
     s = 1 + (rand(n) * 2 - 1).view(n, 1, 1, 1) * 0.4
-    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
     mean = gray.mean(dim=(2, 3), keepdim=True)
-    jittered = ((x * b - mean) * c + mean)
+    jittered = (x * b - mean) * c + mean
     jittered = gray + (jittered - gray) * s
     x = jitter * jittered + (1 - jitter) * x
     to_gray = (rand(n) < 0.2).float().view(n, 1, 1, 1)
@@ -179,8 +179,16 @@ def simclr_views(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
 
 
 @torch.no_grad()
-def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-             num_classes: int, k: int = KNN_K, temperature: float = KNN_TEMPERATURE, chunk: int = 1024) -> tuple[int, int]:
+def knn_top1(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
+    chunk: int = 1024,
+) -> tuple[int, int]:
     """(correct, total) of a weighted k-NN classifier on cosine similarity (Wu et al. 2018).
 
     Each test point votes with its k nearest training features, weighted by exp(sim / τ).

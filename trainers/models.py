@@ -18,7 +18,6 @@ from torch import nn
 
 from trainers.protocols import FINAL_LAYER
 
-
 MODELS: dict[str, dict] = {
     # A few thousand parameters: for tests and smoke runs.
     # bn_momentum 0.3 (PyTorch's default is 0.1): BatchNorm's running statistics must settle
@@ -45,7 +44,9 @@ def model_config(name: str, overrides: dict | None = None, width: float = 1.0) -
     cfg = copy.deepcopy(MODELS[name])
     for k, v in (overrides or {}).items():
         if k not in cfg or k == "arch":
-            raise ValueError(f"model '{name}' has no setting '{k}' (settings: {', '.join(sorted(set(cfg) - {'arch'}))})")
+            raise ValueError(
+                f"model '{name}' has no setting '{k}' (settings: {', '.join(sorted(set(cfg) - {'arch'}))})"
+            )
         cfg[k] = v
     if width != 1.0:
         if cfg["arch"] == "cnn":
@@ -76,7 +77,12 @@ def layer_names(config: dict) -> tuple[str, ...]:
 def _cnn(widths: list[int], bn_momentum: float) -> tuple[nn.Module, int]:
     layers, c_in = [], 3
     for w in widths:
-        layers += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w, momentum=bn_momentum), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        layers += [
+            nn.Conv2d(c_in, w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w, momentum=bn_momentum),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        ]
         c_in = w
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers), c_in
@@ -94,7 +100,9 @@ def _resnet18(small_input: bool) -> tuple[nn.Module, int]:
     return net, dim
 
 
-def _vit(image_size: int, patch_size: int, num_layers: int, num_heads: int, hidden_dim: int, mlp_dim: int) -> tuple[nn.Module, int]:
+def _vit(
+    image_size: int, patch_size: int, num_layers: int, num_heads: int, hidden_dim: int, mlp_dim: int
+) -> tuple[nn.Module, int]:
     from torchvision.models import VisionTransformer
 
     if image_size % patch_size:
@@ -112,7 +120,9 @@ def build_backbone(config: dict, image_size: int) -> tuple[nn.Module, int]:
     if arch == "resnet18":
         return _resnet18(bool(config["small_input"]))
     if arch == "vit":
-        return _vit(image_size, *(int(config[k]) for k in ("patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim")))
+        return _vit(
+            image_size, *(int(config[k]) for k in ("patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim"))
+        )
     raise ValueError(f"unknown architecture '{arch}'")
 
 
@@ -153,7 +163,8 @@ class Backbone(nn.Module):
         out: dict[str, torch.Tensor] = {}
         hooks = [
             modules[n].register_forward_hook(lambda _m, _i, o, n=n: out.__setitem__(n, _pool(o)))
-            for n in names if n != FINAL_LAYER
+            for n in names
+            if n != FINAL_LAYER
         ]
         try:
             final = self.net(x)

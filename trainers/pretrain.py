@@ -67,10 +67,10 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PretrainConfig":
+    def from_dict(cls, d: dict) -> PretrainConfig:
         return cls(**{**d, "classes": tuple(d["classes"])})
 
-    def replace(self, **changes) -> "PretrainConfig":
+    def replace(self, **changes) -> PretrainConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -102,7 +102,9 @@ def load_model(directory: str) -> nn.Module:
     """
     state = load_checkpoint(directory)
     meta = state["meta"]
-    model = build_pretrain_model(meta.get("method", "supervised"), meta["model_config"], meta["num_classes"], meta.get("image_size", 32))
+    model = build_pretrain_model(
+        meta.get("method", "supervised"), meta["model_config"], meta["num_classes"], meta.get("image_size", 32)
+    )
     model.load_state_dict(state["model"])
     model.meta = meta
     return model.eval()
@@ -280,7 +282,9 @@ def _step_functions(method: str, model: nn.Module, device, amp: str, seed: int):
     """The per-batch loss of a method: ``batch -> scalar loss`` (forward pass included)."""
     if method == "supervised":
         ce = nn.CrossEntropyLoss()
-        return lambda b: ce(model(normalize(b["image"].to(device, non_blocking=True))), b["label"].to(device, non_blocking=True))
+        return lambda b: ce(
+            model(normalize(b["image"].to(device, non_blocking=True))), b["label"].to(device, non_blocking=True)
+        )
     if method == "clip":
         loss_fn = clip_loss()
 
@@ -307,7 +311,9 @@ def _step_functions(method: str, model: nn.Module, device, amp: str, seed: int):
 
 
 @torch.no_grad()
-def upstream_top1(method: str, model: nn.Module, train_shard, heldout_shard, device, amp: str, config: PretrainConfig) -> tuple[int, int]:
+def upstream_top1(
+    method: str, model: nn.Module, train_shard, heldout_shard, device, amp: str, config: PretrainConfig
+) -> tuple[int, int]:
     """(correct, total) of this worker's held-out shard under the method's upstream measure."""
     model.eval()
     heldout = heldout_shard.iter_torch_batches(batch_size=256)

@@ -58,7 +58,9 @@ class TrainSettings:
     warmup_epochs: float = 0.0
 
 
-def index_stream(order: np.ndarray, labels: np.ndarray, kept: np.ndarray, batch_size: int, epochs: int, seed: int) -> np.ndarray:
+def index_stream(
+    order: np.ndarray, labels: np.ndarray, kept: np.ndarray, batch_size: int, epochs: int, seed: int
+) -> np.ndarray:
     """A model's training rows, [steps, batch_size]: its kept classes' samples, reshuffled each epoch.
 
     ``order`` lists the rows sorted by sample key, so the stream depends on keys and ``seed`` only,
@@ -111,8 +113,17 @@ def _adamw(p, g, m, v, t, lr, wd, active):
     return torch.where(act, p_new, p), torch.where(act, m_new, m), torch.where(act, v_new, v)
 
 
-def train_stacked(model_config: dict, num_classes: int, images: torch.Tensor, labels: np.ndarray, keys: np.ndarray,
-                  masks: np.ndarray, seeds: list[int], s: TrainSettings, device: torch.device | str | None = None) -> StackedModels:
+def train_stacked(
+    model_config: dict,
+    num_classes: int,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    keys: np.ndarray,
+    masks: np.ndarray,
+    seeds: list[int],
+    s: TrainSettings,
+    device: torch.device | str | None = None,
+) -> StackedModels:
     """Train len(seeds) supervised models at once on ``device`` (default CPU); model b on the
     classes ``masks[b]`` holds.
 
@@ -149,7 +160,9 @@ def train_stacked(model_config: dict, num_classes: int, images: torch.Tensor, la
         old_buffers = {k: b.clone() for k, b in buffers.items()}
         grads, loss = step_grad(params, buffers, x, y)  # updates BatchNorm buffers in place
         active = torch.from_numpy(active_np).to(device)
-        lr = torch.tensor([lr_at(t / per_epoch[b], s.lr, s.epochs, s.warmup_epochs, s.lr_schedule) for b in range(B)], device=device)
+        lr = torch.tensor(
+            [lr_at(t / per_epoch[b], s.lr, s.epochs, s.warmup_epochs, s.lr_schedule) for b in range(B)], device=device
+        )
         tt = torch.from_numpy(np.minimum(t, steps - 1) + 1.0).to(device)
         for k in params:
             params[k], m[k], v2[k] = _adamw(params[k], grads[k], m[k], v2[k], tt, lr, s.weight_decay, active)
@@ -174,13 +187,17 @@ def stacked_features(sm: StackedModels, images: torch.Tensor, batch_size: int = 
     p, b = strip(sm.params), strip(sm.buffers)
     run = vmap(lambda pp, bb, x: functional_call(backbone, (pp, bb), (x,)), in_dims=(0, 0, None))
     device = next(iter(sm.params.values())).device
-    out = [run(p, b, normalize(images[i : i + batch_size].to(device))).double().cpu() for i in range(0, len(images), batch_size)]
+    out = [
+        run(p, b, normalize(images[i : i + batch_size].to(device))).double().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     sm.base.train()
     return torch.cat(out, dim=1).numpy()
 
 
-def probe_outputs(train: Features, test: Features, num_classes: int, protocol: str, shots, seed: int,
-                  val_fraction: float) -> tuple[float, pd.DataFrame]:
+def probe_outputs(
+    train: Features, test: Features, num_classes: int, protocol: str, shots, seed: int, val_fraction: float
+) -> tuple[float, pd.DataFrame]:
     """(test accuracy, per-example outputs) of one frozen-feature probe, chosen and scored as
     :func:`trainers.transfer.evaluate_transfer` does (validation carve-out by key hash, shots
     from the rest, the test split only scored)."""
@@ -190,7 +207,9 @@ def probe_outputs(train: Features, test: Features, num_classes: int, protocol: s
     pool = np.flatnonzero(~val)
     idx = pool[shot_indices(train.keys[pool], train.y[pool], shots, seed, num_classes)]
     if protocol == "linear_probe":
-        scores = ridge_few_shot(train.x[idx], train.y[idx], train.x[val], train.y[val], test.x, test.y, num_classes).scores
+        scores = ridge_few_shot(
+            train.x[idx], train.y[idx], train.x[val], train.y[val], test.x, test.y, num_classes
+        ).scores
     elif protocol == "logistic":
         scores = logistic_probe(train.x[idx], train.y[idx], train.x[val], train.y[val], test.x, num_classes).scores
     else:

@@ -24,8 +24,8 @@ fit's scores (for the ridge probe: the softmax of its regression scores).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -36,8 +36,8 @@ from datasets_.pipeline import iter_local_batches, normalize
 from datasets_.shards import ShardedDataset
 from datasets_.views import few_shot_indices, validation_mask
 from trainers.features import FeatureCache, Features, feature_key
-from trainers.protocols import FINAL_LAYER, FROZEN_PROTOCOLS, FULL
 from trainers.probe import logistic_probe, mean_per_class_accuracy, ridge_few_shot
+from trainers.protocols import FINAL_LAYER, FROZEN_PROTOCOLS, FULL
 
 HEAD_LR_MULTIPLIER = 10.0
 
@@ -88,7 +88,9 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def extract_layers(model, dataset: ShardedDataset, split: str, image_size: int, layers: list[str], batch_size: int = 256) -> dict[str, Features]:
+def extract_layers(
+    model, dataset: ShardedDataset, split: str, image_size: int, layers: list[str], batch_size: int = 256
+) -> dict[str, Features]:
     """Features of several named layers of ``model.backbone`` from one pass over a split, on
     the model's device."""
     keys, ys = [], []
@@ -126,14 +128,16 @@ def per_example(keys: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> pd.
     true = scores[rows, labels]
     other = scores.copy()
     other[rows, labels] = -np.inf
-    return pd.DataFrame({
-        "example": rows.astype(np.int64),
-        "key": keys.astype(str),
-        "label": labels.astype(np.int64),
-        "prediction": scores.argmax(1).astype(np.int64),
-        "correct_prob": probs[rows, labels],
-        "margin": true - other.max(1),
-    })
+    return pd.DataFrame(
+        {
+            "example": rows.astype(np.int64),
+            "key": keys.astype(str),
+            "label": labels.astype(np.int64),
+            "prediction": scores.argmax(1).astype(np.int64),
+            "correct_prob": probs[rows, labels],
+            "margin": true - other.max(1),
+        }
+    )
 
 
 def _result(fit: Fit, scores: np.ndarray, test_keys, test_y, num_classes: int, n_train: int, **extra) -> FitResult:
@@ -171,13 +175,28 @@ def _logits(net: nn.Module, x_uint8: torch.Tensor, batch_size: int = 512) -> np.
     """Scores of uint8 images (on the CPU), batch by batch on the network's device."""
     net.eval()
     device = _device(net)
-    return np.concatenate([net(normalize(x_uint8[i : i + batch_size].to(device))).float().cpu().numpy()
-                           for i in range(0, len(x_uint8), batch_size)])
+    return np.concatenate(
+        [
+            net(normalize(x_uint8[i : i + batch_size].to(device))).float().cpu().numpy()
+            for i in range(0, len(x_uint8), batch_size)
+        ]
+    )
 
 
-def train_finetune(model, train_x: torch.Tensor, train_y: np.ndarray, num_classes: int, lr: float, weight_decay: float,
-                   steps: int, batch_size: int, seed: int, head_init: tuple[np.ndarray, np.ndarray] | None = None,
-                   every: int = 0, on_eval: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
+def train_finetune(
+    model,
+    train_x: torch.Tensor,
+    train_y: np.ndarray,
+    num_classes: int,
+    lr: float,
+    weight_decay: float,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    head_init: tuple[np.ndarray, np.ndarray] | None = None,
+    every: int = 0,
+    on_eval: Callable[[int, nn.Module], None] | None = None,
+) -> nn.Module:
     """Fine-tune a copy of ``model.backbone`` with a new linear head, for one config: ``steps``
     AdamW steps (cosine decay) of ``batch_size`` shots, the head at :data:`HEAD_LR_MULTIPLIER`
     times ``lr``. ``head_init`` = (W [C, D], b [C]) starts the head from a probe (LP-FT).
@@ -197,10 +216,14 @@ def train_finetune(model, train_x: torch.Tensor, train_y: np.ndarray, num_classe
         nn.init.zeros_(net.head.weight)
         nn.init.zeros_(net.head.bias)
     # The new head learns HEAD_LR_MULTIPLIER times faster than the pretrained backbone.
-    opt = torch.optim.AdamW([
-        {"params": net.backbone.parameters(), "lr_scale": 1.0},
-        {"params": net.head.parameters(), "lr_scale": HEAD_LR_MULTIPLIER},
-    ], lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(
+        [
+            {"params": net.backbone.parameters(), "lr_scale": 1.0},
+            {"params": net.head.parameters(), "lr_scale": HEAD_LR_MULTIPLIER},
+        ],
+        lr=lr,
+        weight_decay=weight_decay,
+    )
     g = torch.Generator().manual_seed(seed)
     n, bs = len(train_y), min(batch_size, len(train_y))
     order, pos = torch.randperm(n, generator=g), 0
@@ -226,22 +249,48 @@ def validation_accuracy(net: nn.Module, val_x: torch.Tensor, val_y: np.ndarray) 
     return float(np.mean(_logits(net, val_x).argmax(1) == val_y)) if len(val_y) else 0.0
 
 
-def finetune(model, train_x: torch.Tensor, train_y: np.ndarray, val_x: torch.Tensor, val_y: np.ndarray, num_classes: int,
-             settings: FinetuneSettings, seed: int, head_init: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[nn.Module, float, float]:
+def finetune(
+    model,
+    train_x: torch.Tensor,
+    train_y: np.ndarray,
+    val_x: torch.Tensor,
+    val_y: np.ndarray,
+    num_classes: int,
+    settings: FinetuneSettings,
+    seed: int,
+    head_init: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[nn.Module, float, float]:
     """:func:`train_finetune` for each learning rate of ``settings.lr``; the one with the best
     validation accuracy wins. Returns (network, validation accuracy, lr)."""
     best = None
     for lr in settings.lr:
-        net = train_finetune(model, train_x, train_y, num_classes, lr, settings.weight_decay, settings.steps,
-                             settings.batch_size, seed, head_init)
+        net = train_finetune(
+            model,
+            train_x,
+            train_y,
+            num_classes,
+            lr,
+            settings.weight_decay,
+            settings.steps,
+            settings.batch_size,
+            seed,
+            head_init,
+        )
         val_acc = validation_accuracy(net, val_x, val_y)
         if best is None or val_acc > best[1]:
             best = (net, val_acc, lr)
     return best
 
 
-def frozen_features(model, checkpoint_dir: str, task: ShardedDataset, layers: list[str], image_size: int,
-                    cache: FeatureCache | None, stats: TransferStats) -> dict[tuple[str, str], Features]:
+def frozen_features(
+    model,
+    checkpoint_dir: str,
+    task: ShardedDataset,
+    layers: list[str],
+    image_size: int,
+    cache: FeatureCache | None,
+    stats: TransferStats,
+) -> dict[tuple[str, str], Features]:
     """(layer, split) -> frozen features of the train and test splits: from the cache, else one
     extraction pass per split for every layer the cache lacks (then cached)."""
     from trainers.pretrain import weights_digest
@@ -252,7 +301,10 @@ def frozen_features(model, checkpoint_dir: str, task: ShardedDataset, layers: li
     digest = weights_digest(checkpoint_dir)
     missing = []
     for layer in layers:
-        got = {s: cache.get(feature_key(digest, task.fingerprint, s, layer, image_size)) if cache else None for s in ("train", "test")}
+        got = {
+            s: cache.get(feature_key(digest, task.fingerprint, s, layer, image_size)) if cache else None
+            for s in ("train", "test")
+        }
         if all(v is not None for v in got.values()):
             feats.update({(layer, s): v for s, v in got.items()})
             stats.feature_cache_hits += 1
@@ -268,7 +320,9 @@ def frozen_features(model, checkpoint_dir: str, task: ShardedDataset, layers: li
     return feats
 
 
-def fit_indices(keys: np.ndarray, y: np.ndarray, fit: Fit, val_fraction: float, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def fit_indices(
+    keys: np.ndarray, y: np.ndarray, fit: Fit, val_fraction: float, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(shot indices, validation mask) of one fit over a task's train split."""
     val = validation_mask(keys, val_fraction)
     pool = np.flatnonzero(~val)
@@ -298,9 +352,23 @@ class FinetuneProblem:
     val_y: np.ndarray
     head_init: tuple[np.ndarray, np.ndarray] | None
 
-    def train(self, lr: float, weight_decay: float, steps: int, batch_size: int, every: int = 0, on_eval=None) -> nn.Module:
-        return train_finetune(self.model, self.train_x, self.train_y, self.task.num_classes, lr, weight_decay, steps, batch_size,
-                              self.fit.seed, self.head_init, every, on_eval)
+    def train(
+        self, lr: float, weight_decay: float, steps: int, batch_size: int, every: int = 0, on_eval=None
+    ) -> nn.Module:
+        return train_finetune(
+            self.model,
+            self.train_x,
+            self.train_y,
+            self.task.num_classes,
+            lr,
+            weight_decay,
+            steps,
+            batch_size,
+            self.fit.seed,
+            self.head_init,
+            every,
+            on_eval,
+        )
 
     def validation_accuracy(self, net: nn.Module) -> float:
         return validation_accuracy(net, self.val_x, self.val_y)
@@ -308,11 +376,19 @@ class FinetuneProblem:
     def test(self, net: nn.Module, **extra) -> FitResult:
         """Score ``net`` on the task's test split (after the choice is made, never before)."""
         test = _Images(self.task, "test", self.image_size)
-        return _result(self.fit, _logits(net, test.x), test.keys, test.y, self.task.num_classes, len(self.train_y), **extra)
+        return _result(
+            self.fit, _logits(net, test.x), test.keys, test.y, self.task.num_classes, len(self.train_y), **extra
+        )
 
 
-def finetune_problem(checkpoint_dir: str, task: ShardedDataset, fit: Fit, config: TransferConfig = TransferConfig(),
-                     cache: FeatureCache | None = None, device: torch.device | str | None = None) -> FinetuneProblem:
+def finetune_problem(
+    checkpoint_dir: str,
+    task: ShardedDataset,
+    fit: Fit,
+    config: TransferConfig = TransferConfig(),
+    cache: FeatureCache | None = None,
+    device: torch.device | str | None = None,
+) -> FinetuneProblem:
     """The :class:`FinetuneProblem` of one fit: decodes the task's train split once (and, for
     lp_ft, reads or extracts its final features) — the same inputs :func:`evaluate_transfer`
     gives the fit. The model sits on ``device`` (default CPU), where its configs train."""
@@ -347,7 +423,10 @@ def evaluate_transfer(
     C = task.num_classes
 
     # Frozen features: one extraction per layer and split, unless the cache holds it.
-    layers = sorted({f.layer for f in fits if f.protocol in FROZEN_PROTOCOLS} | ({FINAL_LAYER} if any(f.protocol == "lp_ft" for f in fits) else set()))
+    layers = sorted(
+        {f.layer for f in fits if f.protocol in FROZEN_PROTOCOLS}
+        | ({FINAL_LAYER} if any(f.protocol == "lp_ft" for f in fits) else set())
+    )
     feats = frozen_features(model, checkpoint_dir, task, layers, image_size, cache, stats)
 
     images: dict[str, _Images] = {}
@@ -371,16 +450,46 @@ def evaluate_transfer(
         idx, val = fit_indices(keys, y, fit, config.val_fraction, C)
         if fit.protocol == "linear_probe":
             r = ridge_few_shot(x[idx], y[idx], x[val], y[val], test.x, test.y, C)
-            results.append(_result(fit, r.scores, test.keys, test.y, C, len(idx), validation_accuracy=r.validation_accuracy, l2_reg=r.l2_reg))
+            results.append(
+                _result(
+                    fit,
+                    r.scores,
+                    test.keys,
+                    test.y,
+                    C,
+                    len(idx),
+                    validation_accuracy=r.validation_accuracy,
+                    l2_reg=r.l2_reg,
+                )
+            )
         elif fit.protocol == "logistic":
             r = logistic_probe(x[idx], y[idx], x[val], y[val], test.x, C)
-            results.append(_result(fit, r.scores, test.keys, test.y, C, len(idx), validation_accuracy=r.validation_accuracy, l2_reg=r.l2_reg))
+            results.append(
+                _result(
+                    fit,
+                    r.scores,
+                    test.keys,
+                    test.y,
+                    C,
+                    len(idx),
+                    validation_accuracy=r.validation_accuracy,
+                    l2_reg=r.l2_reg,
+                )
+            )
         else:
-            head = _lp_ft_head(feats[(FINAL_LAYER, "train")], keys, idx, val, C, task.name) if fit.protocol == "lp_ft" else None
+            head = (
+                _lp_ft_head(feats[(FINAL_LAYER, "train")], keys, idx, val, C, task.name)
+                if fit.protocol == "lp_ft"
+                else None
+            )
             test_im = imgs("test")
             net, val_acc, lr = finetune(model, im.x[idx], y[idx], im.x[val], y[val], C, config.finetune, fit.seed, head)
             scores = _logits(net, test_im.x)
-            results.append(_result(fit, scores, test_im.keys, test_im.y, C, len(idx), validation_accuracy=val_acc, learning_rate=lr))
+            results.append(
+                _result(
+                    fit, scores, test_im.keys, test_im.y, C, len(idx), validation_accuracy=val_acc, learning_rate=lr
+                )
+            )
     return results, stats
 
 
@@ -391,7 +500,10 @@ def _zero_shot(model, task: ShardedDataset, test: _Images, fit: Fit) -> FitResul
         raise ValueError("zero_shot needs a CLIP checkpoint")
     device = _device(model)
     tokens = tokenize(class_prompts(task.classes)).to(device)
-    scores = np.concatenate([
-        zero_shot_logits(model, normalize(test.x[i : i + 512].to(device)), tokens).float().cpu().numpy() for i in range(0, len(test.x), 512)
-    ])
+    scores = np.concatenate(
+        [
+            zero_shot_logits(model, normalize(test.x[i : i + 512].to(device)), tokens).float().cpu().numpy()
+            for i in range(0, len(test.x), 512)
+        ]
+    )
     return _result(fit, scores, test.keys, test.y, task.num_classes, 0)

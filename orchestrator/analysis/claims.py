@@ -17,7 +17,7 @@ of one claim into one verdict. ``examples/results.py`` prints these tables for d
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -41,7 +41,9 @@ def verdict(lo: float, hi: float, expect: int = +1) -> str:
     return REPRODUCED if lo > 0 else NOT_REPRODUCED if hi < 0 else INCONCLUSIVE
 
 
-def bootstrap(cells: list[np.ndarray], stat: Callable[[list[float]], float], n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap(
+    cells: list[np.ndarray], stat: Callable[[list[float]], float], n_boot: int = N_BOOT, seed: int = 0
+) -> tuple[float, float, float]:
     """``stat`` of the cells' means, and its 95% percentile interval resampling each cell on its own.
 
     A cell of one value contributes no spread (the interval then reflects only the other cells);
@@ -75,8 +77,16 @@ def welch(a, b) -> tuple[float, float, float]:
 
 def _row(claim: str, setting: str, statistic: str, est_lo_hi: tuple, n: str, expect: int = +1) -> dict:
     est, lo, hi = est_lo_hi
-    return {"claim": claim, "setting": setting, "statistic": statistic, "estimate": est, "ci_low": lo, "ci_high": hi,
-            "n": n, "verdict": verdict(lo, hi, expect)}
+    return {
+        "claim": claim,
+        "setting": setting,
+        "statistic": statistic,
+        "estimate": est,
+        "ci_low": lo,
+        "ci_high": hi,
+        "n": n,
+        "verdict": verdict(lo, hi, expect),
+    }
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
@@ -103,7 +113,7 @@ def _largest(t: pd.DataFrame, source: str) -> float:
 
 
 def source_spread(t: pd.DataFrame) -> pd.DataFrame:
-    """"The spread between sources is large at few shots and shrinks with full data": per task and
+    """ "The spread between sources is large at few shots and shrinks with full data": per task and
     method, at each source's largest clean pretraining set, (max − min over sources of accuracy) at
     the fewest shots minus the same at 'full'. Predicted: > 0."""
     t = final_layer(t)
@@ -113,20 +123,28 @@ def source_spread(t: pd.DataFrame) -> pd.DataFrame:
         sources = sorted(g["source"].unique())
         if len(sources) < 2 or not (g["shots"] == FULL).any():
             continue
-        cells = [_cell(g, source=s, shots_n=shots, **{SIZE: _largest(g, s)}) for shots in (few, np.inf) for s in sources]
+        cells = [
+            _cell(g, source=s, shots_n=shots, **{SIZE: _largest(g, s)}) for shots in (few, np.inf) for s in sources
+        ]
         k = len(sources)
 
         def stat(m, k=k):
             return (max(m[:k]) - min(m[:k])) - (max(m[k:]) - min(m[k:]))
 
-        rows.append(_row("spread across sources shrinks with shots", f"{task}, {method}",
-                         f"range across {k} sources at {few:g} shot(s) − at full", bootstrap(cells, stat),
-                         f"{min(len(c) for c in cells[:k])}/{min(len(c) for c in cells[k:])} runs per source"))
+        rows.append(
+            _row(
+                "spread across sources shrinks with shots",
+                f"{task}, {method}",
+                f"range across {k} sources at {few:g} shot(s) − at full",
+                bootstrap(cells, stat),
+                f"{min(len(c) for c in cells[:k])}/{min(len(c) for c in cells[k:])} runs per source",
+            )
+        )
     return _frame(rows)
 
 
 def size_helps_few_shot_more(t: pd.DataFrame) -> pd.DataFrame:
-    """"More pretraining data helps few-shot more than full": per task, source and method (clean
+    """ "More pretraining data helps few-shot more than full": per task, source and method (clean
     labels), gain in accuracy from the smallest to the largest pretraining set at the fewest shots
     minus that gain at 'full'. Predicted: > 0."""
     t = final_layer(t)
@@ -137,9 +155,15 @@ def size_helps_few_shot_more(t: pd.DataFrame) -> pd.DataFrame:
         if lo_n == hi_n or not (g["shots"] == FULL).any():
             continue
         cells = [_cell(g, shots_n=s, **{SIZE: n}) for s in (few, np.inf) for n in (lo_n, hi_n)]
-        rows.append(_row("more data helps few-shot more than full", f"{task} ← {source}, {method}",
-                         f"gain {lo_n:,.0f}→{hi_n:,.0f} samples at {few:g} shot(s) − at full",
-                         bootstrap(cells, lambda m: (m[1] - m[0]) - (m[3] - m[2])), f"{len(cells[0])}-{len(cells[1])} runs per few-shot cell"))
+        rows.append(
+            _row(
+                "more data helps few-shot more than full",
+                f"{task} ← {source}, {method}",
+                f"gain {lo_n:,.0f}→{hi_n:,.0f} samples at {few:g} shot(s) − at full",
+                bootstrap(cells, lambda m: (m[1] - m[0]) - (m[3] - m[2])),
+                f"{len(cells[0])}-{len(cells[1])} runs per few-shot cell",
+            )
+        )
     return _frame(rows)
 
 
@@ -157,11 +181,20 @@ def noisy_larger_vs_clean_smaller(t: pd.DataFrame) -> pd.DataFrame:
         big, small = sizes[-1], sizes[-2]
         for p in sorted(g.loc[g["label_noise"] > 0, "label_noise"].unique()):
             for shots in (few, np.inf):
-                cells = [_cell(g, label_noise=p, shots_n=shots, **{SIZE: big}), _cell(g, label_noise=0.0, shots_n=shots, **{SIZE: small})]
+                cells = [
+                    _cell(g, label_noise=p, shots_n=shots, **{SIZE: big}),
+                    _cell(g, label_noise=0.0, shots_n=shots, **{SIZE: small}),
+                ]
                 label = FULL if shots == np.inf else f"{shots:g}-shot"
-                rows.append(_row("larger noisy set vs smaller clean set", f"{task} ← {source}, {method}, {label}",
-                                 f"acc({big:,.0f}, noise {p:g}) − acc({small:,.0f}, clean)", bootstrap(cells, lambda m: m[0] - m[1]),
-                                 f"{len(cells[0])}/{len(cells[1])} runs"))
+                rows.append(
+                    _row(
+                        "larger noisy set vs smaller clean set",
+                        f"{task} ← {source}, {method}, {label}",
+                        f"acc({big:,.0f}, noise {p:g}) − acc({small:,.0f}, clean)",
+                        bootstrap(cells, lambda m: m[0] - m[1]),
+                        f"{len(cells[0])}/{len(cells[1])} runs",
+                    )
+                )
     return _frame(rows)
 
 
@@ -176,24 +209,52 @@ def saturation_claims(t: pd.DataFrame, n_boot: int = 200, seed: int = 0) -> pd.D
     rows = []
     hull = fitted[fitted["fit_on"] == "hull"]
     for _, f in hull.iterrows():
-        rows.append(_row("downstream accuracy saturates (e_IR > 0)", f"{f['task']}, {f['shots']}-shot", "e_IR of the hull fit",
-                         (f["e_ir"], f["e_ir_ci_low"], f["e_ir_ci_high"]), f"{f['points']} models, {f['fit_points']} on the hull"))
+        rows.append(
+            _row(
+                "downstream accuracy saturates (e_IR > 0)",
+                f"{f['task']}, {f['shots']}-shot",
+                "e_IR of the hull fit",
+                (f["e_ir"], f["e_ir_ci_low"], f["e_ir_ci_high"]),
+                f"{f['points']} models, {f['fit_points']} on the hull",
+            )
+        )
     for _, c in check.iterrows():
         d = c["all_points_rmse"] - c["hull_rmse"]
-        rows.append({"claim": "hull fit predicts the frontier better than an all-points fit", "setting": f"{c['task']}, {c['shots']}-shot",
-                     "statistic": "held-out RMSE(all points) − RMSE(hull); one 80/20 split, no CI", "estimate": d,
-                     "ci_low": float("nan"), "ci_high": float("nan"), "n": f"{c['heldout_targets']} frontier targets",
-                     "verdict": INCONCLUSIVE if not np.isfinite(d) or d == 0 else REPRODUCED if d > 0 else NOT_REPRODUCED})
+        rows.append(
+            {
+                "claim": "hull fit predicts the frontier better than an all-points fit",
+                "setting": f"{c['task']}, {c['shots']}-shot",
+                "statistic": "held-out RMSE(all points) − RMSE(hull); one 80/20 split, no CI",
+                "estimate": d,
+                "ci_low": float("nan"),
+                "ci_high": float("nan"),
+                "n": f"{c['heldout_targets']} frontier targets",
+                "verdict": INCONCLUSIVE if not np.isfinite(d) or d == 0 else REPRODUCED if d > 0 else NOT_REPRODUCED,
+            }
+        )
     for task, g in hull.groupby("task"):
         g = g[np.isfinite(g["shots_n"])].sort_values("shots_n")
         if len(g) < 2:
             continue
         a, b = g.iloc[0], g.iloc[-1]
         lo, hi = a["e_ir_ci_low"] - b["e_ir_ci_high"], a["e_ir_ci_high"] - b["e_ir_ci_low"]
-        v = verdict(lo, hi) if np.isfinite(lo) and (a["e_ir_ci_low"] > b["e_ir_ci_high"] or a["e_ir_ci_high"] < b["e_ir_ci_low"]) else INCONCLUSIVE
-        rows.append({"claim": "e_IR falls with more shots", "setting": task, "statistic": f"e_IR({a['shots']}-shot) − e_IR({b['shots']}-shot)",
-                     "estimate": a["e_ir"] - b["e_ir"], "ci_low": lo, "ci_high": hi, "n": "verdict: the two intervals do not overlap",
-                     "verdict": v})
+        v = (
+            verdict(lo, hi)
+            if np.isfinite(lo) and (a["e_ir_ci_low"] > b["e_ir_ci_high"] or a["e_ir_ci_high"] < b["e_ir_ci_low"])
+            else INCONCLUSIVE
+        )
+        rows.append(
+            {
+                "claim": "e_IR falls with more shots",
+                "setting": task,
+                "statistic": f"e_IR({a['shots']}-shot) − e_IR({b['shots']}-shot)",
+                "estimate": a["e_ir"] - b["e_ir"],
+                "ci_low": lo,
+                "ci_high": hi,
+                "n": "verdict: the two intervals do not overlap",
+                "verdict": v,
+            }
+        )
     return _frame(rows)
 
 
@@ -213,8 +274,17 @@ def layer_claims(t: pd.DataFrame, near: str, far: str) -> pd.DataFrame:
             if "final" not in wide or earlier not in wide:
                 continue
             m, h, n = fits.mean_ci((wide[earlier] - wide["final"]).dropna())
-            rows.append(_row(f"{'an earlier layer' if expect > 0 else 'the final layer'} is best on the {'far' if expect > 0 else 'near'} task",
-                             f"{task}, {shots}-shot", f"acc({earlier}) − acc(final), paired", (m, m - h, m + h), f"{n} pairs", expect))
+            rows.append(
+                _row(
+                    f"{'an earlier layer' if expect > 0 else 'the final layer'} is best on the "
+                    f"{'far' if expect > 0 else 'near'} task",
+                    f"{task}, {shots}-shot",
+                    f"acc({earlier}) − acc(final), paired",
+                    (m, m - h, m + h),
+                    f"{n} pairs",
+                    expect,
+                )
+            )
     return _frame(rows)
 
 
@@ -222,7 +292,9 @@ def layer_claims(t: pd.DataFrame, near: str, far: str) -> pd.DataFrame:
 # Jain et al.: influence and the counterfactual
 
 
-def planted_class_rank(classes: list[str], masks, outputs, planted: str, labels=None, target_label: int | None = None) -> pd.DataFrame:
+def planted_class_rank(
+    classes: list[str], masks, outputs, planted: str, labels=None, target_label: int | None = None
+) -> pd.DataFrame:
     """The planted duplicate class must be the most helpful: its influence minus the best other
     class's (± 1.96 × the two Welch standard errors combined), on every target example and, given
     the examples' ``labels``, on the examples of the class it duplicates (``target_label``), where
@@ -240,9 +312,15 @@ def planted_class_rank(classes: list[str], masks, outputs, planted: str, labels=
         r = mine.iloc[0]
         other = rank[rank["class"] != planted].iloc[0]
         d, se = r["influence"] - other["influence"], float(np.hypot(r["se"], other["se"]))
-        rows.append(_row("the planted duplicate class ranks most helpful", f"{scope}: {planted} ranks {int(r['rank'])} of {len(rank)}",
-                         f"influence({planted}) − influence({other['class']}, the best other class)", (d, d - 1.96 * se, d + 1.96 * se),
-                         f"{int(r['models_with'])} models with, {int(r['models_without'])} without; {int(keep.sum())} examples"))
+        rows.append(
+            _row(
+                "the planted duplicate class ranks most helpful",
+                f"{scope}: {planted} ranks {int(r['rank'])} of {len(rank)}",
+                f"influence({planted}) − influence({other['class']}, the best other class)",
+                (d, d - 1.96 * se, d + 1.96 * se),
+                f"{int(r['models_with'])} models with, {int(r['models_without'])} without; {int(keep.sum())} examples",
+            )
+        )
     return _frame(rows)
 
 
@@ -262,13 +340,27 @@ def counterfactual_claims(arms: pd.DataFrame, followup: pd.DataFrame, plan: dict
         for arm, expect in (("harmful", +1), ("helpful", -1)):
             if (arm, k) not in by:
                 continue
-            rows.append(_row(f"removing the most {arm} classes {'raises' if expect > 0 else 'lowers'} target accuracy",
-                             f"K={k}, vs all classes", f"acc(without {arm} K) − acc(baseline), Welch", welch(by[arm, k], base),
-                             f"{len(by[arm, k])}/{len(base)} models", expect))
+            rows.append(
+                _row(
+                    f"removing the most {arm} classes {'raises' if expect > 0 else 'lowers'} target accuracy",
+                    f"K={k}, vs all classes",
+                    f"acc(without {arm} K) − acc(baseline), Welch",
+                    welch(by[arm, k], base),
+                    f"{len(by[arm, k])}/{len(base)} models",
+                    expect,
+                )
+            )
             if ("random", k) in by:
-                rows.append(_row(f"removing the most {arm} classes {'raises' if expect > 0 else 'lowers'} target accuracy",
-                                 f"K={k}, vs random K", f"acc(without {arm} K) − acc(without random K), Welch",
-                                 welch(by[arm, k], by["random", k]), f"{len(by[arm, k])}/{len(by['random', k])} models", expect))
+                rows.append(
+                    _row(
+                        f"removing the most {arm} classes {'raises' if expect > 0 else 'lowers'} target accuracy",
+                        f"K={k}, vs random K",
+                        f"acc(without {arm} K) − acc(without random K), Welch",
+                        welch(by[arm, k], by["random", k]),
+                        f"{len(by[arm, k])}/{len(by['random', k])} models",
+                        expect,
+                    )
+                )
     return _frame(rows)
 
 
@@ -282,7 +374,11 @@ def summary(rows: pd.DataFrame) -> str:
     judged = rows[has_ci] if has_ci.any() else rows
     counts = judged["verdict"].value_counts()
     yes, no, n = int(counts.get(REPRODUCED, 0)), int(counts.get(NOT_REPRODUCED, 0)), len(judged)
-    overall = REPRODUCED if yes >= 2 * n / 3 and not no else NOT_REPRODUCED if no >= 2 * n / 3 and not yes else INCONCLUSIVE
+    overall = (
+        REPRODUCED if yes >= 2 * n / 3 and not no else NOT_REPRODUCED if no >= 2 * n / 3 and not yes else INCONCLUSIVE
+    )
     skipped = f"; {len(rows) - n} without an interval not counted" if n < len(rows) else ""
     basis = " (point estimates, no intervals)" if not has_ci.any() else ""
-    return f"{overall}{basis} ({yes} of {n} settings reproduced, {no} contradicted, {n - yes - no} inconclusive{skipped})"
+    return (
+        f"{overall}{basis} ({yes} of {n} settings reproduced, {no} contradicted, {n - yes - no} inconclusive{skipped})"
+    )

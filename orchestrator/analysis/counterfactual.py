@@ -59,8 +59,17 @@ def source_name(source: str, arm: str, k: int) -> str:
     return f"{source}-{arm}-k{k}"
 
 
-def plan_followup(spec: StudySpec, source: str, ranking: pd.DataFrame, ks: list[int], arms: list[str],
-                  task: str, seed: int = 0, name: str | None = None, seeds: int | None = None) -> tuple[dict, dict]:
+def plan_followup(
+    spec: StudySpec,
+    source: str,
+    ranking: pd.DataFrame,
+    ks: list[int],
+    arms: list[str],
+    task: str,
+    seed: int = 0,
+    name: str | None = None,
+    seeds: int | None = None,
+) -> tuple[dict, dict]:
     """The follow-up study document (a valid spec) and its plan; AnalysisError on bad K or source.
 
     ``seeds``: pretraining seeds 0..seeds-1 of every source (default: the study's own seeds; 3
@@ -71,14 +80,21 @@ def plan_followup(spec: StudySpec, source: str, ranking: pd.DataFrame, ks: list[
     usable = int(ranking["influence"].notna().sum())
     for k in ks:
         if not 1 <= k < usable:
-            raise AnalysisError("--remove-top", f"K must be in 1..{usable - 1} (classes with an influence estimate), got {k}")
+            raise AnalysisError(
+                "--remove-top", f"K must be in 1..{usable - 1} (classes with an influence estimate), got {k}"
+            )
     ref = spec.sources[source]
     name = name or f"{spec.study}-counterfactual"
     doc = copy.deepcopy(spec.raw)
     doc["study"] = name
     sources = {source: _entry(ref, list(ref.drop_classes))}
-    plan = {"study": spec.study, "followup_study": name, "task": task, "seed": seed,
-            "sources": {source: {"arm": BASELINE, "k": 0, "removed_classes": []}}}
+    plan = {
+        "study": spec.study,
+        "followup_study": name,
+        "task": task,
+        "seed": seed,
+        "sources": {source: {"arm": BASELINE, "k": 0, "removed_classes": []}},
+    }
     for arm in arms:
         for k in sorted(ks):
             removed = removed_classes(ranking, arm, k, seed)
@@ -91,7 +107,9 @@ def plan_followup(spec: StudySpec, source: str, ranking: pd.DataFrame, ks: list[
     else:
         pretrain = doc.setdefault("pretrain", {})
         sweep = pretrain.get("sweep") or {}
-        for grid in sweep if isinstance(sweep, list) else [sweep]:  # one grid or a list of grids: each gets every source
+        for grid in (
+            sweep if isinstance(sweep, list) else [sweep]
+        ):  # one grid or a list of grids: each gets every source
             grid.pop("class_fraction", None)
             grid["source"] = list(sources)
             if seeds is not None:
@@ -121,8 +139,13 @@ def _from_datamodels(doc: dict, spec: StudySpec, sources: list[str], seeds: int)
     d = spec.datamodels
     doc.pop("datamodels")
     doc["pretrain"] = {**(doc.get("pretrain") or {}), "sweep": {"source": sources, "seed": list(range(seeds))}}
-    doc["transfer"] = {"protocol": [d.protocol], "shots": [d.shots], "seeds": [d.transfer_seed], "tasks": [d.task],
-                       "val_fraction": spec.transfer.val_fraction}
+    doc["transfer"] = {
+        "protocol": [d.protocol],
+        "shots": [d.shots],
+        "seeds": [d.transfer_seed],
+        "tasks": [d.task],
+        "val_fraction": spec.transfer.val_fraction,
+    }
     # A trial budget counted the sweep's batched trials; the follow-up's runs are another count.
     budget = {k: v for k, v in (doc.get("budget") or {}).items() if k != "max_trials"}
     doc.pop("budget", None)
@@ -135,9 +158,11 @@ def write_followup(doc: dict, plan: dict, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{doc['study']}.yaml"
-    header = (f"# Counterfactual follow-up of study '{plan['study']}' (transferlab counterfactual): each source drops the K\n"
-              f"# most harmful / most helpful / random classes by influence on task '{plan['task']}'. Run it with\n"
-              f"#   transferlab run {path.name}\n")
+    header = (
+        f"# Counterfactual follow-up of study '{plan['study']}' (transferlab counterfactual): each source drops the K\n"
+        f"# most harmful / most helpful / random classes by influence on task '{plan['task']}'. Run it with\n"
+        f"#   transferlab run {path.name}\n"
+    )
     path.write_text(header + yaml.safe_dump(doc, sort_keys=False))
     load_spec(path)
     (out / f"{doc['study']}.plan.json").write_text(json.dumps(plan, indent=1))
@@ -154,14 +179,18 @@ def read_plan(tracker: Tracker, study_run_id: str | None) -> dict | None:
         return None
     with tempfile.TemporaryDirectory(prefix="transferlab-plan-") as tmp:
         try:
-            return json.loads(Path(tracker.client.download_artifacts(study_run_id, COUNTERFACTUAL_PLAN_ARTIFACT, tmp)).read_text())
+            return json.loads(
+                Path(tracker.client.download_artifacts(study_run_id, COUNTERFACTUAL_PLAN_ARTIFACT, tmp)).read_text()
+            )
         except Exception:  # no plan logged: MLflow raises a store-specific error
             return None
 
 
 def arm_accuracy(followup_transfer: pd.DataFrame, plan: dict) -> pd.DataFrame:
     """Target accuracy per (arm, K), mean ± 95% CI over seeds; K = 0 (baseline) joins every arm."""
-    t = followup_transfer[(followup_transfer["task"] == plan["task"]) & (followup_transfer["source"].isin(plan["sources"]))]
+    t = followup_transfer[
+        (followup_transfer["task"] == plan["task"]) & (followup_transfer["source"].isin(plan["sources"]))
+    ]
     if t.empty:
         return pd.DataFrame(columns=["arm", "k", "mean", "ci", "n"])
     # Compare like with like: the original study's largest shots setting ('full' if present).
@@ -170,16 +199,25 @@ def arm_accuracy(followup_transfer: pd.DataFrame, plan: dict) -> pd.DataFrame:
     rows = []
     arms = sorted({v["arm"] for v in plan["sources"].values()} - {BASELINE})
     for src, info in plan["sources"].items():
-        for arm in (arms if info["arm"] == BASELINE else [info["arm"]]):
+        for arm in arms if info["arm"] == BASELINE else [info["arm"]]:
             rows.append(t[t["source"] == src].assign(arm=arm, k=info["k"]))
     agg = aggregate(pd.concat(rows), ["arm", "k"], METRIC_ACCURACY)
     agg["shots"] = shots
     return agg
 
 
-def plan_counterfactual(tracker: Tracker, spec: StudySpec, ks: list[int], arms: list[str] = ARMS, task: str | None = None,
-                        source: str | None = None, seed: int = 0, seeds: int | None = None, name: str | None = None,
-                        out: str | Path = ".") -> tuple[Path, dict]:
+def plan_counterfactual(
+    tracker: Tracker,
+    spec: StudySpec,
+    ks: list[int],
+    arms: list[str] = ARMS,
+    task: str | None = None,
+    source: str | None = None,
+    seed: int = 0,
+    seeds: int | None = None,
+    name: str | None = None,
+    out: str | Path = ".",
+) -> tuple[Path, dict]:
     """Rank the source classes of ``spec``'s finished study by their influence on ``task``,
     write the follow-up study that removes the top ``ks`` of each arm into ``out``, and log its
     plan on the study run. Returns (follow-up YAML path, plan); AnalysisError on bad input."""
@@ -203,8 +241,11 @@ def plan_counterfactual(tracker: Tracker, spec: StudySpec, ks: list[int], arms: 
 
 def arm_lines(plan: dict) -> list[str]:
     """One line per follow-up source of an arm: which classes it drops."""
-    return [f"{info['arm']:>8} K={info['k']}: drop {', '.join(info['removed_classes'])}  (source {src})"
-            for src, info in plan["sources"].items() if info["arm"] != BASELINE]
+    return [
+        f"{info['arm']:>8} K={info['k']}: drop {', '.join(info['removed_classes'])}  (source {src})"
+        for src, info in plan["sources"].items()
+        if info["arm"] != BASELINE
+    ]
 
 
 def _class_subset_influence(spec: StudySpec, sr: StudyRuns, task: str | None, source: str | None) -> InfluenceInputs:
@@ -214,23 +255,44 @@ def _class_subset_influence(spec: StudySpec, sr: StudyRuns, task: str | None, so
     if source is None:
         raise AnalysisError("--source", f"the study has several sources ({', '.join(sources)}); name one")
     tasks = [task] if task else list(dict.fromkeys(sr.transfer["task"]))
-    inputs = next((x for t in tasks for protocol in sorted(set(sr.transfer["protocol"]))
-                   if (x := influence_inputs(sr, t, protocol, source=source)) is not None), None)
+    inputs = next(
+        (
+            x
+            for t in tasks
+            for protocol in sorted(set(sr.transfer["protocol"]))
+            if (x := influence_inputs(sr, t, protocol, source=source)) is not None
+        ),
+        None,
+    )
     if inputs is None:
-        raise AnalysisError("study", f"'{spec.study}' has no class-subset runs with per-example outputs"
-                            + (f" on task '{task}'" if task else "") + " to estimate influence from")
+        raise AnalysisError(
+            "study",
+            f"'{spec.study}' has no class-subset runs with per-example outputs"
+            + (f" on task '{task}'" if task else "")
+            + " to estimate influence from",
+        )
     return inputs
 
 
-def _datamodel_influence(spec: StudySpec, sr: StudyRuns, tracker: Tracker, task: str | None, source: str | None) -> InfluenceInputs:
+def _datamodel_influence(
+    spec: StudySpec, sr: StudyRuns, tracker: Tracker, task: str | None, source: str | None
+) -> InfluenceInputs:
     """Influence inputs from the table of the spec's datamodel sweep (the latest such sweep of the study)."""
     d = spec.datamodels
     for flag, given, own in (("--task", task, d.task), ("--source", source, d.source)):
         if given is not None and given != own:
-            raise AnalysisError(flag, f"the datamodel sweep of study '{spec.study}' has {flag[2:]} '{own}', not '{given}'")
-    found = [x for x in datamodel_inputs(tracker, sr.experiment_id)
-             if (x.task, x.source, x.protocol, x.shots) == (d.task, d.source, d.protocol, str(d.shots))]
+            raise AnalysisError(
+                flag, f"the datamodel sweep of study '{spec.study}' has {flag[2:]} '{own}', not '{given}'"
+            )
+    found = [
+        x
+        for x in datamodel_inputs(tracker, sr.experiment_id)
+        if (x.task, x.source, x.protocol, x.shots) == (d.task, d.source, d.protocol, str(d.shots))
+    ]
     if not found:
-        raise AnalysisError("study", f"'{spec.study}' has no datamodel sweep of '{d.source}' probed on '{d.task}' with "
-                                     "at least 2 finished models; run the study first")
+        raise AnalysisError(
+            "study",
+            f"'{spec.study}' has no datamodel sweep of '{d.source}' probed on '{d.task}' with "
+            "at least 2 finished models; run the study first",
+        )
     return found[-1]

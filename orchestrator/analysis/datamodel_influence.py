@@ -31,6 +31,16 @@ def datamodel_inputs(tracker: Tracker, experiment_id: str, column: str = "correc
         outputs = np.array(table.column(column).to_pylist(), dtype=float)
         ex = read_examples(uri)
         examples = ex.column("example").to_numpy() if ex is not None else np.arange(outputs.shape[1])
-        out.append(InfluenceInputs(sweep["task"], sweep["protocol"], sweep["source"], str(sweep["shots"]),
-                                   list(sweep["classes"]), masks, outputs, examples))
+        out.append(
+            InfluenceInputs(
+                sweep["task"],
+                sweep["protocol"],
+                sweep["source"],
+                str(sweep["shots"]),
+                list(sweep["classes"]),
+                masks,
+                outputs,
+                examples,
+            )
+        )
     return out

@@ -11,11 +11,11 @@ import io
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from orchestrator.analysis.fits import saturation  # noqa: E402
+from orchestrator.analysis.fits import saturation
 
 DPI = 80
 MAX_SCATTER = 1500  # points drawn per panel; beyond it a seeded sample (the fits use every point)
@@ -54,7 +54,9 @@ def _errorbar(ax, x, agg: pd.DataFrame, label: str, **kw):
     ax.errorbar(x, agg["mean"], yerr=yerr, marker="o", ms=4, capsize=3, label=label, **kw)
 
 
-def curves(agg: pd.DataFrame, x: str, series: list[str], title: str, xlabel: str, ylabel: str = "accuracy", logx: bool = True) -> bytes:
+def curves(
+    agg: pd.DataFrame, x: str, series: list[str], title: str, xlabel: str, ylabel: str = "accuracy", logx: bool = True
+) -> bytes:
     """One line per ``series`` group of an :func:`~orchestrator.analysis.fits.aggregate` frame."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
     groups = list(agg.groupby(series, sort=True))
@@ -111,16 +113,22 @@ def saturation_panel(points: pd.DataFrame, fits: pd.DataFrame, title: str, seed:
             f = fits[(fits["shots"] == s) & (fits["fit_on"] == name)]
             if len(f) and np.isfinite(f["k"].iloc[0]):
                 r = f.iloc[0]
-                ax.plot(grid, 1 - saturation(1 - grid, r["k"], r["alpha"], r["e_ir"]), style,
-                        label=f"fit on {name.replace('_', ' ')}: e_IR={r['e_ir']:.3f}")
+                ax.plot(
+                    grid,
+                    1 - saturation(1 - grid, r["k"], r["alpha"], r["e_ir"]),
+                    style,
+                    label=f"fit on {name.replace('_', ' ')}: e_IR={r['e_ir']:.3f}",
+                )
         ax.set_title(f"{s}-shot" if s != "full" else "full", fontsize=9)
         ax.set_xlabel("upstream accuracy")
         ax.set_ylabel("downstream accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(shots):]:
+    for ax in list(axes.flat)[len(shots) :]:
         ax.axis("off")
-    fig.suptitle(f"{title}: e_DS = k·e_US^α + e_IR (one point per pretraining run, mean over transfer seeds)", fontsize=9)
+    fig.suptitle(
+        f"{title}: e_DS = k·e_US^α + e_IR (one point per pretraining run, mean over transfer seeds)", fontsize=9
+    )
     return _png(fig)
 
 

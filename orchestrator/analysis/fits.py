@@ -75,14 +75,23 @@ def fit_saturation(us_acc, ds_acc, p0=None) -> tuple[float, float, float]:
         return (float("nan"),) * 3
     best, best_sse = None, np.inf
     span = max(float(e_ds.max() - e_ds.min()), 1e-3)
-    starts = [p0] if p0 is not None else [
-        (span / max(float(e_us.max()) ** a, 1e-6), a, max(float(e_ds.min()) * 0.8, 0.0)) for a in (0.5, 1.0, 2.0)]
+    starts = (
+        [p0]
+        if p0 is not None
+        else [(span / max(float(e_us.max()) ** a, 1e-6), a, max(float(e_ds.min()) * 0.8, 0.0)) for a in (0.5, 1.0, 2.0)]
+    )
     for p0 in starts:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                p, _ = optimize.curve_fit(saturation, e_us, e_ds, p0=np.clip(p0, [0, 0.05, 0], [10, 10, 1]),
-                                          bounds=([0, 0.05, 0], [10, 10, 1]), maxfev=5000)
+                p, _ = optimize.curve_fit(
+                    saturation,
+                    e_us,
+                    e_ds,
+                    p0=np.clip(p0, [0, 0.05, 0], [10, 10, 1]),
+                    bounds=([0, 0.05, 0], [10, 10, 1]),
+                    maxfev=5000,
+                )
         except (RuntimeError, ValueError):
             continue
         sse = float(np.sum((saturation(e_us, *p) - e_ds) ** 2))
@@ -229,12 +238,16 @@ def _resample(groups, rng) -> tuple[np.ndarray, np.ndarray]:
     return sizes, np.asarray([v[rng.integers(0, len(v), len(v))].mean() for v in values])
 
 
-def multiplier_with_ci(runs_a: pd.DataFrame, runs_b: pd.DataFrame, size: str, value: str, n_boot: int = 200, seed: int = 0) -> dict:
+def multiplier_with_ci(
+    runs_a: pd.DataFrame, runs_b: pd.DataFrame, size: str, value: str, n_boot: int = 200, seed: int = 0
+) -> dict:
     """:func:`data_multiplier` on seed means, with a bootstrap 95% CI that resamples seeds at each size."""
     m, matched = data_multiplier(*_curve(runs_a, size, value), *_curve(runs_b, size, value))
     rng = np.random.default_rng(seed)
     ga, gb = _groups(runs_a, size, value), _groups(runs_b, size, value)
-    boots = [data_multiplier(*_resample(ga, rng), *_resample(gb, rng))[0] for _ in range(n_boot)] if np.isfinite(m) else []
+    boots = (
+        [data_multiplier(*_resample(ga, rng), *_resample(gb, rng))[0] for _ in range(n_boot)] if np.isfinite(m) else []
+    )
     lo, hi = percentile_ci(boots)
     return {"multiplier": m, "ci": [lo, hi], "matched_points": matched}
 
@@ -244,4 +257,6 @@ def iso_accuracy(clean: pd.DataFrame, noisy: pd.DataFrame, size: str, value: str
     cs, ca = _curve(clean, size, value)
     ns, na = _curve(noisy, size, value)
     need = np.asarray([size_to_reach(ns, na, t) for t in ca], float)
-    return pd.DataFrame({"clean_size": cs, "clean_accuracy": ca, "noisy_size_needed": need, "noisy_per_clean": need / cs})
+    return pd.DataFrame(
+        {"clean_size": cs, "clean_accuracy": ca, "noisy_size_needed": need, "noisy_per_clean": need / cs}
+    )

@@ -20,7 +20,24 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.analysis import AnalysisError
-from orchestrator.records.schema import FINISHED, KIND_DATAMODELS, KIND_PRETRAIN, KIND_STUDY, KIND_TRANSFER, METRIC_ACCURACY, METRIC_MEAN_PER_CLASS_ACCURACY, METRIC_NUM_TRAIN_SAMPLES, METRIC_UPSTREAM_ACCURACY, PARAM_CLASS_FRACTION, PER_EXAMPLE_ARTIFACT, PRETRAIN_PARAMS, TAG_KIND, TAG_PARENT, TRANSFER_PARAMS, VIEW_MASK_ARTIFACT
+from orchestrator.records.schema import (
+    FINISHED,
+    KIND_DATAMODELS,
+    KIND_PRETRAIN,
+    KIND_STUDY,
+    KIND_TRANSFER,
+    METRIC_ACCURACY,
+    METRIC_MEAN_PER_CLASS_ACCURACY,
+    METRIC_NUM_TRAIN_SAMPLES,
+    METRIC_UPSTREAM_ACCURACY,
+    PARAM_CLASS_FRACTION,
+    PER_EXAMPLE_ARTIFACT,
+    PRETRAIN_PARAMS,
+    TAG_KIND,
+    TAG_PARENT,
+    TRANSFER_PARAMS,
+    VIEW_MASK_ARTIFACT,
+)
 from orchestrator.records.tracker import Tracker
 from trainers.protocols import FULL
 
@@ -115,10 +132,36 @@ def frames_from_runs(study: str, experiment_id: str, runs: list) -> StudyRuns:
             pre_rows.append(_pretrain_row(r))
         elif kind == KIND_TRANSFER:
             tr_rows.append(_transfer_row(r))
-    pretrain = pd.DataFrame(pre_rows, columns=[RUN_ID, "run_name", ARTIFACT_URI, *[k for k in PRETRAIN_PARAMS if k != "seed"], PRETRAIN_SEED,
-                                               PARAM_CLASS_FRACTION, METRIC_UPSTREAM_ACCURACY, METRIC_NUM_TRAIN_SAMPLES])
-    transfer = pd.DataFrame(tr_rows, columns=[RUN_ID, PRETRAIN_RUN_ID, ARTIFACT_URI, *TRANSFER_PARAMS, "shots_n", METRIC_ACCURACY, METRIC_MEAN_PER_CLASS_ACCURACY])
-    joined = transfer.merge(pretrain.drop(columns=["run_name", ARTIFACT_URI]).rename(columns={RUN_ID: PRETRAIN_RUN_ID}), on=PRETRAIN_RUN_ID, how="inner")
+    pretrain = pd.DataFrame(
+        pre_rows,
+        columns=[
+            RUN_ID,
+            "run_name",
+            ARTIFACT_URI,
+            *[k for k in PRETRAIN_PARAMS if k != "seed"],
+            PRETRAIN_SEED,
+            PARAM_CLASS_FRACTION,
+            METRIC_UPSTREAM_ACCURACY,
+            METRIC_NUM_TRAIN_SAMPLES,
+        ],
+    )
+    transfer = pd.DataFrame(
+        tr_rows,
+        columns=[
+            RUN_ID,
+            PRETRAIN_RUN_ID,
+            ARTIFACT_URI,
+            *TRANSFER_PARAMS,
+            "shots_n",
+            METRIC_ACCURACY,
+            METRIC_MEAN_PER_CLASS_ACCURACY,
+        ],
+    )
+    joined = transfer.merge(
+        pretrain.drop(columns=["run_name", ARTIFACT_URI]).rename(columns={RUN_ID: PRETRAIN_RUN_ID}),
+        on=PRETRAIN_RUN_ID,
+        how="inner",
+    )
     study_runs.sort(key=lambda r: r.info.start_time or 0)
     return StudyRuns(study, experiment_id, study_runs[0].info.run_id if study_runs else None, pretrain, joined, status)
 
@@ -141,7 +184,9 @@ def load_study(tracker: Tracker, study: str) -> StudyRuns:
 
 def _download(artifact_uri: str, path: str, dst: str) -> Path | None:
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{artifact_uri.rstrip('/')}/{path}", dst_path=dst))
+        return Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=f"{artifact_uri.rstrip('/')}/{path}", dst_path=dst)
+        )
     except Exception:  # absent artifact: MLflow raises a store-specific error
         return None
 
@@ -152,6 +197,7 @@ def _fetch_all(artifact_uris: list[str], path: str, read, threads: int = 8) -> l
     Artifact URIs come from the runs already searched, so no store lookup is made per run.
     """
     with tempfile.TemporaryDirectory(prefix="transferlab-artifacts-") as tmp:
+
         def one(i_uri):
             i, uri = i_uri
             local = _download(uri, path, str(Path(tmp) / str(i)))
@@ -217,8 +263,9 @@ def at_largest_shots(t: pd.DataFrame) -> pd.DataFrame:
     return t[t["shots"] == shots]
 
 
-def influence_inputs(sr: StudyRuns, task: str, protocol: str, source: str | None = None,
-                     column: str = "correct_prob") -> InfluenceInputs | None:
+def influence_inputs(
+    sr: StudyRuns, task: str, protocol: str, source: str | None = None, column: str = "correct_prob"
+) -> InfluenceInputs | None:
     """Class masks of the pretraining runs (of ``source``, if given) and their per-example outputs on ``task``.
 
     None when no pretraining run has a class mask (the study did not subset classes) or no

@@ -66,13 +66,15 @@ def task_influence(masks, outputs) -> Influence:
 
 def ranking(classes: list[str], task: Influence) -> pd.DataFrame:
     """Classes from most helpful (largest positive task influence) to most harmful."""
-    df = pd.DataFrame({
-        "class": list(classes),
-        "influence": task.values[:, 0],
-        "se": task.se[:, 0],
-        "models_with": task.n_included,
-        "models_without": task.n_excluded,
-    })
+    df = pd.DataFrame(
+        {
+            "class": list(classes),
+            "influence": task.values[:, 0],
+            "se": task.se[:, 0],
+            "models_with": task.n_included,
+            "models_without": task.n_excluded,
+        }
+    )
     df = df.sort_values("influence", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
     df.insert(0, "rank", np.arange(1, len(df) + 1))
     return df
@@ -105,6 +107,9 @@ def convergence(masks, outputs, steps: int = 8, top: int = 5, seed: int = 0) -> 
             continue
         rho = float(np.corrcoef(_ranks(part[both]), _ranks(full[both]))[0, 1])
         f, p = full[both], part[both]
-        agree = [len(set(np.argsort(-f)[:top]) & set(np.argsort(-p)[:top])), len(set(np.argsort(f)[:top]) & set(np.argsort(p)[:top]))]
+        agree = [
+            len(set(np.argsort(-f)[:top]) & set(np.argsort(-p)[:top])),
+            len(set(np.argsort(f)[:top]) & set(np.argsort(p)[:top])),
+        ]
         rows.append((int(n), rho, sum(agree) / (2 * top)))
     return pd.DataFrame(rows, columns=["models", "spearman_vs_all", "top_agreement"])

@@ -66,8 +66,10 @@ class Report:
 
 def _records(df: pd.DataFrame) -> list[dict]:
     """JSON-safe rows (NaN → null)."""
-    return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
-            for r in json.loads(df.to_json(orient="records"))]
+    return [
+        {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+        for r in json.loads(df.to_json(orient="records"))
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,57 +77,109 @@ def _records(df: pd.DataFrame) -> list[dict]:
 
 
 def _entezari(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
-    sec = rep.section("Pretraining data: sources, sizes, noise (Entezari et al.)",
-                      "Each curve is one pretraining source and method at its largest size and lowest label noise unless "
-                      "the axis varies it. Points are means over seeds (pretraining × few-shot draws) with 95% CIs.")
+    sec = rep.section(
+        "Pretraining data: sources, sizes, noise (Entezari et al.)",
+        "Each curve is one pretraining source and method at its largest size and lowest label noise unless "
+        "the axis varies it. Points are means over seeds (pretraining × few-shot draws) with 95% CIs.",
+    )
     shots = tables.shots_curves(t)
     rep.table(sec, "accuracy_vs_shots", shots, "Accuracy vs shots per curve (few-shot settings).")
     for task, g in shots.groupby("task"):
-        rep.figure(sec, f"accuracy_vs_shots_{task}", figures.curves(g, "shots_n", tables.series_keys(t) + ["protocol"],
-                   f"{task}: accuracy vs shots", "shots per class (log)"), f"Task {task}: accuracy vs shots, one curve per source/method.")
+        rep.figure(
+            sec,
+            f"accuracy_vs_shots_{task}",
+            figures.curves(
+                g,
+                "shots_n",
+                tables.series_keys(t) + ["protocol"],
+                f"{task}: accuracy vs shots",
+                "shots per class (log)",
+            ),
+            f"Task {task}: accuracy vs shots, one curve per source/method.",
+        )
     sizes = tables.size_curves(t)
     rep.table(sec, "accuracy_vs_size", sizes, "Accuracy vs pretraining size (samples) per curve and shots.")
     for (task, source), g in sizes.groupby(["task", "source"]):
         if g[tables.SIZE].nunique() >= 2:
-            rep.figure(sec, f"accuracy_vs_size_{task}_{source}", figures.curves(g, tables.SIZE, ["shots", "method"],
-                       f"{task} ← {source}: accuracy vs pretraining size", "pretraining samples (log)"),
-                       f"Task {task}, source {source}: one curve per shots setting.")
+            rep.figure(
+                sec,
+                f"accuracy_vs_size_{task}_{source}",
+                figures.curves(
+                    g,
+                    tables.SIZE,
+                    ["shots", "method"],
+                    f"{task} ← {source}: accuracy vs pretraining size",
+                    "pretraining samples (log)",
+                ),
+                f"Task {task}, source {source}: one curve per shots setting.",
+            )
     spread = tables.spread_table(shots)
     rep.table(sec, "spread_across_sources", spread, "Spread of the curves' mean accuracy across sources, per shots.")
     if (spread["sources"] > 1).any():
-        rep.figure(sec, "spread_vs_shots", figures.spread(spread, "Spread across sources vs shots"),
-                   "Does the choice of source matter less with more shots?")
+        rep.figure(
+            sec,
+            "spread_vs_shots",
+            figures.spread(spread, "Spread across sources vs shots"),
+            "Does the choice of source matter less with more shots?",
+        )
     iso = tables.iso_accuracy_table(t)
-    rep.table(sec, "label_noise_iso_accuracy", iso, "How many noisy samples equal n clean ones (interpolated in log size; "
-              "empty cells: the noisy curve never reaches that accuracy).")
+    rep.table(
+        sec,
+        "label_noise_iso_accuracy",
+        iso,
+        "How many noisy samples equal n clean ones (interpolated in log size; "
+        "empty cells: the noisy curve never reaches that accuracy).",
+    )
     mult = tables.multiplier_table(t, n_boot=n_boot, seed=seed)
-    rep.table(sec, "data_multiplier", mult, "N× more data of source A to match source B (geometric mean over B's sizes A's "
-              "curve reaches; bootstrap 95% CI over seeds).")
+    rep.table(
+        sec,
+        "data_multiplier",
+        mult,
+        "N× more data of source A to match source B (geometric mean over B's sizes A's "
+        "curve reaches; bootstrap 95% CI over seeds).",
+    )
     rep.numbers["data_multiplier"] = _records(mult)
     rep.numbers["label_noise_iso_accuracy"] = _records(iso)
 
 
 def _abnar(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
-    sec = rep.section("Upstream vs downstream accuracy (Abnar et al.)",
-                      "One point per pretraining run (mean over few-shot draws). The fit e_DS = k·e_US^α + e_IR (e = 1 − accuracy) "
-                      "is made on the upper convex hull (the best downstream accuracy reached for each upstream accuracy) and on "
-                      "all points; CIs are bootstrap 95% intervals. The held-out check fits on the lowest 80% of upstream "
-                      "accuracies and scores RMSE of e_DS on the Pareto front (best runs) of the top 20%.")
+    sec = rep.section(
+        "Upstream vs downstream accuracy (Abnar et al.)",
+        "One point per pretraining run (mean over few-shot draws). The fit e_DS = k·e_US^α + e_IR (e = 1 − accuracy) "
+        "is made on the upper convex hull (the best downstream accuracy reached for each upstream accuracy) and on "
+        "all points; CIs are bootstrap 95% intervals. The held-out check fits on the lowest 80% of upstream "
+        "accuracies and scores RMSE of e_DS on the Pareto front (best runs) of the top 20%.",
+    )
     points = tables.us_ds_points(tables.final_layer(t))
     rep.table(sec, "downstream_vs_upstream", points, "The scatter's points.", show=False)
     fitted, check = tables.saturation_tables(points, n_boot=n_boot, seed=seed)
     rep.table(sec, "saturation_fits", fitted, "Fitted k, α, e_IR with bootstrap 95% CIs, per task and shots.")
-    rep.table(sec, "heldout_check", check, "Held-out check: RMSE of predicted downstream error on the top-20% upstream frontier.")
+    rep.table(
+        sec,
+        "heldout_check",
+        check,
+        "Held-out check: RMSE of predicted downstream error on the top-20% upstream frontier.",
+    )
     for (task, protocol), g in points.groupby(["task", "protocol"]):
         f = fitted[(fitted["task"] == task) & (fitted["protocol"] == protocol)]
-        rep.figure(sec, f"downstream_vs_upstream_{task}_{protocol}", figures.saturation_panel(g, f, f"{task} ({protocol})", seed=seed),
-                   f"Task {task}: downstream vs upstream accuracy with the hull and both fits.")
+        rep.figure(
+            sec,
+            f"downstream_vs_upstream_{task}_{protocol}",
+            figures.saturation_panel(g, f, f"{task} ({protocol})", seed=seed),
+            f"Task {task}: downstream vs upstream accuracy with the hull and both fits.",
+        )
     if len(fitted) and np.isfinite(fitted["shots_n"]).any():
-        rep.figure(sec, "e_ir_vs_shots", figures.e_ir_vs_shots(fitted, "Irreducible downstream error vs shots"),
-                   "e_IR of each fit vs shots.")
+        rep.figure(
+            sec,
+            "e_ir_vs_shots",
+            figures.e_ir_vs_shots(fitted, "Irreducible downstream error vs shots"),
+            "e_IR of each fit vs shots.",
+        )
     layers = tables.best_layer_table(t)
     if len(layers):
-        rep.table(sec, "best_layer", layers, "Mean accuracy per representation layer; best = highest per task and shots.")
+        rep.table(
+            sec, "best_layer", layers, "Mean accuracy per representation layer; best = highest per task and shots."
+        )
     rep.numbers["saturation_fits"] = _records(fitted)
     rep.numbers["heldout_check"] = _records(check)
     rep.numbers["best_layer"] = _records(layers[layers["best"]]) if len(layers) else []
@@ -133,39 +187,76 @@ def _abnar(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
 
 def _jain(rep: Report, tracker: Tracker, sr: StudyRuns, seed: int, datamodels: list | None = None) -> None:
     t = sr.transfer
-    inputs = [x for task, protocol, source in t.groupby(["task", "protocol", "source"]).size().index
-              if (x := influence_inputs(sr, task, protocol, source=source)) is not None] if len(t) else []
+    inputs = (
+        [
+            x
+            for task, protocol, source in t.groupby(["task", "protocol", "source"]).size().index
+            if (x := influence_inputs(sr, task, protocol, source=source)) is not None
+        ]
+        if len(t)
+        else []
+    )
     inputs += datamodels or []  # datamodel sweeps: masks and outputs from their table
     if not inputs:
         return
-    sec = rep.section("Source-class influence (Jain et al.)",
-                      "Influence of a source class = mean correct-class probability of models that trained on it minus that of "
-                      "models that did not (Welch standard error). Positive helps the target task, negative harms it.")
+    sec = rep.section(
+        "Source-class influence (Jain et al.)",
+        "Influence of a source class = mean correct-class probability of models that trained on it minus that of "
+        "models that did not (Welch standard error). Positive helps the target task, negative harms it.",
+    )
     ranks, convs, per_example = [], [], []
     for x in inputs:
         task_inf = influence.task_influence(x.masks, x.outputs)
-        r = influence.ranking(x.classes, task_inf).assign(task=x.task, protocol=x.protocol, source=x.source, shots=x.shots, models=len(x.masks))
+        r = influence.ranking(x.classes, task_inf).assign(
+            task=x.task, protocol=x.protocol, source=x.source, shots=x.shots, models=len(x.masks)
+        )
         ranks.append(r)
-        c = influence.convergence(x.masks, x.outputs, seed=seed).assign(task=x.task, protocol=x.protocol, source=x.source)
+        c = influence.convergence(x.masks, x.outputs, seed=seed).assign(
+            task=x.task, protocol=x.protocol, source=x.source
+        )
         convs.append(c)
         ex = influence.influence(x.masks, x.outputs)
-        per_example.append(pd.DataFrame({
-            "task": x.task, "protocol": x.protocol, "source": x.source,
-            "class": np.repeat(np.asarray(x.classes, dtype=object), len(x.examples)),
-            "example": np.tile(x.examples, len(x.classes)),
-            "influence": ex.values.ravel(), "se": ex.se.ravel()}))
-        rep.figure(sec, f"influence_{x.task}_{x.protocol}_{x.source}", figures.influence_bars(r, f"{x.task} ({x.protocol}, {x.shots} shots): "
-                   f"most helpful and harmful classes of {x.source}"), f"Task {x.task}, source {x.source}: ranked class influence.")
+        per_example.append(
+            pd.DataFrame(
+                {
+                    "task": x.task,
+                    "protocol": x.protocol,
+                    "source": x.source,
+                    "class": np.repeat(np.asarray(x.classes, dtype=object), len(x.examples)),
+                    "example": np.tile(x.examples, len(x.classes)),
+                    "influence": ex.values.ravel(),
+                    "se": ex.se.ravel(),
+                }
+            )
+        )
+        rep.figure(
+            sec,
+            f"influence_{x.task}_{x.protocol}_{x.source}",
+            figures.influence_bars(
+                r, f"{x.task} ({x.protocol}, {x.shots} shots): most helpful and harmful classes of {x.source}"
+            ),
+            f"Task {x.task}, source {x.source}: ranked class influence.",
+        )
         rep.numbers.setdefault("influence", {})[f"{x.task}/{x.protocol}/{x.source}"] = {
-            "shots": x.shots, "models": len(x.masks),
+            "shots": x.shots,
+            "models": len(x.masks),
             "most_helpful": _records(r.head(5)[["class", "influence", "se"]]),
-            "most_harmful": _records(r.iloc[::-1].head(5)[["class", "influence", "se"]])}
+            "most_harmful": _records(r.iloc[::-1].head(5)[["class", "influence", "se"]]),
+        }
     rank_df, conv_df = pd.concat(ranks, ignore_index=True), pd.concat(convs, ignore_index=True)
     rep.table(sec, "class_ranking", rank_df, "Source classes from most helpful to most harmful, per task.")
-    rep.table(sec, "influence_convergence", conv_df, "Agreement of the ranking from the first n models (seeded order) with "
-              "the ranking from all models.")
-    rep.figure(sec, "influence_convergence", figures.convergence_plot(conv_df, "Convergence of the influence ranking"),
-               "A ranking is trustworthy once these curves flatten near 1.")
+    rep.table(
+        sec,
+        "influence_convergence",
+        conv_df,
+        "Agreement of the ranking from the first n models (seeded order) with the ranking from all models.",
+    )
+    rep.figure(
+        sec,
+        "influence_convergence",
+        figures.convergence_plot(conv_df, "Convergence of the influence ranking"),
+        "A ranking is trustworthy once these curves flatten near 1.",
+    )
     rep.tables["influence_per_example"] = pd.concat(per_example, ignore_index=True)
     _counterfactual(rep, tracker, sr, sec)
 
@@ -180,12 +271,22 @@ def _counterfactual(rep: Report, tracker: Tracker, sr: StudyRuns, sec: Section) 
         sec.text += f" Counterfactual follow-up '{plan['followup_study']}' is planned but has no runs yet."
         return
     agg = cf.arm_accuracy(follow.transfer, plan)
-    rep.table(sec, "counterfactual", agg, f"Follow-up study {plan['followup_study']}: target accuracy vs K removed classes.")
+    rep.table(
+        sec, "counterfactual", agg, f"Follow-up study {plan['followup_study']}: target accuracy vs K removed classes."
+    )
     if len(agg):
         note = " (partial)" if follow.partial else ""
-        rep.figure(sec, "counterfactual", figures.counterfactual_plot(agg, f"{plan['task']}: accuracy after removing K classes{note}"),
-                   "Removing harmful classes should help, removing helpful ones hurt, random in between.")
-    rep.numbers["counterfactual"] = {"followup_study": plan["followup_study"], "partial": follow.partial, "arms": _records(agg)}
+        rep.figure(
+            sec,
+            "counterfactual",
+            figures.counterfactual_plot(agg, f"{plan['task']}: accuracy after removing K classes{note}"),
+            "Removing harmful classes should help, removing helpful ones hurt, random in between.",
+        )
+    rep.numbers["counterfactual"] = {
+        "followup_study": plan["followup_study"],
+        "partial": follow.partial,
+        "arms": _records(agg),
+    }
 
 
 def build_report(tracker: Tracker, study: str, n_boot: int = 200, seed: int = 0) -> Report:
@@ -193,8 +294,16 @@ def build_report(tracker: Tracker, study: str, n_boot: int = 200, seed: int = 0)
     t0 = time.perf_counter()
     sr = load_study(tracker, study)
     rep = Report(study, sr.study_run_id, sr.status_line(), sr.partial)
-    rep.numbers.update({"study": study, "partial": sr.partial, "status": sr.status, "finished_transfer_runs": len(sr.transfer),
-                        "n_boot": n_boot, "seed": seed})
+    rep.numbers.update(
+        {
+            "study": study,
+            "partial": sr.partial,
+            "status": sr.status,
+            "finished_transfer_runs": len(sr.transfer),
+            "n_boot": n_boot,
+            "seed": seed,
+        }
+    )
     dm = datamodel_inputs(tracker, sr.experiment_id)
     if sr.transfer.empty and not dm:
         rep.section("No results yet", "No transfer run of this study has finished.")
@@ -215,7 +324,8 @@ def build_report(tracker: Tracker, study: str, n_boot: int = 200, seed: int = 0)
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;color:#222}
 h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
 .partial{background:#fff3cd;border:1px solid #e0c36c;padding:8px 12px;border-radius:4px}
-table{border-collapse:collapse;font-size:12px;margin:6px 0 2px}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
+table{border-collapse:collapse;font-size:12px;margin:6px 0 2px}
+td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
 th{background:#f4f4f4}figure{margin:14px 0}figcaption,.cap{color:#555;font-size:12px}img{max-width:100%}
 .muted{color:#777;font-size:12px}"""
 
@@ -242,34 +352,57 @@ def _fmt(v) -> str:
 def _table_html(df: pd.DataFrame, name: str) -> str:
     shown = df.head(SHOWN_ROWS)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in shown.itertuples(index=False))
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+        for row in shown.itertuples(index=False)
+    )
     more = f" Showing {SHOWN_ROWS} of {len(df)} rows." if len(df) > SHOWN_ROWS else ""
-    return (f"<table><tr>{head}</tr>{body}</table>"
-            f'<div class="muted">{len(df)} rows; <a href="tables/{name}.csv">tables/{name}.csv</a>.{more}</div>')
+    return (
+        f"<table><tr>{head}</tr>{body}</table>"
+        f'<div class="muted">{len(df)} rows; <a href="tables/{name}.csv">tables/{name}.csv</a>.{more}</div>'
+    )
 
 
 def render_html(rep: Report) -> str:
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>transferlab report: {html.escape(rep.study)}</title>",
-             f"<style>{_CSS}</style></head><body><h1>Study <code>{html.escape(rep.study)}</code></h1>",
-             f"<p>{html.escape(rep.status_line)}.</p>"]
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>transferlab report: "
+        f"{html.escape(rep.study)}</title>",
+        f"<style>{_CSS}</style></head><body><h1>Study <code>{html.escape(rep.study)}</code></h1>",
+        f"<p>{html.escape(rep.status_line)}.</p>",
+    ]
     if rep.partial:
-        parts.append("<p class='partial'><b>Partial results:</b> some runs of this study are still running or did not finish; "
-                     "tables and figures use the finished runs only.</p>")
-    parts.append("<ul>" + "".join(f"<li><a href='#s{i}'>{html.escape(s.title)}</a></li>" for i, s in enumerate(rep.sections)) + "</ul>")
+        parts.append(
+            "<p class='partial'><b>Partial results:</b> some runs of this study are still running or did not finish; "
+            "tables and figures use the finished runs only.</p>"
+        )
+    parts.append(
+        "<ul>"
+        + "".join(f"<li><a href='#s{i}'>{html.escape(s.title)}</a></li>" for i, s in enumerate(rep.sections))
+        + "</ul>"
+    )
     for i, s in enumerate(rep.sections):
         parts.append(f"<h2 id='s{i}'>{html.escape(s.title)}</h2><p>{html.escape(s.text)}</p>")
         for kind, name, caption in s.items:
             if kind == "figure":
                 b64 = base64.b64encode(rep.figures[name]).decode()
-                parts.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{b64}'>"
-                             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+                parts.append(
+                    f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{b64}'>"
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+                )
             elif kind == "csv":
-                parts.append(f"<p class='muted'>{html.escape(caption)} {len(rep.tables[name])} rows: "
-                             f"<a href='tables/{name}.csv'>tables/{name}.csv</a></p>")
+                parts.append(
+                    f"<p class='muted'>{html.escape(caption)} {len(rep.tables[name])} rows: "
+                    f"<a href='tables/{name}.csv'>tables/{name}.csv</a></p>"
+                )
             else:
-                parts.append(f"<h3 class='cap'>{html.escape(name)}: {html.escape(caption)}</h3>{_table_html(rep.tables[name], name)}")
-    parts.append(f"<p class='muted' id='loadinfo'></p><p class='muted'>Computed in {rep.numbers.get('seconds', 0):.1f} s "
-                 "by transferlab report; fitted numbers in numbers.json.</p>")
+                parts.append(
+                    f"<h3 class='cap'>{html.escape(name)}: "
+                    f"{html.escape(caption)}</h3>{_table_html(rep.tables[name], name)}"
+                )
+    parts.append(
+        f"<p class='muted' id='loadinfo'></p><p class='muted'>Computed in {rep.numbers.get('seconds', 0):.1f} s "
+        "by transferlab report; fitted numbers in numbers.json.</p>"
+    )
     parts.append(f"<script>{_SCRIPT}</script></body></html>")
     return "".join(parts)
 

@@ -14,7 +14,12 @@ import pandas as pd
 
 from orchestrator.analysis import fits
 from orchestrator.analysis.frame import PRETRAIN_RUN_ID, PRETRAIN_SEED
-from orchestrator.records.schema import METRIC_ACCURACY, METRIC_NUM_TRAIN_SAMPLES, METRIC_UPSTREAM_ACCURACY, PARAM_CLASS_FRACTION
+from orchestrator.records.schema import (
+    METRIC_ACCURACY,
+    METRIC_NUM_TRAIN_SAMPLES,
+    METRIC_UPSTREAM_ACCURACY,
+    PARAM_CLASS_FRACTION,
+)
 from trainers.protocols import FINAL_LAYER
 
 SIZE, ACC = METRIC_NUM_TRAIN_SAMPLES, METRIC_ACCURACY
@@ -67,7 +72,16 @@ def spread_table(curves: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (task, protocol, shots), g in curves.groupby([*SETTING, "shots_n"]):
         m = g["mean"].to_numpy(float)
-        rows.append((task, protocol, shots, len(m), float(np.std(m, ddof=1)) if len(m) > 1 else np.nan, float(m.max() - m.min())))
+        rows.append(
+            (
+                task,
+                protocol,
+                shots,
+                len(m),
+                float(np.std(m, ddof=1)) if len(m) > 1 else np.nan,
+                float(m.max() - m.min()),
+            )
+        )
     return pd.DataFrame(rows, columns=[*SETTING, "shots_n", "sources", "std_across_sources", "range_across_sources"])
 
 
@@ -88,12 +102,21 @@ def iso_accuracy_table(t: pd.DataFrame) -> pd.DataFrame:
                 iso[col] = v
             iso["label_noise"] = noise
             out.append(iso)
-    cols = [*SETTING, *series_keys(t), "shots", "label_noise", "clean_size", "clean_accuracy", "noisy_size_needed", "noisy_per_clean"]
+    cols = [
+        *SETTING,
+        *series_keys(t),
+        "shots",
+        "label_noise",
+        "clean_size",
+        "clean_accuracy",
+        "noisy_size_needed",
+        "noisy_per_clean",
+    ]
     return pd.concat(out)[cols].reset_index(drop=True) if out else pd.DataFrame(columns=cols)
 
 
 def multiplier_table(t: pd.DataFrame, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
-    """"N× more data of source A to match source B at k shots", with a bootstrap 95% CI."""
+    """ "N× more data of source A to match source B at k shots", with a bootstrap 95% CI."""
     t = _all_classes(t)
     t = t[np.isfinite(t[SIZE])]
     t = t[t["label_noise"] == t.groupby(series_keys(t))["label_noise"].transform("min")]
@@ -104,14 +127,31 @@ def multiplier_table(t: pd.DataFrame, n_boot: int = 200, seed: int = 0) -> pd.Da
         for a, b in itertools.permutations(sorted(curves), 2):
             r = fits.multiplier_with_ci(curves[a], curves[b], SIZE, ACC, n_boot=n_boot, seed=seed)
             rows.append((task, protocol, method, shots, a, b, r["multiplier"], *r["ci"], r["matched_points"]))
-    return pd.DataFrame(rows, columns=[*SETTING, "method", "shots", "source_a", "source_b", "multiplier", "ci_low", "ci_high", "matched_points"])
+    return pd.DataFrame(
+        rows,
+        columns=[
+            *SETTING,
+            "method",
+            "shots",
+            "source_a",
+            "source_b",
+            "multiplier",
+            "ci_low",
+            "ci_high",
+            "matched_points",
+        ],
+    )
 
 
 def us_ds_points(t: pd.DataFrame) -> pd.DataFrame:
     """One point per pretraining run and (task, protocol, shots): upstream vs mean downstream accuracy."""
     keys = [PRETRAIN_RUN_ID, *SETTING, "shots", "shots_n"]
-    g = t.groupby(keys, as_index=False).agg(accuracy=(ACC, "mean"), upstream_accuracy=(METRIC_UPSTREAM_ACCURACY, "first"),
-                                            source=("source", "first"), seeds=(ACC, "size"))
+    g = t.groupby(keys, as_index=False).agg(
+        accuracy=(ACC, "mean"),
+        upstream_accuracy=(METRIC_UPSTREAM_ACCURACY, "first"),
+        source=("source", "first"),
+        seeds=(ACC, "size"),
+    )
     return g[np.isfinite(g["upstream_accuracy"]) & np.isfinite(g["accuracy"])]
 
 
@@ -119,15 +159,31 @@ def saturation_tables(points: pd.DataFrame, n_boot: int = 200, seed: int = 0) ->
     """Saturation fits (hull and all points, bootstrap CIs) and the held-out check per setting."""
     fit_rows, check_rows = [], []
     for (task, protocol, shots, shots_n), g in points.groupby([*SETTING, "shots", "shots_n"]):
-        g = g.sort_values(["upstream_accuracy", "accuracy", PRETRAIN_RUN_ID])  # bootstrap draws must not depend on search order
+        g = g.sort_values(
+            ["upstream_accuracy", "accuracy", PRETRAIN_RUN_ID]
+        )  # bootstrap draws must not depend on search order
         us, ds = g["upstream_accuracy"].to_numpy(float), g["accuracy"].to_numpy(float)
         for fit_on in ("hull", "all_points"):
             f = fits.fit_with_ci(us, ds, on_hull=fit_on == "hull", n_boot=n_boot, seed=seed)
-            fit_rows.append({"task": task, "protocol": protocol, "shots": shots, "shots_n": shots_n, "fit_on": fit_on,
-                             "points": f["points"], "fit_points": f["fit_points"],
-                             **{f"{p}{s}": v for p in ("k", "alpha", "e_ir")
-                                for s, v in (("", f[p]), ("_ci_low", f[f"{p}_ci"][0]), ("_ci_high", f[f"{p}_ci"][1]))}})
-        check_rows.append({"task": task, "protocol": protocol, "shots": shots, "shots_n": shots_n, **fits.heldout_check(us, ds)})
+            fit_rows.append(
+                {
+                    "task": task,
+                    "protocol": protocol,
+                    "shots": shots,
+                    "shots_n": shots_n,
+                    "fit_on": fit_on,
+                    "points": f["points"],
+                    "fit_points": f["fit_points"],
+                    **{
+                        f"{p}{s}": v
+                        for p in ("k", "alpha", "e_ir")
+                        for s, v in (("", f[p]), ("_ci_low", f[f"{p}_ci"][0]), ("_ci_high", f[f"{p}_ci"][1]))
+                    },
+                }
+            )
+        check_rows.append(
+            {"task": task, "protocol": protocol, "shots": shots, "shots_n": shots_n, **fits.heldout_check(us, ds)}
+        )
     return pd.DataFrame(fit_rows), pd.DataFrame(check_rows)
 
 

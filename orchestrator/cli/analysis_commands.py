@@ -51,8 +51,10 @@ def _report(args, tracker: Tracker) -> int:
         print(json.dumps(rep.numbers, indent=1, default=str))
     else:
         print(f"{rep.status_line}{' (partial results)' if rep.partial else ''}")
-        print(f"report: {path} ({len(rep.figures)} figures, {len(rep.tables)} tables as CSV)"
-              + ("; logged on the study run under report/" if logged else ""))
+        print(
+            f"report: {path} ({len(rep.figures)} figures, {len(rep.tables)} tables as CSV)"
+            + ("; logged on the study run under report/" if logged else "")
+        )
     return EXIT_OK
 
 
@@ -60,8 +62,18 @@ def _counterfactual(args, tracker: Tracker) -> int:
     spec = load_spec(args.spec, quick=args.quick)
     if spec.study != args.study:
         raise AnalysisError("--spec", f"is the spec of study '{spec.study}', not '{args.study}'")
-    path, plan = plan_counterfactual(tracker, spec, args.remove_top, args.arms, task=args.task, source=args.source, seed=args.seed,
-                                     seeds=args.seeds, name=args.name, out=args.out)
+    path, plan = plan_counterfactual(
+        tracker,
+        spec,
+        args.remove_top,
+        args.arms,
+        task=args.task,
+        source=args.source,
+        seed=args.seed,
+        seeds=args.seeds,
+        name=args.name,
+        out=args.out,
+    )
     print("\n".join(arm_lines(plan)))
     print(f"follow-up study: {path}; run it with: transferlab run {path}")
     print(f"then: transferlab report {args.study}  plots target accuracy vs K for each arm")

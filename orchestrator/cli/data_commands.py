@@ -17,19 +17,30 @@ def run(args) -> int:
     try:
         if args.data_command == "overlap":
             return _overlap(args)
-        columns = {"image_column": args.image_column, "label_column": args.label_column,
-                   "caption_column": args.caption_column, "key_column": args.key_column}
+        columns = {
+            "image_column": args.image_column,
+            "label_column": args.label_column,
+            "caption_column": args.caption_column,
+            "key_column": args.key_column,
+        }
         if args.data_command == "prepare":
             if args.shard_size < 1:
                 return error(f"--shard-size: must be >= 1, got {args.shard_size}")
             if not 0.0 <= args.test_fraction < 1.0:
                 return error(f"--test-fraction: must be in [0, 1), got {args.test_fraction}")
-            ds, bad = prepare(args.src, args.out, args.shard_size, args.test_fraction, args.on_bad_sample, args.format, **columns)
+            ds, bad = prepare(
+                args.src, args.out, args.shard_size, args.test_fraction, args.on_bad_sample, args.format, **columns
+            )
             m = ds.manifest
-            print(f"prepared {args.out}: {m['num_samples']} samples, {m['num_classes']} classes, "
-                  f"{len(m['shards'])} shards, fingerprint {m['fingerprint']}")
+            print(
+                f"prepared {args.out}: {m['num_samples']} samples, {m['num_classes']} classes, "
+                f"{len(m['shards'])} shards, fingerprint {m['fingerprint']}"
+            )
             if bad.total:
-                print(f"skipped {bad.total} bad sample(s): " + ", ".join(f"{k} x{v}" for k, v in bad.counts.items()), file=sys.stderr)
+                print(
+                    f"skipped {bad.total} bad sample(s): " + ", ".join(f"{k} x{v}" for k, v in bad.counts.items()),
+                    file=sys.stderr,
+                )
             return EXIT_OK
         m = inspect(args.uri, **columns)
     except DatasetError as e:
@@ -39,7 +50,10 @@ def run(args) -> int:
         return EXIT_OK
     splits = m["splits"]
     split_text = ", ".join(f"{k} {v['num_samples'] if isinstance(v, dict) else v}" for k, v in splits.items())
-    print(f"{m['name']}: {m['num_samples']} samples ({split_text}), {m['num_classes']} classes, fingerprint {m['fingerprint']}")
+    print(
+        f"{m['name']}: {m['num_samples']} samples ({split_text}), {m['num_classes']} classes, fingerprint "
+        f"{m['fingerprint']}"
+    )
     if m["classes"]:
         shown = ", ".join(m["classes"][:20]) + (" ..." if len(m["classes"]) > 20 else "")
         print(f"classes: {shown}")
@@ -56,8 +70,10 @@ def _overlap(args) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
         return EXIT_OK
-    print(f"{report['a']} vs {report['b']}: {report['exact']} exact and {report['near']} near-duplicate pair(s) "
-          f"({report['candidates']} dHash candidates within {report['max_distance']} bits, confirmed on thumbnails)")
+    print(
+        f"{report['a']} vs {report['b']}: {report['exact']} exact and {report['near']} near-duplicate pair(s) "
+        f"({report['candidates']} dHash candidates within {report['max_distance']} bits, confirmed on thumbnails)"
+    )
     for p in report["pairs"][:20]:
         print(f"  {p['kind']:<5} d={p['distance']:<2} {p['a_split']}/{p['a_key']}  ~  {p['b_split']}/{p['b_key']}")
     if len(report["pairs"]) > 20:

@@ -38,13 +38,16 @@ def _submit(args) -> int:
     url = jobs.job_api_url(args.address)
     loopback = jobs.is_loopback(url)
     # Where results go and what is uploaded first (cheap), then the data, as `validate` does.
-    sub, doc = jobs.build_submission(spec, args.study_file, args.working_dir, args.tracking_uri, args.storage_path,
-                                     loopback, args.pip_pinned)
+    sub, doc = jobs.build_submission(
+        spec, args.study_file, args.working_dir, args.tracking_uri, args.storage_path, loopback, args.pip_pinned
+    )
     plan = build_plan(spec)
     if loopback:  # a cluster on this machine uses the files here: check them as `run` does
         _check_local_stores(sub)
-    print(f"ok: study '{spec.study}': {len(plan.pretrain_runs)} pretraining runs, {plan.num_transfer_fits} transfer fits "
-          f"on {len(spec.transfer_tasks)} task(s)")
+    print(
+        f"ok: study '{spec.study}': {len(plan.pretrain_runs)} pretraining runs, {plan.num_transfer_fits} transfer fits "
+        f"on {len(spec.transfer_tasks)} task(s)"
+    )
     print(f"tracking: {jobs.scrub(sub.tracking_uri)}   storage: {sub.storage}")
     client = jobs.connect(url)
     staged = jobs.stage(sub, doc, args.working_dir)
@@ -53,13 +56,17 @@ def _submit(args) -> int:
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     if submitted:
-        print(f"uploaded {len(sub.files) + 1} files ({sub.size_bytes / 2**20:.1f} MiB)"
-              + (f", {len(sub.pip)} pinned requirements" if sub.pip else ""))
+        print(
+            f"uploaded {len(sub.files) + 1} files ({sub.size_bytes / 2**20:.1f} MiB)"
+            + (f", {len(sub.pip)} pinned requirements" if sub.pip else "")
+        )
         print(f"submitted: {job_id}")
     else:
         print(f"already running: {job_id} (the same study, tracking URI and storage); not submitting a second copy")
-    print(f"  transferlab status {job_id} --address {url}\n  transferlab logs {job_id} --address {url} --follow\n"
-          f"  transferlab stop {job_id} --address {url}")
+    print(
+        f"  transferlab status {job_id} --address {url}\n  transferlab logs {job_id} --address {url} --follow\n"
+        f"  transferlab stop {job_id} --address {url}"
+    )
     if args.no_wait:
         return EXIT_OK
     if args.follow:
@@ -71,7 +78,10 @@ def _submit(args) -> int:
 
 def _check_local_stores(sub) -> None:
     tracking, storage = jobs.local_stores(sub)
-    for name, value, check in (("--tracking-uri", tracking, check_tracking), ("--storage-path", storage, check_storage)):
+    for name, value, check in (
+        ("--tracking-uri", tracking, check_tracking),
+        ("--storage-path", storage, check_storage),
+    ):
         if value:
             try:
                 check(value)

@@ -8,18 +8,25 @@ import sys
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import importlib  # noqa: E402
+import importlib
 
-from orchestrator.cli.exits import EXIT_INTERRUPTED, error  # noqa: E402
-from orchestrator.cli.parser import JOB_COMMANDS, build_parser  # noqa: E402
-from orchestrator.records.retry import TrackingUnavailable  # noqa: E402
-from orchestrator.spec import SpecError  # noqa: E402
+from orchestrator.cli.exits import EXIT_INTERRUPTED, error
+from orchestrator.cli.parser import JOB_COMMANDS, build_parser
+from orchestrator.records.retry import TrackingUnavailable
+from orchestrator.spec import SpecError
 
 # Each command's module, imported only when that command runs: their imports (torch, Ray, MLflow,
 # matplotlib) take seconds, and `--help` or a job's `status` needs none of most of them.
-MODULES = {"validate": "study_commands", "plan": "study_commands", "run": "study_commands", "data": "data_commands",
-           "runs": "analysis_commands", "report": "analysis_commands", "counterfactual": "analysis_commands",
-           **{c: "job_commands" for c in JOB_COMMANDS}}
+MODULES = {
+    "validate": "study_commands",
+    "plan": "study_commands",
+    "run": "study_commands",
+    "data": "data_commands",
+    "runs": "analysis_commands",
+    "report": "analysis_commands",
+    "counterfactual": "analysis_commands",
+    **{c: "job_commands" for c in JOB_COMMANDS},
+}
 
 
 def main(argv: list[str] | None = None) -> int:

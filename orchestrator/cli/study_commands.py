@@ -32,8 +32,12 @@ def run(args) -> int:
         _datamodels_line(spec)  # its budget check
     else:
         _summary(spec, plan, args.tracking_uri, budget=True)  # before the storage probe writes anything
-    _check_infrastructure(args.tracking_uri or spec.tracking_uri, args.storage_path or spec.storage_path or DEFAULT_STORAGE,
-                          tracking_field, "--storage-path" if args.storage_path else "storage_path")
+    _check_infrastructure(
+        args.tracking_uri or spec.tracking_uri,
+        args.storage_path or spec.storage_path or DEFAULT_STORAGE,
+        tracking_field,
+        "--storage-path" if args.storage_path else "storage_path",
+    )
     return _run(args, spec, plan)
 
 
@@ -46,8 +50,10 @@ def _validate(spec: StudySpec, plan: StudyPlan) -> int:
         return EXIT_OK
     if budgeted:
         _summary(spec, plan, None, budget=True)
-    print(f"ok: study '{spec.study}': {len(plan.pretrain_runs)} pretraining runs, "
-          f"{plan.num_transfer_fits} transfer fits on {len(spec.transfer_tasks)} task(s)")
+    print(
+        f"ok: study '{spec.study}': {len(plan.pretrain_runs)} pretraining runs, "
+        f"{plan.num_transfer_fits} transfer fits on {len(spec.transfer_tasks)} task(s)"
+    )
     return EXIT_OK
 
 
@@ -56,10 +62,15 @@ def _datamodels_line(spec: StudySpec) -> str:
     d = spec.datamodels
     trials = -(-d.num_models // d.models_per_trial)
     if spec.budget.max_trials is not None and trials > spec.budget.max_trials:
-        raise SpecError("budget.max_trials", f"the datamodel sweep needs {trials} trials, {trials - spec.budget.max_trials} over "
-                                             f"the budget of {spec.budget.max_trials}; raise datamodels.models_per_trial or the budget")
-    return (f"study '{spec.study}': datamodel sweep of {d.num_models} models on {d.class_fraction:g} of the classes "
-            f"of '{d.source}', {trials} trials of up to {d.models_per_trial} models, probed on '{d.task}'")
+        raise SpecError(
+            "budget.max_trials",
+            f"the datamodel sweep needs {trials} trials, {trials - spec.budget.max_trials} over "
+            f"the budget of {spec.budget.max_trials}; raise datamodels.models_per_trial or the budget",
+        )
+    return (
+        f"study '{spec.study}': datamodel sweep of {d.num_models} models on {d.class_fraction:g} of the classes "
+        f"of '{d.source}', {trials} trials of up to {d.models_per_trial} models, probed on '{d.task}'"
+    )
 
 
 def _summary(spec: StudySpec, plan: StudyPlan, tracking_uri: str | None, budget: bool):
@@ -79,7 +90,9 @@ def _plan(args, spec: StudySpec, plan: StudyPlan) -> int:
     if plan.datamodels is not None:
         print(f"{_datamodels_line(spec)}; models already in the sweep's table are skipped when it runs")
         return EXIT_OK
-    _check_infrastructure(args.tracking_uri or spec.tracking_uri, None, "--tracking-uri" if args.tracking_uri else "tracking_uri", None)
+    _check_infrastructure(
+        args.tracking_uri or spec.tracking_uri, None, "--tracking-uri" if args.tracking_uri else "tracking_uri", None
+    )
     summary, uri = _summary(spec, plan, args.tracking_uri, budget=False)
     if args.json:
         print(json.dumps({**summary.to_dict(), "tracking_uri": redact(uri)}, indent=1))
@@ -104,34 +117,61 @@ def _check_infrastructure(tracking_uri, storage, tracking_field, storage_field) 
 
 def stopped(e: Exception, argv: list[str] | None) -> int:
     """The study stopped mid-way (tracking outage past its deadline, storage failure)."""
-    what = str(e) if not isinstance(e, OSError) else f"storage failed: {e.strerror or e} ({getattr(e, 'filename', '') or ''})"
-    print(f"stopped: {redact(what)}. Finished runs are recorded in MLflow and checkpoints kept in storage; "
-          f"when the problem is fixed, resume with the same command: {redact(command_line(argv))}", file=sys.stderr)
+    what = (
+        str(e)
+        if not isinstance(e, OSError)
+        else f"storage failed: {e.strerror or e} ({getattr(e, 'filename', '') or ''})"
+    )
+    print(
+        f"stopped: {redact(what)}. Finished runs are recorded in MLflow and checkpoints kept in storage; "
+        f"when the problem is fixed, resume with the same command: {redact(command_line(argv))}",
+        file=sys.stderr,
+    )
     return EXIT_STOPPED
 
 
 def _run(args, spec: StudySpec, plan: StudyPlan) -> int:
-    outcome = run_study(spec, address=args.address, tracking_uri=args.tracking_uri, storage_path=args.storage_path, plan=plan,
-                        fail_fast=args.fail_fast)
+    outcome = run_study(
+        spec,
+        address=args.address,
+        tracking_uri=args.tracking_uri,
+        storage_path=args.storage_path,
+        plan=plan,
+        fail_fast=args.fail_fast,
+    )
     print()
     print(outcome.table)
     if outcome.summary:
         print(f"{outcome.summary} in {outcome.seconds:.0f}s")
     else:
         everything = (outcome.pretrain_ran, outcome.transfer_ran) == (outcome.pretrain_total, outcome.transfer_total)
-        print(f"\nran {outcome.pretrain_ran}/{outcome.pretrain_total} pretraining runs and "
-              f"{outcome.transfer_ran}/{outcome.transfer_total} transfer fits in {outcome.seconds:.0f}s"
-              + ("." if everything else " (the others were already in MLflow)."))
-    print(f"browse them: mlflow ui --backend-store-uri {redact(resolve_tracking_uri(args.tracking_uri or spec.tracking_uri))}")
+        print(
+            f"\nran {outcome.pretrain_ran}/{outcome.pretrain_total} pretraining runs and "
+            f"{outcome.transfer_ran}/{outcome.transfer_total} transfer fits in {outcome.seconds:.0f}s"
+            + ("." if everything else " (the others were already in MLflow).")
+        )
+    print(
+        "browse them: mlflow ui --backend-store-uri "
+        f"{redact(resolve_tracking_uri(args.tracking_uri or spec.tracking_uri))}"
+    )
     if outcome.stopped and not outcome.failed:
-        print(f"stopped: {outcome.stopped}. Finished runs are recorded in MLflow, stopped ones are KILLED and keep "
-              f"their checkpoints; resume with the same command: {redact(command_line(args.argv))}", file=sys.stderr)
+        print(
+            f"stopped: {outcome.stopped}. Finished runs are recorded in MLflow, stopped ones are KILLED and keep "
+            f"their checkpoints; resume with the same command: {redact(command_line(args.argv))}",
+            file=sys.stderr,
+        )
         return EXIT_STOPPED
     if outcome.stopped:
-        print(f"stopped at {outcome.stopped}; runs it stopped are KILLED in MLflow and resume with the same command", file=sys.stderr)
+        print(
+            f"stopped at {outcome.stopped}; runs it stopped are KILLED in MLflow and resume with the same command",
+            file=sys.stderr,
+        )
     if outcome.failed:
-        print(f"{len(outcome.failed)} trial(s) failed: {'; '.join(outcome.failed)}. Run the same command again to retry them.",
-              file=sys.stderr)
+        print(
+            f"{len(outcome.failed)} trial(s) failed: {'; '.join(outcome.failed)}. Run the same command again to "
+            "retry them.",
+            file=sys.stderr,
+        )
         return EXIT_FAILED_RUNS
     if spec.datamodels is not None and spec.datamodels.counterfactual is not None:
         return _run_followup(args, spec)
@@ -145,15 +185,22 @@ def _run_followup(args, spec: StudySpec) -> int:
     MLflow skips what it already holds."""
     c = spec.datamodels.counterfactual
     storage = args.storage_path or spec.storage_path or DEFAULT_STORAGE
-    print(f"\n[counterfactual] planning the follow-up of '{spec.study}': remove the top {', '.join(map(str, c.remove_top))} "
-          f"{'/'.join(c.arms)} classes, {c.seeds} seed(s) each")
+    print(
+        f"\n[counterfactual] planning the follow-up of '{spec.study}': remove the top "
+        f"{', '.join(map(str, c.remove_top))} "
+        f"{'/'.join(c.arms)} classes, {c.seeds} seed(s) each"
+    )
     tracker = Tracker(resolve_tracking_uri(args.tracking_uri or spec.tracking_uri))
     try:
-        path, plan = plan_counterfactual(tracker, spec, list(c.remove_top), c.arms, seeds=c.seeds,
-                                         out=os.path.join(storage, "counterfactual"))
+        path, plan = plan_counterfactual(
+            tracker, spec, list(c.remove_top), c.arms, seeds=c.seeds, out=os.path.join(storage, "counterfactual")
+        )
     except AnalysisError as e:
         return error(str(e))
     print("\n".join(arm_lines(plan)))
     followup = load_spec(path)
-    print(f"[counterfactual] follow-up study '{followup.study}' ({path}); then `transferlab report {spec.study}` plots accuracy vs K")
+    print(
+        f"[counterfactual] follow-up study '{followup.study}' ({path}); then `transferlab report {spec.study}` plots "
+        "accuracy vs K"
+    )
     return _run(args, followup, build_plan(followup))

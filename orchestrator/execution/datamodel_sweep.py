@@ -45,13 +45,27 @@ from trainers.stacked import probe_outputs, stacked_features, train_stacked
 
 def _write_header(table: str, plan: DatamodelPlan) -> None:
     """The table's ``sweep.json`` and ``examples.parquet`` (the task's test examples)."""
+
     def examples() -> pa.Table:
         test = open_dataset(plan.task_root).keys_and_labels("test")
-        return pa.table({"example": np.arange(len(test.keys), dtype=np.int64), "key": test.keys.astype(str),
-                         "label": test.labels.astype(np.int64)})
+        return pa.table(
+            {
+                "example": np.arange(len(test.keys), dtype=np.int64),
+                "key": test.keys.astype(str),
+                "label": test.labels.astype(np.int64),
+            }
+        )
 
-    sweep = {"config_hash": plan.config_hash, "source": plan.source, "task": plan.task, "classes": list(plan.classes),
-             "protocol": plan.protocol, "shots": plan.shots, "settings": asdict(plan.settings), "model_config": plan.model_config}
+    sweep = {
+        "config_hash": plan.config_hash,
+        "source": plan.source,
+        "task": plan.task,
+        "classes": list(plan.classes),
+        "protocol": plan.protocol,
+        "shots": plan.shots,
+        "settings": asdict(plan.settings),
+        "model_config": plan.model_config,
+    }
     write_header(table, sweep, examples)
 
 
@@ -73,8 +87,17 @@ def train_and_probe(plan: DatamodelPlan, models: tuple[int, ...], device=None) -
     ts = plan.train
     images, labels, keys = decode_split(open_dataset(plan.source_root), "train", ts.image_size)
     idx = list(models)
-    sm = train_stacked(plan.model_config, len(plan.classes), images, labels, keys, plan.masks[idx], [plan.seeds[i] for i in idx], ts,
-                       device)
+    sm = train_stacked(
+        plan.model_config,
+        len(plan.classes),
+        images,
+        labels,
+        keys,
+        plan.masks[idx],
+        [plan.seeds[i] for i in idx],
+        ts,
+        device,
+    )
     task = open_dataset(plan.task_root)
     feats = {}
     for split in ("train", "test"):
@@ -83,12 +106,28 @@ def train_and_probe(plan: DatamodelPlan, models: tuple[int, ...], device=None) -
     rows = []
     for j, i in enumerate(idx):
         (ftr, ytr, ktr), (fte, yte, kte) = feats["train"], feats["test"]
-        acc, out = probe_outputs(Features(ktr, ftr[j], ytr), Features(kte, fte[j], yte), task.num_classes, plan.protocol,
-                                 plan.shots, plan.transfer_seed, plan.val_fraction)
-        rows.append({"model": i, "seed": plan.seeds[i], "mask": plan.masks[i].tolist(), "num_train_samples": int(sm.num_train_samples[j]),
-                     "train_loss": float(sm.train_loss[j]), "accuracy": acc,
-                     "correct_prob": out["correct_prob"].to_numpy(np.float32), "margin": out["margin"].to_numpy(np.float32),
-                     "prediction": out["prediction"].to_numpy(np.int32)})
+        acc, out = probe_outputs(
+            Features(ktr, ftr[j], ytr),
+            Features(kte, fte[j], yte),
+            task.num_classes,
+            plan.protocol,
+            plan.shots,
+            plan.transfer_seed,
+            plan.val_fraction,
+        )
+        rows.append(
+            {
+                "model": i,
+                "seed": plan.seeds[i],
+                "mask": plan.masks[i].tolist(),
+                "num_train_samples": int(sm.num_train_samples[j]),
+                "train_loss": float(sm.train_loss[j]),
+                "accuracy": acc,
+                "correct_prob": out["correct_prob"].to_numpy(np.float32),
+                "margin": out["margin"].to_numpy(np.float32),
+                "prediction": out["prediction"].to_numpy(np.int32),
+            }
+        )
     return pa.Table.from_pylist(rows, schema=TABLE_SCHEMA)
 
 
@@ -106,10 +145,24 @@ def _datamodel_trial(config: dict, ctx: DatamodelContext) -> dict:
     mean_acc = float(np.mean(table.column("accuracy").to_numpy()))
     tracker = Tracker(ctx.tracking_uri)
     name = f"models {min(models)}-{max(models)}"
-    run_id = tracker.create_run(ctx.experiment_id, KIND_DATAMODEL_BATCH, ctx.study, name, f"{ctx.plan.config_hash}:{config['trial']}",
-                                {"first_model": min(models), "last_model": max(models), "models": len(models)}, parent_run_id=ctx.sweep_run_id)
-    tracker.log(run_id, metrics={"models": len(models), "seconds": seconds, "models_per_hour": 3600 * len(models) / seconds,
-                                 "mean_accuracy": mean_acc})
+    run_id = tracker.create_run(
+        ctx.experiment_id,
+        KIND_DATAMODEL_BATCH,
+        ctx.study,
+        name,
+        f"{ctx.plan.config_hash}:{config['trial']}",
+        {"first_model": min(models), "last_model": max(models), "models": len(models)},
+        parent_run_id=ctx.sweep_run_id,
+    )
+    tracker.log(
+        run_id,
+        metrics={
+            "models": len(models),
+            "seconds": seconds,
+            "models_per_hour": 3600 * len(models) / seconds,
+            "mean_accuracy": mean_acc,
+        },
+    )
     if not is_remote(ctx.table):
         tracker.client.log_artifact(run_id, path, DATAMODEL_PART_ARTIFACT_DIR)
     tracker.finish(run_id)
@@ -121,7 +174,8 @@ def _memory_line(plan: DatamodelPlan) -> str:
     models' random access: say how much, so a source too large for a node is seen up front."""
     n = open_dataset(plan.source_root).num_samples("train")
     side = plan.train.image_size
-    return f"each trial decodes the source's {n:,} training images at {side}px into {n * 3 * side * side / 2**20:,.0f} MiB of memory"
+    mib = n * 3 * side * side / 2**20
+    return f"each trial decodes the source's {n:,} training images at {side}px into {mib:,.0f} MiB of memory"
 
 
 def trial_batches(todo: list[int], per_trial: int) -> dict[str, tuple[int, ...]]:
@@ -144,8 +198,10 @@ class DatamodelOutcome:
     not_launched: int = 0  # trials skipped past budget.max_hours
 
     def summary(self) -> str:
-        return (f"datamodels: {self.done}/{self.total} models in the table {self.table} "
-                f"({self.ran} trained now, {self.done_before} already there)")
+        return (
+            f"datamodels: {self.done}/{self.total} models in the table {self.table} "
+            f"({self.ran} trained now, {self.done_before} already there)"
+        )
 
 
 def _sweep_run(tracker: Tracker, exp: str, spec: StudySpec, plan: DatamodelPlan, study_run: str, table: str) -> str:
@@ -153,13 +209,31 @@ def _sweep_run(tracker: Tracker, exp: str, spec: StudySpec, plan: DatamodelPlan,
     if prior is not None:
         tracker.reopen(prior.info.run_id)
         return prior.info.run_id
-    return tracker.create_run(exp, KIND_DATAMODELS, spec.study, plan.run_name, plan.config_hash,
-                              plan.params(spec),
-                              parent_run_id=study_run, tags={TAG_DATAMODEL_TABLE: table})
+    return tracker.create_run(
+        exp,
+        KIND_DATAMODELS,
+        spec.study,
+        plan.run_name,
+        plan.config_hash,
+        plan.params(spec),
+        parent_run_id=study_run,
+        tags={TAG_DATAMODEL_TABLE: table},
+    )
 
 
-def run_datamodels(spec: StudySpec, plan: DatamodelPlan, tracker: Tracker, exp: str, study_run: str, storage: str, cpus: float,
-                   worker_uri: str, mlflow_env: dict, fail_fast: bool = False, deadline: float | None = None) -> DatamodelOutcome:
+def run_datamodels(
+    spec: StudySpec,
+    plan: DatamodelPlan,
+    tracker: Tracker,
+    exp: str,
+    study_run: str,
+    storage: str,
+    cpus: float,
+    worker_uri: str,
+    mlflow_env: dict,
+    fail_fast: bool = False,
+    deadline: float | None = None,
+) -> DatamodelOutcome:
     """Train every model of the sweep the table lacks; record the sweep and its trials in MLflow."""
     table = table_uri(storage, spec.study, plan.config_hash)
     _write_header(table, plan)
@@ -167,12 +241,28 @@ def run_datamodels(spec: StudySpec, plan: DatamodelPlan, tracker: Tracker, exp: 
     done = finished_models(table)
     todo = [i for i in range(plan.num_models) if i not in done]
     done_before = plan.num_models - len(todo)
-    print(f"datamodels: {plan.num_models} models ({done_before} already in the table), {plan.models_per_trial} per trial; "
-          f"{_memory_line(plan)}\ntable: {redact(table)}", flush=True)
+    print(
+        f"datamodels: {plan.num_models} models ({done_before} already in the table), {plan.models_per_trial} per "
+        "trial; "
+        f"{_memory_line(plan)}\ntable: {redact(table)}",
+        flush=True,
+    )
     r = spec.resources
-    ctx = DatamodelContext(study=spec.study, tracking_uri=worker_uri, experiment_id=exp, storage_path=storage, mlflow_env=mlflow_env,
-                           deadline=deadline, fail_fast=fail_fast, sweep_run_id=run_id, table=table, plan=plan,
-                           cpus_per_trial=r.cpus_per_worker, use_gpu=r.use_gpu, trials=trial_batches(todo, plan.models_per_trial))
+    ctx = DatamodelContext(
+        study=spec.study,
+        tracking_uri=worker_uri,
+        experiment_id=exp,
+        storage_path=storage,
+        mlflow_env=mlflow_env,
+        deadline=deadline,
+        fail_fast=fail_fast,
+        sweep_run_id=run_id,
+        table=table,
+        plan=plan,
+        cpus_per_trial=r.cpus_per_worker,
+        use_gpu=r.use_gpu,
+        trials=trial_batches(todo, plan.models_per_trial),
+    )
     failed: list[str] = []
     not_launched = 0
     status = FAILED
@@ -181,17 +271,36 @@ def run_datamodels(spec: StudySpec, plan: DatamodelPlan, tracker: Tracker, exp: 
             cluster = {"CPU": cpus, "GPU": cluster_gpus()}
             concurrency = r.max_concurrent_trials or r.light_concurrency(cluster, r.cpus_per_worker)
             labels = {k: f"models {v[0]}..{v[-1]} ({len(v)})" for k, v in ctx.trials.items()}
-            progress = run_phase("datamodels", _datamodel_trial, "trial", labels, ctx, r.light_trial(r.cpus_per_worker), concurrency,
-                                 lambda x: f"{x.get('models', 0)} models in {x.get('seconds', 0):.1f}s, "
-                                           f"mean accuracy {x.get('mean_accuracy', float('nan')):.3f}")
+            progress = run_phase(
+                "datamodels",
+                _datamodel_trial,
+                "trial",
+                labels,
+                ctx,
+                r.light_trial(r.cpus_per_worker),
+                concurrency,
+                lambda x: (
+                    f"{x.get('models', 0)} models in {x.get('seconds', 0):.1f}s, "
+                    f"mean accuracy {x.get('mean_accuracy', float('nan')):.3f}"
+                ),
+            )
             failed = progress.errors
             not_launched = progress.not_launched
         now = finished_models(table)
-        status = (FINISHED if len(now & set(range(plan.num_models))) == plan.num_models
-                  else KILLED if not_launched and not failed else FAILED)
+        status = (
+            FINISHED
+            if len(now & set(range(plan.num_models))) == plan.num_models
+            else KILLED
+            if not_launched and not failed
+            else FAILED
+        )
     finally:
         n_done = len(finished_models(table) & set(range(plan.num_models)))
         step = len(tracker.client.get_metric_history(run_id, "models_done"))
-        tracker.log(run_id, metrics={"models_done": n_done, "models_total": plan.num_models, "failed_trials": len(failed)}, step=step)
+        tracker.log(
+            run_id,
+            metrics={"models_done": n_done, "models_total": plan.num_models, "failed_trials": len(failed)},
+            step=step,
+        )
         tracker.finish(run_id, status)
     return DatamodelOutcome(plan.num_models, done_before, n_done - done_before, n_done, failed, table, not_launched)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from orchestrator.planning.pretrain_runs import PretrainRun
 from orchestrator.planning.transfer_fits import TransferFit, TransferGroup
@@ -119,8 +119,13 @@ class Progress:
     @property
     def counts(self) -> dict[str, int]:
         p = self.phase.replace("-", "_")
-        return {f"{p}_trials_done": self.done, f"{p}_trials_running": self.running, f"{p}_trials_failed": self.failed,
-                f"{p}_trials_not_launched": self.not_launched, f"{p}_trials_total": self.total}
+        return {
+            f"{p}_trials_done": self.done,
+            f"{p}_trials_running": self.running,
+            f"{p}_trials_failed": self.failed,
+            f"{p}_trials_not_launched": self.not_launched,
+            f"{p}_trials_total": self.total,
+        }
 
     def _status(self) -> str:
         elapsed = time.monotonic() - self.t0
@@ -128,8 +133,10 @@ class Progress:
         left = self.total - ended - self.not_launched
         # Each ended trial took elapsed/ended of wall time at the concurrency seen so far.
         eta = f"~{elapsed / ended * left:.0f}s left" if ended else "ETA after the first trial"
-        return (f"done {self.done}, running {self.running}, failed {self.failed} of {self.total}; "
-                f"{elapsed:.0f}s elapsed, {eta}")
+        return (
+            f"done {self.done}, running {self.running}, failed {self.failed} of {self.total}; "
+            f"{elapsed:.0f}s elapsed, {eta}"
+        )
 
     def _changed(self) -> None:
         if self.on_counts is not None:
@@ -144,7 +151,11 @@ class Progress:
         self._changed()
 
     def report(self, trial, ok: bool) -> None:
-        error = "" if ok else _error_line(trial.error_file) + (f" (full traceback: {trial.error_file})" if trial.error_file else "")
+        error = (
+            ""
+            if ok
+            else _error_line(trial.error_file) + (f" (full traceback: {trial.error_file})" if trial.error_file else "")
+        )
         self.end(self.label(trial), ok, dict(trial.last_result or {}), error)
 
     def end(self, label: str, ok: bool, last: dict, error: str = "FAILED") -> None:
@@ -171,8 +182,10 @@ class Progress:
     def summary(self) -> str:
         never = self.total - self.done - self.failed - self.not_launched
         extra = f", {self.not_launched + never} not launched" if self.not_launched + never else ""
-        return (f"[{self.phase}] phase over: {self.done} done, {self.failed} failed{extra} of {self.total} trials "
-                f"in {time.monotonic() - self.t0:.0f}s")
+        return (
+            f"[{self.phase}] phase over: {self.done} done, {self.failed} failed{extra} of {self.total} trials "
+            f"in {time.monotonic() - self.t0:.0f}s"
+        )
 
 
 def phase_stopper(deadline: float | None, fail_fast: bool, failed: Callable[[], bool]):
@@ -191,8 +204,18 @@ def phase_stopper(deadline: float | None, fail_fast: bool, failed: Callable[[], 
     return _Stop()
 
 
-def run_phase(phase: str, trainable, key: str, items: dict[str, str], ctx: TrialContext, resources: float | dict, concurrency: int,
-              summarize, describe_report=None, on_counts=None) -> Progress:
+def run_phase(
+    phase: str,
+    trainable,
+    key: str,
+    items: dict[str, str],
+    ctx: TrialContext,
+    resources: float | dict,
+    concurrency: int,
+    summarize,
+    describe_report=None,
+    on_counts=None,
+) -> Progress:
     """One Tune grid over ``items``, each trial holding ``resources`` (a CPU count, or a Ray
     resource dict such as ``{"CPU": 1, "GPU": 0.25}``), at most ``concurrency`` at once."""
     from ray import tune
@@ -202,9 +225,13 @@ def run_phase(phase: str, trainable, key: str, items: dict[str, str], ctx: Trial
     # start the next phase and exit 0. Without it, Ctrl-C stops the study (exit 130, resumable).
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trainable, ctx=ctx), resources if isinstance(resources, dict) else {"CPU": resources}),
+        tune.with_resources(
+            tune.with_parameters(trainable, ctx=ctx), resources if isinstance(resources, dict) else {"CPU": resources}
+        ),
         param_space={key: tune.grid_search(list(items))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_dirname_creator=lambda t: f"{phase}-{t.trial_id}"),
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=concurrency, trial_dirname_creator=lambda t: f"{phase}-{t.trial_id}"
+        ),
         run_config=tune.RunConfig(
             name=f"{ctx.study}-{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=ctx.storage_path,

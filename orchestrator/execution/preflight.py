@@ -33,7 +33,7 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
         if r.status_code >= 500:
             raise ValueError(f"the MLflow tracking server at {redact(uri)} answers HTTP {r.status_code}")
     elif uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         target = db if db.exists() else db.parent
         if not target.exists():
             raise ValueError(f"folder {db.parent} of the sqlite store does not exist")

@@ -43,7 +43,9 @@ def checkpoint_uri(checkpoint) -> str:
     return f"{scheme}://{checkpoint.path}"
 
 
-def build_pretrain_trainer(run: PretrainRun, ctx: PhaseContext, run_id: str, fault: dict | None = None, in_tune: bool = False):
+def build_pretrain_trainer(
+    run: PretrainRun, ctx: PhaseContext, run_id: str, fault: dict | None = None, in_tune: bool = False
+):
     """The Ray Train ``TorchTrainer`` of one pretraining run, reporting into MLflow run ``run_id``
     (and, ``in_tune``, to the Tune trial that fits it, for progress lines). ``fault`` is the
     loop's test hook (``PretrainConfig.fault``).
@@ -54,7 +56,6 @@ def build_pretrain_trainer(run: PretrainRun, ctx: PhaseContext, run_id: str, fau
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
-
 
     config = run.config if fault is None else run.config.replace(fault=fault)
     ds = open_dataset(run.source_root)
@@ -70,7 +71,9 @@ def build_pretrain_trainer(run: PretrainRun, ctx: PhaseContext, run_id: str, fau
     return TorchTrainer(
         pretrain_loop,
         train_loop_config=config.to_dict(),
-        scaling_config=ray.train.ScalingConfig(num_workers=r.workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker}
+        ),
         datasets={
             "train": ray_dataset(ds, "train", config.image_size, view=run.view, text=text),
             # Upstream accuracy is measured on the classes the model was trained on.
@@ -101,12 +104,18 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
         spool.flush(ctx.storage_path, tracker.client, run_id)  # reports the server missed
         tracker.log(
             run_id,
-            metrics={"realized_label_noise": run.realized_label_noise, "num_train_samples": run.num_train_samples,
-                     METRIC_TRIAL_SECONDS: time.monotonic() - t0},
+            metrics={
+                "realized_label_noise": run.realized_label_noise,
+                "num_train_samples": run.num_train_samples,
+                METRIC_TRIAL_SECONDS: time.monotonic() - t0,
+            },
             tags={TAG_CHECKPOINT: checkpoint_uri(result.checkpoint)},
         )
         tracker.finish(run_id)
-        return {"upstream_accuracy": metrics.get("upstream_accuracy", float("nan")), "train_loss": metrics.get("train_loss")}
+        return {
+            "upstream_accuracy": metrics.get("upstream_accuracy", float("nan")),
+            "train_loss": metrics.get("train_loss"),
+        }
     except BaseException:
         try:
             tracker.finish(run_id, FAILED)
@@ -118,14 +127,22 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
 def _describe_epoch(result: dict) -> str | None:
     if "epoch" not in result or "train_loss" not in result:
         return None
-    return f"epoch {int(result['epoch']) + 1}: train_loss={result['train_loss']:.4f} ({result.get('images_per_second', 0):.0f} img/s)"
+    rate = result.get("images_per_second", 0)
+    return f"epoch {int(result['epoch']) + 1}: train_loss={result['train_loss']:.4f} ({rate:.0f} img/s)"
 
 
 def run_pretrain_phase(ctx: PhaseContext, runs: list[PretrainRun], cluster_cpus: float, on_counts=None) -> Progress:
     items = {r.config_hash: r.run_name for r in runs}
     # The trial only drives a TorchTrainer whose workers are scheduled on their own.
     return run_phase(
-        "pretrain", _pretrain_trial, "run", items, ctx, 0.01, pretrain_concurrency(ctx.resources, cluster_cpus),
+        "pretrain",
+        _pretrain_trial,
+        "run",
+        items,
+        ctx,
+        0.01,
+        pretrain_concurrency(ctx.resources, cluster_cpus),
         lambda r: f"upstream_accuracy={r.get('upstream_accuracy', float('nan')):.3f}",
-        _describe_epoch, on_counts,
+        _describe_epoch,
+        on_counts,
     )

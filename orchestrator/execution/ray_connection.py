@@ -20,6 +20,7 @@ WORKER_ENV = {
     **MLFLOW_HTTP_ENV,
 }
 
+
 def quiet_ray_logs() -> None:
     """Keep the console to transferlab's own progress lines (Ray's logs stay in its log dir)."""
     for name in ("ray", "ray.train", "ray.tune", "ray.data"):

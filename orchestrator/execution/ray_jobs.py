@@ -47,8 +47,23 @@ from orchestrator.spec import SpecError, StudySpec
 # message that names the largest files.
 MAX_WORKING_DIR_BYTES = 512 * 1024 * 1024
 # Never uploaded even where no .gitignore lists them: data, environments, local stores, outputs.
-EXCLUDED_NAMES = {".git", ".venv", "venv", "env", "data", "mlflow.db", "mlruns", "mlartifacts", "transferlab_storage",
-                  "reports", "__pycache__", ".pytest_cache", "node_modules", ".mypy_cache", ".ruff_cache"}
+EXCLUDED_NAMES = {
+    ".git",
+    ".venv",
+    "venv",
+    "env",
+    "data",
+    "mlflow.db",
+    "mlruns",
+    "mlartifacts",
+    "transferlab_storage",
+    "reports",
+    "__pycache__",
+    ".pytest_cache",
+    "node_modules",
+    ".mypy_cache",
+    ".ruff_cache",
+}
 SECRET_ENV = ("RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 ACTIVE = ("PENDING", "RUNNING")
@@ -95,7 +110,9 @@ def ray_token() -> str | None:
 def job_api_url(address: str | None) -> str:
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS")
     if not address:
-        raise SpecError("--address", "give the cluster's job API, e.g. http://HOST:8265 (or set RAY_API_SERVER_ADDRESS)")
+        raise SpecError(
+            "--address", "give the cluster's job API, e.g. http://HOST:8265 (or set RAY_API_SERVER_ADDRESS)"
+        )
     return address.rstrip("/") if "://" in address else f"http://{address.rstrip('/')}"
 
 
@@ -150,8 +167,11 @@ def cluster_tracking_uri(given: str | None, loopback: bool) -> tuple[str, dict[s
     local = uri is None or "://" not in uri or uri.startswith(("sqlite:", "file:"))
     if local and not loopback:
         shown = redact(uri) if uri else "MLflow's default store (sqlite:///mlflow.db in this folder)"
-        raise SpecError("--tracking-uri", f"{shown} is a file on this machine, which the cluster cannot reach; "
-                        "give a tracking server it can reach (http(s)://HOST:PORT)")
+        raise SpecError(
+            "--tracking-uri",
+            f"{shown} is a file on this machine, which the cluster cannot reach; "
+            "give a tracking server it can reach (http(s)://HOST:PORT)",
+        )
     try:
         resolved = resolve_tracking_uri(uri)
     except ValueError as e:
@@ -165,13 +185,16 @@ def cluster_storage(given: str | None, loopback: bool) -> str:
     if given and (is_remote(given) or Path(given).is_absolute()):
         return given
     if not loopback:
-        raise SpecError("--storage-path", f"{given or 'the default ./' + DEFAULT_STORAGE} is a folder on this machine; give "
-                        "storage every node of the cluster reads and writes (s3://BUCKET/PATH, gs://..., or an "
-                        "absolute path on a shared mount)")
+        raise SpecError(
+            "--storage-path",
+            f"{given or 'the default ./' + DEFAULT_STORAGE} is a folder on this machine; give "
+            "storage every node of the cluster reads and writes (s3://BUCKET/PATH, gs://..., or an "
+            "absolute path on a shared mount)",
+        )
     return str(Path(given or DEFAULT_STORAGE).resolve())
 
 
-def local_stores(sub: "Submission") -> tuple[str | None, str | None]:
+def local_stores(sub: Submission) -> tuple[str | None, str | None]:
     """(tracking URI, storage) of ``sub`` that are files on this machine, to check here before
     submitting to a cluster on this machine; an http(s) server may be a name only the cluster
     resolves (a port-forwarded cluster looks like loopback too), so it is not contacted."""
@@ -184,8 +207,12 @@ def project_files(root: Path) -> list[str]:
     """Files of ``root`` to upload, relative: what git tracks or would track (``.gitignore``
     respected), or every file outside git; never :data:`EXCLUDED_NAMES`."""
     try:
-        out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             capture_output=True, check=True, timeout=60).stdout.decode()
+        out = subprocess.run(
+            ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout.decode()
         names = [n for n in out.split("\0") if n]
     except (OSError, subprocess.SubprocessError):
         names = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
@@ -205,9 +232,12 @@ def check_size(root: Path, files: list[str], limit: int = MAX_WORKING_DIR_BYTES)
     if total > limit:
         top = sorted(sizes, key=sizes.get, reverse=True)[:3]
         biggest = ", ".join(f"{n} ({sizes[n] / 2**20:.0f} MiB)" for n in top)
-        raise SpecError("--working-dir", f"{root} holds {total / 2**20:.0f} MiB to upload, over Ray's "
-                        f"{limit / 2**20:.0f} MiB limit; largest: {biggest}. List data in .gitignore or move it out "
-                        "(datasets belong on storage the cluster reads: s3://..., a shared mount)")
+        raise SpecError(
+            "--working-dir",
+            f"{root} holds {total / 2**20:.0f} MiB to upload, over Ray's "
+            f"{limit / 2**20:.0f} MiB limit; largest: {biggest}. List data in .gitignore or move it out "
+            "(datasets belong on storage the cluster reads: s3://..., a shared mount)",
+        )
     return total
 
 
@@ -231,16 +261,26 @@ def _staged_study(spec: StudySpec, study_file: Path, root: Path, files: list[str
             else:
                 travels = any(u == ref.uri or u.startswith(ref.uri.rstrip("/") + "/") for u in uploaded)
                 if not inside or not travels:
-                    raise SpecError(f"{section}.{name}.uri", f"{written} is not among the files uploaded from {root}; "
-                                    "give data the cluster reads (builtin:NAME, s3://..., an absolute path on a shared mount)")
+                    raise SpecError(
+                        f"{section}.{name}.uri",
+                        f"{written} is not among the files uploaded from {root}; "
+                        "give data the cluster reads (builtin:NAME, s3://..., an absolute path on a shared mount)",
+                    )
                 uri = os.path.relpath(ref.uri, (root / rel).parent)
             doc[section][name] = uri if isinstance(body, str) else {**body, "uri": uri}
     doc.pop("tracking_uri", None), doc.pop("storage_path", None)  # decided here, passed explicitly
     return rel, doc
 
 
-def build_submission(spec: StudySpec, study_file: str, working_dir: str, tracking_uri: str | None,
-                     storage_path: str | None, loopback: bool, pip_pinned: bool = False) -> tuple[Submission, dict]:
+def build_submission(
+    spec: StudySpec,
+    study_file: str,
+    working_dir: str,
+    tracking_uri: str | None,
+    storage_path: str | None,
+    loopback: bool,
+    pip_pinned: bool = False,
+) -> tuple[Submission, dict]:
     """The job to submit (pure but for reading the project's file list) and the study document."""
     root = Path(working_dir).resolve()
     uri, uri_credentials = cluster_tracking_uri(tracking_uri or spec.tracking_uri, loopback)
@@ -250,10 +290,21 @@ def build_submission(spec: StudySpec, study_file: str, working_dir: str, trackin
     rel, doc = _staged_study(spec, Path(study_file), root, files, loopback)
     digest = hashlib.sha256(repr((sorted(_flat(doc)), uri, storage)).encode()).hexdigest()[:10]
     slug = re.sub(r"[^a-z0-9]+", "-", spec.study.lower()).strip("-")[:40] or "study"
-    entrypoint = shlex.join(["transferlab", "run", rel, "--address", "auto", "--tracking-uri", uri, "--storage-path", storage])
+    entrypoint = shlex.join(
+        ["transferlab", "run", rel, "--address", "auto", "--tracking-uri", uri, "--storage-path", storage]
+    )
     env = {"MLFLOW_TRACKING_URI": uri, **mlflow_client_env(), **uri_credentials}
-    sub = Submission(f"transferlab-{slug}-{digest}", entrypoint, env, rel, uri, storage, files, size,
-                     pinned_requirements() if pip_pinned else [])
+    sub = Submission(
+        f"transferlab-{slug}-{digest}",
+        entrypoint,
+        env,
+        rel,
+        uri,
+        storage,
+        files,
+        size,
+        pinned_requirements() if pip_pinned else [],
+    )
     return sub, doc
 
 
@@ -329,12 +380,16 @@ def job_info(client, job_id: str):
 
 def describe(info) -> list[str]:
     """``status`` lines of a job: its state, the study command it runs, times, Ray's message."""
+
     def when(ms):
-        return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
     status = status_name(info.status)
     exit_code = getattr(info, "driver_exit_code", None)
-    lines = [f"{info.submission_id or info.job_id}: {status}" + (f" (exit code {exit_code})" if exit_code is not None else "")]
+    lines = [
+        f"{info.submission_id or info.job_id}: {status}"
+        + (f" (exit code {exit_code})" if exit_code is not None else "")
+    ]
     lines.append(f"  runs: {scrub(info.entrypoint)}")
     if info.start_time:
         span = f"  started {when(info.start_time)}"
@@ -360,6 +415,7 @@ def exit_code(info) -> int:
 
 def tail_logs(client, job_id: str, out) -> None:
     """Print the job's log as it grows until the job ends."""
+
     async def run():
         async for chunk in client.tail_job_logs(job_id):
             out.write(scrub(chunk))

@@ -43,8 +43,10 @@ def search_space(search: FinetuneSearch) -> dict:
     from ray import tune
 
     wd = search.weight_decay
-    return {"lr": tune.loguniform(*search.lr),
-            "weight_decay": tune.loguniform(*wd) if isinstance(wd, (list, tuple)) else float(wd)}
+    return {
+        "lr": tune.loguniform(*search.lr),
+        "weight_decay": tune.loguniform(*wd) if isinstance(wd, (list, tuple)) else float(wd),
+    }
 
 
 def scheduler(search: FinetuneSearch, steps: int):
@@ -53,8 +55,14 @@ def scheduler(search: FinetuneSearch, steps: int):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="step", metric="val_accuracy", mode="max", max_t=steps,
-                         grace_period=search.grace_steps, reduction_factor=search.reduction_factor)
+    return ASHAScheduler(
+        time_attr="step",
+        metric="val_accuracy",
+        mode="max",
+        max_t=steps,
+        grace_period=search.grace_steps,
+        reduction_factor=search.reduction_factor,
+    )
 
 
 def choose(trials: list[dict], steps: int) -> dict:
@@ -86,12 +94,17 @@ def _problem(ctx: PhaseContext, key: str):
 def _build_problem(ctx: PhaseContext, key: str):
     from ray.train import Checkpoint
 
-
     group, fit = ctx.searches[key]
     task = open_dataset(group.task_root)
     with Checkpoint(ctx.checkpoints[group.pretrain_hash]).as_directory() as ckpt_dir:
-        return finetune_problem(ckpt_dir, task, trainer_fit(fit), group.config, feature_cache(ctx.storage_path),
-                                trial_device(ctx.resources.use_gpu))
+        return finetune_problem(
+            ckpt_dir,
+            task,
+            trainer_fit(fit),
+            group.config,
+            feature_cache(ctx.storage_path),
+            trial_device(ctx.resources.use_gpu),
+        )
 
 
 def _search_trial(config: dict, ctx: PhaseContext, key: str) -> None:
@@ -105,8 +118,14 @@ def _search_trial(config: dict, ctx: PhaseContext, key: str) -> None:
     group, _ = ctx.searches[key]
     ft = group.config.finetune
     problem = _problem(ctx, key)
-    problem.train(config["lr"], config["weight_decay"], ft.steps, ft.batch_size, group.search.eval_every,
-                  lambda step, net: tune.report({"val_accuracy": problem.validation_accuracy(net), "step": step}))
+    problem.train(
+        config["lr"],
+        config["weight_decay"],
+        ft.steps,
+        ft.batch_size,
+        group.search.eval_every,
+        lambda step, net: tune.report({"val_accuracy": problem.validation_accuracy(net), "step": step}),
+    )
 
 
 def _final_fit(ctx: PhaseContext, key: str, chosen: dict, trials: list[dict], seconds: float) -> dict:
@@ -120,14 +139,34 @@ def _final_fit(ctx: PhaseContext, key: str, chosen: dict, trials: list[dict], se
     problem = _problem(ctx, key)
     net = problem.train(chosen["lr"], chosen["weight_decay"], ft.steps, ft.batch_size)
     val_acc = problem.validation_accuracy(net)
-    result = problem.test(net, validation_accuracy=val_acc, learning_rate=chosen["lr"], weight_decay=chosen["weight_decay"])
+    result = problem.test(
+        net, validation_accuracy=val_acc, learning_rate=chosen["lr"], weight_decay=chosen["weight_decay"]
+    )
     stopped = sum(t["stopped_early"] for t in trials)
-    record_fit(Tracker(ctx.tracking_uri), ctx, group, fit, result,
-               {"search_trials": len(trials), "search_trials_stopped_early": stopped, "search_seconds": seconds},
-               {TRIALS_ARTIFACT: {"algorithm": group.search.algorithm, "max_steps": ft.steps, "chosen": chosen["trial"],
-                                  "trials": trials}})
-    return {"accuracy": result.metrics["accuracy"], "validation_accuracy": val_acc, "lr": chosen["lr"],
-            "weight_decay": chosen["weight_decay"], "trials": len(trials), "stopped_early": stopped}
+    record_fit(
+        Tracker(ctx.tracking_uri),
+        ctx,
+        group,
+        fit,
+        result,
+        {"search_trials": len(trials), "search_trials_stopped_early": stopped, "search_seconds": seconds},
+        {
+            TRIALS_ARTIFACT: {
+                "algorithm": group.search.algorithm,
+                "max_steps": ft.steps,
+                "chosen": chosen["trial"],
+                "trials": trials,
+            }
+        },
+    )
+    return {
+        "accuracy": result.metrics["accuracy"],
+        "validation_accuracy": val_acc,
+        "lr": chosen["lr"],
+        "weight_decay": chosen["weight_decay"],
+        "trials": len(trials),
+        "stopped_early": stopped,
+    }
 
 
 class _Finisher:
@@ -154,14 +193,27 @@ def _trials(results, steps: int) -> list[dict]:
     # Trial ids (in each trial's folder name) count up in sampling order.
     for i, r in enumerate(sorted(results, key=lambda r: r.path)):
         if r.error is not None:
-            raise RuntimeError(f"search trial {i} failed: {type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:200]}")
+            raise RuntimeError(
+                f"search trial {i} failed: {type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:200]}"
+            )
         df = r.metrics_dataframe
-        history = [] if df is None or "step" not in df else [
-            {"step": int(s), "val_accuracy": float(a)} for s, a in zip(df["step"], df["val_accuracy"])]
+        history = (
+            []
+            if df is None or "step" not in df
+            else [{"step": int(s), "val_accuracy": float(a)} for s, a in zip(df["step"], df["val_accuracy"])]
+        )
         reached = history[-1]["step"] if history else 0
-        out.append({"trial": i, "lr": float(r.config["lr"]), "weight_decay": float(r.config["weight_decay"]), "steps": reached,
-                    "val_accuracy": history[-1]["val_accuracy"] if history else None,
-                    "stopped_early": 0 < reached < steps, "history": history})
+        out.append(
+            {
+                "trial": i,
+                "lr": float(r.config["lr"]),
+                "weight_decay": float(r.config["weight_decay"]),
+                "steps": reached,
+                "val_accuracy": history[-1]["val_accuracy"] if history else None,
+                "stopped_early": 0 < reached < steps,
+                "history": history,
+            }
+        )
     return out
 
 
@@ -177,14 +229,21 @@ class _Watch:
         class Lines(tune.Callback):
             def on_trial_start(self, iteration, trials, trial, **info):
                 c = trial.config
-                print(f"[{PHASE}] {label}: trial {trial.trial_id} started, lr={c['lr']:.3g} weight_decay={c['weight_decay']:.3g}", flush=True)
+                print(
+                    f"[{PHASE}] {label}: trial {trial.trial_id} started, lr={c['lr']:.3g} "
+                    f"weight_decay={c['weight_decay']:.3g}",
+                    flush=True,
+                )
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 r = trial.last_result or {}
                 step = int(r.get("step", 0))
                 early = " (stopped early by ASHA)" if 0 < step < steps else ""
-                print(f"[{PHASE}] {label}: trial {trial.trial_id} ended at step {step}/{steps}, "
-                      f"val_accuracy={r.get('val_accuracy', float('nan')):.3f}{early}", flush=True)
+                print(
+                    f"[{PHASE}] {label}: trial {trial.trial_id} ended at step {step}/{steps}, "
+                    f"val_accuracy={r.get('val_accuracy', float('nan')):.3f}{early}",
+                    flush=True,
+                )
 
             def on_trial_error(self, iteration, trials, trial, **info):
                 watch.failed = True
@@ -207,18 +266,29 @@ def search_fit(ctx: PhaseContext, key: str, label: str, cluster_cpus: float, fin
     steps, s = group.config.finetune.steps, group.search
     watch = _Watch(ctx, label, steps)
     # The generator bounds concurrency itself: Tune ignores max_concurrent_trials with one.
-    sampler = BasicVariantGenerator(random_state=s.seed, max_concurrent=min(
-        s.num_samples, s.max_concurrent_trials or transfer_concurrency(cluster_cpus, ctx.resources, cluster_gpus())))
+    sampler = BasicVariantGenerator(
+        random_state=s.seed,
+        max_concurrent=min(
+            s.num_samples, s.max_concurrent_trials or transfer_concurrency(cluster_cpus, ctx.resources, cluster_gpus())
+        ),
+    )
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_search_trial, ctx=ctx, key=key), ctx.resources.light_trial()),
         param_space=search_space(s),
         tune_config=tune.TuneConfig(
-            num_samples=s.num_samples, search_alg=sampler, scheduler=scheduler(s, steps),
-            reuse_actors=True, trial_dirname_creator=lambda t: f"search-{t.trial_id}",
+            num_samples=s.num_samples,
+            search_alg=sampler,
+            scheduler=scheduler(s, steps),
+            reuse_actors=True,
+            trial_dirname_creator=lambda t: f"search-{t.trial_id}",
         ),
         run_config=tune.RunConfig(
-            name=f"{ctx.study}-search-{key[:12]}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=ctx.storage_path,
-            callbacks=[watch.callback], stop=watch.stopper, verbose=0, failure_config=tune.FailureConfig(max_failures=0),
+            name=f"{ctx.study}-search-{key[:12]}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=ctx.storage_path,
+            callbacks=[watch.callback],
+            stop=watch.stopper,
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
     results = tuner.fit()
@@ -232,10 +302,16 @@ def search_fit(ctx: PhaseContext, key: str, label: str, cluster_cpus: float, fin
 def run_search_phase(ctx: PhaseContext, labels: dict[str, str], cluster_cpus: float, on_counts=None) -> Progress:
     """Every searched fit of ``ctx.searches`` (fit hash -> label), one search after the other
     (each runs its trials in parallel); progress counts fits."""
-    progress = Progress(PHASE, len(labels), labels,
-                        lambda r: f"chose lr={r['lr']:.3g} weight_decay={r['weight_decay']:.3g} (validation {r['validation_accuracy']:.3f}), "
-                                  f"test accuracy {r['accuracy']:.3f}; {r['trials']} trials, {r['stopped_early']} stopped early",
-                        on_counts=on_counts)
+    progress = Progress(
+        PHASE,
+        len(labels),
+        labels,
+        lambda r: (
+            f"chose lr={r['lr']:.3g} weight_decay={r['weight_decay']:.3g} (validation {r['validation_accuracy']:.3f}), "
+            f"test accuracy {r['accuracy']:.3f}; {r['trials']} trials, {r['stopped_early']} stopped early"
+        ),
+        on_counts=on_counts,
+    )
     import ray
 
     finisher = None
@@ -250,7 +326,7 @@ def run_search_phase(ctx: PhaseContext, labels: dict[str, str], cluster_cpus: fl
             progress.start(label)
             try:
                 progress.end(label, True, search_fit(ctx, key, label, cluster_cpus, finisher))
-            except Exception as e:  # noqa: BLE001 - the fit fails; the study goes on (or stops: --fail-fast)
+            except Exception as e:
                 last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 progress.end(label, False, {}, f"FAILED: {redact(last)[:300]}")
     finally:

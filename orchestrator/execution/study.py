@@ -78,8 +78,13 @@ def check_cluster(spec: StudySpec, resources: dict, embedded: bool) -> list[str]
         problems.append(("resources.use_gpu", "is true but the Ray cluster has no GPU"))
     need = r.workers * r.cpus_per_worker
     if need > resources.get("CPU", 0):
-        problems.append(("resources.workers", f"{r.workers} workers x {r.cpus_per_worker:g} CPUs need {need:g} CPUs; "
-                                              f"the Ray cluster has {resources.get('CPU', 0):g}"))
+        problems.append(
+            (
+                "resources.workers",
+                f"{r.workers} workers x {r.cpus_per_worker:g} CPUs need {need:g} CPUs; "
+                f"the Ray cluster has {resources.get('CPU', 0):g}",
+            )
+        )
     if embedded and problems:
         raise SpecError(*problems[0])
     return [f"{field}: {msg}" for field, msg in problems]
@@ -116,9 +121,16 @@ def run_study(
         tracker = Tracker(uri)
         exp = tracker.experiment_id(spec.study)
         spool.flush(storage, tracker.client)  # metrics an earlier run could not deliver
-        ctx = PhaseContext(study=spec.study, tracking_uri=worker_uri, experiment_id=exp, storage_path=storage,
-                           mlflow_env={**mlflow_client_env(), **uri_credentials}, deadline=deadline, fail_fast=fail_fast,
-                           resources=spec.resources)
+        ctx = PhaseContext(
+            study=spec.study,
+            tracking_uri=worker_uri,
+            experiment_id=exp,
+            storage_path=storage,
+            mlflow_env={**mlflow_client_env(), **uri_credentials},
+            deadline=deadline,
+            fail_fast=fail_fast,
+            resources=spec.resources,
+        )
         study_run = _study_run(tracker, exp, plan)
         if plan.datamodels is not None:
             outcome = _run_datamodels(spec, plan, tracker, study_run, ctx, cpus)
@@ -138,8 +150,13 @@ def _study_run(tracker: Tracker, exp: str, plan: StudyPlan) -> str:
         tracker.log(run_id, tags={"transferlab.spec_hash": plan.spec_hash})
         return run_id
     return tracker.create_run(
-        exp, KIND_STUDY, spec.study, f"study {spec.study}", plan.spec_hash,
-        {"study": spec.study}, tags={"transferlab.spec_hash": plan.spec_hash},
+        exp,
+        KIND_STUDY,
+        spec.study,
+        f"study {spec.study}",
+        plan.spec_hash,
+        {"study": spec.study},
+        tags={"transferlab.spec_hash": plan.spec_hash},
     )
 
 
@@ -182,8 +199,17 @@ class _StudyDriver:
     """One ``run`` of an ordinary study: its pretraining runs, then their transfer fits, then
     the searched fine-tuning fits."""
 
-    def __init__(self, spec: StudySpec, plan: StudyPlan, tracker: Tracker, study_run: str, ctx: PhaseContext, cpus: float):
-        self.spec, self.plan, self.tracker, self.study_run, self.ctx, self.cpus = spec, plan, tracker, study_run, ctx, cpus
+    def __init__(
+        self, spec: StudySpec, plan: StudyPlan, tracker: Tracker, study_run: str, ctx: PhaseContext, cpus: float
+    ):
+        self.spec, self.plan, self.tracker, self.study_run, self.ctx, self.cpus = (
+            spec,
+            plan,
+            tracker,
+            study_run,
+            ctx,
+            cpus,
+        )
         self.exp = ctx.experiment_id
         self.names = {r.config_hash: r.run_name for r in plan.pretrain_runs}
         self.tally = _Tally()
@@ -208,8 +234,17 @@ class _StudyDriver:
             if not isinstance(crash, TrackingUnavailable):  # else the next `run` settles them
                 self._kill_leftovers()
             _close_study_run(tracker, self.study_run, status, self._counts(), step)
-        return StudyOutcome(self.study_run, len(plan.pretrain_runs), len(todo), plan.num_transfer_fits, self.tally.transfer_ran,
-                            self.tally.failed, results_table(transfer_frame(tracker, spec.study)), 0.0, stopped=stopped)
+        return StudyOutcome(
+            self.study_run,
+            len(plan.pretrain_runs),
+            len(todo),
+            plan.num_transfer_fits,
+            self.tally.transfer_ran,
+            self.tally.failed,
+            results_table(transfer_frame(tracker, spec.study)),
+            0.0,
+            stopped=stopped,
+        )
 
     def _run_phases(self, todo: list, on_counts) -> None:
         """The phases in order; a failure with --fail-fast, or the deadline, ends them early."""
@@ -237,12 +272,17 @@ class _StudyDriver:
         all_fits = tracker.runs_by_hash(exp, KIND_TRANSFER)
         done_fits = {h for h, r in all_fits.items() if _is_finished(r)}
         reopened = {pre_runs[r.config_hash].info.run_id for r in todo if r.config_hash in pre_runs}
-        reopened |= {all_fits[f.config_hash].info.run_id for g in plan.transfer_groups for f in g.fits
-                     if f.config_hash in all_fits and f.config_hash not in done_fits}
+        reopened |= {
+            all_fits[f.config_hash].info.run_id
+            for g in plan.transfer_groups
+            for f in g.fits
+            if f.config_hash in all_fits and f.config_hash not in done_fits
+        }
         self._settle_orphans(reopened)
         todo_fits = sum(1 for g in plan.transfer_groups for f in g.fits if f.config_hash not in done_fits)
         print(
-            f"study '{self.spec.study}': {len(plan.pretrain_runs)} pretraining runs ({len(plan.pretrain_runs) - len(todo)} already "
+            f"study '{self.spec.study}': {len(plan.pretrain_runs)} pretraining runs "
+            f"({len(plan.pretrain_runs) - len(todo)} already "
             f"done), {plan.num_transfer_fits} transfer fits ({plan.num_transfer_fits - todo_fits} already done)\n"
             f"tracking: {redact(tracker.uri)}   experiment: {self.spec.study}   storage: {ctx.storage_path}",
             flush=True,
@@ -253,11 +293,20 @@ class _StudyDriver:
                 run_id = prior.info.run_id
                 tracker.reopen(run_id)
             else:
-                run_id = tracker.create_run(exp, KIND_PRETRAIN, self.spec.study, run.run_name, run.config_hash, run.params,
-                                            parent_run_id=self.study_run)
+                run_id = tracker.create_run(
+                    exp,
+                    KIND_PRETRAIN,
+                    self.spec.study,
+                    run.run_name,
+                    run.config_hash,
+                    run.params,
+                    parent_run_id=self.study_run,
+                )
                 if run.view.keep_classes is not None:
                     mask = [c in run.view.keep_classes for c in range(run.num_classes)]
-                    tracker.client.log_dict(run_id, {"classes": list(run.config.classes), "included": mask}, VIEW_MASK_ARTIFACT)
+                    tracker.client.log_dict(
+                        run_id, {"classes": list(run.config.classes), "included": mask}, VIEW_MASK_ARTIFACT
+                    )
             ctx.run_ids[run.config_hash] = run_id
             ctx.pretrain_runs[run.config_hash] = run
         return todo
@@ -281,10 +330,15 @@ class _StudyDriver:
                 # Chosen behaviour: fail these fits and say how to redo the pretraining, rather
                 # than silently retraining a model other finished fits were computed from.
                 if pre.info.run_id not in missing:
-                    print(f"error: checkpoint of pretraining run '{names[g.pretrain_hash]}' (run {pre.info.run_id}) is missing: "
-                          f"{checkpoint or '(no checkpoint recorded)'}; the transfer fits that need it were not run. "
-                          f"To redo that pretraining, delete the run (mlflow runs delete --run-id {pre.info.run_id}) "
-                          f"and run the same command again", file=sys.stderr, flush=True)
+                    print(
+                        f"error: checkpoint of pretraining run '{names[g.pretrain_hash]}' (run {pre.info.run_id}) is "
+                        "missing: "
+                        f"{checkpoint or '(no checkpoint recorded)'}; the transfer fits that need it were not run. "
+                        f"To redo that pretraining, delete the run (mlflow runs delete --run-id {pre.info.run_id}) "
+                        f"and run the same command again",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     missing.add(pre.info.run_id)
                 self.tally.failed.append(f"{names[g.pretrain_hash]} -> {g.task} (missing checkpoint)")
                 continue
@@ -310,8 +364,11 @@ class _StudyDriver:
         for kind in (KIND_PRETRAIN, KIND_TRANSFER):
             for r in self.tracker.runs(self.exp, kind):
                 if r.info.status == RUNNING and r.info.run_id not in keep:
-                    print(f"note: run {r.info.run_id} ('{r.info.run_name}') was left RUNNING by an interrupted driver "
-                          f"and is not resumed by this run; marked FAILED", flush=True)
+                    print(
+                        f"note: run {r.info.run_id} ('{r.info.run_name}') was left RUNNING by an interrupted driver "
+                        f"and is not resumed by this run; marked FAILED",
+                        flush=True,
+                    )
                     self.tracker.finish(r.info.run_id, FAILED)
 
     def _kill_leftovers(self) -> None:
@@ -346,23 +403,40 @@ def _progress_logger(tracker: Tracker, run_id: str, step: int):
         try:
             now = int(time.time() * 1000)
             client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in counts.items()])
-        except Exception as e:  # noqa: BLE001 - progress metrics are not worth a failed study
+        except Exception as e:
             print(f"warning: could not log progress on the study run: {type(e).__name__}", file=sys.stderr)
 
     return log
 
 
-def _run_datamodels(spec: StudySpec, plan: StudyPlan, tracker: Tracker, study_run: str, ctx: PhaseContext,
-                    cpus: float) -> StudyOutcome:
+def _run_datamodels(
+    spec: StudySpec, plan: StudyPlan, tracker: Tracker, study_run: str, ctx: PhaseContext, cpus: float
+) -> StudyOutcome:
     status, stopped = FAILED, None
     try:
-        dm = run_datamodels(spec, plan.datamodels, tracker, ctx.experiment_id, study_run, ctx.storage_path, cpus,
-                            ctx.tracking_uri, ctx.mlflow_env, ctx.fail_fast, ctx.deadline)
+        dm = run_datamodels(
+            spec,
+            plan.datamodels,
+            tracker,
+            ctx.experiment_id,
+            study_run,
+            ctx.storage_path,
+            cpus,
+            ctx.tracking_uri,
+            ctx.mlflow_env,
+            ctx.fail_fast,
+            ctx.deadline,
+        )
         status = FINISHED if not dm.failed and dm.done == dm.total else FAILED
         if dm.not_launched and not dm.failed:
             stopped, status = _budget_line(spec, dm.not_launched, "datamodel trial(s)"), KILLED
     finally:
-        _close_study_run(tracker, study_run, status, {"failed_runs": 0 if status == FINISHED else 1},
-                         _next_step(tracker, study_run, "failed_runs"))
+        _close_study_run(
+            tracker,
+            study_run,
+            status,
+            {"failed_runs": 0 if status == FINISHED else 1},
+            _next_step(tracker, study_run, "failed_runs"),
+        )
     failed = [f"datamodels trial {x}" for x in dm.failed]
     return StudyOutcome(study_run, 0, 0, 0, 0, failed, "", 0.0, summary=dm.summary(), stopped=stopped)

@@ -28,15 +28,29 @@ def trainer_fit(fit: TransferFit):
     return Fit(fit.protocol, fit.shots, fit.seed, fit.layer)
 
 
-def record_fit(tracker: Tracker, ctx: PhaseContext, group: TransferGroup, fit: TransferFit, result, metrics: dict,
-               artifacts: dict[str, object] | None = None) -> str:
+def record_fit(
+    tracker: Tracker,
+    ctx: PhaseContext,
+    group: TransferGroup,
+    fit: TransferFit,
+    result,
+    metrics: dict,
+    artifacts: dict[str, object] | None = None,
+) -> str:
     """Record one finished transfer fit: its run (created, or the one an earlier attempt left),
     params, the result's metrics and ``metrics``, the per-example outputs, ``artifacts`` (artifact
     path -> JSON-able object); then FINISHED. Returns the run id."""
     run_id = ctx.run_ids.get(fit.config_hash)
     if run_id is None:
-        run_id = tracker.create_run(ctx.experiment_id, KIND_TRANSFER, ctx.study, fit.run_name, fit.config_hash, group.params(fit),
-                                    parent_run_id=ctx.run_ids[group.pretrain_hash])
+        run_id = tracker.create_run(
+            ctx.experiment_id,
+            KIND_TRANSFER,
+            ctx.study,
+            fit.run_name,
+            fit.config_hash,
+            group.params(fit),
+            parent_run_id=ctx.run_ids[group.pretrain_hash],
+        )
     else:
         tracker.reopen(run_id)
         tracker.log(run_id, params=group.params(fit))
@@ -54,7 +68,6 @@ def record_fit(tracker: Tracker, ctx: PhaseContext, group: TransferGroup, fit: T
 def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
     from ray.train import Checkpoint
 
-
     if not ctx.begin_trial():
         return {NOT_LAUNCHED: 1}
     t0 = time.monotonic()
@@ -62,8 +75,14 @@ def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
     tracker = Tracker(ctx.tracking_uri)
     task = open_dataset(group.task_root)
     with Checkpoint(ctx.checkpoints[group.pretrain_hash]).as_directory() as ckpt_dir:
-        results, stats = evaluate_transfer(ckpt_dir, task, [trainer_fit(f) for f in group.fits], group.config,
-                                           feature_cache(ctx.storage_path), trial_device(ctx.resources.use_gpu))
+        results, stats = evaluate_transfer(
+            ckpt_dir,
+            task,
+            [trainer_fit(f) for f in group.fits],
+            group.config,
+            feature_cache(ctx.storage_path),
+            trial_device(ctx.resources.use_gpu),
+        )
     # The trial's time so far (the fits' share of logging is small), the same on every fit.
     seconds = time.monotonic() - t0
     for fit, r in zip(group.fits, results):
@@ -78,9 +97,16 @@ def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
 
 def run_transfer_phase(ctx: PhaseContext, labels: dict[str, str], cluster_cpus: float, on_counts=None) -> Progress:
     return run_phase(
-        "transfer", _transfer_trial, "group", labels, ctx, ctx.resources.light_trial(),
+        "transfer",
+        _transfer_trial,
+        "group",
+        labels,
+        ctx,
+        ctx.resources.light_trial(),
         transfer_concurrency(cluster_cpus, ctx.resources, cluster_gpus()),
-        lambda r: f"{r.get('fits', 0)} fits, mean accuracy {r.get('mean_accuracy', float('nan')):.3f}, "
-                  f"features: {r.get('feature_extractions', 0)} extracted, {r.get('feature_cache_hits', 0)} from cache",
+        lambda r: (
+            f"{r.get('fits', 0)} fits, mean accuracy {r.get('mean_accuracy', float('nan')):.3f}, "
+            f"features: {r.get('feature_extractions', 0)} extracted, {r.get('feature_cache_hits', 0)} from cache"
+        ),
         on_counts=on_counts,
     )

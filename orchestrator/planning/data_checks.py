@@ -42,25 +42,34 @@ def check_data(spec: StudySpec, data: dict[str, ShardedDataset], shots: tuple = 
             ds = data[f"{section}.{name}"]
             unlabeled = ds.manifest["splits"].get("train", {}).get("unlabeled", 0)
             if ds.num_classes < 2 or unlabeled:
-                raise SpecError(f"{section}.{name}.uri", f"'{name}' needs integer labels of at least 2 classes "
-                                f"({ds.num_classes} classes, {unlabeled} unlabeled training samples)")
+                raise SpecError(
+                    f"{section}.{name}.uri",
+                    f"'{name}' needs integer labels of at least 2 classes "
+                    f"({ds.num_classes} classes, {unlabeled} unlabeled training samples)",
+                )
     for source in spec.pretrain.sweep["source"]:
         ds = data[f"sources.{source}"]
         n = ds.num_samples("train")
         for g, grid in enumerate(spec.pretrain.grids):
             for i, size in enumerate(grid["pretrain_size"] if source in grid["source"] else ()):
                 if size is not None and size > n:
-                    raise SpecError(f"{spec.pretrain.grid_path(g)}.pretrain_size[{i}]",
-                                    f"{size} exceeds the {n} training samples of source '{source}'")
+                    raise SpecError(
+                        f"{spec.pretrain.grid_path(g)}.pretrain_size[{i}]",
+                        f"{size} exceeds the {n} training samples of source '{source}'",
+                    )
         if ds.num_samples("test") == 0:
-            raise SpecError(f"sources.{source}.uri", f"source '{source}' has no held-out test split for upstream accuracy")
+            raise SpecError(
+                f"sources.{source}.uri", f"source '{source}' has no held-out test split for upstream accuracy"
+            )
     for task in spec.transfer_tasks:
         ds = data[f"tasks.{task}"]
         smallest, cls = smallest_class(ds, spec.transfer.val_fraction)
         for i, k in enumerate(shots):
             if k != FULL and k > smallest:
-                raise SpecError(f"transfer.shots[{i}]",
-                                f"{k} shots exceed the {smallest} training examples of class '{cls}' in task '{task}'")
+                raise SpecError(
+                    f"transfer.shots[{i}]",
+                    f"{k} shots exceed the {smallest} training examples of class '{cls}' in task '{task}'",
+                )
         if ds.num_samples("test") == 0:
             raise SpecError(f"tasks.{task}.uri", f"task '{task}' has no test split")
 
@@ -75,8 +84,10 @@ def check_overlap(spec: StudySpec, data: dict[str, ShardedDataset]) -> None:
             if not r["pairs"]:
                 continue
             p = r["pairs"][0]
-            msg = (f"source '{source}' (train) and task '{task}' (test) share {r['exact']} exact and {r['near']} "
-                   f"near-duplicate image(s), e.g. {p['a_key']} ~ {p['b_key']}; see `transferlab data overlap`")
+            msg = (
+                f"source '{source}' (train) and task '{task}' (test) share {r['exact']} exact and {r['near']} "
+                f"near-duplicate image(s), e.g. {p['a_key']} ~ {p['b_key']}; see `transferlab data overlap`"
+            )
             if spec.preflight_overlap == "error":
                 raise SpecError("preflight_overlap", msg)
             print(f"warning: {msg}", file=sys.stderr)

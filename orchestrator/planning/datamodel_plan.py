@@ -50,10 +50,19 @@ class DatamodelPlan:
 
     def params(self, spec: StudySpec) -> dict:
         d = spec.datamodels
-        return {"source": self.source, "task": self.task, "class_fraction": d.class_fraction,
-                "seed": d.seed, "models_per_trial": self.models_per_trial, "protocol": self.protocol, "shots": self.shots,
-                "transfer_seed": self.transfer_seed, "val_fraction": self.val_fraction, **asdict(self.settings),
-                "model_config": self.model_config}
+        return {
+            "source": self.source,
+            "task": self.task,
+            "class_fraction": d.class_fraction,
+            "seed": d.seed,
+            "models_per_trial": self.models_per_trial,
+            "protocol": self.protocol,
+            "shots": self.shots,
+            "transfer_seed": self.transfer_seed,
+            "val_fraction": self.val_fraction,
+            **asdict(self.settings),
+            "model_config": self.model_config,
+        }
 
 
 def model_seed(seed: int, index: int) -> int:
@@ -72,19 +81,53 @@ def build_datamodel_plan(spec: StudySpec, data: dict[str, ShardedDataset]) -> Da
         kept = kept_classes(ref, src, d.class_fraction, s)
         masks[i, list(range(src.num_classes)) if kept is None else list(kept)] = True
     if masks.all(axis=0).all():
-        raise SpecError("datamodels.class_fraction",
-                        f"{d.class_fraction:g} of the {src.num_classes} classes of '{d.source}' keeps every class")
+        raise SpecError(
+            "datamodels.class_fraction",
+            f"{d.class_fraction:g} of the {src.num_classes} classes of '{d.source}' keeps every class",
+        )
     if d.shots != FULL:
         smallest, _ = smallest_class(task, spec.transfer.val_fraction)
         if d.shots > smallest:
-            raise SpecError("datamodels.shots", f"{d.shots} shots exceed the {smallest} training examples "
-                            f"of the smallest class of task '{d.task}'")
+            raise SpecError(
+                "datamodels.shots",
+                f"{d.shots} shots exceed the {smallest} training examples of the smallest class of task '{d.task}'",
+            )
     mcfg = checked_model_config(settings, "pretrain.width")
-    h = content_hash({"kind": KIND_DATAMODELS, "settings": asdict(settings), "model_config": mcfg, "source": src.fingerprint,
-                      "keep": ref.keep_classes, "drop": ref.drop_classes, "class_fraction": d.class_fraction, "seed": d.seed,
-                      "task": task.fingerprint, "protocol": d.protocol, "shots": d.shots, "transfer_seed": d.transfer_seed,
-                      "val_fraction": spec.transfer.val_fraction})
+    h = content_hash(
+        {
+            "kind": KIND_DATAMODELS,
+            "settings": asdict(settings),
+            "model_config": mcfg,
+            "source": src.fingerprint,
+            "keep": ref.keep_classes,
+            "drop": ref.drop_classes,
+            "class_fraction": d.class_fraction,
+            "seed": d.seed,
+            "task": task.fingerprint,
+            "protocol": d.protocol,
+            "shots": d.shots,
+            "transfer_seed": d.transfer_seed,
+            "val_fraction": spec.transfer.val_fraction,
+        }
+    )
     train = TrainSettings(**{f.name: getattr(settings, f.name) for f in fields(TrainSettings)})
     name = f"datamodels {d.source} -> {d.task} alpha={d.class_fraction:g} seed={d.seed}"
-    return DatamodelPlan(h, d.source, str(src.root), d.task, str(task.root), tuple(src.classes), settings, train, mcfg, masks,
-                         seeds, d.protocol, d.shots, d.transfer_seed, spec.transfer.val_fraction, d.models_per_trial, name)
+    return DatamodelPlan(
+        h,
+        d.source,
+        str(src.root),
+        d.task,
+        str(task.root),
+        tuple(src.classes),
+        settings,
+        train,
+        mcfg,
+        masks,
+        seeds,
+        d.protocol,
+        d.shots,
+        d.transfer_seed,
+        spec.transfer.val_fraction,
+        d.models_per_trial,
+        name,
+    )

@@ -64,7 +64,7 @@ class MlflowState:
 
 def read_state(uri: str, study: str) -> MlflowState:
     """Search (never write) the study's pretraining and transfer runs."""
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
         return MlflowState()
     tracker = Tracker(uri)
     exp = tracker.experiment_id(study, create=False)
@@ -103,7 +103,9 @@ def calibration(state: MlflowState) -> dict[str, tuple[float, int]]:
                 image_size, epochs = int(p["image_size"]), int(p["epochs"])
             except (KeyError, ValueError):
                 continue
-            pre.append((m[METRIC_TRIAL_SECONDS], default_pretrain_seconds(image_size, epochs, int(m["num_train_samples"]))))
+            pre.append(
+                (m[METRIC_TRIAL_SECONDS], default_pretrain_seconds(image_size, epochs, int(m["num_train_samples"])))
+            )
     # Transfer runs of one trial share its trial_seconds: group them back into trials.
     trials: dict[tuple, list[str]] = {}
     for r in state.transfer.values():
@@ -128,7 +130,9 @@ def pretrain_concurrency(resources: Resources, cluster_cpus: float) -> int:
     return max(1, int(math.floor(cluster_cpus / per_trial)))
 
 
-def transfer_concurrency(cluster_cpus: float, resources: Resources | None = None, cluster_gpus: float | None = None) -> int:
+def transfer_concurrency(
+    cluster_cpus: float, resources: Resources | None = None, cluster_gpus: float | None = None
+) -> int:
     """Concurrent transfer trials: one CPU each, and with GPUs their share of one
     (``resources.light_trial_gpus``); the GPU count is unknown (None) when planning offline."""
     if resources is None or not resources.use_gpu or cluster_gpus is None:
@@ -206,8 +210,11 @@ def summarize(plan: StudyPlan, state: MlflowState, cluster_cpus: float | None = 
     jobs, pre_durations, tra_durations, searches = [], [], [], []
     for run in plan.pretrain_runs:
         status = job_status(state.pretrain.get(run.config_hash))
-        seconds = default_pretrain_seconds(run.settings.image_size, run.settings.epochs, run.num_train_samples) * pre_factor \
-            if status != "cached" else 0.0
+        seconds = (
+            default_pretrain_seconds(run.settings.image_size, run.settings.epochs, run.num_train_samples) * pre_factor
+            if status != "cached"
+            else 0.0
+        )
         if status != "cached":
             pre_durations.append(seconds)
         fits = {}
@@ -216,10 +223,20 @@ def summarize(plan: StudyPlan, state: MlflowState, cluster_cpus: float | None = 
             fits[g.task] = {"fits": len(g.fits), "to_run": len(todo)}
             plain = [f for f in todo if not g.searched(f)]
             if plain:
-                tra_durations.append(default_transfer_seconds([f.protocol for f in plain], g.config.finetune) * tra_factor)
+                tra_durations.append(
+                    default_transfer_seconds([f.protocol for f in plain], g.config.finetune) * tra_factor
+                )
             for _ in range(len(todo) - len(plain)):
                 searches.append(search_estimate(g, cpus))
-        jobs.append({"name": run.run_name, "config_hash": run.config_hash, "status": status, "seconds": seconds, "transfer": fits})
+        jobs.append(
+            {
+                "name": run.run_name,
+                "config_hash": run.config_hash,
+                "status": status,
+                "seconds": seconds,
+                "transfer": fits,
+            }
+        )
     statuses = [j["status"] for j in jobs]
     pc, tc = pretrain_concurrency(plan.spec.resources, cpus), transfer_concurrency(cpus)
     todo_fits = sum(1 for g in plan.transfer_groups for f in g.fits if f.config_hash not in done_fits)
@@ -259,14 +276,21 @@ def check_budget(spec: StudySpec, summary: PlanSummary) -> None:
     """Raise a :class:`SpecError` naming the budget field a study exceeds, and by how much."""
     b = spec.budget
     if b.max_trials is not None and summary.trials > b.max_trials:
-        raise SpecError("budget.max_trials", f"the study would launch {summary.trials} Tune trials "
-                        f"({summary.pretrain_trials} pretraining, {summary.transfer_trials} transfer"
-                        + (f", {summary.search_trials} fine-tuning search" if summary.search_trials else "") + "), "
-                        f"{summary.trials - b.max_trials} over the budget of {b.max_trials}")
+        raise SpecError(
+            "budget.max_trials",
+            f"the study would launch {summary.trials} Tune trials "
+            f"({summary.pretrain_trials} pretraining, {summary.transfer_trials} transfer"
+            + (f", {summary.search_trials} fine-tuning search" if summary.search_trials else "")
+            + "), "
+            f"{summary.trials - b.max_trials} over the budget of {b.max_trials}",
+        )
     hours = summary.seconds / 3600.0
     if b.max_hours is not None and hours > b.max_hours:
-        raise SpecError("budget.max_hours", f"the study is estimated at {hours:.3g} h of wall time, "
-                        f"{hours - b.max_hours:.3g} h over the budget of {b.max_hours:g} h (see `transferlab plan`)")
+        raise SpecError(
+            "budget.max_hours",
+            f"the study is estimated at {hours:.3g} h of wall time, "
+            f"{hours - b.max_hours:.3g} h over the budget of {b.max_hours:g} h (see `transferlab plan`)",
+        )
 
 
 def duration(seconds: float) -> str:
@@ -291,16 +315,22 @@ def format_summary(s: PlanSummary, spec: StudySpec, uri: str) -> str:
         f"transfer fits:    {s.transfer_fits}: {s.transfer_todo} to run, {s.transfer_cached} finished (cached)",
         f"Tune trials:      {s.trials} ({s.pretrain_trials} pretraining, up to {s.pretrain_concurrency} at a time; "
         f"{s.transfer_trials} transfer, up to {s.transfer_concurrency} at a time"
-        + (f"; {s.search_trials} fine-tuning search trials for {s.search_fits} fit(s)" if s.search_fits else "") + ")",
+        + (f"; {s.search_trials} fine-tuning search trials for {s.search_fits} fit(s)" if s.search_fits else "")
+        + ")",
         f"estimated wall time: {duration(s.seconds)} (pretraining {duration(s.pretrain_seconds)}, transfer "
-        f"{duration(s.transfer_seconds)}, " + (f"search {duration(s.search_seconds)}, " if s.search_fits else "")
+        f"{duration(s.transfer_seconds)}, "
+        + (f"search {duration(s.search_seconds)}, " if s.search_fits else "")
         + f"start-up {duration(STARTUP_S if s.trials else 0)}); cost model "
-        + ("calibrated on " + ", ".join(f"{n} finished {k} run(s)" for k, n in s.calibrated_on.items() if n)
-           if any(s.calibrated_on.values()) else "defaults (no finished runs with timings yet)"),
+        + (
+            "calibrated on " + ", ".join(f"{n} finished {k} run(s)" for k, n in s.calibrated_on.items() if n)
+            if any(s.calibrated_on.values())
+            else "defaults (no finished runs with timings yet)"
+        ),
     ]
     b = spec.budget
     if b.max_trials is not None or b.max_hours is not None:
         parts = ([f"max_trials {b.max_trials}"] if b.max_trials is not None else []) + (
-            [f"max_hours {b.max_hours:g}"] if b.max_hours is not None else [])
+            [f"max_hours {b.max_hours:g}"] if b.max_hours is not None else []
+        )
         lines.append(f"budget: {', '.join(parts)}")
     return "\n".join(lines)

@@ -70,8 +70,16 @@ class PretrainRun:
         v = self.view
         if v.keep_classes is None and not v.needs_captions:
             return None
-        return PretrainView(v.source_fingerprint, None, 0.0, v.seed, self.num_classes, keep_classes=v.keep_classes,
-                            caption_matches=v.caption_matches, caption_excludes=v.caption_excludes)
+        return PretrainView(
+            v.source_fingerprint,
+            None,
+            0.0,
+            v.seed,
+            self.num_classes,
+            keep_classes=v.keep_classes,
+            caption_matches=v.caption_matches,
+            caption_excludes=v.caption_excludes,
+        )
 
 
 def pretrain_runs(spec: StudySpec, data: dict[str, ShardedDataset]) -> list[PretrainRun]:
@@ -85,28 +93,58 @@ def pretrain_runs(spec: StudySpec, data: dict[str, ShardedDataset]) -> list[Pret
         path, axes = spec.pretrain.grid_path(g), list(grid)
         for combo in itertools.product(*(grid[a] for a in axes)):
             point = dict(zip(axes, combo))
-            settings = dataclasses.replace(spec.pretrain.base, **{k: v for k, v in point.items() if k in asdict(spec.pretrain.base)})
+            settings = dataclasses.replace(
+                spec.pretrain.base, **{k: v for k, v in point.items() if k in asdict(spec.pretrain.base)}
+            )
             source = point["source"]
             ds = data[f"sources.{source}"]
             ref = spec.sources[source]
-            view = PretrainView(ds.fingerprint, point["pretrain_size"], point["label_noise"], point["seed"], ds.num_classes,
-                                1.0, settings.noise_pattern, kept_classes(ref, ds, point["class_fraction"], point["seed"]),
-                                ref.caption_matches, ref.caption_excludes, settings.class_balanced, point["caption_noise"])
+            view = PretrainView(
+                ds.fingerprint,
+                point["pretrain_size"],
+                point["label_noise"],
+                point["seed"],
+                ds.num_classes,
+                1.0,
+                settings.noise_pattern,
+                kept_classes(ref, ds, point["class_fraction"], point["seed"]),
+                ref.caption_matches,
+                ref.caption_excludes,
+                settings.class_balanced,
+                point["caption_noise"],
+            )
             if view.caption_noise > 0:
                 _check_caption_noise(path, settings, source, views.columns(ds, source, True)[1])
             threshold, realized, selected = views.stats(path, ds, source, view)
             view = dataclasses.replace(view, threshold=threshold)
             mcfg = checked_model_config(settings, f"{path}.width" if "width" in grid else "pretrain.width")
-            h = content_hash({"kind": "pretrain", "settings": asdict(settings), "model_config": mcfg, "view": view.fingerprint})
+            h = content_hash(
+                {"kind": "pretrain", "settings": asdict(settings), "model_config": mcfg, "view": view.fingerprint}
+            )
             config = PretrainConfig(
-                method=settings.method, model_config=mcfg, num_classes=ds.num_classes, classes=tuple(ds.classes),
-                image_size=settings.image_size, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
-                weight_decay=settings.weight_decay, lr_schedule=settings.lr_schedule, warmup_epochs=settings.warmup_epochs,
-                amp=settings.amp, seed=view.seed, num_train_samples=selected, caption_noise=view.caption_noise,
+                method=settings.method,
+                model_config=mcfg,
+                num_classes=ds.num_classes,
+                classes=tuple(ds.classes),
+                image_size=settings.image_size,
+                epochs=settings.epochs,
+                batch_size=settings.batch_size,
+                lr=settings.lr,
+                weight_decay=settings.weight_decay,
+                lr_schedule=settings.lr_schedule,
+                warmup_epochs=settings.warmup_epochs,
+                amp=settings.amp,
+                seed=view.seed,
+                num_train_samples=selected,
+                caption_noise=view.caption_noise,
                 meta={"config_hash": h, "source": source, "classes": list(ds.classes)},
             )
-            runs.setdefault(h, PretrainRun(source, str(ds.root), settings, view, config, realized, h,
-                                           run_name(settings, source, view, varying)))
+            runs.setdefault(
+                h,
+                PretrainRun(
+                    source, str(ds.root), settings, view, config, realized, h, run_name(settings, source, view, varying)
+                ),
+            )
     return list(runs.values())
 
 
@@ -134,8 +172,10 @@ def checked_model_config(settings: PretrainSettings, field: str) -> dict:
     except ValueError as e:
         raise SpecError(field, str(e)) from None
     if cfg["arch"] == "vit" and settings.image_size % cfg["patch_size"]:
-        raise SpecError("pretrain.image_size", f"{settings.image_size} is not a multiple of model "
-                        f"'{settings.model}'s patch size {cfg['patch_size']}")
+        raise SpecError(
+            "pretrain.image_size",
+            f"{settings.image_size} is not a multiple of model '{settings.model}'s patch size {cfg['patch_size']}",
+        )
     return cfg
 
 
@@ -146,7 +186,11 @@ def kept_classes(ref: DataRef, ds: ShardedDataset, fraction: float, seed: int) -
         unknown = [c for c in getattr(ref, attr) or () if c not in ds.classes]
         if unknown:
             raise SpecError(f"{field}.{attr}", f"unknown class {unknown[0]!r} (classes: {', '.join(ds.classes[:20])})")
-    ids = [i for i, c in enumerate(ds.classes) if (ref.keep_classes is None or c in ref.keep_classes) and c not in ref.drop_classes]
+    ids = [
+        i
+        for i, c in enumerate(ds.classes)
+        if (ref.keep_classes is None or c in ref.keep_classes) and c not in ref.drop_classes
+    ]
     if not ids:
         raise SpecError(field, "keep_classes/drop_classes leave no class")
     if fraction < 1.0:
@@ -156,8 +200,10 @@ def kept_classes(ref: DataRef, ds: ShardedDataset, fraction: float, seed: int) -
 
 def _check_caption_noise(grid_path: str, settings: PretrainSettings, source: str, captions: list) -> None:
     if settings.method != "clip":
-        raise SpecError(f"{grid_path}.caption_noise", f"caption noise swaps the captions of image-text training; "
-                        f"it needs method 'clip', not '{settings.method}'")
+        raise SpecError(
+            f"{grid_path}.caption_noise",
+            f"caption noise swaps the captions of image-text training; it needs method 'clip', not '{settings.method}'",
+        )
     if not any(isinstance(c, str) and c.strip() for c in captions):
         raise SpecError(f"sources.{source}.uri", f"source '{source}' has no captions for caption_noise to swap")
 
@@ -184,7 +230,9 @@ class _ViewStats:
         return self._stats[view.fingerprint]
 
 
-def _view_stats(grid_path: str, ds: ShardedDataset, source: str, view: PretrainView, split, captions) -> tuple[object, float, int]:
+def _view_stats(
+    grid_path: str, ds: ShardedDataset, source: str, view: PretrainView, split, captions
+) -> tuple[object, float, int]:
     allowed = view.eligible(split.labels, captions)
     if not allowed.any():
         raise SpecError(f"sources.{source}", "its class and caption filters leave no training sample")
@@ -192,13 +240,19 @@ def _view_stats(grid_path: str, ds: ShardedDataset, source: str, view: PretrainV
     try:
         if view.class_balanced and size is not None:
             classes = np.unique(split.labels[allowed])  # the classes left after every filter
-            threshold = balanced_thresholds(split.keys[allowed], split.labels[allowed], size, view.seed, classes, ds.num_classes)
+            threshold = balanced_thresholds(
+                split.keys[allowed], split.labels[allowed], size, view.seed, classes, ds.num_classes
+            )
         else:
             threshold = subset_threshold(split.keys[allowed], size, view.seed)
     except ValueError as e:
-        raise SpecError(f"{grid_path}.pretrain_size", f"source '{source}': {e} "
-                        f"(after class and caption filters: {int(allowed.sum())} samples)") from None
+        raise SpecError(
+            f"{grid_path}.pretrain_size",
+            f"source '{source}': {e} (after class and caption filters: {int(allowed.sum())} samples)",
+        ) from None
     keep = in_subset(split.keys, threshold, view.seed, split.labels) & allowed
-    noisy = noisy_labels(split.keys[keep], split.labels[keep], ds.num_classes, view.label_noise, view.seed, view.noise_pattern)
+    noisy = noisy_labels(
+        split.keys[keep], split.labels[keep], ds.num_classes, view.label_noise, view.seed, view.noise_pattern
+    )
     realized = float((noisy != split.labels[keep]).mean()) if keep.any() else 0.0
     return threshold, realized, int(keep.sum())

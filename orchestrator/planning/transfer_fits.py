@@ -39,8 +39,14 @@ class TransferGroup:
         return fit.protocol in FINETUNE_PROTOCOLS and self.search is not None
 
     def params(self, fit: TransferFit) -> dict:
-        p = {"task": self.task, "protocol": fit.protocol, "shots": fit.shots, "seed": fit.seed, "layer": fit.layer,
-             "val_fraction": self.config.val_fraction}
+        p = {
+            "task": self.task,
+            "protocol": fit.protocol,
+            "shots": fit.shots,
+            "seed": fit.seed,
+            "layer": fit.layer,
+            "val_fraction": self.config.val_fraction,
+        }
         if fit.protocol in FINETUNE_PROTOCOLS:
             record = finetune_config(self.config.finetune, self.search)
             p.update({f"finetune_{k}": v for k, v in record.items() if k != "search"})
@@ -97,10 +103,27 @@ def transfer_groups(spec: StudySpec, runs: list[PretrainRun], data: dict[str, Sh
     return groups
 
 
-def _fit(run: PretrainRun, ds: ShardedDataset, task: str, protocol: str, shots, seed: int, layer: str, val_fraction: float,
-         finetune: dict) -> TransferFit:
-    config = {"kind": "transfer", "pretrain": run.config_hash, "task": ds.fingerprint, "protocol": protocol,
-              "shots": shots, "seed": seed, "layer": layer, "val_fraction": val_fraction}
+def _fit(
+    run: PretrainRun,
+    ds: ShardedDataset,
+    task: str,
+    protocol: str,
+    shots,
+    seed: int,
+    layer: str,
+    val_fraction: float,
+    finetune: dict,
+) -> TransferFit:
+    config = {
+        "kind": "transfer",
+        "pretrain": run.config_hash,
+        "task": ds.fingerprint,
+        "protocol": protocol,
+        "shots": shots,
+        "seed": seed,
+        "layer": layer,
+        "val_fraction": val_fraction,
+    }
     if protocol in FINETUNE_PROTOCOLS:
         config["finetune"] = finetune
     label = "zero-shot" if protocol == "zero_shot" else FULL if shots == FULL else f"{shots}-shot"
@@ -113,12 +136,16 @@ def _fit(run: PretrainRun, ds: ShardedDataset, task: str, protocol: str, shots, 
 def check_transfer(spec: StudySpec, runs: list[PretrainRun]) -> None:
     t = spec.transfer
     if "zero_shot" in t.protocol and not any(r.settings.method == "clip" for r in runs):
-        raise SpecError(f"transfer.protocol[{t.protocol.index('zero_shot')}]",
-                        "zero_shot needs CLIP checkpoints; no pretraining run uses method 'clip'")
+        raise SpecError(
+            f"transfer.protocol[{t.protocol.index('zero_shot')}]",
+            "zero_shot needs CLIP checkpoints; no pretraining run uses method 'clip'",
+        )
     if any(p in FROZEN_PROTOCOLS for p in t.protocol):
         for run in runs:
             known = layer_names(run.model_config)
             for i, layer in enumerate(t.layers):
                 if layer not in known:
-                    raise SpecError(f"transfer.layers[{i}]",
-                                    f"model '{run.settings.model}' has no layer '{layer}' (layers: {', '.join(known)})")
+                    raise SpecError(
+                        f"transfer.layers[{i}]",
+                        f"model '{run.settings.model}' has no layer '{layer}' (layers: {', '.join(known)})",
+                    )

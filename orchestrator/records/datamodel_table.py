@@ -24,11 +24,19 @@ from datasets_.objstore import filesystem, write_atomic
 SWEEP_FILE, EXAMPLES_FILE = "sweep.json", "examples.parquet"
 MODELS_DIR, PART_PREFIX = "models", "models-"
 
-TABLE_SCHEMA = pa.schema([
-    ("model", pa.int64()), ("seed", pa.int64()), ("mask", pa.list_(pa.bool_())), ("num_train_samples", pa.int64()),
-    ("train_loss", pa.float32()), ("accuracy", pa.float32()), ("correct_prob", pa.list_(pa.float32())),
-    ("margin", pa.list_(pa.float32())), ("prediction", pa.list_(pa.int32())),
-])
+TABLE_SCHEMA = pa.schema(
+    [
+        ("model", pa.int64()),
+        ("seed", pa.int64()),
+        ("mask", pa.list_(pa.bool_())),
+        ("num_train_samples", pa.int64()),
+        ("train_loss", pa.float32()),
+        ("accuracy", pa.float32()),
+        ("correct_prob", pa.list_(pa.float32())),
+        ("margin", pa.list_(pa.float32())),
+        ("prediction", pa.list_(pa.int32())),
+    ]
+)
 
 
 def table_uri(storage_path: str, study: str, config_hash: str) -> str:

@@ -74,7 +74,16 @@ def results_table(df: pd.DataFrame) -> str:
             cells.append(cell)
         up = first.loc[pretrain, "upstream_accuracy"]
         rows.append([pretrain, f"{100 * up:.1f}" if pd.notna(up) else "-", task, protocol, *cells])
-    rows.sort(key=lambda r: (first.loc[r[0], "source"], _size_order(first.loc[r[0], "pretrain_size"]), first.loc[r[0], "label_noise"], r[0], r[2], r[3]))
+    rows.sort(
+        key=lambda r: (
+            first.loc[r[0], "source"],
+            _size_order(first.loc[r[0], "pretrain_size"]),
+            first.loc[r[0], "label_noise"],
+            r[0],
+            r[2],
+            r[3],
+        )
+    )
     header = ["pretrain", "upstream", "task", "protocol", *[(FULL if k == FULL else f"{k}-shot") for k in shots]]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
 
@@ -83,7 +92,8 @@ def results_table(df: pd.DataFrame) -> str:
 
     n_seeds = int(df[df["shots"] != FULL].groupby(keys + ["shots"]).size().max()) if (df["shots"] != FULL).any() else 1
     lines = [
-        f"Test accuracy (%) on the downstream task; few-shot cells are mean ±std over {n_seeds} seed(s); upstream = held-out source accuracy (%): "
+        f"Test accuracy (%) on the downstream task; few-shot cells are mean ±std over {n_seeds} seed(s); upstream = "
+        "held-out source accuracy (%): "
         "top-1 for supervised, zero-shot top-1 for clip, k-NN top-1 for simclr.",
         fmt(header),
         fmt(["-" * w for w in widths]),

@@ -25,7 +25,7 @@ import os
 import re
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from orchestrator.records.schema import TAG_CONFIG_HASH, TAG_KIND
 
@@ -34,15 +34,32 @@ DEFAULT_DEADLINE_S = 600.0
 # One retry inside MLflow's HTTP client, and no request hanging longer than this: the backoff
 # and the deadline below are ours. MLflow's "View run at URL" lines are off: they print the
 # tracking URI as given, credentials included (transferlab prints its own, redacted).
-MLFLOW_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-                   "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+MLFLOW_HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
 
 _TRANSIENT = (
-    "connection refused", "connection reset", "connection aborted", "max retries exceeded",
-    "failed to establish a new connection", "remote end closed connection", "read timed out",
-    "timed out", "temporarily unavailable", "bad gateway", "service unavailable", "gateway timeout",
-    "error code 500", "error code 502", "error code 503", "error code 504", "too many 50",
-    "database is locked", "broken pipe",
+    "connection refused",
+    "connection reset",
+    "connection aborted",
+    "max retries exceeded",
+    "failed to establish a new connection",
+    "remote end closed connection",
+    "read timed out",
+    "timed out",
+    "temporarily unavailable",
+    "bad gateway",
+    "service unavailable",
+    "gateway timeout",
+    "error code 500",
+    "error code 502",
+    "error code 503",
+    "error code 504",
+    "too many 50",
+    "database is locked",
+    "broken pipe",
 )
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/@\s'\"]+)@")
 
@@ -92,8 +109,12 @@ def call(fn: Callable, *args, what: str = "MLflow call", uri: str = "", **kwargs
             now = time.monotonic()
             if _Outage.down_since is None:
                 _Outage.down_since = now
-                print(f"warning: tracking server {redact(uri)} unreachable ({what}); retrying for up to "
-                      f"{deadline_s():.0f}s", file=sys.stderr, flush=True)
+                print(
+                    f"warning: tracking server {redact(uri)} unreachable ({what}); retrying for up to "
+                    f"{deadline_s():.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             waited = now - _Outage.down_since
             if waited >= deadline_s():
                 first = redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
@@ -105,8 +126,11 @@ def call(fn: Callable, *args, what: str = "MLflow call", uri: str = "", **kwargs
             delay = min(delay * 2, max(0.5, min(10.0, deadline_s() / 10)))
             continue
         if _Outage.down_since is not None:
-            print(f"tracking server {redact(uri)} reachable again after {time.monotonic() - _Outage.down_since:.0f}s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"tracking server {redact(uri)} reachable again after {time.monotonic() - _Outage.down_since:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
             _Outage.down_since = None
         return out
 
@@ -136,7 +160,10 @@ class RetryingClient:
             nonlocal attempts
             attempts += 1
             if attempts > 1 and tags and TAG_CONFIG_HASH in tags:
-                flt = f"tags.`{TAG_CONFIG_HASH}` = '{tags[TAG_CONFIG_HASH]}' and tags.`{TAG_KIND}` = '{tags.get(TAG_KIND, '')}'"
+                flt = (
+                    f"tags.`{TAG_CONFIG_HASH}` = '{tags[TAG_CONFIG_HASH]}' "
+                    f"and tags.`{TAG_KIND}` = '{tags.get(TAG_KIND, '')}'"
+                )
                 found = self._client.search_runs([experiment_id], filter_string=flt, max_results=1)
                 if found:
                     return found[0]

@@ -77,9 +77,10 @@ finished trial under it (params ``first_model, last_model, models``; metrics ``m
 ``seconds``, ``models_per_hour``, ``mean_accuracy``; the trial's table part as artifact under
 ``datamodels/``). Thousands of models are rows of the table, not MLflow runs. The **table** is
 a Parquet dataset (``TABLE/models/``, readable as one table by ``pandas.read_parquet``), one
-file per finished trial (``models-FIRST-LAST.parquet``, written atomically), one row per model: ``model`` (index), ``seed``, ``mask`` (list of bool, one per
-source class), ``num_train_samples``, ``train_loss``, ``accuracy`` (task test split) and
-per-target-example lists ``correct_prob``, ``margin``, ``prediction`` (position = ``example``);
+file per finished trial (``models-FIRST-LAST.parquet``, written atomically), one row per model:
+``model`` (index), ``seed``, ``mask`` (list of bool, one per source class), ``num_train_samples``,
+``train_loss``, ``accuracy`` (task test split) and per-target-example lists ``correct_prob``,
+``margin``, ``prediction`` (position = ``example``);
 beside ``models/``, ``examples.parquet`` (``example, key, label``) and ``sweep.json`` (class names,
 config hash, settings).
 

@@ -17,7 +17,6 @@ import uuid
 from mlflow.entities import Metric
 
 from datasets_.objstore import filesystem, write_atomic
-
 from orchestrator.records.retry import TrackingUnavailable, is_transient, redact
 from orchestrator.records.tracker import logged_steps
 
@@ -70,7 +69,10 @@ def flush(storage: str, client, run_id: str | None = None) -> int:
             if isinstance(e, TrackingUnavailable) or is_transient(e):
                 raise
             # The run is gone (deleted in MLflow) or refuses writes: nothing left to send it to.
-            print(f"warning: dropped {len(metrics)} spooled metric value(s) of run {body['run_id']}: "
-                  f"{redact(str(e).splitlines()[0] if str(e) else type(e).__name__)[:200]}", file=sys.stderr)
+            print(
+                f"warning: dropped {len(metrics)} spooled metric value(s) of run {body['run_id']}: "
+                f"{redact(str(e).splitlines()[0] if str(e) else type(e).__name__)[:200]}",
+                file=sys.stderr,
+            )
         fs.delete_file(path)
     return sent

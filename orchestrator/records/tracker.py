@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -17,7 +17,6 @@ from mlflow.tracking import MlflowClient
 from orchestrator.records import retry
 from orchestrator.records.schema import FINISHED, RUNNING, TAG_CONFIG_HASH, TAG_KIND, TAG_PARENT, TAG_STUDY
 from trainers.protocols import FULL
-
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -31,7 +30,7 @@ def resolve_tracking_uri(uri: str | None) -> str:
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
     elif "://" not in uri:
         raise ValueError(f"tracking URI {uri!r} has no scheme (use sqlite:///PATH or http://HOST:PORT)")
     return uri
@@ -109,7 +108,14 @@ class Tracker:
         self.log(run.info.run_id, params=params)
         return run.info.run_id
 
-    def log(self, run_id: str, params: dict | None = None, metrics: dict | None = None, tags: dict | None = None, step: int = 0) -> None:
+    def log(
+        self,
+        run_id: str,
+        params: dict | None = None,
+        metrics: dict | None = None,
+        tags: dict | None = None,
+        step: int = 0,
+    ) -> None:
         now = int(time.time() * 1000)
         existing = self.client.get_run(run_id).data.params if params else {}
         self.client.log_batch(

@@ -30,7 +30,9 @@ class MLflowReportCallback(UserCallback):
     trial before it finishes the run, or the next ``transferlab run`` sends them, once each.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, mlflow_env: dict[str, str] | None = None, spool_storage: str | None = None):
+    def __init__(
+        self, tracking_uri: str, run_id: str, mlflow_env: dict[str, str] | None = None, spool_storage: str | None = None
+    ):
         self.tracking_uri, self.run_id, self.spool_storage = tracking_uri, run_id, spool_storage
         self._mlflow_env = dict(mlflow_env or {})
         self._client = None
@@ -55,8 +57,11 @@ class MLflowReportCallback(UserCallback):
                 raise
             spool.write(self.spool_storage, self.run_id, self._pending)
             self._spooled = True
-            print(f"warning: tracking server {retry.redact(self.tracking_uri)} unreachable; {len(self._pending)} "
-                  f"metric value(s) of step {step} kept in the storage spool until it is back", flush=True)
+            print(
+                f"warning: tracking server {retry.redact(self.tracking_uri)} unreachable; {len(self._pending)} "
+                f"metric value(s) of step {step} kept in the storage spool until it is back",
+                flush=True,
+            )
             self._pending = []
 
     def _flush(self) -> None:

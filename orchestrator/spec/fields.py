@@ -118,8 +118,9 @@ def name(path: str, v: Any) -> str:
     if len(v) > 128:
         raise SpecError(path, f"must be at most 128 characters, got {len(v)}")
     if not _NAME.match(v):
-        raise SpecError(path, f"{short(v)} may hold only letters, digits, '_', '.', '-' and must start with a "
-                              "letter or digit")
+        raise SpecError(
+            path, f"{short(v)} may hold only letters, digits, '_', '.', '-' and must start with a letter or digit"
+        )
     return v
 
 
@@ -166,8 +167,13 @@ def as_is(path: str, v: Any) -> Any:
 # Dataclasses from mappings.
 
 
-def spec_field(default: Any = dataclasses.MISSING, *, read: Reader | None = None,
-               default_factory: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+def spec_field(
+    default: Any = dataclasses.MISSING,
+    *,
+    read: Reader | None = None,
+    default_factory: Any = dataclasses.MISSING,
+    **kwargs: Any,
+) -> Any:
     """A dataclass field that is a key of the YAML mapping, read by ``read`` (None: a section
     reader of :mod:`orchestrator.spec.parse` reads it). Without a default the key is required."""
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"read": read}, **kwargs)

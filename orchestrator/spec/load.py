@@ -58,7 +58,7 @@ def _set_path(node: dict, parts: list[str], value: Any) -> None:
         child = node.get(part)
         if isinstance(child, list) and child and all(isinstance(x, dict) for x in child):
             for x in child:
-                _set_path(x, parts[i + 1:], copy.deepcopy(value))
+                _set_path(x, parts[i + 1 :], copy.deepcopy(value))
             return
         if not isinstance(child, dict):
             node[part] = {}
@@ -74,8 +74,9 @@ def apply_quick(data: dict, quick: bool) -> dict:
     if not quick:
         return data
     if section is None:
-        raise SpecError("--quick",
-                        "this study file has no 'quick:' section (key.path: value fields for a toy-size run)")
+        raise SpecError(
+            "--quick", "this study file has no 'quick:' section (key.path: value fields for a toy-size run)"
+        )
     if not isinstance(section, dict) or not section:
         raise SpecError("quick", f"must be a non-empty mapping of key.path -> value, got {typename(section)}")
     for key, value in section.items():

@@ -57,8 +57,17 @@ def parse_spec(data: Any) -> StudySpec:
     def datamodels(path: str, v: Any) -> DatamodelSpec:
         return _datamodels(path, v, data.get("pretrain"), sources, tasks)
 
-    return m.build(StudySpec, readers={"datamodels": datamodels}, study=study, sources=sources, tasks=tasks,
-                   pretrain=pretrain, transfer=transfer, resources=resources, raw=data)
+    return m.build(
+        StudySpec,
+        readers={"datamodels": datamodels},
+        study=study,
+        sources=sources,
+        tasks=tasks,
+        pretrain=pretrain,
+        transfer=transfer,
+        resources=resources,
+        raw=data,
+    )
 
 
 def _datarefs(m: Mapping, key: str) -> dict[str, DataRef]:
@@ -88,11 +97,12 @@ def _pretrain(path: str, data: Any, sources: dict[str, DataRef]) -> PretrainSpec
         raise SpecError("pretrain.sweep", "must hold at least one grid (a mapping of axis -> values)")
     if not listed and not isinstance(raw, dict):
         raise SpecError("pretrain.sweep", f"must be a mapping of axis -> values or a list of them, got {typename(raw)}")
-    grids = tuple(_grid(f"pretrain.sweep[{i}]" if listed else "pretrain.sweep", g, sources)
-                  for i, g in enumerate(raw if listed else [raw]))
+    grids = tuple(
+        _grid(f"pretrain.sweep[{i}]" if listed else "pretrain.sweep", g, sources)
+        for i, g in enumerate(raw if listed else [raw])
+    )
     axes = dict.fromkeys(a for g in grids for a in g)
-    sweep = {a: tuple(dict.fromkeys(v for g in grids for v in (g[a] if a in g else (getattr(base, a),))))
-             for a in axes}
+    sweep = {a: tuple(dict.fromkeys(v for g in grids for v in (g[a] if a in g else (getattr(base, a),)))) for a in axes}
     return PretrainSpec(base=base, sweep=sweep, grids=grids, listed=listed)
 
 
@@ -119,16 +129,19 @@ def _check_amp(pretrain: PretrainSpec, resources: Resources) -> None:
         swept = "amp" in grid
         for i, amp in enumerate(grid["amp"] if swept else (pretrain.base.amp,)):
             if amp != "none":
-                raise SpecError(f"{pretrain.grid_path(g)}.amp[{i}]" if swept else "pretrain.amp",
-                                f"{amp} mixed precision runs on CUDA only: set resources.use_gpu: true, or amp: none")
+                raise SpecError(
+                    f"{pretrain.grid_path(g)}.amp[{i}]" if swept else "pretrain.amp",
+                    f"{amp} mixed precision runs on CUDA only: set resources.use_gpu: true, or amp: none",
+                )
 
 
 def _transfer(path: str, data: Any, tasks: dict[str, DataRef]) -> TransferSpec:
     t = Mapping(path, data, spec_keys(TransferSpec))
     spec = t.build(TransferSpec, readers={"tasks": list_of(choice(tuple(tasks))), "finetune": _finetune})
     if spec.finetune.search is not None and not set(spec.protocol) & set(FINETUNE_PROTOCOLS):
-        raise SpecError("transfer.finetune.search",
-                        "searches the finetune and lp_ft protocols; transfer.protocol has neither")
+        raise SpecError(
+            "transfer.finetune.search", "searches the finetune and lp_ft protocols; transfer.protocol has neither"
+        )
     return spec
 
 
@@ -193,16 +206,21 @@ def _light_trial_gpus(use_gpu: bool) -> Reader:
     return read
 
 
-def _datamodels(path: str, data: Any, pretrain: Any, sources: dict[str, DataRef],
-                tasks: dict[str, DataRef]) -> DatamodelSpec:
+def _datamodels(
+    path: str, data: Any, pretrain: Any, sources: dict[str, DataRef], tasks: dict[str, DataRef]
+) -> DatamodelSpec:
     """``datamodels``; ``pretrain`` is the document's pretrain section as loaded."""
     d = Mapping(path, data, spec_keys(DatamodelSpec))
     if isinstance(pretrain, dict) and "sweep" in pretrain:
-        raise SpecError("pretrain.sweep",
-                        "a datamodels study draws its own class subsets (datamodels.class_fraction); remove the sweep")
+        raise SpecError(
+            "pretrain.sweep",
+            "a datamodels study draws its own class subsets (datamodels.class_fraction); remove the sweep",
+        )
     if isinstance(pretrain, dict) and pretrain.get("method", PretrainSettings.method) != "supervised":
-        raise SpecError("pretrain.method",
-                        f"datamodel sweeps train supervised models only, got {short(pretrain['method'])}")
+        raise SpecError(
+            "pretrain.method", f"datamodel sweeps train supervised models only, got {short(pretrain['method'])}"
+        )
     fraction = d.read(DatamodelSpec, "class_fraction")
-    return d.build(DatamodelSpec, readers={"source": choice(tuple(sources)), "task": choice(tuple(tasks))},
-                   class_fraction=fraction)
+    return d.build(
+        DatamodelSpec, readers={"source": choice(tuple(sources)), "task": choice(tuple(tasks))}, class_fraction=fraction
+    )

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from datasets_.views import NOISE_PATTERNS
 from orchestrator.spec.fields import (
     SpecError,
     boolean,
@@ -30,7 +31,6 @@ from orchestrator.spec.fields import (
     string,
     typename,
 )
-from datasets_.views import NOISE_PATTERNS
 from trainers.protocols import FINAL_LAYER, FROZEN_PROTOCOLS, FULL, METHODS, PROTOCOLS
 
 LR_SCHEDULES = ("cosine", "constant")
