@@ -98,7 +98,8 @@ def run_study(
     plan: StudyPlan | None = None,
     fail_fast: bool = False,
 ) -> StudyOutcome:
-    """Run every job of the study that MLflow does not hold as finished; return the outcome.
+    """Run every pretraining run and transfer fit of the study that MLflow does not hold as
+    finished; return the outcome.
 
     No trial starts work once ``spec.budget.max_hours`` have passed since this call (running
     ones finish); with ``fail_fast`` the study stops at the first failed trial. Runs it stops
@@ -360,7 +361,7 @@ class _StudyDriver:
 
     def _settle_orphans(self, keep: set[str]) -> None:
         """Mark FAILED the runs an earlier, killed driver left RUNNING that this run will not reopen
-        (superseded by a finished run of the same job, or no longer in the grid)."""
+        (superseded by a finished run of the same config, or no longer in the grid)."""
         for kind in (KIND_PRETRAIN, KIND_TRANSFER):
             for r in self.tracker.runs(self.exp, kind):
                 if r.info.status == RUNNING and r.info.run_id not in keep:
