@@ -11,9 +11,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from datasets_.builtin import BUILTIN_PREFIX, TEST_FRACTION, cache_dir, prepare_builtin
 from datasets_.listing import MANIFEST, detect_format, source_listing
-from datasets_.objstore import DatasetError, is_remote
+from datasets_.objstore import DatasetError, filesystem, is_remote, write_atomic
 from datasets_.readers import BadSamples, Sample, folder_layout, iter_samples
 from datasets_.shards import ShardedDataset, open_dataset, write_sharded_dataset
 from datasets_.views import unit_hash
@@ -148,21 +150,34 @@ def _rewrite(ds: ShardedDataset, out: str, shard_size: int, shard_format: str) -
 
 
 def upload(ds: ShardedDataset, uri: str) -> None:
-    """Copy a local prepared dataset to an object-store prefix, manifest last: until it lands,
-    the prefix is not a dataset (:func:`open_dataset` looks for the manifest first)."""
-    import pyarrow.fs as pafs
-
+    """Copy a local prepared dataset to ``uri`` (an object-store prefix or a folder), manifest
+    last: until it lands, the prefix is not a dataset (:func:`open_dataset` looks for the
+    manifest first). A raw scan's shards are its source's own files: only its index goes."""
+    shards = [] if ds.format == "raw" else [s["path"] for s in ds.manifest["shards"]]
     try:
-        fs, base = pafs.FileSystem.from_uri(uri.rstrip("/"))
-        for rel in [s["path"] for s in ds.manifest["shards"]] + list(ds.manifest.get("index", {}).values()):
+        fs, base = filesystem(uri.rstrip("/"))
+        for rel in shards + list(ds.manifest.get("index", {}).values()):
             fs.create_dir(f"{base}/{rel}".rsplit("/", 1)[0], recursive=True)
             pafs.copy_files(str(Path(ds.root) / rel), f"{base}/{rel}", destination_filesystem=fs)
-        with fs.open_output_stream(f"{base}/{MANIFEST}") as f:
-            f.write(json.dumps(ds.manifest, indent=1).encode())
+        write_atomic(f"{uri.rstrip('/')}/{MANIFEST}", lambda f: f.write(json.dumps(ds.manifest, indent=1).encode()))
     except (OSError, ValueError) as e:
         raise DatasetError(
             f"{uri}: cannot write dataset ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         ) from None
+
+
+def publish(ds: ShardedDataset, storage: str) -> str:
+    """Where every node of a cluster opens ``ds``: a dataset this process built in its own cache
+    (a builtin's shards, a raw source's scan index) is copied once to
+    ``STORAGE/datasets/NAME-FINGERPRINT`` (an object store or a shared folder); any other dataset
+    is already where its user put it, and stays."""
+    if is_remote(ds.root) or not Path(ds.root).resolve().is_relative_to(cache_dir().resolve()):
+        return str(ds.root)
+    uri = f"{storage.rstrip('/')}/datasets/{ds.name}-{ds.fingerprint}"
+    fs, base = filesystem(uri)
+    if fs.get_file_info(f"{base}/{MANIFEST}").type != pafs.FileType.File:
+        upload(ds, uri)
+    return uri
 
 
 def scan_key(uri: str, fmt: str, test_fraction: float, parquet_columns: dict) -> tuple[str, list[dict]]:
@@ -232,4 +247,4 @@ def inspect(uri: str, **parquet_columns) -> dict:
     return m
 
 
-__all__ = ["prepare", "inspect", "resolve_dataset", "scan_source", "Sample"]
+__all__ = ["prepare", "inspect", "publish", "resolve_dataset", "scan_source", "Sample"]

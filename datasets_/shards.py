@@ -349,6 +349,9 @@ def _open_remote(uri: str) -> ShardedDataset:
             raise DatasetError(f"{uri}: not a transferlab dataset (no {MANIFEST})")
         with fs.open_input_stream(f"{base}/{MANIFEST}") as f:
             manifest = json.loads(f.read())
+        if manifest.get("format") == "raw":  # a scan's shards are the source's own files
+            _check_scan_current(manifest, root)
+            return ShardedDataset(root, manifest)
         shard_infos = fs.get_file_info([f"{base}/{s['path']}" for s in manifest["shards"]])
     except (OSError, ValueError, KeyError) as e:
         if isinstance(e, DatasetError):
@@ -389,7 +392,7 @@ def open_dataset(path: str | os.PathLike) -> ShardedDataset:
     return ShardedDataset(root, manifest)
 
 
-def _check_scan_current(manifest: dict, root: Path) -> None:
+def _check_scan_current(manifest: dict, root: Path | str) -> None:
     """A scan is only true of the files it saw: refuse it once any has changed. A remote
     source is listed again (one listing per 1,000 objects, not a request per file)."""
     origin = manifest.get("origin", str(root))
@@ -399,5 +402,10 @@ def _check_scan_current(manifest: dict, root: Path) -> None:
     else:
         stats = objstore.stat([s["path"] for s in manifest["shards"]])
     for s, st in zip(manifest["shards"], stats):
-        if st is None or (st.size, st.mtime_ns) != (s["size"], s["mtime_ns"]):
+        if st is None:
+            raise DatasetError(
+                f"{s['path']}: no such file here, though the scan of {origin} read it (a source on a "
+                "cluster must be on storage every node reads: s3://..., a shared mount)"
+            )
+        if (st.size, st.mtime_ns) != (s["size"], s["mtime_ns"]):
             raise DatasetError(f"{s['path']}: changed since {origin} was scanned; validate the study again")

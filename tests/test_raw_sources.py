@@ -171,7 +171,7 @@ def test_raw_sources_are_scanned_once_and_rescanned_when_they_change(tmp_path):
     from orchestrator.spec import load_spec
 
     plan = build_plan(load_spec(spec))
-    assert plan.data["sources.p"].root == ds.root and plan.pretrain_runs[0].source_root == str(ds.root)
+    assert plan.data["sources.p"].root == ds.root and plan.pretrain_runs[0].source == "p"
 
 
 def _study(tmp_path, source_uri, task_uri, **pretrain):

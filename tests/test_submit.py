@@ -335,7 +335,8 @@ def test_submit_status_logs_run_stop_on_a_cluster(head, tmp_path):
     assert f"already running: {second_job}" in again.stdout and "submitted:" not in again.stdout
     stop = _cli("stop", second_job, "--address", head["api"])
     assert stop.returncode == 0 and f"{second_job}: STOPPED" in stop.stdout
-    assert _cli("status", second_job, "--address", head["api"]).stdout.startswith(f"{second_job}: STOPPED")
+    stopped = _cli("status", second_job, "--address", head["api"])
+    assert stopped.stdout.startswith(f"{second_job}: STOPPED") and stopped.returncode == 130  # as Ctrl-C
 
     unknown = _cli("logs", "no-such-job", "--address", head["api"])
     assert unknown.returncode == 2 and unknown.stderr.startswith("error: JOB: no job 'no-such-job' on this cluster")

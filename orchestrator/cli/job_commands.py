@@ -23,6 +23,8 @@ def run(args) -> int:
     info = jobs.job_info(client, args.job)
     if args.command == "status":
         print("\n".join(jobs.describe(info)))
+        # A script can tell how the study ended: a job still pending or running is 0.
+        return jobs.exit_code(info) if jobs.status_name(info.status) in jobs.TERMINAL else EXIT_OK
     elif args.command == "logs":
         if args.follow:
             jobs.tail_logs(client, args.job, sys.stdout)

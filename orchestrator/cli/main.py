@@ -10,6 +10,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import importlib
 
+from datasets_.objstore import DatasetError
 from orchestrator.cli.exits import EXIT_INTERRUPTED, error
 from orchestrator.cli.parser import JOB_COMMANDS, build_parser
 from orchestrator.records.retry import TrackingUnavailable
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return module.run(args)
     except SpecError as e:
         return error(str(e))
-    except (TrackingUnavailable, OSError) as e:
+    except (TrackingUnavailable, OSError, DatasetError) as e:
         if args.command != "run":
             raise
         return module.stopped(e, argv)

@@ -116,12 +116,14 @@ def _check_infrastructure(tracking_uri, storage, tracking_field, storage_field) 
 
 
 def stopped(e: Exception, argv: list[str] | None) -> int:
-    """The study stopped mid-way (tracking outage past its deadline, storage failure)."""
-    what = (
-        str(e)
-        if not isinstance(e, OSError)
-        else f"storage failed: {e.strerror or e} ({getattr(e, 'filename', '') or ''})"
-    )
+    """The study stopped mid-way (tracking outage past its deadline, storage failure, data it
+    could not open): one line saying which, and how to resume."""
+    if isinstance(e, FileNotFoundError):
+        what = f"no such file or directory: {e.filename or e}"
+    elif isinstance(e, OSError):
+        what = f"storage failed: {e.strerror or e} ({getattr(e, 'filename', '') or ''})"
+    else:
+        what = str(e)
     print(
         f"stopped: {redact(what)}. Finished runs are recorded in MLflow and checkpoints kept in storage; "
         f"when the problem is fixed, resume with the same command: {redact(command_line(argv))}",

@@ -15,12 +15,12 @@ run per model.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
 
-from datasets_ import open_dataset
+from datasets_ import ShardedDataset
 from datasets_.objstore import is_remote
 from datasets_.pipeline import decode_split
 from orchestrator.execution.phase import NOT_LAUNCHED, TrialContext, cluster_gpus, run_phase
@@ -43,11 +43,11 @@ from trainers.features import Features
 from trainers.stacked import probe_outputs, stacked_features, train_stacked
 
 
-def _write_header(table: str, plan: DatamodelPlan) -> None:
+def _write_header(table: str, plan: DatamodelPlan, task: ShardedDataset) -> None:
     """The table's ``sweep.json`` and ``examples.parquet`` (the task's test examples)."""
 
     def examples() -> pa.Table:
-        test = open_dataset(plan.task_root).keys_and_labels("test")
+        test = task.keys_and_labels("test")
         return pa.table(
             {
                 "example": np.arange(len(test.keys), dtype=np.int64),
@@ -81,11 +81,13 @@ class DatamodelContext(TrialContext):
     trials: dict[str, tuple[int, ...]] = field(default_factory=dict)  # trial key -> model indices
 
 
-def train_and_probe(plan: DatamodelPlan, models: tuple[int, ...], device=None) -> pa.Table:
-    """Train the given models of the sweep at once on ``device`` (default CPU), probe each on
-    the task: their table rows."""
+def train_and_probe(
+    plan: DatamodelPlan, source: ShardedDataset, task: ShardedDataset, models: tuple[int, ...], device=None
+) -> pa.Table:
+    """Train the given models of the sweep at once on ``device`` (default CPU) on ``source``,
+    probe each on ``task``: their table rows."""
     ts = plan.train
-    images, labels, keys = decode_split(open_dataset(plan.source_root), "train", ts.image_size)
+    images, labels, keys = decode_split(source, "train", ts.image_size)
     idx = list(models)
     sm = train_stacked(
         plan.model_config,
@@ -98,7 +100,6 @@ def train_and_probe(plan: DatamodelPlan, models: tuple[int, ...], device=None) -
         ts,
         device,
     )
-    task = open_dataset(plan.task_root)
     feats = {}
     for split in ("train", "test"):
         x, y, k = decode_split(task, split, ts.image_size)
@@ -139,7 +140,8 @@ def _datamodel_trial(config: dict, ctx: DatamodelContext) -> dict:
     torch.set_num_threads(max(1, int(ctx.cpus_per_trial)))
     models = ctx.trials[config["trial"]]
     t0 = time.monotonic()
-    table = train_and_probe(ctx.plan, models, trial_device(ctx.use_gpu))
+    source, task = ctx.open_data(f"sources.{ctx.plan.source}"), ctx.open_data(f"tasks.{ctx.plan.task}")
+    table = train_and_probe(ctx.plan, source, task, models, trial_device(ctx.use_gpu))
     path = write_part(ctx.table, models, table)
     seconds = time.monotonic() - t0
     mean_acc = float(np.mean(table.column("accuracy").to_numpy()))
@@ -169,10 +171,10 @@ def _datamodel_trial(config: dict, ctx: DatamodelContext) -> dict:
     return {"models": len(models), "mean_accuracy": mean_acc, "seconds": seconds}
 
 
-def _memory_line(plan: DatamodelPlan) -> str:
+def _memory_line(plan: DatamodelPlan, source: ShardedDataset) -> str:
     """Each trial holds the source's training split decoded (uint8) in memory, for the stacked
     models' random access: say how much, so a source too large for a node is seen up front."""
-    n = open_dataset(plan.source_root).num_samples("train")
+    n = source.num_samples("train")
     side = plan.train.image_size
     mib = n * 3 * side * side / 2**20
     return f"each trial decodes the source's {n:,} training images at {side}px into {mib:,.0f} MiB of memory"
@@ -222,40 +224,26 @@ def _sweep_run(tracker: Tracker, exp: str, spec: StudySpec, plan: DatamodelPlan,
 
 
 def run_datamodels(
-    spec: StudySpec,
-    plan: DatamodelPlan,
-    tracker: Tracker,
-    exp: str,
-    study_run: str,
-    storage: str,
-    cpus: float,
-    worker_uri: str,
-    mlflow_env: dict,
-    fail_fast: bool = False,
-    deadline: float | None = None,
+    spec: StudySpec, plan: DatamodelPlan, tracker: Tracker, study_run: str, study: TrialContext, cpus: float
 ) -> DatamodelOutcome:
-    """Train every model of the sweep the table lacks; record the sweep and its trials in MLflow."""
-    table = table_uri(storage, spec.study, plan.config_hash)
-    _write_header(table, plan)
-    run_id = _sweep_run(tracker, exp, spec, plan, study_run, table)
+    """Train every model of the sweep the table lacks; record the sweep and its trials in MLflow.
+    ``study`` is what every trial of the study shares (tracking, storage, data, budget)."""
+    table = table_uri(study.storage_path, spec.study, plan.config_hash)
+    _write_header(table, plan, study.open_data(f"tasks.{plan.task}"))
+    run_id = _sweep_run(tracker, study.experiment_id, spec, plan, study_run, table)
     done = finished_models(table)
     todo = [i for i in range(plan.num_models) if i not in done]
     done_before = plan.num_models - len(todo)
     print(
         f"datamodels: {plan.num_models} models ({done_before} already in the table), {plan.models_per_trial} per "
         "trial; "
-        f"{_memory_line(plan)}\ntable: {redact(table)}",
+        f"{_memory_line(plan, study.open_data(f'sources.{plan.source}'))}\ntable: {redact(table)}",
         flush=True,
     )
     r = spec.resources
+    shared = {f.name: getattr(study, f.name) for f in fields(TrialContext)}
     ctx = DatamodelContext(
-        study=spec.study,
-        tracking_uri=worker_uri,
-        experiment_id=exp,
-        storage_path=storage,
-        mlflow_env=mlflow_env,
-        deadline=deadline,
-        fail_fast=fail_fast,
+        **shared,
         sweep_run_id=run_id,
         table=table,
         plan=plan,

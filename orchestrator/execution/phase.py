@@ -5,10 +5,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from datasets_ import DatasetError, ShardedDataset, open_dataset
 from orchestrator.planning.pretrain_runs import PretrainRun
 from orchestrator.planning.transfer_fits import TransferFit, TransferGroup
 from orchestrator.records.credentials import apply_mlflow_client_env
@@ -33,6 +35,23 @@ class TrialContext:
     mlflow_env: dict[str, str] = field(default_factory=dict, repr=False)
     deadline: float | None = None  # time.time() after which no trial starts work (budget.max_hours)
     fail_fast: bool = False  # stop the phase at its first failed trial
+    # "sources.NAME" / "tasks.NAME" -> (where every node opens it, its fingerprint in the plan)
+    datasets: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def open_data(self, key: str) -> ShardedDataset:
+        """Dataset ``key`` as the plan saw it, opened wherever this trial runs; a one-line
+        :class:`DatasetError` naming its URI and this node if it is not there or has changed."""
+        uri, fingerprint = self.datasets[key]
+        try:
+            ds = open_dataset(uri)
+        except DatasetError as e:
+            raise DatasetError(f"{e} (on node {node_name()})") from None
+        if ds.fingerprint != fingerprint:
+            raise DatasetError(
+                f"{uri}: fingerprint {ds.fingerprint} on node {node_name()}, but the plan's is "
+                f"{fingerprint}: the dataset changed since the study was planned; run it again"
+            )
+        return ds
 
     def past_deadline(self) -> bool:
         return self.deadline is not None and time.time() > self.deadline
@@ -58,6 +77,14 @@ class PhaseContext(TrialContext):
     checkpoints: dict[str, str] = field(default_factory=dict)  # pretrain hash -> checkpoint dir
     # fit hash -> (its group, the fit) of fine-tuning fits tuned by a search (execution.search)
     searches: dict[str, tuple[TransferGroup, TransferFit]] = field(default_factory=dict)
+
+
+def node_name() -> str:
+    """This process's machine, as a user finds it in ``ray status``: host name and Ray node address."""
+    import ray
+
+    address = ray.util.get_node_ip_address() if ray.is_initialized() else "no Ray"
+    return f"{socket.gethostname()} ({address})"
 
 
 def _error_line(error_file: str | None) -> str:

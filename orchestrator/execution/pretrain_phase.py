@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 
-from datasets_ import open_dataset
 from datasets_.objstore import is_remote
 from datasets_.pipeline import ray_dataset
 from orchestrator.execution.phase import NOT_LAUNCHED, PhaseContext, Progress, run_phase
@@ -58,7 +57,7 @@ def build_pretrain_trainer(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     config = run.config if fault is None else run.config.replace(fault=fault)
-    ds = open_dataset(run.source_root)
+    ds = ctx.open_data(f"sources.{run.source}")
     # Rows reach each worker in a fixed order (then a seeded local shuffle), so a run is
     # reproducible from its config rather than from how Ray scheduled the read tasks.
     ingest = ray.train.DataConfig.default_ingest_options()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import time
 
-from datasets_ import open_dataset
 from orchestrator.execution.phase import NOT_LAUNCHED, PhaseContext, Progress, cluster_gpus, phase_stopper
 from orchestrator.execution.transfer_phase import feature_cache, record_fit, trainer_fit
 from orchestrator.planning.estimate import transfer_concurrency
@@ -95,7 +94,7 @@ def _build_problem(ctx: PhaseContext, key: str):
     from ray.train import Checkpoint
 
     group, fit = ctx.searches[key]
-    task = open_dataset(group.task_root)
+    task = ctx.open_data(f"tasks.{group.task}")
     with Checkpoint(ctx.checkpoints[group.pretrain_hash]).as_directory() as ckpt_dir:
         return finetune_problem(
             ckpt_dir,

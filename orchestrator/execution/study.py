@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets_.objstore import is_remote
+from datasets_.prepare import publish
 from orchestrator.execution.datamodel_sweep import run_datamodels
 from orchestrator.execution.phase import PhaseContext, Progress
 from orchestrator.execution.preflight import checkpoint_exists
@@ -131,6 +132,7 @@ def run_study(
             deadline=deadline,
             fail_fast=fail_fast,
             resources=spec.resources,
+            datasets=publish_data(plan, storage),
         )
         study_run = _study_run(tracker, exp, plan)
         if plan.datamodels is not None:
@@ -139,6 +141,18 @@ def run_study(
             outcome = _StudyDriver(spec, plan, tracker, study_run, ctx, cpus).run()
     outcome.seconds = time.monotonic() - t0
     return outcome
+
+
+def publish_data(plan: StudyPlan, storage: str) -> dict[str, tuple[str, str]]:
+    """Where every node opens each dataset the study reads, with its fingerprint: what the
+    driver built in its own cache (builtins, raw-source scans) is copied to ``storage`` first
+    (:func:`datasets_.prepare.publish`); trials never open a path of the driver's disk."""
+    spec = plan.spec
+    if plan.datamodels is not None:
+        used = [f"sources.{plan.datamodels.source}", f"tasks.{plan.datamodels.task}"]
+    else:
+        used = [f"sources.{s}" for s in spec.pretrain.sweep["source"]] + [f"tasks.{t}" for t in spec.transfer_tasks]
+    return {key: (publish(plan.data[key], storage), plan.data[key].fingerprint) for key in used}
 
 
 def _study_run(tracker: Tracker, exp: str, plan: StudyPlan) -> str:
@@ -415,19 +429,7 @@ def _run_datamodels(
 ) -> StudyOutcome:
     status, stopped = FAILED, None
     try:
-        dm = run_datamodels(
-            spec,
-            plan.datamodels,
-            tracker,
-            ctx.experiment_id,
-            study_run,
-            ctx.storage_path,
-            cpus,
-            ctx.tracking_uri,
-            ctx.mlflow_env,
-            ctx.fail_fast,
-            ctx.deadline,
-        )
+        dm = run_datamodels(spec, plan.datamodels, tracker, study_run, ctx, cpus)
         status = FINISHED if not dm.failed and dm.done == dm.total else FAILED
         if dm.not_launched and not dm.failed:
             stopped, status = _budget_line(spec, dm.not_launched, "datamodel trial(s)"), KILLED

@@ -7,7 +7,6 @@ from __future__ import annotations
 import tempfile
 import time
 
-from datasets_ import open_dataset
 from orchestrator.execution.phase import NOT_LAUNCHED, PhaseContext, Progress, cluster_gpus, run_phase
 from orchestrator.planning.estimate import transfer_concurrency
 from orchestrator.planning.transfer_fits import TransferFit, TransferGroup
@@ -73,7 +72,7 @@ def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
     t0 = time.monotonic()
     group = ctx.transfer_groups[config["group"]]
     tracker = Tracker(ctx.tracking_uri)
-    task = open_dataset(group.task_root)
+    task = ctx.open_data(f"tasks.{group.task}")
     with Checkpoint(ctx.checkpoints[group.pretrain_hash]).as_directory() as ckpt_dir:
         results, stats = evaluate_transfer(
             ckpt_dir,

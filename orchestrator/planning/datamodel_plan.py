@@ -27,10 +27,8 @@ class DatamodelPlan:
     """Everything a datamodel sweep needs: the models' class masks and seeds, and where data lives."""
 
     config_hash: str  # of everything but num_models and models_per_trial: a larger sweep extends this one
-    source: str
-    source_root: str
-    task: str
-    task_root: str
+    source: str  # the plan's data['sources.' + source]
+    task: str  # the plan's data['tasks.' + task]
     classes: tuple[str, ...]  # the source's classes (mask columns)
     settings: PretrainSettings
     train: TrainSettings  # what the stacked trainer gets, as it is
@@ -115,9 +113,7 @@ def build_datamodel_plan(spec: StudySpec, data: dict[str, ShardedDataset]) -> Da
     return DatamodelPlan(
         h,
         d.source,
-        str(src.root),
         d.task,
-        str(task.root),
         tuple(src.classes),
         settings,
         train,

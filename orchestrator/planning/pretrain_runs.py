@@ -141,9 +141,7 @@ def pretrain_runs(spec: StudySpec, data: dict[str, ShardedDataset]) -> list[Pret
             )
             runs.setdefault(
                 h,
-                PretrainRun(
-                    source, str(ds.root), settings, view, config, realized, h, run_name(settings, source, view, varying)
-                ),
+                PretrainRun(source, settings, view, config, realized, h, run_name(settings, source, view, varying)),
             )
     return list(runs.values())
 

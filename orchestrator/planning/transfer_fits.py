@@ -28,8 +28,7 @@ class TransferFit:
 @dataclass(frozen=True)
 class TransferGroup:
     pretrain_hash: str
-    task: str
-    task_root: str
+    task: str  # its dataset is the plan's data['tasks.' + task]
     config: TransferConfig  # what the transfer trainer gets, as it is
     search: FinetuneSearch | None  # a Tune search of the finetune / lp_ft fits (transfer.finetune.search)
     fits: tuple[TransferFit, ...]
@@ -99,7 +98,7 @@ def transfer_groups(spec: StudySpec, runs: list[PretrainRun], data: dict[str, Sh
                             fits.append(_fit(run, ds, task, protocol, shots, seed, layer, t.val_fraction, record))
             if fits:
                 config = TransferConfig(run.settings.image_size, t.val_fraction, settings)
-                groups.append(TransferGroup(run.config_hash, task, str(ds.root), config, search, tuple(fits)))
+                groups.append(TransferGroup(run.config_hash, task, config, search, tuple(fits)))
     return groups
 
 
