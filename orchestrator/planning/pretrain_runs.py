@@ -22,8 +22,7 @@ from trainers.protocols import FULL
 class PretrainRun:
     """One pretraining run of the plan: an MLflow run of kind ``pretrain`` and one TorchTrainer."""
 
-    source: str
-    source_root: str
+    source: str  # its dataset is the plan's data['sources.' + source]
     settings: PretrainSettings
     view: PretrainView
     config: PretrainConfig  # what the training loop gets, as it is
