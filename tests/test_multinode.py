@@ -5,8 +5,11 @@ SUCCEEDED with every run FINISHED exactly once; a worker killed mid-study and st
 the study submitted again, leave the same runs, none twice, none RUNNING."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,15 +38,17 @@ TINY = {"model": "tiny-cnn", "image_size": 8, "epochs": 1, "batch_size": 32}
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
+    # A short root: Ray's socket paths under it must stay within AF_UNIX's 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="tlmn-", dir="/tmp"))
     # 10.231.N.0/24 with a random N: two suites at once on one machine do not collide.
     net = f"10.231.{np.random.default_rng().integers(2, 250)}"
-    c = Cluster(tmp_path_factory.mktemp("multinode"), f"{net}.1", f"{net}.2", Path("/tmp") / f"tl-shared-{os.getpid()}")
+    c = Cluster(root, f"{net}.1", f"{net}.2", root / "shared")
     try:
         yield c.start()
     finally:
         c.stop()
-        subprocess.run(["rm", "-rf", str(c.shared)], check=False)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _submit(cluster: Cluster, study: Path, storage: str, *extra: str, wait: str = "--follow", timeout: float = 600):
@@ -177,7 +182,7 @@ def test_a_worker_killed_mid_study_then_the_study_submitted_again(cluster):
     # The first job ends, resumed by Ray Train on the new node or failed; either way it ends.
     status = [str(BIN / "transferlab"), "status", job, "--address", cluster.api]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    deadline = time.monotonic() + 600
+    deadline, state = time.monotonic() + 600, ""
     while time.monotonic() < deadline:
         state = subprocess.run(status, env=env, capture_output=True, text=True, timeout=60).stdout
         if any(f": {s}" in state for s in ("SUCCEEDED", "FAILED", "STOPPED")):
@@ -185,8 +190,13 @@ def test_a_worker_killed_mid_study_then_the_study_submitted_again(cluster):
         time.sleep(3)
     else:
         subprocess.run([str(BIN / "transferlab"), "stop", job, "--address", cluster.api], env=env, timeout=120)
+    print(f"first job after the kill: {state.splitlines()[:1]}")  # shown with -s
     again = _submit(cluster, study, f"s3://{cluster.bucket}/studies")
     _assert_succeeded(again)
+    # What finished before the kill is not trained again (the first job may have finished the
+    # rest on the new node, Ray Train resuming the killed run, or failed it).
+    done = re.search(r"3 pretraining runs \((\d+) already done\)", again.stdout)
+    assert done and int(done.group(1)) >= 1, f"first job: {state.splitlines()[:1]}\n{again.stdout[-3000:]}"
     runs = _runs(cluster, "mn-kill")
     pretrain = _finished_once(runs, KIND_PRETRAIN)
     assert len(pretrain) == 3 and len(_finished_once(runs, KIND_TRANSFER)) == 3
