@@ -109,6 +109,8 @@ def test_builtin_study_on_s3_storage(cluster):
     runs = _runs(cluster, "mn-builtin")
     assert len(_finished_once(runs, KIND_PRETRAIN)) == 2 and len(_finished_once(runs, KIND_TRANSFER)) == 4
     assert [r.info.status for r in runs[KIND_STUDY]] == [FINISHED]
+    # The job's log (streamed by --follow) holds the trials' own output, with the worker's address.
+    assert f"ip={cluster.worker_ip}" in out.stdout
 
 
 def _image_folder(root: Path) -> Path:

@@ -79,7 +79,7 @@ def test_submission_carries_what_the_cluster_needs_and_no_token(project, monkeyp
     assert sub.study_path == "studies/tiny.yaml" and doc["transfer"]["seeds"] == [0, 1]  # overrides applied
     assert sub.entrypoint == (
         "transferlab run studies/tiny.yaml --address auto --tracking-uri https://mlflow.lab:443 "
-        "--storage-path s3://bucket/studies"
+        "--storage-path s3://bucket/studies --verbose"  # the trials' own output in the job's log
     )
     # MLflow credentials travel as the job's environment (the cluster may lack them); the Ray
     # token never does: the job's driver authenticates with its node's own token.

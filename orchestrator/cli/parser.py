@@ -56,6 +56,11 @@ def _study_parsers(sub) -> None:
     )
     r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (overrides the spec's tracking_uri)")
     r.add_argument("--storage-path", default=None, help="where checkpoints go (default: ./transferlab_storage)")
+    r.add_argument(
+        "--verbose",
+        action="store_true",
+        help="forward the trials' own output and errors, each line with its process and node (always on in a job)",
+    )
 
 
 def _data_parsers(sub) -> None:

@@ -140,6 +140,7 @@ def _run(args, spec: StudySpec, plan: StudyPlan) -> int:
         storage_path=args.storage_path,
         plan=plan,
         fail_fast=args.fail_fast,
+        verbose=args.verbose,
     )
     print()
     print(outcome.table)

@@ -28,7 +28,7 @@ def quiet_ray_logs() -> None:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None, num_cpus: int | None = None):
+def ray_session(address: str | None, num_cpus: int | None = None, verbose: bool = False):
     """Connect to Ray for the duration of the block; yield True if the runtime is private
     (started here, and so holding only this machine's resources).
 
@@ -39,6 +39,9 @@ def ray_session(address: str | None, num_cpus: int | None = None):
       logical CPU count defaults to twice the cores: a pretraining trial spends much of its life
       starting actors and waiting on ingest, so two trials per core pair keep the cores busy
       (each training worker still runs torch with ``cpus_per_worker`` threads).
+
+    With ``verbose`` the trials' own output and errors reach this process's output, each line
+    prefixed with the process and node it came from (Ray's ``log_to_driver``).
     """
     import ray
 
@@ -51,7 +54,7 @@ def ray_session(address: str | None, num_cpus: int | None = None):
     runtime_env = {"env_vars": dict(WORKER_ENV)}
     if address:
         try:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose)
         except (ConnectionError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SpecError("--address", f"cannot connect to the Ray cluster at {address!r}: {first}") from None
@@ -61,7 +64,7 @@ def ray_session(address: str | None, num_cpus: int | None = None):
             num_cpus=num_cpus or 2 * (os.cpu_count() or 1),
             include_dashboard=False,
             runtime_env=runtime_env,
-            log_to_driver=False,
+            log_to_driver=verbose,
         )
     try:
         yield not address

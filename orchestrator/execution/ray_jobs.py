@@ -291,7 +291,7 @@ def build_submission(
     digest = hashlib.sha256(repr((sorted(_flat(doc)), uri, storage)).encode()).hexdigest()[:10]
     slug = re.sub(r"[^a-z0-9]+", "-", spec.study.lower()).strip("-")[:40] or "study"
     entrypoint = shlex.join(
-        ["transferlab", "run", rel, "--address", "auto", "--tracking-uri", uri, "--storage-path", storage]
+        ["transferlab", "run", rel, "--address", "auto", "--tracking-uri", uri, "--storage-path", storage, "--verbose"]
     )
     env = {"MLFLOW_TRACKING_URI": uri, **mlflow_client_env(), **uri_credentials}
     sub = Submission(

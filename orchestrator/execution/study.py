@@ -98,13 +98,15 @@ def run_study(
     storage_path: str | None = None,
     plan: StudyPlan | None = None,
     fail_fast: bool = False,
+    verbose: bool = False,
 ) -> StudyOutcome:
     """Run every pretraining run and transfer fit of the study that MLflow does not hold as
     finished; return the outcome.
 
     No trial starts work once ``spec.budget.max_hours`` have passed since this call (running
     ones finish); with ``fail_fast`` the study stops at the first failed trial. Runs it stops
-    are marked KILLED in MLflow and resumed by the next call.
+    are marked KILLED in MLflow and resumed by the next call. ``verbose`` forwards the trials'
+    own output (with their node) to this process's.
     """
     t0 = time.monotonic()
     hours = spec.budget.max_hours
@@ -112,7 +114,7 @@ def run_study(
     uri = resolve_tracking_uri(tracking_uri or spec.tracking_uri)
     storage = storage_location(storage_path or spec.storage_path)
     plan = plan or build_plan(spec)
-    with ray_session(address) as embedded:
+    with ray_session(address, verbose=verbose) as embedded:
         import ray
 
         for warning in check_cluster(spec, ray.cluster_resources(), embedded):
