@@ -122,6 +122,23 @@ INFRASTRUCTURE = [
         "Ray's logs (one known Ray exception, below) or `transferlab report` output",
     ),
     (
+        "`submit` from a project holding `.env`, `.env.prod`, `.aws/`, `*.pem`, `*credentials*` and SSH key files",
+        "tests/test_submit.py::test_submission_carries_what_the_cluster_needs_and_no_token",
+        "none of them is uploaded (Python source is, whatever its name); `submit` prints what travels; `.env` "
+        "files are in .gitignore",
+    ),
+    (
+        "a worker node SIGKILLed mid-study and started again (two nodes sharing no disk)",
+        "tests/test_multinode.py::test_a_worker_killed_mid_study_then_the_study_submitted_again",
+        "the job FAILS (exit 1); submitted again, the study resumes into the same run ids: every run FINISHED "
+        "once, none RUNNING",
+    ),
+    (
+        "a trial on a node that cannot open its data (missing, or changed since planning)",
+        "tests/test_publish.py::test_a_trial_names_the_uri_and_its_node_when_its_data_is_missing_or_changed",
+        "the trial fails with one line naming the URI and the node (`... (on node HOST (ADDRESS))`)",
+    ),
+    (
         "a checkpoint holding a pickled object that runs code when unpickled",
         "tests/test_untrusted_code.py::test_a_malicious_checkpoint_is_refused",
         "refused by `torch.load(weights_only=True)` (`UnpicklingError`); the payload never runs",

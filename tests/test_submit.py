@@ -58,6 +58,13 @@ def project(tmp_path):
     for junk in (".venv/lib/site.py", "data/shard-0.parquet", "mlflow.db", "pkg/__pycache__/a.pyc"):
         (root / junk).parent.mkdir(parents=True, exist_ok=True)
         (root / junk).write_text("junk")
+    # Secrets by name, as an operator following the deploy docs leaves them (never uploaded), and
+    # code whose name only looks like one (uploaded).
+    secrets = ("deploy/.env", "deploy/.env.prod", ".aws/config", "certs/tls.pem", "gcp-credentials.json", "id_ed25519")
+    for secret in secrets:
+        (root / secret).parent.mkdir(parents=True, exist_ok=True)
+        (root / secret).write_text("secret")
+    (root / "pkg" / "credentials.py").write_text("x = 2\n")
     _write(root / "studies" / "tiny.yaml", TINY)
     return root
 
@@ -75,7 +82,9 @@ def test_submission_carries_what_the_cluster_needs_and_no_token(project, monkeyp
         "s3://bucket/studies",
         loopback=False,
     )
-    assert sub.files == ["pkg/a.py", "studies/tiny.yaml"]  # no venv, data, local store, bytecode
+    # No venv, data, local store, bytecode or secret.
+    assert sub.files == ["pkg/a.py", "pkg/credentials.py", "studies/tiny.yaml"]
+    assert jobs.upload_summary(sub.files) == "pkg/ (2), studies/ (1)"
     assert sub.study_path == "studies/tiny.yaml" and doc["transfer"]["seeds"] == [0, 1]  # overrides applied
     assert sub.entrypoint == (
         "transferlab run studies/tiny.yaml --address auto --tracking-uri https://mlflow.lab:443 "

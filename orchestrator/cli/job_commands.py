@@ -62,6 +62,7 @@ def _submit(args) -> int:
             f"uploaded {len(sub.files) + 1} files ({sub.size_bytes / 2**20:.1f} MiB)"
             + (f", {len(sub.pip)} pinned requirements" if sub.pip else "")
         )
+        print(f"  {jobs.upload_summary(sub.files + [sub.study_path])}")
         print(f"submitted: {job_id}")
     else:
         print(f"already running: {job_id} (the same study, tracking URI and storage); not submitting a second copy")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime
+import fnmatch
 import hashlib
 import ipaddress
 import os
@@ -64,6 +65,11 @@ EXCLUDED_NAMES = {
     ".mypy_cache",
     ".ruff_cache",
 }
+# Never uploaded even if git tracks them: files that hold secrets by name (deploy/mlflow/.env holds
+# the MLflow, MinIO and PostgreSQL passwords), matched against every part of a path. Python source
+# is code, whatever its name (orchestrator/records/credentials.py must travel).
+SECRET_FILES = (".env", ".env.*", "*.pem", "*.key", ".aws", ".ssh", "*credentials*", ".netrc", ".pgpass",
+                "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*")  # fmt: skip
 SECRET_ENV = ("RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 ACTIVE = ("PENDING", "RUNNING")
@@ -205,7 +211,7 @@ def local_stores(sub: Submission) -> tuple[str | None, str | None]:
 
 def project_files(root: Path) -> list[str]:
     """Files of ``root`` to upload, relative: what git tracks or would track (``.gitignore``
-    respected), or every file outside git; never :data:`EXCLUDED_NAMES`."""
+    respected), or every file outside git; never :data:`EXCLUDED_NAMES` nor :data:`SECRET_FILES`."""
     try:
         out = subprocess.run(
             ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
@@ -219,11 +225,27 @@ def project_files(root: Path) -> list[str]:
     keep = []
     for n in sorted(set(names)):
         parts = Path(n).parts
-        if any(p in EXCLUDED_NAMES or p.endswith(".egg-info") for p in parts):
+        if any(p in EXCLUDED_NAMES or p.endswith(".egg-info") or is_secret(p) for p in parts):
             continue
         if (root / n).is_file() and not (root / n).is_symlink():
             keep.append(n)
     return keep
+
+
+def is_secret(name: str) -> bool:
+    """Whether a file or folder name is one that holds secrets (:data:`SECRET_FILES`)."""
+    return not name.endswith(".py") and any(fnmatch.fnmatch(name.lower(), pattern) for pattern in SECRET_FILES)
+
+
+def upload_summary(files: list[str], shown: int = 12) -> str:
+    """What travels, as the top-level entries with their file counts (the first ``shown``)."""
+    counts: dict[str, int] = {}
+    for f in files:
+        top = f.split("/", 1)[0] + ("/" if "/" in f else "")
+        counts[top] = counts.get(top, 0) + 1
+    items = [f"{top} ({n})" if top.endswith("/") else top for top, n in counts.items()]
+    more = f", ... {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 def check_size(root: Path, files: list[str], limit: int = MAX_WORKING_DIR_BYTES) -> int:
