@@ -33,7 +33,13 @@ def run(args) -> int:
 def _runs(args, tracker: Tracker) -> int:
     if tracker.experiment_id(args.study, create=False) is None:
         raise AnalysisError("study", f"no study named '{args.study}' in {tracker.uri}")
-    print(results_table(transfer_frame(tracker, args.study)))
+    frame = transfer_frame(tracker, args.study)
+    if args.csv:
+        print(frame.to_csv(index=False), end="")
+    elif args.json:
+        print(frame.to_json(orient="records", indent=1))
+    else:
+        print(results_table(frame))
     return EXIT_OK
 
 

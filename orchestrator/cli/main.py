@@ -20,6 +20,7 @@ from orchestrator.spec import SpecError
 # matplotlib) take seconds, and `--help` or a job's `status` needs none of most of them.
 MODULES = {
     "validate": "study_commands",
+    "config": "study_commands",
     "plan": "study_commands",
     "run": "study_commands",
     "data": "data_commands",

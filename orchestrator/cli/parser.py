@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import orchestrator
 from orchestrator.spec import COUNTERFACTUAL_ARMS
 
 
@@ -12,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="transferlab",
         description="Transfer-learning studies on Ray, recorded in MLflow.",
     )
+    p.add_argument("--version", action="version", version=f"transferlab {orchestrator.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _study_parsers(sub)
     _job_parsers(sub, _study_args)
@@ -34,6 +36,10 @@ def _study_args(sp) -> None:
 def _study_parsers(sub) -> None:
     v = sub.add_parser("validate", help="check a study spec and its data without running anything")
     _study_args(v)
+    c = sub.add_parser(
+        "config", help="print the study file as it would run: overrides and --quick applied, data paths resolved"
+    )
+    _study_args(c)
 
     pl = sub.add_parser(
         "plan", help="print what `run` would do (jobs to run / cached / resumed, trials, estimated time); runs nothing"
@@ -121,6 +127,11 @@ def _analysis_parsers(sub) -> None:
     q = sub.add_parser("runs", help="print a study's results table from MLflow")
     q.add_argument("study", help="study name (the MLflow experiment)")
     q.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's default store here)")
+    fmt = q.add_mutually_exclusive_group()
+    fmt.add_argument(
+        "--csv", action="store_true", help="every finished transfer run as one CSV row, with its pretraining settings"
+    )
+    fmt.add_argument("--json", action="store_true", help="the same rows as a JSON list")
 
     rep = sub.add_parser("report", help="the papers' figures and fits for a study, as one HTML file (+ CSV, PNG, JSON)")
     rep.add_argument("study", help="study name (the MLflow experiment)")

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+import yaml
+
 from orchestrator.analysis import AnalysisError
 from orchestrator.analysis.counterfactual import arm_lines, plan_counterfactual
 from orchestrator.cli.exits import EXIT_FAILED_RUNS, EXIT_OK, EXIT_STOPPED, command_line, error
@@ -16,11 +18,14 @@ from orchestrator.planning.estimate import check_budget, format_summary, read_st
 from orchestrator.planning.plan import StudyPlan, build_plan
 from orchestrator.records.retry import redact
 from orchestrator.records.tracker import Tracker, resolve_tracking_uri
-from orchestrator.spec import SpecError, StudySpec, load_spec
+from orchestrator.spec import SpecError, StudySpec, load_spec, resolved_document
 
 
 def run(args) -> int:
     spec = load_spec(args.study_file, args.overrides, quick=args.quick)
+    if args.command == "config":  # the document only: no data is opened
+        print(yaml.safe_dump(resolved_document(spec), sort_keys=False), end="")
+        return EXIT_OK
     plan = build_plan(spec)
     if args.command == "plan":
         return _plan(args, spec, plan)

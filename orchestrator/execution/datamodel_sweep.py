@@ -145,7 +145,7 @@ def _datamodel_trial(config: dict, ctx: DatamodelContext) -> dict:
     path = write_part(ctx.table, models, table)
     seconds = time.monotonic() - t0
     mean_acc = float(np.mean(table.column("accuracy").to_numpy()))
-    tracker = Tracker(ctx.tracking_uri)
+    tracker = ctx.tracker()
     name = f"models {min(models)}-{max(models)}"
     run_id = tracker.create_run(
         ctx.experiment_id,

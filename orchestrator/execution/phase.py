@@ -15,6 +15,7 @@ from orchestrator.planning.pretrain_runs import PretrainRun
 from orchestrator.planning.transfer_fits import TransferFit, TransferGroup
 from orchestrator.records.credentials import apply_mlflow_client_env
 from orchestrator.records.retry import redact
+from orchestrator.records.tracker import Tracker
 from orchestrator.spec import Resources
 
 # What a trial returns when it started after the study's budget.max_hours deadline: it did
@@ -37,6 +38,11 @@ class TrialContext:
     fail_fast: bool = False  # stop the phase at its first failed trial
     # "sources.NAME" / "tasks.NAME" -> (where every node opens it, its fingerprint in the plan)
     datasets: dict[str, tuple[str, str]] = field(default_factory=dict)
+    provenance: dict[str, str] = field(default_factory=dict)  # tags on every run (records.provenance)
+
+    def tracker(self) -> Tracker:
+        """The trial's MLflow writer: the driver's tracking URI, its provenance tags on new runs."""
+        return Tracker(self.tracking_uri, self.provenance)
 
     def open_data(self, key: str) -> ShardedDataset:
         """Dataset ``key`` as the plan saw it, opened wherever this trial runs; a one-line

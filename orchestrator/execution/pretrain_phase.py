@@ -17,7 +17,6 @@ from orchestrator.planning.estimate import pretrain_concurrency
 from orchestrator.planning.pretrain_runs import PretrainRun
 from orchestrator.records import retry, spool
 from orchestrator.records.schema import FAILED, METRIC_TRIAL_SECONDS, TAG_CHECKPOINT
-from orchestrator.records.tracker import Tracker
 from orchestrator.records.train_callback import MLflowReportCallback
 from trainers.methods import clip_text_input
 from trainers.pretrain import pretrain_loop
@@ -96,7 +95,7 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
     t0 = time.monotonic()
     run = ctx.pretrain_runs[config["run"]]
     run_id = ctx.run_ids[run.config_hash]
-    tracker = Tracker(ctx.tracking_uri)
+    tracker = ctx.tracker()
     try:
         result = build_pretrain_trainer(run, ctx, run_id, in_tune=True).fit()
         metrics = result.metrics or {}

@@ -40,6 +40,7 @@ from packaging.requirements import Requirement
 from datasets_.objstore import is_remote
 from orchestrator.execution.study import DEFAULT_STORAGE
 from orchestrator.records.credentials import mlflow_client_env, split_credentials
+from orchestrator.records.provenance import job_env
 from orchestrator.records.retry import redact
 from orchestrator.records.tracker import resolve_tracking_uri
 from orchestrator.spec import SpecError, StudySpec
@@ -315,7 +316,8 @@ def build_submission(
     entrypoint = shlex.join(
         ["transferlab", "run", rel, "--address", "auto", "--tracking-uri", uri, "--storage-path", storage, "--verbose"]
     )
-    env = {"MLFLOW_TRACKING_URI": uri, **mlflow_client_env(), **uri_credentials}
+    # The uploaded copy has no .git: its commit travels in the environment, to tag every run.
+    env = {"MLFLOW_TRACKING_URI": uri, **mlflow_client_env(), **uri_credentials, **job_env(root)}
     sub = Submission(
         f"transferlab-{slug}-{digest}",
         entrypoint,

@@ -28,7 +28,6 @@ from orchestrator.execution.transfer_phase import feature_cache, record_fit, tra
 from orchestrator.planning.estimate import transfer_concurrency
 from orchestrator.records.credentials import apply_mlflow_client_env
 from orchestrator.records.retry import redact
-from orchestrator.records.tracker import Tracker
 from orchestrator.spec import FinetuneSearch
 from trainers.devices import trial_device
 from trainers.transfer import finetune_problem
@@ -143,7 +142,7 @@ def _final_fit(ctx: PhaseContext, key: str, chosen: dict, trials: list[dict], se
     )
     stopped = sum(t["stopped_early"] for t in trials)
     record_fit(
-        Tracker(ctx.tracking_uri),
+        ctx.tracker(),
         ctx,
         group,
         fit,

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from datasets_.objstore import is_remote
 from datasets_.prepare import publish
 from orchestrator.execution.datamodel_sweep import run_datamodels
@@ -25,6 +27,7 @@ from orchestrator.execution.transfer_phase import run_transfer_phase
 from orchestrator.planning.plan import StudyPlan, build_plan
 from orchestrator.records import spool
 from orchestrator.records.credentials import mlflow_client_env, split_credentials
+from orchestrator.records.provenance import provenance_tags
 from orchestrator.records.results import results_table, transfer_frame
 from orchestrator.records.retry import TrackingUnavailable, redact
 from orchestrator.records.schema import (
@@ -35,11 +38,12 @@ from orchestrator.records.schema import (
     KIND_STUDY,
     KIND_TRANSFER,
     RUNNING,
+    SPEC_ARTIFACT,
     TAG_CHECKPOINT,
     VIEW_MASK_ARTIFACT,
 )
 from orchestrator.records.tracker import Tracker, resolve_tracking_uri
-from orchestrator.spec import SpecError, StudySpec
+from orchestrator.spec import SpecError, StudySpec, resolved_document
 
 DEFAULT_STORAGE = "transferlab_storage"
 FAIL_FAST = "the first failed trial (--fail-fast)"
@@ -122,8 +126,10 @@ def run_study(
         cpus = float(ray.cluster_resources().get("CPU", 1))
         # Credentials in the URI travel with the other secrets, never inside a URI Ray may store.
         worker_uri, uri_credentials = split_credentials(uri)
-        tracker = Tracker(uri)
+        provenance = provenance_tags()
+        tracker = Tracker(uri, provenance)
         exp = tracker.experiment_id(spec.study)
+        tracker.describe_experiment(exp, experiment_note(plan))
         spool.flush(storage, tracker.client)  # metrics an earlier run could not deliver
         ctx = PhaseContext(
             study=spec.study,
@@ -135,14 +141,44 @@ def run_study(
             fail_fast=fail_fast,
             resources=spec.resources,
             datasets=publish_data(plan, storage),
+            provenance=provenance,
         )
         study_run = _study_run(tracker, exp, plan)
+        tracker.client.log_text(study_run, yaml.safe_dump(resolved_document(spec), sort_keys=False), SPEC_ARTIFACT)
         if plan.datamodels is not None:
             outcome = _run_datamodels(spec, plan, tracker, study_run, ctx, cpus)
         else:
             outcome = _StudyDriver(spec, plan, tracker, study_run, ctx, cpus).run()
     outcome.seconds = time.monotonic() - t0
     return outcome
+
+
+def experiment_note(plan: StudyPlan) -> str:
+    """The study's description on its MLflow experiment (markdown): what it asks, its grid, and
+    how to read its runs in the UI."""
+    spec = plan.spec
+    data = "; ".join(f"{name} (`{ref.uri}`)" for name, ref in {**spec.sources, **spec.tasks}.items())
+    if plan.datamodels is not None:
+        d = spec.datamodels
+        grid = (f"a datamodel sweep: {d.num_models} models, each pretrained on a random {d.class_fraction:g} of the "
+                f"classes of `{d.source}`, probed on `{d.task}`; the models are rows of the sweep's table (tag "
+                "`transferlab.datamodel_table` on the `datamodels` run), not MLflow runs")  # fmt: skip
+    else:
+        axes = ", ".join(f"{a} {list(v)}" for a, v in spec.pretrain.sweep.items() if len(v) > 1) or "one configuration"
+        t = spec.transfer
+        grid = (f"{len(plan.pretrain_runs)} pretraining runs ({axes}), each transferred to "
+                f"{', '.join(spec.transfer_tasks)} by {', '.join(t.protocol)} at shots {list(t.shots)} "
+                f"(few-shot seeds {list(t.seeds)}): {plan.num_transfer_fits} transfer runs")  # fmt: skip
+    return (
+        f"**transferlab study `{spec.study}`**: how does what a model is pretrained on change how well it "
+        f"transfers?\n\nData: {data}.\n\nGrid: {grid}.\n\nHow to read it: runs nest study → pretraining "
+        "(`tags.transferlab.kind = 'pretrain'`, metric `upstream_accuracy`) → transfer (`tags.transferlab.kind = "
+        "'transfer'`, metric `accuracy` on the task's test split). Every transfer run carries its pretraining "
+        "settings as params, so in the runs table filter e.g. `tags.transferlab.kind = 'transfer' and "
+        "params.shots = '5'` and show `params.pretrain_size`, `params.label_noise` and `metrics.accuracy`. "
+        f"`transferlab report {spec.study}` draws the papers' figures; the study file as it ran is the study "
+        f"run's artifact `{SPEC_ARTIFACT}`."
+    )
 
 
 def publish_data(plan: StudyPlan, storage: str) -> dict[str, tuple[str, str]]:

@@ -71,7 +71,7 @@ def _transfer_trial(config: dict, ctx: PhaseContext) -> dict:
         return {NOT_LAUNCHED: 1}
     t0 = time.monotonic()
     group = ctx.transfer_groups[config["group"]]
-    tracker = Tracker(ctx.tracking_uri)
+    tracker = ctx.tracker()
     task = ctx.open_data(f"tasks.{group.task}")
     with Checkpoint(ctx.checkpoints[group.pretrain_hash]).as_directory() as ckpt_dir:
         results, stats = evaluate_transfer(

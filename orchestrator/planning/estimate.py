@@ -38,7 +38,15 @@ from pathlib import Path
 
 from orchestrator.planning.plan import StudyPlan
 from orchestrator.planning.transfer_fits import TransferGroup
-from orchestrator.records.schema import FINISHED, KIND_PRETRAIN, KIND_TRANSFER, METRIC_TRIAL_SECONDS, TAG_PARENT
+from orchestrator.records.provenance import code_digest
+from orchestrator.records.schema import (
+    FINISHED,
+    KIND_PRETRAIN,
+    KIND_TRANSFER,
+    METRIC_TRIAL_SECONDS,
+    TAG_CODE_DIGEST,
+    TAG_PARENT,
+)
 from orchestrator.records.tracker import Tracker
 from orchestrator.spec import Resources, SpecError, StudySpec
 from trainers.protocols import FINETUNE_PROTOCOLS
@@ -174,6 +182,10 @@ class PlanSummary:
     search_fits: int = 0  # finetune / lp_ft fits still to search (transfer.finetune.search)
     search_trials: int = 0  # their Tune trials, num_samples each
     search_seconds: float = 0.0
+    # Cached (FINISHED) runs of this plan whose code digest is not today's: computed by other code
+    # (or by a version that did not record it), and reused as they are.
+    cached_other_code: int = 0
+    code_digest: str = ""
 
     @property
     def trials(self) -> int:
@@ -238,6 +250,12 @@ def summarize(plan: StudyPlan, state: MlflowState, cluster_cpus: float | None = 
             }
         )
     statuses = [j["status"] for j in jobs]
+    digest = code_digest()
+    planned = {r.config_hash for r in plan.pretrain_runs} | {
+        f.config_hash for g in plan.transfer_groups for f in g.fits
+    }
+    cached = [r for h, r in {**state.pretrain, **state.transfer}.items() if h in planned and r.info.status == FINISHED]
+    other_code = sum(r.data.tags.get(TAG_CODE_DIGEST) != digest for r in cached)
     pc, tc = pretrain_concurrency(plan.spec.resources, cpus), transfer_concurrency(cpus)
     todo_fits = sum(1 for g in plan.transfer_groups for f in g.fits if f.config_hash not in done_fits)
     return PlanSummary(
@@ -260,6 +278,8 @@ def summarize(plan: StudyPlan, state: MlflowState, cluster_cpus: float | None = 
         search_fits=len(searches),
         search_trials=sum(n for n, _ in searches),
         search_seconds=sum(seconds for _, seconds in searches),
+        cached_other_code=other_code,
+        code_digest=digest,
     )
 
 
@@ -327,6 +347,12 @@ def format_summary(s: PlanSummary, spec: StudySpec, uri: str) -> str:
             else "defaults (no finished runs with timings yet)"
         ),
     ]
+    if s.cached_other_code:
+        lines.append(
+            f"note: {s.cached_other_code} cached result(s) were computed by other code than today's (code digest "
+            f"{s.code_digest} of trainers/ and datasets_/) and are reused as they are; to recompute them, bump "
+            "RESULTS_VERSION in orchestrator/planning/hashing.py or delete those runs"
+        )
     b = spec.budget
     if b.max_trials is not None or b.max_hours is not None:
         parts = ([f"max_trials {b.max_trials}"] if b.max_trials is not None else []) + (

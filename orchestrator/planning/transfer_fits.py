@@ -4,7 +4,7 @@ features are extracted once."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from datasets_ import ShardedDataset
 from orchestrator.planning.hashing import content_hash
@@ -32,6 +32,9 @@ class TransferGroup:
     config: TransferConfig  # what the transfer trainer gets, as it is
     search: FinetuneSearch | None  # a Tune search of the finetune / lp_ft fits (transfer.finetune.search)
     fits: tuple[TransferFit, ...]
+    # The pretraining run's settings that vary across studies, logged on every fit too, so the
+    # MLflow runs table compares accuracy against them without walking to the parent run.
+    pretrain: dict = field(default_factory=dict)
 
     def searched(self, fit: TransferFit) -> bool:
         """Whether the fit's hyperparameters come from a Tune search (execution.search)."""
@@ -45,6 +48,7 @@ class TransferGroup:
             "seed": fit.seed,
             "layer": fit.layer,
             "val_fraction": self.config.val_fraction,
+            **self.pretrain,
         }
         if fit.protocol in FINETUNE_PROTOCOLS:
             record = finetune_config(self.config.finetune, self.search)
@@ -52,6 +56,15 @@ class TransferGroup:
             if self.searched(fit):
                 p.update(search_params(self.search))
         return p
+
+
+def pretrain_params(run: PretrainRun) -> dict:
+    """The settings of ``run`` a transfer fit carries as params (``pretrain_seed``: the
+    pretraining seed, beside the fit's own few-shot ``seed``)."""
+    p = run.params
+    out = {k: p[k] for k in ("source", "method", "pretrain_size", "label_noise", "model", "width", "epochs",
+                             "class_fraction", "caption_noise") if k in p}  # fmt: skip
+    return {**out, "pretrain_seed": p["seed"]}
 
 
 def finetune_settings(spec: FinetuneSpec) -> FinetuneSettings:
@@ -98,7 +111,7 @@ def transfer_groups(spec: StudySpec, runs: list[PretrainRun], data: dict[str, Sh
                             fits.append(_fit(run, ds, task, protocol, shots, seed, layer, t.val_fraction, record))
             if fits:
                 config = TransferConfig(run.settings.image_size, t.val_fraction, settings)
-                groups.append(TransferGroup(run.config_hash, task, config, search, tuple(fits)))
+                groups.append(TransferGroup(run.config_hash, task, config, search, tuple(fits), pretrain_params(run)))
     return groups
 
 

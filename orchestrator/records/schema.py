@@ -84,6 +84,22 @@ file per finished trial (``models-FIRST-LAST.parquet``, written atomically), one
 beside ``models/``, ``examples.parquet`` (``example, key, label``) and ``sweep.json`` (class names,
 config hash, settings).
 
+Every transfer run also carries its pretraining run's settings that vary across studies, as
+params: ``source, method, pretrain_size, label_noise, model, width, epochs, class_fraction,
+caption_noise`` (clip runs) and ``pretrain_seed`` (the pretraining seed; ``seed`` is the few-shot
+draw), so the runs table filters and compares ``accuracy`` against them directly.
+
+The experiment is tagged ``mlflow.experimentKind = custom_model_development`` (MLflow opens it on
+its runs table) and ``mlflow.note.content``: the study's question, grid and how to read it. The
+study run stores the study file as it ran (overrides and ``--quick`` applied, data paths
+resolved) as the artifact ``spec/study.yaml``.
+
+Provenance tags on every run: ``mlflow.user``, ``mlflow.source.name`` (``transferlab``),
+``mlflow.source.git.commit`` and ``transferlab.git_dirty`` (whether tracked files differed from
+the commit; absent outside git), ``transferlab.version``, ``transferlab.code_digest`` (a digest of
+the code that decides results — trainers/ and datasets_/, comments, docstrings and formatting
+left out: ``transferlab plan`` counts the cached results another code computed).
+
 Tags on every run: ``transferlab.kind`` (study|pretrain|transfer), ``transferlab.study``,
 ``transferlab.config_hash`` (hash of everything that determines the result: a finished run with
 this hash means the job is done), ``mlflow.runName``. Pretrain runs also carry
@@ -103,6 +119,15 @@ TAG_CONFIG_HASH = "transferlab.config_hash"
 TAG_CHECKPOINT = "transferlab.checkpoint"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
+# Provenance, on every run (orchestrator.records.provenance).
+TAG_USER, TAG_SOURCE_NAME = "mlflow.user", "mlflow.source.name"
+TAG_GIT_COMMIT, TAG_GIT_DIRTY = "mlflow.source.git.commit", "transferlab.git_dirty"
+TAG_CODE_VERSION = "transferlab.version"
+TAG_CODE_DIGEST = "transferlab.code_digest"  # of the code that decides results (trainers/, datasets_/)
+# The experiment: MLflow opens a custom-model experiment on its runs table, with this description.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+EXPERIMENT_NOTE_TAG = "mlflow.note.content"
+SPEC_ARTIFACT = "spec/study.yaml"
 
 KIND_STUDY, KIND_PRETRAIN, KIND_TRANSFER = "study", "pretrain", "transfer"
 KIND_DATAMODELS, KIND_DATAMODEL_BATCH = "datamodels", "datamodel_batch"

@@ -15,7 +15,17 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from orchestrator.records import retry
-from orchestrator.records.schema import FINISHED, RUNNING, TAG_CONFIG_HASH, TAG_KIND, TAG_PARENT, TAG_STUDY
+from orchestrator.records.schema import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    EXPERIMENT_NOTE_TAG,
+    FINISHED,
+    RUNNING,
+    TAG_CONFIG_HASH,
+    TAG_KIND,
+    TAG_PARENT,
+    TAG_STUDY,
+)
 from trainers.protocols import FULL
 
 
@@ -52,10 +62,12 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 class Tracker:
     """Thin layer over :class:`MlflowClient` that speaks the schema above. Every call is retried
-    through a tracking-server outage up to a deadline (:mod:`orchestrator.records.retry`)."""
+    through a tracking-server outage up to a deadline (:mod:`orchestrator.records.retry`).
+    ``tags`` go on every run it creates (provenance: :mod:`orchestrator.records.provenance`)."""
 
-    def __init__(self, tracking_uri: str):
+    def __init__(self, tracking_uri: str, tags: dict[str, str] | None = None):
         self.uri = tracking_uri
+        self.tags = dict(tags or {})
         self.client = retry.RetryingClient(MlflowClient(tracking_uri), tracking_uri)
 
     def experiment_id(self, study: str, create: bool = True) -> str | None:
@@ -65,6 +77,12 @@ class Tracker:
                 raise ValueError(f"MLflow experiment '{study}' is deleted; restore it or rename the study")
             return exp.experiment_id
         return self.client.create_experiment(study) if create else None
+
+    def describe_experiment(self, experiment_id: str, note: str) -> None:
+        """Mark the experiment as model training (MLflow then opens it on its runs table, not on
+        the GenAI overview) and set its description, shown above the runs."""
+        self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        self.client.set_experiment_tag(experiment_id, EXPERIMENT_NOTE_TAG, note)
 
     def runs(self, experiment_id: str, kind: str | None = None) -> list:
         """All runs of the experiment (optionally of one kind), paging through the search API."""
@@ -101,7 +119,7 @@ class Tracker:
         parent_run_id: str | None = None,
         tags: dict | None = None,
     ) -> str:
-        all_tags = {TAG_KIND: kind, TAG_STUDY: study, TAG_CONFIG_HASH: config_hash, **(tags or {})}
+        all_tags = {**self.tags, TAG_KIND: kind, TAG_STUDY: study, TAG_CONFIG_HASH: config_hash, **(tags or {})}
         if parent_run_id:
             all_tags[TAG_PARENT] = parent_run_id
         run = self.client.create_run(experiment_id, run_name=name, tags=all_tags)

@@ -29,7 +29,7 @@ reads study files.
 """
 
 from orchestrator.spec.fields import SpecError, short
-from orchestrator.spec.load import QUICK_SUFFIX, apply_overrides, apply_quick, load_spec
+from orchestrator.spec.load import QUICK_SUFFIX, apply_overrides, apply_quick, load_spec, resolved_document
 from orchestrator.spec.parse import parse_spec
 from orchestrator.spec.schema import (
     AMP_MODES,
@@ -80,6 +80,7 @@ __all__ = [
     "apply_overrides",
     "apply_quick",
     "load_spec",
+    "resolved_document",
     "parse_spec",
     "short",
 ]

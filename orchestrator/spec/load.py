@@ -119,3 +119,14 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, quick: bool 
             if not is_remote(ref.uri) and not is_builtin(ref.uri) and not Path(ref.uri).is_absolute():
                 group[name] = dataclasses.replace(ref, uri=str((path.parent / ref.uri).resolve()))
     return spec
+
+
+def resolved_document(spec: StudySpec) -> dict:
+    """The study file as it runs: its document after overrides and ``--quick``, with every data
+    path resolved (what ``transferlab config`` prints and the study run stores)."""
+    doc = copy.deepcopy(spec.raw)
+    for section, refs in (("sources", spec.sources), ("tasks", spec.tasks)):
+        for name, ref in refs.items():
+            body = doc[section][name]
+            doc[section][name] = ref.uri if isinstance(body, str) else {**body, "uri": ref.uri}
+    return doc
