@@ -1,5 +1,16 @@
 """A tiny study end to end on a real local Ray and a real sqlite MLflow store."""
 
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -131,7 +142,6 @@ def test_runs_command_prints_the_table(finished_study, capsys):
 
 def test_the_mlflow_ui_can_compare_transfer_runs_by_their_pretraining(finished_study, capsys):
     """What a reviewer needs in the MLflow UI, read back through the client the UI uses."""
-    import subprocess
 
     from orchestrator.records.provenance import PROJECT
 
@@ -184,6 +194,64 @@ def test_plan_says_which_cached_results_other_code_computed(finished_study, caps
         client.set_tag(r.info.run_id, "transferlab.code_digest", "0123456789abcdef")
     assert main(plan) == 0
     assert "note: 3 cached result(s) were computed by other code than today's" in capsys.readouterr().out
+
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "images"
+
+
+def _browser(page: str, *args: str) -> subprocess.CompletedProcess:
+    """Headless chromium on a page of the local `mlflow ui`, given time to run its scripts."""
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+               "--virtual-time-budget=20000", "--window-size=1600,1200", *args, page]  # fmt: skip
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (apt-get install chromium)")
+def test_the_mlflow_ui_answers_the_study_question_in_a_browser(finished_study, tmp_path):
+    """A bare `mlflow ui` on the study's store, in headless chromium: the experiment opens on its
+    runs with the study's description, and comparing transfer runs shows their pretraining params
+    beside `accuracy`. TRANSFERLAB_UPDATE_SCREENSHOTS=1 also writes the README's screenshot."""
+    _, uri = finished_study
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny")
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    address = f"http://127.0.0.1:{port.getsockname()[1]}"
+    port.close()
+    ui = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+         "--port", address.rsplit(":", 1)[1], "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{address}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        runs_page = _browser(f"{address}/#/experiments/{exp.experiment_id}/runs", "--dump-dom").stdout
+        assert "Training runs" in runs_page and "transferlab study" in runs_page  # not the GenAI overview
+        two_shot = client.search_runs(
+            [exp.experiment_id], f"tags.`{TAG_KIND}` = 'transfer' and params.shots = '2' and params.seed = '0'"
+        )
+        ids = urllib.parse.quote(json.dumps([r.info.run_id for r in two_shot]))
+        compare = f"{address}/#/compare-runs?runs={ids}&experiments=%5B%22{exp.experiment_id}%22%5D"
+        dom = _browser(compare, "--dump-dom").stdout
+        for text in ("pretrain_size", "label_noise", "pretrain_seed", "accuracy", "linear_probe digits 2-shot seed=0"):
+            assert text in dom, text
+        shot = tmp_path / "mlflow-compare.png"
+        _browser(compare, f"--screenshot={shot}")
+        assert shot.stat().st_size > 50_000
+        if os.environ.get("TRANSFERLAB_UPDATE_SCREENSHOTS") == "1":
+            SCREENSHOTS.mkdir(exist_ok=True)
+            shutil.copy(shot, SCREENSHOTS / "mlflow-compare.png")
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
 
 
 def test_checkpoints_are_loadable_without_pickle(finished_study):
