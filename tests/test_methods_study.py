@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.cli import main
 from orchestrator.execution.phase import PhaseContext
 from orchestrator.execution.pretrain_phase import build_pretrain_trainer
+from orchestrator.execution.study import publish_data
 from orchestrator.planning.plan import build_plan
 from orchestrator.records.schema import KIND_PRETRAIN, KIND_STUDY, KIND_TRANSFER, PER_EXAMPLE_ARTIFACT, TAG_KIND
 from orchestrator.records.tracker import Tracker
@@ -140,7 +141,8 @@ def _fit_pretraining(workers: int, tmp, fault=None):
             "transfer": {"shots": [1]},
         }
     )
-    run = build_plan(spec).pretrain_runs[0]
+    plan = build_plan(spec)
+    run = plan.pretrain_runs[0]
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     tracker = Tracker(uri)
     exp = tracker.experiment_id(spec.study)
@@ -151,6 +153,7 @@ def _fit_pretraining(workers: int, tmp, fault=None):
         experiment_id=exp,
         storage_path=str(tmp / "storage"),
         resources=Resources(workers=workers, cpus_per_worker=1, max_failures=2),
+        datasets=publish_data(plan, str(tmp / "storage")),
     )
     result = build_pretrain_trainer(run, ctx, run_id, fault).fit()
     return result, run_id, uri

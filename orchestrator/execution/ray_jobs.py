@@ -29,6 +29,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
@@ -48,6 +49,8 @@ from orchestrator.spec import SpecError, StudySpec
 # Ray refuses a working_dir package over 512 MiB; checked here, before compression, with a
 # message that names the largest files.
 MAX_WORKING_DIR_BYTES = 512 * 1024 * 1024
+# How long submit waits for the job agent of a cluster that has just started.
+AGENT_WAIT_S = 120.0
 # Never uploaded even where no .gitignore lists them: data, environments, local stores, outputs.
 EXCLUDED_NAMES = {
     ".git",
@@ -377,20 +380,30 @@ def status_name(status) -> str | None:
     return None if status is None else str(getattr(status, "value", status)).split(".")[-1]
 
 
-def submit(client, sub: Submission, staged: str) -> tuple[str, bool]:
-    """Submit unless an attempt of the same study is pending or running: (job id, submitted?)."""
+def submit(client, sub: Submission, staged: str, agent_wait_s: float = AGENT_WAIT_S) -> tuple[str, bool]:
+    """Submit unless an attempt of the same study is pending or running: (job id, submitted?).
+
+    A cluster that has just started answers "No available agent to submit job" until its
+    head's job agent is up: that is waited out (up to ``agent_wait_s``), not reported."""
     running, new_id = active_attempt(client, sub.submission_id)
     if running:
         return running, False
     runtime_env = {"working_dir": staged, "env_vars": sub.env_vars}
     if sub.pip:
         runtime_env["pip"] = sub.pip
-    try:
-        return client.submit_job(entrypoint=sub.entrypoint, submission_id=new_id, runtime_env=runtime_env), True
-    except RuntimeError as e:
-        if "already exists" in str(e):  # another submit of the same study won the race
-            return new_id, False
-        raise SpecError("submit", f"the cluster refused the job: {_reason(e)}") from None
+    deadline, said = time.monotonic() + agent_wait_s, False
+    while True:
+        try:
+            return client.submit_job(entrypoint=sub.entrypoint, submission_id=new_id, runtime_env=runtime_env), True
+        except RuntimeError as e:
+            if "already exists" in str(e):  # another submit of the same study won the race
+                return new_id, False
+            if "no available agent" not in str(e).lower() or time.monotonic() > deadline:
+                raise SpecError("submit", f"the cluster refused the job: {_reason(e)}") from None
+            if not said:
+                print("the cluster's job agent is not up yet; waiting for it", flush=True)
+                said = True
+            time.sleep(2)
 
 
 def job_info(client, job_id: str):
