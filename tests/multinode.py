@@ -168,6 +168,18 @@ class Cluster:
             "--dashboard-port",
             str(self.dashboard_port),
         ]
+        # The head shares the host's ports with any other Ray here (a test session's own): Ray's
+        # fixed defaults (the job agent's 52365 ...) would collide, and jobs would find no agent.
+        for option in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "node-manager-port",
+            "object-manager-port",
+            "ray-client-server-port",
+        ):
+            cmd += [f"--{option}", str(_free_port(""))]  # fmt: skip
         proc = self._popen("head", ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", *cmd], env)
         _wait_http(f"{self.api}/api/version", 180, proc, self.root / "logs" / "head.log")
 
