@@ -13,6 +13,7 @@ test made. Needs root (network and mount namespaces); :func:`unavailable` says w
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -30,6 +31,7 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 
 
+@functools.cache
 def unavailable() -> str | None:
     """Why a namespaced cluster cannot be made here (None: it can)."""
     if os.geteuid() != 0:
@@ -40,6 +42,11 @@ def unavailable() -> str | None:
     probe = subprocess.run(["unshare", "--net", "--mount", "--pid", "--fork", "true"], capture_output=True, text=True)
     if probe.returncode != 0:
         return f"namespaces are not permitted here: {probe.stderr.strip()[:200]}"
+    name = f"tlprobe{secrets.token_hex(3)}"
+    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"`ip netns add` is not permitted here: {probe.stderr.strip()[:200]}"
+    subprocess.run(["ip", "netns", "delete", name], capture_output=True)
     return None
 
 
