@@ -7,10 +7,9 @@ import dataclasses
 import itertools
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
-from datasets_ import PretrainView, ShardedDataset, in_subset, noisy_labels, subset_threshold
-from datasets_.views import balanced_thresholds, class_subset
+from datasets_ import PretrainView, ShardedDataset
+from datasets_.view_stats import ViewError, view_statistics
+from datasets_.views import class_subset
 from orchestrator.planning.hashing import content_hash
 from orchestrator.spec import DataRef, PretrainSettings, SpecError, StudySpec
 from trainers.models import model_config
@@ -84,10 +83,58 @@ class PretrainRun:
 def pretrain_runs(spec: StudySpec, data: dict[str, ShardedDataset]) -> list[PretrainRun]:
     """Every point of every pretraining grid, once: a point that an earlier grid already holds
     (same content hash) is dropped, so overlapping grids cost nothing twice."""
+    points = list(_grid_points(spec, data))
+    stats = _view_stats(spec, data, points)
     # Names say what varies across the whole plan, so points of different grids keep distinct names.
     varying = {a for a, values in spec.pretrain.sweep.items() if len(values) > 1}
     runs: dict[str, PretrainRun] = {}
-    views = _ViewStats()
+    for path, width_field, source, settings, view in points:
+        ds = data[f"sources.{source}"]
+        st = stats[source, view.fingerprint]
+        if isinstance(st, ViewError):
+            if st.eligible == 0:
+                raise SpecError(f"sources.{source}", "its class and caption filters leave no training sample")
+            raise SpecError(
+                f"{path}.pretrain_size",
+                f"source '{source}': {st} (after class and caption filters: {st.eligible} samples)",
+            )
+        if view.caption_noise > 0:
+            _check_caption_noise(path, settings, source, st.captioned)
+        view = dataclasses.replace(view, threshold=st.threshold)
+        mcfg = checked_model_config(settings, width_field)
+        h = content_hash(
+            {"kind": "pretrain", "settings": asdict(settings), "model_config": mcfg, "view": view.fingerprint}
+        )
+        config = PretrainConfig(
+            method=settings.method,
+            model_config=mcfg,
+            num_classes=ds.num_classes,
+            classes=tuple(ds.classes),
+            image_size=settings.image_size,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            lr_schedule=settings.lr_schedule,
+            warmup_epochs=settings.warmup_epochs,
+            amp=settings.amp,
+            seed=view.seed,
+            num_train_samples=st.selected,
+            caption_noise=view.caption_noise,
+            meta={"config_hash": h, "source": source, "classes": list(ds.classes)},
+        )
+        runs.setdefault(
+            h,
+            PretrainRun(
+                source, settings, view, config, st.realized_noise, h, run_name(settings, source, view, varying)
+            ),
+        )
+    return list(runs.values())
+
+
+def _grid_points(spec: StudySpec, data: dict[str, ShardedDataset]):
+    """(grid path, field of its width, source, settings, view without its threshold) of every
+    grid point, in order."""
     for g, grid in enumerate(spec.pretrain.grids):
         path, axes = spec.pretrain.grid_path(g), list(grid)
         for combo in itertools.product(*(grid[a] for a in axes)):
@@ -112,37 +159,23 @@ def pretrain_runs(spec: StudySpec, data: dict[str, ShardedDataset]) -> list[Pret
                 settings.class_balanced,
                 point["caption_noise"],
             )
-            if view.caption_noise > 0:
-                _check_caption_noise(path, settings, source, views.columns(ds, source, True)[1])
-            threshold, realized, selected = views.stats(path, ds, source, view)
-            view = dataclasses.replace(view, threshold=threshold)
-            mcfg = checked_model_config(settings, f"{path}.width" if "width" in grid else "pretrain.width")
-            h = content_hash(
-                {"kind": "pretrain", "settings": asdict(settings), "model_config": mcfg, "view": view.fingerprint}
-            )
-            config = PretrainConfig(
-                method=settings.method,
-                model_config=mcfg,
-                num_classes=ds.num_classes,
-                classes=tuple(ds.classes),
-                image_size=settings.image_size,
-                epochs=settings.epochs,
-                batch_size=settings.batch_size,
-                lr=settings.lr,
-                weight_decay=settings.weight_decay,
-                lr_schedule=settings.lr_schedule,
-                warmup_epochs=settings.warmup_epochs,
-                amp=settings.amp,
-                seed=view.seed,
-                num_train_samples=selected,
-                caption_noise=view.caption_noise,
-                meta={"config_hash": h, "source": source, "classes": list(ds.classes)},
-            )
-            runs.setdefault(
-                h,
-                PretrainRun(source, settings, view, config, realized, h, run_name(settings, source, view, varying)),
-            )
-    return list(runs.values())
+            if view.caption_noise > 0 and settings.method != "clip":
+                raise SpecError(
+                    f"{path}.caption_noise",
+                    "caption noise swaps the captions of image-text training; it needs method 'clip', "
+                    f"not '{settings.method}'",
+                )
+            yield path, f"{path}.width" if "width" in grid else "pretrain.width", source, settings, view
+
+
+def _view_stats(spec: StudySpec, data: dict[str, ShardedDataset], points) -> dict:
+    """{(source, view fingerprint): ViewStats or ViewError}, each source's split read once."""
+    out = {}
+    for source in dict.fromkeys(p[2] for p in points):
+        views = list({v.fingerprint: v for *_, s, _, v in points if s == source}.values())
+        for v, st in zip(views, view_statistics(data[f"sources.{source}"], views)):
+            out[source, v.fingerprint] = st
+    return out
 
 
 def run_name(settings: PretrainSettings, source: str, view: PretrainView, varying: set[str]) -> str:
@@ -195,61 +228,6 @@ def kept_classes(ref: DataRef, ds: ShardedDataset, fraction: float, seed: int) -
     return None if len(ids) == ds.num_classes else tuple(ids)
 
 
-def _check_caption_noise(grid_path: str, settings: PretrainSettings, source: str, captions: list) -> None:
-    if settings.method != "clip":
-        raise SpecError(
-            f"{grid_path}.caption_noise",
-            f"caption noise swaps the captions of image-text training; it needs method 'clip', not '{settings.method}'",
-        )
-    if not any(isinstance(c, str) and c.strip() for c in captions):
+def _check_caption_noise(grid_path: str, settings: PretrainSettings, source: str, captioned: int) -> None:
+    if not captioned:
         raise SpecError(f"sources.{source}.uri", f"source '{source}' has no captions for caption_noise to swap")
-
-
-class _ViewStats:
-    """Each source's training columns read once, each view's statistics computed once."""
-
-    def __init__(self):
-        self._columns: dict[tuple[str, bool], tuple] = {}
-        self._stats: dict[str, tuple] = {}
-
-    def columns(self, ds: ShardedDataset, source: str, captions: bool) -> tuple:
-        if (source, captions) not in self._columns:
-            split = ds.keys_and_labels("train")
-            caps = ds.read_split("train", ("caption",)).column("caption").to_pylist() if captions else None
-            self._columns[source, captions] = (split, caps)
-        return self._columns[source, captions]
-
-    def stats(self, grid_path: str, ds: ShardedDataset, source: str, view: PretrainView) -> tuple[object, float, int]:
-        """(subset threshold(s), realized label-noise rate, number of samples) of one view."""
-        if view.fingerprint not in self._stats:
-            split, captions = self.columns(ds, source, view.needs_captions or view.caption_noise > 0)
-            self._stats[view.fingerprint] = _view_stats(grid_path, ds, source, view, split, captions)
-        return self._stats[view.fingerprint]
-
-
-def _view_stats(
-    grid_path: str, ds: ShardedDataset, source: str, view: PretrainView, split, captions
-) -> tuple[object, float, int]:
-    allowed = view.eligible(split.labels, captions)
-    if not allowed.any():
-        raise SpecError(f"sources.{source}", "its class and caption filters leave no training sample")
-    size = view.pretrain_size
-    try:
-        if view.class_balanced and size is not None:
-            classes = np.unique(split.labels[allowed])  # the classes left after every filter
-            threshold = balanced_thresholds(
-                split.keys[allowed], split.labels[allowed], size, view.seed, classes, ds.num_classes
-            )
-        else:
-            threshold = subset_threshold(split.keys[allowed], size, view.seed)
-    except ValueError as e:
-        raise SpecError(
-            f"{grid_path}.pretrain_size",
-            f"source '{source}': {e} (after class and caption filters: {int(allowed.sum())} samples)",
-        ) from None
-    keep = in_subset(split.keys, threshold, view.seed, split.labels) & allowed
-    noisy = noisy_labels(
-        split.keys[keep], split.labels[keep], ds.num_classes, view.label_noise, view.seed, view.noise_pattern
-    )
-    realized = float((noisy != split.labels[keep]).mean()) if keep.any() else 0.0
-    return threshold, realized, int(keep.sum())
