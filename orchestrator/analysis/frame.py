@@ -2,7 +2,8 @@
 
 Runs are read with the search API (``MlflowClient.search_runs``, paged) and transfer runs are
 joined to their pretraining run through the ``mlflow.parentRunId`` tag. Only FINISHED runs enter
-the frames; every run is counted by kind and status so a report can say it is partial.
+the frames; every job is counted by kind and status so a report can say it is partial. A job
+is counted once however many runs it has (:func:`one_run_per_config`).
 Column names are the MLflow param and metric names of :mod:`orchestrator.records.schema`, except the
 pretraining run's ``seed``, which becomes ``pretrain_seed`` beside the transfer run's ``seed``.
 """
@@ -33,12 +34,13 @@ from orchestrator.records.schema import (
     PARAM_CLASS_FRACTION,
     PER_EXAMPLE_ARTIFACT,
     PRETRAIN_PARAMS,
+    TAG_CONFIG_HASH,
     TAG_KIND,
     TAG_PARENT,
     TRANSFER_PARAMS,
     VIEW_MASK_ARTIFACT,
 )
-from orchestrator.records.tracker import Tracker
+from orchestrator.records.tracker import Tracker, run_per_config
 from trainers.protocols import FULL
 
 _COUNTED = (KIND_PRETRAIN, KIND_TRANSFER, KIND_DATAMODELS)  # run kinds whose status the report shows
@@ -116,10 +118,33 @@ def _transfer_row(run) -> dict:
     return row
 
 
+def one_run_per_config(runs: list) -> tuple[list, dict[str, str]]:
+    """``runs`` with one run per kind and config hash (:func:`run_per_config`: the newest
+    FINISHED one), runs without a hash all kept; and the pretraining run id each dropped
+    duplicate maps to (the kept run of its job), so that the transfer runs under a dropped
+    duplicate are read under the kept one instead of being lost."""
+    by_kind: dict[str, list] = {}
+    for r in runs:
+        by_kind.setdefault(r.data.tags.get(TAG_KIND), []).append(r)
+    out = list(by_kind.pop(KIND_STUDY, []))  # the study's runs are not jobs: the first one is the study run
+    for group in by_kind.values():
+        kept = {r.info.run_id for r in run_per_config(group).values()}
+        out += [r for r in group if r.info.run_id in kept or r.data.tags.get(TAG_CONFIG_HASH) is None]
+    pretrain = by_kind.get(KIND_PRETRAIN, [])
+    winners = run_per_config(pretrain)
+    same_job = {
+        r.info.run_id: winners[h].info.run_id for r in pretrain if (h := r.data.tags.get(TAG_CONFIG_HASH)) is not None
+    }
+    return out, same_job
+
+
 def frames_from_runs(study: str, experiment_id: str, runs: list) -> StudyRuns:
-    """Build the frames from a list of MLflow ``Run`` objects (pure: no store access)."""
+    """Build the frames from a list of MLflow ``Run`` objects (pure: no store access).
+
+    A job with several runs (same config hash) counts once: :func:`one_run_per_config`."""
     status: dict[str, dict[str, int]] = {}
     pre_rows, tr_rows, study_runs = [], [], []
+    runs, same_job = one_run_per_config(runs)
     for r in runs:
         kind = r.data.tags.get(TAG_KIND)
         counts = status.setdefault(kind, {})
@@ -131,7 +156,9 @@ def frames_from_runs(study: str, experiment_id: str, runs: list) -> StudyRuns:
         elif kind == KIND_PRETRAIN:
             pre_rows.append(_pretrain_row(r))
         elif kind == KIND_TRANSFER:
-            tr_rows.append(_transfer_row(r))
+            row = _transfer_row(r)
+            row[PRETRAIN_RUN_ID] = same_job.get(row[PRETRAIN_RUN_ID], row[PRETRAIN_RUN_ID])
+            tr_rows.append(row)
     pretrain = pd.DataFrame(
         pre_rows,
         columns=[
