@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.analysis import AnalysisError
+from orchestrator.records.retry import redact
 from orchestrator.records.schema import (
     FINISHED,
     KIND_DATAMODELS,
@@ -210,12 +211,21 @@ def load_study(tracker: Tracker, study: str) -> StudyRuns:
 
 
 def _download(artifact_uri: str, path: str, dst: str) -> Path | None:
+    """Artifact ``path`` of the run at ``artifact_uri``, downloaded under ``dst``; None only when
+    the run has no such artifact. Any other failure (store unreachable, no permission) raises
+    :class:`AnalysisError`: read as "absent", a class mask would silently become all classes."""
+    base = artifact_uri.rstrip("/")
+    folder, _, name = path.rpartition("/")
     try:
-        return Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=f"{artifact_uri.rstrip('/')}/{path}", dst_path=dst)
-        )
-    except Exception:  # absent artifact: MLflow raises a store-specific error
-        return None
+        listed = mlflow.artifacts.list_artifacts(artifact_uri=f"{base}/{folder}" if folder else base)
+        if not any(f.path.rsplit("/", 1)[-1] == name and not f.is_dir for f in listed or []):
+            return None
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{path}", dst_path=dst))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise AnalysisError(
+            "artifacts", f"cannot read {path} of the run at {redact(base)}: {type(e).__name__}: {redact(first)[:200]}"
+        ) from None
 
 
 def _fetch_all(artifact_uris: list[str], path: str, read, threads: int = 8) -> list:
