@@ -8,6 +8,7 @@ are KILLED in MLflow, and the next ``run`` of the same study resumes them.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from orchestrator.execution.search import run_search_phase
 from orchestrator.execution.transfer_phase import run_transfer_phase
 from orchestrator.planning.plan import StudyPlan, build_plan
 from orchestrator.planning.pretrain_runs import PretrainRun
-from orchestrator.records import spool
+from orchestrator.records import retry, spool
 from orchestrator.records.credentials import mlflow_client_env, split_credentials
 from orchestrator.records.lease import StudyLease
 from orchestrator.records.provenance import provenance_tags
@@ -120,9 +121,33 @@ def run_study(
     uri = resolve_tracking_uri(tracking_uri or spec.tracking_uri)
     storage = storage_location(storage_path or spec.storage_path)
     plan = plan or build_plan(spec)
+    # The outage deadline is the study's: every process of it reads and writes one clock.
+    clock_before = os.environ.get(retry.OUTAGE_CLOCK_ENV)
+    os.environ[retry.OUTAGE_CLOCK_ENV] = retry.outage_clock(storage, uri)
+    try:
+        return _run_study(spec, address, uri, storage, plan, fail_fast, verbose, deadline, t0)
+    finally:
+        if clock_before is None:
+            os.environ.pop(retry.OUTAGE_CLOCK_ENV, None)
+        else:
+            os.environ[retry.OUTAGE_CLOCK_ENV] = clock_before
+
+
+def _run_study(
+    spec: StudySpec,
+    address: str | None,
+    uri: str,
+    storage: str,
+    plan: StudyPlan,
+    fail_fast: bool,
+    verbose: bool,
+    deadline: float | None,
+    t0: float,
+) -> StudyOutcome:
     provenance = provenance_tags()
     tracker = Tracker(uri, provenance)
     exp = tracker.experiment_id(spec.study)
+    retry.reset_outage_clock()  # the store answered: an outage a killed driver left on the clock is over
     # One driver per study, before any run is touched or Ray started (StudyBusy if another holds it).
     with StudyLease(tracker, exp, spec.study) as lease, ray_session(address, verbose=verbose) as embedded:
         import ray
@@ -334,6 +359,7 @@ class _StudyDriver:
         """The phases in order; a failure with --fail-fast, or the deadline, ends them early."""
         ctx, tally = self.ctx, self.tally
         if todo:
+            retry.check_outage(ctx.tracking_uri)
             tally.add(run_pretrain_phase(ctx, todo, self.cpus, on_counts))
         if tally.failed and ctx.fail_fast:
             return
@@ -343,8 +369,10 @@ class _StudyDriver:
             tally.transfer_ran = 0
             return
         if labels:
+            retry.check_outage(ctx.tracking_uri)
             tally.add(run_transfer_phase(ctx, labels, self.cpus, on_counts))
         if searches and not (tally.failed and ctx.fail_fast):
+            retry.check_outage(ctx.tracking_uri)
             tally.add(run_search_phase(ctx, searches, self.cpus, on_counts))
 
     def _open_pretrain_runs(self) -> list:

@@ -24,7 +24,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -33,8 +32,7 @@ import uuid
 from mlflow.entities import Metric
 
 from datasets_.objstore import filesystem, is_remote, write_atomic
-from orchestrator.records.credentials import split_credentials
-from orchestrator.records.retry import TrackingUnavailable, is_transient, redact
+from orchestrator.records.retry import TrackingUnavailable, is_transient, redact, store_key
 from orchestrator.records.tracker import logged_steps
 
 SPOOL_DIR = "_tracking_spool"
@@ -44,8 +42,7 @@ QUARANTINE_DIR = "_quarantine"
 def scope(tracking_uri: str, experiment_id: str) -> str:
     """The spool folder of one study's batches: ``STORE/EXPERIMENT``, STORE a digest of the
     tracking URI without credentials (driver and workers name one store alike)."""
-    bare = split_credentials(tracking_uri)[0].rstrip("/")
-    return f"{hashlib.sha256(bare.encode()).hexdigest()[:16]}/{experiment_id}"
+    return f"{store_key(tracking_uri)}/{experiment_id}"
 
 
 def _root(storage: str) -> tuple[object, str]:
