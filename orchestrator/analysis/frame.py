@@ -59,6 +59,7 @@ class StudyRuns:
     pretrain: pd.DataFrame  # one row per FINISHED pretraining run
     transfer: pd.DataFrame  # one row per FINISHED transfer run whose parent is a finished pretraining run
     status: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> status -> count
+    tracking_uri: str | None = None  # the store they were read from (mlflow-artifacts: URIs resolve against it)
 
     @property
     def partial(self) -> bool:
@@ -201,6 +202,7 @@ def load_study(tracker: Tracker, study: str) -> StudyRuns:
         raise AnalysisError("study", f"no study named '{study}' in {tracker.uri}")
     runs = tracker.runs(exp.experiment_id)
     sr = frames_from_runs(study, exp.experiment_id, runs)
+    sr.tracking_uri = tracker.uri
     if sr.pretrain.empty and not any(sr.status.get(k) for k in _COUNTED):
         raise AnalysisError("study", f"study '{study}' has no pretraining or transfer runs yet")
     return sr
@@ -210,17 +212,21 @@ def load_study(tracker: Tracker, study: str) -> StudyRuns:
 # Artifacts: class masks (Jain et al.'s datamodel inputs) and per-example outputs.
 
 
-def _download(artifact_uri: str, path: str, dst: str) -> Path | None:
+def _download(artifact_uri: str, path: str, dst: str, tracking_uri: str | None) -> Path | None:
     """Artifact ``path`` of the run at ``artifact_uri``, downloaded under ``dst``; None only when
     the run has no such artifact. Any other failure (store unreachable, no permission) raises
     :class:`AnalysisError`: read as "absent", a class mask would silently become all classes."""
     base = artifact_uri.rstrip("/")
     folder, _, name = path.rpartition("/")
     try:
-        listed = mlflow.artifacts.list_artifacts(artifact_uri=f"{base}/{folder}" if folder else base)
+        listed = mlflow.artifacts.list_artifacts(
+            artifact_uri=f"{base}/{folder}" if folder else base, tracking_uri=tracking_uri
+        )
         if not any(f.path.rsplit("/", 1)[-1] == name and not f.is_dir for f in listed or []):
             return None
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{path}", dst_path=dst))
+        return Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{path}", dst_path=dst, tracking_uri=tracking_uri)
+        )
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise AnalysisError(
@@ -228,7 +234,7 @@ def _download(artifact_uri: str, path: str, dst: str) -> Path | None:
         ) from None
 
 
-def _fetch_all(artifact_uris: list[str], path: str, read, threads: int = 8) -> list:
+def _fetch_all(artifact_uris: list[str], path: str, read, tracking_uri: str | None, threads: int = 8) -> list:
     """``read(local_file)`` of ``path`` under each run's artifact URI (None where absent), in order.
 
     Artifact URIs come from the runs already searched, so no store lookup is made per run.
@@ -237,20 +243,20 @@ def _fetch_all(artifact_uris: list[str], path: str, read, threads: int = 8) -> l
 
         def one(i_uri):
             i, uri = i_uri
-            local = _download(uri, path, str(Path(tmp) / str(i)))
+            local = _download(uri, path, str(Path(tmp) / str(i)), tracking_uri)
             return None if local is None else read(local)
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             return list(pool.map(one, enumerate(artifact_uris)))
 
 
-def class_masks(artifact_uris: list[str]) -> tuple[list[str], np.ndarray]:
+def class_masks(artifact_uris: list[str], tracking_uri: str | None = None) -> tuple[list[str], np.ndarray]:
     """Class names and a bool mask [runs × classes] from each run's ``view/class_mask.json``.
 
     A run without the artifact trained on every class (its row is all True). Returns ``([], empty)``
     when no run has a mask.
     """
-    docs = _fetch_all(artifact_uris, VIEW_MASK_ARTIFACT, lambda p: json.loads(p.read_text()))
+    docs = _fetch_all(artifact_uris, VIEW_MASK_ARTIFACT, lambda p: json.loads(p.read_text()), tracking_uri)
     names = next((d["classes"] for d in docs if d), None)
     if names is None:
         return [], np.zeros((len(artifact_uris), 0), dtype=bool)
@@ -262,12 +268,16 @@ def class_masks(artifact_uris: list[str]) -> tuple[list[str], np.ndarray]:
     return names, mask
 
 
-def per_example_outputs(artifact_uris: list[str], column: str = "correct_prob") -> tuple[np.ndarray, np.ndarray]:
+def per_example_outputs(
+    artifact_uris: list[str], column: str = "correct_prob", tracking_uri: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Examples (ids) and a matrix [runs × examples] of ``column`` from ``outputs/per_example.parquet``.
 
     Runs without the artifact, and examples a run lacks, are NaN.
     """
-    tables = _fetch_all(artifact_uris, PER_EXAMPLE_ARTIFACT, lambda p: pd.read_parquet(p, columns=["example", column]))
+    tables = _fetch_all(
+        artifact_uris, PER_EXAMPLE_ARTIFACT, lambda p: pd.read_parquet(p, columns=["example", column]), tracking_uri
+    )
     present = [t for t in tables if t is not None]
     if not present:
         return np.zeros(0, dtype=int), np.full((len(artifact_uris), 0), np.nan)
@@ -316,10 +326,10 @@ def influence_inputs(
     t = at_largest_shots(t)
     pre_ids = sorted(t[PRETRAIN_RUN_ID].unique())
     pre_uris = sr.pretrain.set_index(RUN_ID).loc[pre_ids, ARTIFACT_URI].tolist()
-    classes, masks = class_masks(pre_uris)
+    classes, masks = class_masks(pre_uris, sr.tracking_uri)
     if not classes or masks.all():
         return None
-    examples, out = per_example_outputs(t[ARTIFACT_URI].tolist(), column)
+    examples, out = per_example_outputs(t[ARTIFACT_URI].tolist(), column, sr.tracking_uri)
     if out.shape[1] == 0:
         return None
     row = {rid: i for i, rid in enumerate(pre_ids)}
