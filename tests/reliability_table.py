@@ -139,6 +139,73 @@ INFRASTRUCTURE = [
         "the trial fails with one line naming the URI and the node (`... (on node HOST (ADDRESS))`)",
     ),
     (
+        "a second `transferlab run` of a study whose driver is alive (another terminal, a local run beside a "
+        "submitted one)",
+        "tests/test_driver_lease.py::test_a_second_run_is_refused_naming_the_live_driver_and_touches_nothing",
+        "exit 4, one line `error: study 'S' is being run by another driver (host H, pid P, since T UTC, last "
+        "heartbeat Ns ago); ...`; no run created or reopened, Ray not started",
+    ),
+    (
+        "a driver whose heartbeat stopped (another machine, stale but not expired), then one that stays silent",
+        "tests/test_driver_lease.py::test_a_silent_driver_is_waited_out_and_a_live_one_refused",
+        "the new driver says it waits, takes the lease over once the heartbeat is `TRANSFERLAB_LEASE_EXPIRY_S` "
+        "old (default 30 s; heartbeat every `TRANSFERLAB_LEASE_HEARTBEAT_S`, default 10 s); a live holder is refused "
+        "at once",
+    ),
+    (
+        "a driver SIGKILLed on this machine, its lease left in MLflow",
+        "tests/test_driver_lease.py::test_a_killed_drivers_lease_is_taken_over_at_once",
+        "the next `run` sees the holder's process is gone and takes over at once, with a `note:` naming it "
+        "(`tests/test_resume_kill.py` resumes a killed study this way)",
+    ),
+    (
+        "a driver stalled (SIGSTOP) past the lease expiry while another takes over, then resumed",
+        "tests/test_driver_lease.py::test_a_driver_stalled_past_the_expiry_loses_its_lease_and_knows_it",
+        "its next heartbeat finds the new holder: `error: the lease ... was taken over`; it marks no run KILLED "
+        "and leaves the new holder's lease alone",
+    ),
+    (
+        "two FINISHED runs of one config hash (left by two drivers before the lease)",
+        "tests/test_driver_lease.py::test_a_job_with_two_finished_runs_counts_once_newest_wins",
+        "`report`, `runs` and `run`'s table count the job once: the newest FINISHED run (latest end time) wins, "
+        "transfer runs under the dropped duplicate are read under the kept one",
+    ),
+    (
+        "two studies in different tracking stores sharing one storage path, each with spooled metrics",
+        "tests/test_spool.py::test_a_study_flushes_only_its_own_spool_and_never_deletes_another_stores",
+        "batches live under `_tracking_spool/STORE/EXPERIMENT/`; starting a study sends only its own; the "
+        "other's (and old unscoped batches of other studies) stay untouched until their study starts",
+    ),
+    (
+        "a spooled batch whose run the tracking store does not know",
+        "tests/test_spool.py::test_a_batch_whose_run_the_store_does_not_know_is_kept",
+        "kept, with a warning; never deleted",
+    ),
+    (
+        "a torn and a garbage file in the spool",
+        "tests/test_spool.py::test_a_corrupt_batch_is_quarantined_once_and_blocks_nothing",
+        "each moved to `_tracking_spool/_quarantine/` with one warning; the good batches are sent; the next start "
+        "says nothing (local batches are fsynced before and after their rename; that is not simulated)",
+    ),
+    (
+        "a driver killed between creating a pretraining run and logging its params and class mask",
+        "tests/test_record_repair.py::test_a_run_created_but_never_given_params_or_mask_is_repaired_on_reopen",
+        "the next `run` reopens the same run and logs its params and mask; analysis reads its real label noise "
+        "and classes, not the defaults",
+    ),
+    (
+        "an artifact store that cannot be reached while analysis reads class masks",
+        "tests/test_record_repair.py::test_an_unreachable_artifact_store_is_an_error_not_an_all_classes_mask",
+        "`AnalysisError: artifacts: cannot read view/class_mask.json of the run at URI: ...`; only a missing "
+        'artifact means "trained on every class"',
+    ),
+    (
+        "the tracking server down while a new wave of trials starts (deadline 4 s)",
+        "tests/test_outage_clock.py::test_a_later_wave_of_trials_does_not_wait_the_deadline_again",
+        "the outage's start is shared through `STORAGE/_tracking_outage/`: the later trial gives up at once instead "
+        "of waiting the deadline again; no trial, phase or search starts work past it",
+    ),
+    (
         "a checkpoint holding a pickled object that runs code when unpickled",
         "tests/test_untrusted_code.py::test_a_malicious_checkpoint_is_refused",
         "refused by `torch.load(weights_only=True)` (`UnpicklingError`); the payload never runs",

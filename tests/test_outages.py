@@ -98,7 +98,7 @@ class Chaos(threading.Thread):
             if not self.restart:
                 return
             spool = self.storage / SPOOL_DIR
-            _wait(lambda: spool.is_dir() and any(spool.glob("*.json")), 120, "a spooled report")
+            _wait(lambda: spool.is_dir() and any(spool.rglob("*.json")), 120, "a spooled report")
             self.spooled = True
             time.sleep(2)
             self.server.start()
@@ -170,7 +170,7 @@ def test_study_survives_a_server_restart_without_losing_or_duplicating(outage_st
     # At least one report was made while the server was down, and landed after it came back.
     reported_in_outage = [m for m in history if chaos.killed_at * 1000 <= m.timestamp <= chaos.back_at * 1000]
     assert reported_in_outage, (history, chaos.killed_at, chaos.back_at)
-    assert not list((o["storage"] / SPOOL_DIR).glob("*.json"))  # the spool was emptied
+    assert not list((o["storage"] / SPOOL_DIR).rglob("*.json"))  # the spool was emptied
     for r in runs:
         if r.data.tags[TAG_KIND] == KIND_TRANSFER:
             assert 0.1 <= r.data.metrics["accuracy"] <= 1.0

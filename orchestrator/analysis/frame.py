@@ -2,7 +2,8 @@
 
 Runs are read with the search API (``MlflowClient.search_runs``, paged) and transfer runs are
 joined to their pretraining run through the ``mlflow.parentRunId`` tag. Only FINISHED runs enter
-the frames; every run is counted by kind and status so a report can say it is partial.
+the frames; every job is counted by kind and status so a report can say it is partial. A job
+is counted once however many runs it has (:func:`one_run_per_config`).
 Column names are the MLflow param and metric names of :mod:`orchestrator.records.schema`, except the
 pretraining run's ``seed``, which becomes ``pretrain_seed`` beside the transfer run's ``seed``.
 """
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.analysis import AnalysisError
+from orchestrator.records.retry import redact
 from orchestrator.records.schema import (
     FINISHED,
     KIND_DATAMODELS,
@@ -33,12 +35,13 @@ from orchestrator.records.schema import (
     PARAM_CLASS_FRACTION,
     PER_EXAMPLE_ARTIFACT,
     PRETRAIN_PARAMS,
+    TAG_CONFIG_HASH,
     TAG_KIND,
     TAG_PARENT,
     TRANSFER_PARAMS,
     VIEW_MASK_ARTIFACT,
 )
-from orchestrator.records.tracker import Tracker
+from orchestrator.records.tracker import Tracker, run_per_config
 from trainers.protocols import FULL
 
 _COUNTED = (KIND_PRETRAIN, KIND_TRANSFER, KIND_DATAMODELS)  # run kinds whose status the report shows
@@ -56,6 +59,7 @@ class StudyRuns:
     pretrain: pd.DataFrame  # one row per FINISHED pretraining run
     transfer: pd.DataFrame  # one row per FINISHED transfer run whose parent is a finished pretraining run
     status: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> status -> count
+    tracking_uri: str | None = None  # the store they were read from (mlflow-artifacts: URIs resolve against it)
 
     @property
     def partial(self) -> bool:
@@ -116,10 +120,33 @@ def _transfer_row(run) -> dict:
     return row
 
 
+def one_run_per_config(runs: list) -> tuple[list, dict[str, str]]:
+    """``runs`` with one run per kind and config hash (:func:`run_per_config`: the newest
+    FINISHED one), runs without a hash all kept; and the pretraining run id each dropped
+    duplicate maps to (the kept run of its job), so that the transfer runs under a dropped
+    duplicate are read under the kept one instead of being lost."""
+    by_kind: dict[str, list] = {}
+    for r in runs:
+        by_kind.setdefault(r.data.tags.get(TAG_KIND), []).append(r)
+    out = list(by_kind.pop(KIND_STUDY, []))  # the study's runs are not jobs: the first one is the study run
+    for group in by_kind.values():
+        kept = {r.info.run_id for r in run_per_config(group).values()}
+        out += [r for r in group if r.info.run_id in kept or r.data.tags.get(TAG_CONFIG_HASH) is None]
+    pretrain = by_kind.get(KIND_PRETRAIN, [])
+    winners = run_per_config(pretrain)
+    same_job = {
+        r.info.run_id: winners[h].info.run_id for r in pretrain if (h := r.data.tags.get(TAG_CONFIG_HASH)) is not None
+    }
+    return out, same_job
+
+
 def frames_from_runs(study: str, experiment_id: str, runs: list) -> StudyRuns:
-    """Build the frames from a list of MLflow ``Run`` objects (pure: no store access)."""
+    """Build the frames from a list of MLflow ``Run`` objects (pure: no store access).
+
+    A job with several runs (same config hash) counts once: :func:`one_run_per_config`."""
     status: dict[str, dict[str, int]] = {}
     pre_rows, tr_rows, study_runs = [], [], []
+    runs, same_job = one_run_per_config(runs)
     for r in runs:
         kind = r.data.tags.get(TAG_KIND)
         counts = status.setdefault(kind, {})
@@ -131,7 +158,9 @@ def frames_from_runs(study: str, experiment_id: str, runs: list) -> StudyRuns:
         elif kind == KIND_PRETRAIN:
             pre_rows.append(_pretrain_row(r))
         elif kind == KIND_TRANSFER:
-            tr_rows.append(_transfer_row(r))
+            row = _transfer_row(r)
+            row[PRETRAIN_RUN_ID] = same_job.get(row[PRETRAIN_RUN_ID], row[PRETRAIN_RUN_ID])
+            tr_rows.append(row)
     pretrain = pd.DataFrame(
         pre_rows,
         columns=[
@@ -173,6 +202,7 @@ def load_study(tracker: Tracker, study: str) -> StudyRuns:
         raise AnalysisError("study", f"no study named '{study}' in {tracker.uri}")
     runs = tracker.runs(exp.experiment_id)
     sr = frames_from_runs(study, exp.experiment_id, runs)
+    sr.tracking_uri = tracker.uri
     if sr.pretrain.empty and not any(sr.status.get(k) for k in _COUNTED):
         raise AnalysisError("study", f"study '{study}' has no pretraining or transfer runs yet")
     return sr
@@ -182,16 +212,29 @@ def load_study(tracker: Tracker, study: str) -> StudyRuns:
 # Artifacts: class masks (Jain et al.'s datamodel inputs) and per-example outputs.
 
 
-def _download(artifact_uri: str, path: str, dst: str) -> Path | None:
+def _download(artifact_uri: str, path: str, dst: str, tracking_uri: str | None) -> Path | None:
+    """Artifact ``path`` of the run at ``artifact_uri``, downloaded under ``dst``; None only when
+    the run has no such artifact. Any other failure (store unreachable, no permission) raises
+    :class:`AnalysisError`: read as "absent", a class mask would silently become all classes."""
+    base = artifact_uri.rstrip("/")
+    folder, _, name = path.rpartition("/")
     try:
-        return Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=f"{artifact_uri.rstrip('/')}/{path}", dst_path=dst)
+        listed = mlflow.artifacts.list_artifacts(
+            artifact_uri=f"{base}/{folder}" if folder else base, tracking_uri=tracking_uri
         )
-    except Exception:  # absent artifact: MLflow raises a store-specific error
-        return None
+        if not any(f.path.rsplit("/", 1)[-1] == name and not f.is_dir for f in listed or []):
+            return None
+        return Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{path}", dst_path=dst, tracking_uri=tracking_uri)
+        )
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise AnalysisError(
+            "artifacts", f"cannot read {path} of the run at {redact(base)}: {type(e).__name__}: {redact(first)[:200]}"
+        ) from None
 
 
-def _fetch_all(artifact_uris: list[str], path: str, read, threads: int = 8) -> list:
+def _fetch_all(artifact_uris: list[str], path: str, read, tracking_uri: str | None, threads: int = 8) -> list:
     """``read(local_file)`` of ``path`` under each run's artifact URI (None where absent), in order.
 
     Artifact URIs come from the runs already searched, so no store lookup is made per run.
@@ -200,20 +243,20 @@ def _fetch_all(artifact_uris: list[str], path: str, read, threads: int = 8) -> l
 
         def one(i_uri):
             i, uri = i_uri
-            local = _download(uri, path, str(Path(tmp) / str(i)))
+            local = _download(uri, path, str(Path(tmp) / str(i)), tracking_uri)
             return None if local is None else read(local)
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             return list(pool.map(one, enumerate(artifact_uris)))
 
 
-def class_masks(artifact_uris: list[str]) -> tuple[list[str], np.ndarray]:
+def class_masks(artifact_uris: list[str], tracking_uri: str | None = None) -> tuple[list[str], np.ndarray]:
     """Class names and a bool mask [runs × classes] from each run's ``view/class_mask.json``.
 
     A run without the artifact trained on every class (its row is all True). Returns ``([], empty)``
     when no run has a mask.
     """
-    docs = _fetch_all(artifact_uris, VIEW_MASK_ARTIFACT, lambda p: json.loads(p.read_text()))
+    docs = _fetch_all(artifact_uris, VIEW_MASK_ARTIFACT, lambda p: json.loads(p.read_text()), tracking_uri)
     names = next((d["classes"] for d in docs if d), None)
     if names is None:
         return [], np.zeros((len(artifact_uris), 0), dtype=bool)
@@ -225,12 +268,16 @@ def class_masks(artifact_uris: list[str]) -> tuple[list[str], np.ndarray]:
     return names, mask
 
 
-def per_example_outputs(artifact_uris: list[str], column: str = "correct_prob") -> tuple[np.ndarray, np.ndarray]:
+def per_example_outputs(
+    artifact_uris: list[str], column: str = "correct_prob", tracking_uri: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Examples (ids) and a matrix [runs × examples] of ``column`` from ``outputs/per_example.parquet``.
 
     Runs without the artifact, and examples a run lacks, are NaN.
     """
-    tables = _fetch_all(artifact_uris, PER_EXAMPLE_ARTIFACT, lambda p: pd.read_parquet(p, columns=["example", column]))
+    tables = _fetch_all(
+        artifact_uris, PER_EXAMPLE_ARTIFACT, lambda p: pd.read_parquet(p, columns=["example", column]), tracking_uri
+    )
     present = [t for t in tables if t is not None]
     if not present:
         return np.zeros(0, dtype=int), np.full((len(artifact_uris), 0), np.nan)
@@ -279,10 +326,10 @@ def influence_inputs(
     t = at_largest_shots(t)
     pre_ids = sorted(t[PRETRAIN_RUN_ID].unique())
     pre_uris = sr.pretrain.set_index(RUN_ID).loc[pre_ids, ARTIFACT_URI].tolist()
-    classes, masks = class_masks(pre_uris)
+    classes, masks = class_masks(pre_uris, sr.tracking_uri)
     if not classes or masks.all():
         return None
-    examples, out = per_example_outputs(t[ARTIFACT_URI].tolist(), column)
+    examples, out = per_example_outputs(t[ARTIFACT_URI].tolist(), column, sr.tracking_uri)
     if out.shape[1] == 0:
         return None
     row = {rid: i for i, rid in enumerate(pre_ids)}

@@ -4,14 +4,15 @@
 2 bad input (spec, data, tracking URI, storage path, a study over its ``budget``), reported as
 one line before any compute starts; 3 the study stopped before its end because the tracking
 server stayed unreachable, storage failed or ``budget.max_hours`` passed — its state is
-resumable, and the message says how (the same ``transferlab run`` command).
+resumable, and the message says how (the same ``transferlab run`` command); 4 another driver
+is running the study (its lease is live: :mod:`orchestrator.records.lease`), nothing was done.
 """
 
 from __future__ import annotations
 
 import sys
 
-EXIT_OK, EXIT_FAILED_RUNS, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED_RUNS, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_BUSY = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130  # Ctrl-C, or a stopped Ray job
 
 

@@ -11,8 +11,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import importlib
 
 from datasets_.objstore import DatasetError
-from orchestrator.cli.exits import EXIT_INTERRUPTED, error
+from orchestrator.cli.exits import EXIT_BUSY, EXIT_INTERRUPTED, error
 from orchestrator.cli.parser import JOB_COMMANDS, build_parser
+from orchestrator.records.lease import StudyBusy
 from orchestrator.records.retry import TrackingUnavailable
 from orchestrator.spec import SpecError
 
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         return module.run(args)
     except SpecError as e:
         return error(str(e))
+    except StudyBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BUSY
     except (TrackingUnavailable, OSError, DatasetError) as e:
         if args.command != "run":
             raise

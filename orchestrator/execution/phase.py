@@ -14,7 +14,7 @@ from datasets_ import DatasetError, ShardedDataset, open_dataset
 from orchestrator.planning.pretrain_runs import PretrainRun
 from orchestrator.planning.transfer_fits import TransferFit, TransferGroup
 from orchestrator.records.credentials import apply_mlflow_client_env
-from orchestrator.records.retry import redact
+from orchestrator.records.retry import check_outage, redact
 from orchestrator.records.tracker import Tracker
 from orchestrator.spec import Resources
 
@@ -65,10 +65,12 @@ class TrialContext:
     def begin_trial(self) -> bool:
         """A trial's first step: False once ``budget.max_hours`` has passed (the trial must then
         return ``{NOT_LAUNCHED: 1}`` without doing anything); else the driver's MLflow
-        credentials are applied to this worker and the trial goes on."""
+        credentials are applied to this worker and the trial goes on, unless the study's
+        tracking outage is past its deadline (:class:`~orchestrator.records.retry.TrackingUnavailable`)."""
         if self.past_deadline():
             return False
         apply_mlflow_client_env(self.mlflow_env)
+        check_outage(self.tracking_uri)  # a trial started late in an outage gives up at once
         return True
 
 

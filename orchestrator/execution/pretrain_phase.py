@@ -61,7 +61,7 @@ def build_pretrain_trainer(
     # reproducible from its config rather than from how Ray scheduled the read tasks.
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True
-    callbacks = [MLflowReportCallback(ctx.tracking_uri, run_id, ctx.mlflow_env, ctx.storage_path)]
+    callbacks = [MLflowReportCallback(ctx.tracking_uri, run_id, ctx.mlflow_env, ctx.storage_path, ctx.experiment_id)]
     if in_tune:
         callbacks.append(TuneReportCallback())
     text = clip_text_input(list(config.classes)) if config.method == "clip" else None
@@ -99,7 +99,9 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
     try:
         result = build_pretrain_trainer(run, ctx, run_id, in_tune=True).fit()
         metrics = result.metrics or {}
-        spool.flush(ctx.storage_path, tracker.client, run_id)  # reports the server missed
+        spool.flush(
+            ctx.storage_path, spool.scope(ctx.tracking_uri, ctx.experiment_id), tracker.client, run_id
+        )  # reports the server missed
         tracker.log(
             run_id,
             metrics={

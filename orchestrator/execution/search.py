@@ -27,7 +27,7 @@ from orchestrator.execution.phase import NOT_LAUNCHED, PhaseContext, Progress, c
 from orchestrator.execution.transfer_phase import feature_cache, record_fit, trainer_fit
 from orchestrator.planning.estimate import transfer_concurrency
 from orchestrator.records.credentials import apply_mlflow_client_env
-from orchestrator.records.retry import redact
+from orchestrator.records.retry import check_outage, redact
 from orchestrator.spec import FinetuneSearch
 from trainers.devices import trial_device
 from trainers.transfer import finetune_problem
@@ -317,6 +317,7 @@ def run_search_phase(ctx: PhaseContext, labels: dict[str, str], cluster_cpus: fl
         for key, label in labels.items():
             if ctx.past_deadline() or (ctx.fail_fast and progress.failed):
                 break
+            check_outage(ctx.tracking_uri)  # the study's tracking outage is past its deadline: stop
             # With GPUs it holds a trial's GPU share, so the retraining runs on the device the
             # search ran on (the same arithmetic, the same network).
             gpus = ctx.resources.light_trial().get("GPU", 0)

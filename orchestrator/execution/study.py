@@ -8,6 +8,7 @@ are KILLED in MLflow, and the next ``run`` of the same study resumes them.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,8 +26,10 @@ from orchestrator.execution.ray_connection import ray_session
 from orchestrator.execution.search import run_search_phase
 from orchestrator.execution.transfer_phase import run_transfer_phase
 from orchestrator.planning.plan import StudyPlan, build_plan
-from orchestrator.records import spool
+from orchestrator.planning.pretrain_runs import PretrainRun
+from orchestrator.records import retry, spool
 from orchestrator.records.credentials import mlflow_client_env, split_credentials
+from orchestrator.records.lease import StudyLease
 from orchestrator.records.provenance import provenance_tags
 from orchestrator.records.results import results_table, transfer_frame
 from orchestrator.records.retry import TrackingUnavailable, redact
@@ -118,7 +121,35 @@ def run_study(
     uri = resolve_tracking_uri(tracking_uri or spec.tracking_uri)
     storage = storage_location(storage_path or spec.storage_path)
     plan = plan or build_plan(spec)
-    with ray_session(address, verbose=verbose) as embedded:
+    # The outage deadline is the study's: every process of it reads and writes one clock.
+    clock_before = os.environ.get(retry.OUTAGE_CLOCK_ENV)
+    os.environ[retry.OUTAGE_CLOCK_ENV] = retry.outage_clock(storage, uri)
+    try:
+        return _run_study(spec, address, uri, storage, plan, fail_fast, verbose, deadline, t0)
+    finally:
+        if clock_before is None:
+            os.environ.pop(retry.OUTAGE_CLOCK_ENV, None)
+        else:
+            os.environ[retry.OUTAGE_CLOCK_ENV] = clock_before
+
+
+def _run_study(
+    spec: StudySpec,
+    address: str | None,
+    uri: str,
+    storage: str,
+    plan: StudyPlan,
+    fail_fast: bool,
+    verbose: bool,
+    deadline: float | None,
+    t0: float,
+) -> StudyOutcome:
+    provenance = provenance_tags()
+    tracker = Tracker(uri, provenance)
+    exp = tracker.experiment_id(spec.study)
+    retry.reset_outage_clock()  # the store answered: an outage a killed driver left on the clock is over
+    # One driver per study, before any run is touched or Ray started (StudyBusy if another holds it).
+    with StudyLease(tracker, exp, spec.study) as lease, ray_session(address, verbose=verbose) as embedded:
         import ray
 
         for warning in check_cluster(spec, ray.cluster_resources(), embedded):
@@ -126,11 +157,8 @@ def run_study(
         cpus = float(ray.cluster_resources().get("CPU", 1))
         # Credentials in the URI travel with the other secrets, never inside a URI Ray may store.
         worker_uri, uri_credentials = split_credentials(uri)
-        provenance = provenance_tags()
-        tracker = Tracker(uri, provenance)
-        exp = tracker.experiment_id(spec.study)
         tracker.describe_experiment(exp, experiment_note(plan))
-        spool.flush(storage, tracker.client)  # metrics an earlier run could not deliver
+        spool.flush(storage, spool.scope(uri, exp), tracker.client)  # metrics an earlier run could not deliver
         ctx = PhaseContext(
             study=spec.study,
             tracking_uri=worker_uri,
@@ -148,7 +176,7 @@ def run_study(
         if plan.datamodels is not None:
             outcome = _run_datamodels(spec, plan, tracker, study_run, ctx, cpus)
         else:
-            outcome = _StudyDriver(spec, plan, tracker, study_run, ctx, cpus).run()
+            outcome = _StudyDriver(spec, plan, tracker, study_run, ctx, cpus, lease).run()
     outcome.seconds = time.monotonic() - t0
     return outcome
 
@@ -213,6 +241,25 @@ def _study_run(tracker: Tracker, exp: str, plan: StudyPlan) -> str:
     )
 
 
+def open_pretrain_run(tracker: Tracker, exp: str, study: str, run: PretrainRun, prior, study_run: str) -> str:
+    """The MLflow run of pretraining job ``run``, ready to train into: ``prior`` (the run an
+    interrupted or failed attempt left) reopened, else a new run under ``study_run``. Either way
+    its params and class mask are (re)logged: a driver killed between creating a run and logging
+    them left a run that analysis would read with defaults (no label noise, every class)."""
+    if prior is not None:
+        run_id = prior.info.run_id
+        tracker.reopen(run_id)
+        tracker.log(run_id, params=run.params)  # only those it lacks: params are immutable
+    else:
+        run_id = tracker.create_run(
+            exp, KIND_PRETRAIN, study, run.run_name, run.config_hash, run.params, parent_run_id=study_run
+        )
+    if run.view.keep_classes is not None:  # the same content each time: overwriting is harmless
+        mask = [c in run.view.keep_classes for c in range(run.num_classes)]
+        tracker.client.log_dict(run_id, {"classes": list(run.config.classes), "included": mask}, VIEW_MASK_ARTIFACT)
+    return run_id
+
+
 def _is_finished(run) -> bool:
     return run is not None and run.info.status == FINISHED
 
@@ -253,7 +300,14 @@ class _StudyDriver:
     the searched fine-tuning fits."""
 
     def __init__(
-        self, spec: StudySpec, plan: StudyPlan, tracker: Tracker, study_run: str, ctx: PhaseContext, cpus: float
+        self,
+        spec: StudySpec,
+        plan: StudyPlan,
+        tracker: Tracker,
+        study_run: str,
+        ctx: PhaseContext,
+        cpus: float,
+        lease: StudyLease,
     ):
         self.spec, self.plan, self.tracker, self.study_run, self.ctx, self.cpus = (
             spec,
@@ -263,6 +317,7 @@ class _StudyDriver:
             ctx,
             cpus,
         )
+        self.lease = lease
         self.exp = ctx.experiment_id
         self.names = {r.config_hash: r.run_name for r in plan.pretrain_runs}
         self.tally = _Tally()
@@ -275,7 +330,7 @@ class _StudyDriver:
         status, crash = FAILED, None
         try:
             self._run_phases(todo, on_counts)
-            spool.flush(self.ctx.storage_path, tracker.client)
+            spool.flush(self.ctx.storage_path, spool.scope(tracker.uri, self.exp), tracker.client)
             status = FINISHED if not self.tally.failed else FAILED
         except BaseException as e:
             crash = e
@@ -284,7 +339,8 @@ class _StudyDriver:
             stopped = FAIL_FAST if self.ctx.fail_fast and self.tally.failed else None
             if stopped is None and self.tally.not_launched and self.ctx.past_deadline():
                 stopped, status = _budget_line(spec, self.tally.not_launched), KILLED
-            if not isinstance(crash, TrackingUnavailable):  # else the next `run` settles them
+            # After an outage the next `run` settles them; after a lost lease they are the new holder's.
+            if not isinstance(crash, TrackingUnavailable) and not self.lease.lost:
                 self._kill_leftovers()
             _close_study_run(tracker, self.study_run, status, self._counts(), step)
         return StudyOutcome(
@@ -303,6 +359,7 @@ class _StudyDriver:
         """The phases in order; a failure with --fail-fast, or the deadline, ends them early."""
         ctx, tally = self.ctx, self.tally
         if todo:
+            retry.check_outage(ctx.tracking_uri)
             tally.add(run_pretrain_phase(ctx, todo, self.cpus, on_counts))
         if tally.failed and ctx.fail_fast:
             return
@@ -312,8 +369,10 @@ class _StudyDriver:
             tally.transfer_ran = 0
             return
         if labels:
+            retry.check_outage(ctx.tracking_uri)
             tally.add(run_transfer_phase(ctx, labels, self.cpus, on_counts))
         if searches and not (tally.failed and ctx.fail_fast):
+            retry.check_outage(ctx.tracking_uri)
             tally.add(run_search_phase(ctx, searches, self.cpus, on_counts))
 
     def _open_pretrain_runs(self) -> list:
@@ -341,25 +400,9 @@ class _StudyDriver:
             flush=True,
         )
         for run in todo:
-            prior = pre_runs.get(run.config_hash)
-            if prior is not None:  # interrupted or failed before: resume into the same run
-                run_id = prior.info.run_id
-                tracker.reopen(run_id)
-            else:
-                run_id = tracker.create_run(
-                    exp,
-                    KIND_PRETRAIN,
-                    self.spec.study,
-                    run.run_name,
-                    run.config_hash,
-                    run.params,
-                    parent_run_id=self.study_run,
-                )
-                if run.view.keep_classes is not None:
-                    mask = [c in run.view.keep_classes for c in range(run.num_classes)]
-                    tracker.client.log_dict(
-                        run_id, {"classes": list(run.config.classes), "included": mask}, VIEW_MASK_ARTIFACT
-                    )
+            run_id = open_pretrain_run(
+                tracker, exp, self.spec.study, run, pre_runs.get(run.config_hash), self.study_run
+            )
             ctx.run_ids[run.config_hash] = run_id
             ctx.pretrain_runs[run.config_hash] = run
         return todo

@@ -25,6 +25,7 @@ MLFLOW_CLIENT_ENV = (
     "MLFLOW_TRACKING_CLIENT_CERT_PATH",
     # Not a secret, but every process writing to MLflow must give up on an outage together.
     "TRANSFERLAB_TRACKING_DEADLINE_S",
+    "TRANSFERLAB_OUTAGE_CLOCK",  # where the study's outage started (records.retry)
 )
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from orchestrator.records.schema import FINISHED, KIND_PRETRAIN, KIND_TRANSFER, TAG_PARENT
-from orchestrator.records.tracker import Tracker
+from orchestrator.records.schema import FINISHED, KIND_PRETRAIN, KIND_TRANSFER, TAG_CONFIG_HASH, TAG_PARENT
+from orchestrator.records.tracker import Tracker, run_per_config
 from trainers.protocols import FULL
 
 
@@ -15,9 +15,13 @@ def transfer_frame(tracker: Tracker, study: str) -> pd.DataFrame:
     exp = tracker.experiment_id(study, create=False)
     if exp is None:
         return pd.DataFrame()
-    pre = {r.info.run_id: r for r in tracker.runs(exp, KIND_PRETRAIN)}
+    # One run per job (run_per_config); a transfer run whose parent is a duplicate of its
+    # pretraining job is shown under the run that stands for that job.
+    pre_runs = tracker.runs(exp, KIND_PRETRAIN)
+    kept = run_per_config(pre_runs)
+    pre = {r.info.run_id: kept.get(r.data.tags.get(TAG_CONFIG_HASH), r) for r in pre_runs}
     rows = []
-    for r in tracker.runs(exp, KIND_TRANSFER):
+    for r in run_per_config(tracker.runs(exp, KIND_TRANSFER)).values():
         if r.info.status != FINISHED:
             continue
         parent = pre.get(r.data.tags.get(TAG_PARENT))

@@ -3,11 +3,15 @@
 Every MLflow call transferlab makes goes through :class:`RetryingClient` (``Tracker.client`` is
 one). A call that fails because the server cannot be reached (connection refused or reset,
 timeouts, HTTP 5xx, a locked sqlite file) is retried with exponential backoff. The *outage*, not
-the call, has the deadline: once calls in this process have failed without a single success for
-``TRANSFERLAB_TRACKING_DEADLINE_S`` seconds (default 600), every call raises
-:class:`TrackingUnavailable` at once, and the study stops with a resumable state: finished runs
-are FINISHED in MLflow, checkpoints are in storage, and running ``transferlab run`` again picks
-up from there.
+the call, has the deadline, and the outage is the study's, not a process's: its start is kept
+in the study's storage (``STORAGE/_tracking_outage/STORE.json``, named by
+``TRANSFERLAB_OUTAGE_CLOCK``, which the driver sets and ships to every Ray process), so a trial
+started mid-outage counts from when the outage began, not from its own first failure. Once the
+outage is ``TRANSFERLAB_TRACKING_DEADLINE_S`` seconds old (default 600), every call in every
+process raises :class:`TrackingUnavailable` at once, no new trial or search starts work
+(:func:`check_outage`), and the study stops with a resumable state: finished runs are FINISHED
+in MLflow, checkpoints are in storage, and running ``transferlab run`` again picks up from
+there. The first successful call clears the clock.
 
 MLflow's own HTTP client retries for minutes by default; :data:`MLFLOW_HTTP_ENV` (put into the
 driver's and every Ray worker's environment by ``orchestrator.execution.ray_connection``) bounds that, so that
@@ -21,16 +25,21 @@ creation that may have reached the server before the connection dropped is looke
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import sys
 import time
 from collections.abc import Callable
 
+from orchestrator.records.credentials import split_credentials
 from orchestrator.records.schema import TAG_CONFIG_HASH, TAG_KIND
 
 DEADLINE_ENV = "TRANSFERLAB_TRACKING_DEADLINE_S"
 DEFAULT_DEADLINE_S = 600.0
+OUTAGE_CLOCK_ENV = "TRANSFERLAB_OUTAGE_CLOCK"  # the shared outage start (a file or object URI)
+OUTAGE_DIR = "_tracking_outage"
 # One retry inside MLflow's HTTP client, and no request hanging longer than this: the backoff
 # and the deadline below are ours. MLflow's "View run at URL" lines are off: they print the
 # tracking URI as given, credentials included (transferlab prints its own, redacted).
@@ -90,10 +99,79 @@ def is_transient(exc: BaseException) -> bool:
     return any(t in text for t in _TRANSIENT)
 
 
+def store_key(tracking_uri: str) -> str:
+    """A short name of a tracking store, the same for every process: a digest of its URI
+    without credentials."""
+    bare = split_credentials(tracking_uri)[0].rstrip("/")
+    return hashlib.sha256(bare.encode()).hexdigest()[:16]
+
+
+def outage_clock(storage: str, tracking_uri: str) -> str:
+    """Where the studies on ``storage`` that write to ``tracking_uri`` keep their outage's start."""
+    return f"{storage.rstrip('/')}/{OUTAGE_DIR}/{store_key(tracking_uri)}.json"
+
+
 class _Outage:
-    """When calls in this process started failing with no success since (None: no outage)."""
+    """When calls started failing with no success since (``time.time()``; None: no outage):
+    the earliest this process saw or read from the shared clock."""
 
     down_since: float | None = None
+
+
+def _shared_start(now: float) -> float:
+    """The outage's start on the shared clock, written as ``now`` if it has none; ``now`` when
+    there is no clock or it cannot be read (the deadline is then this process's own)."""
+    from datasets_.objstore import filesystem, write_atomic
+
+    clock = os.environ.get(OUTAGE_CLOCK_ENV)
+    if not clock:
+        return now
+    try:
+        fs, path = filesystem(clock)
+        try:
+            with fs.open_input_stream(path) as f:
+                return min(now, float(json.loads(f.read())["down_since"]))
+        except (FileNotFoundError, ValueError, KeyError):
+            write_atomic(clock, lambda f: f.write(json.dumps({"down_since": now}).encode()))
+    except Exception:
+        pass
+    return now
+
+
+def reset_outage_clock() -> None:
+    """The tracking store answered: no outage, here or on the shared clock."""
+    from datasets_.objstore import filesystem
+
+    _Outage.down_since = None
+    clock = os.environ.get(OUTAGE_CLOCK_ENV)
+    if clock:
+        try:
+            fs, path = filesystem(clock)
+            fs.delete_file(path)
+        except Exception:
+            pass  # already gone, or unreachable: a later success clears it
+
+
+def check_outage(uri: str = "") -> None:
+    """:class:`TrackingUnavailable` if the study's outage (this process's or the shared clock's)
+    is past the deadline: called before a trial or a search starts work."""
+    now = time.time()
+    start = _Outage.down_since
+    if os.environ.get(OUTAGE_CLOCK_ENV):
+        from datasets_.objstore import filesystem
+
+        try:
+            fs, path = filesystem(os.environ[OUTAGE_CLOCK_ENV])
+            with fs.open_input_stream(path) as f:
+                shared = float(json.loads(f.read())["down_since"])
+            start = shared if start is None else min(start, shared)
+        except Exception:
+            pass  # no clock: no outage elsewhere
+    if start is not None and now - start >= deadline_s():
+        server = f"tracking server {redact(uri)}" if uri else "tracking server"
+        raise TrackingUnavailable(
+            f"{server} unreachable for {now - start:.0f}s (deadline {DEADLINE_ENV}={deadline_s():g})"
+        )
 
 
 def call(fn: Callable, *args, what: str = "MLflow call", uri: str = "", **kwargs):
@@ -106,12 +184,12 @@ def call(fn: Callable, *args, what: str = "MLflow call", uri: str = "", **kwargs
         except Exception as e:
             if not is_transient(e):
                 raise
-            now = time.monotonic()
+            now = time.time()
             if _Outage.down_since is None:
-                _Outage.down_since = now
+                _Outage.down_since = _shared_start(now)
                 print(
                     f"warning: tracking server {redact(uri)} unreachable ({what}); retrying for up to "
-                    f"{deadline_s():.0f}s",
+                    f"{max(0.0, deadline_s() - (now - _Outage.down_since)):.0f}s",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -127,11 +205,11 @@ def call(fn: Callable, *args, what: str = "MLflow call", uri: str = "", **kwargs
             continue
         if _Outage.down_since is not None:
             print(
-                f"tracking server {redact(uri)} reachable again after {time.monotonic() - _Outage.down_since:.0f}s",
+                f"tracking server {redact(uri)} reachable again after {time.time() - _Outage.down_since:.0f}s",
                 file=sys.stderr,
                 flush=True,
             )
-            _Outage.down_since = None
+            reset_outage_clock()
         return out
 
 

@@ -110,13 +110,20 @@ Run status: FINISHED means done (the job is skipped next time). FAILED: the tria
 the run was left RUNNING by a driver that died and no later ``run`` resumed it (superseded, or
 no longer in the grid). KILLED: ``transferlab run`` stopped it on purpose (``budget.max_hours``
 reached, ``--fail-fast``). FAILED and KILLED runs whose job is still in the grid are reopened,
-with the same run id, by the next ``run``. One ``transferlab run`` drives a study at a time.
+with the same run id, by the next ``run``. One ``transferlab run`` drives a study at a time:
+it holds the experiment tag ``transferlab.driver_lease`` (JSON: ``driver`` id, ``host``, ``pid``,
+``since`` and ``heartbeat`` as Unix seconds; "" when released) while it runs
+(:mod:`orchestrator.records.lease`).
+
+Several FINISHED runs with one config hash (left by drivers that ran a study at once before
+the lease existed) are one result: the analysis keeps the newest (latest end time).
 """
 
 TAG_KIND = "transferlab.kind"
 TAG_STUDY = "transferlab.study"
 TAG_CONFIG_HASH = "transferlab.config_hash"
 TAG_CHECKPOINT = "transferlab.checkpoint"
+TAG_DRIVER_LEASE = "transferlab.driver_lease"  # on the experiment (orchestrator.records.lease)
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 # Provenance, on every run (orchestrator.records.provenance).

@@ -76,7 +76,14 @@ class Tracker:
             if exp.lifecycle_stage == "deleted":
                 raise ValueError(f"MLflow experiment '{study}' is deleted; restore it or rename the study")
             return exp.experiment_id
-        return self.client.create_experiment(study) if create else None
+        if not create:
+            return None
+        try:
+            return self.client.create_experiment(study)
+        except Exception as e:  # another driver created it a moment ago
+            if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(study).experiment_id
 
     def describe_experiment(self, experiment_id: str, note: str) -> None:
         """Mark the experiment as model training (MLflow then opens it on its runs table, not on
@@ -96,17 +103,8 @@ class Tracker:
                 return out
 
     def runs_by_hash(self, experiment_id: str, kind: str) -> dict[str, object]:
-        """config_hash -> run, preferring a FINISHED run, else the most recent one."""
-        best: dict[str, object] = {}
-        for r in self.runs(experiment_id, kind):
-            h = r.data.tags.get(TAG_CONFIG_HASH)
-            if h is None:
-                continue
-            cur = best.get(h)
-            rank = (r.info.status == FINISHED, r.info.start_time or 0)
-            if cur is None or rank > (cur.info.status == FINISHED, cur.info.start_time or 0):
-                best[h] = r
-        return best
+        """config_hash -> run: :func:`run_per_config` of the experiment's runs of ``kind``."""
+        return run_per_config(self.runs(experiment_id, kind))
 
     def create_run(
         self,
@@ -149,6 +147,25 @@ class Tracker:
 
     def reopen(self, run_id: str) -> None:
         self.client.update_run(run_id, status=RUNNING)
+
+
+def run_per_config(runs: Iterable) -> dict[str, object]:
+    """config_hash -> the one run that stands for that job: the newest FINISHED run (latest end
+    time) if there is one, else the most recently started. Runs without a config hash are left out.
+
+    Two drivers on one study (before the study lease) could leave two FINISHED runs of one
+    job; everything that reads results counts the job once, through this choice."""
+
+    def rank(r) -> tuple:
+        done = r.info.status == FINISHED
+        return (done, (r.info.end_time or 0) if done else 0, r.info.start_time or 0, r.info.run_id)
+
+    best: dict[str, object] = {}
+    for r in runs:
+        h = r.data.tags.get(TAG_CONFIG_HASH)
+        if h is not None and (h not in best or rank(r) > rank(best[h])):
+            best[h] = r
+    return best
 
 
 def logged_steps(client: MlflowClient, run_id: str, keys: Iterable[str]) -> set[tuple[str, int]]:

@@ -31,9 +31,16 @@ class MLflowReportCallback(UserCallback):
     """
 
     def __init__(
-        self, tracking_uri: str, run_id: str, mlflow_env: dict[str, str] | None = None, spool_storage: str | None = None
+        self,
+        tracking_uri: str,
+        run_id: str,
+        mlflow_env: dict[str, str] | None = None,
+        spool_storage: str | None = None,
+        experiment_id: str | None = None,
     ):
         self.tracking_uri, self.run_id, self.spool_storage = tracking_uri, run_id, spool_storage
+        # The run's own spool folder (its store and experiment); needed with spool_storage.
+        self.spool_scope = spool.scope(tracking_uri, experiment_id) if spool_storage else None
         self._mlflow_env = dict(mlflow_env or {})
         self._client = None
         self._seen: set[tuple[str, int]] = set()
@@ -55,7 +62,7 @@ class MLflowReportCallback(UserCallback):
         except Exception as e:
             if not retry.is_transient(e) or self.spool_storage is None:
                 raise
-            spool.write(self.spool_storage, self.run_id, self._pending)
+            spool.write(self.spool_storage, self.spool_scope, self.run_id, self._pending)
             self._spooled = True
             print(
                 f"warning: tracking server {retry.redact(self.tracking_uri)} unreachable; {len(self._pending)} "
@@ -78,5 +85,5 @@ class MLflowReportCallback(UserCallback):
             self._seen.update((m.key, m.step) for m in new)
         self._pending.clear()
         if self._spooled:  # the server is back: send what earlier reports left in the spool
-            spool.flush(self.spool_storage, self._client, self.run_id)
+            spool.flush(self.spool_storage, self.spool_scope, self._client, self.run_id)
             self._spooled = False

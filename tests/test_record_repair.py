@@ -1,0 +1,74 @@
+"""A pretraining run left without its params and class mask (the driver died right after creating
+it) is repaired when the next driver reopens it; and an artifact store that fails is an error,
+not a missing mask that analysis would read as "every class". Real sqlite stores; no Ray."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from orchestrator.analysis import AnalysisError
+from orchestrator.analysis.frame import class_masks, load_study
+from orchestrator.execution.study import open_pretrain_run
+from orchestrator.planning.plan import build_plan
+from orchestrator.records.schema import KIND_PRETRAIN, KIND_STUDY, TAG_CONFIG_HASH, TAG_KIND, TAG_PARENT, TAG_STUDY
+from orchestrator.records.tracker import Tracker
+from orchestrator.spec import load_spec
+
+pytestmark = pytest.mark.timeout(120)
+
+SPEC = {
+    "study": "repair",
+    "sources": {"mnist": {"uri": "builtin:mnist"}},
+    "tasks": {"digits": {"uri": "builtin:digits"}},
+    "pretrain": {
+        "model": "tiny-cnn",
+        "image_size": 16,
+        "epochs": 1,
+        "sweep": {"pretrain_size": [100], "label_noise": [0.4], "class_fraction": [0.5]},
+    },
+    "transfer": {"shots": [1], "seeds": [0]},
+}
+
+
+def test_a_run_created_but_never_given_params_or_mask_is_repaired_on_reopen(tmp_path, tracking_uri):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(SPEC))
+    plan = build_plan(load_spec(path))
+    (job,) = plan.pretrain_runs
+    assert job.view.keep_classes is not None
+    tracker = Tracker(tracking_uri)
+    exp = tracker.experiment_id("repair")
+    study_run = tracker.create_run(exp, KIND_STUDY, "repair", "study repair", plan.spec_hash, {"study": "repair"})
+    # What a driver killed inside Tracker.create_run leaves: the run and its tags, nothing else.
+    tags = {TAG_KIND: KIND_PRETRAIN, TAG_STUDY: "repair", TAG_CONFIG_HASH: job.config_hash, TAG_PARENT: study_run}
+    orphan = tracker.client.create_run(exp, run_name=job.run_name, tags=tags)
+    assert orphan.data.params == {}
+
+    prior = tracker.runs_by_hash(exp, KIND_PRETRAIN)[job.config_hash]
+    run_id = open_pretrain_run(tracker, exp, "repair", job, prior, study_run)
+    assert run_id == orphan.info.run_id  # resumed into the same run, not a second one
+    tracker.finish(run_id)  # as its trial would after training
+
+    params = tracker.client.get_run(run_id).data.params
+    assert params["label_noise"] == "0.4" and params["class_fraction"] == "0.5"
+    row = load_study(tracker, "repair").pretrain.iloc[0]
+    assert (row["label_noise"], row["class_fraction"]) == (0.4, 0.5)  # not the defaults 0 and 1
+    classes, mask = class_masks([row["artifact_uri"]])
+    assert len(classes) == 10 and mask.sum() == 5  # half the classes, not all
+    # Reopening again (a second interruption) changes nothing and raises nothing.
+    assert open_pretrain_run(tracker, exp, "repair", job, tracker.client.get_run(run_id), study_run) == run_id
+
+
+def test_an_unreachable_artifact_store_is_an_error_not_an_all_classes_mask(tmp_path, tracking_uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    tracker = Tracker(tracking_uri)
+    local = tracker.client.create_run(tracker.experiment_id("local")).info.artifact_uri
+    # Runs whose artifacts live behind an HTTP artifact server nobody answers (a server that is down).
+    away = tracker.client.create_experiment("away", artifact_location="http://127.0.0.1:9/artifacts")
+    remote = tracker.client.create_run(away).info.artifact_uri
+    classes, mask = class_masks([local])
+    assert classes == [] and mask.shape == (1, 0)  # no mask artifact at all: a study without subsets
+    with pytest.raises(AnalysisError, match=r"^artifacts: cannot read view/class_mask.json of the run at http://127"):
+        class_masks([local, remote])
