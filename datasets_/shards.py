@@ -299,6 +299,27 @@ class _ShardWriter:
         }
 
 
+def check_replaceable(path: str | os.PathLike) -> None:
+    """Raise DatasetError naming ``path`` unless a new dataset may take its place: nothing there,
+    an empty folder, or a folder holding a dataset (its manifest). ``--out ~/data`` must never
+    delete someone's data."""
+    out = Path(path)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise DatasetError(f"{out}: exists and is not a folder; refusing to replace it")
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise DatasetError(
+            f"{out}: not empty and not a transferlab dataset (no {MANIFEST}); refusing to replace it "
+            "(choose a new folder, or empty this one yourself)"
+        )
+
+
+def remove_dataset_dir(path: str | os.PathLike) -> None:
+    """Remove a dataset folder so that a new one can take its place (see :func:`check_replaceable`)."""
+    check_replaceable(path)
+    if Path(path).exists():
+        shutil.rmtree(path)
+
+
 def write_sharded_dataset(
     out_dir: str | os.PathLike,
     name: str,
@@ -315,11 +336,14 @@ def write_sharded_dataset(
     ``raw`` (only the index: each row's ``shard`` names the source file its image stays in).
     ``classes=None`` infers ``0..max(label)`` (names from ``extra["class_names"]`` when given);
     label -1 marks an unlabeled sample. The directory appears atomically: rows are written to a
-    temporary sibling and renamed, so a crash never leaves a half-written dataset behind.
+    temporary sibling and renamed, so a crash never leaves a half-written dataset behind. An
+    ``out_dir`` already there is replaced only if it is a dataset (see :func:`remove_dataset_dir`),
+    checked before any row is read.
     """
     if shard_format not in SHARD_FORMATS:
         raise DatasetError(f"unknown shard format '{shard_format}' (known: {', '.join(SHARD_FORMATS)})")
     out = Path(out_dir)
+    check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     extra = dict(extra or {})
@@ -329,8 +353,7 @@ def write_sharded_dataset(
             writer.add(split, row)
         manifest = writer.finish(extra)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
+        remove_dataset_dir(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -54,12 +54,41 @@ SHARD_ATTACKS = {
         "3 bad samples `undecodable image`",
     ),
     "test_oversized_caption_is_truncated": (
-        "a 5 MB `.txt` caption",
+        "a 60 kB `.txt` caption",
         "caption truncated to 2,048 characters; sample kept",
     ),
     "test_oversized_parquet_caption_is_truncated": (
-        "a 1 MB caption in Parquet",
+        "a 60 kB caption in Parquet",
         "caption truncated to 2,048 characters; sample kept",
+    ),
+    "test_caption_over_the_byte_limit_is_refused_unread": (
+        "a 5 MB `.txt` caption; a 1 MB Parquet caption alone in its row group, and among 99 short ones",
+        "bad sample `caption too large` (limit 64 KiB): the tar member from its header, unread; the one-row "
+        "group from its metadata, unread; the cell among 99 once its row group is read (the other 99 kept)",
+    ),
+    "test_image_over_the_byte_limit_is_refused_unread": (
+        "a 33 MiB image file in a folder (sparse), tar member and Parquet cell",
+        "bad sample `image too large: N bytes exceeds the limit of 33554432`, from `stat`, the tar header and "
+        "the row group's metadata, before any byte is read",
+    ),
+    "test_compressed_tar_is_refused_unless_allowed": (
+        "a gzip-compressed tar (`transferlab data prepare` through the console script)",
+        "bad sample `compressed tar refused: gzip; allow it with allow_compressed: true (--allow-compressed)`; "
+        "exit 2, one line `no usable samples (1 bad, compressed tar refused x1; first: ...)`; with "
+        "`--allow-compressed` it is prepared",
+    ),
+    "test_gzip_bomb_is_refused_from_its_tar_header_in_bounded_memory": (
+        "a ~130 kB gzip tar holding a 128 MB caption, compressed tars allowed",
+        "bad sample `caption too large`, skipped as a stream; peak memory of `prepare` grows by < 80 MB "
+        "(33 MB measured)",
+    ),
+    "test_images_in_formats_the_readers_do_not_read_are_bad_samples": (
+        "GIF, BMP and TIFF images named `.png`",
+        "3 bad samples `undecodable image: not a JPEG, PNG or WebP` (PIL opens only those formats)",
+    ),
+    "test_non_integer_parquet_labels_are_bad_samples": (
+        "Parquet label columns of strings (`'0'`, `'seven'`) and floats (`1.5`)",
+        "bad samples `unreadable label: not an integer (str)`; integral floats (`2.0`) are read as ints",
     ),
     "test_oversized_metadata_is_ignored": (
         "2 MB `.json` metadata",

@@ -22,6 +22,7 @@ def run(args) -> int:
             "label_column": args.label_column,
             "caption_column": args.caption_column,
             "key_column": args.key_column,
+            **({"allow_compressed": True} if args.allow_compressed else {}),
         }
         if args.data_command == "prepare":
             if args.shard_size < 1:

@@ -136,7 +136,7 @@ class DataRef:
 
     Sources may be curated: only ``keep_classes`` / all but ``drop_classes`` (class names), and
     only samples whose caption matches ``caption_matches`` and not ``caption_excludes`` (regexes).
-    Tasks take ``uri`` and the column keys only.
+    Tasks take ``uri``, ``allow_compressed`` and the column keys only.
     """
 
     name: str
@@ -145,7 +145,11 @@ class DataRef:
     drop_classes: tuple[str, ...] = spec_field((), read=list_of(_class_name))
     caption_matches: str | None = spec_field(None, read=_regex)
     caption_excludes: str | None = spec_field(None, read=_regex)
-    columns: dict = field(default_factory=dict)  # raw Parquet: {image_column: ..., label_column: ...}
+    # gzip/bzip2/xz tars are refused unless allowed: a few kB of them can unpack to gigabytes
+    allow_compressed: bool = spec_field(False, read=boolean)
+    # what the readers are given: raw Parquet column names ({image_column: ..., label_column: ...}),
+    # and allow_compressed when true
+    columns: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
