@@ -17,6 +17,7 @@ from orchestrator.spec.fields import (
     SpecError,
     boolean,
     choice,
+    data_uri,
     int_in,
     integer,
     list_of,
@@ -140,7 +141,7 @@ class DataRef:
     """
 
     name: str
-    uri: str = spec_field(read=string)
+    uri: str = spec_field(read=data_uri)
     keep_classes: tuple[str, ...] | None = spec_field(None, read=list_of(_class_name))
     drop_classes: tuple[str, ...] = spec_field((), read=list_of(_class_name))
     caption_matches: str | None = spec_field(None, read=_regex)
@@ -333,7 +334,7 @@ class StudySpec:
     resources: Resources = spec_field(default_factory=Resources)
     # default: MLflow's default store in the working directory
     tracking_uri: str | None = spec_field(None, read=string)
-    storage_path: str | None = spec_field(None, read=string)  # checkpoints; default ./transferlab_storage
+    storage_path: str | None = spec_field(None, read=data_uri)  # checkpoints; default ./transferlab_storage
     # leakage check source train vs task test: off | warn | error
     preflight_overlap: str = spec_field("off", read=_overlap_mode)
     datamodels: DatamodelSpec | None = spec_field(None)  # a datamodel sweep instead of the pretraining grid
