@@ -361,6 +361,27 @@ def write_sharded_dataset(
     return ShardedDataset(out, manifest)
 
 
+def _check_manifest_paths(manifest: dict, where: str) -> None:
+    """A manifest may name only files inside its own dataset: relative paths without ``..``
+    (a raw scan's shards are its source's files, listed as the scan found them; its index is
+    its own). Otherwise a dataset anyone can write would make a trial open any path or URI."""
+    own = list(manifest.get("index", {}).values())
+    if manifest.get("format") != "raw":
+        own += [s.get("path") for s in manifest["shards"]]
+    for path in own:
+        if (
+            not isinstance(path, str)
+            or not path
+            or path.startswith(("/", "\\"))
+            or "://" in path
+            or ":" in path.split("/", 1)[0]
+            or ".." in path.replace("\\", "/").split("/")
+        ):
+            raise DatasetError(
+                f"{where}: the manifest names {repr(path)[:200]}, outside the dataset; refusing to open it"
+            )
+
+
 def _open_remote(uri: str) -> ShardedDataset:
     import pyarrow.fs as pafs
 
@@ -372,6 +393,7 @@ def _open_remote(uri: str) -> ShardedDataset:
             raise DatasetError(f"{uri}: not a transferlab dataset (no {MANIFEST})")
         with fs.open_input_stream(f"{base}/{MANIFEST}") as f:
             manifest = json.loads(f.read())
+        _check_manifest_paths(manifest, uri)
         if manifest.get("format") == "raw":  # a scan's shards are the source's own files
             _check_scan_current(manifest, root)
             return ShardedDataset(root, manifest)
@@ -406,6 +428,7 @@ def open_dataset(path: str | os.PathLike) -> ShardedDataset:
     for field in ("name", "classes", "splits", "shards", "fingerprint"):
         if field not in manifest:
             raise DatasetError(f"{mpath}: manifest lacks '{field}'")
+    _check_manifest_paths(manifest, str(root))
     if manifest.get("format") == "raw":  # the shards are the source's own files, maybe remote
         _check_scan_current(manifest, root)
         return ShardedDataset(root, manifest)
@@ -413,6 +436,29 @@ def open_dataset(path: str | os.PathLike) -> ShardedDataset:
     if missing:
         raise DatasetError(f"{root}: shard {missing[0]} listed in the manifest is missing")
     return ShardedDataset(root, manifest)
+
+
+def verify(ds: ShardedDataset) -> tuple[int, list[str]]:
+    """(shards checked, problems): each shard's bytes hashed again (streamed, local or remote)
+    and compared with the SHA-256 its manifest records. Opening a dataset checks only that its
+    shards exist; this reads them all (``transferlab data verify``). A raw scan's shards are its
+    source's files, checked by size and mtime on open instead, so none is hashed here."""
+    problems, checked = [], 0
+    for shard in ds.manifest["shards"]:
+        if "sha256" not in shard:
+            continue
+        checked += 1
+        h = hashlib.sha256()
+        try:
+            with objstore.open_stream(ds.resolve(shard["path"])) as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError as e:
+            problems.append(f"{shard['path']}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            continue
+        if h.hexdigest() != shard["sha256"]:
+            problems.append(f"{shard['path']}: SHA-256 {h.hexdigest()[:16]}... differs from the manifest's")
+    return checked, problems
 
 
 def _check_scan_current(manifest: dict, root: Path | str) -> None:

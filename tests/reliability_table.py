@@ -108,6 +108,38 @@ SHARD_ATTACKS = {
     ),
 }
 
+# (hostile path, manifest or value, test, outcome)
+HOSTILE_PATHS = [
+    (
+        "`data prepare --out` a folder holding other files, or a file (through the console script)",
+        "tests/test_data_paths.py::test_prepare_replaces_only_a_dataset_folder",
+        "exit 2, one line `error: DIR: not empty and not a transferlab dataset (no manifest.json); refusing to "
+        "replace it ...` / `exists and is not a folder`; nothing deleted; a folder holding a dataset is replaced",
+    ),
+    (
+        "a manifest naming `/etc/passwd`, `../../outside.parquet` or `s3://someone-else/...` as a shard",
+        "tests/test_data_paths.py::test_a_manifest_naming_files_outside_its_dataset_is_refused",
+        "`DatasetError: DIR: the manifest names '/etc/passwd', outside the dataset; refusing to open it`",
+    ),
+    (
+        "the same manifest on an object store (moto's S3 server)",
+        "tests/test_data_paths.py::test_a_remote_manifest_naming_an_absolute_path_is_refused",
+        "refused the same way, naming the `s3://` URI",
+    ),
+    (
+        "a shard changed after `data prepare` (one byte flipped, size unchanged)",
+        "tests/test_data_paths.py::test_data_verify_finds_a_shard_changed_since_prepare",
+        "opening still works (it checks presence only); `transferlab data verify DIR` exits 2 with one line naming "
+        "the shard whose SHA-256 differs from the manifest's",
+    ),
+    (
+        "class names `=HYPERLINK(...)`, `+1+1`, `-2+3`, `@SUM(...)`, tab-`=` in a report table",
+        "tests/test_report_csv.py::test_report_csv_cells_that_a_spreadsheet_would_run_are_text",
+        "written to `tables/*.csv` (and `runs --csv`) prefixed with `'`, so a spreadsheet shows them as text; "
+        "numbers untouched",
+    ),
+]
+
 # (failure, test, outcome)
 INFRASTRUCTURE = [
     (
@@ -204,6 +236,14 @@ def render() -> str:
         "|---|---|",
     ]
     lines += [f"| {_cell(a)} | {_cell(o)} |" for a, o in SHARD_ATTACKS.values()]
+    lines += [
+        "",
+        f"### Hostile paths, manifests and report cells ({len(HOSTILE_PATHS)} cases)",
+        "",
+        "| input | test | outcome |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {_cell(f)} | `{t}` | {_cell(o)} |" for f, t, o in HOSTILE_PATHS]
     lines += [
         "",
         f"### Failing infrastructure ({len(INFRASTRUCTURE)} cases)",

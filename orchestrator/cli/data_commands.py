@@ -9,6 +9,7 @@ import sys
 from datasets_ import DatasetError, resolve_dataset
 from datasets_.overlap import find_overlap
 from datasets_.prepare import inspect, prepare
+from datasets_.shards import open_dataset, verify
 from orchestrator.cli.exits import EXIT_OK, error
 
 
@@ -17,6 +18,8 @@ def run(args) -> int:
     try:
         if args.data_command == "overlap":
             return _overlap(args)
+        if args.data_command == "verify":
+            return _verify(args)
         columns = {
             "image_column": args.image_column,
             "label_column": args.label_column,
@@ -79,4 +82,15 @@ def _overlap(args) -> int:
         print(f"  {p['kind']:<5} d={p['distance']:<2} {p['a_split']}/{p['a_key']}  ~  {p['b_split']}/{p['b_key']}")
     if len(report["pairs"]) > 20:
         print(f"  ... {len(report['pairs']) - 20} more (--json lists all)")
+    return EXIT_OK
+
+
+def _verify(args) -> int:
+    checked, problems = verify(open_dataset(args.uri))
+    if problems:
+        more = (
+            f" (and {len(problems) - 1} more of {checked} shards)" if len(problems) > 1 else f" (of {checked} shards)"
+        )
+        return error(f"{args.uri}: shard {problems[0]}{more}")
+    print(f"ok: {checked} shard(s) of {args.uri} match the SHA-256 of their manifest")
     return EXIT_OK

@@ -107,6 +107,8 @@ def _data_parsers(sub) -> None:
     ins = dsub.add_parser("inspect", help="print a dataset's manifest (computed by a scan if it has none)")
     ins.add_argument("uri", metavar="DIR_OR_URI")
     ins.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    ver = dsub.add_parser("verify", help="hash every shard of a prepared dataset and compare with its manifest")
+    ver.add_argument("uri", metavar="DIR_OR_URI")
     ov = dsub.add_parser("overlap", help="exact and near-duplicate images between two datasets (leakage check)")
     ov.add_argument("a", metavar="A", help="builtin:NAME or a prepared dataset directory (e.g. a pretraining source)")
     ov.add_argument("b", metavar="B", help="builtin:NAME or a prepared dataset directory (e.g. a downstream task)")
