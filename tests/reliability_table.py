@@ -82,6 +82,11 @@ SHARD_ATTACKS = {
         "bad sample `caption too large`, skipped as a stream; peak memory of `prepare` grows by < 80 MB "
         "(33 MB measured)",
     ),
+    "test_a_study_source_reads_a_compressed_tar_only_when_it_allows_it": (
+        "a gzip tar as a study's source, without and with `allow_compressed: true`",
+        "without: `no usable samples (1 bad, compressed tar refused x1; ...)`; with: scanned, and read back "
+        "by training's read units (the option travels with the scan)",
+    ),
     "test_images_in_formats_the_readers_do_not_read_are_bad_samples": (
         "GIF, BMP and TIFF images named `.png`",
         "3 bad samples `undecodable image: not a JPEG, PNG or WebP` (PIL opens only those formats)",

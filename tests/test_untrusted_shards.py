@@ -369,3 +369,30 @@ def test_every_attack_is_in_the_reliability_table():
     }
     assert set(SHARD_ATTACKS) == tests
     assert np.all([len(v) == 2 for v in SHARD_ATTACKS.values()])
+
+
+def test_a_study_source_reads_a_compressed_tar_only_when_it_allows_it(tmp_path, monkeypatch):
+    """``allow_compressed: true`` on a source travels from the study file to the scan and to the
+    reads of training (the scan's read units), and is part of the scan's cache key."""
+    from datasets_.indexed import iter_encoded
+    from datasets_.prepare import resolve_dataset
+    from orchestrator.spec import load_spec
+
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
+    shard = _gzip_shard(tmp_path)
+    study = tmp_path / "study.yaml"
+    body = (
+        "study: gz\nsources:\n  web:\n    uri: {uri}\n{extra}tasks:\n  digits: builtin:digits\n"
+        "pretrain:\n  sweep:\n    pretrain_size: [1]\ntransfer:\n  shots: [1]\n"
+    )
+    study.write_text(body.format(uri=shard, extra=""))
+    ref = load_spec(study).sources["web"]
+    assert ref.columns == {}
+    with pytest.raises(DatasetError, match="no usable samples .*compressed tar refused: gzip; allow it with"):
+        resolve_dataset(ref.uri, **ref.columns)
+    study.write_text(body.format(uri=shard, extra="    allow_compressed: true\n"))
+    ref = load_spec(study).sources["web"]
+    assert ref.columns == {"allow_compressed": True}
+    ds = resolve_dataset(ref.uri, **ref.columns)
+    batches = list(iter_encoded(ds, "train"))
+    assert [k for b in batches for k in b["key"]] == ["good0"] and batches[0]["image"][0] == _png()
