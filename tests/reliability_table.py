@@ -87,6 +87,11 @@ SHARD_ATTACKS = {
         "without: `no usable samples (1 bad, compressed tar refused x1; ...)`; with: scanned, and read back "
         "by training's read units (the option travels with the scan)",
     ),
+    "test_byte_limits_are_overridden_by_the_environment": (
+        "a 200-byte caption with `TRANSFERLAB_MAX_CAPTION_BYTES=100`; the variable set to `lots`",
+        "bad sample `caption too large`; a non-integer limit stops the import with "
+        "`TRANSFERLAB_MAX_CAPTION_BYTES: must be an integer number of bytes`",
+    ),
     "test_images_in_formats_the_readers_do_not_read_are_bad_samples": (
         "GIF, BMP and TIFF images named `.png`",
         "3 bad samples `undecodable image: not a JPEG, PNG or WebP` (PIL opens only those formats)",
@@ -130,6 +135,12 @@ HOSTILE_PATHS = [
         "the same manifest on an object store (moto's S3 server)",
         "tests/test_data_paths.py::test_a_remote_manifest_naming_an_absolute_path_is_refused",
         "refused the same way, naming the `s3://` URI",
+    ),
+    (
+        "`data prepare/inspect/verify` given `s3://KEY:SECRET@...` or `?endpoint_override=HOST`",
+        "tests/test_data_paths.py::test_data_commands_refuse_uris_with_credentials_or_a_query_without_repeating_them",
+        "exit 2, one line `error: SRC: must not carry credentials (USER:SECRET@) ...` / `--out: must not carry a "
+        "query string ...`; the secret appears in no output; nothing written",
     ),
     (
         "a shard changed after `data prepare` (one byte flipped, size unchanged)",

@@ -113,3 +113,24 @@ def test_data_verify_finds_a_shard_changed_since_prepare(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(f"error: {out}: shard train/part-00000.parquet: SHA-256 ")
     assert proc.stderr.endswith("differs from the manifest's (of 1 shards)\n")
+
+
+def test_data_commands_refuse_uris_with_credentials_or_a_query_without_repeating_them(tmp_path):
+    secret = "wJalrXUtnFEMIEXAMPLEKEY"
+    cases = [
+        (
+            ["prepare", f"s3://AKIAEXAMPLE:{secret}@bucket/src", "--out", str(tmp_path / "o")],
+            "SRC: must not carry credentials",
+        ),
+        (
+            ["prepare", "builtin:digits", "--out", "s3://b/o?endpoint_override=evil.example"],
+            "--out: must not carry a query",
+        ),
+        (["inspect", "s3://b/x?endpoint_override=evil.example"], "DIR_OR_URI: must not carry a query"),
+        (["verify", f"gs://u:{secret}@b/ds"], "DIR_OR_URI: must not carry credentials"),
+    ]
+    for args, expect in cases:
+        proc = subprocess.run([str(SCRIPT), "data", *args], capture_output=True, text=True, timeout=100)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: {expect}"), proc.stderr
+        assert proc.stderr.count("\n") == 1 and secret not in proc.stderr + proc.stdout
+    assert not (tmp_path / "o").exists()

@@ -396,3 +396,24 @@ def test_a_study_source_reads_a_compressed_tar_only_when_it_allows_it(tmp_path, 
     ds = resolve_dataset(ref.uri, **ref.columns)
     batches = list(iter_encoded(ds, "train"))
     assert [k for b in batches for k in b["key"]] == ["good0"] and batches[0]["image"][0] == _png()
+
+
+def test_byte_limits_are_overridden_by_the_environment(tmp_path):
+    def hostile(tar):
+        _add(tar, "mid.png", _png())
+        _add(tar, "mid.txt", b"x" * 200)
+
+    shard = _shard(tmp_path, hostile)
+    code = (
+        "import json, sys\n"
+        "from datasets_.readers import BadSamples, iter_samples\n"
+        "bad = BadSamples()\n"
+        "print(json.dumps([[s.key for s in iter_samples(sys.argv[1], bad)], bad.counts]))\n"
+    )
+    env = {**os.environ, "TRANSFERLAB_MAX_CAPTION_BYTES": "100"}
+    proc = subprocess.run([sys.executable, "-c", code, str(shard)], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [["good0", "good1"], {"caption too large": 1}]
+    env["TRANSFERLAB_MAX_CAPTION_BYTES"] = "lots"
+    proc = subprocess.run([sys.executable, "-c", code, str(shard)], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode != 0 and "TRANSFERLAB_MAX_CAPTION_BYTES: must be an integer number of bytes" in proc.stderr

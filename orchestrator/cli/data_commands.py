@@ -11,10 +11,18 @@ from datasets_.overlap import find_overlap
 from datasets_.prepare import inspect, prepare
 from datasets_.shards import open_dataset, verify
 from orchestrator.cli.exits import EXIT_OK, error
+from orchestrator.spec.fields import SpecError, data_uri
 
 
 def run(args) -> int:
     """``data prepare``, ``data inspect`` or ``data overlap``."""
+    for flag, attr in (("SRC", "src"), ("--out", "out"), ("DIR_OR_URI", "uri"), ("A", "a"), ("B", "b")):
+        value = getattr(args, attr, None)
+        try:
+            if value is not None:
+                data_uri(flag, value)  # no ?endpoint_override= nor USER:SECRET@, as in a study file
+        except SpecError as e:
+            return error(str(e))
     try:
         if args.data_command == "overlap":
             return _overlap(args)
