@@ -51,6 +51,7 @@ from datasets_.safety import (
     MAX_LABEL_BYTES,
     MAX_METADATA_BYTES,
     MAX_ROW_GROUP_BYTES,
+    BoundedTarInfo,
     compression,
     too_many_bytes,
     too_many_pixels,
@@ -240,7 +241,7 @@ def _tar_groups(path: str, bad: BadSamples, allow_compressed: bool = False) -> I
         # A stream, local or remote: members are read in order, never extracted or sought.
         with objstore.open_stream(path) as raw:
             f = _DECOMPRESS[packed](raw) if packed else raw
-            with f, tarfile.open(fileobj=f, mode="r|") as tar:
+            with f, tarfile.open(fileobj=f, mode="r|", tarinfo=BoundedTarInfo) as tar:
                 current, group, refusal = None, {}, None
                 for member in tar:
                     unsafe = unsafe_member(member)  # links, devices, absolute or '..' names

@@ -72,6 +72,23 @@ _KIND = {
 }
 
 
+MAX_TAR_HEADER_BYTES = 1 << 20  # a PAX or GNU long-name header: names and a few attributes
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """A tar header that refuses PAX and GNU long-name extension headers over
+    :data:`MAX_TAR_HEADER_BYTES`: tarfile reads those whole, before the member they describe, so
+    a size check on the member would come too late (``tarfile.open(..., tarinfo=BoundedTarInfo)``)."""
+
+    def _proc_member(self, tarfile_):
+        extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, b"X")
+        if self.type in extended and self.size > MAX_TAR_HEADER_BYTES:
+            raise tarfile.HeaderError(
+                f"extended header of {self.size} bytes exceeds the limit of {MAX_TAR_HEADER_BYTES}"
+            )
+        return super()._proc_member(tarfile_)
+
+
 def unsafe_member(member: tarfile.TarInfo) -> str | None:
     """Why a tar member must not be read (None: a regular file with a safe relative name).
     Directories return "" : harmless, and skipped without being counted."""

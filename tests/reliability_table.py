@@ -92,6 +92,11 @@ SHARD_ATTACKS = {
         "bad sample `caption too large`; a non-integer limit stops the import with "
         "`TRANSFERLAB_MAX_CAPTION_BYTES: must be an integer number of bytes`",
     ),
+    "test_oversized_pax_header_stops_the_shard_before_it_is_read": (
+        "a 5 MB PAX extension header (tarfile reads these whole, before the member)",
+        "refused from its size (limit 1 MiB): the rest of the shard is a bad sample `truncated or corrupt tar: "
+        "extended header of N bytes exceeds ...`; the samples before it are kept, as for a cut-off tar",
+    ),
     "test_images_in_formats_the_readers_do_not_read_are_bad_samples": (
         "GIF, BMP and TIFF images named `.png`",
         "3 bad samples `undecodable image: not a JPEG, PNG or WebP` (PIL opens only those formats)",

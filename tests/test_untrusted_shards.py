@@ -417,3 +417,20 @@ def test_byte_limits_are_overridden_by_the_environment(tmp_path):
     env["TRANSFERLAB_MAX_CAPTION_BYTES"] = "lots"
     proc = subprocess.run([sys.executable, "-c", code, str(shard)], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode != 0 and "TRANSFERLAB_MAX_CAPTION_BYTES: must be an integer number of bytes" in proc.stderr
+
+
+def test_oversized_pax_header_stops_the_shard_before_it_is_read(tmp_path):
+    """tarfile reads a PAX extension header whole before the member it describes: one of 5 MB
+    ends the shard, as a corrupt tar does (samples grouped before it are kept), instead of being read."""
+    path = tmp_path / "shards" / "00000.tar"
+    path.parent.mkdir()
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        _add(tar, "good0.png", _png())
+        _add(tar, "good1.png", _png())
+        info = tarfile.TarInfo("padded.png")
+        info.size, info.pax_headers = len(_png()), {"comment": "x" * (5 << 20)}
+        tar.addfile(info, io.BytesIO(_png()))
+        _add(tar, "good2.png", _png())
+    samples, bad = _read(path)
+    assert [s.key for s in samples] == ["good0"]  # good1 was still being grouped: dropped with the rest
+    assert bad.counts == {"truncated or corrupt tar": 1} and "extended header of" in bad.examples[0]
