@@ -87,8 +87,9 @@ class BadSamples:
         if self.on_bad_sample == "error":
             raise DatasetError(f"{shard}: sample '{key}': {reason}")
         self.counts[reason.split(":")[0]] += 1
-        if len(self.examples) < 5:
-            self.examples.append(f"{shard}:{key}: {reason}")
+        if len(self.examples) < 5:  # keys and names come from the data: cut to fit a line
+            example = f"{shard}:{key}: {reason}"
+            self.examples.append(example if len(example) <= 300 else example[:297] + "...")
 
     @property
     def total(self) -> int:
