@@ -71,6 +71,10 @@ SHARD_ATTACKS = {
         "bad sample `image too large: N bytes exceeds the limit of 33554432`, from `stat`, the tar header and "
         "the row group's metadata, before any byte is read",
     ),
+    "test_oversized_object_in_a_remote_image_folder_is_refused_from_the_listing": (
+        "a 32 MiB + 1 byte object in an image folder on S3 (moto's server)",
+        "bad sample `image too large`, from the size in the prefix's listing, before the object is read",
+    ),
     "test_compressed_tar_is_refused_unless_allowed": (
         "a gzip-compressed tar (`transferlab data prepare` through the console script)",
         "bad sample `compressed tar refused: gzip; allow it with allow_compressed: true (--allow-compressed)`; "

@@ -434,3 +434,16 @@ def test_oversized_pax_header_stops_the_shard_before_it_is_read(tmp_path):
     samples, bad = _read(path)
     assert [s.key for s in samples] == ["good0"]  # good1 was still being grouped: dropped with the rest
     assert bad.counts == {"truncated or corrupt tar": 1} and "extended header of" in bad.examples[0]
+
+
+def test_oversized_object_in_a_remote_image_folder_is_refused_from_the_listing(s3_server):
+    """On an object store the size comes from the one listing of the prefix: no GET of the object."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="bigimages")
+    s3.put_object(Bucket="bigimages", Key="folder/cat/a.png", Body=_png())
+    s3.put_object(Bucket="bigimages", Key="folder/cat/big.png", Body=bytes(MAX_IMAGE_BYTES + 1))
+    samples, bad = _read("s3://bigimages/folder")
+    assert [s.key for s in samples] == ["cat/a"] and bad.counts == {"image too large": 1}
+    assert f"{MAX_IMAGE_BYTES + 1} bytes exceeds the limit" in bad.examples[0]
