@@ -20,6 +20,7 @@ import numpy as np
 
 from datasets_.objstore import read_bytes
 from datasets_.readers import BadSamples, iter_parquet, iter_webdataset
+from datasets_.safety import MAX_IMAGE_BYTES
 from datasets_.shards import parquet_file
 
 # Samples a read unit holds before the next one starts (image files; Parquet row groups are
@@ -80,18 +81,22 @@ def read_units(dataset, split: str, samples_per_unit: int = SAMPLES_PER_UNIT) ->
 def _unit_images(unit: dict) -> Iterator[tuple[str, bytes]]:
     """(key, image bytes) of the unit's files, in file order (other samples included)."""
     if unit["kind"] == "file":
-        yield from zip(unit["keys"], (read_bytes(p) for p in unit["paths"]))
+        # never more than the limit: the scan refused larger files, and one that grew since is
+        # cut short here and refused by the decoder
+        yield from zip(unit["keys"], (read_bytes(p, MAX_IMAGE_BYTES) for p in unit["paths"]))
     elif unit["kind"] == "tar":
-        for s in iter_webdataset(unit["paths"][0], BadSamples(), check_images=False):
+        allow = bool(unit["columns"].get("allow_compressed"))
+        for s in iter_webdataset(unit["paths"][0], BadSamples(), check_images=False, allow_compressed=allow):
             yield s.key, s.image
     else:
         groups = unit.get("row_groups")
+        columns = {k: v for k, v in unit["columns"].items() if k != "allow_compressed"}
         for s in iter_parquet(
             unit["paths"][0],
             BadSamples(),
             check_images=False,
             row_groups=tuple(groups) if groups else None,
-            **unit["columns"],
+            **columns,
         ):
             yield s.key, s.image
 

@@ -155,12 +155,20 @@ def open_stream(uri: str):
     return fs.open_input_stream(path)
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of a file or object; with ``max_bytes``, at most ``max_bytes + 1`` of them are
+    read (a result longer than ``max_bytes`` means the file is larger: refuse it)."""
     try:
         with open_stream(uri) as f:
-            return f.read()
+            return f.read() if max_bytes is None else f.read(max_bytes + 1)
     except OSError as e:
         raise DatasetError(f"{uri}: cannot read ({_first_line(e)})") from None
+
+
+def head(uri: str, n: int) -> bytes:
+    """The first ``n`` bytes of a file (fewer if it is shorter)."""
+    with open_stream(uri) as f:
+        return f.read(n)
 
 
 def tail(uri: str, n: int) -> tuple[int, bytes]:

@@ -19,12 +19,13 @@ import numpy as np
 from PIL import Image
 
 from datasets_.indexed import iter_encoded
+from datasets_.safety import IMAGE_FORMATS
 from datasets_.shards import ShardedDataset
 
 
 def image_hashes(blob: bytes) -> tuple[str, int, np.ndarray]:
     """(pixel digest, 64-bit dHash, 16×16 grayscale thumbnail) of one encoded image."""
-    with Image.open(io.BytesIO(blob)) as img:
+    with Image.open(io.BytesIO(blob), formats=IMAGE_FORMATS) as img:
         rgb = img.convert("RGB")
         digest = hashlib.blake2b(rgb.tobytes() + repr(rgb.size).encode(), digest_size=16).hexdigest()
         gray = rgb.convert("L")

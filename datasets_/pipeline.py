@@ -22,7 +22,7 @@ from PIL import Image
 
 from datasets_.indexed import iter_encoded, iter_unit, read_units, shard_units
 from datasets_.objstore import DatasetError
-from datasets_.safety import too_many_pixels
+from datasets_.safety import IMAGE_FORMATS, MAX_IMAGE_BYTES, too_many_bytes, too_many_pixels
 from datasets_.shards import ShardedDataset
 from datasets_.views import PretrainView, swapped_captions
 
@@ -34,10 +34,13 @@ def decode_uint8(blobs, image_size: int) -> np.ndarray:
     """Decode encoded images (PNG/JPEG/WebP bytes) into a uint8 NCHW array, resized."""
     out = np.empty((len(blobs), 3, image_size, image_size), dtype=np.uint8)
     for i, blob in enumerate(blobs):
+        reason = too_many_bytes("image", len(blob), MAX_IMAGE_BYTES)
+        if reason:
+            raise DatasetError(f"refusing to decode image {i} of the batch: {reason}")
         try:
             with warnings.catch_warnings():  # refused below, with a reason, rather than warned about
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(blob))
+                img = Image.open(io.BytesIO(blob), formats=IMAGE_FORMATS)
         except Image.DecompressionBombError as e:
             raise DatasetError(f"refusing to decode image {i} of the batch: image too large: {e}") from None
         with img:

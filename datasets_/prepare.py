@@ -17,7 +17,7 @@ from datasets_.builtin import BUILTIN_PREFIX, TEST_FRACTION, cache_dir, prepare_
 from datasets_.listing import MANIFEST, detect_format, source_listing
 from datasets_.objstore import DatasetError, filesystem, is_remote, write_atomic
 from datasets_.readers import BadSamples, Sample, folder_layout, iter_samples
-from datasets_.shards import ShardedDataset, open_dataset, write_sharded_dataset
+from datasets_.shards import ShardedDataset, open_dataset, remove_dataset_dir, write_sharded_dataset
 from datasets_.views import unit_hash
 
 # Bump when a scan's index or manifest changes meaning, so cached scans are redone.
@@ -90,7 +90,9 @@ def _write(
     )
     if ds.num_samples("train") + ds.num_samples("test") == 0:
         shutil.rmtree(out, ignore_errors=True)
-        raise DatasetError(f"{src}: no usable samples ({bad.total} bad)")
+        reasons = "".join(f", {k} x{v}" for k, v in bad.counts.items())
+        first = f"; first: {bad.examples[0]}" if bad.examples else ""
+        raise DatasetError(f"{src}: no usable samples ({bad.total} bad{reasons}{first})")
     return ds
 
 
@@ -122,8 +124,7 @@ def prepare(
     if src.startswith(BUILTIN_PREFIX):
         cached = prepare_builtin(src[len(BUILTIN_PREFIX) :])
         if shard_format == "parquet":
-            if Path(out).exists():
-                shutil.rmtree(out)
+            remove_dataset_dir(out)
             shutil.copytree(cached.root, out)
             return open_dataset(out), bad
         return _rewrite(cached, out, shard_size, shard_format), bad

@@ -21,12 +21,16 @@ file (symlinks, devices, directories) is ignored.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import itertools
 import json
+import lzma
 import os
 import tarfile
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,7 +41,22 @@ from PIL import Image
 from datasets_ import objstore
 from datasets_.listing import IMAGE_EXTENSIONS, detect_format, shard_paths
 from datasets_.objstore import DatasetError, is_remote
-from datasets_.safety import MAX_CAPTION_CHARS, MAX_IMAGE_PIXELS, MAX_METADATA_BYTES, too_many_pixels, unsafe_member
+from datasets_.safety import (
+    IMAGE_FORMATS,
+    MAX_CAPTION_BYTES,
+    MAX_CAPTION_CHARS,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    MAX_KEY_BYTES,
+    MAX_LABEL_BYTES,
+    MAX_METADATA_BYTES,
+    MAX_ROW_GROUP_BYTES,
+    BoundedTarInfo,
+    compression,
+    too_many_bytes,
+    too_many_pixels,
+    unsafe_member,
+)
 from datasets_.shards import parquet_file
 
 __all__ = ["MAX_CAPTION_CHARS", "MAX_IMAGE_PIXELS"]  # re-exported; the limits live in datasets_.safety
@@ -68,8 +87,9 @@ class BadSamples:
         if self.on_bad_sample == "error":
             raise DatasetError(f"{shard}: sample '{key}': {reason}")
         self.counts[reason.split(":")[0]] += 1
-        if len(self.examples) < 5:
-            self.examples.append(f"{shard}:{key}: {reason}")
+        if len(self.examples) < 5:  # keys and names come from the data: cut to fit a line
+            example = f"{shard}:{key}: {reason}"
+            self.examples.append(example if len(example) <= 300 else example[:297] + "...")
 
     @property
     def total(self) -> int:
@@ -80,17 +100,19 @@ class BadSamples:
 
 
 def check_image(blob: bytes) -> str | None:
-    """None if ``blob`` is a decodable image within the pixel limit, else the reason."""
+    """None if ``blob`` is a decodable JPEG, PNG or WebP within the pixel limit, else the reason."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(blob)) as img:
+            with Image.open(io.BytesIO(blob), formats=IMAGE_FORMATS) as img:
                 reason = too_many_pixels(img)
                 if reason:
                     return reason
                 img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return f"image too large: {e}"
+    except Image.UnidentifiedImageError:
+        return "undecodable image: not a JPEG, PNG or WebP"
     except Exception as e:  # PIL raises many types for corrupt data
         return f"undecodable image: {type(e).__name__}"
     return None
@@ -99,11 +121,14 @@ def check_image(blob: bytes) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _remote_folder(root: str) -> tuple[list[tuple[str, str | None]], list[str], dict[str, list[str]]]:
+def _remote_folder(
+    root: str,
+) -> tuple[list[tuple[str, str | None]], list[str], dict[str, list[str]], dict[str, int]]:
     """:func:`folder_layout` of a prefix, from one listing, plus the image URIs under each
-    class prefix (``{split_prefix}/{class}``), sorted by name."""
+    class prefix (``{split_prefix}/{class}``), sorted by name, and every object's size."""
     base = root.rstrip("/")
-    rel = [f.path[len(base) + 1 :].split("/") for f in objstore.list_files(base)]
+    listing = objstore.list_files(base)
+    rel = [f.path[len(base) + 1 :].split("/") for f in listing]
     splits = sorted({p[0] for p in rel if len(p) >= 3 and p[0] in SPLIT_ALIASES})
     depth = 1 if splits else 0
     layouts = [(f"{base}/{d}", SPLIT_ALIASES[d]) for d in splits] if splits else [(base, None)]
@@ -117,7 +142,17 @@ def _remote_folder(root: str) -> tuple[list[tuple[str, str | None]], list[str], 
     files = {
         d: [f"{d}/{n}" for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)] for d, names in images.items()
     }
-    return layouts, classes, files
+    return layouts, classes, files, {f.path: f.size for f in listing}
+
+
+def _read_image_file(uri: str, size: int) -> tuple[bytes | None, str | None]:
+    """(bytes, None) of an image file within :data:`MAX_IMAGE_BYTES` (refused from its listed
+    ``size`` unread, and read no further than the limit should it have grown), else (None, reason)."""
+    reason = too_many_bytes("image", size, MAX_IMAGE_BYTES)
+    blob = None if reason else objstore.read_bytes(uri, MAX_IMAGE_BYTES)
+    if blob is not None and len(blob) > MAX_IMAGE_BYTES:
+        blob, reason = None, f"image too large: over the limit of {MAX_IMAGE_BYTES} bytes"
+    return blob, reason or (check_image(blob) if blob is not None else None)
 
 
 def folder_layout(root: str) -> tuple[list[tuple[Path | str, str | None]], list[str]]:
@@ -137,13 +172,12 @@ def folder_layout(root: str) -> tuple[list[tuple[Path | str, str | None]], list[
 def _iter_remote_folder(root: str, bad: BadSamples) -> Iterator[Sample]:
     """:func:`iter_folder` of a prefix: same keys, order and labels as the folder copied to disk."""
     base = root.rstrip("/")
-    layouts, classes, files = _remote_folder(base)
+    layouts, classes, files, sizes = _remote_folder(base)
     for directory, split in layouts:
         for label, name in enumerate(classes):
             for uri in files.get(f"{directory}/{name}", []):
                 key = uri[len(base) + 1 :].rsplit(".", 1)[0]
-                blob = objstore.read_bytes(uri)
-                reason = check_image(blob)
+                blob, reason = _read_image_file(uri, sizes[uri])
                 if reason:
                     bad.add(f"{directory}/{name}", uri.rsplit("/", 1)[1], reason)
                     continue
@@ -166,8 +200,7 @@ def iter_folder(root: str, bad: BadSamples) -> Iterator[Sample]:
                 if f.is_symlink() or not f.is_file() or f.suffix.lower() not in IMAGE_EXTENSIONS:
                     continue
                 key = str(f.relative_to(base).with_suffix("")).replace(os.sep, "/")
-                blob = f.read_bytes()
-                reason = check_image(blob)
+                blob, reason = _read_image_file(str(f), f.stat().st_size)
                 if reason:
                     bad.add(str(class_dir), f.name, reason)
                     continue
@@ -181,37 +214,68 @@ def _ends_with_eof_marker(path: str) -> bool:
     return size >= 1024 and end == b"\0" * 1024
 
 
-def _tar_groups(path: str, bad: BadSamples) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample, consecutive members grouped as WebDataset does."""
+# What a tar member of each extension may hold, read only when within its limit; members of
+# other extensions are skipped unread.
+_MEMBER_LIMITS = {
+    **{ext: ("image", MAX_IMAGE_BYTES) for ext in ("jpg", "jpeg", "png", "webp")},
+    "txt": ("caption", MAX_CAPTION_BYTES),
+    "cls": ("label", MAX_LABEL_BYTES),
+    "json": ("metadata", MAX_METADATA_BYTES),
+}
+_DECOMPRESS = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}
+
+
+def _tar_groups(path: str, bad: BadSamples, allow_compressed: bool = False) -> Iterator[tuple[str, dict, str | None]]:
+    """(key, {extension: bytes}, refusal) per sample, consecutive members grouped as WebDataset
+    does; ``refusal`` is why the sample is refused unread (a member over its size limit)."""
     try:
-        complete = _ends_with_eof_marker(path)
+        packed = compression(objstore.head(path, 6))
+        if packed and (not allow_compressed or packed not in _DECOMPRESS):
+            how = (
+                "allow it with allow_compressed: true (--allow-compressed)" if packed in _DECOMPRESS else "unsupported"
+            )
+            bad.add(path, "(whole shard)", f"compressed tar refused: {packed}; {how}")
+            return
+        # A compressed tar's decompressor raises EOFError where it is cut short; a plain one ends
+        # with an end-of-archive marker.
+        complete = True if packed else _ends_with_eof_marker(path)
         # A stream, local or remote: members are read in order, never extracted or sought.
-        with objstore.open_stream(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            current, group = None, {}
-            for member in tar:
-                unsafe = unsafe_member(member)  # links, devices, absolute or '..' names
-                if unsafe is not None:
-                    if unsafe:
-                        bad.add(path, member.name, unsafe)
-                    continue
-                name = member.name
-                base = name.rsplit("/", 1)[-1]
-                if "." not in base:
-                    continue
-                key, ext = base.split(".", 1)
-                key = name[: len(name) - len(base)] + key
-                if key != current:
-                    if current is not None:
-                        yield current, group
-                    current, group = key, {}
-                data = tar.extractfile(member)
-                payload = data.read() if data else b""
-                if len(payload) != member.size:
-                    raise tarfile.ReadError(f"member {name} is cut short")
-                group[ext.lower()] = payload
-            if current is not None and complete:
-                yield current, group
-    except (tarfile.TarError, EOFError, OSError) as e:
+        with objstore.open_stream(path) as raw:
+            f = _DECOMPRESS[packed](raw) if packed else raw
+            with f, tarfile.open(fileobj=f, mode="r|", tarinfo=BoundedTarInfo) as tar:
+                current, group, refusal = None, {}, None
+                for member in tar:
+                    unsafe = unsafe_member(member)  # links, devices, absolute or '..' names
+                    if unsafe is not None:
+                        if unsafe:
+                            bad.add(path, member.name, unsafe)
+                        continue
+                    name = member.name
+                    base = name.rsplit("/", 1)[-1]
+                    if "." not in base:
+                        continue
+                    key, ext = base.split(".", 1)
+                    key, ext = name[: len(name) - len(base)] + key, ext.lower()
+                    if key != current:
+                        if current is not None:
+                            yield current, group, refusal
+                        current, group, refusal = key, {}, None
+                    if ext not in _MEMBER_LIMITS:
+                        continue  # never read: skipped in the stream
+                    what, limit = _MEMBER_LIMITS[ext]
+                    too_big = too_many_bytes(what, member.size, limit)
+                    if too_big:
+                        if ext != "json":  # oversized metadata is only ignored: it names classes
+                            refusal = refusal or too_big
+                        continue
+                    data = tar.extractfile(member)
+                    payload = data.read() if data else b""
+                    if len(payload) != member.size:
+                        raise tarfile.ReadError(f"member {name} is cut short")
+                    group[ext] = payload
+                if current is not None and complete:
+                    yield current, group, refusal
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
         bad.add(path, "(rest of shard)", f"truncated or corrupt tar: {e}")
         return
     if not complete:
@@ -219,12 +283,18 @@ def _tar_groups(path: str, bad: BadSamples) -> Iterator[tuple[str, dict[str, byt
         bad.add(path, "(end of shard)", "truncated or corrupt tar: no end-of-archive marker")
 
 
-def iter_webdataset(uri: str, bad: BadSamples, check_images: bool = True) -> Iterator[Sample]:
+def iter_webdataset(
+    uri: str, bad: BadSamples, check_images: bool = True, allow_compressed: bool = False
+) -> Iterator[Sample]:
     """Samples of img2dataset-style tars. A ``KEY.json`` with a string ``"key"`` names the sample
     (img2dataset writes the member key there; transferlab's own tars use it for keys that cannot
-    be member names). ``check_images=False`` skips the decode check (images already vetted)."""
+    be member names). ``check_images=False`` skips the decode check (images already vetted).
+    Compressed tars are refused (counted bad, whole) unless ``allow_compressed``."""
     for path in shard_paths(uri, ".tar"):
-        for key, parts in _tar_groups(path, bad):
+        for key, parts, refusal in _tar_groups(path, bad, allow_compressed):
+            if refusal:
+                bad.add(path, key, refusal)
+                continue
             ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
             if ext is None:
                 bad.add(path, key, "no image member")
@@ -242,7 +312,7 @@ def iter_webdataset(uri: str, bad: BadSamples, check_images: bool = True) -> Ite
                     continue
             caption = parts.get("txt", b"").decode("utf-8", errors="replace")[:MAX_CAPTION_CHARS]
             class_name = None
-            if "json" in parts and len(parts["json"]) <= MAX_METADATA_BYTES:
+            if "json" in parts:
                 try:
                     meta = json.loads(parts["json"])
                 except (json.JSONDecodeError, UnicodeDecodeError):
@@ -251,6 +321,36 @@ def iter_webdataset(uri: str, bad: BadSamples, check_images: bool = True) -> Ite
                     class_name = meta.get("class_name") if isinstance(meta.get("class_name"), str) else None
                     key = meta["key"] if isinstance(meta.get("key"), str) and meta["key"] else key
             yield Sample(key=key, image=parts[ext], label=label, caption=caption, class_name=class_name, shard=path)
+
+
+def _row_group_refusal(pf, group: int, limits: dict[str, tuple[str, int]]) -> str | None:
+    """Why a Parquet row group is refused unread, from its metadata (``limits``: column ->
+    (what, bytes per cell)): its selected columns are over :data:`MAX_ROW_GROUP_BYTES`
+    uncompressed, or a column holds more than its per-cell limit times the row count."""
+    rg = pf.metadata.row_group(group)
+    sizes = {rg.column(i).path_in_schema: rg.column(i).total_uncompressed_size for i in range(rg.num_columns)}
+    total = sum(sizes.get(c, 0) for c in limits)
+    if total > MAX_ROW_GROUP_BYTES:
+        return f"row group too large: {total} bytes uncompressed exceeds the limit of {MAX_ROW_GROUP_BYTES}"
+    for column, (what, limit) in limits.items():
+        # 4 bytes of length per value and some pages' headers are not the cells' own bytes
+        if sizes.get(column, 0) > rg.num_rows * (limit + 4) + (64 << 10):
+            return (
+                f"{what} too large: column '{column}' holds {sizes[column]} bytes for {rg.num_rows} row(s), "
+                f"over the limit of {limit} per cell"
+            )
+    return None
+
+
+def _label(v) -> int | None:
+    """An integer label (an int, or a float with an integer value), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return None
 
 
 def iter_parquet(
@@ -264,7 +364,8 @@ def iter_parquet(
     row_groups: tuple[int, int] | None = None,
 ) -> Iterator[Sample]:
     """Samples of Parquet files; ``row_groups=(lo, hi)`` reads only those row groups of a single
-    file, with the same keys as a whole-file read (default keys count rows from the file's start)."""
+    file, with the same keys as a whole-file read (default keys count rows from the file's start).
+    Row groups and cells over the byte limits of :mod:`datasets_.safety` are bad samples."""
     for path in shard_paths(uri, ".parquet"):
         pf = parquet_file(path)
         names = set(pf.schema_arrow.names)
@@ -278,10 +379,26 @@ def iter_parquet(
                 f"{path}: no image column '{image_column}' (columns: {', '.join(pf.schema_arrow.names)})"
             )
         cols = [c for c in (image_col, label_column, caption_column, key_column) if c and c in names]
+        limits = {
+            c: lim
+            for c, lim in (
+                (image_col, ("image", MAX_IMAGE_BYTES)),
+                (caption_column, ("caption", MAX_CAPTION_BYTES)),
+                (key_column, ("key", MAX_KEY_BYTES)),
+                (label_column, ("label", MAX_LABEL_BYTES)),
+            )
+            if c in cols
+        }
         lo, hi = row_groups or (0, pf.metadata.num_row_groups)
         row = sum(pf.metadata.row_group(g).num_rows for g in range(lo))
         stem = path.rsplit("/", 1)[-1].removesuffix(".parquet")
         for group in range(lo, hi):
+            refusal = _row_group_refusal(pf, group, limits)
+            if refusal:
+                for _ in range(pf.metadata.row_group(group).num_rows):
+                    bad.add(path, f"{stem}-{row:08d} (row group {group})", refusal)
+                    row += 1
+                continue
             for batch in pf.iter_batches(columns=cols, batch_size=512, row_groups=[group]):
                 data = batch.to_pydict()
                 for i in range(batch.num_rows):
@@ -292,32 +409,45 @@ def iter_parquet(
                     )
                     row += 1
                     blob = data[image_col][i]
+                    caption = (data[caption_column][i] or "") if caption_column in data else ""
+                    raw_label = data[label_column][i] if label_column in data else None
+                    label = None if raw_label is None else _label(raw_label)
                     if not blob:
-                        bad.add(path, key, "no image bytes")
-                        continue
-                    reason = check_image(blob) if check_images else None
+                        reason = "no image bytes"
+                    elif len(key) > MAX_KEY_BYTES:
+                        key, reason = key[:64] + "...", f"key too large: over the limit of {MAX_KEY_BYTES}"
+                    else:
+                        reason = (
+                            too_many_bytes("image", len(blob), MAX_IMAGE_BYTES)
+                            or too_many_bytes("caption", len(str(caption).encode()), MAX_CAPTION_BYTES)
+                            or (
+                                None
+                                if raw_label is None or label is not None
+                                else f"unreadable label: not an integer ({type(raw_label).__name__})"
+                            )
+                            or (check_image(blob) if check_images else None)
+                        )
                     if reason:
                         bad.add(path, key, reason)
                         continue
-                    label = data[label_column][i] if label_column in data else None
-                    caption = (data[caption_column][i] or "") if caption_column in data else ""
                     yield Sample(
                         key=key,
                         image=blob,
-                        label=None if label is None else int(label),
+                        label=label,
                         caption=str(caption)[:MAX_CAPTION_CHARS],
                         shard=path,
                         row_group=group,
                     )
 
 
-def iter_samples(uri: str, bad: BadSamples, **parquet_columns) -> Iterator[Sample]:
-    """Samples of any supported source (local or remote), with bad samples skipped and counted."""
+def iter_samples(uri: str, bad: BadSamples, allow_compressed: bool = False, **parquet_columns) -> Iterator[Sample]:
+    """Samples of any supported source (local or remote), with bad samples skipped and counted;
+    ``allow_compressed`` lets compressed tars be read."""
     fmt = detect_format(uri)
     if fmt == "folder":
         return iter_folder(uri, bad)
     if fmt == "webdataset":
-        return iter_webdataset(uri, bad)
+        return iter_webdataset(uri, bad, allow_compressed=allow_compressed)
     if fmt == "parquet":
         return iter_parquet(uri, bad, **parquet_columns)
     raise DatasetError(f"{uri}: already a prepared transferlab dataset")

@@ -299,6 +299,27 @@ class _ShardWriter:
         }
 
 
+def check_replaceable(path: str | os.PathLike) -> None:
+    """Raise DatasetError naming ``path`` unless a new dataset may take its place: nothing there,
+    an empty folder, or a folder holding a dataset (its manifest). ``--out ~/data`` must never
+    delete someone's data."""
+    out = Path(path)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise DatasetError(f"{out}: exists and is not a folder; refusing to replace it")
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise DatasetError(
+            f"{out}: not empty and not a transferlab dataset (no {MANIFEST}); refusing to replace it "
+            "(choose a new folder, or empty this one yourself)"
+        )
+
+
+def remove_dataset_dir(path: str | os.PathLike) -> None:
+    """Remove a dataset folder so that a new one can take its place (see :func:`check_replaceable`)."""
+    check_replaceable(path)
+    if Path(path).exists():
+        shutil.rmtree(path)
+
+
 def write_sharded_dataset(
     out_dir: str | os.PathLike,
     name: str,
@@ -315,11 +336,14 @@ def write_sharded_dataset(
     ``raw`` (only the index: each row's ``shard`` names the source file its image stays in).
     ``classes=None`` infers ``0..max(label)`` (names from ``extra["class_names"]`` when given);
     label -1 marks an unlabeled sample. The directory appears atomically: rows are written to a
-    temporary sibling and renamed, so a crash never leaves a half-written dataset behind.
+    temporary sibling and renamed, so a crash never leaves a half-written dataset behind. An
+    ``out_dir`` already there is replaced only if it is a dataset (see :func:`remove_dataset_dir`),
+    checked before any row is read.
     """
     if shard_format not in SHARD_FORMATS:
         raise DatasetError(f"unknown shard format '{shard_format}' (known: {', '.join(SHARD_FORMATS)})")
     out = Path(out_dir)
+    check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     extra = dict(extra or {})
@@ -329,13 +353,33 @@ def write_sharded_dataset(
             writer.add(split, row)
         manifest = writer.finish(extra)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
+        remove_dataset_dir(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ShardedDataset(out, manifest)
+
+
+def _check_manifest_paths(manifest: dict, where: str) -> None:
+    """A manifest may name only files inside its own dataset: relative paths without ``..``
+    (a raw scan's shards are its source's files, listed as the scan found them; its index is
+    its own). Otherwise a dataset anyone can write would make a trial open any path or URI."""
+    own = list(manifest.get("index", {}).values())
+    if manifest.get("format") != "raw":
+        own += [s.get("path") for s in manifest["shards"]]
+    for path in own:
+        if (
+            not isinstance(path, str)
+            or not path
+            or path.startswith(("/", "\\"))
+            or "://" in path
+            or ":" in path.split("/", 1)[0]
+            or ".." in path.replace("\\", "/").split("/")
+        ):
+            raise DatasetError(
+                f"{where}: the manifest names {repr(path)[:200]}, outside the dataset; refusing to open it"
+            )
 
 
 def _open_remote(uri: str) -> ShardedDataset:
@@ -349,6 +393,7 @@ def _open_remote(uri: str) -> ShardedDataset:
             raise DatasetError(f"{uri}: not a transferlab dataset (no {MANIFEST})")
         with fs.open_input_stream(f"{base}/{MANIFEST}") as f:
             manifest = json.loads(f.read())
+        _check_manifest_paths(manifest, uri)
         if manifest.get("format") == "raw":  # a scan's shards are the source's own files
             _check_scan_current(manifest, root)
             return ShardedDataset(root, manifest)
@@ -383,6 +428,7 @@ def open_dataset(path: str | os.PathLike) -> ShardedDataset:
     for field in ("name", "classes", "splits", "shards", "fingerprint"):
         if field not in manifest:
             raise DatasetError(f"{mpath}: manifest lacks '{field}'")
+    _check_manifest_paths(manifest, str(root))
     if manifest.get("format") == "raw":  # the shards are the source's own files, maybe remote
         _check_scan_current(manifest, root)
         return ShardedDataset(root, manifest)
@@ -390,6 +436,29 @@ def open_dataset(path: str | os.PathLike) -> ShardedDataset:
     if missing:
         raise DatasetError(f"{root}: shard {missing[0]} listed in the manifest is missing")
     return ShardedDataset(root, manifest)
+
+
+def verify(ds: ShardedDataset) -> tuple[int, list[str]]:
+    """(shards checked, problems): each shard's bytes hashed again (streamed, local or remote)
+    and compared with the SHA-256 its manifest records. Opening a dataset checks only that its
+    shards exist; this reads them all (``transferlab data verify``). A raw scan's shards are its
+    source's files, checked by size and mtime on open instead, so none is hashed here."""
+    problems, checked = [], 0
+    for shard in ds.manifest["shards"]:
+        if "sha256" not in shard:
+            continue
+        checked += 1
+        h = hashlib.sha256()
+        try:
+            with objstore.open_stream(ds.resolve(shard["path"])) as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError as e:
+            problems.append(f"{shard['path']}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            continue
+        if h.hexdigest() != shard["sha256"]:
+            problems.append(f"{shard['path']}: SHA-256 {h.hexdigest()[:16]}... differs from the manifest's")
+    return checked, problems
 
 
 def _check_scan_current(manifest: dict, root: Path | str) -> None:

@@ -54,12 +54,60 @@ SHARD_ATTACKS = {
         "3 bad samples `undecodable image`",
     ),
     "test_oversized_caption_is_truncated": (
-        "a 5 MB `.txt` caption",
+        "a 60 kB `.txt` caption",
         "caption truncated to 2,048 characters; sample kept",
     ),
     "test_oversized_parquet_caption_is_truncated": (
-        "a 1 MB caption in Parquet",
+        "a 60 kB caption in Parquet",
         "caption truncated to 2,048 characters; sample kept",
+    ),
+    "test_caption_over_the_byte_limit_is_refused_unread": (
+        "a 5 MB `.txt` caption; a 1 MB Parquet caption alone in its row group, and among 99 short ones",
+        "bad sample `caption too large` (limit 64 KiB): the tar member from its header, unread; the one-row "
+        "group from its metadata, unread; the cell among 99 once its row group is read (the other 99 kept)",
+    ),
+    "test_image_over_the_byte_limit_is_refused_unread": (
+        "a 33 MiB image file in a folder (sparse), tar member and Parquet cell",
+        "bad sample `image too large: N bytes exceeds the limit of 33554432`, from `stat`, the tar header and "
+        "the row group's metadata, before any byte is read",
+    ),
+    "test_oversized_object_in_a_remote_image_folder_is_refused_from_the_listing": (
+        "a 32 MiB + 1 byte object in an image folder on S3 (moto's server)",
+        "bad sample `image too large`, from the size in the prefix's listing, before the object is read",
+    ),
+    "test_compressed_tar_is_refused_unless_allowed": (
+        "a gzip-compressed tar (`transferlab data prepare` through the console script)",
+        "bad sample `compressed tar refused: gzip; allow it with allow_compressed: true (--allow-compressed)`; "
+        "exit 2, one line `no usable samples (1 bad, compressed tar refused x1; first: ...)`; with "
+        "`--allow-compressed` it is prepared",
+    ),
+    "test_gzip_bomb_is_refused_from_its_tar_header_in_bounded_memory": (
+        "a ~130 kB gzip tar holding a 128 MB caption, compressed tars allowed",
+        "bad sample `caption too large`, skipped as a stream; peak memory of `prepare` grows by < 80 MB "
+        "(33 MB measured)",
+    ),
+    "test_a_study_source_reads_a_compressed_tar_only_when_it_allows_it": (
+        "a gzip tar as a study's source, without and with `allow_compressed: true`",
+        "without: `no usable samples (1 bad, compressed tar refused x1; ...)`; with: scanned, and read back "
+        "by training's read units (the option travels with the scan)",
+    ),
+    "test_byte_limits_are_overridden_by_the_environment": (
+        "a 200-byte caption with `TRANSFERLAB_MAX_CAPTION_BYTES=100`; the variable set to `lots`",
+        "bad sample `caption too large`; a non-integer limit stops the import with "
+        "`TRANSFERLAB_MAX_CAPTION_BYTES: must be an integer number of bytes`",
+    ),
+    "test_oversized_pax_header_stops_the_shard_before_it_is_read": (
+        "a 5 MB PAX extension header (tarfile reads these whole, before the member)",
+        "refused from its size (limit 1 MiB): the rest of the shard is a bad sample `truncated or corrupt tar: "
+        "extended header of N bytes exceeds ...`; the samples before it are kept, as for a cut-off tar",
+    ),
+    "test_images_in_formats_the_readers_do_not_read_are_bad_samples": (
+        "GIF, BMP and TIFF images named `.png`",
+        "3 bad samples `undecodable image: not a JPEG, PNG or WebP` (PIL opens only those formats)",
+    ),
+    "test_non_integer_parquet_labels_are_bad_samples": (
+        "Parquet label columns of strings (`'0'`, `'seven'`) and floats (`1.5`)",
+        "bad samples `unreadable label: not an integer (str)`; integral floats (`2.0`) are read as ints",
     ),
     "test_oversized_metadata_is_ignored": (
         "2 MB `.json` metadata",
@@ -78,6 +126,44 @@ SHARD_ATTACKS = {
         "bad samples `label out of range`, `unreadable label`; the rest is prepared",
     ),
 }
+
+# (hostile path, manifest or value, test, outcome)
+HOSTILE_PATHS = [
+    (
+        "`data prepare --out` a folder holding other files, or a file (through the console script)",
+        "tests/test_data_paths.py::test_prepare_replaces_only_a_dataset_folder",
+        "exit 2, one line `error: DIR: not empty and not a transferlab dataset (no manifest.json); refusing to "
+        "replace it ...` / `exists and is not a folder`; nothing deleted; a folder holding a dataset is replaced",
+    ),
+    (
+        "a manifest naming `/etc/passwd`, `../../outside.parquet` or `s3://someone-else/...` as a shard",
+        "tests/test_data_paths.py::test_a_manifest_naming_files_outside_its_dataset_is_refused",
+        "`DatasetError: DIR: the manifest names '/etc/passwd', outside the dataset; refusing to open it`",
+    ),
+    (
+        "the same manifest on an object store (moto's S3 server)",
+        "tests/test_data_paths.py::test_a_remote_manifest_naming_an_absolute_path_is_refused",
+        "refused the same way, naming the `s3://` URI",
+    ),
+    (
+        "`data prepare/inspect/verify` given `s3://KEY:SECRET@...` or `?endpoint_override=HOST`",
+        "tests/test_data_paths.py::test_data_commands_refuse_uris_with_credentials_or_a_query_without_repeating_them",
+        "exit 2, one line `error: SRC: must not carry credentials (USER:SECRET@) ...` / `--out: must not carry a "
+        "query string ...`; the secret appears in no output; nothing written",
+    ),
+    (
+        "a shard changed after `data prepare` (one byte flipped, size unchanged)",
+        "tests/test_data_paths.py::test_data_verify_finds_a_shard_changed_since_prepare",
+        "opening still works (it checks presence only); `transferlab data verify DIR` exits 2 with one line naming "
+        "the shard whose SHA-256 differs from the manifest's",
+    ),
+    (
+        "class names `=HYPERLINK(...)`, `+1+1`, `-2+3`, `@SUM(...)`, tab-`=` in a report table",
+        "tests/test_report_csv.py::test_report_csv_cells_that_a_spreadsheet_would_run_are_text",
+        "written to `tables/*.csv` (and `runs --csv`) prefixed with `'`, so a spreadsheet shows them as text; "
+        "numbers untouched",
+    ),
+]
 
 # (failure, test, outcome)
 INFRASTRUCTURE = [
@@ -242,6 +328,14 @@ def render() -> str:
         "|---|---|",
     ]
     lines += [f"| {_cell(a)} | {_cell(o)} |" for a, o in SHARD_ATTACKS.values()]
+    lines += [
+        "",
+        f"### Hostile paths, manifests and report cells ({len(HOSTILE_PATHS)} cases)",
+        "",
+        "| input | test | outcome |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {_cell(f)} | `{t}` | {_cell(o)} |" for f, t, o in HOSTILE_PATHS]
     lines += [
         "",
         f"### Failing infrastructure ({len(INFRASTRUCTURE)} cases)",

@@ -28,6 +28,7 @@ CORPUS = sorted(CORPUS_DIR.glob("*.yaml"))
 # Through the real console script, in a fresh process: YAML attacks, bytes, data-dependent checks.
 SUBPROCESS_CASES = {
     "python_object_apply": ("validate", "run"),
+    "alias_bomb": ("validate",),
     "not_utf8": ("validate",),
     "duplicate_source_name": ("validate",),
     "shots_above_smallest_class": ("run",),

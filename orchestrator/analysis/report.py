@@ -413,7 +413,7 @@ def write_report(rep: Report, out_dir: str | Path) -> Path:
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for name, df in rep.tables.items():
-        df.to_csv(out / "tables" / f"{name}.csv", index=False)
+        tables.spreadsheet_safe(df).to_csv(out / "tables" / f"{name}.csv", index=False)
     for name, png in rep.figures.items():
         (out / "figures" / f"{name}.png").write_bytes(png)
     (out / "numbers.json").write_text(json.dumps(rep.numbers, indent=1, default=str))

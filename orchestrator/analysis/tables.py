@@ -195,3 +195,19 @@ def best_layer_table(t: pd.DataFrame) -> pd.DataFrame:
     agg = fits.aggregate(lw, [*SETTING, "shots", "layer"], ACC)
     agg["best"] = agg["mean"] == agg.groupby([*SETTING, "shots"])["mean"].transform("max")
     return agg
+
+
+# A cell starting with one of these is run as a formula by Excel, LibreOffice and Google Sheets
+# (``=HYPERLINK(...)`` as a class name); a leading ``'`` makes it text.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every text cell that a spreadsheet would run as a formula prefixed with ``'``
+    (numbers are left alone: ``-0.5`` in a float column is not text). For CSV output."""
+    out = df.copy()
+    for column in out.columns:
+        if not pd.api.types.is_numeric_dtype(out[column]):
+            out[column] = ["'" + v if isinstance(v, str) and v.startswith(_FORMULA_START) else v for v in out[column]]
+    out.columns = ["'" + c if isinstance(c, str) and c.startswith(_FORMULA_START) else c for c in out.columns]
+    return out

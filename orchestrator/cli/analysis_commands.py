@@ -8,6 +8,7 @@ import os
 from orchestrator.analysis import AnalysisError
 from orchestrator.analysis.counterfactual import arm_lines, plan_counterfactual
 from orchestrator.analysis.report import build_report, log_report, write_report
+from orchestrator.analysis.tables import spreadsheet_safe
 from orchestrator.cli.exits import EXIT_OK, error
 from orchestrator.records.results import results_table, transfer_frame
 from orchestrator.records.tracker import Tracker, resolve_tracking_uri
@@ -35,7 +36,7 @@ def _runs(args, tracker: Tracker) -> int:
         raise AnalysisError("study", f"no study named '{args.study}' in {tracker.uri}")
     frame = transfer_frame(tracker, args.study)
     if args.csv:
-        print(frame.to_csv(index=False), end="")
+        print(spreadsheet_safe(frame).to_csv(index=False), end="")
     elif args.json:
         print(frame.to_json(orient="records", indent=1))
     else:

@@ -9,19 +9,31 @@ import sys
 from datasets_ import DatasetError, resolve_dataset
 from datasets_.overlap import find_overlap
 from datasets_.prepare import inspect, prepare
+from datasets_.shards import open_dataset, verify
 from orchestrator.cli.exits import EXIT_OK, error
+from orchestrator.spec.fields import SpecError, data_uri
 
 
 def run(args) -> int:
     """``data prepare``, ``data inspect`` or ``data overlap``."""
+    for flag, attr in (("SRC", "src"), ("--out", "out"), ("DIR_OR_URI", "uri"), ("A", "a"), ("B", "b")):
+        value = getattr(args, attr, None)
+        try:
+            if value is not None:
+                data_uri(flag, value)  # no ?endpoint_override= nor USER:SECRET@, as in a study file
+        except SpecError as e:
+            return error(str(e))
     try:
         if args.data_command == "overlap":
             return _overlap(args)
+        if args.data_command == "verify":
+            return _verify(args)
         columns = {
             "image_column": args.image_column,
             "label_column": args.label_column,
             "caption_column": args.caption_column,
             "key_column": args.key_column,
+            **({"allow_compressed": True} if args.allow_compressed else {}),
         }
         if args.data_command == "prepare":
             if args.shard_size < 1:
@@ -78,4 +90,15 @@ def _overlap(args) -> int:
         print(f"  {p['kind']:<5} d={p['distance']:<2} {p['a_split']}/{p['a_key']}  ~  {p['b_split']}/{p['b_key']}")
     if len(report["pairs"]) > 20:
         print(f"  ... {len(report['pairs']) - 20} more (--json lists all)")
+    return EXIT_OK
+
+
+def _verify(args) -> int:
+    checked, problems = verify(open_dataset(args.uri))
+    if problems:
+        more = (
+            f" (and {len(problems) - 1} more of {checked} shards)" if len(problems) > 1 else f" (of {checked} shards)"
+        )
+        return error(f"{args.uri}: shard {problems[0]}{more}")
+    print(f"ok: {checked} shard(s) of {args.uri} match the SHA-256 of their manifest")
     return EXIT_OK

@@ -50,7 +50,7 @@ def _submit(args) -> int:
         f"ok: study '{spec.study}': {len(plan.pretrain_runs)} pretraining runs, {plan.num_transfer_fits} transfer fits "
         f"on {len(spec.transfer_tasks)} task(s)"
     )
-    print(f"tracking: {jobs.scrub(sub.tracking_uri)}   storage: {sub.storage}")
+    print(f"tracking: {jobs.scrub(sub.tracking_uri)}   storage: {jobs.scrub(sub.storage)}")
     client = jobs.connect(url)
     staged = jobs.stage(sub, doc, args.working_dir)
     try:

@@ -80,7 +80,11 @@ def _data_parsers(sub) -> None:
     prep.add_argument(
         "src", help="builtin:NAME, an image folder, a .tar / {00000..00009}.tar pattern / folder of tars, or Parquet"
     )
-    prep.add_argument("--out", required=True, help="output directory (replaced if it exists), or s3://bucket/prefix")
+    prep.add_argument(
+        "--out",
+        required=True,
+        help="output directory (a dataset already there is replaced; any other folder is refused), or s3://bucket/prefix",
+    )
     prep.add_argument(
         "--format",
         choices=["parquet", "webdataset"],
@@ -103,6 +107,8 @@ def _data_parsers(sub) -> None:
     ins = dsub.add_parser("inspect", help="print a dataset's manifest (computed by a scan if it has none)")
     ins.add_argument("uri", metavar="DIR_OR_URI")
     ins.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    ver = dsub.add_parser("verify", help="hash every shard of a prepared dataset and compare with its manifest")
+    ver.add_argument("uri", metavar="DIR_OR_URI")
     ov = dsub.add_parser("overlap", help="exact and near-duplicate images between two datasets (leakage check)")
     ov.add_argument("a", metavar="A", help="builtin:NAME or a prepared dataset directory (e.g. a pretraining source)")
     ov.add_argument("b", metavar="B", help="builtin:NAME or a prepared dataset directory (e.g. a downstream task)")
@@ -121,6 +127,11 @@ def _data_parsers(sub) -> None:
         sp.add_argument("--label-column", default="label", help="Parquet sources: integer label column")
         sp.add_argument("--caption-column", default="caption", help="Parquet sources: caption column")
         sp.add_argument("--key-column", default="key", help="Parquet sources: sample key column")
+        sp.add_argument(
+            "--allow-compressed",
+            action="store_true",
+            help="read gzip/bzip2/xz tars (refused by default: a few kB can unpack to gigabytes)",
+        )
 
 
 def _analysis_parsers(sub) -> None:

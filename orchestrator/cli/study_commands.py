@@ -19,6 +19,7 @@ from orchestrator.planning.plan import StudyPlan, build_plan
 from orchestrator.records.retry import redact
 from orchestrator.records.tracker import Tracker, resolve_tracking_uri
 from orchestrator.spec import SpecError, StudySpec, load_spec, resolved_document
+from orchestrator.spec.fields import data_uri
 
 
 def run(args) -> int:
@@ -114,10 +115,11 @@ def _check_infrastructure(tracking_uri, storage, tracking_field, storage_field) 
     except ValueError as e:
         raise SpecError(tracking_field, str(e)) from None
     if storage is not None:
+        data_uri(storage_field, storage)
         try:
             check_storage(storage)
         except ValueError as e:
-            raise SpecError(storage_field, str(e)) from None
+            raise SpecError(storage_field, redact(str(e))) from None
 
 
 def stopped(e: Exception, argv: list[str] | None) -> int:

@@ -396,7 +396,7 @@ class _StudyDriver:
             f"study '{self.spec.study}': {len(plan.pretrain_runs)} pretraining runs "
             f"({len(plan.pretrain_runs) - len(todo)} already "
             f"done), {plan.num_transfer_fits} transfer fits ({plan.num_transfer_fits - todo_fits} already done)\n"
-            f"tracking: {redact(tracker.uri)}   experiment: {self.spec.study}   storage: {ctx.storage_path}",
+            f"tracking: {redact(tracker.uri)}   experiment: {self.spec.study}   storage: {redact(ctx.storage_path)}",
             flush=True,
         )
         for run in todo:

@@ -16,19 +16,22 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import reprlib
 from collections.abc import Callable
 from typing import Any
 
 Reader = Callable[[str, Any], Any]
 
 INT_MAX = 2**31 - 1  # no count or seed in a study is larger; bigger ints are typos or attacks
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
 
 class SpecError(ValueError):
     """A study spec problem, phrased as ``FIELD: what is wrong``; ``field`` is the dotted path."""
 
     def __init__(self, field_path: str, problem: str):
+        if len(field_path) > 120:  # a path holds the user's keys, which may be huge
+            field_path = field_path[:117] + "..."
         self.field = field_path
         super().__init__(f"{field_path}: {problem}")
 
@@ -40,9 +43,14 @@ def typename(v: Any) -> str:
     return {"dict": "mapping", "list": "list", "str": "string"}.get(type(v).__name__, type(v).__name__)
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 58, 58
+
+
 def short(v: Any) -> str:
-    """repr of a value, cut to fit one error line (values may be huge or hostile)."""
-    text = repr(v)
+    """repr of a value, cut to fit one error line; never the repr of the whole value, which may
+    be huge or hostile (a repr of a few levels and elements, then cut)."""
+    text = _SHORT.repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -112,12 +120,32 @@ def string(path: str, v: Any) -> str:
     return v
 
 
+def data_uri(path: str, v: Any) -> str:
+    """A local path or object-store URI without a query string or credentials: pyarrow honours
+    ``?endpoint_override=HOST`` (data and checkpoints would go to whoever HOST is) and
+    ``KEY:SECRET@`` would be printed, logged and stored with the study. Endpoints and
+    credentials come from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` ...)."""
+    v = string(path, v)
+    scheme, sep, rest = v.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        raise SpecError(
+            path, "must not carry credentials (USER:SECRET@): set them in the environment (AWS_* variables)"
+        )
+    if sep and ("?" in rest or "#" in rest):
+        raise SpecError(
+            path,
+            "must not carry a query string (?...): set the endpoint in the environment (AWS_ENDPOINT_URL) and name "
+            "the bucket and prefix only",
+        )
+    return v
+
+
 def name(path: str, v: Any) -> str:
     """A name that is safe in run names, file names and MLflow: letters, digits, ``_ . -``."""
     v = string(path, v)
     if len(v) > 128:
         raise SpecError(path, f"must be at most 128 characters, got {len(v)}")
-    if not _NAME.match(v):
+    if not _NAME.fullmatch(v):
         raise SpecError(
             path, f"{short(v)} may hold only letters, digits, '_', '.', '-' and must start with a letter or digit"
         )
@@ -129,7 +157,7 @@ def choice(options: tuple[str, ...]) -> Reader:
 
     def read(path: str, v: Any) -> str:
         if not isinstance(v, str) or v not in options:
-            hint = difflib.get_close_matches(str(v), options, n=1)
+            hint = difflib.get_close_matches(v, options, n=1) if isinstance(v, str) and len(v) < 100 else []
             extra = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise SpecError(path, f"unknown value {short(v)}{extra}; choose from: {', '.join(options)}")
         return v
@@ -214,9 +242,9 @@ class Mapping:
             raise SpecError(path or "study file", f"must be a mapping, got {typename(data)}")
         for k in data:
             if not isinstance(k, str):
-                raise SpecError(self._join(path, str(k)), "keys must be strings")
+                raise SpecError(self._join(path, short(k)), "keys must be strings")
             if k not in allowed:
-                hint = difflib.get_close_matches(k, allowed, n=1)
+                hint = difflib.get_close_matches(k, allowed, n=1) if len(k) < 100 else []
                 extra = f"; did you mean '{hint[0]}'?" if hint else f"; allowed: {', '.join(allowed)}"
                 raise SpecError(self._join(path, k), f"unknown key{extra}")
         self.path, self.data = path, data

@@ -75,7 +75,8 @@ def _datarefs(m: Mapping, key: str) -> dict[str, DataRef]:
     raw = m.get(key, as_is)
     if not isinstance(raw, dict) or not raw:
         raise SpecError(path, "must be a non-empty mapping of name -> {uri: ...}")
-    allowed = (spec_keys(DataRef) if key == "sources" else ("uri",)) + COLUMN_KEYS  # tasks are not curated
+    # tasks are not curated
+    allowed = (spec_keys(DataRef) if key == "sources" else ("uri", "allow_compressed")) + COLUMN_KEYS
     out = {}
     for ref_name, body in raw.items():
         ref_name = name(f"{path}.{ref_name}", ref_name)
@@ -84,6 +85,8 @@ def _datarefs(m: Mapping, key: str) -> dict[str, DataRef]:
         d = Mapping(f"{path}.{ref_name}", body, allowed)
         ref = d.build(DataRef, name=ref_name)
         columns = {k: d.get(k, string) for k in COLUMN_KEYS if k in d.data}
+        if ref.allow_compressed:
+            columns["allow_compressed"] = True
         out[ref_name] = dataclasses.replace(ref, columns=columns)
     return out
 

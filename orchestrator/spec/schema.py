@@ -17,6 +17,7 @@ from orchestrator.spec.fields import (
     SpecError,
     boolean,
     choice,
+    data_uri,
     int_in,
     integer,
     list_of,
@@ -136,16 +137,20 @@ class DataRef:
 
     Sources may be curated: only ``keep_classes`` / all but ``drop_classes`` (class names), and
     only samples whose caption matches ``caption_matches`` and not ``caption_excludes`` (regexes).
-    Tasks take ``uri`` and the column keys only.
+    Tasks take ``uri``, ``allow_compressed`` and the column keys only.
     """
 
     name: str
-    uri: str = spec_field(read=string)
+    uri: str = spec_field(read=data_uri)
     keep_classes: tuple[str, ...] | None = spec_field(None, read=list_of(_class_name))
     drop_classes: tuple[str, ...] = spec_field((), read=list_of(_class_name))
     caption_matches: str | None = spec_field(None, read=_regex)
     caption_excludes: str | None = spec_field(None, read=_regex)
-    columns: dict = field(default_factory=dict)  # raw Parquet: {image_column: ..., label_column: ...}
+    # gzip/bzip2/xz tars are refused unless allowed: a few kB of them can unpack to gigabytes
+    allow_compressed: bool = spec_field(False, read=boolean)
+    # what the readers are given: raw Parquet column names ({image_column: ..., label_column: ...}),
+    # and allow_compressed when true
+    columns: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -329,7 +334,7 @@ class StudySpec:
     resources: Resources = spec_field(default_factory=Resources)
     # default: MLflow's default store in the working directory
     tracking_uri: str | None = spec_field(None, read=string)
-    storage_path: str | None = spec_field(None, read=string)  # checkpoints; default ./transferlab_storage
+    storage_path: str | None = spec_field(None, read=data_uri)  # checkpoints; default ./transferlab_storage
     # leakage check source train vs task test: off | warn | error
     preflight_overlap: str = spec_field("off", read=_overlap_mode)
     datamodels: DatamodelSpec | None = spec_field(None)  # a datamodel sweep instead of the pretraining grid
