@@ -238,6 +238,31 @@ def decode_split(dataset: ShardedDataset, split: str, image_size: int, batch_siz
     return torch.from_numpy(np.concatenate(imgs)), np.concatenate(ys), np.asarray(keys, dtype=str)
 
 
+def decode_rows(dataset: ShardedDataset, split: str, image_size: int, rows, batch_size: int = 256):
+    """uint8 images [len(rows), 3, S, S] (a torch tensor) of the samples at positions ``rows``
+    of a split (read order), in the order of ``rows``: the split is read batch by batch and only
+    those rows are decoded, so memory holds them and one encoded batch."""
+    import torch
+
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    wanted = rows[order]
+    out = np.empty((len(rows), 3, image_size, image_size), dtype=np.uint8)
+    start = done = 0
+    for b in iter_encoded(dataset, split, batch_size, columns=("key", "image")):
+        if done == len(wanted):
+            break
+        end = start + len(b["image"])
+        hi = int(np.searchsorted(wanted, end))
+        if hi > done:
+            out[order[done:hi]] = decode_uint8([b["image"][i - start] for i in wanted[done:hi]], image_size)
+            done = hi
+        start = end
+    if done < len(wanted):
+        raise IndexError(f"{dataset.name}/{split}: row {int(wanted[done])} is past the split's {start} samples")
+    return torch.from_numpy(out)
+
+
 def iter_local_batches(dataset: ShardedDataset, split: str, image_size: int, batch_size: int = 256) -> Iterator[dict]:
     """Decode a split in this process, in file order, with keys (for small downstream tasks)."""
     for b in iter_encoded(dataset, split, batch_size):

@@ -16,6 +16,7 @@ import pyarrow.fs as pafs
 from datasets_.builtin import BUILTIN_PREFIX, TEST_FRACTION, cache_dir, prepare_builtin
 from datasets_.listing import MANIFEST, detect_format, source_listing
 from datasets_.objstore import DatasetError, filesystem, is_remote, write_atomic
+from datasets_.progress import Progress
 from datasets_.readers import BadSamples, Sample, folder_layout, iter_samples
 from datasets_.shards import ShardedDataset, open_dataset, remove_dataset_dir, write_sharded_dataset
 from datasets_.views import unit_hash
@@ -24,12 +25,13 @@ from datasets_.views import unit_hash
 SCAN_VERSION = "2"  # 2: the index records Parquet row groups
 
 
-def _rows(samples, bad: BadSamples, test_fraction: float, class_names: dict[int, str], record: dict):
+def _rows(samples, bad: BadSamples, test_fraction: float, class_names: dict[int, str], record: dict, progress):
     """(split, row) pairs for the shard writer; fills ``record`` with the bad-sample summary
     once exhausted (the writer serializes the manifest after consuming every row)."""
     seen: set[str] = set()
     labeled: bool | None = None
     for s in samples:
+        progress.update(s.shard)
         if s.key in seen:
             bad.add("-", s.key, "duplicate key")
             continue
@@ -57,6 +59,7 @@ def _rows(samples, bad: BadSamples, test_fraction: float, class_names: dict[int,
             },
         )
     record.update(bad.summary())
+    progress.close()
 
 
 def _source_name(src: str) -> str:
@@ -79,11 +82,12 @@ def _write(
 ) -> ShardedDataset:
     class_names: dict[int, str] = {}
     record: dict = {}
+    progress = Progress(f"{'scan of' if shard_format == 'raw' else 'prepare'} {src}", len(source_listing(src, fmt)))
     ds = write_sharded_dataset(
         out,
         name=_source_name(src),
         classes=folder_layout(src)[1] if fmt == "folder" else None,
-        rows=_rows(iter_samples(src, bad, **parquet_columns), bad, test_fraction, class_names, record),
+        rows=_rows(iter_samples(src, bad, **parquet_columns), bad, test_fraction, class_names, record, progress),
         shard_size=shard_size,
         extra={"origin": src, "source_format": fmt, "class_names": class_names, "bad_samples": record, **extra},
         shard_format=shard_format,

@@ -24,6 +24,7 @@ fit's scores (for the ridge probe: the softmax of its regression scores).
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -152,12 +153,58 @@ def _result(fit: Fit, scores: np.ndarray, test_keys, test_y, num_classes: int, n
 
 
 class _Images:
-    """A split's decoded images as uint8 tensors, with keys and labels (for fine-tuning)."""
+    """A split's images for fine-tuning and scoring: keys and labels always; the decoded uint8
+    images held in memory when they take at most ``TRANSFERLAB_MAX_HELD_IMAGE_BYTES`` (default
+    2 GiB), else decoded batch by batch each time they are needed — only the rows asked for, or
+    one batch at a time for scoring — so a task of a million images fits a trial's memory."""
 
     def __init__(self, dataset: ShardedDataset, split: str, image_size: int):
         from datasets_.pipeline import decode_split
 
-        self.x, self.y, self.keys = decode_split(dataset, split, image_size)
+        self.dataset, self.split, self.image_size = dataset, split, image_size
+        self.held = None
+        limit = int(os.environ.get("TRANSFERLAB_MAX_HELD_IMAGE_BYTES", 2 << 30))
+        if dataset.num_samples(split) * 3 * image_size**2 <= limit:
+            self.held, self.y, self.keys = decode_split(dataset, split, image_size)
+        else:
+            s = dataset.keys_and_labels(split)
+            self.keys, self.y = s.keys.astype(str), s.labels
+
+    def take(self, rows: np.ndarray) -> torch.Tensor:
+        """uint8 images at ``rows`` (positions in read order, or a boolean mask), in that order."""
+        from datasets_.pipeline import decode_rows
+
+        rows = np.asarray(rows)
+        rows = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+        if self.held is not None:
+            return self.held[torch.as_tensor(rows)]
+        return decode_rows(self.dataset, self.split, self.image_size, rows)
+
+    def scores(self, fn: Callable[[torch.Tensor], np.ndarray], batch_size: int = 512) -> np.ndarray:
+        """``fn`` (uint8 images -> class scores) over the whole split, batch by batch, in order."""
+        from datasets_.indexed import iter_encoded
+        from datasets_.pipeline import decode_uint8
+
+        if self.held is not None:
+            batches = (self.held[i : i + batch_size] for i in range(0, len(self.held), batch_size))
+        else:
+            batches = (
+                torch.from_numpy(decode_uint8(list(b["image"]), self.image_size))
+                for b in iter_encoded(self.dataset, self.split, batch_size, columns=("key", "image"))
+            )
+        return np.concatenate([fn(x) for x in batches])
+
+
+def _net_scores(net: nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
+    """Scores of a batch of uint8 images (on the CPU), on the network's device."""
+    net.eval()
+    device = _device(net)
+
+    @torch.no_grad()
+    def fn(x_uint8: torch.Tensor) -> np.ndarray:
+        return net(normalize(x_uint8.to(device))).float().cpu().numpy()
+
+    return fn
 
 
 class _FinetuneNet(nn.Module):
@@ -376,9 +423,8 @@ class FinetuneProblem:
     def test(self, net: nn.Module, **extra) -> FitResult:
         """Score ``net`` on the task's test split (after the choice is made, never before)."""
         test = _Images(self.task, "test", self.image_size)
-        return _result(
-            self.fit, _logits(net, test.x), test.keys, test.y, self.task.num_classes, len(self.train_y), **extra
-        )
+        scores = test.scores(_net_scores(net))
+        return _result(self.fit, scores, test.keys, test.y, self.task.num_classes, len(self.train_y), **extra)
 
 
 def finetune_problem(
@@ -402,7 +448,7 @@ def finetune_problem(
     if fit.protocol == "lp_ft":
         feats = frozen_features(model, checkpoint_dir, task, [FINAL_LAYER], image_size, cache, TransferStats())
         head = _lp_ft_head(feats[(FINAL_LAYER, "train")], im.keys, idx, val, task.num_classes, task.name)
-    return FinetuneProblem(model, fit, task, image_size, im.x[idx], im.y[idx], im.x[val], im.y[val], head)
+    return FinetuneProblem(model, fit, task, image_size, im.take(idx), im.y[idx], im.take(val), im.y[val], head)
 
 
 def evaluate_transfer(
@@ -483,8 +529,10 @@ def evaluate_transfer(
                 else None
             )
             test_im = imgs("test")
-            net, val_acc, lr = finetune(model, im.x[idx], y[idx], im.x[val], y[val], C, config.finetune, fit.seed, head)
-            scores = _logits(net, test_im.x)
+            net, val_acc, lr = finetune(
+                model, im.take(idx), y[idx], im.take(val), y[val], C, config.finetune, fit.seed, head
+            )
+            scores = test_im.scores(_net_scores(net))
             results.append(
                 _result(
                     fit, scores, test_im.keys, test_im.y, C, len(idx), validation_accuracy=val_acc, learning_rate=lr
@@ -500,10 +548,10 @@ def _zero_shot(model, task: ShardedDataset, test: _Images, fit: Fit) -> FitResul
         raise ValueError("zero_shot needs a CLIP checkpoint")
     device = _device(model)
     tokens = tokenize(class_prompts(task.classes)).to(device)
-    scores = np.concatenate(
-        [
-            zero_shot_logits(model, normalize(test.x[i : i + 512].to(device)), tokens).float().cpu().numpy()
-            for i in range(0, len(test.x), 512)
-        ]
-    )
+
+    @torch.no_grad()
+    def fn(x_uint8: torch.Tensor) -> np.ndarray:
+        return zero_shot_logits(model, normalize(x_uint8.to(device)), tokens).float().cpu().numpy()
+
+    scores = test.scores(fn)
     return _result(fit, scores, test.keys, test.y, task.num_classes, 0)
