@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from datasets_.indexed import iter_encoded
+from datasets_.progress import Progress
 from datasets_.safety import IMAGE_FORMATS
 from datasets_.shards import ShardedDataset
 
@@ -45,13 +46,16 @@ class HashedSplit:
 
 def hash_split(dataset: ShardedDataset, split: str) -> HashedSplit:
     keys, digests, dh, thumbs = [], [], [], []
+    progress = Progress(f"overlap: hashing {dataset.name}/{split} ({dataset.num_samples(split):,} images)")
     for b in iter_encoded(dataset, split, 512, columns=("key", "image")):
         for key, blob in zip(b["key"], b["image"]):
+            progress.update(None)
             d, h, t = image_hashes(blob)
             keys.append(key)
             digests.append(d)
             dh.append(h)
             thumbs.append(t)
+    progress.close()
     return HashedSplit(
         keys, digests, np.array(dh, dtype=np.uint64), np.array(thumbs, dtype=np.uint8).reshape(-1, 16, 16)
     )

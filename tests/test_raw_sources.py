@@ -219,3 +219,13 @@ def test_clip_study_on_raw_tars_with_caption_noise(ray_cluster, tmp_path):
     assert 0.3 <= pre.data.metrics["realized_caption_noise"] <= 0.7
     assert 0.0 <= pre.data.metrics["upstream_accuracy"] <= 1.0
     assert runs["linear_probe folder 1-shot seed=0"].info.status == "FINISHED"
+
+
+def test_prepare_shows_live_progress_with_files_done_of_total(tmp_path, monkeypatch, capsys):
+    src = _folder(tmp_path / "src", n=600)
+    monkeypatch.setenv("TRANSFERLAB_PROGRESS_S", "0")  # a line at every check instead of every 5 s
+    assert main(["data", "prepare", str(src), "--out", str(tmp_path / "ds")]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith(f"prepare {src}")]
+    assert len(lines) == 3  # after 256 and 512 samples, then the final count
+    assert "256 samples read so far, 256/600 files" in lines[0] and "samples/s" in lines[0]
+    assert "600 samples read done, 600/600 files" in lines[-1]
