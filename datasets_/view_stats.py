@@ -13,8 +13,9 @@ so the planner only ever sees per-bin counts and the handful of hashes inside on
 The threshold is exact — the same float :func:`~datasets_.views.subset_threshold` and
 :func:`~datasets_.views.balanced_thresholds` return over the whole split — so a trial filtering
 batch by batch keeps exactly the samples planning counted. Small splits are answered in this
-process (``IN_PROCESS_MAX``); larger ones by Ray actors, one per CPU (pinned to this node when
-the split's files are on its local disk), so a cluster's nodes share the hashing. Results are
+process (``IN_PROCESS_MAX``); larger ones by holders, one per core: Ray actors where this
+process is connected to Ray (spread over the cluster when every node can read the files, else
+pinned to this node), otherwise processes on this machine. Results are
 cached per (dataset, view) fingerprint under ``$TRANSFERLAB_CACHE/view-stats``.
 """
 
@@ -22,6 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,7 +38,7 @@ from datasets_.views import NOISE_PATTERNS, PretrainView, unit_hash
 
 BINS = 1 << 16  # histogram bins of one group; class-balanced views share 2**20 bins over their classes
 IN_PROCESS_MAX = 200_000  # samples a split may have to be answered in this process
-MAX_HOLDERS = 64
+MAX_HOLDERS = 64  # holders of one split
 STATS_VERSION = "1"
 
 
@@ -194,44 +198,90 @@ def _answer(view: PretrainView, histograms, ask_bins, ask_counts) -> ViewStats:
     return ViewStats(threshold, selected, flips / selected if selected else 0.0, captioned)
 
 
-class _Holders:
-    """Parts of a split spread over holders: this process, or Ray actors."""
+def serve() -> None:
+    """A holder process (``python -c "from datasets_.view_stats import serve; serve()"``): reads
+    its parts from stdin, then answers pickled (method, args) questions until it reads None."""
+    import pickle
 
-    def __init__(self, parts: list[tuple[str, int]], captions: bool, num_samples: int, in_process_max: int):
-        self.actors = None
-        if num_samples <= in_process_max or len(parts) <= 1:
+    inp, out = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    sys.stdout = sys.stderr  # nothing else may write into the answers
+    holder = SplitColumns(*pickle.load(inp))
+    while (msg := pickle.load(inp)) is not None:
+        try:
+            answer = (True, getattr(holder, msg[0])(*msg[1]))
+        except Exception as e:
+            answer = (False, e)
+        pickle.dump(answer, out)
+        out.flush()
+
+
+class _Holders:
+    """Parts of a split spread over holders, each asked the same question at once: this process
+    (small splits), Ray actors (when this process is connected to Ray: a study's driver, a
+    submitted job — spread over the cluster when every node can read the files, else on this
+    node), or processes on this machine (``plan`` and ``validate``, where starting Ray would
+    cost more than the hashing)."""
+
+    def __init__(self, parts: list[tuple[str, int]], captions: bool, where: str):
+        self.local, self.actors, self.procs = None, None, None
+        if where == "here" or len(parts) <= 1:
             self.local = [SplitColumns(parts, captions)]
             return
-        import ray
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if where == "ray":
+            self._start_actors(sys.modules["ray"], parts, captions, cores)
+            return
+        # Fresh interpreters that import only the data layer (not forked: no inherited threads).
+        n = max(1, min(len(parts), cores, MAX_HOLDERS))
+        cmd = [sys.executable, "-c", "from datasets_.view_stats import serve; serve()"]
+        self.procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(n)]
+        for i, p in enumerate(self.procs):
+            pickle.dump((parts[i::n], captions), p.stdin)
+            p.stdin.flush()
 
+    def _start_actors(self, ray, parts, captions: bool, cores: int) -> None:
         self.ray = ray
-        started_here = not ray.is_initialized()
-        if started_here:  # planning outside a study's Ray session (`plan`, `validate`)
-            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
-        self.started_here = started_here
         if all(is_remote(f) for f, _ in parts):  # every node can read them: spread over the cluster
             n = max(1, min(len(parts), int(ray.cluster_resources().get("CPU", 1)), MAX_HOLDERS))
             options = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
         else:  # files on this node's disk: holders run here, beside the planner
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            n = max(1, min(len(parts), len(os.sched_getaffinity(0)), MAX_HOLDERS))
+            n = max(1, min(len(parts), cores, MAX_HOLDERS))
             node = ray.get_runtime_context().get_node_id()
             options = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
         holder = ray.remote(SplitColumns).options(**options)
         self.actors = [holder.remote(parts[i::n], captions) for i in range(n)]
 
     def call(self, method: str, *args) -> list:
-        if self.actors is None:
+        if self.local is not None:
             return [getattr(h, method)(*args) for h in self.local]
-        return self.ray.get([getattr(a, method).remote(*args) for a in self.actors])
+        if self.actors is not None:
+            return self.ray.get([getattr(a, method).remote(*args) for a in self.actors])
+        for p in self.procs:
+            pickle.dump((method, args), p.stdin)
+            p.stdin.flush()
+        out = []
+        for p in self.procs:
+            try:
+                ok, value = pickle.load(p.stdout)
+            except EOFError:
+                raise RuntimeError(f"a planning process died (exit code {p.wait()})") from None
+            if not ok:
+                raise value
+            out.append(value)
+        return out
 
     def close(self) -> None:
-        if self.actors is not None:
-            for a in self.actors:
-                self.ray.kill(a)
-            if self.started_here:
-                self.ray.shutdown()
+        for a in self.actors or ():
+            self.ray.kill(a)
+        for p in self.procs or ():
+            try:
+                pickle.dump(None, p.stdin)
+                p.stdin.close()
+                p.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                p.kill()
 
 
 def _cache_path(ds: ShardedDataset, view: PretrainView) -> str:
@@ -262,11 +312,19 @@ def view_statistics(
     ds: ShardedDataset,
     views: Sequence[PretrainView],
     split: str = "train",
-    in_process_max: int = IN_PROCESS_MAX,
     use_cache: bool = True,
+    where: str | None = None,
 ) -> list[ViewStats | ViewError]:
     """:class:`ViewStats` of each view over ``split`` (or the :class:`ViewError` saying why it
-    cannot be drawn), reading the split once for all of them."""
+    cannot be drawn), reading the split once for all of them.
+
+    ``where`` the split is read: ``here`` (this process), ``ray`` (actors of the Ray this process
+    is connected to) or ``processes`` (on this machine); default: ``here`` up to
+    ``IN_PROCESS_MAX`` samples, else ``ray`` when connected, else ``processes``."""
+    if where is None:
+        ray = sys.modules.get("ray")
+        connected = ray is not None and ray.is_initialized()
+        where = "here" if ds.num_samples(split) <= IN_PROCESS_MAX else "ray" if connected else "processes"
     out: dict[int, ViewStats | ViewError] = {}
     todo = []
     for i, v in enumerate(views):
@@ -277,7 +335,7 @@ def view_statistics(
             todo.append(i)
     if todo:
         captions = any(views[i].needs_captions or views[i].caption_noise > 0 for i in todo)
-        holders = _Holders(split_parts(ds, split), captions, ds.num_samples(split), in_process_max)
+        holders = _Holders(split_parts(ds, split), captions, where)
         try:
             for i in todo:
                 v = views[i]

@@ -58,13 +58,13 @@ VIEWS = [
 ]
 
 
-@pytest.mark.parametrize("where", ["in_process", "ray_actors"])
+@pytest.mark.parametrize("where", ["here", "processes", "ray"])
 def test_part_by_part_statistics_equal_the_whole_split(dataset, where, request):
     ds, keys, labels, captions = dataset
     assert len(split_parts(ds, "train")) == 8
-    if where == "ray_actors":
+    if where == "ray":
         request.getfixturevalue("ray_cluster")
-    stats = view_statistics(ds, VIEWS, in_process_max=10**9 if where == "in_process" else 0, use_cache=False)
+    stats = view_statistics(ds, VIEWS, use_cache=False, where=where)
     for view, st in zip(VIEWS, stats):
         threshold, selected, realized = _direct(view, keys, labels, captions)
         assert st.threshold == threshold  # exact: the same float, not an approximation
