@@ -402,7 +402,7 @@ def submit(client, sub: Submission, staged: str, agent_wait_s: float = AGENT_WAI
             if not said:
                 print("the cluster's job agent is not up yet; waiting for it", flush=True)
                 said = True
-            time.sleep(2)
+            time.sleep(0.5)
 
 
 def job_info(client, job_id: str):
