@@ -1,4 +1,5 @@
-"""Shared fixtures: one real local Ray for the whole session, a private builtin-data cache."""
+"""Shared fixtures: one real local Ray for the whole session, a private builtin-data cache seeded from
+the conversions kept in .pytest_cache."""
 
 import os
 import tempfile
