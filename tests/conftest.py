@@ -1,4 +1,5 @@
-"""Shared fixtures: one real local Ray for the whole session, a private builtin-data cache."""
+"""Shared fixtures: one real local Ray for the whole session, a private builtin-data cache seeded from
+the conversions kept in .pytest_cache."""
 
 import os
 import tempfile
@@ -13,7 +14,8 @@ os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
 # session Ray and the tests' subprocess drivers and `ray start` clusters inherit it) changes no
 # behaviour; a poll that is not answered in time is awaited in the next one, not an error.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-# Builtin datasets are converted once per test session, into a directory nobody else uses.
+# Each session has a cache directory nobody else uses; its builtin conversions are seeded from, and
+# kept in, .pytest_cache between runs (see pytest_configure).
 os.environ.setdefault("TRANSFERLAB_CACHE", tempfile.mkdtemp(prefix="transferlab-test-cache-"))
 
 import shutil
@@ -25,6 +27,73 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+
+def _builtin_cache_key() -> str:
+    """Changes whenever a builtin's conversion could: the converting code, the packages whose data
+    or rendering it converts, and the shard writer."""
+    import hashlib
+    from importlib.metadata import version
+
+    root = Path(__file__).resolve().parent.parent / "datasets_"
+    digest = hashlib.sha256()
+    for name in ("builtin.py", "glyphs.py", "shards.py", "views.py"):
+        digest.update((root / name).read_bytes())
+    for package in ("scikit-learn", "mlxtend", "matplotlib", "pillow", "numpy", "pyarrow"):
+        digest.update(f"{package}=={version(package)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _copy_tree_linked(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` by hard links (shards are written once, never in place), falling
+    back to a plain copy across file systems; atomic: ``dst`` appears whole or not at all."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, tmp, copy_function=link)
+    try:
+        os.replace(tmp, dst)
+    except OSError:  # another process put it there first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pytest_configure(config):
+    """Converting the builtin datasets takes about a minute; their shards are a pure function of
+    _builtin_cache_key, so conversions are kept between runs in the pytest cache and linked into
+    this session's private cache before any test or Ray worker opens them."""
+    if getattr(config, "cache", None) is None:  # -p no:cacheprovider
+        return
+    kept = config.cache.mkdir("transferlab-builtin") / _builtin_cache_key()
+    session = Path(os.environ["TRANSFERLAB_CACHE"]) / "builtin"
+    config.stash[_KEPT_BUILTINS] = (kept, session)
+    if kept.is_dir():
+        session.mkdir(parents=True, exist_ok=True)
+        for ds in kept.iterdir():
+            if (ds / "manifest.json").is_file() and not (session / ds.name).exists():
+                _copy_tree_linked(ds, session / ds.name)
+
+
+def pytest_unconfigure(config):
+    """Keep what this session converted; drop conversions of older code or packages."""
+    kept, session = config.stash.get(_KEPT_BUILTINS, (None, None))
+    if kept is None or not session.is_dir():
+        return
+    for ds in session.iterdir():
+        if (ds / "manifest.json").is_file() and not (kept / ds.name).exists():
+            kept.mkdir(parents=True, exist_ok=True)
+            _copy_tree_linked(ds, kept / ds.name)
+    for stale in kept.parent.iterdir():
+        if stale != kept:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+_KEPT_BUILTINS = pytest.StashKey[tuple]()
 
 
 def _free_port() -> int:

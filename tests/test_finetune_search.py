@@ -83,6 +83,7 @@ def searched_study(ray_cluster, tmp_path_factory):
     return tmp, uri, ["--tracking-uri", uri, "--storage-path", str(tmp / "storage")]
 
 
+# Slow: a pretraining run, 4 ASHA trials one at a time (a seeded stopping order), then a cached rerun.
 @pytest.mark.timeout(400)
 def test_asha_search_chooses_on_validation_stops_early_and_is_cached_on_rerun(searched_study, capsys):
     tmp, uri, common = searched_study
@@ -128,6 +129,7 @@ def test_asha_search_chooses_on_validation_stops_early_and_is_cached_on_rerun(se
     assert [x.value for x in client.get_metric_history(study.info.run_id, "transfer_fits_run")] == [1.0, 0.0]
 
 
+# Slow: a second real search (lp_ft, random) on the first test's pretraining checkpoint.
 @pytest.mark.timeout(300)
 def test_random_search_runs_every_trial_to_the_end(searched_study, capsys):
     tmp, uri, common = searched_study

@@ -44,6 +44,7 @@ def _runs(client, study, kind):
     return client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{kind}'", max_results=1000)
 
 
+# Slow: 3 pretraining methods x 5 transfer protocols x 2 layers in one study: every method and protocol once.
 @pytest.fixture(scope="module")
 def methods_study(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("methods")
@@ -54,6 +55,7 @@ def methods_study(ray_cluster, tmp_path_factory):
     return tmp, uri, common
 
 
+# Slow: its time is the methods_study fixture (three TorchTrainers and 19 fits), shared with the feature-cache test.
 def test_every_method_and_protocol_lands_in_mlflow_with_the_schema(methods_study):
     _, uri, _ = methods_study
     client = MlflowClient(uri)
@@ -107,6 +109,7 @@ def test_every_method_and_protocol_lands_in_mlflow_with_the_schema(methods_study
     assert study.data.metrics["transfer_fits_run"] == 19
 
 
+# Slow: a second real study (one TorchTrainer) is what proves the feature cache is read across studies.
 def test_a_second_study_reads_features_from_the_cache(methods_study, capsys):
     tmp, uri, common = methods_study
     second = {**ALL, "study": "methods-again"}

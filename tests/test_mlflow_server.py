@@ -178,6 +178,7 @@ class Server:
         return self.log.read_text(errors="replace")[-3000:]
 
 
+# Slow: the deploy image's entrypoint starts a real mlflow server on PostgreSQL + S3, once per module.
 @pytest.fixture(scope="module")
 def mlflow_server(postgres, s3_server, tmp_path_factory):
     """``deploy/mlflow/entrypoint.sh`` as the image runs it, configured only by environment."""
@@ -250,6 +251,7 @@ def researcher(mlflow_server):
     return user
 
 
+# Slow: its time is the module's PostgreSQL + mlflow_server start-up, which the study test reuses.
 def test_the_server_refuses_strangers(mlflow_server, researcher):
     import requests
 
@@ -269,6 +271,7 @@ def test_the_server_refuses_strangers(mlflow_server, researcher):
     assert r.status_code == 403
 
 
+# Slow: a real study against the deployed server (PostgreSQL, S3 artifacts, basic auth) and reading it back.
 def test_a_study_runs_against_the_server_and_reads_back(
     ray_cluster, mlflow_server, researcher, postgres, s3_server, tmp_path, monkeypatch, capsys
 ):

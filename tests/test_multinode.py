@@ -37,6 +37,7 @@ pytestmark = [pytest.mark.timeout(1500), pytest.mark.skipif(bool(unavailable()),
 TINY = {"model": "tiny-cnn", "image_size": 8, "epochs": 1, "batch_size": 32}
 
 
+# Slow: a real 2-node Ray cluster across network and mount namespaces, started once per module.
 @pytest.fixture(scope="module")
 def cluster():
     # A short root: Ray's socket paths under it must stay within AF_UNIX's 107 bytes.
@@ -96,6 +97,7 @@ def _assert_succeeded(out: subprocess.CompletedProcess) -> None:
     assert ": SUCCEEDED" in out.stdout
 
 
+# Slow: a job submitted to the 2-node cluster: the worker node reads published data and writes S3 checkpoints.
 def test_builtin_study_on_s3_storage(cluster):
     study = _write(cluster.root / "driver" / "quick.yaml", {
         "study": "mn-builtin",
@@ -124,6 +126,7 @@ def _image_folder(root: Path) -> Path:
     return root
 
 
+# Slow: a job on the 2-node cluster: the driver's scan index must reach the worker via shared storage.
 def test_raw_folder_study_with_storage_on_a_shared_folder(cluster):
     folder = _image_folder(cluster.shared / "imgs")
     study = _write(cluster.root / "driver" / "folder.yaml", {
@@ -141,6 +144,7 @@ def test_raw_folder_study_with_storage_on_a_shared_folder(cluster):
     assert list((cluster.shared / "storage" / "datasets").glob("imgs-*/manifest.json"))
 
 
+# Slow: a datamodel sweep submitted to the 2-node cluster.
 def test_datamodel_sweep(cluster):
     study = _write(cluster.root / "driver" / "dm.yaml", {
         "study": "mn-datamodels",
@@ -156,6 +160,7 @@ def test_datamodel_sweep(cluster):
     assert sweep.data.metrics["models_done"] == 4
 
 
+# Slow: the worker node is killed mid-study and the study resubmitted: three 3-epoch jobs so the kill lands mid-way.
 def test_a_worker_killed_mid_study_then_the_study_submitted_again(cluster):
     study = _write(cluster.root / "driver" / "kill.yaml", {
         "study": "mn-kill",

@@ -103,6 +103,7 @@ def ray_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
+# Slow: two `transferlab run` subprocesses, each with its own Ray; the kill waits for one job done, one mid-way.
 def test_sigkilled_study_resumes_exactly_once(tmp_path, capsys, ray_tmp):
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(STUDY))

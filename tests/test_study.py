@@ -54,6 +54,7 @@ def _runs(client, kind):
     return client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{kind}'", max_results=1000)
 
 
+# Slow: the tiny study through the CLI once per module; eight tests read what it recorded.
 @pytest.fixture(scope="module")
 def finished_study(ray_cluster, tmp_path_factory):
     """Run the tiny study once through the CLI; later tests inspect what it recorded."""
@@ -66,6 +67,7 @@ def finished_study(ray_cluster, tmp_path_factory):
     return argv, uri
 
 
+# Slow: its time is the finished_study fixture, which seven more tests reuse.
 def test_mlflow_holds_the_schema(finished_study):
     _, uri = finished_study
     client = MlflowClient(uri)

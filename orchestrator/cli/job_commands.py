@@ -13,7 +13,9 @@ from orchestrator.execution.preflight import check_storage, check_tracking
 from orchestrator.planning.plan import build_plan
 from orchestrator.spec import SpecError, load_spec
 
-POLL_S = 2.0
+# How often a waiting submit/stop asks the job server for the status: one small request, so a
+# job that ends (or stops) is reported within half a second.
+POLL_S = 0.5
 
 
 def run(args) -> int:

@@ -10,15 +10,13 @@ import sys
 import yaml
 
 from orchestrator.analysis import AnalysisError
-from orchestrator.analysis.counterfactual import arm_lines, plan_counterfactual
 from orchestrator.cli.exits import EXIT_FAILED_RUNS, EXIT_OK, EXIT_STOPPED, command_line, error
 from orchestrator.execution.preflight import check_storage, check_tracking
-from orchestrator.execution.study import DEFAULT_STORAGE, run_study
 from orchestrator.planning.estimate import check_budget, format_summary, read_state, summarize
 from orchestrator.planning.plan import StudyPlan, build_plan
 from orchestrator.records.retry import redact
 from orchestrator.records.tracker import Tracker, resolve_tracking_uri
-from orchestrator.spec import SpecError, StudySpec, load_spec, resolved_document
+from orchestrator.spec import DEFAULT_STORAGE, SpecError, StudySpec, load_spec, resolved_document
 from orchestrator.spec.fields import data_uri
 
 
@@ -140,6 +138,8 @@ def stopped(e: Exception, argv: list[str] | None) -> int:
 
 
 def _run(args, spec: StudySpec, plan: StudyPlan) -> int:
+    from orchestrator.execution.study import run_study  # Ray, torch: only when a study runs
+
     outcome = run_study(
         spec,
         address=args.address,
@@ -193,6 +193,8 @@ def _run_followup(args, spec: StudySpec) -> int:
     ``transferlab counterfactual`` does) and run it with the same tracking, storage and Ray.
     The ranking is a function of the sweep's table, so a rerun plans the same follow-up and
     MLflow skips what it already holds."""
+    from orchestrator.analysis.counterfactual import arm_lines, plan_counterfactual
+
     c = spec.datamodels.counterfactual
     storage = args.storage_path or spec.storage_path or DEFAULT_STORAGE
     print(

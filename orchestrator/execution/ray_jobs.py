@@ -39,12 +39,11 @@ import yaml
 from packaging.requirements import Requirement
 
 from datasets_.objstore import is_remote
-from orchestrator.execution.study import DEFAULT_STORAGE
 from orchestrator.records.credentials import mlflow_client_env, split_credentials
 from orchestrator.records.provenance import job_env
 from orchestrator.records.retry import redact
 from orchestrator.records.tracker import resolve_tracking_uri
-from orchestrator.spec import SpecError, StudySpec
+from orchestrator.spec import DEFAULT_STORAGE, SpecError, StudySpec
 
 # Ray refuses a working_dir package over 512 MiB; checked here, before compression, with a
 # message that names the largest files.
@@ -403,7 +402,7 @@ def submit(client, sub: Submission, staged: str, agent_wait_s: float = AGENT_WAI
             if not said:
                 print("the cluster's job agent is not up yet; waiting for it", flush=True)
                 said = True
-            time.sleep(2)
+            time.sleep(0.5)
 
 
 def job_info(client, job_id: str):

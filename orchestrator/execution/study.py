@@ -46,9 +46,8 @@ from orchestrator.records.schema import (
     VIEW_MASK_ARTIFACT,
 )
 from orchestrator.records.tracker import Tracker, resolve_tracking_uri
-from orchestrator.spec import SpecError, StudySpec, resolved_document
+from orchestrator.spec import DEFAULT_STORAGE, SpecError, StudySpec, resolved_document
 
-DEFAULT_STORAGE = "transferlab_storage"
 FAIL_FAST = "the first failed trial (--fail-fast)"
 
 

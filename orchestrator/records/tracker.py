@@ -10,9 +10,7 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING
 
 from orchestrator.records import retry
 from orchestrator.records.schema import (
@@ -27,6 +25,9 @@ from orchestrator.records.schema import (
     TAG_STUDY,
 )
 from trainers.protocols import FULL
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -68,6 +69,10 @@ class Tracker:
     def __init__(self, tracking_uri: str, tags: dict[str, str] | None = None):
         self.uri = tracking_uri
         self.tags = dict(tags or {})
+        # MLflow is imported by the first Tracker, not with this module: `validate` and `plan`
+        # of a study that names no tracking server never touch MLflow, and start faster.
+        from mlflow.tracking import MlflowClient
+
         self.client = retry.RetryingClient(MlflowClient(tracking_uri), tracking_uri)
 
     def experiment_id(self, study: str, create: bool = True) -> str | None:
@@ -132,6 +137,8 @@ class Tracker:
         tags: dict | None = None,
         step: int = 0,
     ) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
         now = int(time.time() * 1000)
         existing = self.client.get_run(run_id).data.params if params else {}
         self.client.log_batch(

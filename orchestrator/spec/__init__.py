@@ -34,6 +34,7 @@ from orchestrator.spec.parse import parse_spec
 from orchestrator.spec.schema import (
     AMP_MODES,
     COUNTERFACTUAL_ARMS,
+    DEFAULT_STORAGE,
     LIGHT_TRIAL_GPUS,
     LR_SCHEDULES,
     MAX_DATAMODELS,
@@ -56,6 +57,7 @@ from trainers.protocols import FULL, METHODS, PROTOCOLS
 __all__ = [
     "AMP_MODES",
     "COUNTERFACTUAL_ARMS",
+    "DEFAULT_STORAGE",
     "FULL",
     "LIGHT_TRIAL_GPUS",
     "LR_SCHEDULES",

@@ -42,6 +42,7 @@ COUNTERFACTUAL_ARMS = ("harmful", "helpful", "random")
 COLUMN_KEYS = ("image_column", "label_column", "caption_column", "key_column")  # raw Parquet sources and tasks
 LIGHT_TRIAL_GPUS = 0.25
 MAX_DATAMODELS = 1_000_000  # model seeds are seed * MAX_DATAMODELS + index
+DEFAULT_STORAGE = "transferlab_storage"  # storage_path when neither the study nor --storage-path sets one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +335,7 @@ class StudySpec:
     resources: Resources = spec_field(default_factory=Resources)
     # default: MLflow's default store in the working directory
     tracking_uri: str | None = spec_field(None, read=string)
-    storage_path: str | None = spec_field(None, read=data_uri)  # checkpoints; default ./transferlab_storage
+    storage_path: str | None = spec_field(None, read=data_uri)  # checkpoints; default ./DEFAULT_STORAGE
     # leakage check source train vs task test: off | warn | error
     preflight_overlap: str = spec_field("off", read=_overlap_mode)
     datamodels: DatamodelSpec | None = spec_field(None)  # a datamodel sweep instead of the pretraining grid
