@@ -17,6 +17,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from datasets_ import prepare_builtin
 from orchestrator.cli import main
 from orchestrator.records.schema import (
     KIND_PRETRAIN,
@@ -91,12 +92,17 @@ def test_mlflow_holds_the_schema(finished_study):
         history = client.get_metric_history(r.info.run_id, "train_loss")
         assert sorted(m.step for m in history) == [0, 1]
         assert r.info.run_name == f"supervised mnist n=300 noise={float(p['label_noise']):g}"
+        (source,) = client.get_run(r.info.run_id).inputs.dataset_inputs  # the UI's Dataset column
+        assert source.dataset.name == "mnist" and source.dataset.digest == prepare_builtin("mnist").fingerprint
+        assert {t.key: t.value for t in source.tags} == {"mlflow.data.context": "training"}
     noisy = next(r for r in pretrains if r.data.params["label_noise"] == "0.5")
     assert 0.4 < noisy.data.metrics["realized_label_noise"] < 0.6
     parents = {r.info.run_id for r in pretrains}
     for r in transfers:
         assert r.data.tags[TAG_PARENT] in parents
         assert r.data.params["task"] == "digits" and r.data.params["protocol"] == "linear_probe"
+        (task,) = client.get_run(r.info.run_id).inputs.dataset_inputs
+        assert task.dataset.name == "digits" and task.dataset.digest == prepare_builtin("digits").fingerprint
         assert 0.1 <= r.data.metrics["accuracy"] <= 1.0
         assert r.data.metrics["num_train_examples"] == (
             10 * int(r.data.params["shots"])

@@ -22,6 +22,7 @@ from orchestrator.spec import SpecError
 MODULES = {
     "validate": "study_commands",
     "config": "study_commands",
+    "schema": "study_commands",
     "plan": "study_commands",
     "run": "study_commands",
     "data": "data_commands",

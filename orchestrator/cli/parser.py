@@ -40,6 +40,10 @@ def _study_parsers(sub) -> None:
         "config", help="print the study file as it would run: overrides and --quick applied, data paths resolved"
     )
     _study_args(c)
+    sub.add_parser(
+        "schema",
+        help="print the JSON Schema of study files, for editors (# yaml-language-server: $schema=FILE)",
+    )
 
     pl = sub.add_parser(
         "plan", help="print what `run` would do (jobs to run / cached / resumed, trials, estimated time); runs nothing"

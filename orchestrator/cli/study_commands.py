@@ -21,6 +21,11 @@ from orchestrator.spec.fields import data_uri
 
 
 def run(args) -> int:
+    if args.command == "schema":
+        from orchestrator.spec.json_schema import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        return EXIT_OK
     spec = load_spec(args.study_file, args.overrides, quick=args.quick)
     if args.command == "config":  # the document only: no data is opened
         print(yaml.safe_dump(resolved_document(spec), sort_keys=False), end="")

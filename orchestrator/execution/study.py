@@ -240,11 +240,14 @@ def _study_run(tracker: Tracker, exp: str, plan: StudyPlan) -> str:
     )
 
 
-def open_pretrain_run(tracker: Tracker, exp: str, study: str, run: PretrainRun, prior, study_run: str) -> str:
+def open_pretrain_run(
+    tracker: Tracker, exp: str, study: str, run: PretrainRun, prior, study_run: str, source: tuple[str, str]
+) -> str:
     """The MLflow run of pretraining job ``run``, ready to train into: ``prior`` (the run an
     interrupted or failed attempt left) reopened, else a new run under ``study_run``. Either way
     its params and class mask are (re)logged: a driver killed between creating a run and logging
-    them left a run that analysis would read with defaults (no label noise, every class)."""
+    them left a run that analysis would read with defaults (no label noise, every class).
+    ``source``: (URI, fingerprint) of its source, logged as the run's dataset input."""
     if prior is not None:
         run_id = prior.info.run_id
         tracker.reopen(run_id)
@@ -256,6 +259,8 @@ def open_pretrain_run(tracker: Tracker, exp: str, study: str, run: PretrainRun, 
     if run.view.keep_classes is not None:  # the same content each time: overwriting is harmless
         mask = [c in run.view.keep_classes for c in range(run.num_classes)]
         tracker.client.log_dict(run_id, {"classes": list(run.config.classes), "included": mask}, VIEW_MASK_ARTIFACT)
+    uri, fingerprint = source
+    tracker.log_inputs(run_id, [(run.source, fingerprint, redact(uri), "training")])
     return run_id
 
 
@@ -400,7 +405,13 @@ class _StudyDriver:
         )
         for run in todo:
             run_id = open_pretrain_run(
-                tracker, exp, self.spec.study, run, pre_runs.get(run.config_hash), self.study_run
+                tracker,
+                exp,
+                self.spec.study,
+                run,
+                pre_runs.get(run.config_hash),
+                self.study_run,
+                ctx.datasets[f"sources.{run.source}"],
             )
             ctx.run_ids[run.config_hash] = run_id
             ctx.pretrain_runs[run.config_hash] = run

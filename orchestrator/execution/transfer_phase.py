@@ -10,6 +10,7 @@ import time
 from orchestrator.execution.phase import NOT_LAUNCHED, PhaseContext, Progress, cluster_gpus, run_phase
 from orchestrator.planning.estimate import transfer_concurrency
 from orchestrator.planning.transfer_fits import TransferFit, TransferGroup
+from orchestrator.records.retry import redact
 from orchestrator.records.schema import KIND_TRANSFER, METRIC_TRIAL_SECONDS, PER_EXAMPLE_ARTIFACT
 from orchestrator.records.tracker import Tracker
 from trainers.devices import trial_device
@@ -54,6 +55,8 @@ def record_fit(
         tracker.reopen(run_id)
         tracker.log(run_id, params=group.params(fit))
     tracker.log(run_id, metrics={**result.metrics, **metrics})
+    uri, fingerprint = ctx.datasets[f"tasks.{group.task}"]
+    tracker.log_inputs(run_id, [(group.task, fingerprint, redact(uri), "transfer")])
     folder, name = PER_EXAMPLE_ARTIFACT.rsplit("/", 1)
     with tempfile.TemporaryDirectory() as d:
         result.outputs.to_parquet(f"{d}/{name}", index=False)

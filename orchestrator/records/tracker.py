@@ -149,6 +149,23 @@ class Tracker:
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
 
+    def log_inputs(self, run_id: str, inputs: Iterable[tuple[str, str, str, str]]) -> None:
+        """Dataset inputs of a run, shown in the MLflow UI's Dataset column: (name, fingerprint,
+        URI, context) each — ``training`` for a pretraining source, ``transfer`` for a task.
+        Logging the same input again adds nothing."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        self.client.log_inputs(
+            run_id,
+            datasets=[
+                DatasetInput(
+                    Dataset(name, digest, "s3" if uri.startswith("s3://") else "local", uri),
+                    tags=[InputTag("mlflow.data.context", context)],
+                )
+                for name, digest, uri, context in inputs
+            ],
+        )
+
     def finish(self, run_id: str, status: str = FINISHED) -> None:
         self.client.set_terminated(run_id, status=status)
 
