@@ -116,6 +116,22 @@ def test_mlflow_holds_the_schema(finished_study):
     assert "linear_probe digits 2-shot seed=1" in names and "linear_probe digits full seed=0" in names
 
 
+def test_another_study_on_the_same_storage_trains_its_own_checkpoints(finished_study, tmp_path):
+    """Same pretraining config, same storage, another experiment: its runs train every epoch
+    into folders of their own, rather than "resuming" the first study's finished checkpoints."""
+    argv, uri = finished_study
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**TINY, "study": "tiny-again"}))
+    assert main(["run", str(other), *argv[2:]]) == 0
+    client = MlflowClient(uri)
+    first = {r.data.tags[TAG_CHECKPOINT] for r in _runs(client, KIND_PRETRAIN)}
+    exp = client.get_experiment_by_name("tiny-again")
+    again = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{KIND_PRETRAIN}'")
+    assert len(again) == 2 and not first & {r.data.tags[TAG_CHECKPOINT] for r in again}
+    for r in again:
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "train_loss")) == [0, 1]
+
+
 def test_rerun_adds_no_run_and_resumes_an_interrupted_one(finished_study, capsys):
     argv, uri = finished_study
     client = MlflowClient(uri)

@@ -22,9 +22,12 @@ from trainers.methods import clip_text_input
 from trainers.pretrain import pretrain_loop
 
 
-def train_run_name(run: PretrainRun) -> str:
-    """Deterministic Ray Train run name: a second fit() with it resumes from its checkpoint."""
-    return f"pretrain-{run.config_hash}"
+def train_run_name(run: PretrainRun, run_id: str) -> str:
+    """The Ray Train run name of pretraining job ``run`` recorded in MLflow run ``run_id``: a
+    second fit() with it resumes from its checkpoint. The MLflow run is part of the name, so
+    another study on the same storage (or the same study after its run was deleted) trains into
+    a folder of its own instead of "resuming" someone else's finished checkpoint."""
+    return f"pretrain-{run.config_hash}-{run_id}"
 
 
 def checkpoint_uri(checkpoint) -> str:
@@ -79,7 +82,7 @@ def build_pretrain_trainer(
         },
         dataset_config=ray.train.DataConfig(execution_options=ingest),
         run_config=ray.train.RunConfig(
-            name=train_run_name(run),
+            name=train_run_name(run, run_id),
             storage_path=ctx.storage_path,
             # MLflow records for the study; Tune sees each report too (progress lines).
             callbacks=callbacks,
