@@ -214,6 +214,12 @@ INFRASTRUCTURE = [
         "files are in .gitignore",
     ),
     (
+        "`submit`/`status`/`logs`/`stop` with a Ray token to a job API on another machine over plain http",
+        "tests/test_submit.py::test_a_token_sent_over_plain_http_to_another_machine_is_warned_about",
+        "a warning naming the host and how to avoid it (https, an SSH tunnel or `kubectl port-forward`); none "
+        "for https, loopback or no token; the token is never in the warning",
+    ),
+    (
         "a worker node SIGKILLed mid-study and started again (two nodes sharing no disk)",
         "tests/test_multinode.py::test_a_worker_killed_mid_study_then_the_study_submitted_again",
         "the job FAILS (exit 1); submitted again, the study resumes into the same run ids: every run FINISHED "

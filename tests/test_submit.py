@@ -351,3 +351,22 @@ def test_submit_status_logs_run_stop_on_a_cluster(head, tmp_path):
     unknown = _cli("logs", "no-such-job", "--address", head["api"])
     assert unknown.returncode == 2 and unknown.stderr.startswith("error: JOB: no job 'no-such-job' on this cluster")
     assert unknown.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "url, token, warned",
+    [
+        ("http://10.1.2.3:8265", "secret-token", True),
+        ("http://ray-head.example.org:8265", "secret-token", True),
+        ("https://ray-head.example.org", "secret-token", False),
+        ("http://127.0.0.1:8265", "secret-token", False),
+        ("http://localhost:8265", "secret-token", False),
+        ("http://[::1]:8265", "secret-token", False),
+        ("http://10.1.2.3:8265", None, False),
+    ],
+)
+def test_a_token_sent_over_plain_http_to_another_machine_is_warned_about(url, token, warned):
+    warning = jobs.plaintext_token_warning(url, token)
+    assert bool(warning) == warned
+    if warned:
+        assert "plain http" in warning and "secret-token" not in warning

@@ -28,8 +28,10 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
@@ -143,6 +145,9 @@ def connect(address: str | None):
 
     url = job_api_url(address)
     token = ray_token()
+    warning = plaintext_token_warning(url, token)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     saved = {k: os.environ.pop(k) for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if k in os.environ}
     try:
@@ -151,6 +156,23 @@ def connect(address: str | None):
         raise SpecError("--address", f"cannot use the Ray job API at {url}: {_reason(e)}") from None
     finally:
         os.environ.update(saved)
+
+
+def plaintext_token_warning(url: str, token: str | None) -> str | None:
+    """Why sending ``token`` to ``url`` exposes it (plain http to another machine), or None."""
+    parsed = urllib.parse.urlsplit(url)
+    if not token or parsed.scheme != "http":
+        return None
+    host = parsed.hostname or ""
+    try:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name other than localhost
+    return (
+        f"the Ray token goes to {host} over plain http, readable on the network; put the job API "
+        "behind https, or reach it through an SSH tunnel or `kubectl port-forward` on localhost"
+    )
 
 
 def _reason(e: Exception) -> str:
