@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
+import struct
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -198,21 +198,84 @@ def _answer(view: PretrainView, histograms, ask_bins, ask_counts) -> ViewStats:
     return ViewStats(threshold, selected, flips / selected if selected else 0.0, captioned)
 
 
+def _encode(obj, arrays: list):
+    """``obj`` as JSON, its arrays replaced by their index in ``arrays`` (the wire format of
+    holder processes: JSON and raw numeric buffers, nothing that could run code when read)."""
+    if isinstance(obj, np.ndarray):
+        arrays.append(np.ascontiguousarray(obj))
+        return {"nd": len(arrays) - 1}
+    if isinstance(obj, PretrainView):
+        return {"view": _encode(asdict(obj), arrays)}
+    if isinstance(obj, tuple):
+        return {"tuple": [_encode(x, arrays) for x in obj]}
+    if isinstance(obj, list):
+        return [_encode(x, arrays) for x in obj]
+    if isinstance(obj, dict):
+        return {"dict": {k: _encode(v, arrays) for k, v in obj.items()}}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _decode(obj, arrays: list):
+    if isinstance(obj, list):
+        return [_decode(x, arrays) for x in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "nd" in obj:
+        return arrays[obj["nd"]]
+    if "tuple" in obj:
+        return tuple(_decode(x, arrays) for x in obj["tuple"])
+    if "view" in obj:
+        return PretrainView(**_decode(obj["view"], arrays))
+    return {k: _decode(v, arrays) for k, v in obj["dict"].items()}
+
+
+def _send(f, obj) -> None:
+    arrays: list[np.ndarray] = []
+    head = json.dumps({"body": _encode(obj, arrays), "arrays": [[a.dtype.str, list(a.shape)] for a in arrays]}).encode()
+    f.write(struct.pack("<Q", len(head)) + head)
+    for a in arrays:
+        f.write(a.tobytes())
+    f.flush()
+
+
+def _read_exactly(f, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise EOFError
+    return data
+
+
+def _receive(f):
+    head = json.loads(_read_exactly(f, struct.unpack("<Q", _read_exactly(f, 8))[0]))
+    arrays = []
+    for dtype, shape in head["arrays"]:
+        dt = np.dtype(dtype)
+        if dt.kind not in "biuf":
+            raise ValueError(f"a planning process sent a {dt} array")
+        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        arrays.append(np.frombuffer(_read_exactly(f, n), dtype=dt).reshape(shape))
+    return _decode(head["body"], arrays)
+
+
 def serve() -> None:
     """A holder process (``python -c "from datasets_.view_stats import serve; serve()"``): reads
-    its parts from stdin, then answers pickled (method, args) questions until it reads None."""
-    import pickle
-
+    its parts from stdin, then answers (method, args) questions until it reads None."""
     inp, out = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     sys.stdout = sys.stderr  # nothing else may write into the answers
-    holder = SplitColumns(*pickle.load(inp))
-    while (msg := pickle.load(inp)) is not None:
-        try:
-            answer = (True, getattr(holder, msg[0])(*msg[1]))
-        except Exception as e:
-            answer = (False, e)
-        pickle.dump(answer, out)
-        out.flush()
+    parts, captions = _receive(inp)
+    holder = SplitColumns([tuple(p) for p in parts], captions)
+    while (msg := _receive(inp)) is not None:
+        method, args = msg
+        if method not in ("histogram", "in_bins", "counts"):
+            answer = (False, f"unknown question {method!r}")
+        else:
+            try:
+                answer = (True, getattr(holder, method)(*args))
+            except Exception as e:
+                answer = (False, f"{type(e).__name__}: {e}")
+        _send(out, answer)
 
 
 class _Holders:
@@ -236,8 +299,7 @@ class _Holders:
         cmd = [sys.executable, "-c", "from datasets_.view_stats import serve; serve()"]
         self.procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(n)]
         for i, p in enumerate(self.procs):
-            pickle.dump((parts[i::n], captions), p.stdin)
-            p.stdin.flush()
+            _send(p.stdin, (parts[i::n], captions))
 
     def _start_actors(self, ray, parts, captions: bool, cores: int) -> None:
         self.ray = ray
@@ -259,16 +321,15 @@ class _Holders:
         if self.actors is not None:
             return self.ray.get([getattr(a, method).remote(*args) for a in self.actors])
         for p in self.procs:
-            pickle.dump((method, args), p.stdin)
-            p.stdin.flush()
+            _send(p.stdin, (method, args))
         out = []
         for p in self.procs:
             try:
-                ok, value = pickle.load(p.stdout)
+                ok, value = _receive(p.stdout)
             except EOFError:
                 raise RuntimeError(f"a planning process died (exit code {p.wait()})") from None
             if not ok:
-                raise value
+                raise RuntimeError(f"a planning process failed: {value}")
             out.append(value)
         return out
 
@@ -277,7 +338,7 @@ class _Holders:
             self.ray.kill(a)
         for p in self.procs or ():
             try:
-                pickle.dump(None, p.stdin)
+                _send(p.stdin, None)
                 p.stdin.close()
                 p.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired):

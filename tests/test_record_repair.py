@@ -46,8 +46,11 @@ def test_a_run_created_but_never_given_params_or_mask_is_repaired_on_reopen(tmp_
     assert orphan.data.params == {}
 
     prior = tracker.runs_by_hash(exp, KIND_PRETRAIN)[job.config_hash]
-    run_id = open_pretrain_run(tracker, exp, "repair", job, prior, study_run)
+    source = ("builtin:mnist", "f00d")
+    run_id = open_pretrain_run(tracker, exp, "repair", job, prior, study_run, source)
     assert run_id == orphan.info.run_id  # resumed into the same run, not a second one
+    (given,) = tracker.client.get_run(run_id).inputs.dataset_inputs  # and told what it trains on
+    assert (given.dataset.name, given.dataset.digest, given.dataset.source) == ("mnist", "f00d", "builtin:mnist")
     tracker.finish(run_id)  # as its trial would after training
 
     params = tracker.client.get_run(run_id).data.params
@@ -57,7 +60,8 @@ def test_a_run_created_but_never_given_params_or_mask_is_repaired_on_reopen(tmp_
     classes, mask = class_masks([row["artifact_uri"]])
     assert len(classes) == 10 and mask.sum() == 5  # half the classes, not all
     # Reopening again (a second interruption) changes nothing and raises nothing.
-    assert open_pretrain_run(tracker, exp, "repair", job, tracker.client.get_run(run_id), study_run) == run_id
+    assert open_pretrain_run(tracker, exp, "repair", job, tracker.client.get_run(run_id), study_run, source) == run_id
+    assert len(tracker.client.get_run(run_id).inputs.dataset_inputs) == 1
 
 
 def test_an_unreachable_artifact_store_is_an_error_not_an_all_classes_mask(tmp_path, tracking_uri, monkeypatch):
