@@ -76,3 +76,31 @@ def test_an_unreachable_artifact_store_is_an_error_not_an_all_classes_mask(tmp_p
     assert classes == [] and mask.shape == (1, 0)  # no mask artifact at all: a study without subsets
     with pytest.raises(AnalysisError, match=r"^artifacts: cannot read view/class_mask.json of the run at http://127"):
         class_masks([local, remote])
+
+
+def _log_task_input(uri: str, run_id: str, start) -> None:
+    tracker = Tracker(uri)
+    tracker.client.get_run(run_id)  # connected and warm, so the processes' inserts meet
+    start.wait()
+    tracker.log_inputs(run_id, [("digits", "d1615", "builtin:digits", "transfer")])
+
+
+def test_trials_logging_the_same_dataset_at_once_all_record_it(tmp_path, tracking_uri):
+    """Transfer trials of one task log the same dataset input at the same moment; the store keeps
+    one dataset row per (experiment, name, digest), so all but one hit a unique constraint."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    tracker = Tracker(tracking_uri)
+    exp = tracker.experiment_id("race")
+    runs = [tracker.client.create_run(exp).info.run_id for _ in range(6)]
+    start = ctx.Barrier(len(runs))
+    procs = [ctx.Process(target=_log_task_input, args=(tracking_uri, r, start)) for r in runs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0] * len(runs)
+    for r in runs:
+        (given,) = tracker.client.get_run(r).inputs.dataset_inputs
+        assert (given.dataset.name, given.dataset.digest) == ("digits", "d1615")
