@@ -15,7 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from datasets_.pipeline import normalize
-from orchestrator.analysis.counterfactual import read_plan
+from orchestrator.analysis.counterfactual import SEEDS_PER_ARM, read_plan
 from orchestrator.cli import main
 from orchestrator.records.schema import (
     KIND_DATAMODEL_BATCH,
@@ -208,7 +208,8 @@ def _counterfactual(spec, uri, tmp_path, capsys, study_run_id, ranking):
     follow = load_spec(tmp_path / "cf" / "dm-counterfactual.yaml")
     arms = [f"digits_src-{arm}-k{k}" for arm in ("harmful", "helpful", "random") for k in (1, 2)]
     assert follow.datamodels is None and follow.pretrain.sweep["source"] == ("digits_src", *arms)
-    assert follow.pretrain.sweep["seed"] == (0, 1, 2) and follow.pretrain.base == load_spec(spec).pretrain.base
+    assert follow.pretrain.sweep["seed"] == tuple(range(SEEDS_PER_ARM))  # every arm the same seeds: paired
+    assert follow.pretrain.base == load_spec(spec).pretrain.base
     t = follow.transfer
     assert (t.protocol, t.shots, t.seeds, follow.transfer_tasks) == (("linear_probe",), ("full",), (0,), ("digits",))
     plan = json.loads((tmp_path / "cf" / "dm-counterfactual.plan.json").read_text())
