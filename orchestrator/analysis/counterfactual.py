@@ -314,6 +314,9 @@ def plan_counterfactual(
         inputs = _class_subset_influence(spec, sr, task, source)
     rank = ranking(inputs.classes, task_influence(inputs.masks, inputs.outputs))
     doc, plan = plan_followup(spec, inputs.source, rank, ks, list(arms), inputs.task, seed=seed, name=name, seeds=seeds)
+    # Where the ranking's outputs came from: on the test split, the follow-up is scored on the examples
+    # that chose its arms (an analysis can refuse or flag such a plan).
+    plan["influence_split"] = inputs.split
     path = write_followup(doc, plan, out)
     if sr.study_run_id:
         log_plan(tracker, sr.study_run_id, plan)
