@@ -10,6 +10,8 @@ parameters always give the same decision, so a view is reproducible from its des
   class, depends only on its key, so noise is identical across sizes and workers.
 - :func:`few_shot_indices`: k examples per class, nested in k for one seed.
 - :func:`validation_mask`: a fixed validation carve-out of a training split.
+- :func:`influence_holdout`: the examples of a task's training split a datamodel sweep measures
+  influence on, which no probe trains or selects on.
 """
 
 from __future__ import annotations
@@ -167,6 +169,16 @@ def class_subset(num_classes: int, fraction: float, seed: int) -> np.ndarray:
 def validation_mask(keys: Sequence[str], fraction: float, seed: int = 0) -> np.ndarray:
     """True for the keys carved out as validation (about ``fraction`` of them)."""
     return unit_hash(keys, seed, "validation") < fraction
+
+
+def influence_holdout(keys: Sequence[str], fraction: float, seed: int = 0) -> np.ndarray:
+    """True for the keys of a task's training split held out to measure influence on (about
+    ``fraction`` of them). Independent of :func:`validation_mask` (another salt): the caller removes
+    the holdout first, and the probe's validation and shots come from the rest, so the examples
+    influence is measured on are seen by no probe, and the task's test split stays unseen."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"influence holdout fraction must be in (0, 1), got {fraction}")
+    return unit_hash(keys, seed, "influence") < fraction
 
 
 def few_shot_indices(

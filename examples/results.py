@@ -56,7 +56,7 @@ FIGURES = {  # report figures shown on the page, per study (others stay in docs/
         "downstream_vs_upstream_digits_linear_probe",
         "e_ir_vs_shots",
     ],
-    "data_based": ["influence_digits_linear_probe_glyphs", "influence_convergence", "counterfactual"],
+    "data_based": ["influence_digits_linear_probe_glyphs", "counterfactual"],
 }
 
 

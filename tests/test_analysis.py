@@ -189,8 +189,12 @@ def test_influence_recovers_planted_helpful_and_harmful_class(classes_study, tra
     assert (neutral["influence"].abs() < 0.06).all()
     per_example = influence.influence(x.masks, x.outputs)
     assert (per_example.values[int(HELPFUL)] > 0.05).all()  # every example is helped
-    conv = influence.convergence(x.masks, x.outputs, seed=0)
-    assert conv["models"].iloc[-1] == 60 and conv["spearman_vs_all"].iloc[-1] == pytest.approx(1.0)
+    rel = influence.split_half_reliability(x.masks, x.outputs, seed=0).iloc[0]
+    assert rel["models"] == 60 and rel["splits"] == influence.SPLITS and rel["reliability"] > 0.8, rel
+    perm = influence.permutation_test(x.masks, x.outputs, permutations=199, seed=0)
+    assert (perm.p_family[[int(HELPFUL), int(HARMFUL)]] < 0.01).all()  # every example, family-wise
+    top = perm.class_summary(x.classes).iloc[0]
+    assert top["class"] == HELPFUL and top["top_examples"] == 20 and top["top_examples_null"] < 5
 
 
 def test_influence_handles_missing_outputs_and_constant_classes():

@@ -14,13 +14,18 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from datasets_.pipeline import normalize
-from orchestrator.analysis.counterfactual import read_plan
+from datasets_.pipeline import decode_split, normalize
+from orchestrator.analysis.counterfactual import SEEDS_PER_ARM, read_plan
 from orchestrator.cli import main
+from orchestrator.execution import datamodel_sweep
+from orchestrator.planning.data_checks import resolve_data
+from orchestrator.planning.datamodel_plan import INFLUENCE_FRACTION, build_datamodel_plan
 from orchestrator.records.schema import (
     KIND_DATAMODEL_BATCH,
     KIND_DATAMODELS,
     KIND_STUDY,
+    OUTPUTS_INFLUENCE_HOLDOUT,
+    PARAM_OUTPUTS_SPLIT,
     TAG_DATAMODEL_TABLE,
     TAG_KIND,
     TAG_PARENT,
@@ -113,6 +118,38 @@ def test_bad_datamodel_specs_name_the_field(change, field):
     with pytest.raises(SpecError) as e:
         parse_spec(doc)
     assert str(e.value).startswith(field) and "\n" not in str(e.value)
+
+
+@pytest.mark.timeout(300)
+def test_a_sweep_measures_influence_on_a_train_holdout_and_never_reads_test(tmp_path, monkeypatch):
+    """Each model's probe fits on the task's train split less the influence holdout and is scored on
+    the holdout (20% of the train split by key hash, the table's examples); the test split, which
+    scores the counterfactual, is not read."""
+    spec = parse_spec(copy.deepcopy(STUDY))
+    data = resolve_data(spec)
+    plan = build_datamodel_plan(spec, data)
+    read = []
+
+    def recording(dataset, split, *args, **kwargs):
+        read.append(split)
+        return decode_split(dataset, split, *args, **kwargs)
+
+    monkeypatch.setattr(datamodel_sweep, "decode_split", recording)
+    task = data["tasks.digits"]
+    rows = datamodel_sweep.train_and_probe(plan, data["sources.digits_src"], task, (0, 1)).to_pandas()
+    assert "test" not in read and plan.influence_fraction == INFLUENCE_FRACTION == 0.2
+
+    datamodel_sweep.write_sweep_header(str(tmp_path / "table"), plan, task)
+    ex = pq.read_table(tmp_path / "table" / "examples.parquet").to_pandas()
+    train = task.keys_and_labels("train")
+    assert (
+        ex["key"].tolist() == train.keys[ex["example"]].tolist() and (ex["label"] == train.labels[ex["example"]]).all()
+    )
+    assert abs(len(ex) / len(train.keys) - 0.2) < 0.03 and ex["label"].nunique() == task.num_classes
+    assert all(len(p) == len(ex) for p in rows["correct_prob"])
+    sweep = json.loads((tmp_path / "table" / "sweep.json").read_text())
+    assert sweep[PARAM_OUTPUTS_SPLIT] == OUTPUTS_INFLUENCE_HOLDOUT
+    assert plan.params(spec)[PARAM_OUTPUTS_SPLIT] == OUTPUTS_INFLUENCE_HOLDOUT
 
 
 def _runs(client, kind):
@@ -208,7 +245,8 @@ def _counterfactual(spec, uri, tmp_path, capsys, study_run_id, ranking):
     follow = load_spec(tmp_path / "cf" / "dm-counterfactual.yaml")
     arms = [f"digits_src-{arm}-k{k}" for arm in ("harmful", "helpful", "random") for k in (1, 2)]
     assert follow.datamodels is None and follow.pretrain.sweep["source"] == ("digits_src", *arms)
-    assert follow.pretrain.sweep["seed"] == (0, 1, 2) and follow.pretrain.base == load_spec(spec).pretrain.base
+    assert follow.pretrain.sweep["seed"] == tuple(range(SEEDS_PER_ARM))  # every arm the same seeds: paired
+    assert follow.pretrain.base == load_spec(spec).pretrain.base
     t = follow.transfer
     assert (t.protocol, t.shots, t.seeds, follow.transfer_tasks) == (("linear_probe",), ("full",), (0,), ("digits",))
     plan = json.loads((tmp_path / "cf" / "dm-counterfactual.plan.json").read_text())

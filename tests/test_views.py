@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from datasets_ import few_shot_indices, in_subset, noisy_labels, subset_threshold, validation_mask
-from datasets_.views import PretrainView
+from datasets_.views import PretrainView, influence_holdout
 
 KEYS = np.array([f"sample-{i:05d}" for i in range(20000)], dtype=object)
 LABELS = np.arange(20000) % 10
@@ -91,6 +91,16 @@ def test_validation_carve_out_is_disjoint_from_the_shot_pool():
     pool = np.flatnonzero(~val)
     picked = pool[few_shot_indices(KEYS[pool], LABELS[pool], 10, seed=0)]
     assert not val[picked].any()
+
+
+def test_influence_holdout_is_a_stable_share_independent_of_the_validation_carve_out():
+    held = influence_holdout(KEYS[:5000], 0.2)
+    assert 0.18 < held.mean() < 0.22
+    assert (influence_holdout(KEYS[:5000][::-1], 0.2) == held[::-1]).all()  # by key, not by position
+    val = validation_mask(KEYS[:5000], 0.2)
+    assert abs((held & val).mean() - 0.04) < 0.01  # independent salts: 0.2 · 0.2 overlap before removal
+    with pytest.raises(ValueError, match="must be in"):
+        influence_holdout(KEYS[:10], 1.0)
 
 
 def test_pairwise_noise_moves_to_the_next_class():

@@ -198,9 +198,10 @@ def stacked_features(sm: StackedModels, images: torch.Tensor, batch_size: int = 
 def probe_outputs(
     train: Features, test: Features, num_classes: int, protocol: str, shots, seed: int, val_fraction: float
 ) -> tuple[float, pd.DataFrame]:
-    """(test accuracy, per-example outputs) of one frozen-feature probe, chosen and scored as
-    :func:`trainers.transfer.evaluate_transfer` does (validation carve-out by key hash, shots
-    from the rest, the test split only scored)."""
+    """(accuracy on ``test``, per-example outputs on ``test``) of one frozen-feature probe, chosen
+    as :func:`trainers.transfer.evaluate_transfer` does (validation carve-out of ``train`` by key
+    hash, shots from the rest); ``test`` is only scored (a datamodel sweep passes its influence
+    holdout)."""
     from trainers.transfer import per_example, shot_indices
 
     val = validation_mask(train.keys, val_fraction)

@@ -10,6 +10,11 @@ ordinary pretraining runs), drops ``datamodels:`` and probes the task as the swe
 source is which arm and K, and the removed classes) is written next to the YAML and logged on the
 original study run as ``counterfactual/plan.json``; ``transferlab report`` reads it to plot
 accuracy vs K.
+
+Arms are compared **paired by pretraining seed** (:func:`paired_arm_differences`): every source
+of the follow-up trains with the same seeds 0..N-1, so seed s of an arm and seed s of the baseline
+share the initialisation and data order and differ only by the removed classes; the per-seed
+differences carry none of the seed-to-seed spread that two independent groups would.
 """
 
 from __future__ import annotations
@@ -22,19 +27,33 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
+from scipy import stats
 
 from orchestrator.analysis import AnalysisError
 from orchestrator.analysis.datamodel_influence import datamodel_inputs
-from orchestrator.analysis.fits import aggregate
-from orchestrator.analysis.frame import InfluenceInputs, StudyRuns, at_largest_shots, influence_inputs, load_study
+from orchestrator.analysis.fits import CI_LEVEL, aggregate
+from orchestrator.analysis.frame import (
+    PRETRAIN_SEED,
+    InfluenceInputs,
+    StudyRuns,
+    at_largest_shots,
+    influence_inputs,
+    load_study,
+)
 from orchestrator.analysis.influence import ranking, task_influence
+from orchestrator.analysis.tables import final_layer
 from orchestrator.records.schema import COUNTERFACTUAL_PLAN_ARTIFACT, METRIC_ACCURACY
 from orchestrator.records.tracker import Tracker
 from orchestrator.spec import COUNTERFACTUAL_ARMS as ARMS
 from orchestrator.spec import DataRef, StudySpec, load_spec, parse_spec
 
 BASELINE = "baseline"
-DATAMODEL_SEEDS = 3  # pretraining seeds of each follow-up source of a datamodels study, unless --seeds says
+# Pretraining seeds of each follow-up source of a datamodels study, unless --seeds says: enough
+# pairs for a paired t-interval whose half-width is about half the per-seed spread (t₀.₉₇₅,₁₅ · 1/√16).
+SEEDS_PER_ARM = 16
+MIN_PAIRS = 3  # fewer seed pairs than this: "too few to judge", no interval
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, TOO_FEW = "reproduced", "not reproduced", "inconclusive", "too few to judge"
+PAIRED_COLUMNS = ["claim", "setting", "statistic", "estimate", "ci_low", "ci_high", "n", "verdict"]
 
 
 def removed_classes(ranking: pd.DataFrame, arm: str, k: int, seed: int = 0) -> list[str]:
@@ -72,8 +91,9 @@ def plan_followup(
 ) -> tuple[dict, dict]:
     """The follow-up study document (a valid spec) and its plan; AnalysisError on bad K or source.
 
-    ``seeds``: pretraining seeds 0..seeds-1 of every source (default: the study's own seeds; 3
-    for a datamodels study, which has none: :data:`DATAMODEL_SEEDS`).
+    ``seeds``: pretraining seeds 0..seeds-1 of every source (default: the study's own seeds;
+    :data:`SEEDS_PER_ARM` for a datamodels study, which has none). Every source gets the same
+    seeds, so arms pair with the baseline by seed (:func:`paired_arm_differences`).
     """
     if source not in spec.sources:
         raise AnalysisError("--source", f"unknown source {source!r}; the study has: {', '.join(spec.sources)}")
@@ -103,7 +123,7 @@ def plan_followup(
     doc["sources"] = sources
     doc["tasks"] = {t: _entry(r) for t, r in spec.tasks.items()}
     if spec.datamodels is not None:
-        _from_datamodels(doc, spec, list(sources), DATAMODEL_SEEDS if seeds is None else seeds)
+        _from_datamodels(doc, spec, list(sources), SEEDS_PER_ARM if seeds is None else seeds)
     else:
         pretrain = doc.setdefault("pretrain", {})
         sweep = pretrain.get("sweep") or {}
@@ -206,6 +226,67 @@ def arm_accuracy(followup_transfer: pd.DataFrame, plan: dict) -> pd.DataFrame:
     return agg
 
 
+def arm_runs(followup_transfer: pd.DataFrame, plan: dict) -> pd.DataFrame:
+    """One row per retrained model of the follow-up: ``arm, k, seed`` (pretraining seed) and its
+    target ``accuracy`` (final layer, largest shots setting, mean over few-shot draws); the
+    baseline is arm ``baseline``, K = 0. The input of :func:`paired_arm_differences`."""
+    t = followup_transfer[
+        (followup_transfer["task"] == plan["task"]) & (followup_transfer["source"].isin(plan["sources"]))
+    ]
+    if t.empty:
+        return pd.DataFrame(columns=["arm", "k", "seed", METRIC_ACCURACY])
+    t = at_largest_shots(final_layer(t))
+    info = pd.DataFrame([{"source": s, "arm": v["arm"], "k": v["k"]} for s, v in plan["sources"].items()])
+    per_model = t.merge(info, on="source").groupby(["arm", "k", PRETRAIN_SEED], as_index=False)[METRIC_ACCURACY]
+    return per_model.mean().rename(columns={PRETRAIN_SEED: "seed"})
+
+
+def paired_arm_differences(arm_frame: pd.DataFrame, level: float = CI_LEVEL) -> pd.DataFrame:
+    """Each removal arm against the baseline and against random removal of as many classes, paired by seed.
+
+    ``arm_frame``: :func:`arm_runs` (columns ``arm, k, seed, accuracy``). For harmful and helpful
+    removal at each K, the estimate is the mean over seeds of acc(arm, K, seed) − acc(other,
+    seed), where other is the baseline (all classes) or random removal at the same K; only seeds
+    both have count. The interval is Student's t at ``level`` on those differences (n − 1 degrees
+    of freedom). Verdicts, for the sign Jain et al. predict (harmful removal raises accuracy,
+    helpful removal lowers it): reproduced (interval on that side of 0), not reproduced (on the
+    other), inconclusive (contains 0), or too few to judge (fewer than :data:`MIN_PAIRS` pairs:
+    estimate, no interval). Columns: :data:`PAIRED_COLUMNS`.
+    """
+    acc = arm_frame.set_index(["arm", "k", "seed"])[METRIC_ACCURACY]
+    series = {key: g.droplevel([0, 1]) for key, g in acc.groupby(level=["arm", "k"])}
+    base = series.get((BASELINE, 0))
+    rows = []
+    for arm, expect in (("harmful", +1), ("helpful", -1)):
+        claim = f"removing the most {arm} classes {'raises' if expect > 0 else 'lowers'} target accuracy"
+        for k in sorted(k for a, k in series if a == arm):
+            for other, label in ((base, "all classes"), (series.get(("random", k)), "random K")):
+                if other is None:
+                    continue
+                diff = (series[arm, k] - other).dropna()
+                name = BASELINE if label == "all classes" else f"without random {k}"
+                rows.append(
+                    {
+                        "claim": claim,
+                        "setting": f"K={k}, vs {label}",
+                        "statistic": f"acc(without {arm} {k}) − acc({name}), mean of per-seed differences",
+                        **_paired_interval(diff.to_numpy(float), expect, level),
+                    }
+                )
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+
+
+def _paired_interval(d: np.ndarray, expect: int, level: float) -> dict:
+    n = len(d)
+    est = float(d.mean()) if n else float("nan")
+    if n < MIN_PAIRS:
+        return {"estimate": est, "ci_low": float("nan"), "ci_high": float("nan"), "n": n, "verdict": TOO_FEW}
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / np.sqrt(n))
+    lo, hi = sorted((expect * (est - half), expect * (est + half)))
+    verdict = REPRODUCED if lo > 0 else NOT_REPRODUCED if hi < 0 else INCONCLUSIVE
+    return {"estimate": est, "ci_low": est - half, "ci_high": est + half, "n": n, "verdict": verdict}
+
+
 def plan_counterfactual(
     tracker: Tracker,
     spec: StudySpec,
@@ -233,6 +314,9 @@ def plan_counterfactual(
         inputs = _class_subset_influence(spec, sr, task, source)
     rank = ranking(inputs.classes, task_influence(inputs.masks, inputs.outputs))
     doc, plan = plan_followup(spec, inputs.source, rank, ks, list(arms), inputs.task, seed=seed, name=name, seeds=seeds)
+    # Where the ranking's outputs came from: on the test split, the follow-up is scored on the examples
+    # that chose its arms (an analysis can refuse or flag such a plan).
+    plan["influence_split"] = inputs.split
     path = write_followup(doc, plan, out)
     if sr.study_run_id:
         log_plan(tracker, sr.study_run_id, plan)

@@ -2,9 +2,10 @@
 
 A datamodels study has no pretrain/transfer runs: its ``datamodels`` run names the table (tag
 ``transferlab.datamodel_table``), one row per trained model with its class mask and its outputs
-on every target example. This turns that table into the same :class:`InfluenceInputs` the
-class-subset runs give, so the report's influence section and ``transferlab counterfactual``
-read both alike.
+on every example of the task's influence holdout (``split``: which examples; a table written
+before the holdout has its outputs on the test split). This turns that table into the same
+:class:`InfluenceInputs` the class-subset runs give, so the report's influence section and
+``transferlab counterfactual`` read both alike.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 
 from orchestrator.analysis.frame import InfluenceInputs
 from orchestrator.records.datamodel_table import read_examples, read_sweep, read_table
-from orchestrator.records.schema import KIND_DATAMODELS, TAG_DATAMODEL_TABLE
+from orchestrator.records.schema import KIND_DATAMODELS, OUTPUTS_TEST, PARAM_OUTPUTS_SPLIT, TAG_DATAMODEL_TABLE
 from orchestrator.records.tracker import Tracker
 
 
@@ -41,6 +42,7 @@ def datamodel_inputs(tracker: Tracker, experiment_id: str, column: str = "correc
                 masks,
                 outputs,
                 examples,
+                sweep.get(PARAM_OUTPUTS_SPLIT, OUTPUTS_TEST),  # older tables scored the test split
             )
         )
     return out

@@ -165,20 +165,6 @@ def influence_bars(ranking: pd.DataFrame, title: str, top: int = 10) -> bytes:
     return _png(fig)
 
 
-def convergence_plot(conv: pd.DataFrame, title: str) -> bytes:
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for (task, source), g in conv.groupby(["task", "source"]):
-        ax.plot(g["models"], g["spearman_vs_all"], marker="o", label=f"{task} ← {source}: Spearman vs all models")
-        ax.plot(g["models"], g["top_agreement"], marker="s", ls="--", label=f"{task} ← {source}: top-k agreement")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("models used")
-    ax.set_ylabel("agreement with the full ranking")
-    ax.set_title(f"{title}\nn={int(conv['models'].max()) if len(conv) else 0} models in all", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _png(fig)
-
-
 def counterfactual_plot(agg: pd.DataFrame, title: str) -> bytes:
     """Target accuracy vs K removed classes, one line per arm (K = 0 is the unmodified source)."""
     fig, ax = plt.subplots(figsize=(6.4, 4))

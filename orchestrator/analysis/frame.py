@@ -32,6 +32,7 @@ from orchestrator.records.schema import (
     METRIC_MEAN_PER_CLASS_ACCURACY,
     METRIC_NUM_TRAIN_SAMPLES,
     METRIC_UPSTREAM_ACCURACY,
+    OUTPUTS_TEST,
     PARAM_CLASS_FRACTION,
     PER_EXAMPLE_ARTIFACT,
     PRETRAIN_PARAMS,
@@ -300,7 +301,11 @@ class InfluenceInputs:
     classes: list[str]
     masks: np.ndarray  # bool [models × classes]
     outputs: np.ndarray  # float [models × examples], mean over transfer seeds
-    examples: np.ndarray  # example ids (columns of outputs)
+    examples: np.ndarray  # example ids (columns of outputs), positions in ``split``
+    # Which examples the outputs are on (schema OUTPUTS_*): a datamodel table's influence holdout, or
+    # the task's test split (transfer runs' per-example outputs; tables written before the holdout),
+    # which also scores the counterfactual follow-up.
+    split: str = OUTPUTS_TEST
 
 
 def at_largest_shots(t: pd.DataFrame) -> pd.DataFrame:

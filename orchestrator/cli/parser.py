@@ -192,7 +192,8 @@ def _analysis_parsers(sub) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="pretraining seeds 0..N-1 of every follow-up source (default: the study's; 3 for a datamodels study)",
+        help="pretraining seeds 0..N-1 of every follow-up source, paired across arms (default: the study's; 16 for a "
+        "datamodels study)",
     )
     cfp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's default store here)")
 

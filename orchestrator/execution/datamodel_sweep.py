@@ -23,6 +23,7 @@ import pyarrow as pa
 from datasets_ import ShardedDataset
 from datasets_.objstore import is_remote
 from datasets_.pipeline import decode_split
+from datasets_.views import influence_holdout
 from orchestrator.execution.phase import NOT_LAUNCHED, TrialContext, cluster_gpus, run_phase
 from orchestrator.planning.datamodel_plan import DatamodelPlan
 from orchestrator.records.datamodel_table import TABLE_SCHEMA, finished_models, table_uri, write_header, write_part
@@ -34,6 +35,8 @@ from orchestrator.records.schema import (
     KILLED,
     KIND_DATAMODEL_BATCH,
     KIND_DATAMODELS,
+    OUTPUTS_INFLUENCE_HOLDOUT,
+    PARAM_OUTPUTS_SPLIT,
     TAG_DATAMODEL_TABLE,
 )
 from orchestrator.records.tracker import Tracker
@@ -43,16 +46,18 @@ from trainers.features import Features
 from trainers.stacked import probe_outputs, stacked_features, train_stacked
 
 
-def _write_header(table: str, plan: DatamodelPlan, task: ShardedDataset) -> None:
-    """The table's ``sweep.json`` and ``examples.parquet`` (the task's test examples)."""
+def write_sweep_header(table: str, plan: DatamodelPlan, task: ShardedDataset) -> None:
+    """The table's ``sweep.json`` and ``examples.parquet`` (the task's influence holdout: its
+    position in the train split, key and label)."""
 
     def examples() -> pa.Table:
-        test = task.keys_and_labels("test")
+        train = task.keys_and_labels("train")
+        held = np.flatnonzero(influence_holdout(train.keys, plan.influence_fraction))
         return pa.table(
             {
-                "example": np.arange(len(test.keys), dtype=np.int64),
-                "key": test.keys.astype(str),
-                "label": test.labels.astype(np.int64),
+                "example": held.astype(np.int64),
+                "key": train.keys[held].astype(str),
+                "label": train.labels[held].astype(np.int64),
             }
         )
 
@@ -65,6 +70,8 @@ def _write_header(table: str, plan: DatamodelPlan, task: ShardedDataset) -> None
         "shots": plan.shots,
         "settings": asdict(plan.settings),
         "model_config": plan.model_config,
+        PARAM_OUTPUTS_SPLIT: OUTPUTS_INFLUENCE_HOLDOUT,
+        "influence_fraction": plan.influence_fraction,
     }
     write_header(table, sweep, examples)
 
@@ -85,7 +92,8 @@ def train_and_probe(
     plan: DatamodelPlan, source: ShardedDataset, task: ShardedDataset, models: tuple[int, ...], device=None
 ) -> pa.Table:
     """Train the given models of the sweep at once on ``device`` (default CPU) on ``source``,
-    probe each on ``task``: their table rows."""
+    probe each on ``task``: their table rows. Each probe trains and selects on the task's train
+    split less the influence holdout and is scored on the holdout; the test split is not read."""
     ts = plan.train
     images, labels, keys = decode_split(source, "train", ts.image_size)
     idx = list(models)
@@ -100,16 +108,14 @@ def train_and_probe(
         ts,
         device,
     )
-    feats = {}
-    for split in ("train", "test"):
-        x, y, k = decode_split(task, split, ts.image_size)
-        feats[split] = (stacked_features(sm, x), y, k)
+    x, y, k = decode_split(task, "train", ts.image_size)
+    held = influence_holdout(k, plan.influence_fraction)
+    feats = stacked_features(sm, x)  # [models × examples × dim]
     rows = []
     for j, i in enumerate(idx):
-        (ftr, ytr, ktr), (fte, yte, kte) = feats["train"], feats["test"]
         acc, out = probe_outputs(
-            Features(ktr, ftr[j], ytr),
-            Features(kte, fte[j], yte),
+            Features(k[~held], feats[j][~held], y[~held]),
+            Features(k[held], feats[j][held], y[held]),
             task.num_classes,
             plan.protocol,
             plan.shots,
@@ -229,7 +235,7 @@ def run_datamodels(
     """Train every model of the sweep the table lacks; record the sweep and its trials in MLflow.
     ``study`` is what every trial of the study shares (tracking, storage, data, budget)."""
     table = table_uri(study.storage_path, spec.study, plan.config_hash)
-    _write_header(table, plan, study.open_data(f"tasks.{plan.task}"))
+    write_sweep_header(table, plan, study.open_data(f"tasks.{plan.task}"))
     run_id = _sweep_run(tracker, study.experiment_id, spec, plan, study_run, table)
     done = finished_models(table)
     todo = [i for i in range(plan.num_models) if i not in done]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 from datasets_ import DatasetError, ShardedDataset, resolve_dataset, validation_mask
+from datasets_.views import influence_holdout
 from orchestrator.spec import SpecError, StudySpec
 from trainers.protocols import FULL
 
@@ -24,11 +25,15 @@ def resolve_data(spec: StudySpec) -> dict[str, ShardedDataset]:
     return out
 
 
-def smallest_class(task: ShardedDataset, val_fraction: float) -> tuple[int, str]:
+def smallest_class(task: ShardedDataset, val_fraction: float, influence_fraction: float = 0.0) -> tuple[int, str]:
     """(examples, name) of the task's class with the fewest training examples outside the
-    validation carve-out: the most shots per class any fit can draw."""
+    validation carve-out (and a datamodel sweep's influence holdout): the most shots per class
+    any fit can draw."""
     train = task.keys_and_labels("train")
-    pool = train.labels[~validation_mask(train.keys, val_fraction)]
+    keep = ~validation_mask(train.keys, val_fraction)
+    if influence_fraction:
+        keep &= ~influence_holdout(train.keys, influence_fraction)
+    pool = train.labels[keep]
     counts = [int((pool == c).sum()) for c in range(task.num_classes)]
     smallest = min(counts)
     return smallest, task.classes[counts.index(smallest)]

@@ -4,6 +4,10 @@ models trains on, with which seed, and how each is probed.
 Model i trains on the classes :func:`~orchestrator.planning.pretrain_runs.kept_classes` picks
 for seed ``model_seed(seed, i)`` — the same pure, seeded class-subset view a ``class_fraction``
 sweep uses — so the masks are a function of the spec alone.
+
+Influence is measured on the :data:`INFLUENCE_FRACTION` of the task's *train* split held out by
+key hash (:func:`datasets_.views.influence_holdout`); the probes train and select on the rest,
+and the task's test split is left to the counterfactual follow-up, which the influence chose.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from datasets_ import ShardedDataset
 from orchestrator.planning.data_checks import smallest_class
 from orchestrator.planning.hashing import content_hash
 from orchestrator.planning.pretrain_runs import checked_model_config, kept_classes
-from orchestrator.records.schema import KIND_DATAMODELS
+from orchestrator.records.schema import KIND_DATAMODELS, OUTPUTS_INFLUENCE_HOLDOUT, PARAM_OUTPUTS_SPLIT
 from orchestrator.spec import MAX_DATAMODELS, PretrainSettings, SpecError, StudySpec
 from trainers.protocols import FULL
 from trainers.stacked import TrainSettings
+
+INFLUENCE_FRACTION = 0.2  # share of the task's train split held out to measure influence on
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class DatamodelPlan:
     shots: int | str
     transfer_seed: int
     val_fraction: float
+    influence_fraction: float  # of the task's train split, held out: the examples outputs are recorded on
     models_per_trial: int
     run_name: str
 
@@ -58,6 +65,8 @@ class DatamodelPlan:
             "shots": self.shots,
             "transfer_seed": self.transfer_seed,
             "val_fraction": self.val_fraction,
+            "influence_fraction": self.influence_fraction,
+            PARAM_OUTPUTS_SPLIT: OUTPUTS_INFLUENCE_HOLDOUT,
             **asdict(self.settings),
             "model_config": self.model_config,
         }
@@ -84,7 +93,7 @@ def build_datamodel_plan(spec: StudySpec, data: dict[str, ShardedDataset]) -> Da
             f"{d.class_fraction:g} of the {src.num_classes} classes of '{d.source}' keeps every class",
         )
     if d.shots != FULL:
-        smallest, _ = smallest_class(task, spec.transfer.val_fraction)
+        smallest, _ = smallest_class(task, spec.transfer.val_fraction, INFLUENCE_FRACTION)
         if d.shots > smallest:
             raise SpecError(
                 "datamodels.shots",
@@ -106,6 +115,7 @@ def build_datamodel_plan(spec: StudySpec, data: dict[str, ShardedDataset]) -> Da
             "shots": d.shots,
             "transfer_seed": d.transfer_seed,
             "val_fraction": spec.transfer.val_fraction,
+            "influence_fraction": INFLUENCE_FRACTION,
         }
     )
     train = TrainSettings(**{f.name: getattr(settings, f.name) for f in fields(TrainSettings)})
@@ -124,6 +134,7 @@ def build_datamodel_plan(spec: StudySpec, data: dict[str, ShardedDataset]) -> Da
         d.shots,
         d.transfer_seed,
         spec.transfer.val_fraction,
+        INFLUENCE_FRACTION,
         d.models_per_trial,
         name,
     )

@@ -65,13 +65,15 @@ influence estimation.
 Analysis outputs (``orchestrator.analysis``): ``transferlab report`` logs its HTML, CSV tables,
 PNG figures and fitted numbers under ``report/`` on the study run; ``transferlab counterfactual``
 logs the follow-up plan (``counterfactual/plan.json``: follow-up study name, and per source
-added: arm ``harmful|helpful|random|baseline``, K and the removed classes) on the study run too.
+added: arm ``harmful|helpful|random|baseline``, K and the removed classes; ``influence_split``:
+which examples the ranking's outputs were on, ``influence_holdout`` or ``test``) on the study run
+too.
 
 Datamodel studies (a ``datamodels:`` section) replace the pretrain/transfer levels with two:
 a ``datamodels`` run under the study run (params: ``source, task, class_fraction,
-seed, models_per_trial, protocol, shots, transfer_seed, val_fraction`` + the pretraining
-settings; tag ``transferlab.datamodel_table``: where the table lives; metrics ``models_done``,
-``models_total`` (the spec's ``num_models``: a rerun with more extends the sweep),
+seed, models_per_trial, protocol, shots, transfer_seed, val_fraction, influence_fraction,
+outputs_split`` + the pretraining settings; tag ``transferlab.datamodel_table``: where the table
+lives; metrics ``models_done``, ``models_total`` (the spec's ``num_models``: a rerun with more extends the sweep),
 ``failed_trials``, one step per ``run``), and one ``datamodel_batch`` run per
 finished trial under it (params ``first_model, last_model, models``; metrics ``models``,
 ``seconds``, ``models_per_hour``, ``mean_accuracy``; the trial's table part as artifact under
@@ -79,10 +81,15 @@ finished trial under it (params ``first_model, last_model, models``; metrics ``m
 a Parquet dataset (``TABLE/models/``, readable as one table by ``pandas.read_parquet``), one
 file per finished trial (``models-FIRST-LAST.parquet``, written atomically), one row per model:
 ``model`` (index), ``seed``, ``mask`` (list of bool, one per source class), ``num_train_samples``,
-``train_loss``, ``accuracy`` (task test split) and per-target-example lists ``correct_prob``,
-``margin``, ``prediction`` (position = ``example``);
-beside ``models/``, ``examples.parquet`` (``example, key, label``) and ``sweep.json`` (class names,
-config hash, settings).
+``train_loss``, ``accuracy`` and per-target-example lists ``correct_prob``, ``margin``,
+``prediction`` (position i = row i of ``examples.parquet``), all on the **influence holdout**
+(``outputs_split`` = ``influence_holdout``): the ``influence_fraction`` (0.2) of the task's
+*train* split picked by key hash (:func:`datasets_.views.influence_holdout`); each model's probe
+trains and selects on the rest, and the task's test split is left to score the counterfactual
+follow-up. Beside ``models/``, ``examples.parquet`` (``example``: position in the task's train
+split, ``key``, ``label``) and ``sweep.json`` (class names, config hash, settings,
+``outputs_split``, ``influence_fraction``). A table whose ``sweep.json`` lacks ``outputs_split``
+was written before the holdout: its outputs are on the task's test split.
 
 Every transfer run also carries its pretraining run's settings that vary across studies, as
 params: ``source, method, pretrain_size, label_noise, model, width, epochs, class_fraction,
@@ -139,6 +146,10 @@ SPEC_ARTIFACT = "spec/study.yaml"
 KIND_STUDY, KIND_PRETRAIN, KIND_TRANSFER = "study", "pretrain", "transfer"
 KIND_DATAMODELS, KIND_DATAMODEL_BATCH = "datamodels", "datamodel_batch"
 TAG_DATAMODEL_TABLE = "transferlab.datamodel_table"
+# Which examples per-example outputs are on: a param of the datamodels run and a field of sweep.json.
+PARAM_OUTPUTS_SPLIT = "outputs_split"
+OUTPUTS_INFLUENCE_HOLDOUT = "influence_holdout"  # held out of the task's train split, seen by no probe
+OUTPUTS_TEST = "test"  # the task's test split: transfer runs; datamodel tables without the field
 DATAMODEL_PART_ARTIFACT_DIR = "datamodels"
 
 PRETRAIN_PARAMS = ("method", "source", "pretrain_size", "label_noise", "model", "seed")
