@@ -73,7 +73,7 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
 
 def prepare(t: pd.DataFrame) -> pd.DataFrame:
     """The frame with ``shots`` as text and a ``config`` label per pretraining configuration."""
-    t = t.copy()
+    t = t.reset_index(drop=True)
     t["shots"] = t["shots"].astype(str)
     if PRETRAIN_SEED not in t:
         t[PRETRAIN_SEED] = t["pretrain_run_id"]
@@ -86,8 +86,8 @@ def _few(t: pd.DataFrame, shots) -> str | None:
     """The claim's shots setting as text; default: the fewest few-shot setting of ``t``."""
     if shots is not None:
         return str(shots)
-    few = t.loc[np.isfinite(t["shots_n"]), "shots_n"]
-    return None if few.empty else t.loc[few.idxmin(), "shots"]
+    few = t[np.isfinite(t["shots_n"])]
+    return None if few.empty else str(few.sort_values("shots_n")["shots"].iloc[0])
 
 
 def _clean(t: pd.DataFrame) -> pd.DataFrame:
@@ -98,8 +98,7 @@ def _clean(t: pd.DataFrame) -> pd.DataFrame:
 
 
 def _largest_config(g: pd.DataFrame) -> str:
-    size = g[SIZE].fillna(np.inf)
-    return g.loc[size.idxmax(), CONFIG]
+    return g.assign(_size=g[SIZE].fillna(np.inf)).sort_values("_size")[CONFIG].iloc[-1]
 
 
 def _each(t: pd.DataFrame, column: str, value) -> list:
