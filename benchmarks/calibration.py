@@ -14,7 +14,7 @@ For each claim kind, null studies (no effect; e_IR = 0; the non-inferiority diff
 (goal ≤ 5%), the coverage of the true value by the 95% interval (goal 93–97%, on nulls and planted
 studies together), and the power at the planted size.
 
-    python benchmarks/calibration.py --studies 400
+    python benchmarks/calibration.py --studies 300
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.analysis import claims  # noqa: E402
-from orchestrator.analysis.stats import REPRODUCED  # noqa: E402
-from orchestrator.spec.claims import default_claim  # noqa: E402
+from orchestrator.analysis import claims
+from orchestrator.analysis.stats import REPRODUCED
+from orchestrator.spec.claims import default_claim
 
 SEEDS, DRAWS = 4, 3  # pretraining seeds per configuration, few-shot draws per shots setting
 SD_SEED, SD_DRAW, SD_RUN, SD_RUN_FULL, RHO = 0.012, 0.03, 0.015, 0.004, 0.7
@@ -166,7 +166,8 @@ def table(results: list[dict]) -> str:
     for r in results:
         x = rates(r)
         lines.append(
-            f"| {r['kind']} | {PLANTED[r['kind']][2]:g} | {x['false_positive']:.1%} ({r['null_reproduced']}/{r['studies']}) "
+            f"| {r['kind']} | {PLANTED[r['kind']][2]:g} "
+            f"| {x['false_positive']:.1%} ({r['null_reproduced']}/{r['studies']}) "
             f"| {x['coverage']:.1%} ({r['covered']}/{r['judged']}) | {x['power']:.1%} |"
         )
     return "\n".join(lines)
@@ -188,7 +189,7 @@ def coverage_off(r: dict, lo: float = 0.93, hi: float = 0.97, p: float = 0.01) -
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--studies", type=int, default=400, help="null and planted studies per claim kind (each)")
+    ap.add_argument("--studies", type=int, default=300, help="null and planted studies per claim kind (each)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kinds", nargs="*", default=list(PLANTED))
     args = ap.parse_args(argv)
