@@ -78,7 +78,7 @@ def prepare(t: pd.DataFrame) -> pd.DataFrame:
     if PRETRAIN_SEED not in t:
         t[PRETRAIN_SEED] = t["pretrain_run_id"]
     keys = [k for k in _CONFIG_KEYS if k in t]
-    t[CONFIG] = t[keys].astype(str).agg("|".join, axis=1) if keys else "all"
+    t[CONFIG] = ["|".join(map(str, r)) for r in t[keys].itertuples(index=False)] if keys else "all"
     return t
 
 
