@@ -27,7 +27,7 @@ from orchestrator.analysis import claims
 from orchestrator.analysis.counterfactual import read_plan
 from orchestrator.analysis.datamodel_influence import datamodel_inputs
 from orchestrator.analysis.frame import load_study
-from orchestrator.analysis.report import build_report, write_report
+from orchestrator.analysis.report import build_report, declared_claims, write_report
 from orchestrator.records.datamodel_table import read_examples
 from orchestrator.records.schema import KIND_DATAMODELS, KIND_STUDY, TAG_DATAMODEL_TABLE
 from orchestrator.records.tracker import Tracker
@@ -103,39 +103,24 @@ def figures_md(study: str, made: list[str]) -> str:
     return "\n".join(f"![{f}](results/{study}/figures/{f}.png)" for f in shown) + "\n"
 
 
+def judged_claims(tracker: Tracker, study: str) -> str:
+    """The claims the study declares (``claims:`` in its file; else the defaults for its grid),
+    judged by the same code as ``transferlab report``, one table per claim."""
+    sr = load_study(tracker, study)
+    declared, origin = declared_claims(tracker, sr.study_run_id)
+    rows = claims.evaluate(sr.transfer, declared)
+    names = [c.name for c in declared] or list(dict.fromkeys(rows["claim"]))
+    parts = [f"Judged: {origin}.\n"]
+    parts += [claim_table(f"{i}. {name}", rows[rows["claim"] == name]) for i, name in enumerate(names, 1)]
+    return "\n".join(parts)
+
+
 def role_of_data(tracker: Tracker, study: str) -> str:
-    t = load_study(tracker, study).transfer
-    return "\n".join(
-        [
-            claim_table(
-                "1. The spread between sources is large at few shots and shrinks with full data",
-                claims.source_spread(t),
-            ),
-            claim_table(
-                "2. More pretraining data helps few-shot transfer more than full-data transfer",
-                claims.size_helps_few_shot_more(t),
-            ),
-            claim_table(
-                "3. A larger noisy pretraining set vs a smaller clean one (supervised)",
-                claims.noisy_larger_vs_clean_smaller(t[t["method"] == "supervised"]),
-            ),
-        ]
-    )
+    return judged_claims(tracker, study)
 
 
 def limits(tracker: Tracker, study: str) -> str:
-    t = load_study(tracker, study).transfer
-    sat = claims.saturation_claims(t)
-    parts = [
-        claim_table(f"{i}. {name}", sat[sat["claim"] == name]) for i, name in enumerate(dict.fromkeys(sat["claim"]), 1)
-    ]
-    parts.append(
-        claim_table(
-            f"{len(parts) + 1}. The best layer depends on the task (final for near, earlier for far)",
-            claims.layer_claims(t, near="letters", far="digits"),
-        )
-    )
-    return "\n".join(parts)
+    return judged_claims(tracker, study)
 
 
 def example_labels(tracker: Tracker, experiment_id: str, examples) -> np.ndarray | None:

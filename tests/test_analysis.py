@@ -219,7 +219,14 @@ def test_report_command_writes_html_csv_json_and_logs_artifacts(sizes_study, sto
     numbers = json.loads(capsys.readouterr().out)
     assert numbers["partial"] is True and numbers["status"]["pretrain"]["RUNNING"] == 1
     assert {r["source_a"] for r in numbers["data_multiplier"]} == {"small", "big"}
+    # no claims declared: the kinds that apply to the grid are judged, each row with its interval and n
+    keys = {"claim", "setting", "statistic", "estimate", "ci_low", "ci_high", "n", "verdict"}
+    assert numbers["claims"] and all(keys <= set(r) for r in numbers["claims"])
+    assert {r["claim"] for r in numbers["claims"]} == {r["claim"] for r in numbers["claims_overall"]}
+    noisy = [r for r in numbers["claims"] if r["claim"] == "noisy_larger_noninferior"]
+    assert noisy and all(r["n"] == 3 for r in noisy)  # three pretraining seeds per configuration
     html = (out / "report.html").read_text()
+    assert "Claims" in html and "claims_overall" in html
     assert "Partial results" in html and "data:image/png;base64," in html
     assert "n</th>" in html  # every aggregate table says how many runs each mean is over
     assert (out / "tables" / "data_multiplier.csv").exists() and (out / "tables" / "saturation_fits.csv").exists()

@@ -1,5 +1,7 @@
 """Claim verdicts (orchestrator.analysis.claims) on synthetic transfer frames with planted effects:
-a planted effect is 'reproduced', its reverse 'not reproduced', no effect 'inconclusive'."""
+a planted effect is 'reproduced', its reverse 'not reproduced', no effect 'inconclusive', and too
+few pretraining seeds 'inconclusive' with no interval. Calibration over many simulated studies:
+tests/test_calibration.py."""
 
 import itertools
 
@@ -9,6 +11,8 @@ import pytest
 
 from orchestrator.analysis import claims
 from orchestrator.analysis.claims import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+from orchestrator.analysis.stats import TOO_FEW
+from orchestrator.spec.claims import default_claim
 
 
 def frame(
@@ -19,32 +23,39 @@ def frame(
     shots=("1", "full"),
     layers=("",),
     seeds=8,
+    pretrain_seeds=4,
     sd=0.01,
     task="t",
 ):
-    """One row per transfer run; accuracy = acc(source, size, noise, shots, layer) + N(0, sd)."""
+    """One row per transfer run; accuracy = acc(source, size, noise, shots, layer) + a pretraining-seed
+    effect + N(0, sd); ``seeds`` few-shot draws, one fit at full."""
     rng = np.random.default_rng(0)
     rows = []
-    for src, n, p, s, layer in itertools.product(sources, sizes, noises, shots, layers):
-        run = f"{src}-{n}-{p}"
-        for seed in range(1 if s == "full" else seeds):
-            rows.append(
-                {
-                    "task": task,
-                    "protocol": "linear_probe",
-                    "source": src,
-                    "method": "supervised",
-                    "shots": s,
-                    "shots_n": np.inf if s == "full" else float(s),
-                    "num_train_samples": float(n),
-                    "label_noise": p,
-                    "layer": layer,
-                    "seed": seed,
-                    "pretrain_run_id": run,
-                    "class_fraction": 1.0,
-                    "accuracy": acc(src, n, p, s, layer) + rng.normal(0, sd),
-                }
-            )
+    for src, n, p in itertools.product(sources, sizes, noises):
+        for ps in range(pretrain_seeds):
+            run, a = f"{src}-{n}-{p}-{ps}", rng.normal(0, sd)
+            for s, layer in itertools.product(shots, layers):
+                for seed in range(1 if s == "full" else seeds):
+                    rows.append(
+                        {
+                            "task": task,
+                            "protocol": "linear_probe",
+                            "source": src,
+                            "method": "supervised",
+                            "model": "small-cnn",
+                            "shots": s,
+                            "shots_n": np.inf if s == "full" else float(s),
+                            "num_train_samples": float(n),
+                            "label_noise": p,
+                            "layer": layer,
+                            "seed": seed,
+                            "pretrain_run_id": run,
+                            "pretrain_seed": ps,
+                            "class_fraction": 1.0,
+                            "upstream_accuracy": 0.9,
+                            "accuracy": acc(src, n, p, s, layer) + a + rng.normal(0, sd),
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
@@ -69,52 +80,103 @@ def test_verdicts_follow_the_interval_and_the_predicted_sign():
 @pytest.mark.parametrize(
     "few_gap, full_gap, expected", [(0.20, 0.02, REPRODUCED), (0.02, 0.20, NOT_REPRODUCED), (0.05, 0.05, INCONCLUSIVE)]
 )
-def test_source_spread(few_gap, full_gap, expected):
+def test_source_advantage_is_signed(few_gap, full_gap, expected):
     t = frame(lambda src, n, p, s, layer: 0.6 + (few_gap if s == "1" else full_gap) * (src == "a"), sd=0.03)
-    (row,) = claims.source_spread(t).to_dict("records")
-    assert row["verdict"] == expected
-    assert row["estimate"] == pytest.approx(few_gap - full_gap, abs=0.03)
+    claim = default_claim("source_advantage", task="t", source="a", other="b")
+    (row,) = claims.evaluate(t, [claim]).to_dict("records")
+    assert row["verdict"] == expected and row["n"] == 4
+    assert row["estimate"] == pytest.approx(few_gap - full_gap, abs=0.04)
+    # the other way round, the same evidence with the opposite sign: no upward bias of a range
+    (flip,) = claims.evaluate(t, [default_claim("source_advantage", task="t", source="b", other="a")]).to_dict(
+        "records"
+    )
+    assert flip["estimate"] == pytest.approx(-row["estimate"])
+
+
+def test_fewer_than_three_pretraining_seeds_are_too_few_to_judge():
+    t = frame(lambda src, n, p, s, layer: 0.6 + 0.2 * (src == "a") * (s == "1"), pretrain_seeds=2)
+    (row,) = claims.evaluate(t, [default_claim("source_advantage", task="t", source="a", other="b")]).to_dict("records")
+    assert row["verdict"] == INCONCLUSIVE and np.isnan(row["ci_low"]) and row["n"] == 2
+    assert row["interval"] == TOO_FEW and row["estimate"] == pytest.approx(0.2, abs=0.03)
 
 
 def test_size_gain_at_few_shots_vs_full():
     t = frame(lambda src, n, p, s, layer: 0.5 + (0.15 if s == "1" else 0.02) * (n == 4000))
-    out = claims.size_helps_few_shot_more(t)
+    out = claims.evaluate(t, [default_claim("size_helps_few_shot_more")])
     assert len(out) == 2 and set(out["verdict"]) == {REPRODUCED}
+    assert set(out["interval"]) == {"t (paired by seed)"}  # nested subsets: seed i of each size paired
     assert out["estimate"].to_numpy() == pytest.approx([0.13, 0.13], abs=0.02)
 
 
-def test_larger_noisy_set_against_smaller_clean_one():
-    # Noise 0.2 costs 0.03, ten times the data gains 0.10: the big noisy set wins; noise 0.4 costs 0.3: it loses.
+def test_larger_noisy_set_is_non_inferior_within_the_margin():
+    # Ten times the data gains 0.10; noise 0.2 costs 0.11 (−0.01: within a 0.02 margin), 0.4 costs 0.3.
     t = frame(
-        lambda src, n, p, s, layer: 0.5 + 0.10 * (n == 4000) - {0.0: 0, 0.2: 0.03, 0.4: 0.3}[p],
+        lambda src, n, p, s, layer: 0.5 + 0.10 * (n == 4000) - {0.0: 0, 0.2: 0.11, 0.4: 0.3}[p],
         noises=(0.0, 0.2, 0.4),
         sources=("a",),
+        sd=0.003,
     )
-    out = claims.noisy_larger_vs_clean_smaller(t)
-    assert len(out) == 4  # 2 noise levels x (fewest shots, full)
-    few, full = out[~out["setting"].str.endswith("full")], out[out["setting"].str.endswith("full")]
-    assert list(few["verdict"]) == [REPRODUCED, NOT_REPRODUCED]  # noise 0.2, then 0.4
-    # A full-data fit is one run per cell: an estimate, but no interval and so no verdict.
-    assert list(full["verdict"]) == [INCONCLUSIVE] * 2 and full["ci_low"].isna().all()
-    assert full["estimate"].to_numpy() == pytest.approx([0.07, -0.20], abs=0.03)
+    out = claims.evaluate(t, [default_claim("noisy_larger_noninferior", margin=0.02)])
+    assert list(out["verdict"]) == [REPRODUCED, NOT_REPRODUCED]  # noise 0.2, then 0.4
+    assert out["estimate"].to_numpy() == pytest.approx([-0.01, -0.20], abs=0.01)
+    strict = claims.evaluate(t, [default_claim("noisy_larger_noninferior", margin=0.0, label_noise=0.2)])
+    assert list(strict["verdict"]) == [NOT_REPRODUCED]
 
 
-def test_best_layer_on_near_and_far_tasks():
-    near = frame(
-        lambda src, n, p, s, layer: 0.8 if layer == "final" else 0.6,
-        layers=("block1", "final"),
-        task="near",
-        shots=("1",),
-    )
-    far = frame(
-        lambda src, n, p, s, layer: 0.5 if layer == "final" else 0.6,
-        layers=("block1", "final"),
-        task="far",
-        shots=("1",),
-    )
-    out = claims.layer_claims(pd.concat([near, far]), near="near", far="far")
-    assert list(out["verdict"]) == [REPRODUCED, REPRODUCED]
-    assert out["estimate"].to_numpy() == pytest.approx([-0.2, 0.1], abs=0.01)
+def _saturating(e_ir, configs=10, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, e_us in enumerate(np.geomspace(0.04, 0.5, configs)):
+        for ps in range(3):
+            for d in range(3):
+                acc = 1 - (0.8 * e_us**1.5 + e_ir) + rng.normal(0, 0.003)
+                rows.append(
+                    {
+                        "task": "t",
+                        "protocol": "linear_probe",
+                        "source": "a",
+                        "method": "supervised",
+                        "model": "small-cnn",
+                        "shots": "10",
+                        "shots_n": 10.0,
+                        "num_train_samples": 100.0 * (i + 1),
+                        "label_noise": 0.0,
+                        "layer": "",
+                        "seed": d,
+                        "pretrain_run_id": f"{i}-{ps}",
+                        "pretrain_seed": ps,
+                        "class_fraction": 1.0,
+                        "upstream_accuracy": 1 - e_us,
+                        "accuracy": acc,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_saturation_needs_e_ir_above_zero_not_at_a_bound():
+    (sat,) = claims.evaluate(_saturating(0.1), [default_claim("saturation")]).to_dict("records")
+    assert sat["verdict"] == REPRODUCED and sat["ci_low"] <= 0.1 <= sat["ci_high"]
+    (none,) = claims.evaluate(_saturating(0.0), [default_claim("saturation")]).to_dict("records")
+    assert none["verdict"] == INCONCLUSIVE and none["ci_low"] < 0 < none["ci_high"]  # 0 is inside, not a bound
+    (few,) = claims.evaluate(_saturating(0.1, configs=4), [default_claim("saturation")]).to_dict("records")
+    assert few["verdict"] == INCONCLUSIVE and "too few hull points" in few["interval"]
+
+
+def test_best_layer_with_the_layer_fixed_in_advance():
+    def task(name, gap):
+        return frame(
+            lambda src, n, p, s, layer: 0.6 + (gap if layer == "block1" else 0.0),
+            layers=("block1", "final"),
+            task=name,
+            shots=("1",),
+            sizes=(500, 1000, 2000),
+        )
+
+    t = pd.concat([task("near", -0.2), task("far", -0.05)])
+    claim = default_claim("best_layer_differs", near="near", far="far", layer="block1")
+    (row,) = claims.evaluate(t, [claim]).to_dict("records")
+    assert row["verdict"] == REPRODUCED and row["n"] == 6  # 2 sources x 3 sizes: configurations are the units
+    assert row["estimate"] == pytest.approx(0.15, abs=0.01)
 
 
 def test_counterfactual_arms_against_baseline_and_random():

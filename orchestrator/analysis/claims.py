@@ -1,63 +1,378 @@
-"""The three papers' headline claims as numbers with 95% confidence intervals and plain verdicts.
+"""The study's claims, judged: one row per setting with a statistic, its 95% interval and a verdict.
 
-Each function takes the frames of :mod:`orchestrator.analysis.frame` (one row per finished transfer
-run, joined with its pretraining run) and returns one row per setting (task, source, method,
-shots ...) with the claim's statistic, its 95% CI and a verdict:
+:func:`evaluate` takes the claims a study declared (``claims:`` in the study file,
+:mod:`orchestrator.spec.claims`; :func:`default_claims` when it declared none) and the transfer
+frame of :mod:`orchestrator.analysis.frame`, and returns rows ``claim, setting, statistic,
+estimate, ci_low, ci_high, n, interval, verdict``:
 
-- ``reproduced``: the whole interval lies on the side the paper predicts;
+- ``reproduced``: the whole interval lies on the predicted side (of zero, or of −margin for a
+  non-inferiority claim);
 - ``not reproduced``: the whole interval lies on the other side;
-- ``inconclusive``: the interval contains zero (or there is too little data for one).
+- ``inconclusive``: the interval straddles it, or there is none (``too few to judge``: fewer than
+  3 pretraining seeds in a configuration, fewer than 5 hull points, a fit parameter at its bound).
 
-Intervals are bootstrap percentiles over the seeds of each cell (few-shot draws × pretraining
-seeds), cells resampled independently, unless a row says otherwise (Welch t-intervals for the
-counterfactual's retrained models). A cell of one run (a full-data fit of one pretraining seed)
-adds no spread; a statistic of such cells only has no interval and is inconclusive. :func:`summary` turns the rows
-of one claim into one verdict. ``examples/results.py`` prints these tables for docs/results.md.
+``n`` is the number of units the interval rests on (pretraining seeds per configuration, or
+configurations for fits and layers); ``interval`` says how it was formed (:mod:`.stats`).
+:func:`summary` turns a claim's rows into one verdict. The Jain et al. checks at the end
+(planted class, counterfactual) take influence and follow-up inputs and are called by
+examples/results.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import stats as sps
 
 from orchestrator.analysis import fits, influence
-from orchestrator.analysis.frame import at_largest_shots
-from orchestrator.analysis.tables import ACC, SIZE, best_layer_table, final_layer, saturation_tables, us_ds_points
-from trainers.protocols import FULL
+from orchestrator.analysis.frame import PRETRAIN_SEED, at_largest_shots
+from orchestrator.analysis.stats import (
+    INCONCLUSIVE,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    TOO_FEW,
+    Interval,
+    contrast,
+    t_interval,
+    too_few,
+)
+from orchestrator.analysis.stats import verdict as judge
+from orchestrator.analysis.tables import ACC, SIZE, final_layer
+from orchestrator.records.schema import METRIC_UPSTREAM_ACCURACY, PARAM_CLASS_FRACTION
+from orchestrator.spec.claims import CLAIM_KINDS, ClaimSpec, default_claim
+from trainers.protocols import FINAL_LAYER, FULL
 
-REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
-COLUMNS = ["claim", "setting", "statistic", "estimate", "ci_low", "ci_high", "n", "verdict"]
-N_BOOT = 2000
+COLUMNS = ["claim", "setting", "statistic", "estimate", "ci_low", "ci_high", "n", "interval", "verdict"]
+CONFIG = "config"  # the column naming a pretraining configuration (every pretraining param but the seed)
+_CONFIG_KEYS = ("method", "source", "model", SIZE, "label_noise", PARAM_CLASS_FRACTION)
 
 
 def verdict(lo: float, hi: float, expect: int = +1) -> str:
-    """Verdict for an interval whose sign the paper predicts (``expect`` +1: above zero, -1: below)."""
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return INCONCLUSIVE
-    lo, hi = sorted((expect * lo, expect * hi))
-    return REPRODUCED if lo > 0 else NOT_REPRODUCED if hi < 0 else INCONCLUSIVE
+    """Verdict for an interval whose sign is predicted (``expect`` +1: above zero, -1: below)."""
+    return judge(Interval(float("nan"), lo, hi, 0, ""), expect)
 
 
-def bootstrap(
-    cells: list[np.ndarray], stat: Callable[[list[float]], float], n_boot: int = N_BOOT, seed: int = 0
-) -> tuple[float, float, float]:
-    """``stat`` of the cells' means, and its 95% percentile interval resampling each cell on its own.
+def _row(claim: str, setting: str, statistic: str, iv: Interval, expect: int = +1, threshold: float = 0.0, note=""):
+    v = judge(iv, expect, threshold) if not note else INCONCLUSIVE
+    return {
+        "claim": claim,
+        "setting": setting,
+        "statistic": statistic,
+        "estimate": iv.estimate,
+        "ci_low": iv.ci_low,
+        "ci_high": iv.ci_high,
+        "n": iv.n,
+        "interval": note or iv.method,
+        "verdict": v,
+    }
 
-    A cell of one value contributes no spread (the interval then reflects only the other cells);
-    when no cell has two values there is no interval (NaN)."""
-    cells = [np.asarray(c, float)[np.isfinite(np.asarray(c, float))] for c in cells]
-    if any(len(c) == 0 for c in cells):
-        return float("nan"), float("nan"), float("nan")
-    est = float(stat([c.mean() for c in cells]))
-    if all(len(c) < 2 for c in cells):
-        return est, float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    draws = [stat([c[rng.integers(0, len(c), len(c))].mean() for c in cells]) for _ in range(n_boot)]
-    lo, hi = fits.percentile_ci(draws)
-    return est, lo, hi
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def prepare(t: pd.DataFrame) -> pd.DataFrame:
+    """The frame with ``shots`` as text and a ``config`` label per pretraining configuration."""
+    t = t.reset_index(drop=True)
+    t["shots"] = t["shots"].astype(str)
+    if PRETRAIN_SEED not in t:
+        t[PRETRAIN_SEED] = t["pretrain_run_id"]
+    keys = [k for k in _CONFIG_KEYS if k in t]
+    t[CONFIG] = ["|".join(map(str, r)) for r in t[keys].itertuples(index=False)] if keys else "all"
+    return t
+
+
+def _few(t: pd.DataFrame, shots) -> str | None:
+    """The claim's shots setting as text; default: the fewest few-shot setting of ``t``."""
+    if shots is not None:
+        return str(shots)
+    few = t[np.isfinite(t["shots_n"])]
+    return None if few.empty else str(few.sort_values("shots_n")["shots"].iloc[0])
+
+
+def _clean(t: pd.DataFrame) -> pd.DataFrame:
+    t = final_layer(t)
+    if PARAM_CLASS_FRACTION in t:
+        t = t[t[PARAM_CLASS_FRACTION] == t[PARAM_CLASS_FRACTION].max()]
+    return t
+
+
+def _largest_config(g: pd.DataFrame) -> str:
+    return g.assign(_size=g[SIZE].fillna(np.inf)).sort_values("_size")[CONFIG].iloc[-1]
+
+
+def _each(t: pd.DataFrame, column: str, value) -> list:
+    return [value] if value is not None else sorted(t[column].dropna().unique())
+
+
+# ---------------------------------------------------------------------------------------------
+# Entezari et al.: sources, sizes and label noise
+
+
+def source_advantage(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
+    task, src, other = c.get("task"), c.get("source"), c.get("other")
+    rows = []
+    g = _clean(t[t["task"] == task])
+    g = g[g["label_noise"] == 0]
+    few = _few(g, c.get("shots"))
+    for method, m in g.groupby("method"):
+        setting = f"{task}, {method}: {src} vs {other}"
+        stat = f"[acc({src}) − acc({other})] at {few} shot(s) − at full"
+        a, b = m[m["source"] == src], m[m["source"] == other]
+        if a.empty or b.empty or few is None or not (m["shots"] == FULL).any():
+            rows.append(_row(c.name, setting, stat, too_few(np.nan, 0), note="a source or 'full' has no runs"))
+            continue
+        ca, cb = _largest_config(a), _largest_config(b)
+        w = {(ca, few): 1.0, (ca, FULL): -1.0, (cb, few): -1.0, (cb, FULL): 1.0}
+        rows.append(_row(c.name, setting, stat, contrast(m, w, CONFIG, ACC), c.expect))
+    return rows
+
+
+def size_helps_few_shot_more(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
+    rows = []
+    t = _clean(t)
+    t = t[(t["label_noise"] == 0) & np.isfinite(t[SIZE])]
+    for task in _each(t, "task", c.get("task")):
+        for source in _each(t, "source", c.get("source")):
+            g = t[(t["task"] == task) & (t["source"] == source)]
+            few = _few(g, c.get("shots"))
+            for method, m in g.groupby("method"):
+                lo_n, hi_n = m[SIZE].min(), m[SIZE].max()
+                if lo_n == hi_n or few is None or not (m["shots"] == FULL).any():
+                    continue
+                small = m.loc[m[SIZE] == lo_n, CONFIG].iloc[0]
+                big = m.loc[m[SIZE] == hi_n, CONFIG].iloc[0]
+                w = {(big, few): 1.0, (big, FULL): -1.0, (small, few): -1.0, (small, FULL): 1.0}
+                rows.append(
+                    _row(
+                        c.name,
+                        f"{task} ← {source}, {method}",
+                        f"gain {lo_n:,.0f}→{hi_n:,.0f} samples at {few} shot(s) − at full",
+                        contrast(m, w, CONFIG, ACC),
+                        c.expect,
+                    )
+                )
+    return rows
+
+
+def noisy_larger_noninferior(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
+    rows, margin = [], c.get("margin")
+    t = _clean(t)
+    t = t[np.isfinite(t[SIZE])]
+    for task in _each(t, "task", c.get("task")):
+        for source in _each(t, "source", c.get("source")):
+            g = t[(t["task"] == task) & (t["source"] == source)]
+            shots = _few(g, c.get("shots"))
+            for method, m in g.groupby("method"):
+                clean = sorted(m.loc[m["label_noise"] == 0, SIZE].unique())
+                noises = [p for p in _each(m, "label_noise", c.get("label_noise")) if p > 0]
+                for p in noises:
+                    noisy = m[m["label_noise"] == p]
+                    if noisy.empty:
+                        continue
+                    big = noisy[SIZE].max()
+                    smaller = [s for s in clean if s < big]
+                    if not smaller:
+                        continue
+                    small = smaller[-1]
+                    cn = noisy.loc[noisy[SIZE] == big, CONFIG].iloc[0]
+                    cc = m.loc[(m["label_noise"] == 0) & (m[SIZE] == small), CONFIG].iloc[0]
+                    rows.append(
+                        _row(
+                            c.name,
+                            f"{task} ← {source}, {method}, {shots} shot(s)",
+                            f"acc({big:,.0f}, noise {p:g}) − acc({small:,.0f}, clean); non-inferior above −{margin:g}",
+                            contrast(m, {(cn, shots): 1.0, (cc, shots): -1.0}, CONFIG, ACC),
+                            +1,
+                            threshold=-margin,
+                        )
+                    )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Abnar et al.: saturation, e_IR vs shots, layers
+
+
+def config_points(t: pd.DataFrame) -> pd.DataFrame:
+    """One point per configuration: mean upstream accuracy (over its pretraining runs) and mean
+    downstream accuracy (over its runs and draws), with its number of pretraining seeds."""
+    per_run = t.groupby([CONFIG, "pretrain_run_id"], as_index=False).agg(
+        us=(METRIC_UPSTREAM_ACCURACY, "first"), ds=(ACC, "mean")
+    )
+    return per_run.groupby(CONFIG, as_index=False).agg(us=("us", "mean"), ds=("ds", "mean"), seeds=("us", "size"))
+
+
+def e_ir_fit(t: pd.DataFrame) -> dict:
+    """:func:`fits.e_ir_profile` on the upper hull of the configurations' mean accuracies, its
+    interval widened for the few-shot draws: every configuration saw the same draws, so their
+    luck shifts the whole frontier, and e_IR with it, by an offset the fit's residuals cannot
+    see. Its standard error (the spread of the draws' mean accuracy over configurations, over
+    √draws) is combined with each side's profile half-width read as a standard error, at the t
+    quantile of the Welch–Satterthwaite degrees of freedom."""
+    p = config_points(t)
+    p = p[np.isfinite(p["us"]) & np.isfinite(p["ds"])]
+    hull = fits.upper_hull(p["us"].to_numpy(float), p["ds"].to_numpy(float))
+    out = fits.e_ir_profile(p["us"].to_numpy(float)[hull], p["ds"].to_numpy(float)[hull])
+    out["configs"] = len(p)
+    per_draw = t.pivot_table(index=CONFIG, columns="seed", values=ACC, aggfunc="mean").mean(axis=0)
+    if len(per_draw) >= 2 and np.isfinite(out["e_ir"]):
+        se_draw, df_draw = float(per_draw.std(ddof=1) / np.sqrt(len(per_draw))), len(per_draw) - 1
+        df_fit = out["points"] - 3
+        for end, sign in (("ci_low", -1), ("ci_high", +1)):
+            if not np.isfinite(out[end]):
+                continue
+            se_fit = abs(out[end] - out["e_ir"]) / sps.t.ppf(0.975, df_fit)
+            se = float(np.hypot(se_fit, se_draw))
+            df = se**4 / (se_fit**4 / df_fit + se_draw**4 / df_draw) if se > 0 else df_fit
+            out[end] = out["e_ir"] + sign * float(sps.t.ppf(0.975, df) * se)
+    return out
+
+
+def _fit_interval(f: dict) -> tuple[Interval, str]:
+    """The e_IR interval of a fit, and why it cannot count as evidence ('' when it can)."""
+    if f["points"] < fits.MIN_HULL_POINTS:
+        return too_few(f["e_ir"], f["points"]), f"{TOO_FEW}: too few hull points ({f['points']} < 5)"
+    iv = Interval(f["e_ir"], f["ci_low"], f["ci_high"], f["points"], "profile likelihood + draws")
+    return iv, "α at its bound" if f["alpha_at_bound"] else ""
+
+
+def saturation(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
+    rows = []
+    t = _clean(t)
+    for task in _each(t, "task", c.get("task")):
+        g = t[t["task"] == task]
+        for shots in [str(c.get("shots"))] if c.get("shots") is not None else sorted(g["shots"].unique()):
+            f = e_ir_fit(g[g["shots"] == shots])
+            iv, note = _fit_interval(f)
+            rows.append(
+                _row(
+                    c.name,
+                    f"{task}, {shots} shot(s)",
+                    f"e_IR of the hull fit ({f['configs']} configurations)",
+                    iv,
+                    c.expect,
+                    note=note,
+                )
+            )
+    return rows
+
+
+def e_ir_falls_with_shots(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
+    """e_IR(fewer) − e_IR(more); the interval combines the two fits' profile intervals as if
+    independent (they share the configurations, positively correlated: conservative)."""
+    rows = []
+    t = _clean(t)
+    for task in _each(t, "task", c.get("task")):
+        g = t[t["task"] == task]
+        order = g.drop_duplicates("shots").sort_values("shots_n")["shots"].tolist()
+        if len(order) < 2:
+            continue
+        fewer = str(c.get("fewer_shots")) if c.get("fewer_shots") is not None else order[0]
+        more = str(c.get("more_shots")) if c.get("more_shots") is not None else order[-1]
+        a, b = e_ir_fit(g[g["shots"] == fewer]), e_ir_fit(g[g["shots"] == more])
+        (ia, na), (ib, nb) = _fit_interval(a), _fit_interval(b)
+        d = ia.estimate - ib.estimate
+        n = min(ia.n, ib.n)
+        if not (ia.judged and ib.judged):
+            iv = too_few(d, n)
+        else:
+            se = [(i.ci_high - i.ci_low) / (2 * sps.t.ppf(0.975, i.n - 3)) for i in (ia, ib)]
+            h = float(sps.t.ppf(0.975, n - 3) * np.hypot(*se))
+            iv = Interval(d, d - h, d + h, n, "profile likelihood, combined")
+        rows.append(_row(c.name, task, f"e_IR({fewer} shot(s)) − e_IR({more} shot(s))", iv, c.expect, note=na or nb))
+    return rows
+
+
+def best_layer_differs(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
+    """Per configuration (seeds and draws averaged, each draw paired across layers):
+    [acc(layer) − acc(final)] on the far task − the same on the near task; t-interval over
+    configurations."""
+    layer, final = c.get("layer"), c.get("final")
+    t = t.assign(layer=t["layer"].astype(str).replace("", FINAL_LAYER))
+    shots = _few(t[t["task"].isin([c.get("near"), c.get("far")])], c.get("shots"))
+    per_task = {}
+    for task in (c.get("near"), c.get("far")):
+        g = t[(t["task"] == task) & (t["shots"] == shots) & t["layer"].isin([layer, final])]
+        wide = g.pivot_table(index=[CONFIG, "pretrain_run_id", "seed"], columns="layer", values=ACC)
+        if layer not in wide or final not in wide:
+            per_task[task] = pd.Series(dtype=float)
+            continue
+        per_task[task] = (wide[layer] - wide[final]).groupby(level=CONFIG).mean()
+    both = pd.concat(per_task, axis=1).dropna() if all(len(s) for s in per_task.values()) else pd.DataFrame()
+    values = (both[c.get("far")] - both[c.get("near")]).to_numpy() if len(both) else []
+    iv = t_interval(values)
+    if len(values):
+        iv = Interval(iv.estimate, iv.ci_low, iv.ci_high, iv.n, "t over configurations" if iv.judged else TOO_FEW)
+    return [
+        _row(
+            c.name,
+            f"{c.get('far')} vs {c.get('near')}, {shots} shot(s)",
+            f"[acc({layer}) − acc({final})] on {c.get('far')} − on {c.get('near')}",
+            iv,
+            c.expect,
+        )
+    ]
+
+
+EVALUATE = {
+    "source_advantage": source_advantage,
+    "size_helps_few_shot_more": size_helps_few_shot_more,
+    "noisy_larger_noninferior": noisy_larger_noninferior,
+    "saturation": saturation,
+    "e_ir_falls_with_shots": e_ir_falls_with_shots,
+    "best_layer_differs": best_layer_differs,
+}
+assert set(EVALUATE) == set(CLAIM_KINDS)
+
+
+def default_claims(t: pd.DataFrame) -> list[ClaimSpec]:
+    """The claims that apply to a study's grid, at their defaults, for a study that declared none.
+    ``best_layer_differs`` needs its layer and tasks named in advance and is never a default."""
+    t = prepare(t)
+    out = []
+    has_full, few = (t["shots"] == FULL).any(), np.isfinite(t["shots_n"]).any()
+    clean = t[t["label_noise"] == 0]
+    sources = sorted(clean["source"].unique())
+    for task in sorted(t["task"].unique()):
+        for i, a in enumerate(sources):
+            for b in sources[i + 1 :]:
+                if has_full and few:
+                    out.append(default_claim("source_advantage", task=task, source=a, other=b))
+    if has_full and few and (clean.groupby("source")[SIZE].nunique() >= 2).any():
+        out.append(default_claim("size_helps_few_shot_more"))
+    if (t["label_noise"] > 0).any() and clean[SIZE].nunique() >= 2:
+        out.append(default_claim("noisy_larger_noninferior"))
+    if METRIC_UPSTREAM_ACCURACY in t and t[CONFIG].nunique() >= fits.MIN_HULL_POINTS:
+        out.append(default_claim("saturation"))
+        if t["shots"].nunique() >= 2:
+            out.append(default_claim("e_ir_falls_with_shots"))
+    return out
+
+
+def evaluate(t: pd.DataFrame, claims: list[ClaimSpec] | tuple = ()) -> pd.DataFrame:
+    """Every claim's rows (:data:`COLUMNS`); ``claims`` empty: :func:`default_claims`."""
+    if t.empty:
+        return _frame([])
+    t = prepare(t)
+    rows = []
+    for c in claims or default_claims(t):
+        rows += EVALUATE[c.kind](t, c)
+    return _frame(rows)
+
+
+def overall(rows: pd.DataFrame, claims: list[ClaimSpec] | tuple = ()) -> list[dict]:
+    """One verdict per claim (:func:`summary` of its rows), in the order claimed."""
+    names = [c.name for c in claims] or list(dict.fromkeys(rows["claim"]))
+    out = []
+    for name in names:
+        text = summary(rows[rows["claim"] == name])
+        out.append({"claim": name, "verdict": text.split(" (", 1)[0], "summary": text})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Jain et al.: influence and the counterfactual
 
 
 def welch(a, b) -> tuple[float, float, float]:
@@ -71,11 +386,11 @@ def welch(a, b) -> tuple[float, float, float]:
     if se == 0:
         return d, d, d
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    h = float(stats.t.ppf(0.975, df) * se)
+    h = float(sps.t.ppf(0.975, df) * se)
     return d, d - h, d + h
 
 
-def _row(claim: str, setting: str, statistic: str, est_lo_hi: tuple, n: str, expect: int = +1) -> dict:
+def _old_row(claim: str, setting: str, statistic: str, est_lo_hi: tuple, n: str, expect: int = +1) -> dict:
     est, lo, hi = est_lo_hi
     return {
         "claim": claim,
@@ -85,211 +400,9 @@ def _row(claim: str, setting: str, statistic: str, est_lo_hi: tuple, n: str, exp
         "ci_low": lo,
         "ci_high": hi,
         "n": n,
+        "interval": "",
         "verdict": verdict(lo, hi, expect),
     }
-
-
-def _frame(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=COLUMNS)
-
-
-def _cell(t: pd.DataFrame, **eq) -> np.ndarray:
-    m = np.ones(len(t), bool)
-    for k, v in eq.items():
-        m &= (t[k] == v).to_numpy()
-    return t.loc[m, ACC].to_numpy(float)
-
-
-def _few(t: pd.DataFrame) -> float:
-    return float(t.loc[np.isfinite(t["shots_n"]), "shots_n"].min())
-
-
-def _largest(t: pd.DataFrame, source: str) -> float:
-    return float(t.loc[t["source"] == source, SIZE].max())
-
-
-# ---------------------------------------------------------------------------------------------
-# Entezari et al.: sources, sizes and label noise
-
-
-def source_spread(t: pd.DataFrame) -> pd.DataFrame:
-    """ "The spread between sources is large at few shots and shrinks with full data": per task and
-    method, at each source's largest clean pretraining set, (max − min over sources of accuracy) at
-    the fewest shots minus the same at 'full'. Predicted: > 0."""
-    t = final_layer(t)
-    t = t[t["label_noise"] == 0]
-    rows, few = [], _few(t)
-    for (task, method), g in t.groupby(["task", "method"]):
-        sources = sorted(g["source"].unique())
-        if len(sources) < 2 or not (g["shots"] == FULL).any():
-            continue
-        cells = [
-            _cell(g, source=s, shots_n=shots, **{SIZE: _largest(g, s)}) for shots in (few, np.inf) for s in sources
-        ]
-        k = len(sources)
-
-        def stat(m, k=k):
-            return (max(m[:k]) - min(m[:k])) - (max(m[k:]) - min(m[k:]))
-
-        rows.append(
-            _row(
-                "spread across sources shrinks with shots",
-                f"{task}, {method}",
-                f"range across {k} sources at {few:g} shot(s) − at full",
-                bootstrap(cells, stat),
-                f"{min(len(c) for c in cells[:k])}/{min(len(c) for c in cells[k:])} runs per source",
-            )
-        )
-    return _frame(rows)
-
-
-def size_helps_few_shot_more(t: pd.DataFrame) -> pd.DataFrame:
-    """ "More pretraining data helps few-shot more than full": per task, source and method (clean
-    labels), gain in accuracy from the smallest to the largest pretraining set at the fewest shots
-    minus that gain at 'full'. Predicted: > 0."""
-    t = final_layer(t)
-    t = t[(t["label_noise"] == 0) & np.isfinite(t[SIZE])]
-    rows, few = [], _few(t)
-    for (task, source, method), g in t.groupby(["task", "source", "method"]):
-        lo_n, hi_n = g[SIZE].min(), g[SIZE].max()
-        if lo_n == hi_n or not (g["shots"] == FULL).any():
-            continue
-        cells = [_cell(g, shots_n=s, **{SIZE: n}) for s in (few, np.inf) for n in (lo_n, hi_n)]
-        rows.append(
-            _row(
-                "more data helps few-shot more than full",
-                f"{task} ← {source}, {method}",
-                f"gain {lo_n:,.0f}→{hi_n:,.0f} samples at {few:g} shot(s) − at full",
-                bootstrap(cells, lambda m: (m[1] - m[0]) - (m[3] - m[2])),
-                f"{len(cells[0])}-{len(cells[1])} runs per few-shot cell",
-            )
-        )
-    return _frame(rows)
-
-
-def noisy_larger_vs_clean_smaller(t: pd.DataFrame) -> pd.DataFrame:
-    """The label-noise trade-off: per task, source and noise level p > 0, accuracy of the largest
-    pretraining set with noise p minus that of the next smaller *clean* set, at the fewest shots and
-    at 'full'. Entezari et al. find larger noisy sets can match or beat smaller clean ones: > 0."""
-    t = final_layer(t)
-    t = t[np.isfinite(t[SIZE])]
-    rows, few = [], _few(t)
-    for (task, source, method), g in t.groupby(["task", "source", "method"]):
-        sizes = sorted(g.loc[g["label_noise"] == 0, SIZE].unique())
-        if len(sizes) < 2:
-            continue
-        big, small = sizes[-1], sizes[-2]
-        for p in sorted(g.loc[g["label_noise"] > 0, "label_noise"].unique()):
-            for shots in (few, np.inf):
-                cells = [
-                    _cell(g, label_noise=p, shots_n=shots, **{SIZE: big}),
-                    _cell(g, label_noise=0.0, shots_n=shots, **{SIZE: small}),
-                ]
-                label = FULL if shots == np.inf else f"{shots:g}-shot"
-                rows.append(
-                    _row(
-                        "larger noisy set vs smaller clean set",
-                        f"{task} ← {source}, {method}, {label}",
-                        f"acc({big:,.0f}, noise {p:g}) − acc({small:,.0f}, clean)",
-                        bootstrap(cells, lambda m: m[0] - m[1]),
-                        f"{len(cells[0])}/{len(cells[1])} runs",
-                    )
-                )
-    return _frame(rows)
-
-
-# ---------------------------------------------------------------------------------------------
-# Abnar et al.: saturation, hull vs all points, e_IR vs shots, layers
-
-
-def saturation_claims(t: pd.DataFrame, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
-    """Saturation (hull fit's e_IR > 0), hull beats all points on the held-out frontier, and e_IR
-    falls with more shots (the 95% intervals of the fewest and most shots do not overlap)."""
-    fitted, check = saturation_tables(us_ds_points(final_layer(t)), n_boot=n_boot, seed=seed)
-    rows = []
-    hull = fitted[fitted["fit_on"] == "hull"]
-    for _, f in hull.iterrows():
-        rows.append(
-            _row(
-                "downstream accuracy saturates (e_IR > 0)",
-                f"{f['task']}, {f['shots']}-shot",
-                "e_IR of the hull fit",
-                (f["e_ir"], f["e_ir_ci_low"], f["e_ir_ci_high"]),
-                f"{f['points']} models, {f['fit_points']} on the hull",
-            )
-        )
-    for _, c in check.iterrows():
-        d = c["all_points_rmse"] - c["hull_rmse"]
-        rows.append(
-            {
-                "claim": "hull fit predicts the frontier better than an all-points fit",
-                "setting": f"{c['task']}, {c['shots']}-shot",
-                "statistic": "held-out RMSE(all points) − RMSE(hull); one 80/20 split, no CI",
-                "estimate": d,
-                "ci_low": float("nan"),
-                "ci_high": float("nan"),
-                "n": f"{c['heldout_targets']} frontier targets",
-                "verdict": INCONCLUSIVE if not np.isfinite(d) or d == 0 else REPRODUCED if d > 0 else NOT_REPRODUCED,
-            }
-        )
-    for task, g in hull.groupby("task"):
-        g = g[np.isfinite(g["shots_n"])].sort_values("shots_n")
-        if len(g) < 2:
-            continue
-        a, b = g.iloc[0], g.iloc[-1]
-        lo, hi = a["e_ir_ci_low"] - b["e_ir_ci_high"], a["e_ir_ci_high"] - b["e_ir_ci_low"]
-        v = (
-            verdict(lo, hi)
-            if np.isfinite(lo) and (a["e_ir_ci_low"] > b["e_ir_ci_high"] or a["e_ir_ci_high"] < b["e_ir_ci_low"])
-            else INCONCLUSIVE
-        )
-        rows.append(
-            {
-                "claim": "e_IR falls with more shots",
-                "setting": task,
-                "statistic": f"e_IR({a['shots']}-shot) − e_IR({b['shots']}-shot)",
-                "estimate": a["e_ir"] - b["e_ir"],
-                "ci_low": lo,
-                "ci_high": hi,
-                "n": "verdict: the two intervals do not overlap",
-                "verdict": v,
-            }
-        )
-    return _frame(rows)
-
-
-def layer_claims(t: pd.DataFrame, near: str, far: str) -> pd.DataFrame:
-    """Best layer: on the ``near`` task the final layer beats every earlier one; on the ``far`` task
-    an earlier layer beats the final one (Abnar et al.: the farther the task, the lower the best
-    layer). Paired per pretraining run and few-shot draw: mean difference, t-interval."""
-    t = t[t["layer"].astype(str) != ""]
-    rows = []
-    for task, expect in ((near, -1), (far, +1)):
-        for shots, g in t[t["task"] == task].groupby("shots"):
-            layers = best_layer_table(g)
-            if layers.empty:
-                continue
-            earlier = layers[layers["layer"] != "final"].sort_values("mean").iloc[-1]["layer"]
-            wide = g.pivot_table(index=["pretrain_run_id", "seed"], columns="layer", values=ACC)
-            if "final" not in wide or earlier not in wide:
-                continue
-            m, h, n = fits.mean_ci((wide[earlier] - wide["final"]).dropna())
-            rows.append(
-                _row(
-                    f"{'an earlier layer' if expect > 0 else 'the final layer'} is best on the "
-                    f"{'far' if expect > 0 else 'near'} task",
-                    f"{task}, {shots}-shot",
-                    f"acc({earlier}) − acc(final), paired",
-                    (m, m - h, m + h),
-                    f"{n} pairs",
-                    expect,
-                )
-            )
-    return _frame(rows)
-
-
-# ---------------------------------------------------------------------------------------------
-# Jain et al.: influence and the counterfactual
 
 
 def planted_class_rank(
@@ -313,7 +426,7 @@ def planted_class_rank(
         other = rank[rank["class"] != planted].iloc[0]
         d, se = r["influence"] - other["influence"], float(np.hypot(r["se"], other["se"]))
         rows.append(
-            _row(
+            _old_row(
                 "the planted duplicate class ranks most helpful",
                 f"{scope}: {planted} ranks {int(r['rank'])} of {len(rank)}",
                 f"influence({planted}) − influence({other['class']}, the best other class)",
@@ -341,7 +454,7 @@ def counterfactual_claims(arms: pd.DataFrame, followup: pd.DataFrame, plan: dict
             if (arm, k) not in by:
                 continue
             rows.append(
-                _row(
+                _old_row(
                     f"removing the most {arm} classes {'raises' if expect > 0 else 'lowers'} target accuracy",
                     f"K={k}, vs all classes",
                     f"acc(without {arm} K) − acc(baseline), Welch",
@@ -352,7 +465,7 @@ def counterfactual_claims(arms: pd.DataFrame, followup: pd.DataFrame, plan: dict
             )
             if ("random", k) in by:
                 rows.append(
-                    _row(
+                    _old_row(
                         f"removing the most {arm} classes {'raises' if expect > 0 else 'lowers'} target accuracy",
                         f"K={k}, vs random K",
                         f"acc(without {arm} K) − acc(without random K), Welch",

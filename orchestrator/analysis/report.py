@@ -12,19 +12,23 @@ import base64
 import html
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
+from orchestrator.analysis import claims as claims_
 from orchestrator.analysis import counterfactual as cf
 from orchestrator.analysis import figures, influence, tables
 from orchestrator.analysis.datamodel_influence import datamodel_inputs
 from orchestrator.analysis.frame import StudyRuns, influence_inputs, load_study
-from orchestrator.records.schema import REPORT_ARTIFACT_DIR
+from orchestrator.records.schema import REPORT_ARTIFACT_DIR, SPEC_ARTIFACT
 from orchestrator.records.tracker import Tracker
+from orchestrator.spec import SpecError, parse_spec
 
 SHOWN_ROWS = 25  # rows of a table shown in the HTML; the CSV has all of them
 
@@ -285,6 +289,45 @@ def _counterfactual(rep: Report, tracker: Tracker, sr: StudyRuns, sec: Section) 
     }
 
 
+def declared_claims(tracker: Tracker, study_run_id: str | None) -> tuple[tuple, str]:
+    """The ``claims:`` of the study file logged on the study run, and where they came from; ``()``
+    when it declared none (or no spec was logged): the report then judges the defaults."""
+    if study_run_id is None:
+        return (), "no study run: the claims that apply to the grid, at their defaults"
+    try:
+        with tempfile.TemporaryDirectory(prefix="transferlab-spec-") as tmp:
+            text = Path(tracker.client.download_artifacts(study_run_id, SPEC_ARTIFACT, tmp)).read_text()
+    except Exception:  # no spec logged: MLflow raises a store-specific error
+        return (), "no study file logged: the claims that apply to the grid, at their defaults"
+    try:
+        spec = parse_spec(yaml.safe_load(text))
+    except (SpecError, yaml.YAMLError) as e:
+        return (), f"the logged study file does not parse ({e}): the claims that apply to the grid, at their defaults"
+    if not spec.claims:
+        return (), "the study declares no claims: the claims that apply to the grid, at their defaults"
+    return spec.claims, f"the {len(spec.claims)} claims the study file declares"
+
+
+def _claims(rep: Report, t: pd.DataFrame, declared: tuple, origin: str) -> None:
+    rows = claims_.evaluate(t, declared)
+    judged = (declared or claims_.default_claims(t)) if len(t) else ()
+    summary = claims_.overall(rows, judged) if len(rows) else []
+    rep.numbers["claims"] = _records(rows)
+    rep.numbers["claims_overall"] = summary
+    rep.numbers["claims_source"] = origin
+    if not len(rows):
+        return
+    sec = rep.section(
+        "Claims",
+        f"Judged: {origin}. Each row: a statistic, its 95% interval and a verdict — reproduced (the interval lies "
+        "on the predicted side), not reproduced (on the other side), inconclusive (it straddles, or too few units "
+        "to judge: fewer than 3 pretraining seeds per configuration, fewer than 5 hull points). n: the units the "
+        "interval rests on. How each is computed: docs/analysis.md#claims.",
+    )
+    rep.table(sec, "claims_overall", pd.DataFrame(summary), "One verdict per claim.")
+    rep.table(sec, "claims", rows, "Every claim, per setting.")
+
+
 def build_report(tracker: Tracker, study: str, n_boot: int = 200, seed: int = 0) -> Report:
     """Read the study from MLflow and compute every table, fit and figure (AnalysisError if unknown/empty)."""
     t0 = time.perf_counter()
@@ -309,6 +352,7 @@ def build_report(tracker: Tracker, study: str, n_boot: int = 200, seed: int = 0)
         _entezari(rep, tables.final_layer(sr.transfer), n_boot, seed)
         _abnar(rep, sr.transfer, n_boot, seed)
         _jain(rep, tracker, sr, seed, dm)
+    _claims(rep, sr.transfer, *declared_claims(tracker, sr.study_run_id))
     rep.numbers["seconds"] = round(time.perf_counter() - t0, 2)
     return rep
 

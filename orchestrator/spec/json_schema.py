@@ -14,6 +14,7 @@ import dataclasses
 import types
 import typing
 
+from orchestrator.spec.claims import CLAIM_KINDS
 from orchestrator.spec.fields import spec_keys
 from orchestrator.spec.schema import (
     COLUMN_KEYS,
@@ -115,6 +116,36 @@ def _pretrain() -> dict:
     return _object(PretrainSettings, {"sweep": sweep}, required=[])
 
 
+_PARAM_TYPES = {
+    "task": {"type": "string"},
+    "source": {"type": "string"},
+    "layer": {"type": "string"},
+    "shots": {"anyOf": [{"type": "integer", "minimum": 1}, {"const": "full"}]},
+    "label_noise": {"type": "number", "minimum": 0, "maximum": 1},
+    "margin": {"type": "number", "minimum": 0, "maximum": 1},
+    "expect": {"enum": ["positive", "negative"]},
+}
+
+
+def _claims() -> dict:
+    """``claims``: a list of claims, each one of the kinds of orchestrator.spec.claims."""
+    kinds = []
+    for kind, (what, params) in CLAIM_KINDS.items():
+        props = {"kind": {"const": kind}, "name": {"type": "string"}}
+        props |= {k: {**_PARAM_TYPES[p.ref], "description": p.doc} for k, p in params.items()}
+        required = ["kind", *(k for k, p in params.items() if p.required)]
+        kinds.append(
+            {
+                "type": "object",
+                "properties": props,
+                "required": required,
+                "additionalProperties": False,
+                "description": what,
+            }
+        )
+    return {"type": "array", "items": {"oneOf": kinds}, "description": "pre-registered claims `report` judges"}
+
+
 def json_schema() -> dict:
     """The JSON Schema of a study file."""
     columns = {k: {"type": "string"} for k in COLUMN_KEYS}
@@ -131,6 +162,7 @@ def json_schema() -> dict:
             "sources": {"type": "object", "additionalProperties": source, "minProperties": 1},
             "tasks": {"type": "object", "additionalProperties": task},
             "pretrain": _pretrain(),
+            "claims": _claims(),
             "quick": {
                 "type": "object",
                 "description": "key.path: value overrides applied by --quick (a toy-size variant, named STUDY-quick)",

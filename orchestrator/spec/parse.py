@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from orchestrator.spec.claims import StudyNames, read_claims
 from orchestrator.spec.fields import (
     Mapping,
     Reader,
@@ -57,9 +58,19 @@ def parse_spec(data: Any) -> StudySpec:
     def datamodels(path: str, v: Any) -> DatamodelSpec:
         return _datamodels(path, v, data.get("pretrain"), sources, tasks)
 
+    def claims(path: str, v: Any):
+        names = StudyNames(
+            task=tuple(transfer.tasks or tasks),
+            source=tuple(sources),
+            layer=transfer.layers,
+            shots=transfer.shots,
+            label_noise=pretrain.sweep.get("label_noise", ()),
+        )
+        return read_claims(path, v, names)
+
     return m.build(
         StudySpec,
-        readers={"datamodels": datamodels},
+        readers={"datamodels": datamodels, "claims": claims},
         study=study,
         sources=sources,
         tasks=tasks,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from datasets_.views import NOISE_PATTERNS
+from orchestrator.spec.claims import ClaimSpec
 from orchestrator.spec.fields import (
     SpecError,
     boolean,
@@ -340,6 +341,8 @@ class StudySpec:
     preflight_overlap: str = spec_field("off", read=_overlap_mode)
     datamodels: DatamodelSpec | None = spec_field(None)  # a datamodel sweep instead of the pretraining grid
     budget: Budget = spec_field(default_factory=Budget, read=section(Budget))
+    # pre-registered hypotheses `transferlab report` judges (orchestrator.spec.claims); empty: the defaults
+    claims: tuple[ClaimSpec, ...] = spec_field(())
     raw: dict = field(default_factory=dict, compare=False, repr=False)  # the YAML document, as loaded
 
     @property

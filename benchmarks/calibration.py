@@ -1,0 +1,204 @@
+"""Are the claim verdicts calibrated? Simulated studies with a known truth, judged by the claims code.
+
+Each simulated study is a transfer frame with the columns ``transferlab report`` reads
+(``pretrain_run_id, pretrain_seed, seed, shots, shots_n, task, source, method, label_noise,
+num_train_samples, upstream_accuracy, layer, accuracy`` ...), drawn from
+
+    accuracy = μ(configuration, task, shots, layer) + a(pretraining run) + b(task, shots, draw) + e
+
+with a pretraining-seed effect ``a`` (correlated ρ between a checkpoint's few-shot and full fits),
+a few-shot-draw effect ``b`` shared by every checkpoint (the same draws), and run noise ``e``.
+For each claim kind, null studies (no effect; e_IR = 0; the non-inferiority difference exactly at
+−margin) and studies with a planted effect are judged by
+:func:`orchestrator.analysis.claims.evaluate`. Printed per kind: the rate of "reproduced" on nulls
+(goal ≤ 5%), the coverage of the true value by the 95% interval (goal 93–97%, on nulls and planted
+studies together), and the power at the planted size.
+
+    python benchmarks/calibration.py --studies 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from orchestrator.analysis import claims
+from orchestrator.analysis.stats import REPRODUCED
+from orchestrator.spec.claims import default_claim
+
+SEEDS, DRAWS = 4, 3  # pretraining seeds per configuration, few-shot draws per shots setting
+SD_SEED, SD_DRAW, SD_RUN, SD_RUN_FULL, RHO = 0.012, 0.03, 0.015, 0.004, 0.7
+MARGIN = 0.02
+# kind -> (the claim judged, truth on null studies, truth on planted studies)
+PLANTED = {
+    "source_advantage": (default_claim("source_advantage", task="near", source="A", other="B"), 0.0, 0.03),
+    "size_helps_few_shot_more": (default_claim("size_helps_few_shot_more", source="A", task="near"), 0.0, 0.03),
+    "noisy_larger_noninferior": (default_claim("noisy_larger_noninferior", margin=MARGIN), -MARGIN, 0.02),
+    "saturation": (default_claim("saturation", shots="1"), 0.0, 0.10),
+    "e_ir_falls_with_shots": (default_claim("e_ir_falls_with_shots"), 0.0, 0.10),
+    "best_layer_differs": (
+        default_claim("best_layer_differs", near="near", far="far", layer="block2", shots="1"),
+        0.0,
+        0.03,
+    ),
+}
+
+
+def frame(configs: list[dict], mu, rng, tasks=("near",), shots=("1", "full"), layers=("final",), seeds=SEEDS):
+    """A transfer frame for ``configs`` (dicts of pretraining params); ``mu(config, task, shots,
+    layer)`` is the true mean accuracy, ``config['upstream']`` (if any) its upstream accuracy."""
+    rows = []
+    draw = {(t, s, d): rng.normal(0, SD_DRAW) for t, s in itertools.product(tasks, shots) for d in range(DRAWS)}
+    for ci, cfg in enumerate(configs):
+        for ps in range(seeds):
+            a_few = rng.normal(0, SD_SEED)
+            a_full = RHO * a_few + np.sqrt(1 - RHO**2) * rng.normal(0, SD_SEED)
+            run = f"c{ci}-s{ps}"
+            upstream = cfg.get("upstream", 0.9) + rng.normal(0, 0.002)
+            for task, s, layer in itertools.product(tasks, shots, layers):
+                full = s == "full"
+                for d in range(1 if full else DRAWS):
+                    acc = mu(cfg, task, s, layer) + (a_full if full else a_few + draw[task, s, d])
+                    acc += rng.normal(0, SD_RUN_FULL if full else SD_RUN)
+                    rows.append(
+                        {
+                            "pretrain_run_id": run,
+                            "pretrain_seed": ps,
+                            "seed": d,
+                            "task": task,
+                            "protocol": "linear_probe",
+                            "shots": s,
+                            "shots_n": np.inf if full else float(s),
+                            "layer": layer,
+                            "method": "supervised",
+                            "model": "small-cnn",
+                            "source": cfg.get("source", "A"),
+                            "num_train_samples": float(cfg.get("size", 1000)),
+                            "label_noise": cfg.get("noise", 0.0),
+                            "class_fraction": 1.0,
+                            "upstream_accuracy": upstream,
+                            "accuracy": acc,
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
+def simulate(kind: str, truth: float, rng) -> pd.DataFrame:
+    """One study for claim ``kind`` whose statistic's true value is ``truth``."""
+    if kind == "source_advantage":
+        cfgs = [{"source": "A"}, {"source": "B"}]
+        return frame(cfgs, lambda c, t, s, lay: 0.6 + (truth if c["source"] == "A" and s != "full" else 0), rng)
+    if kind == "size_helps_few_shot_more":
+        cfgs = [{"size": 500}, {"size": 4000}]
+        return frame(
+            cfgs, lambda c, t, s, lay: 0.55 + 0.05 * (c["size"] > 500) + truth * (c["size"] > 500) * (s != "full"), rng
+        )
+    if kind == "noisy_larger_noninferior":
+        cfgs = [{"size": 500}, {"size": 4000}, {"size": 4000, "noise": 0.2}]
+        return frame(
+            cfgs,
+            lambda c, t, s, lay: (
+                0.6 + (0.05 if c["size"] > 500 and not c.get("noise") else 0) + truth * bool(c.get("noise"))
+            ),
+            rng,
+        )
+    if kind in ("saturation", "e_ir_falls_with_shots"):
+        # 10 configurations along e_DS = 0.8·e_US^1.5 + e_IR, some below the frontier (inefficient)
+        e_us = np.geomspace(0.04, 0.5, 10)
+        below = rng.random(10) < 0.3
+        cfgs = [{"size": 100 * (i + 1), "upstream": 1 - e, "below": b} for i, (e, b) in enumerate(zip(e_us, below))]
+        e_ir = {"1": truth if kind == "saturation" else 0.1 + truth, "full": 0.1}
+
+        def mu(c, t, s, lay):
+            return 1 - (0.8 * (1 - c["upstream"]) ** 1.5 + e_ir[s]) - 0.05 * c["below"]
+
+        return frame(cfgs, mu, rng, shots=("1", "full") if kind == "e_ir_falls_with_shots" else ("1",))
+    if kind == "best_layer_differs":
+        cfgs = [{"size": 100 * (i + 1), "effect": rng.normal(0, 0.01)} for i in range(6)]
+
+        def mu(c, t, s, lay):
+            gap = 0.0 if lay == "final" else -0.05 + (truth + c["effect"] if t == "far" else 0.0)
+            return 0.6 + gap
+
+        return frame(cfgs, mu, rng, tasks=("near", "far"), shots=("1",), layers=("block2", "final"))
+    raise ValueError(kind)
+
+
+def run_kind(kind: str, studies: int, seed: int = 0) -> dict:
+    """Judge ``studies`` null and ``studies`` planted studies of ``kind``; rates and counts."""
+    claim, null, planted = PLANTED[kind]
+    rng = np.random.default_rng(seed)
+    out = {"kind": kind, "studies": studies, "null_reproduced": 0, "planted_reproduced": 0, "covered": 0, "judged": 0}
+    for truth, key in ((null, "null_reproduced"), (planted, "planted_reproduced")):
+        for _ in range(studies):
+            rows = claims.evaluate(simulate(kind, truth, rng), [claim])
+            row = rows.iloc[0]
+            out[key] += row["verdict"] == REPRODUCED
+            if np.isfinite(row["ci_low"]) and np.isfinite(row["ci_high"]):
+                out["judged"] += 1
+                out["covered"] += row["ci_low"] <= truth <= row["ci_high"]
+    return out
+
+
+def rates(r: dict) -> dict:
+    n = r["studies"]
+    return {
+        "false_positive": r["null_reproduced"] / n,
+        "coverage": r["covered"] / r["judged"] if r["judged"] else float("nan"),
+        "power": r["planted_reproduced"] / n,
+    }
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| claim kind | planted size | reproduced on nulls (≤ 5%) | 95% CI coverage (93–97%) | power |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        x = rates(r)
+        lines.append(
+            f"| {r['kind']} | {PLANTED[r['kind']][2]:g} "
+            f"| {x['false_positive']:.1%} ({r['null_reproduced']}/{r['studies']}) "
+            f"| {x['coverage']:.1%} ({r['covered']}/{r['judged']}) | {x['power']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def too_many_false_positives(r: dict, goal: float = 0.05, p: float = 0.01) -> bool:
+    """The null 'reproduced' rate is significantly above ``goal`` (one-sided binomial, level p)."""
+    return stats.binomtest(r["null_reproduced"], r["studies"], goal, alternative="greater").pvalue < p
+
+
+def coverage_off(r: dict, lo: float = 0.93, hi: float = 0.97, p: float = 0.01) -> bool:
+    """The coverage is significantly below ``lo`` or above ``hi`` (binomial tests, level p each)."""
+    k, n = r["covered"], r["judged"]
+    return (
+        stats.binomtest(k, n, lo, alternative="less").pvalue < p
+        or stats.binomtest(k, n, hi, alternative="greater").pvalue < p
+    )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--studies", type=int, default=300, help="null and planted studies per claim kind (each)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kinds", nargs="*", default=list(PLANTED))
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    results = [run_kind(k, args.studies, args.seed) for k in args.kinds]
+    print(table(results))
+    print(f"\n{args.studies} null + {args.studies} planted studies per kind; {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
