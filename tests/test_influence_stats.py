@@ -14,13 +14,12 @@ from scipy import stats
 
 from orchestrator.analysis.counterfactual import (
     BASELINE,
-    MIN_PAIRS,
     PAIRED_COLUMNS,
-    TOO_FEW,
     arm_runs,
     paired_arm_differences,
 )
 from orchestrator.analysis.influence import permutation_test, split_half_reliability, task_influence
+from orchestrator.analysis.stats import INCONCLUSIVE, MIN_UNITS, TOO_FEW
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -156,8 +155,9 @@ def test_paired_arm_differences_verdicts_and_too_few_pairs():
     helpful = d[d["claim"].str.contains("helpful")]
     assert harmful.loc["K=2, vs all classes", "verdict"] == "reproduced"
     assert helpful.loc["K=2, vs all classes", "verdict"] == "not reproduced"  # it raised accuracy instead
-    few = paired_arm_differences(_arm_frame(rng, MIN_PAIRS - 1, {"harmful": 0.05}))
-    assert (few["verdict"] == TOO_FEW).all() and few["ci_low"].isna().all() and (few["n"] == MIN_PAIRS - 1).all()
+    few = paired_arm_differences(_arm_frame(rng, MIN_UNITS - 1, {"harmful": 0.05}))
+    assert (few["verdict"] == INCONCLUSIVE).all() and (few["interval"] == TOO_FEW).all()
+    assert few["ci_low"].isna().all() and (few["n"] == MIN_UNITS - 1).all()
     # Only seeds both arms have are paired.
     partial = _arm_frame(rng, 5, {"harmful": 0.05})
     partial = partial[~((partial["arm"] == BASELINE) & (partial["seed"] == 4))]

@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from scipy import stats
 
-from orchestrator.analysis import AnalysisError
+from orchestrator.analysis import AnalysisError, stats
 from orchestrator.analysis.datamodel_influence import datamodel_inputs
-from orchestrator.analysis.fits import CI_LEVEL, aggregate
+from orchestrator.analysis.fits import aggregate
 from orchestrator.analysis.frame import (
     PRETRAIN_SEED,
     InfluenceInputs,
@@ -51,9 +50,7 @@ BASELINE = "baseline"
 # Pretraining seeds of each follow-up source of a datamodels study, unless --seeds says: enough
 # pairs for a paired t-interval whose half-width is about half the per-seed spread (t₀.₉₇₅,₁₅ · 1/√16).
 SEEDS_PER_ARM = 16
-MIN_PAIRS = 3  # fewer seed pairs than this: "too few to judge", no interval
-REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, TOO_FEW = "reproduced", "not reproduced", "inconclusive", "too few to judge"
-PAIRED_COLUMNS = ["claim", "setting", "statistic", "estimate", "ci_low", "ci_high", "n", "verdict"]
+PAIRED_COLUMNS = ["claim", "setting", "statistic", "estimate", "ci_low", "ci_high", "n", "interval", "verdict"]
 
 
 def removed_classes(ranking: pd.DataFrame, arm: str, k: int, seed: int = 0) -> list[str]:
@@ -241,16 +238,16 @@ def arm_runs(followup_transfer: pd.DataFrame, plan: dict) -> pd.DataFrame:
     return per_model.mean().rename(columns={PRETRAIN_SEED: "seed"})
 
 
-def paired_arm_differences(arm_frame: pd.DataFrame, level: float = CI_LEVEL) -> pd.DataFrame:
+def paired_arm_differences(arm_frame: pd.DataFrame) -> pd.DataFrame:
     """Each removal arm against the baseline and against random removal of as many classes, paired by seed.
 
     ``arm_frame``: :func:`arm_runs` (columns ``arm, k, seed, accuracy``). For harmful and helpful
     removal at each K, the estimate is the mean over seeds of acc(arm, K, seed) − acc(other,
     seed), where other is the baseline (all classes) or random removal at the same K; only seeds
-    both have count. The interval is Student's t at ``level`` on those differences (n − 1 degrees
+    both have count. The interval is Student's 95% t on those differences (n − 1 degrees
     of freedom). Verdicts, for the sign Jain et al. predict (harmful removal raises accuracy,
     helpful removal lowers it): reproduced (interval on that side of 0), not reproduced (on the
-    other), inconclusive (contains 0), or too few to judge (fewer than :data:`MIN_PAIRS` pairs:
+    other), inconclusive (contains 0), or too few to judge (fewer than :data:`~orchestrator.analysis.stats.MIN_UNITS` pairs:
     estimate, no interval). Columns: :data:`PAIRED_COLUMNS`.
     """
     acc = arm_frame.set_index(["arm", "k", "seed"])[METRIC_ACCURACY]
@@ -270,21 +267,23 @@ def paired_arm_differences(arm_frame: pd.DataFrame, level: float = CI_LEVEL) -> 
                         "claim": claim,
                         "setting": f"K={k}, vs {label}",
                         "statistic": f"acc(without {arm} {k}) − acc({name}), mean of per-seed differences",
-                        **_paired_interval(diff.to_numpy(float), expect, level),
+                        **_paired_interval(diff.to_numpy(float), expect),
                     }
                 )
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
-def _paired_interval(d: np.ndarray, expect: int, level: float) -> dict:
-    n = len(d)
-    est = float(d.mean()) if n else float("nan")
-    if n < MIN_PAIRS:
-        return {"estimate": est, "ci_low": float("nan"), "ci_high": float("nan"), "n": n, "verdict": TOO_FEW}
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / np.sqrt(n))
-    lo, hi = sorted((expect * (est - half), expect * (est + half)))
-    verdict = REPRODUCED if lo > 0 else NOT_REPRODUCED if hi < 0 else INCONCLUSIVE
-    return {"estimate": est, "ci_low": est - half, "ci_high": est + half, "n": n, "verdict": verdict}
+def _paired_interval(d: np.ndarray, expect: int) -> dict:
+    iv = stats.t_interval(d)
+    method = iv.method if not iv.judged else "t (paired by seed)"
+    return {
+        "estimate": iv.estimate,
+        "ci_low": iv.ci_low,
+        "ci_high": iv.ci_high,
+        "n": iv.n,
+        "interval": method,
+        "verdict": stats.verdict(iv, expect),
+    }
 
 
 def plan_counterfactual(
