@@ -8,8 +8,18 @@ num_train_samples, upstream_accuracy, layer, accuracy`` ...), drawn from
 
 with a pretraining-seed effect ``a`` (correlated ρ between a checkpoint's few-shot and full fits),
 a few-shot-draw effect ``b`` shared by every checkpoint (the same draws), and run noise ``e``.
-For each claim kind, null studies (no effect; e_IR = 0; the non-inferiority difference exactly at
-−margin) and studies with a planted effect are judged by
+The Jain et al. kinds are simulated from their own inputs: ``class_influence`` from
+:data:`MODELS` models, each trained on a random half of :data:`CLASSES` source classes, whose outputs
+on :data:`EXAMPLES` target examples are
+
+    output = 0.5 + Σ_c β_c·[model trained on c] + u(model) + e(model, example)
+
+with the named class's β the truth and the other classes' β drawn and centred (with exact-half
+subsets, a class's influence is its β minus the mean of the others'); ``counterfactual_removal``
+from :data:`CF_SEEDS` pretraining seeds per follow-up arm, ``accuracy = level(seed) + effect(arm) +
+e``, the per-seed level shared by every arm (the same init and data order). For each claim kind,
+null studies (no effect; e_IR = 0; the non-inferiority difference exactly at −margin) and studies
+with a planted effect are judged by
 :func:`orchestrator.analysis.claims.evaluate`. Printed per kind: the rate of "reproduced" on nulls
 (goal ≤ 5%), the coverage of the true value by the 95% interval (goal 93–97%, on nulls and planted
 studies together), and the power at the planted size.
@@ -32,12 +42,16 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.analysis import claims
+from orchestrator.analysis.frame import InfluenceInputs
 from orchestrator.analysis.stats import REPRODUCED
 from orchestrator.spec.claims import default_claim
 
 SEEDS, DRAWS = 4, 3  # pretraining seeds per configuration, few-shot draws per shots setting
 SD_SEED, SD_DRAW, SD_RUN, SD_RUN_FULL, RHO = 0.012, 0.03, 0.015, 0.004, 0.7
 MARGIN = 0.02
+MODELS, CLASSES, EXAMPLES = 64, 12, 40  # class_influence: models on random halves of the classes
+SD_CLASS, SD_MODEL, SD_EXAMPLE = 0.01, 0.02, 0.05  # other classes' effects, model and example noise
+CF_SEEDS, SD_LEVEL, SD_ARM_RUN = 5, 0.02, 0.01  # counterfactual_removal: seeds per arm, seed level, run noise
 # kind -> (the claim judged, truth on null studies, truth on planted studies)
 PLANTED = {
     "source_advantage": (default_claim("source_advantage", task="near", source="A", other="B"), 0.0, 0.03),
@@ -50,6 +64,8 @@ PLANTED = {
         0.0,
         0.03,
     ),
+    "class_influence": (default_claim("class_influence", task="t", **{"class": "c0"}), 0.0, 0.02),
+    "counterfactual_removal": (default_claim("counterfactual_removal", arm="harmful"), 0.0, 0.02),
 }
 
 
@@ -92,8 +108,36 @@ def frame(configs: list[dict], mu, rng, tasks=("near",), shots=("1", "full"), la
     return pd.DataFrame(rows)
 
 
-def simulate(kind: str, truth: float, rng) -> pd.DataFrame:
+def influence_study(truth: float, rng) -> claims.Evidence:
+    """Models on random halves of the classes; class c0's influence on the mean output is ``truth``."""
+    masks = np.zeros((MODELS, CLASSES), bool)
+    for m in masks:
+        m[rng.permutation(CLASSES)[: CLASSES // 2]] = True
+    others = rng.normal(0, SD_CLASS, CLASSES - 1)
+    beta = np.r_[truth, others - others.mean()]
+    level = 0.5 + masks @ beta + rng.normal(0, SD_MODEL, MODELS)
+    outputs = level[:, None] + rng.normal(0, SD_EXAMPLE, (MODELS, EXAMPLES))
+    classes = [f"c{i}" for i in range(CLASSES)]
+    x = InfluenceInputs("t", "linear_probe", "s", "full", classes, masks, outputs, np.arange(EXAMPLES))
+    return claims.Evidence(influence=(x,), permutations=99)  # the permutation p is shown, not judged
+
+
+def arms_study(truth: float, rng) -> claims.Evidence:
+    """A counterfactual follow-up: baseline, harmful and random removal of 3 classes; harmful +``truth``."""
+    rows = []
+    for seed in range(CF_SEEDS):
+        level = 0.7 + rng.normal(0, SD_LEVEL)
+        for arm, k, effect in (("baseline", 0, 0.0), ("harmful", 3, truth), ("random", 3, -0.01)):
+            rows.append({"arm": arm, "k": k, "seed": seed, "accuracy": level + effect + rng.normal(0, SD_ARM_RUN)})
+    return claims.Evidence(arms=pd.DataFrame(rows))
+
+
+def simulate(kind: str, truth: float, rng) -> pd.DataFrame | claims.Evidence:
     """One study for claim ``kind`` whose statistic's true value is ``truth``."""
+    if kind == "class_influence":
+        return influence_study(truth, rng)
+    if kind == "counterfactual_removal":
+        return arms_study(truth, rng)
     if kind == "source_advantage":
         cfgs = [{"source": "A"}, {"source": "B"}]
         return frame(cfgs, lambda c, t, s, lay: 0.6 + (truth if c["source"] == "A" and s != "full" else 0), rng)

@@ -11,6 +11,7 @@ import pytest
 
 from orchestrator.analysis import claims
 from orchestrator.analysis.claims import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+from orchestrator.analysis.frame import InfluenceInputs
 from orchestrator.analysis.stats import TOO_FEW
 from orchestrator.spec.claims import default_claim
 
@@ -213,3 +214,80 @@ def test_planted_class_is_ranked_first():
         overall["verdict"] == INCONCLUSIVE and abs(overall["estimate"]) < 0.02
     )  # a: 0.05 on all; d: 0.2 on one of four
     assert own["setting"] == "target class 2 only: d ranks 1 of 6" and own["verdict"] == REPRODUCED
+
+
+def _influence_inputs(effect: float, models: int = 120, seed: int = 0, classes=tuple("abcdef")):
+    """Class-subset models (each class kept with probability 1/2) whose outputs on 30 examples rise
+    by ``effect`` when class 'd' was in their data."""
+    rng = np.random.default_rng(seed)
+    masks = rng.random((models, len(classes))) < 0.5
+    outputs = 0.5 + effect * masks[:, [3]] + rng.normal(0, 0.05, (models, 30))
+    return InfluenceInputs("t", "linear_probe", "s", "full", list(classes), masks, outputs, np.arange(30))
+
+
+def test_class_influence_reproduces_a_planted_class_and_not_a_null_one():
+    claim = default_claim("class_influence", task="t", **{"class": "d"})
+    (row,) = claims.evaluate(claims.Evidence(influence=(_influence_inputs(0.05),), permutations=99), [claim]).to_dict(
+        "records"
+    )
+    assert row["verdict"] == REPRODUCED and row["interval"] == "t (Welch)"
+    assert row["estimate"] == pytest.approx(0.05, abs=0.01) and row["n"] > 40  # the smaller group: models without d
+    assert row["setting"].endswith("d ranks 1 of 6") and "permutation p = 0.01" in row["statistic"]
+    (null,) = claims.evaluate(claims.Evidence(influence=(_influence_inputs(0.0),), permutations=99), [claim]).to_dict(
+        "records"
+    )
+    assert null["verdict"] == INCONCLUSIVE and null["ci_low"] < 0 < null["ci_high"]
+    harms = default_claim("class_influence", task="t", expect="negative", **{"class": "d"})
+    (flip,) = claims.evaluate(claims.Evidence(influence=(_influence_inputs(0.05),), permutations=99), [harms]).to_dict(
+        "records"
+    )
+    assert flip["verdict"] == NOT_REPRODUCED
+
+
+def test_class_influence_on_a_class_the_source_lacks_is_inconclusive_and_says_so():
+    claim = default_claim("class_influence", task="t", **{"class": "handwritten-7"})
+    ev = claims.Evidence(influence=(_influence_inputs(0.05),), permutations=9)
+    (row,) = claims.evaluate(ev, [claim]).to_dict("records")
+    assert row["verdict"] == INCONCLUSIVE and row["interval"] == "'handwritten-7' is not a class of s"
+    (none,) = claims.evaluate(claims.Evidence(), [claim]).to_dict("records")
+    assert none["verdict"] == INCONCLUSIVE and none["interval"].startswith("no influence inputs")
+
+
+def _arm_frame(gain: float, seeds: int = 6, sd: float = 0.01):
+    """Per-seed accuracies of a follow-up: a shared per-seed level, harmful removal + ``gain``."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in range(seeds):
+        level = 0.7 + rng.normal(0, 0.03)  # what seed s shares across arms: init and data order
+        for arm, k, shift in (("baseline", 0, 0.0), ("harmful", 2, gain), ("helpful", 2, -gain), ("random", 2, 0.0)):
+            rows.append({"arm": arm, "k": k, "seed": s, "accuracy": level + shift + rng.normal(0, sd)})
+    return pd.DataFrame(rows)
+
+
+def test_counterfactual_removal_is_judged_paired_by_seed():
+    harmful = default_claim("counterfactual_removal", arm="harmful")
+    helpful = default_claim("counterfactual_removal", arm="helpful", versus="random")
+    assert helpful.expect == -1  # the default follows the arm
+    out = claims.evaluate(claims.Evidence(arms=_arm_frame(0.03)), [harmful, helpful])
+    assert list(out["setting"]) == ["K=2, vs all classes", "K=2, vs random K"]
+    assert set(out["verdict"]) == {REPRODUCED} and set(out["interval"]) == {"t (paired by seed)"}
+    null = claims.evaluate(claims.Evidence(arms=_arm_frame(0.0)), [harmful])
+    assert list(null["verdict"]) == [INCONCLUSIVE]
+    few = claims.evaluate(claims.Evidence(arms=_arm_frame(0.03, seeds=2)), [harmful])
+    assert list(few["interval"]) == [TOO_FEW] and list(few["n"]) == [2]
+    (missing,) = claims.evaluate(
+        claims.Evidence(arms=_arm_frame(0.03)), [default_claim("counterfactual_removal", arm="harmful", k=9)]
+    ).to_dict("records")
+    assert missing["verdict"] == INCONCLUSIVE and "no runs of harmful K=9" in missing["interval"]
+
+
+def test_default_claims_judge_the_planned_arms_and_never_a_class():
+    names = [c.name for c in claims.default_claims(claims.Evidence(influence=(_influence_inputs(0.05),)))]
+    assert names == []
+    names = [c.name for c in claims.default_claims(claims.Evidence(arms=_arm_frame(0.03)))]
+    assert names == [
+        "counterfactual_removal (arm=harmful)",
+        "counterfactual_removal (arm=harmful, versus=random)",
+        "counterfactual_removal (arm=helpful)",
+        "counterfactual_removal (arm=helpful, versus=random)",
+    ]

@@ -267,9 +267,17 @@ def _counterfactual(spec, uri, tmp_path, capsys, study_run_id, ranking):
         main(["report", "dm", "--tracking-uri", uri, "--out", str(tmp_path / "rep2"), "--bootstrap", "0", "--json"])
         == 0
     )
-    numbers = json.loads(capsys.readouterr().out)["counterfactual"]
+    report = json.loads(capsys.readouterr().out)
+    numbers = report["counterfactual"]
     got = {(r["arm"], r["k"]): r["mean"] for r in numbers["arms"]}
     assert numbers["followup_study"] == "dm-counterfactual" and len(got) == 9
     assert got[("harmful", 2)] == pytest.approx(0.701) and got[("helpful", 1)] == pytest.approx(0.551)
     assert got[("random", 0)] == got[("harmful", 0)] == pytest.approx(0.601)
     assert (tmp_path / "rep2" / "figures" / "counterfactual.png").exists()
+    # No claims declared: the default counterfactual_removal claims, each arm paired by seed (3 seeds).
+    judged = {r["claim"]: r["verdict"] for r in report["claims_overall"]}
+    assert judged == {
+        f"counterfactual_removal (arm={arm}{versus})": "reproduced"
+        for arm in ("harmful", "helpful")
+        for versus in ("", ", versus=random")
+    }

@@ -1,9 +1,11 @@
 """The study's claims, judged: one row per setting with a statistic, its 95% interval and a verdict.
 
 :func:`evaluate` takes the claims a study declared (``claims:`` in the study file,
-:mod:`orchestrator.spec.claims`; :func:`default_claims` when it declared none) and the transfer
-frame of :mod:`orchestrator.analysis.frame`, and returns rows ``claim, setting, statistic,
-estimate, ci_low, ci_high, n, interval, verdict``:
+:mod:`orchestrator.spec.claims`; :func:`default_claims` when it declared none) and the
+:class:`Evidence` they are judged on — the transfer frame of :mod:`orchestrator.analysis.frame`,
+the influence inputs (class-subset runs, datamodel sweeps) and the counterfactual follow-up's
+runs per arm — and returns rows ``claim, setting, statistic, estimate, ci_low, ci_high, n,
+interval, verdict``:
 
 - ``reproduced``: the whole interval lies on the predicted side (of zero, or of −margin for a
   non-inferiority claim);
@@ -12,20 +14,24 @@ estimate, ci_low, ci_high, n, interval, verdict``:
   3 pretraining seeds in a configuration, fewer than 5 hull points, a fit parameter at its bound).
 
 ``n`` is the number of units the interval rests on (pretraining seeds per configuration, or
-configurations for fits and layers); ``interval`` says how it was formed (:mod:`.stats`).
-:func:`summary` turns a claim's rows into one verdict. The Jain et al. checks at the end
-(planted class, counterfactual) take influence and follow-up inputs and are called by
-examples/results.py.
+configurations for fits and layers, models for class influence, seed pairs for counterfactual
+arms); ``interval`` says how it was formed (:mod:`.stats`). :func:`summary` turns a claim's rows
+into one verdict. The Jain et al. checks at the end (planted class vs the best other class,
+counterfactual arms by Welch) are called by examples/results.py.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from orchestrator.analysis import counterfactual as cf
 from orchestrator.analysis import fits, influence
-from orchestrator.analysis.frame import PRETRAIN_SEED, at_largest_shots
+from orchestrator.analysis.frame import PRETRAIN_SEED, InfluenceInputs, at_largest_shots
+from orchestrator.analysis.influence import PERMUTATIONS
 from orchestrator.analysis.stats import (
     INCONCLUSIVE,
     NOT_REPRODUCED,
@@ -35,6 +41,7 @@ from orchestrator.analysis.stats import (
     contrast,
     t_interval,
     too_few,
+    welch_sum,
 )
 from orchestrator.analysis.stats import verdict as judge
 from orchestrator.analysis.tables import ACC, SIZE, final_layer
@@ -45,6 +52,30 @@ from trainers.protocols import FINAL_LAYER, FULL
 COLUMNS = ["claim", "setting", "statistic", "estimate", "ci_low", "ci_high", "n", "interval", "verdict"]
 CONFIG = "config"  # the column naming a pretraining configuration (every pretraining param but the seed)
 _CONFIG_KEYS = ("method", "source", "model", SIZE, "label_noise", PARAM_CLASS_FRACTION)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a study's claims are judged on, gathered once by ``transferlab report``.
+
+    ``transfer``: the transfer frame (:func:`orchestrator.analysis.frame.load_study`);
+    ``influence``: :class:`~orchestrator.analysis.frame.InfluenceInputs` of its class-subset runs
+    and datamodel sweeps; ``arms``: :func:`orchestrator.analysis.counterfactual.arm_runs` of its
+    counterfactual follow-up (None: no follow-up with finished runs). ``permutations`` and
+    ``seed``: of the permutation test shown beside a class_influence verdict."""
+
+    transfer: pd.DataFrame = field(default_factory=pd.DataFrame)
+    influence: tuple[InfluenceInputs, ...] = ()
+    arms: pd.DataFrame | None = None
+    permutations: int = PERMUTATIONS
+    seed: int = 0
+
+
+def _evidence(e: pd.DataFrame | Evidence) -> Evidence:
+    """``e`` as Evidence (a bare transfer frame: no influence, no follow-up), with its frame prepared."""
+    e = e if isinstance(e, Evidence) else Evidence(e)
+    t = prepare(e.transfer) if len(e.transfer) else e.transfer
+    return Evidence(t, tuple(e.influence), e.arms, e.permutations, e.seed)
 
 
 def verdict(lo: float, hi: float, expect: int = +1) -> str:
@@ -315,21 +346,123 @@ def best_layer_differs(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
     ]
 
 
+# ---------------------------------------------------------------------------------------------
+# Jain et al.: a named source class, the counterfactual arms
+
+
+def class_influence(ev: Evidence, c: ClaimSpec) -> list[dict]:
+    """Per influence input of the task (and source): the class's influence on the models' mean
+    output, mean(with) − mean(without), Welch (the models are independent draws of random subsets,
+    so the two groups are independent). Its rank and, from :func:`influence.permutation_test`, the
+    number of examples it is the top influencer of and that count's permutation p are reported
+    beside it; the verdict rests on the interval alone."""
+    task, source, cls = c.get("task"), c.get("source"), c.get("class")
+    inputs = [x for x in ev.influence if x.task == task and source in (None, x.source)]
+    stat = f"influence({cls}): mean output of models with it − without it, Welch"
+    if not inputs:
+        where = f"{task} ← {source}" if source else task
+        return [
+            _row(
+                c.name,
+                where,
+                stat,
+                too_few(np.nan, 0),
+                note="no influence inputs (class-subset runs or a datamodel sweep)",
+            )
+        ]
+    rows = []
+    for x in inputs:
+        setting = f"{task} ← {x.source}, {x.protocol}, {x.shots} shot(s)"
+        if cls not in x.classes:
+            rows.append(_row(c.name, setting, stat, too_few(np.nan, 0), note=f"'{cls}' is not a class of {x.source}"))
+            continue
+        i = list(x.classes).index(cls)
+        y = np.nanmean(np.asarray(x.outputs, float), axis=1)
+        with_it = np.asarray(x.masks, bool)[:, i]
+        iv = welch_sum([y[with_it], y[~with_it]], [1.0, -1.0])
+        rank = influence.ranking(x.classes, influence.task_influence(x.masks, x.outputs))
+        r = int(rank.loc[rank["class"] == cls, "rank"].iloc[0])
+        test = influence.permutation_test(x.masks, x.outputs, ev.permutations, ev.seed).class_summary(x.classes)
+        top = test[test["class"] == cls].iloc[0]
+        rows.append(
+            _row(
+                c.name,
+                f"{setting}: {cls} ranks {r} of {len(rank)}",
+                f"{stat}; top influencer of {int(top['top_examples'])} examples (null mean "
+                f"{top['top_examples_null']:.1f}, permutation p = {top['p']:.3g})",
+                iv,
+                c.expect,
+            )
+        )
+    return rows
+
+
+def counterfactual_removal(ev: Evidence, c: ClaimSpec) -> list[dict]:
+    """Per K: acc(without the arm's K classes) − acc(baseline or random K), paired by pretraining
+    seed (:func:`orchestrator.analysis.counterfactual.paired_differences`), Student t."""
+    arm, versus = c.get("arm"), c.get("versus")
+    if ev.arms is None or ev.arms.empty:
+        note = "no counterfactual follow-up with finished runs"
+        return [_row(c.name, f"{arm} arm", f"acc(without {arm} K) − acc({versus})", too_few(np.nan, 0), note=note)]
+    ks = [c.get("k")] if c.get("k") is not None else cf.planned_ks(ev.arms, arm)
+    if not ks:
+        stat = f"acc(without {arm} K) − acc({versus})"
+        return [_row(c.name, f"{arm} arm", stat, too_few(np.nan, 0), note=f"the follow-up has no {arm} arm")]
+    rows = []
+    for k in ks:
+        setting, stat = cf.versus_setting(k, versus), cf.paired_statistic(arm, k, versus)
+        d = cf.paired_differences(ev.arms, arm, k, versus)
+        if d is None:
+            other = "the baseline" if versus == cf.BASELINE else f"random K={k}"
+            note = f"the follow-up has no runs of {arm} K={k} or of {other}"
+            rows.append(_row(c.name, setting, stat, too_few(np.nan, 0), note=note))
+            continue
+        rows.append(_row(c.name, setting, stat, cf.paired_interval(d), c.expect))
+    return rows
+
+
+def _on_transfer(kind):
+    """A kind judged on the transfer frame alone; no rows without transfer runs."""
+
+    def judge_(ev: Evidence, c: ClaimSpec) -> list[dict]:
+        return kind(ev.transfer, c) if len(ev.transfer) else []
+
+    return judge_
+
+
+# kind -> function(Evidence, ClaimSpec) -> rows
 EVALUATE = {
-    "source_advantage": source_advantage,
-    "size_helps_few_shot_more": size_helps_few_shot_more,
-    "noisy_larger_noninferior": noisy_larger_noninferior,
-    "saturation": saturation,
-    "e_ir_falls_with_shots": e_ir_falls_with_shots,
-    "best_layer_differs": best_layer_differs,
+    "source_advantage": _on_transfer(source_advantage),
+    "size_helps_few_shot_more": _on_transfer(size_helps_few_shot_more),
+    "noisy_larger_noninferior": _on_transfer(noisy_larger_noninferior),
+    "saturation": _on_transfer(saturation),
+    "e_ir_falls_with_shots": _on_transfer(e_ir_falls_with_shots),
+    "best_layer_differs": _on_transfer(best_layer_differs),
+    "class_influence": class_influence,
+    "counterfactual_removal": counterfactual_removal,
 }
 assert set(EVALUATE) == set(CLAIM_KINDS)
 
 
-def default_claims(t: pd.DataFrame) -> list[ClaimSpec]:
-    """The claims that apply to a study's grid, at their defaults, for a study that declared none.
-    ``best_layer_differs`` needs its layer and tasks named in advance and is never a default."""
-    t = prepare(t)
+def default_claims(evidence: pd.DataFrame | Evidence) -> list[ClaimSpec]:
+    """The claims that apply to a study, at their defaults, for a study that declared none:
+    the transfer kinds its grid allows, and counterfactual_removal for each removal arm its
+    follow-up has (against the baseline, and against random removal when that arm was planned).
+    ``best_layer_differs`` and ``class_influence`` need a layer or class named in advance and are
+    never defaults."""
+    ev = _evidence(evidence)
+    out = _transfer_defaults(ev.transfer) if len(ev.transfer) else []
+    if ev.arms is not None and len(ev.arms):
+        planned = set(ev.arms["arm"])
+        for arm in ("harmful", "helpful"):
+            if arm in planned:
+                out.append(default_claim("counterfactual_removal", arm=arm))
+                if "random" in planned:
+                    out.append(default_claim("counterfactual_removal", arm=arm, versus="random"))
+    return out
+
+
+def _transfer_defaults(t: pd.DataFrame) -> list[ClaimSpec]:
     out = []
     has_full, few = (t["shots"] == FULL).any(), np.isfinite(t["shots_n"]).any()
     clean = t[t["label_noise"] == 0]
@@ -350,14 +483,13 @@ def default_claims(t: pd.DataFrame) -> list[ClaimSpec]:
     return out
 
 
-def evaluate(t: pd.DataFrame, claims: list[ClaimSpec] | tuple = ()) -> pd.DataFrame:
-    """Every claim's rows (:data:`COLUMNS`); ``claims`` empty: :func:`default_claims`."""
-    if t.empty:
-        return _frame([])
-    t = prepare(t)
+def evaluate(evidence: pd.DataFrame | Evidence, claims: list[ClaimSpec] | tuple = ()) -> pd.DataFrame:
+    """Every claim's rows (:data:`COLUMNS`); ``claims`` empty: :func:`default_claims`.
+    ``evidence``: an :class:`Evidence`, or a bare transfer frame (the transfer kinds only)."""
+    ev = _evidence(evidence)
     rows = []
-    for c in claims or default_claims(t):
-        rows += EVALUATE[c.kind](t, c)
+    for c in claims or default_claims(ev):
+        rows += EVALUATE[c.kind](ev, c)
     return _frame(rows)
 
 

@@ -244,46 +244,67 @@ def paired_arm_differences(arm_frame: pd.DataFrame) -> pd.DataFrame:
     ``arm_frame``: :func:`arm_runs` (columns ``arm, k, seed, accuracy``). For harmful and helpful
     removal at each K, the estimate is the mean over seeds of acc(arm, K, seed) − acc(other,
     seed), where other is the baseline (all classes) or random removal at the same K; only seeds
-    both have count. The interval is Student's 95% t on those differences (n − 1 degrees
-    of freedom). Verdicts, for the sign Jain et al. predict (harmful removal raises accuracy,
-    helpful removal lowers it): reproduced (interval on that side of 0), not reproduced (on the
-    other), inconclusive (contains 0), or too few to judge (fewer than :data:`~orchestrator.analysis.stats.MIN_UNITS` pairs:
-    estimate, no interval). Columns: :data:`PAIRED_COLUMNS`.
+    both have count (:func:`paired_differences`). The interval is Student's 95% t on those
+    differences (n − 1 degrees of freedom). Verdicts, for the sign Jain et al. predict (harmful
+    removal raises accuracy, helpful removal lowers it): reproduced (interval on that side of 0),
+    not reproduced (on the other), inconclusive (contains 0), or too few to judge (fewer than
+    :data:`~orchestrator.analysis.stats.MIN_UNITS` pairs: estimate, no interval). Columns:
+    :data:`PAIRED_COLUMNS`. The ``counterfactual_removal`` claim kind judges the same differences.
     """
-    acc = arm_frame.set_index(["arm", "k", "seed"])[METRIC_ACCURACY]
-    series = {key: g.droplevel([0, 1]) for key, g in acc.groupby(level=["arm", "k"])}
-    base = series.get((BASELINE, 0))
     rows = []
     for arm, expect in (("harmful", +1), ("helpful", -1)):
         claim = f"removing the most {arm} classes {'raises' if expect > 0 else 'lowers'} target accuracy"
-        for k in sorted(k for a, k in series if a == arm):
-            for other, label in ((base, "all classes"), (series.get(("random", k)), "random K")):
-                if other is None:
+        for k in planned_ks(arm_frame, arm):
+            for versus in (BASELINE, "random"):
+                diff = paired_differences(arm_frame, arm, k, versus)
+                if diff is None:
                     continue
-                diff = (series[arm, k] - other).dropna()
-                name = BASELINE if label == "all classes" else f"without random {k}"
+                iv = paired_interval(diff)
                 rows.append(
                     {
                         "claim": claim,
-                        "setting": f"K={k}, vs {label}",
-                        "statistic": f"acc(without {arm} {k}) − acc({name}), mean of per-seed differences",
-                        **_paired_interval(diff.to_numpy(float), expect),
+                        "setting": versus_setting(k, versus),
+                        "statistic": paired_statistic(arm, k, versus),
+                        "estimate": iv.estimate,
+                        "ci_low": iv.ci_low,
+                        "ci_high": iv.ci_high,
+                        "n": iv.n,
+                        "interval": iv.method,
+                        "verdict": stats.verdict(iv, expect),
                     }
                 )
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
-def _paired_interval(d: np.ndarray, expect: int) -> dict:
+def planned_ks(arm_frame: pd.DataFrame, arm: str) -> list[int]:
+    """The K values ``arm`` has runs at, in order."""
+    return sorted(int(k) for k in arm_frame.loc[arm_frame["arm"] == arm, "k"].unique())
+
+
+def paired_differences(arm_frame: pd.DataFrame, arm: str, k: int, versus: str) -> np.ndarray | None:
+    """Per pretraining seed: acc(``arm`` at K) − acc(baseline) (``versus`` 'baseline') or − acc(random
+    at K) ('random'), over the seeds both have; None when either has no runs."""
+    acc = arm_frame.set_index(["arm", "k", "seed"])[METRIC_ACCURACY]
+    series = {key: g.droplevel([0, 1]) for key, g in acc.groupby(level=["arm", "k"])}
+    mine, other = series.get((arm, k)), series.get((BASELINE, 0) if versus == BASELINE else ("random", k))
+    if mine is None or other is None:
+        return None
+    return (mine - other).dropna().to_numpy(float)
+
+
+def paired_interval(d: np.ndarray) -> stats.Interval:
+    """The mean of per-seed differences with its Student-t interval (too few below MIN_UNITS pairs)."""
     iv = stats.t_interval(d)
-    method = iv.method if not iv.judged else "t (paired by seed)"
-    return {
-        "estimate": iv.estimate,
-        "ci_low": iv.ci_low,
-        "ci_high": iv.ci_high,
-        "n": iv.n,
-        "interval": method,
-        "verdict": stats.verdict(iv, expect),
-    }
+    return iv if not iv.judged else stats.Interval(iv.estimate, iv.ci_low, iv.ci_high, iv.n, "t (paired by seed)")
+
+
+def versus_setting(k: int, versus: str) -> str:
+    return f"K={k}, vs {'all classes' if versus == BASELINE else 'random K'}"
+
+
+def paired_statistic(arm: str, k: int, versus: str) -> str:
+    other = BASELINE if versus == BASELINE else f"without random {k}"
+    return f"acc(without {arm} {k}) − acc({other}), mean of per-seed differences"
 
 
 def plan_counterfactual(

@@ -189,7 +189,11 @@ def _abnar(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
     rep.numbers["best_layer"] = _records(layers[layers["best"]]) if len(layers) else []
 
 
-def _jain(rep: Report, tracker: Tracker, sr: StudyRuns, seed: int, datamodels: list | None = None) -> None:
+def _jain(
+    rep: Report, tracker: Tracker, sr: StudyRuns, seed: int, datamodels: list | None = None
+) -> tuple[list, pd.DataFrame | None]:
+    """The influence section; returns the influence inputs and the follow-up's arm runs (the
+    claims' evidence)."""
     t = sr.transfer
     inputs = (
         [
@@ -202,7 +206,7 @@ def _jain(rep: Report, tracker: Tracker, sr: StudyRuns, seed: int, datamodels: l
     )
     inputs += datamodels or []  # datamodel sweeps: masks and outputs from their table
     if not inputs:
-        return
+        return [], None
     sec = rep.section(
         "Source-class influence (Jain et al.)",
         "Influence of a source class = mean correct-class probability of models that trained on it minus that of "
@@ -258,18 +262,19 @@ def _jain(rep: Report, tracker: Tracker, sr: StudyRuns, seed: int, datamodels: l
         "splits). About 0 when no class matters; near 1 when the ranking is stable.",
     )
     rep.tables["influence_per_example"] = pd.concat(per_example, ignore_index=True)
-    _counterfactual(rep, tracker, sr, sec)
+    return inputs, _counterfactual(rep, tracker, sr, sec)
 
 
-def _counterfactual(rep: Report, tracker: Tracker, sr: StudyRuns, sec: Section) -> None:
+def _counterfactual(rep: Report, tracker: Tracker, sr: StudyRuns, sec: Section) -> pd.DataFrame | None:
+    """The follow-up's accuracy vs K; returns its runs per arm (:func:`cf.arm_runs`), None without one."""
     plan = cf.read_plan(tracker, sr.study_run_id)
     if plan is None:
-        return
+        return None
     try:
         follow = load_study(tracker, plan["followup_study"])
     except ValueError:
         sec.text += f" Counterfactual follow-up '{plan['followup_study']}' is planned but has no runs yet."
-        return
+        return None
     agg = cf.arm_accuracy(follow.transfer, plan)
     rep.table(
         sec, "counterfactual", agg, f"Follow-up study {plan['followup_study']}: target accuracy vs K removed classes."
@@ -287,6 +292,7 @@ def _counterfactual(rep: Report, tracker: Tracker, sr: StudyRuns, sec: Section) 
         "partial": follow.partial,
         "arms": _records(agg),
     }
+    return cf.arm_runs(follow.transfer, plan)
 
 
 def declared_claims(tracker: Tracker, study_run_id: str | None) -> tuple[tuple, str]:
@@ -308,9 +314,9 @@ def declared_claims(tracker: Tracker, study_run_id: str | None) -> tuple[tuple, 
     return spec.claims, f"the {len(spec.claims)} claims the study file declares"
 
 
-def _claims(rep: Report, t: pd.DataFrame, declared: tuple, origin: str) -> None:
-    rows = claims_.evaluate(t, declared)
-    judged = (declared or claims_.default_claims(t)) if len(t) else ()
+def _claims(rep: Report, evidence: claims_.Evidence, declared: tuple, origin: str) -> None:
+    rows = claims_.evaluate(evidence, declared)
+    judged = declared or claims_.default_claims(evidence)
     summary = claims_.overall(rows, judged) if len(rows) else []
     rep.numbers["claims"] = _records(rows)
     rep.numbers["claims_overall"] = summary
@@ -344,15 +350,17 @@ def build_report(tracker: Tracker, study: str, n_boot: int = 200, seed: int = 0)
         }
     )
     dm = datamodel_inputs(tracker, sr.experiment_id)
+    inputs, arms = [], None
     if sr.transfer.empty and not dm:
         rep.section("No results yet", "No transfer run of this study has finished.")
     elif sr.transfer.empty:
-        _jain(rep, tracker, sr, seed, dm)
+        inputs, arms = _jain(rep, tracker, sr, seed, dm)
     else:
         _entezari(rep, tables.final_layer(sr.transfer), n_boot, seed)
         _abnar(rep, sr.transfer, n_boot, seed)
-        _jain(rep, tracker, sr, seed, dm)
-    _claims(rep, sr.transfer, *declared_claims(tracker, sr.study_run_id))
+        inputs, arms = _jain(rep, tracker, sr, seed, dm)
+    evidence = claims_.Evidence(sr.transfer, tuple(inputs), arms, seed=seed)
+    _claims(rep, evidence, *declared_claims(tracker, sr.study_run_id))
     rep.numbers["seconds"] = round(time.perf_counter() - t0, 2)
     return rep
 

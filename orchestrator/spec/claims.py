@@ -14,6 +14,11 @@ An example::
       - {kind: noisy_larger_noninferior, margin: 0.02}
       - {kind: saturation, task: digits}
       - {kind: best_layer_differs, near: letters, far: digits, layer: block2}
+      - {kind: class_influence, task: digits, class: handwritten-7}
+      - {kind: counterfactual_removal, arm: harmful}
+
+A ``class`` is checked only for being a non-empty string: a source's class names are known from its
+data, not from the study file; the report says when a class is not among them.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.spec.fields import Mapping, SpecError, choice, number, short, string, typename
+from orchestrator.spec.fields import Mapping, SpecError, choice, integer, number, short, string, typename
 from trainers.protocols import FINAL_LAYER
 
 EXPECT = ("positive", "negative")
+REMOVAL_ARMS = ("harmful", "helpful")  # the arms a counterfactual_removal claim is about
+VERSUS = ("baseline", "random")  # what an arm is compared with
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ class Param:
     shots, label_noise), or None for a plain value read by ``ref_kind``; ``default`` None means
     'every one the grid has' (or, for ``shots``, the fewest few-shot setting)."""
 
-    ref: str  # task | source | layer | shots | label_noise | margin | expect
+    ref: str  # task | source | layer | shots | label_noise | margin | expect | class | arm | k | versus
     default: Any = None
     required: bool = False
     doc: str = ""
@@ -111,6 +118,29 @@ CLAIM_KINDS: dict[str, tuple[str, dict[str, Param]]] = {
             "expect": _EXPECT,
         },
     ),
+    "class_influence": (
+        "A named source class helps (or, expect: negative, harms) the task (Jain et al.): its influence, "
+        "the mean output on the task of the models that trained on it minus that of the models that did not, "
+        "with a Welch interval; the class's per-example top-influencer count and its permutation p are shown "
+        "beside it. The class is named here, before the results, never chosen on them.",
+        {
+            "task": _p("task", "the downstream task", required=True),
+            "source": _p("source", "the source whose class it is (default: each with influence inputs)"),
+            "class": _p("class", "the source class", required=True),
+            "expect": _EXPECT,
+        },
+    ),
+    "counterfactual_removal": (
+        "Removing the K most harmful classes raises target accuracy, removing the K most helpful lowers it "
+        "(Jain et al.): acc(without the arm's K classes) − acc(baseline, or random K), per pretraining seed of "
+        "the counterfactual follow-up, paired by seed.",
+        {
+            "arm": _p("arm", "harmful | helpful", required=True),
+            "k": _p("k", "classes removed, K >= 1 (default: each K planned)"),
+            "versus": _p("versus", "baseline (all classes) | random (as many random classes)", "baseline"),
+            "expect": _p("expect", "positive | negative (default: positive for harmful, negative for helpful)", None),
+        },
+    ),
 }
 
 
@@ -132,9 +162,17 @@ class ClaimSpec:
         return -1 if dict(self.params).get("expect") == "negative" else +1
 
 
+def _arm_expect(kind: str, values: dict) -> dict:
+    """A counterfactual_removal claim without ``expect`` predicts what Jain et al. do: removing
+    harmful classes raises accuracy (positive), removing helpful ones lowers it (negative)."""
+    if kind == "counterfactual_removal" and values.get("expect") is None:
+        values["expect"] = "negative" if values["arm"] == "helpful" else "positive"
+    return values
+
+
 def default_claim(kind: str, **params: Any) -> ClaimSpec:
     """A claim of ``kind`` at its defaults (``params`` override), named by kind and params."""
-    values = {k: params.get(k, p.default) for k, p in CLAIM_KINDS[kind][1].items()}
+    values = _arm_expect(kind, {k: params.get(k, p.default) for k, p in CLAIM_KINDS[kind][1].items()})
     given = ", ".join(f"{k}={v}" for k, v in params.items())
     return ClaimSpec(kind, f"{kind} ({given})" if given else kind, tuple(values.items()))
 
@@ -156,6 +194,14 @@ def _reader(ref: str, names: StudyNames):
             return choice(EXPECT)(path, v)
         if ref == "margin":
             return number(path, v, lo=0.0, hi=1.0)
+        if ref == "class":
+            return string(path, v)
+        if ref == "arm":
+            return choice(REMOVAL_ARMS)(path, v)
+        if ref == "versus":
+            return choice(VERSUS)(path, v)
+        if ref == "k":
+            return integer(path, v, minimum=1)
         if ref == "label_noise":
             v = number(path, v, lo=0.0, hi=1.0)
             if v not in names.label_noise or v == 0:
@@ -204,5 +250,5 @@ def read_claims(path: str, data: Any, names: StudyNames) -> tuple[ClaimSpec, ...
             raise SpecError(f"{at}.far", "must differ from near")
         if kind == "best_layer_differs" and values["layer"] == values["final"]:
             raise SpecError(f"{at}.layer", "must differ from final")
-        out.append(ClaimSpec(kind, name, tuple(values.items())))
+        out.append(ClaimSpec(kind, name, tuple(_arm_expect(kind, values).items())))
     return tuple(out)

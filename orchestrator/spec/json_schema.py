@@ -14,7 +14,7 @@ import dataclasses
 import types
 import typing
 
-from orchestrator.spec.claims import CLAIM_KINDS
+from orchestrator.spec.claims import CLAIM_KINDS, REMOVAL_ARMS, VERSUS
 from orchestrator.spec.fields import spec_keys
 from orchestrator.spec.schema import (
     COLUMN_KEYS,
@@ -124,6 +124,10 @@ _PARAM_TYPES = {
     "label_noise": {"type": "number", "minimum": 0, "maximum": 1},
     "margin": {"type": "number", "minimum": 0, "maximum": 1},
     "expect": {"enum": ["positive", "negative"]},
+    "class": {"type": "string", "minLength": 1},
+    "arm": {"enum": list(REMOVAL_ARMS)},
+    "k": {"type": "integer", "minimum": 1},
+    "versus": {"enum": list(VERSUS)},
 }
 
 
