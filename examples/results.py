@@ -9,7 +9,7 @@ Each STUDY=TRACKING_URI names where a study's runs are (the follow-up study of d
 data_based-counterfactual, is read from the same store). For each study it runs
 `transferlab report` into docs/results/STUDY/ (figures, tables/*.csv, numbers.json; the
 self-contained report.html is left out of the repository), reads the study's wall time from its
-MLflow study runs, and evaluates every claim of orchestrator.analysis.claims.
+MLflow study runs, and shows the claims the report judged (the study file's `claims:`).
 """
 
 from __future__ import annotations
@@ -22,14 +22,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from datasets_.builtin import PLANTED_DIGIT
 from orchestrator.analysis import claims
 from orchestrator.analysis.counterfactual import read_plan
-from orchestrator.analysis.datamodel_influence import datamodel_inputs
 from orchestrator.analysis.frame import load_study
-from orchestrator.analysis.report import build_report, declared_claims, write_report
-from orchestrator.records.datamodel_table import read_examples
-from orchestrator.records.schema import KIND_DATAMODELS, KIND_STUDY, TAG_DATAMODEL_TABLE
+from orchestrator.analysis.report import build_report, write_report
+from orchestrator.records.schema import KIND_STUDY
 from orchestrator.records.tracker import Tracker
 from orchestrator.spec import QUICK_SUFFIX
 
@@ -42,7 +39,6 @@ contains zero; a claim's overall verdict needs two thirds of its settings and no
 (orchestrator/analysis/claims.py). Figures and tables/*.csv of each study are in results/STUDY/.
 """
 
-PLANTED = f"handwritten-{PLANTED_DIGIT}"  # builtin:glyphs-planted's duplicate of the digits task's class
 FIGURES = {  # report figures shown on the page, per study (others stay in docs/results/STUDY/figures)
     "role_of_data": [
         "accuracy_vs_shots_digits",
@@ -90,12 +86,13 @@ def wall_time(tracker: Tracker, study: str) -> str:
     return f"{seconds / 60:.1f} min over {len(runs)} `run` invocation(s)"
 
 
-def report_into(tracker: Tracker, study: str, out: Path) -> list[str]:
-    """Write the study's report under ``out``; returns the figure names it made."""
+def report_into(tracker: Tracker, study: str, out: Path) -> tuple[list[str], dict]:
+    """Write the study's report under ``out``; returns the figure names it made and its numbers
+    (the ``--json`` of ``transferlab report``, claims judged included)."""
     rep = build_report(tracker, study)
     write_report(rep, out)
     (out / "report.html").unlink(missing_ok=True)  # self-contained copies of the figures: not for the repo
-    return sorted(p.stem for p in (out / "figures").glob("*.png"))
+    return sorted(p.stem for p in (out / "figures").glob("*.png")), rep.numbers
 
 
 def figures_md(study: str, made: list[str]) -> str:
@@ -103,78 +100,41 @@ def figures_md(study: str, made: list[str]) -> str:
     return "\n".join(f"![{f}](results/{study}/figures/{f}.png)" for f in shown) + "\n"
 
 
-def judged_claims(tracker: Tracker, study: str) -> str:
-    """The claims the study declares (``claims:`` in its file; else the defaults for its grid),
-    judged by the same code as ``transferlab report``, one table per claim."""
-    sr = load_study(tracker, study)
-    declared, origin = declared_claims(tracker, sr.study_run_id)
-    rows = claims.evaluate(sr.transfer, declared)
-    names = [c.name for c in declared] or list(dict.fromkeys(rows["claim"]))
-    parts = [f"Judged: {origin}.\n"]
+def judged_claims(numbers: dict) -> str:
+    """The claims the study declares (``claims:`` in its file; else the defaults for its grid) as
+    ``transferlab report`` judged them, one table per claim."""
+    rows = pd.DataFrame(numbers.get("claims", []), columns=claims.COLUMNS)
+    for c in ("estimate", "ci_low", "ci_high"):
+        rows[c] = pd.to_numeric(rows[c], errors="coerce")
+    names = [c["claim"] for c in numbers.get("claims_overall", [])] or list(dict.fromkeys(rows["claim"]))
+    parts = [f"Judged: {numbers.get('claims_source', 'the claims that apply to the grid')}.\n"]
     parts += [claim_table(f"{i}. {name}", rows[rows["claim"] == name]) for i, name in enumerate(names, 1)]
     return "\n".join(parts)
 
 
-def role_of_data(tracker: Tracker, study: str) -> str:
-    return judged_claims(tracker, study)
-
-
-def limits(tracker: Tracker, study: str) -> str:
-    return judged_claims(tracker, study)
-
-
-def example_labels(tracker: Tracker, experiment_id: str, examples) -> np.ndarray | None:
-    """Target labels of a datamodel sweep's examples (its table's examples.parquet), in ``examples`` order."""
-    for run in tracker.runs(experiment_id, KIND_DATAMODELS):
-        ex = read_examples(run.data.tags.get(TAG_DATAMODEL_TABLE, ""))
-        if ex is not None:
-            by = dict(zip(ex.column("example").to_pylist(), ex.column("label").to_pylist()))
-            return np.array([by[int(e)] for e in examples])
-    return None
-
-
-def data_based(tracker: Tracker, study: str) -> str:
-    sr = load_study(tracker, study)
-    parts = []
-    for x in datamodel_inputs(tracker, sr.experiment_id):
-        labels = example_labels(tracker, sr.experiment_id, x.examples)
-        parts.append(
-            claim_table(
-                f"1. The planted duplicate class ranks most helpful ({x.masks.shape[0]} models, task {x.task})",
-                claims.planted_class_rank(x.classes, x.masks, x.outputs, PLANTED, labels, PLANTED_DIGIT),
-            )
-        )
-    plan = read_plan(tracker, sr.study_run_id)
+def followup_md(tracker: Tracker, study: str) -> str:
+    """What the counterfactual follow-up of a datamodels study removed, and how long it ran."""
+    plan = read_plan(tracker, load_study(tracker, study).study_run_id)
     if plan is None:
-        parts.append(
+        return (
             "No counterfactual follow-up recorded yet (`transferlab counterfactual` logs its plan on the study run).\n"
         )
-    else:
-        follow = load_study(tracker, plan["followup_study"]).transfer
-        arms = {v["arm"] for v in plan["sources"].values()} - {"baseline"}
-        ks = sorted({v["k"] for v in plan["sources"].values()} - {0})
-        parts.append(
-            f"Follow-up study `{plan['followup_study']}` ({'/'.join(sorted(arms))} arms, K = "
-            f"{', '.join(map(str, ks))}; "
-            f"run by the same command): {wall_time(tracker, plan['followup_study'])}. Removed classes per arm and K: "
-            + "; ".join(
-                f"{v['arm']} K={v['k']}: {', '.join(v['removed_classes'])}" for v in plan["sources"].values() if v["k"]
-            )
-            + ".\n"
-        )
-        parts.append(
-            claim_table(
-                "2. Removing the most harmful classes helps, removing the most helpful hurts",
-                claims.counterfactual_claims(None, follow, plan),
-            )
-        )
-    return "\n".join(parts)
+    arms = {v["arm"] for v in plan["sources"].values()} - {"baseline"}
+    ks = sorted({v["k"] for v in plan["sources"].values()} - {0})
+    removed = "; ".join(
+        f"{v['arm']} K={v['k']}: {', '.join(v['removed_classes'])}" for v in plan["sources"].values() if v["k"]
+    )
+    return (
+        f"Follow-up study `{plan['followup_study']}` ({'/'.join(sorted(arms))} arms, K = {', '.join(map(str, ks))}; "
+        f"run by the same command): {wall_time(tracker, plan['followup_study'])}. Removed classes per arm and K: "
+        f"{removed}.\n"
+    )
 
 
 SECTIONS = {
-    "role_of_data": ("Entezari et al. 2023 — the role of pretraining data", role_of_data),
-    "limits": ("Abnar et al. 2021 — the limits of large-scale pretraining", limits),
-    "data_based": ("Jain et al. 2022 — a data-based perspective on transfer", data_based),
+    "role_of_data": "Entezari et al. 2023 — the role of pretraining data",
+    "limits": "Abnar et al. 2021 — the limits of large-scale pretraining",
+    "data_based": "Jain et al. 2022 — a data-based perspective on transfer",
 }
 
 
@@ -191,17 +151,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown study {bad[0]!r}; known: {', '.join(SECTIONS)} (or their {QUICK_SUFFIX} variants)")
     body = [HEADER + (f"\n{args.note}\n" if args.note else "")]
     for study, uri in stores.items():
-        title, claims_of = SECTIONS[study.removesuffix(QUICK_SUFFIX)]
+        title = SECTIONS[study.removesuffix(QUICK_SUFFIX)]
         tracker = Tracker(uri)
         folder = out.parent / "results" / study
         shutil.rmtree(folder, ignore_errors=True)
-        made = report_into(tracker, study, folder)
+        made, numbers = report_into(tracker, study, folder)
         print(f"{study}: report in {folder}", file=sys.stderr)
         base = study.removesuffix(QUICK_SUFFIX)
         command = f"transferlab run examples/{base}.yaml" + (" --quick" if study != base else "")
         body.append(
             f"## {title}\n\n`{command}` — wall time on this machine: {wall_time(tracker, study)}.\n\n"
-            f"{figures_md(study, made)}\n{claims_of(tracker, study)}"
+            f"{figures_md(study, made)}\n"
+            + (followup_md(tracker, study) + "\n" if base == "data_based" else "")
+            + judged_claims(numbers)
         )
     summary = ["| claim | verdict |", "|---|---|", *(f"| {c} | {v} |" for c, v in VERDICTS)]
     body.insert(1, "## Summary\n\n" + "\n".join(summary) + "\n")

@@ -180,42 +180,6 @@ def test_best_layer_with_the_layer_fixed_in_advance():
     assert row["estimate"] == pytest.approx(0.15, abs=0.01)
 
 
-def test_counterfactual_arms_against_baseline_and_random():
-    plan = {
-        "task": "t",
-        "sources": {
-            "s": {"arm": "baseline", "k": 0},
-            "s-h": {"arm": "harmful", "k": 2},
-            "s-p": {"arm": "helpful", "k": 2},
-            "s-r": {"arm": "random", "k": 2},
-        },
-    }
-    level = {"s": 0.70, "s-h": 0.75, "s-p": 0.60, "s-r": 0.69}
-    t = frame(lambda src, n, p, s, layer: level[src], sources=tuple(level), sizes=(1000,), shots=("full",))
-    t = pd.concat([t.assign(seed=i, accuracy=t["accuracy"] + 0.005 * i) for i in range(3)])  # 3 models per arm
-    out = claims.counterfactual_claims(None, t, plan)
-    assert len(out) == 4 and set(out["verdict"]) == {REPRODUCED}
-
-
-def test_planted_class_is_ranked_first():
-    rng = np.random.default_rng(0)
-    masks = rng.random((200, 6)) < 0.5
-    outputs = 0.5 + 0.2 * masks[:, [3]] + 0.05 * masks[:, [0]] + rng.normal(0, 0.02, (200, 4))
-    (row,) = claims.planted_class_rank(list("abcdef"), masks, outputs, planted="d").to_dict("records")
-    assert row["setting"] == "all target examples: d ranks 1 of 6" and row["verdict"] == REPRODUCED
-    assert row["estimate"] == pytest.approx(0.15, abs=0.02)
-    # Class d helps only the target examples labelled 2: diluted over all, first on its own class.
-    outputs = 0.5 + 0.05 * masks[:, [0]] + rng.normal(0, 0.02, (200, 4))
-    outputs[:, 3] += 0.2 * masks[:, 3]
-    overall, own = claims.planted_class_rank(
-        list("abcdef"), masks, outputs, "d", labels=[0, 1, 1, 2], target_label=2
-    ).to_dict("records")
-    assert (
-        overall["verdict"] == INCONCLUSIVE and abs(overall["estimate"]) < 0.02
-    )  # a: 0.05 on all; d: 0.2 on one of four
-    assert own["setting"] == "target class 2 only: d ranks 1 of 6" and own["verdict"] == REPRODUCED
-
-
 def _influence_inputs(effect: float, models: int = 120, seed: int = 0, classes=tuple("abcdef")):
     """Class-subset models (each class kept with probability 1/2) whose outputs on 30 examples rise
     by ``effect`` when class 'd' was in their data."""

@@ -30,7 +30,7 @@ from scipy import stats as sps
 
 from orchestrator.analysis import counterfactual as cf
 from orchestrator.analysis import fits, influence
-from orchestrator.analysis.frame import PRETRAIN_SEED, InfluenceInputs, at_largest_shots
+from orchestrator.analysis.frame import PRETRAIN_SEED, InfluenceInputs
 from orchestrator.analysis.influence import PERMUTATIONS
 from orchestrator.analysis.stats import (
     INCONCLUSIVE,
@@ -501,112 +501,6 @@ def overall(rows: pd.DataFrame, claims: list[ClaimSpec] | tuple = ()) -> list[di
         text = summary(rows[rows["claim"] == name])
         out.append({"claim": name, "verdict": text.split(" (", 1)[0], "summary": text})
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Jain et al.: influence and the counterfactual
-
-
-def welch(a, b) -> tuple[float, float, float]:
-    """mean(a) − mean(b) and its 95% Welch t-interval (NaN without two values on each side)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    d = float(a.mean() - b.mean()) if len(a) and len(b) else float("nan")
-    if len(a) < 2 or len(b) < 2:
-        return d, float("nan"), float("nan")
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = np.sqrt(va + vb)
-    if se == 0:
-        return d, d, d
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    h = float(sps.t.ppf(0.975, df) * se)
-    return d, d - h, d + h
-
-
-def _old_row(claim: str, setting: str, statistic: str, est_lo_hi: tuple, n: str, expect: int = +1) -> dict:
-    est, lo, hi = est_lo_hi
-    return {
-        "claim": claim,
-        "setting": setting,
-        "statistic": statistic,
-        "estimate": est,
-        "ci_low": lo,
-        "ci_high": hi,
-        "n": n,
-        "interval": "",
-        "verdict": verdict(lo, hi, expect),
-    }
-
-
-def planted_class_rank(
-    classes: list[str], masks, outputs, planted: str, labels=None, target_label: int | None = None
-) -> pd.DataFrame:
-    """The planted duplicate class must be the most helpful: its influence minus the best other
-    class's (± 1.96 × the two Welch standard errors combined), on every target example and, given
-    the examples' ``labels``, on the examples of the class it duplicates (``target_label``), where
-    Jain et al. read such effects."""
-    outputs = np.asarray(outputs, float)
-    scopes = [("all target examples", np.ones(outputs.shape[1], bool))]
-    if labels is not None and target_label is not None:
-        scopes.append((f"target class {target_label} only", np.asarray(labels) == target_label))
-    rows = []
-    for scope, keep in scopes:
-        rank = influence.ranking(classes, influence.task_influence(masks, outputs[:, keep]))
-        mine = rank[rank["class"] == planted]
-        if mine.empty or not keep.any():
-            continue
-        r = mine.iloc[0]
-        other = rank[rank["class"] != planted].iloc[0]
-        d, se = r["influence"] - other["influence"], float(np.hypot(r["se"], other["se"]))
-        rows.append(
-            _old_row(
-                "the planted duplicate class ranks most helpful",
-                f"{scope}: {planted} ranks {int(r['rank'])} of {len(rank)}",
-                f"influence({planted}) − influence({other['class']}, the best other class)",
-                (d, d - 1.96 * se, d + 1.96 * se),
-                f"{int(r['models_with'])} models with, {int(r['models_without'])} without; {int(keep.sum())} examples",
-            )
-        )
-    return _frame(rows)
-
-
-def counterfactual_claims(arms: pd.DataFrame, followup: pd.DataFrame, plan: dict) -> pd.DataFrame:
-    """Removing the most harmful classes raises target accuracy over the baseline (all classes);
-    removing the most helpful lowers it; both relative to removing as many random classes.
-    ``followup``: the follow-up study's transfer frame; ``plan``: its counterfactual plan."""
-    t = final_layer(followup)
-    t = t[t["task"] == plan["task"]]
-    if t.empty:
-        return _frame([])
-    t = at_largest_shots(t)
-    by = {(v["arm"], v["k"]): t.loc[t["source"] == s, ACC].to_numpy(float) for s, v in plan["sources"].items()}
-    base = by.get(("baseline", 0))
-    rows = []
-    for k in sorted({k for _, k in by if k}):
-        for arm, expect in (("harmful", +1), ("helpful", -1)):
-            if (arm, k) not in by:
-                continue
-            rows.append(
-                _old_row(
-                    f"removing the most {arm} classes {'raises' if expect > 0 else 'lowers'} target accuracy",
-                    f"K={k}, vs all classes",
-                    f"acc(without {arm} K) − acc(baseline), Welch",
-                    welch(by[arm, k], base),
-                    f"{len(by[arm, k])}/{len(base)} models",
-                    expect,
-                )
-            )
-            if ("random", k) in by:
-                rows.append(
-                    _old_row(
-                        f"removing the most {arm} classes {'raises' if expect > 0 else 'lowers'} target accuracy",
-                        f"K={k}, vs random K",
-                        f"acc(without {arm} K) − acc(without random K), Welch",
-                        welch(by[arm, k], by["random", k]),
-                        f"{len(by[arm, k])}/{len(by['random', k])} models",
-                        expect,
-                    )
-                )
-    return _frame(rows)
 
 
 def summary(rows: pd.DataFrame) -> str:
