@@ -16,8 +16,7 @@ interval, verdict``:
 ``n`` is the number of units the interval rests on (pretraining seeds per configuration, or
 configurations for fits and layers, models for class influence, seed pairs for counterfactual
 arms); ``interval`` says how it was formed (:mod:`.stats`). :func:`summary` turns a claim's rows
-into one verdict. The Jain et al. checks at the end (planted class vs the best other class,
-counterfactual arms by Welch) are called by examples/results.py.
+into one verdict.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from orchestrator.analysis import claims as claims_
 from orchestrator.analysis import counterfactual as cf
@@ -28,7 +27,7 @@ from orchestrator.analysis.datamodel_influence import datamodel_inputs
 from orchestrator.analysis.frame import StudyRuns, influence_inputs, load_study
 from orchestrator.records.schema import REPORT_ARTIFACT_DIR, SPEC_ARTIFACT
 from orchestrator.records.tracker import Tracker
-from orchestrator.spec import SpecError, parse_spec
+from orchestrator.spec import SpecError, load_spec
 
 SHOWN_ROWS = 25  # rows of a table shown in the HTML; the CSV has all of them
 
@@ -300,15 +299,18 @@ def declared_claims(tracker: Tracker, study_run_id: str | None) -> tuple[tuple, 
     when it declared none (or no spec was logged): the report then judges the defaults."""
     if study_run_id is None:
         return (), "no study run: the claims that apply to the grid, at their defaults"
-    try:
-        with tempfile.TemporaryDirectory(prefix="transferlab-spec-") as tmp:
-            text = Path(tracker.client.download_artifacts(study_run_id, SPEC_ARTIFACT, tmp)).read_text()
-    except Exception:  # no spec logged: MLflow raises a store-specific error
-        return (), "no study file logged: the claims that apply to the grid, at their defaults"
-    try:
-        spec = parse_spec(yaml.safe_load(text))
-    except (SpecError, yaml.YAMLError) as e:
-        return (), f"the logged study file does not parse ({e}): the claims that apply to the grid, at their defaults"
+    with tempfile.TemporaryDirectory(prefix="transferlab-spec-") as tmp:
+        try:
+            path = tracker.client.download_artifacts(study_run_id, SPEC_ARTIFACT, tmp)
+        except Exception:  # no spec logged: MLflow raises a store-specific error
+            return (), "no study file logged: the claims that apply to the grid, at their defaults"
+        try:
+            spec = load_spec(path)  # the loader every study file goes through: size limit, strict YAML
+        except SpecError as e:
+            return (
+                (),
+                f"the logged study file does not parse ({e}): the claims that apply to the grid, at their defaults",
+            )
     if not spec.claims:
         return (), "the study declares no claims: the claims that apply to the grid, at their defaults"
     return spec.claims, f"the {len(spec.claims)} claims the study file declares"

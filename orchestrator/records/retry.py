@@ -248,3 +248,21 @@ class RetryingClient:
             return self._client.create_run(experiment_id, *args, tags=tags, **kwargs)
 
         return call(once, what="create_run", uri=self._uri)
+
+    def log_inputs(self, run_id, *args, **kwargs):
+        """Log dataset inputs. Trials of one study log the same dataset at once, and the store
+        keeps one row per (experiment, name, digest): the loser of that race gets a
+        unique-constraint error, and its next attempt finds the row the winner wrote."""
+        for attempt in range(5):
+            try:
+                return call(self._client.log_inputs, run_id, *args, what="log_inputs", uri=self._uri, **kwargs)
+            except Exception as e:
+                if attempt == 4 or not _is_duplicate(e):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
+
+def _is_duplicate(e: Exception) -> bool:
+    """A store's unique-constraint error (SQLite, PostgreSQL, MySQL wording)."""
+    text = str(e).lower()
+    return "unique constraint" in text or "duplicate" in text or "integrityerror" in text

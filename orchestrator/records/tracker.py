@@ -152,11 +152,8 @@ class Tracker:
     def log_inputs(self, run_id: str, inputs: Iterable[tuple[str, str, str, str]]) -> None:
         """Dataset inputs of a run, shown in the MLflow UI's Dataset column: (name, fingerprint,
         URI, context) each — ``training`` for a pretraining source, ``transfer`` for a task.
-        Logging the same input again adds nothing. Trials of one study log the same dataset at
-        once: the store keeps one row per (experiment, name, digest), so the loser of that race
-        gets a unique-constraint error and tries again, finding the row the winner wrote."""
+        Logging the same input again adds nothing."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
-        from mlflow.exceptions import MlflowException
 
         datasets = [
             DatasetInput(
@@ -165,26 +162,13 @@ class Tracker:
             )
             for name, digest, uri, context in inputs
         ]
-        for attempt in range(5):
-            try:
-                self.client.log_inputs(run_id, datasets=datasets)
-                return
-            except MlflowException as e:
-                if attempt == 4 or not _is_duplicate(e):
-                    raise
-                time.sleep(0.05 * (attempt + 1))
+        self.client.log_inputs(run_id, datasets=datasets)
 
     def finish(self, run_id: str, status: str = FINISHED) -> None:
         self.client.set_terminated(run_id, status=status)
 
     def reopen(self, run_id: str) -> None:
         self.client.update_run(run_id, status=RUNNING)
-
-
-def _is_duplicate(e: Exception) -> bool:
-    """A store's unique-constraint error (SQLite, PostgreSQL, MySQL wording)."""
-    text = str(e).lower()
-    return "unique constraint" in text or "duplicate" in text or "integrityerror" in text
 
 
 def run_per_config(runs: Iterable) -> dict[str, object]:

@@ -14,7 +14,7 @@ import dataclasses
 import types
 import typing
 
-from orchestrator.spec.claims import CLAIM_KINDS, REMOVAL_ARMS, VERSUS
+from orchestrator.spec.claims import CLAIM_KINDS, EXPECT, REMOVAL_ARMS, VERSUS
 from orchestrator.spec.fields import spec_keys
 from orchestrator.spec.schema import (
     COLUMN_KEYS,
@@ -123,7 +123,7 @@ _PARAM_TYPES = {
     "shots": {"anyOf": [{"type": "integer", "minimum": 1}, {"const": "full"}]},
     "label_noise": {"type": "number", "minimum": 0, "maximum": 1},
     "margin": {"type": "number", "minimum": 0, "maximum": 1},
-    "expect": {"enum": ["positive", "negative"]},
+    "expect": {"enum": list(EXPECT)},
     "class": {"type": "string", "minLength": 1},
     "arm": {"enum": list(REMOVAL_ARMS)},
     "k": {"type": "integer", "minimum": 1},
