@@ -82,36 +82,44 @@ def _recorded_noop(config: dict, ctx: _Ctx) -> dict:
     return {"models": 0}
 
 
-def overhead(trials: int, root: str) -> tuple[float, float]:
-    """(transferlab phase seconds, bare Tune seconds) for ``trials`` trivial trials."""
+def overhead(trials: int, root: str, reuse: bool = True) -> tuple[float, float, float]:
+    """(transferlab phase seconds, bare Tune seconds, bare Tune seconds reusing trial actors)
+    for ``trials`` trivial trials; ``reuse``: transferlab's trial processes serve several trials
+    (its default), or one each (``TRANSFERLAB_REUSE_TRIAL_PROCESSES=0``)."""
     from ray import tune
 
     from orchestrator.execution.phase import run_phase
     from orchestrator.records.tracker import Tracker
 
-    uri = f"sqlite:///{root}/mlflow-noop.db"
+    os.environ["TRANSFERLAB_REUSE_TRIAL_PROCESSES"] = "1" if reuse else "0"
+    uri = f"sqlite:///{root}/mlflow-noop-{reuse}.db"
     exp = Tracker(uri).experiment_id("noop")
     ctx = _Ctx(
         study="noop",
-        storage_path=f"{root}/storage-noop",
+        storage_path=f"{root}/storage-noop-{reuse}",
         tracking_uri=uri,
         experiment_id=exp,
-        table=f"{root}/storage-noop/table",
+        table=f"{root}/storage-noop-{reuse}/table",
     )
     items = {f"{i:06d}": f"noop {i}" for i in range(trials)}
     t0 = time.perf_counter()
     progress = run_phase("noop", _recorded_noop, "trial", items, ctx, 1.0, 4, lambda r: "ok")
     ours = time.perf_counter() - t0
     assert not progress.errors, progress.errors
+    if not reuse:
+        return ours, float("nan"), float("nan")
 
-    t0 = time.perf_counter()
-    tune.Tuner(
-        tune.with_resources(lambda config: {"x": config["i"]}, {"CPU": 1.0}),
-        param_space={"i": tune.grid_search(list(range(trials)))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=4),
-        run_config=tune.RunConfig(name="bare", storage_path=f"{root}/storage-bare", verbose=0),
-    ).fit()
-    return ours, time.perf_counter() - t0
+    bare = []
+    for reuse in (False, True):
+        t0 = time.perf_counter()
+        tune.Tuner(
+            tune.with_resources(lambda config: {"x": config["i"]}, {"CPU": 1.0}),
+            param_space={"i": tune.grid_search(list(range(trials)))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=4, reuse_actors=reuse),
+            run_config=tune.RunConfig(name=f"bare-{reuse}", storage_path=f"{root}/storage-bare", verbose=0),
+        ).fit()
+        bare.append(time.perf_counter() - t0)
+    return ours, *bare
 
 
 def main() -> None:
@@ -151,7 +159,12 @@ def main() -> None:
             t = sweep_seconds(m, 1, root, args.epochs)
             row(f"| same sweep, B=1 ({m} trials) | {t:.1f} s | {3600 * m / t:,.0f} models/hour |")
         if args.trials:
-            ours, bare = overhead(args.trials, root)
+            fresh, _, _ = overhead(args.trials, root, reuse=False)
+            row(
+                f"| {args.trials} trivial trials, transferlab phase runner, a fresh process per trial "
+                f"(`TRANSFERLAB_REUSE_TRIAL_PROCESSES=0`) | {fresh:.1f} s | {fresh / args.trials:.2f} s/trial |"
+            )
+            ours, bare, bare_reused = overhead(args.trials, root)
             row(
                 f"| {args.trials} trivial trials, transferlab phase runner (+1 MLflow run, 1 Parquet part each) | "
                 f"{ours:.1f} s | {ours / args.trials:.2f} s/trial |"
@@ -159,6 +172,10 @@ def main() -> None:
             row(
                 f"| {args.trials} trivial trials, bare Ray Tune function trainable | {bare:.1f} s | "
                 f"{bare / args.trials:.2f} s/trial |"
+            )
+            row(
+                f"| {args.trials} trivial trials, bare Ray Tune, `reuse_actors=True` | {bare_reused:.1f} s | "
+                f"{bare_reused / args.trials:.2f} s/trial |"
             )
     ray.shutdown()
     print("\n" + "\n".join(rows))
