@@ -302,9 +302,11 @@ def _draw_se(t: pd.DataFrame) -> tuple[float, int]:
 
 def _runs_by_config(g: pd.DataFrame, fewer: str, more: str) -> tuple[np.ndarray, ...]:
     """``[configurations x runs]`` arrays of upstream accuracy and of the mean accuracy over the
-    draws at ``fewer`` and at ``more`` shots, one column per pretraining run (NaN padding)."""
-    ds = g.pivot_table(index=[CONFIG, "pretrain_run_id"], columns="shots", values=ACC, aggfunc="mean")
-    us = g.groupby([CONFIG, "pretrain_run_id"])[METRIC_UPSTREAM_ACCURACY].first()
+    draws at ``fewer`` and at ``more`` shots, one column per pretraining run (NaN padding), runs in
+    pretraining-seed order (a bootstrap's picks then do not depend on MLflow's run ids)."""
+    runs = [CONFIG, PRETRAIN_SEED, "pretrain_run_id"]
+    ds = g.pivot_table(index=runs, columns="shots", values=ACC, aggfunc="mean")
+    us = g.groupby(runs)[METRIC_UPSTREAM_ACCURACY].first()
     per_run = pd.DataFrame({"us": us, "a": ds.get(fewer), "b": ds.get(more)}).dropna().reset_index()
     per_run["j"] = per_run.groupby(CONFIG).cumcount()
     wide = per_run.pivot(index=CONFIG, columns="j", values=["us", "a", "b"])
