@@ -346,6 +346,8 @@ def e_ir_falls_with_shots(t: pd.DataFrame, c: ClaimSpec, n_boot: int = 200, seed
 
 
 def _paired_difference(g, ia: Interval, ib: Interval, fewer: str, more: str, n_boot: int, seed: int) -> Interval:
+    """e_IR(fewer) − e_IR(more) with the interval of :func:`e_ir_falls_with_shots`; ``ia``, ``ib``:
+    the two fits' intervals (their estimates and hull points)."""
     d, n = ia.estimate - ib.estimate, min(ia.n, ib.n)
     if not (ia.judged and ib.judged):
         return too_few(d, n)
