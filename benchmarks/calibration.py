@@ -366,6 +366,8 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    if args.through_mlflow is not None and args.through_mlflow < 1:
+        ap.error(f"--through-mlflow: must be at least 1 study per kind, got {args.through_mlflow}")
     if args.through_mlflow is not None:
         kinds = [k for k in args.kinds if k in TRANSFER_KINDS]
         results = through_mlflow(args.through_mlflow, kinds, args.seed)
