@@ -25,6 +25,10 @@ with a planted effect are judged by
 studies together), and the power at the planted size.
 
     python benchmarks/calibration.py --studies 300
+
+``--through-mlflow N`` instead writes N studies per transfer kind as MLflow runs in transferlab's
+schema, runs the report on each and checks that its claim rows equal those of ``claims.evaluate``
+on the simulated frame (docs/analysis.md, "Calibration").
 """
 
 from __future__ import annotations
@@ -32,19 +36,25 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.analysis import claims
 from orchestrator.analysis.frame import InfluenceInputs
+from orchestrator.analysis.report import build_report
 from orchestrator.analysis.stats import REPRODUCED
-from orchestrator.spec.claims import default_claim
+from orchestrator.records.schema import SPEC_ARTIFACT
+from orchestrator.records.tracker import Tracker
+from orchestrator.spec.claims import ClaimSpec, default_claim
+from tests.synthetic_runs import SyntheticStudy
 
 SEEDS, DRAWS = 4, 3  # pretraining seeds per configuration, few-shot draws per shots setting
 SD_SEED, SD_DRAW, SD_RUN, SD_RUN_FULL, RHO = 0.012, 0.03, 0.015, 0.004, 0.7
@@ -231,13 +241,139 @@ def coverage_off(r: dict, lo: float = 0.93, hi: float = 0.97, p: float = 0.01) -
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# The same studies through MLflow and `transferlab report`
+
+TRANSFER_KINDS = [k for k in PLANTED if k not in ("class_influence", "counterfactual_removal")]
+
+
+def study_file(t: pd.DataFrame, claim: ClaimSpec, study: str) -> dict:
+    """A study file whose grid names what the simulated frame ``t`` holds, declaring ``claim``."""
+    few = sorted({s for s in t["shots"] if s != "full"}, key=float)
+    sources = sorted(t["source"].unique())
+    return {
+        "study": study,
+        "sources": {s: {"uri": "builtin:mnist"} for s in sources},
+        "tasks": {k: {"uri": "builtin:digits"} for k in sorted(t["task"].unique())},
+        "pretrain": {
+            "method": "supervised",
+            "model": "small-cnn",
+            "sweep": {
+                "source": sources,
+                "pretrain_size": sorted(int(n) for n in t["num_train_samples"].unique()),
+                "label_noise": sorted(float(p) for p in t["label_noise"].unique()),
+                "seed": sorted(int(s) for s in t["pretrain_seed"].unique()),
+            },
+        },
+        "transfer": {
+            "protocol": ["linear_probe"],
+            "shots": [int(s) for s in few] + (["full"] if (t["shots"] == "full").any() else []),
+            "seeds": sorted(int(d) for d in t["seed"].unique()),
+            "layers": sorted(t["layer"].unique()),
+        },
+        "claims": [
+            {"kind": claim.kind, "name": claim.name, **{k: _as_written(v) for k, v in claim.params if v is not None}}
+        ],
+    }
+
+
+def _as_written(v):
+    """A claim parameter as a study file writes it: a shots setting "5" is the number 5."""
+    return int(v) if isinstance(v, str) and v.isdigit() else v
+
+
+def write_study(tracking_uri: str, artifact_root: Path, study: str, t: pd.DataFrame, claim: ClaimSpec) -> None:
+    """``t`` as MLflow runs in transferlab's schema: a study run with its study file (declaring
+    ``claim``), one pretraining run per ``pretrain_run_id`` and one transfer run per row."""
+    s = SyntheticStudy(tracking_uri, study, artifact_root)
+    s.client.log_text(s.study_run, yaml.safe_dump(study_file(t, claim, study), sort_keys=False), SPEC_ARTIFACT)
+    parents = {}
+    for r in t.drop_duplicates("pretrain_run_id").itertuples(index=False):
+        size, seed = int(r.num_train_samples), int(r.pretrain_seed)
+        parents[r.pretrain_run_id] = s.pretrain(r.source, size, r.upstream_accuracy, r.label_noise, seed=seed)
+    for r in t.itertuples(index=False):
+        s.transfer(parents[r.pretrain_run_id], r.task, r.shots, int(r.seed), r.accuracy, layer=r.layer)
+
+
+def same_rows(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """Claim rows equal: the same text, numbers equal to 1e-9 (the report's JSON keeps 10
+    decimals), missing intervals on both sides."""
+    text = ["claim", "setting", "statistic", "interval", "verdict", "n"]
+    if len(a) != len(b) or not (a[text].astype(str).to_numpy() == b[text].astype(str).to_numpy()).all():
+        return False
+    nums = ["estimate", "ci_low", "ci_high"]
+    x, y = (f[nums].astype(float).to_numpy() for f in (a.reset_index(drop=True), b.reset_index(drop=True)))
+    return bool(np.allclose(x, y, rtol=0, atol=1e-9, equal_nan=True))
+
+
+def through_mlflow(studies: int, kinds=TRANSFER_KINDS, seed: int = 0, root: str | Path | None = None) -> list[dict]:
+    """Per kind, ``studies`` simulated studies (nulls and planted in turn) written to a sqlite
+    MLflow store under ``root`` (default: a temporary folder) and judged by the report
+    (:func:`orchestrator.analysis.report.build_report`, the function behind ``transferlab report
+    --json``); each result says whether its claim rows equal ``claims.evaluate`` on the simulated
+    frame, so that the frame-level calibration holds for the real command."""
+    with tempfile.TemporaryDirectory(prefix="calibration-mlflow-") as tmp:
+        root = Path(root or tmp)
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        tracker, out = Tracker(uri), []
+        for kind in kinds:
+            claim, null, planted = PLANTED[kind]
+            rng = np.random.default_rng(seed)
+            for i in range(studies):
+                truth, name = (null, planted)[i % 2], f"calibration-{kind}-{i}"
+                t = simulate(kind, truth, rng)
+                write_study(uri, root / "artifacts", name, t, claim)
+                report = build_report(tracker, name, n_boot=0, seed=0)
+                got = pd.DataFrame(report.numbers["claims"], columns=claims.COLUMNS)
+                want = claims.evaluate(t, [claim])
+                verdicts = "; ".join(got["verdict"])
+                out.append(
+                    {
+                        "kind": kind,
+                        "study": name,
+                        "truth": truth,
+                        "rows": len(got),
+                        "same": same_rows(got, want),
+                        "verdicts": verdicts,
+                    }
+                )
+    return out
+
+
+def mlflow_table(results: list[dict]) -> str:
+    lines = [
+        "| claim kind | study | truth | report's rows = claims.evaluate on the frame | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['kind']} | {r['study']} | {r['truth']:g} | {'yes' if r['same'] else 'NO'} | {r['verdicts']} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--studies", type=int, default=300, help="null and planted studies per claim kind (each)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kinds", nargs="*", default=list(PLANTED))
+    ap.add_argument(
+        "--through-mlflow",
+        type=int,
+        metavar="N",
+        help="instead: write N studies per transfer kind to a sqlite MLflow store, run the report on each, "
+        "and check its claim rows equal claims.evaluate on the simulated frame (exit 1 if any differs)",
+    )
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    if args.through_mlflow is not None and args.through_mlflow < 1:
+        ap.error(f"--through-mlflow: must be at least 1 study per kind, got {args.through_mlflow}")
+    if args.through_mlflow is not None:
+        kinds = [k for k in args.kinds if k in TRANSFER_KINDS]
+        results = through_mlflow(args.through_mlflow, kinds, args.seed)
+        print(mlflow_table(results))
+        print(f"\n{args.through_mlflow} studies per kind through MLflow; {time.perf_counter() - t0:.0f} s")
+        return 0 if all(r["same"] for r in results) else 1
     results = [run_kind(k, args.studies, args.seed) for k in args.kinds]
     print(table(results))
     print(f"\n{args.studies} null + {args.studies} planted studies per kind; {time.perf_counter() - t0:.0f} s")

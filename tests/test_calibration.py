@@ -3,7 +3,9 @@ smaller), no claim kind says "reproduced" on null studies significantly more oft
 no 95% interval covers the truth significantly less than 93% or more than 97% of the time
 (binomial tests at p < 0.01); planted effects are found more often than nulls. Every kind of
 calibration.PLANTED is checked, the Jain et al. kinds (class_influence, counterfactual_removal) on
-their own simulated inputs."""
+their own simulated inputs. And the calibration holds for the real command: a simulated study
+written to MLflow in transferlab's schema gets, from the report, the rows claims.evaluate gives on
+its frame."""
 
 import importlib.util
 from pathlib import Path
@@ -26,3 +28,9 @@ def test_claim_kind_is_calibrated(kind):
     assert not calibration.too_many_false_positives(r), calibration.table([r])
     assert r["judged"] >= STUDIES // 2 and not calibration.coverage_off(r), calibration.table([r])
     assert r["planted_reproduced"] > r["null_reproduced"], calibration.table([r])
+
+
+@pytest.mark.timeout(600)
+def test_the_report_on_mlflow_runs_judges_as_claims_evaluate_on_the_frame(tmp_path):
+    (r,) = calibration.through_mlflow(1, ["e_ir_falls_with_shots"], seed=0, root=tmp_path)
+    assert r["rows"] == 1 and r["same"], r  # the paired bootstrap, hull fits and draws, read back from MLflow

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator.analysis import claims
+from orchestrator.analysis import claims, fits
 from orchestrator.analysis.claims import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 from orchestrator.analysis.frame import InfluenceInputs
 from orchestrator.analysis.stats import TOO_FEW
@@ -163,6 +163,55 @@ def test_saturation_needs_e_ir_above_zero_not_at_a_bound():
     assert few["verdict"] == INCONCLUSIVE and "too few hull points" in few["interval"]
 
 
+def test_batched_e_ir_fit_matches_the_profile_fit():
+    rng = np.random.default_rng(3)
+    e_us = np.geomspace(0.04, 0.5, 8)
+    sets = [1 - (0.8 * e_us**1.5 + e_ir + rng.normal(0, 0.004, 8)) for e_ir in (0.0, 0.05, 0.2)]
+    us = np.tile(1 - e_us, (3, 1))
+    batch = fits.e_ir_batch(us, np.asarray(sets), np.ones((3, 8), bool))
+    profile = [fits.e_ir_profile(1 - e_us, ds)["e_ir"] for ds in sets]
+    assert batch == pytest.approx(profile, abs=2e-3)  # the profile's e_IR grid step is 7e-4
+    few = np.zeros((3, 8), bool)
+    few[:, :4] = True
+    assert np.isnan(fits.e_ir_batch(us, np.asarray(sets), few)).all()  # under MIN_HULL_POINTS
+
+
+def _two_shots(gap: float, seeds: int = 4, seed: int = 0) -> pd.DataFrame:
+    """Configurations along e_DS = 0.8·e_US^1.5 + e_IR, e_IR 0.1 at full and 0.1 + ``gap`` at 10
+    shots; each pretraining run's seed effect shared by both shots, as a checkpoint's is."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for shots, e_ir in (("10", 0.1 + gap), ("full", 0.1)):
+        t = _saturating(e_ir, seed=seed).query("pretrain_seed == 0").drop(columns="seed")
+        out.append(t.assign(shots=shots, shots_n=10.0 if shots == "10" else np.inf))
+    t = pd.concat(out)
+    runs = []
+    for ps in range(seeds):
+        effect = {run: rng.normal(0, 0.004) for run in t["pretrain_run_id"].unique()}
+        runs.append(
+            t.assign(
+                pretrain_seed=ps,
+                pretrain_run_id=t["pretrain_run_id"] + f"/{ps}",
+                accuracy=t["accuracy"] + t["pretrain_run_id"].map(effect),
+            )
+        )
+    draws = [pd.concat(runs).assign(seed=d) for d in range(3)]
+    t = pd.concat(draws, ignore_index=True)
+    t["accuracy"] += rng.normal(0, 0.002, len(t))
+    return t
+
+
+def test_e_ir_falls_with_shots_pairs_the_two_fits():
+    claim = default_claim("e_ir_falls_with_shots")
+    (row,) = claims.evaluate(_two_shots(0.1), [claim]).to_dict("records")
+    assert row["verdict"] == REPRODUCED and row["interval"] == "paired bootstrap of runs + draws"
+    assert row["ci_low"] <= 0.1 <= row["ci_high"] and row["estimate"] == pytest.approx(0.1, abs=0.02)
+    (null,) = claims.evaluate(_two_shots(0.0, seed=1), [claim]).to_dict("records")
+    assert null["verdict"] == INCONCLUSIVE and null["ci_low"] < 0 < null["ci_high"]
+    (few,) = claims.evaluate(_two_shots(0.1, seeds=2), [claim]).to_dict("records")
+    assert few["verdict"] == INCONCLUSIVE and few["interval"] == TOO_FEW and few["n"] == 2
+
+
 def test_best_layer_with_the_layer_fixed_in_advance():
     def task(name, gap):
         return frame(
@@ -206,6 +255,14 @@ def test_class_influence_reproduces_a_planted_class_and_not_a_null_one():
         "records"
     )
     assert flip["verdict"] == NOT_REPRODUCED
+
+
+def test_several_class_influence_claims_share_one_permutation_test():
+    ev = claims.Evidence(influence=(_influence_inputs(0.05),), permutations=99)
+    rows = [claims.class_influence(ev, default_claim("class_influence", task="t", **{"class": c}))[0] for c in "da"]
+    assert len(ev.tested) == 1  # one input, one test, however many classes are claimed
+    assert "permutation p = 0.01" in rows[0]["statistic"] and "ranks 1 of 6" in rows[0]["setting"]
+    assert rows[1]["statistic"] != rows[0]["statistic"]  # each class reads its own line of the summary
 
 
 def test_class_influence_on_a_class_the_source_lacks_is_inconclusive_and_says_so():

@@ -33,6 +33,7 @@ from orchestrator.analysis.frame import PRETRAIN_SEED, InfluenceInputs
 from orchestrator.analysis.influence import PERMUTATIONS
 from orchestrator.analysis.stats import (
     INCONCLUSIVE,
+    MIN_UNITS,
     NOT_REPRODUCED,
     REPRODUCED,
     TOO_FEW,
@@ -61,13 +62,16 @@ class Evidence:
     ``influence``: :class:`~orchestrator.analysis.frame.InfluenceInputs` of its class-subset runs
     and datamodel sweeps; ``arms``: :func:`orchestrator.analysis.counterfactual.arm_runs` of its
     counterfactual follow-up (None: no follow-up with finished runs). ``permutations`` and
-    ``seed``: of the permutation test shown beside a class_influence verdict."""
+    ``seed``: of the permutation test shown beside a class_influence verdict. ``tested``: that
+    test's class summary per influence input, filled by :func:`evaluate` so that several
+    class_influence claims on one input pay for one test (a fresh cache per call)."""
 
     transfer: pd.DataFrame = field(default_factory=pd.DataFrame)
     influence: tuple[InfluenceInputs, ...] = ()
     arms: pd.DataFrame | None = None
     permutations: int = PERMUTATIONS
     seed: int = 0
+    tested: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def _evidence(e: pd.DataFrame | Evidence) -> Evidence:
@@ -245,9 +249,8 @@ def e_ir_fit(t: pd.DataFrame) -> dict:
     hull = fits.upper_hull(p["us"].to_numpy(float), p["ds"].to_numpy(float))
     out = fits.e_ir_profile(p["us"].to_numpy(float)[hull], p["ds"].to_numpy(float)[hull])
     out["configs"] = len(p)
-    per_draw = t.pivot_table(index=CONFIG, columns="seed", values=ACC, aggfunc="mean").mean(axis=0)
-    if len(per_draw) >= 2 and np.isfinite(out["e_ir"]):
-        se_draw, df_draw = float(per_draw.std(ddof=1) / np.sqrt(len(per_draw))), len(per_draw) - 1
+    se_draw, df_draw = _draw_se(t)
+    if df_draw and np.isfinite(out["e_ir"]):
         df_fit = out["points"] - 3
         for end, sign in (("ci_low", -1), ("ci_high", +1)):
             if not np.isfinite(out[end]):
@@ -288,9 +291,36 @@ def saturation(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
     return rows
 
 
-def e_ir_falls_with_shots(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
-    """e_IR(fewer) − e_IR(more); the interval combines the two fits' profile intervals as if
-    independent (they share the configurations, positively correlated: conservative)."""
+def _draw_se(t: pd.DataFrame) -> tuple[float, int]:
+    """Standard error of the few-shot draws' shared luck (the spread over draws of their mean
+    accuracy over configurations, over √draws) and its degrees of freedom; (0, 0) for one draw."""
+    per_draw = t.pivot_table(index=CONFIG, columns="seed", values=ACC, aggfunc="mean").mean(axis=0)
+    if len(per_draw) < 2:
+        return 0.0, 0
+    return float(per_draw.std(ddof=1) / np.sqrt(len(per_draw))), len(per_draw) - 1
+
+
+def _runs_by_config(g: pd.DataFrame, fewer: str, more: str) -> tuple[np.ndarray, ...]:
+    """``[configurations x runs]`` arrays of upstream accuracy and of the mean accuracy over the
+    draws at ``fewer`` and at ``more`` shots, one column per pretraining run (NaN padding), runs in
+    pretraining-seed order (a bootstrap's picks then do not depend on MLflow's run ids)."""
+    runs = [CONFIG, PRETRAIN_SEED, "pretrain_run_id"]
+    ds = g.pivot_table(index=runs, columns="shots", values=ACC, aggfunc="mean")
+    us = g.groupby(runs)[METRIC_UPSTREAM_ACCURACY].first()
+    per_run = pd.DataFrame({"us": us, "a": ds.get(fewer), "b": ds.get(more)}).dropna().reset_index()
+    per_run["j"] = per_run.groupby(CONFIG).cumcount()
+    wide = per_run.pivot(index=CONFIG, columns="j", values=["us", "a", "b"])
+    return tuple(wide[v].to_numpy(float) for v in ("us", "a", "b"))
+
+
+def e_ir_falls_with_shots(t: pd.DataFrame, c: ClaimSpec, n_boot: int = 200, seed: int = 0) -> list[dict]:
+    """e_IR(fewer) − e_IR(more), each from :func:`e_ir_fit`'s hull fit. The two fits rest on the
+    same configurations, so their errors are correlated: the fits' share of the difference's
+    standard error comes from a paired bootstrap of the pretraining runs
+    (:func:`fits.paired_e_ir_difference_sd`, ``n_boot`` replicates), and each shots setting's own
+    few-shot draws add theirs (:func:`_draw_se`); a t-interval at the Welch–Satterthwaite degrees
+    of freedom (the fits' share: hull points × (runs − 1)). Too few to judge: either fit too few
+    to judge or α at its bound, or fewer than 3 pretraining runs in a configuration."""
     rows = []
     t = _clean(t)
     for task in _each(t, "task", c.get("task")):
@@ -300,18 +330,40 @@ def e_ir_falls_with_shots(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
             continue
         fewer = str(c.get("fewer_shots")) if c.get("fewer_shots") is not None else order[0]
         more = str(c.get("more_shots")) if c.get("more_shots") is not None else order[-1]
-        a, b = e_ir_fit(g[g["shots"] == fewer]), e_ir_fit(g[g["shots"] == more])
-        (ia, na), (ib, nb) = _fit_interval(a), _fit_interval(b)
-        d = ia.estimate - ib.estimate
-        n = min(ia.n, ib.n)
-        if not (ia.judged and ib.judged):
-            iv = too_few(d, n)
-        else:
-            se = [(i.ci_high - i.ci_low) / (2 * sps.t.ppf(0.975, i.n - 3)) for i in (ia, ib)]
-            h = float(sps.t.ppf(0.975, n - 3) * np.hypot(*se))
-            iv = Interval(d, d - h, d + h, n, "profile likelihood, combined")
-        rows.append(_row(c.name, task, f"e_IR({fewer} shot(s)) − e_IR({more} shot(s))", iv, c.expect, note=na or nb))
+        ga, gb = g[g["shots"] == fewer], g[g["shots"] == more]
+        (ia, na), (ib, nb) = _fit_interval(e_ir_fit(ga)), _fit_interval(e_ir_fit(gb))
+        rows.append(
+            _row(
+                c.name,
+                task,
+                f"e_IR({fewer} shot(s)) − e_IR({more} shot(s))",
+                _paired_difference(g, ia, ib, fewer, more, n_boot, seed),
+                c.expect,
+                note=na or nb,
+            )
+        )
     return rows
+
+
+def _paired_difference(g, ia: Interval, ib: Interval, fewer: str, more: str, n_boot: int, seed: int) -> Interval:
+    """e_IR(fewer) − e_IR(more) with the interval of :func:`e_ir_falls_with_shots`; ``ia``, ``ib``:
+    the two fits' intervals (their estimates and hull points)."""
+    d, n = ia.estimate - ib.estimate, min(ia.n, ib.n)
+    if not (ia.judged and ib.judged):
+        return too_few(d, n)
+    us, a, b = _runs_by_config(g, fewer, more)
+    runs = int(np.isfinite(us).sum(axis=1).min()) if len(us) else 0
+    if runs < MIN_UNITS:
+        return too_few(d, runs)
+    se_fit = fits.paired_e_ir_difference_sd(us, a, b, n_boot, seed)
+    if not np.isfinite(se_fit):
+        return too_few(d, runs)
+    parts = [(se_fit, n * (runs - 1)), _draw_se(g[g["shots"] == fewer]), _draw_se(g[g["shots"] == more])]
+    parts = [(se, df) for se, df in parts if df > 0 and se > 0]
+    se = float(np.sqrt(sum(s**2 for s, _ in parts)))
+    df = se**4 / sum(s**4 / k for s, k in parts) if se > 0 else n - 3
+    h = float(sps.t.ppf(0.975, df) * se)
+    return Interval(d, d - h, d + h, n, "paired bootstrap of runs + draws")
 
 
 def best_layer_differs(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
@@ -381,7 +433,7 @@ def class_influence(ev: Evidence, c: ClaimSpec) -> list[dict]:
         iv = welch_sum([y[with_it], y[~with_it]], [1.0, -1.0])
         rank = influence.ranking(x.classes, influence.task_influence(x.masks, x.outputs))
         r = int(rank.loc[rank["class"] == cls, "rank"].iloc[0])
-        test = influence.permutation_test(x.masks, x.outputs, ev.permutations, ev.seed).class_summary(x.classes)
+        test = _permutation_summary(ev, x)
         top = test[test["class"] == cls].iloc[0]
         rows.append(
             _row(
@@ -394,6 +446,16 @@ def class_influence(ev: Evidence, c: ClaimSpec) -> list[dict]:
             )
         )
     return rows
+
+
+def _permutation_summary(ev: Evidence, x: InfluenceInputs) -> pd.DataFrame:
+    """:func:`influence.permutation_test`'s class summary of ``x``, computed once per evaluate()."""
+    key = id(x)
+    if key not in ev.tested:
+        ev.tested[key] = influence.permutation_test(x.masks, x.outputs, ev.permutations, ev.seed).class_summary(
+            x.classes
+        )
+    return ev.tested[key]
 
 
 def counterfactual_removal(ev: Evidence, c: ClaimSpec) -> list[dict]:

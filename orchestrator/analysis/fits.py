@@ -311,3 +311,76 @@ def e_ir_profile(us_acc, ds_acc, n_alpha: int = 240, n_e_ir: int = 1601) -> dict
         alpha_at_bound=a in (0, n_alpha - 1),
     )
     return out
+
+
+def e_ir_batch(us_acc, ds_acc, use, n_alpha: int = 240) -> np.ndarray:
+    """e_IR of ``e_DS = k·e_US^α + e_IR`` for many point sets at once (one per row of the
+    ``[sets x points]`` arrays; ``use`` marks the points of each set, e.g. its hull).
+
+    The same least squares as :func:`e_ir_profile` (α on its log grid, k ≥ 0, e_IR unbounded),
+    with k and e_IR in closed form for each α instead of e_IR on a grid: a bootstrap refits
+    hundreds of sets in milliseconds. NaN for a set with fewer than MIN_HULL_POINTS points."""
+    e_us, e_ds = 1 - np.asarray(us_acc, float), 1 - np.asarray(ds_acc, float)
+    w = (np.asarray(use, bool) & np.isfinite(e_us) & np.isfinite(e_ds) & (e_us > 0)).astype(float)
+    e_us, e_ds = np.where(w > 0, e_us, 1.0), np.where(w > 0, e_ds, 0.0)
+    alphas = np.geomspace(*ALPHA_RANGE, n_alpha)
+    x = e_us[:, None, :] ** alphas[None, :, None]  # [sets x alpha x points]
+    w3, y = w[:, None, :], e_ds[:, None, :]
+    s0 = w.sum(axis=1)[:, None]
+    sx, sy = (w3 * x).sum(axis=2), (w * e_ds).sum(axis=1)[:, None]
+    sxx, sxy, syy = (w3 * x * x).sum(axis=2), (w3 * x * y).sum(axis=2), (w * e_ds**2).sum(axis=1)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vxx, vxy = sxx - sx**2 / s0, sxy - sx * sy / s0
+        k = np.clip(np.where(vxx > 0, vxy / vxx, 0.0), 0.0, None)
+        e_ir = (sy - k * sx) / s0
+    sse = syy + k**2 * sxx + s0 * e_ir**2 - 2 * k * sxy - 2 * e_ir * sy + 2 * k * e_ir * sx
+    best = np.nanargmin(np.where(np.isfinite(sse), sse, np.inf), axis=1)
+    out = e_ir[np.arange(len(w)), best]
+    return np.where(s0[:, 0] >= MIN_HULL_POINTS, out, np.nan)
+
+
+def paired_e_ir_difference_sd(us, ds_a, ds_b, n_boot: int = 200, seed: int = 0) -> float:
+    """Bootstrap SD of e_IR(a) − e_IR(b), two hull fits on the same configurations.
+
+    ``us``, ``ds_a``, ``ds_b``: ``[configurations x runs]`` per-pretraining-run accuracies (NaN
+    padding; run j of a configuration is the same checkpoint in all three). Each replicate
+    resamples every configuration's runs with replacement — the same runs for both fits, so
+    what the fits share (upstream accuracies, a checkpoint's seed effect at both shots) stays
+    shared — and refits both (:func:`e_ir_batch`) on the replicate's means of the configurations
+    that form each fit's upper hull in the data. Runs, not configurations, are resampled, and the
+    hulls' configurations are kept: a resample of configurations repeats points, and a hull
+    recomputed on a replicate often falls under MIN_HULL_POINTS. The variance is scaled by
+    r/(r − 1), r the fewest runs of a configuration, since a resample of r runs varies less than
+    a fresh draw. NaN with fewer than 2 runs in a configuration.
+    """
+    us, ds_a, ds_b = (np.asarray(v, float) for v in (us, ds_a, ds_b))
+    ok = np.isfinite(us) & np.isfinite(ds_a) & np.isfinite(ds_b)
+    runs = ok.sum(axis=1)
+    keep = runs > 0
+    us, ds_a, ds_b, ok, runs = us[keep], ds_a[keep], ds_b[keep], ok[keep], runs[keep]
+    if len(runs) == 0 or runs.min() < 2:
+        return float("nan")
+    order = np.argsort(~ok, axis=1, kind="stable")  # each configuration's runs first
+    us, ds_a, ds_b = (np.take_along_axis(v, order, axis=1) for v in (us, ds_a, ds_b))
+    rng = np.random.default_rng(seed)
+    width = us.shape[1]
+    pick = (rng.random((n_boot, len(runs), width)) * runs[None, :, None]).astype(int)
+    inside = np.arange(width)[None, None, :] < runs[None, :, None]
+    rows = np.arange(len(runs))[None, :, None]
+
+    def means(v):
+        return np.where(inside, v[rows, pick], 0.0).sum(axis=2) / runs[None, :]
+
+    m_us, m_a, m_b = means(us), means(ds_a), means(ds_b)
+    mean_us = np.where(inside[0], us, 0.0).sum(axis=1) / runs
+    hulls = []
+    for v in (ds_a, ds_b):
+        on = np.zeros(len(runs), bool)
+        on[upper_hull(mean_us, np.where(inside[0], v, 0.0).sum(axis=1) / runs)] = True
+        hulls.append(np.broadcast_to(on, m_us.shape))
+    d = e_ir_batch(m_us, m_a, hulls[0]) - e_ir_batch(m_us, m_b, hulls[1])
+    d = d[np.isfinite(d)]
+    if len(d) < n_boot // 2:
+        return float("nan")
+    r = int(runs.min())
+    return float(d.std(ddof=1) * np.sqrt(r / (r - 1)))
