@@ -27,9 +27,6 @@ class Changed:
     pretrain: frozenset[str] = field(default_factory=frozenset)
     transfer: frozenset[str] = field(default_factory=frozenset)
 
-    def __len__(self) -> int:
-        return len(self.pretrain) + len(self.transfer)
-
 
 def _finished(run) -> bool:
     return run is not None and run.info.status == FINISHED
