@@ -1,7 +1,8 @@
 """Pretraining: the per-worker Ray Train loop of every method, and the checkpoint format.
 
 The loop reads the ``train`` and ``heldout`` dataset shards Ray Train hands it, reports
-``{"epoch", "train_loss", "images_per_second"}`` once per epoch with a checkpoint, and adds
+``{"epoch", "train_loss", "images_per_second", "train_loss_steps"}`` once per epoch with a
+checkpoint (``train_loss_steps``: rank 0's batch loss every ``log_every_steps`` steps), and adds
 ``upstream_accuracy`` to the last report (supervised: top-1 on the held-out source split; clip:
 zero-shot top-1 there; simclr: k-NN top-1 there, see :mod:`trainers.methods`). It knows nothing
 of MLflow or of the study: whoever runs it turns reports into records.
@@ -35,6 +36,7 @@ from trainers.methods import (
     tokenize,
     zero_shot_logits,
 )
+from trainers.protocols import STEP_LOSSES
 
 CHECKPOINT_FILE = "model.pt"
 
@@ -60,6 +62,7 @@ class PretrainConfig:
     seed: int  # model init and data order
     num_train_samples: int  # samples the view selects (steps per epoch, the lr schedule)
     caption_noise: float = 0.0  # above 0: report realized_caption_noise each epoch
+    log_every_steps: int = 10  # rank 0's batch loss every this many optimizer steps (STEP_LOSSES)
     meta: dict = field(default_factory=dict)  # stored in the checkpoint
     fault: dict | None = None  # test hook, see _maybe_inject_fault
 
@@ -233,6 +236,7 @@ def pretrain_loop(train_loop_config: dict) -> None:
     for epoch in range(start_epoch, epochs):
         model.train()
         loss_sum, seen, step, swapped, t0 = 0.0, 0, 0, 0, time.perf_counter()
+        step_losses = []  # [global optimizer step, batch loss]: reported with the epoch, not each step
         # The shard iterator is one-shot: make a new one every epoch.
         for batch in train_shard.iter_torch_batches(
             batch_size=batch_size,
@@ -255,6 +259,10 @@ def pretrain_loop(train_loop_config: dict) -> None:
             loss_sum += float(loss.detach()) * n
             seen += n
             step += 1
+            # Counted from the epoch's planned start, so a resumed run numbers its steps as before.
+            global_step = epoch * steps_per_epoch + step
+            if global_step % config.log_every_steps == 0:
+                step_losses.append([global_step, float(loss.detach())])
             if step == max(1, steps_per_epoch // 2):
                 _maybe_inject_fault(config, epoch, rank)
         elapsed = time.perf_counter() - t0
@@ -263,6 +271,7 @@ def pretrain_loop(train_loop_config: dict) -> None:
             "epoch": epoch,
             "train_loss": loss_sum / max(seen, 1),
             "images_per_second": seen / max(elapsed_sum / world, 1e-9),
+            STEP_LOSSES: step_losses,
         }
         if config.caption_noise > 0:  # share of this epoch's captions that were another sample's
             metrics["realized_caption_noise"] = swapped / max(seen, 1)

@@ -51,6 +51,7 @@ def _study_parsers(sub) -> None:
     _study_args(pl)
     pl.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (overrides the spec's tracking_uri)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--rerun-changed", action="store_true", help="plan as `run --rerun-changed` would run")
 
     r = sub.add_parser("run", help="run a study (skipping every run MLflow already holds)")
     _study_args(r)
@@ -58,6 +59,12 @@ def _study_parsers(sub) -> None:
         "--fail-fast",
         action="store_true",
         help="stop the study at the first failed trial (default: record it FAILED and go on)",
+    )
+    r.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="also compute again the finished runs whose code digest (trainers/, datasets_/) is not today's, and "
+        "the transfer fits of pretraining runs computed again; the old runs are kept, tagged transferlab.superseded_by",
     )
     r.add_argument(
         "--address",

@@ -40,7 +40,7 @@ def run(args) -> int:
     if plan.datamodels is not None:
         _datamodels_line(spec)  # its budget check
     else:
-        _summary(spec, plan, args.tracking_uri, budget=True)  # before the storage probe writes anything
+        _summary(spec, plan, args.tracking_uri, budget=True, rerun_changed=args.rerun_changed)  # before storage
     _check_infrastructure(
         args.tracking_uri or spec.tracking_uri,
         args.storage_path or spec.storage_path or DEFAULT_STORAGE,
@@ -82,14 +82,14 @@ def _datamodels_line(spec: StudySpec) -> str:
     )
 
 
-def _summary(spec: StudySpec, plan: StudyPlan, tracking_uri: str | None, budget: bool):
+def _summary(spec: StudySpec, plan: StudyPlan, tracking_uri: str | None, budget: bool, rerun_changed: bool = False):
     """The plan summary against MLflow (read only); with ``budget``, refuse a study over it."""
     field = "--tracking-uri" if tracking_uri else "tracking_uri"
     try:
         uri = resolve_tracking_uri(tracking_uri or spec.tracking_uri)
     except ValueError as e:
         raise SpecError(field, str(e)) from None
-    summary = summarize(plan, read_state(uri, spec.study))
+    summary = summarize(plan, read_state(uri, spec.study), rerun_changed=rerun_changed)
     if budget:
         check_budget(spec, summary)
     return summary, uri
@@ -102,7 +102,7 @@ def _plan(args, spec: StudySpec, plan: StudyPlan) -> int:
     _check_infrastructure(
         args.tracking_uri or spec.tracking_uri, None, "--tracking-uri" if args.tracking_uri else "tracking_uri", None
     )
-    summary, uri = _summary(spec, plan, args.tracking_uri, budget=False)
+    summary, uri = _summary(spec, plan, args.tracking_uri, budget=False, rerun_changed=args.rerun_changed)
     if args.json:
         print(json.dumps({**summary.to_dict(), "tracking_uri": redact(uri)}, indent=1))
     else:
@@ -153,6 +153,7 @@ def _run(args, spec: StudySpec, plan: StudyPlan) -> int:
         plan=plan,
         fail_fast=args.fail_fast,
         verbose=args.verbose,
+        rerun_changed=args.rerun_changed,
     )
     print()
     print(outcome.table)

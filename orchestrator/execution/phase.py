@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -93,6 +94,14 @@ def node_name() -> str:
 
     address = ray.util.get_node_ip_address() if ray.is_initialized() else "no Ray"
     return f"{socket.gethostname()} ({address})"
+
+
+def trial_name(label: str, trial_id: str, limit: int = 100) -> str:
+    """A Tune trial's name and folder: its label as users see it in MLflow (e.g. "supervised
+    mnist n=300 noise=0.5"), made safe for a path (letters, digits, ``.=+-``; the rest ``_``),
+    cut so the whole is at most ``limit`` characters, then the trial id, which keeps it unique."""
+    safe = re.sub(r"[^A-Za-z0-9.=+-]+", "_", label.replace("->", "to")).strip("_")
+    return f"{safe[: max(0, limit - len(trial_id) - 1)]}_{trial_id}".lstrip("_")
 
 
 def _error_line(error_file: str | None) -> str:
@@ -259,6 +268,11 @@ def run_phase(
     # Tune's own SIGINT handler ends only the current phase and returns normally, so Ctrl-C would
     # start the next phase and exit 0. Without it, Ctrl-C stops the study (exit 130, resumable).
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+
+    # Tune's progress, experiment state and trial folders name a trial as its MLflow run is named.
+    def name(t) -> str:
+        return trial_name(items.get(t.config.get(key), phase), t.trial_id)
+
     tuner = tune.Tuner(
         tune.with_resources(
             tune.with_parameters(trainable, ctx=ctx), resources if isinstance(resources, dict) else {"CPU": resources}
@@ -266,9 +280,10 @@ def run_phase(
         param_space={key: tune.grid_search(list(items))},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=concurrency,
-            trial_dirname_creator=lambda t: f"{phase}-{t.trial_id}",
+            trial_name_creator=name,
+            trial_dirname_creator=name,
             # A trial process serves the phase's next trial: torch, MLflow and pyarrow are imported
-            # and the store opened once per process, not once per trial (2.6 -> 0.25 s/trial).
+            # and the store opened once per process, not once per trial (2.2 -> 0.2 s/trial).
             reuse_actors=reuse_trial_processes(),
         ),
         run_config=tune.RunConfig(

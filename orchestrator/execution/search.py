@@ -23,7 +23,14 @@ from __future__ import annotations
 
 import time
 
-from orchestrator.execution.phase import NOT_LAUNCHED, PhaseContext, Progress, cluster_gpus, phase_stopper
+from orchestrator.execution.phase import (
+    NOT_LAUNCHED,
+    PhaseContext,
+    Progress,
+    cluster_gpus,
+    phase_stopper,
+    trial_name,
+)
 from orchestrator.execution.transfer_phase import feature_cache, record_fit, trainer_fit
 from orchestrator.planning.estimate import transfer_concurrency
 from orchestrator.records.credentials import apply_mlflow_client_env
@@ -188,7 +195,7 @@ def _trials(results, steps: int) -> list[dict]:
     """Every trial of a finished search, in sampling order: config, steps reached, validation
     accuracy at each report. Raises if a trial failed."""
     out = []
-    # Trial ids (in each trial's folder name) count up in sampling order.
+    # Trial ids (ending each trial's folder name, after the fit's label) count up in sampling order.
     for i, r in enumerate(sorted(results, key=lambda r: r.path)):
         if r.error is not None:
             raise RuntimeError(
@@ -278,7 +285,8 @@ def search_fit(ctx: PhaseContext, key: str, label: str, cluster_cpus: float, fin
             search_alg=sampler,
             scheduler=scheduler(s, steps),
             reuse_actors=True,
-            trial_dirname_creator=lambda t: f"search-{t.trial_id}",
+            trial_name_creator=lambda t: trial_name(label, t.trial_id),
+            trial_dirname_creator=lambda t: trial_name(label, t.trial_id),
         ),
         run_config=tune.RunConfig(
             name=f"{ctx.study}-search-{key[:12]}-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -27,6 +27,7 @@ from orchestrator.execution.search import run_search_phase
 from orchestrator.execution.transfer_phase import run_transfer_phase
 from orchestrator.planning.plan import StudyPlan, build_plan
 from orchestrator.planning.pretrain_runs import PretrainRun
+from orchestrator.planning.rerun import Changed, changed_results
 from orchestrator.records import retry, spool
 from orchestrator.records.credentials import mlflow_client_env, split_credentials
 from orchestrator.records.lease import StudyLease
@@ -43,9 +44,17 @@ from orchestrator.records.schema import (
     RUNNING,
     SPEC_ARTIFACT,
     TAG_CHECKPOINT,
+    TAG_CODE_DIGEST,
+    TAG_SUPERSEDED_BY,
     VIEW_MASK_ARTIFACT,
 )
-from orchestrator.records.tracker import Tracker, resolve_tracking_uri
+from orchestrator.records.tracker import (
+    Tracker,
+    resolve_tracking_uri,
+    run_per_config,
+    superseded,
+    unfinished_reruns,
+)
 from orchestrator.spec import DEFAULT_STORAGE, SpecError, StudySpec, resolved_document
 
 FAIL_FAST = "the first failed trial (--fail-fast)"
@@ -105,9 +114,11 @@ def run_study(
     plan: StudyPlan | None = None,
     fail_fast: bool = False,
     verbose: bool = False,
+    rerun_changed: bool = False,
 ) -> StudyOutcome:
     """Run every pretraining run and transfer fit of the study that MLflow does not hold as
-    finished; return the outcome.
+    finished (with ``rerun_changed``, also those another code computed:
+    :mod:`orchestrator.planning.rerun`); return the outcome.
 
     No trial starts work once ``spec.budget.max_hours`` have passed since this call (running
     ones finish); with ``fail_fast`` the study stops at the first failed trial. Runs it stops
@@ -124,7 +135,7 @@ def run_study(
     clock_before = os.environ.get(retry.OUTAGE_CLOCK_ENV)
     os.environ[retry.OUTAGE_CLOCK_ENV] = retry.outage_clock(storage, uri)
     try:
-        return _run_study(spec, address, uri, storage, plan, fail_fast, verbose, deadline, t0)
+        return _run_study(spec, address, uri, storage, plan, fail_fast, verbose, deadline, t0, rerun_changed)
     finally:
         if clock_before is None:
             os.environ.pop(retry.OUTAGE_CLOCK_ENV, None)
@@ -142,6 +153,7 @@ def _run_study(
     verbose: bool,
     deadline: float | None,
     t0: float,
+    rerun_changed: bool = False,
 ) -> StudyOutcome:
     provenance = provenance_tags()
     tracker = Tracker(uri, provenance)
@@ -175,7 +187,7 @@ def _run_study(
         if plan.datamodels is not None:
             outcome = _run_datamodels(spec, plan, tracker, study_run, ctx, cpus)
         else:
-            outcome = _StudyDriver(spec, plan, tracker, study_run, ctx, cpus, lease).run()
+            outcome = _StudyDriver(spec, plan, tracker, study_run, ctx, cpus, lease, rerun_changed).run()
     outcome.seconds = time.monotonic() - t0
     return outcome
 
@@ -268,6 +280,16 @@ def _is_finished(run) -> bool:
     return run is not None and run.info.status == FINISHED
 
 
+def resume_targets(runs: list, redo: frozenset[str]) -> dict[str, object]:
+    """config_hash -> the run that a job to do trains into, where there is one: the run that
+    stands for the job if it did not finish; for a finished job in ``redo`` (computed again),
+    the recomputation an earlier driver left unfinished — never the finished run itself."""
+    out = {h: r for h, r in run_per_config(runs).items() if not _is_finished(r)}
+    reruns = unfinished_reruns(runs)
+    out.update({h: reruns[h] for h in redo if h in reruns})
+    return out
+
+
 def _next_step(tracker: Tracker, run_id: str, metric: str) -> int:
     """One step per ``run`` of the study: how many times ``metric`` was logged before."""
     return len(tracker.client.get_metric_history(run_id, metric))
@@ -312,6 +334,7 @@ class _StudyDriver:
         ctx: PhaseContext,
         cpus: float,
         lease: StudyLease,
+        rerun_changed: bool = False,
     ):
         self.spec, self.plan, self.tracker, self.study_run, self.ctx, self.cpus = (
             spec,
@@ -322,6 +345,7 @@ class _StudyDriver:
             cpus,
         )
         self.lease = lease
+        self.rerun_changed = rerun_changed
         self.exp = ctx.experiment_id
         self.names = {r.config_hash: r.run_name for r in plan.pretrain_runs}
         self.tally = _Tally()
@@ -334,6 +358,7 @@ class _StudyDriver:
         status, crash = FAILED, None
         try:
             self._run_phases(todo, on_counts)
+            self._tag_superseded()
             spool.flush(self.ctx.storage_path, spool.scope(tracker.uri, self.exp), tracker.client)
             status = FINISHED if not self.tally.failed else FAILED
         except BaseException as e:
@@ -383,23 +408,31 @@ class _StudyDriver:
         """The pretraining runs still to do, each with its MLflow run (reopened or created); the
         runs an interrupted driver left behind that this one will not resume are settled."""
         tracker, exp, plan, ctx = self.tracker, self.exp, self.plan, self.ctx
-        pre_runs = tracker.runs_by_hash(exp, KIND_PRETRAIN)
-        todo = [r for r in plan.pretrain_runs if not _is_finished(pre_runs.get(r.config_hash))]
-        all_fits = tracker.runs_by_hash(exp, KIND_TRANSFER)
-        done_fits = {h for h, r in all_fits.items() if _is_finished(r)}
-        reopened = {pre_runs[r.config_hash].info.run_id for r in todo if r.config_hash in pre_runs}
-        reopened |= {
-            all_fits[f.config_hash].info.run_id
-            for g in plan.transfer_groups
-            for f in g.fits
-            if f.config_hash in all_fits and f.config_hash not in done_fits
-        }
+        pre_all, fits_all = tracker.runs(exp, KIND_PRETRAIN), tracker.runs(exp, KIND_TRANSFER)
+        pre_runs, all_fits = run_per_config(pre_all), run_per_config(fits_all)
+        changed = self._changed(pre_runs, all_fits)
+        pre_prior, fit_prior = resume_targets(pre_all, changed.pretrain), resume_targets(fits_all, changed.transfer)
+        todo = [
+            r
+            for r in plan.pretrain_runs
+            if not _is_finished(pre_runs.get(r.config_hash)) or r.config_hash in changed.pretrain
+        ]
+        done_fits = {h for h, r in all_fits.items() if _is_finished(r)} - changed.transfer
+        planned = {r.config_hash for r in todo} | {f.config_hash for g in plan.transfer_groups for f in g.fits}
+        reopened = {r.info.run_id for h, r in {**pre_prior, **fit_prior}.items() if h in planned}
         self._settle_orphans(reopened)
         todo_fits = sum(1 for g in plan.transfer_groups for f in g.fits if f.config_hash not in done_fits)
+        again = (
+            f"; --rerun-changed: {len(changed.pretrain)} pretraining run(s) and {len(changed.transfer)} transfer "
+            "fit(s) computed by other code are computed again"
+            if self.rerun_changed
+            else ""
+        )
         print(
             f"study '{self.spec.study}': {len(plan.pretrain_runs)} pretraining runs "
             f"({len(plan.pretrain_runs) - len(todo)} already "
-            f"done), {plan.num_transfer_fits} transfer fits ({plan.num_transfer_fits - todo_fits} already done)\n"
+            f"done), {plan.num_transfer_fits} transfer fits ({plan.num_transfer_fits - todo_fits} already done)"
+            f"{again}\n"
             f"tracking: {redact(tracker.uri)}   experiment: {self.spec.study}   storage: {redact(ctx.storage_path)}",
             flush=True,
         )
@@ -409,7 +442,7 @@ class _StudyDriver:
                 exp,
                 self.spec.study,
                 run,
-                pre_runs.get(run.config_hash),
+                pre_prior.get(run.config_hash),
                 self.study_run,
                 ctx.datasets[f"sources.{run.source}"],
             )
@@ -423,13 +456,23 @@ class _StudyDriver:
         gone fail here, with how to redo their pretraining."""
         tracker, ctx, names = self.tracker, self.ctx, self.names
         pre_runs = tracker.runs_by_hash(self.exp, KIND_PRETRAIN)
-        transfer_runs = tracker.runs_by_hash(self.exp, KIND_TRANSFER)
+        fits_all = tracker.runs(self.exp, KIND_TRANSFER)
+        transfer_runs = run_per_config(fits_all)
+        # Read again after the pretraining phase: fits of a pretraining run computed again now
+        # have another parent than the run that stands for their pretraining.
+        changed = self._changed(pre_runs, transfer_runs)
+        prior = resume_targets(fits_all, changed.transfer)
         missing: set[str] = set()  # pretraining runs whose checkpoint is gone (said once each)
         labels, searches = {}, {}
         for g in self.plan.transfer_groups:
             pre = pre_runs.get(g.pretrain_hash)
-            fits = tuple(f for f in g.fits if not _is_finished(transfer_runs.get(f.config_hash)))
-            if not fits or not _is_finished(pre):
+            fits = tuple(
+                f
+                for f in g.fits
+                if not _is_finished(transfer_runs.get(f.config_hash)) or f.config_hash in changed.transfer
+            )
+            # A pretraining run still from other code (its recomputation failed): its fits wait for it.
+            if not fits or not _is_finished(pre) or g.pretrain_hash in changed.pretrain:
                 continue
             checkpoint = pre.data.tags.get(TAG_CHECKPOINT, "")
             if not checkpoint_exists(checkpoint):
@@ -452,8 +495,8 @@ class _StudyDriver:
             ctx.run_ids[g.pretrain_hash] = pre.info.run_id
             ctx.checkpoints[g.pretrain_hash] = checkpoint
             for f in fits:
-                if f.config_hash in transfer_runs:  # an earlier attempt left it unfinished
-                    ctx.run_ids[f.config_hash] = transfer_runs[f.config_hash].info.run_id
+                if f.config_hash in prior:  # an earlier attempt left it unfinished
+                    ctx.run_ids[f.config_hash] = prior[f.config_hash].info.run_id
                 if g.searched(f):  # tuned by its own Tune search, in the phase after this one
                     ctx.searches[f.config_hash] = (g, f)
                     searches[f.config_hash] = f"{names[g.pretrain_hash]} -> {f.run_name}"
@@ -463,6 +506,18 @@ class _StudyDriver:
                 labels[key] = f"{names[g.pretrain_hash]} -> {g.task} ({len(plain)} fits)"
             self.tally.transfer_ran += len(fits)
         return labels, searches
+
+    def _changed(self, pre_runs: dict, transfer_runs: dict) -> Changed:
+        """What ``--rerun-changed`` computes again (nothing without it)."""
+        if not self.rerun_changed:
+            return Changed()
+        return changed_results(self.plan, pre_runs, transfer_runs, self.ctx.provenance.get(TAG_CODE_DIGEST, ""))
+
+    def _tag_superseded(self) -> None:
+        """Tag every FINISHED run that a newer FINISHED run of its job replaced (run --rerun-changed)."""
+        for kind in (KIND_PRETRAIN, KIND_TRANSFER):
+            for run_id, standing in superseded(self.tracker.runs(self.exp, kind)).items():
+                self.tracker.log(run_id, tags={TAG_SUPERSEDED_BY: standing})
 
     def _settle_orphans(self, keep: set[str]) -> None:
         """Mark FAILED the runs an earlier, killed driver left RUNNING that this run will not reopen

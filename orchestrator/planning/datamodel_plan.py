@@ -103,7 +103,7 @@ def build_datamodel_plan(spec: StudySpec, data: dict[str, ShardedDataset]) -> Da
     h = content_hash(
         {
             "kind": KIND_DATAMODELS,
-            "settings": asdict(settings),
+            "settings": settings.hashed(),
             "model_config": mcfg,
             "source": src.fingerprint,
             "keep": ref.keep_classes,

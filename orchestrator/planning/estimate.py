@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from orchestrator.planning.plan import StudyPlan
+from orchestrator.planning.rerun import Changed, changed_results
 from orchestrator.planning.transfer_fits import TransferGroup
 from orchestrator.records.provenance import code_digest
 from orchestrator.records.schema import (
@@ -168,9 +169,11 @@ class PlanSummary:
     pretrain_cached: int  # a FINISHED run with the job's hash exists
     pretrain_resume: int  # a run exists but did not finish: it is reopened (from its checkpoint)
     pretrain_new: int
+    pretrain_rerun: int  # finished by other code, computed again (run --rerun-changed)
     transfer_fits: int
     transfer_cached: int
     transfer_todo: int
+    transfer_rerun: int  # of transfer_todo: finished by other code or from a pretraining computed again
     pretrain_trials: int
     transfer_trials: int
     pretrain_concurrency: int
@@ -199,10 +202,14 @@ class PlanSummary:
         return {**asdict(self), "trials": self.trials, "seconds": self.seconds}
 
 
-def job_status(run) -> str:
+def job_status(run, rerun: bool = False) -> str:
+    """new, resume (a run exists, unfinished), cached (finished), or rerun (finished by other
+    code, computed again by ``run --rerun-changed``)."""
     if run is None:
         return "new"
-    return "cached" if run.info.status == FINISHED else "resume"
+    if run.info.status != FINISHED:
+        return "resume"
+    return "rerun" if rerun else "cached"
 
 
 def default_cluster_cpus() -> float:
@@ -210,18 +217,23 @@ def default_cluster_cpus() -> float:
     return float(2 * (os.cpu_count() or 1))
 
 
-def summarize(plan: StudyPlan, state: MlflowState, cluster_cpus: float | None = None) -> PlanSummary:
-    """The DAG of ``plan`` against what MLflow holds: counts, trials, estimated seconds."""
+def summarize(
+    plan: StudyPlan, state: MlflowState, cluster_cpus: float | None = None, rerun_changed: bool = False
+) -> PlanSummary:
+    """The DAG of ``plan`` against what MLflow holds: counts, trials, estimated seconds; with
+    ``rerun_changed``, results another code computed count as to run (``run --rerun-changed``)."""
     cpus = cluster_cpus or default_cluster_cpus()
     cal = calibration(state)
     pre_factor, tra_factor = cal[KIND_PRETRAIN][0], cal[KIND_TRANSFER][0]
-    done_fits = {h for h, r in state.transfer.items() if r.info.status == FINISHED}
+    digest = code_digest()
+    changed = changed_results(plan, state.pretrain, state.transfer, digest) if rerun_changed else Changed()
+    done_fits = {h for h, r in state.transfer.items() if r.info.status == FINISHED} - changed.transfer
     groups: dict[str, list[TransferGroup]] = {}
     for g in plan.transfer_groups:
         groups.setdefault(g.pretrain_hash, []).append(g)
     jobs, pre_durations, tra_durations, searches = [], [], [], []
     for run in plan.pretrain_runs:
-        status = job_status(state.pretrain.get(run.config_hash))
+        status = job_status(state.pretrain.get(run.config_hash), run.config_hash in changed.pretrain)
         seconds = (
             default_pretrain_seconds(run.settings.image_size, run.settings.epochs, run.num_train_samples) * pre_factor
             if status != "cached"
@@ -250,11 +262,15 @@ def summarize(plan: StudyPlan, state: MlflowState, cluster_cpus: float | None = 
             }
         )
     statuses = [j["status"] for j in jobs]
-    digest = code_digest()
     planned = {r.config_hash for r in plan.pretrain_runs} | {
         f.config_hash for g in plan.transfer_groups for f in g.fits
     }
-    cached = [r for h, r in {**state.pretrain, **state.transfer}.items() if h in planned and r.info.status == FINISHED]
+    again = changed.pretrain | changed.transfer
+    cached = [
+        r
+        for h, r in {**state.pretrain, **state.transfer}.items()
+        if h in planned and h not in again and r.info.status == FINISHED
+    ]
     other_code = sum(r.data.tags.get(TAG_CODE_DIGEST) != digest for r in cached)
     pc, tc = pretrain_concurrency(plan.spec.resources, cpus), transfer_concurrency(cpus)
     todo_fits = sum(1 for g in plan.transfer_groups for f in g.fits if f.config_hash not in done_fits)
@@ -264,6 +280,8 @@ def summarize(plan: StudyPlan, state: MlflowState, cluster_cpus: float | None = 
         pretrain_cached=statuses.count("cached"),
         pretrain_resume=statuses.count("resume"),
         pretrain_new=statuses.count("new"),
+        pretrain_rerun=statuses.count("rerun"),
+        transfer_rerun=len(changed.transfer),
         transfer_fits=plan.num_transfer_fits,
         transfer_cached=plan.num_transfer_fits - todo_fits,
         transfer_todo=todo_fits,
@@ -331,8 +349,11 @@ def format_summary(s: PlanSummary, spec: StudySpec, uri: str) -> str:
         lines.append(f"  {j['status']:<7} {j['name']:<45} {est:<12} {tasks}")
     lines += [
         f"pretraining runs: {s.pretrain_jobs}: {s.pretrain_new} to run, {s.pretrain_resume} interrupted (resume), "
-        f"{s.pretrain_cached} finished (cached)",
-        f"transfer fits:    {s.transfer_fits}: {s.transfer_todo} to run, {s.transfer_cached} finished (cached)",
+        + (f"{s.pretrain_rerun} computed by other code (rerun), " if s.pretrain_rerun else "")
+        + f"{s.pretrain_cached} finished (cached)",
+        f"transfer fits:    {s.transfer_fits}: {s.transfer_todo} to run"
+        + (f" ({s.transfer_rerun} computed again: other code, or their pretraining is)" if s.transfer_rerun else "")
+        + f", {s.transfer_cached} finished (cached)",
         f"Tune trials:      {s.trials} ({s.pretrain_trials} pretraining, up to {s.pretrain_concurrency} at a time; "
         f"{s.transfer_trials} transfer, up to {s.transfer_concurrency} at a time"
         + (f"; {s.search_trials} fine-tuning search trials for {s.search_fits} fit(s)" if s.search_fits else "")
@@ -350,8 +371,9 @@ def format_summary(s: PlanSummary, spec: StudySpec, uri: str) -> str:
     if s.cached_other_code:
         lines.append(
             f"note: {s.cached_other_code} cached result(s) were computed by other code than today's (code digest "
-            f"{s.code_digest} of trainers/ and datasets_/) and are reused as they are; to recompute them, bump "
-            "RESULTS_VERSION in orchestrator/planning/hashing.py or delete those runs"
+            f"{s.code_digest} of trainers/ and datasets_/) and are reused as they are; `transferlab run "
+            "--rerun-changed` computes them again (and the transfer fits of a pretraining run it computes again), "
+            "keeping the old runs, tagged transferlab.superseded_by"
         )
     b = spec.budget
     if b.max_trials is not None or b.max_hours is not None:

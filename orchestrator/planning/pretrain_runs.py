@@ -103,7 +103,7 @@ def pretrain_runs(spec: StudySpec, data: dict[str, ShardedDataset]) -> list[Pret
         view = dataclasses.replace(view, threshold=st.threshold)
         mcfg = checked_model_config(settings, width_field)
         h = content_hash(
-            {"kind": "pretrain", "settings": asdict(settings), "model_config": mcfg, "view": view.fingerprint}
+            {"kind": "pretrain", "settings": settings.hashed(), "model_config": mcfg, "view": view.fingerprint}
         )
         config = PretrainConfig(
             method=settings.method,
@@ -121,6 +121,7 @@ def pretrain_runs(spec: StudySpec, data: dict[str, ShardedDataset]) -> list[Pret
             seed=view.seed,
             num_train_samples=st.selected,
             caption_noise=view.caption_noise,
+            log_every_steps=settings.log_every_steps,
             meta={"config_hash": h, "source": source, "classes": list(ds.classes)},
         )
         runs.setdefault(

@@ -21,12 +21,15 @@ study      ``study``, ``spec_hash``               ``pretrain_runs``, ``transfer_
                                                   not_launched|total``, updated at each
                                                   trial start and end (step = the ``run``)
 pretrain   ``method, source, pretrain_size,       ``train_loss`` and ``images_per_second`` per
-           label_noise, model, seed`` + the       epoch (step = epoch), ``upstream_accuracy``
-           other settings (``image_size,          on the source's held-out (test) split, restricted
-           epochs, batch_size, lr, ...``),        to the classes the run trained on (supervised:
-           ``class_fraction`` when swept,         top-1 of its head; clip: zero-shot top-1 with
-           ``caption_noise`` (clip runs) and      "a photo of a {class}." prompts of every source
-           ``view_fingerprint``                   class; simclr: k-NN top-1 against its training
+           label_noise, model, seed`` + the       epoch (step = epoch); ``train_loss_step``:
+           other settings (``image_size,          rank 0's batch loss every ``log_every_steps``
+           epochs, batch_size, lr, ...``),        optimizer steps (step = global optimizer
+           ``class_fraction`` when swept,         step); ``upstream_accuracy``
+           ``caption_noise`` (clip runs) and      on the source's held-out (test) split, restricted
+           ``view_fingerprint``                   to the classes the run trained on (supervised:
+                                                  top-1 of its head; clip: zero-shot top-1 with
+                                                  "a photo of a {class}." prompts of every source
+                                                  class; simclr: k-NN top-1 against its training
                                                   features), ``realized_label_noise`` (fraction
                                                   of labels actually flipped),
                                                   ``num_train_samples``; clip runs with caption
@@ -122,14 +125,19 @@ it holds the experiment tag ``transferlab.driver_lease`` (JSON: ``driver`` id, `
 ``since`` and ``heartbeat`` as Unix seconds; "" when released) while it runs
 (:mod:`orchestrator.records.lease`).
 
-Several FINISHED runs with one config hash (left by drivers that ran a study at once before
-the lease existed) are one result: the analysis keeps the newest (latest end time).
+Several FINISHED runs with one config hash (computed again by ``run --rerun-changed`` because
+another code computed the first, or left by drivers that ran a study at once before the lease
+existed) are one result: the analysis keeps the newest (latest end time), and ``run`` tags each
+older one ``transferlab.superseded_by`` = the id of the run that stands for the job. Nothing is
+deleted: an older run keeps its metrics, artifacts and checkpoint, and says which run replaced it.
 """
 
 TAG_KIND = "transferlab.kind"
 TAG_STUDY = "transferlab.study"
 TAG_CONFIG_HASH = "transferlab.config_hash"
 TAG_CHECKPOINT = "transferlab.checkpoint"
+# On a FINISHED run whose job a newer FINISHED run stands for (run --rerun-changed): that run's id.
+TAG_SUPERSEDED_BY = "transferlab.superseded_by"
 TAG_DRIVER_LEASE = "transferlab.driver_lease"  # on the experiment (orchestrator.records.lease)
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
@@ -156,6 +164,7 @@ PRETRAIN_PARAMS = ("method", "source", "pretrain_size", "label_noise", "model", 
 TRANSFER_PARAMS = ("task", "protocol", "shots", "seed", "layer")
 
 METRIC_TRAIN_LOSS = "train_loss"
+METRIC_TRAIN_LOSS_STEP = "train_loss_step"  # step = global optimizer step (pretrain runs)
 METRIC_UPSTREAM_ACCURACY = "upstream_accuracy"
 METRIC_ACCURACY = "accuracy"
 METRIC_MEAN_PER_CLASS_ACCURACY = "mean_per_class_accuracy"

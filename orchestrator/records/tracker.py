@@ -23,6 +23,7 @@ from orchestrator.records.schema import (
     TAG_KIND,
     TAG_PARENT,
     TAG_STUDY,
+    TAG_SUPERSEDED_BY,
 )
 from trainers.protocols import FULL
 
@@ -188,6 +189,42 @@ def run_per_config(runs: Iterable) -> dict[str, object]:
         if h is not None and (h not in best or rank(r) > rank(best[h])):
             best[h] = r
     return best
+
+
+def unfinished_reruns(runs: Iterable) -> dict[str, object]:
+    """config_hash -> the newest run that is not FINISHED and started after the run that stands
+    for its job (:func:`run_per_config`) when that one is FINISHED: a recomputation
+    (``run --rerun-changed``) an earlier driver left unfinished, to resume rather than start
+    another."""
+    runs = list(runs)
+    best = run_per_config(runs)
+    out: dict[str, object] = {}
+    for r in runs:
+        h = r.data.tags.get(TAG_CONFIG_HASH)
+        standing = best.get(h)
+        if standing is None or standing.info.status != FINISHED or r.info.status == FINISHED:
+            continue
+        if (r.info.start_time or 0) >= (standing.info.start_time or 0) and (
+            h not in out or (r.info.start_time or 0) > (out[h].info.start_time or 0)
+        ):
+            out[h] = r
+    return out
+
+
+def superseded(runs: Iterable) -> dict[str, str]:
+    """run id -> the run that stands for its job, for every FINISHED run that no longer does
+    (a newer FINISHED run of its config hash exists) and is not tagged so yet
+    (:data:`~orchestrator.records.schema.TAG_SUPERSEDED_BY`)."""
+    runs = list(runs)
+    best = run_per_config(runs)
+    return {
+        r.info.run_id: standing.info.run_id
+        for r in runs
+        if r.info.status == FINISHED
+        and (standing := best.get(r.data.tags.get(TAG_CONFIG_HASH))) is not None
+        and standing.info.run_id != r.info.run_id
+        and r.data.tags.get(TAG_SUPERSEDED_BY) != standing.info.run_id
+    }
 
 
 def logged_steps(client: MlflowClient, run_id: str, keys: Iterable[str]) -> set[tuple[str, int]]:

@@ -9,7 +9,9 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.records import retry, spool
 from orchestrator.records.credentials import apply_mlflow_client_env
+from orchestrator.records.schema import METRIC_TRAIN_LOSS_STEP
 from orchestrator.records.tracker import logged_steps
+from trainers.protocols import STEP_LOSSES
 
 try:
     from ray.train import UserCallback
@@ -17,11 +19,30 @@ except ImportError:  # pragma: no cover - ray is a hard dependency; keeps this m
     UserCallback = object
 
 
+def epoch_metrics_to_mlflow(report: dict, timestamp_ms: int | None = None) -> list[Metric]:
+    """The MLflow metrics of one epoch report of a pretraining loop: every number in it at
+    ``step = report["epoch"]`` (booleans and other values left out), and each
+    ``[global step, loss]`` pair of its :data:`~trainers.protocols.STEP_LOSSES` list as
+    ``train_loss_step`` at that step. All share ``timestamp_ms`` (default: now), so a batch sent
+    again is the same batch. Any trainer's reports read this way (the Train callback's, a
+    packed trial's own)."""
+    now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+    epoch = int(report.get("epoch", 0))
+    out = [
+        Metric(k, float(v), now, epoch)
+        for k, v in report.items()
+        if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    out += [Metric(METRIC_TRAIN_LOSS_STEP, float(loss), now, int(step)) for step, loss in report.get(STEP_LOSSES, ())]
+    return out
+
+
 class MLflowReportCallback(UserCallback):
     """Turns every ``ray.train.report`` of rank 0 into MLflow metrics of a driver-created run.
 
     Runs on the Ray Train controller, so training loops stay MLflow-agnostic. Metrics are logged
-    with ``step = metrics["epoch"]``; steps already present (a resumed run) are not logged again.
+    as :func:`epoch_metrics_to_mlflow` reads them (``step = metrics["epoch"]``, step losses at
+    their optimizer step); steps already present (a resumed run) are not logged again.
     ``mlflow_env`` carries the driver's MLflow credentials (``orchestrator.records.credentials.MLFLOW_CLIENT_ENV``)
     into the controller's process.
 
@@ -51,12 +72,8 @@ class MLflowReportCallback(UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         if not metrics:
             return
-        report = dict(metrics[0])
-        step = int(report.pop("epoch", 0))
-        numeric = {k: float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        # The timestamp is fixed now, so a resent batch is the same batch.
-        now = int(time.time() * 1000)
-        self._pending.extend(Metric(k, v, now, step) for k, v in numeric.items())
+        step = int(metrics[0].get("epoch", 0))
+        self._pending.extend(epoch_metrics_to_mlflow(metrics[0]))
         try:
             self._flush()
         except Exception as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from datasets_.views import NOISE_PATTERNS
@@ -176,6 +176,14 @@ class PretrainSettings:
     noise_pattern: str = spec_field("symmetric", read=choice(NOISE_PATTERNS))
     # pretrain_size subsets with (nearly) equal samples per class
     class_balanced: bool = spec_field(False, read=boolean)
+    # log train_loss_step (rank 0's batch loss) every this many optimizer steps; not in the config
+    # hash: it changes what is recorded, not what is computed
+    log_every_steps: int = spec_field(10, read=int_in(1))
+
+    def hashed(self) -> dict:
+        """The settings that decide a run's result (what its config hash covers): all but
+        ``log_every_steps``."""
+        return {k: v for k, v in asdict(self).items() if k != "log_every_steps"}
 
 
 @dataclass(frozen=True)
