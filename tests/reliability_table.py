@@ -223,8 +223,14 @@ INFRASTRUCTURE = [
     (
         "`submit` with `MLFLOW_TRACKING_PASSWORD` set, or a `user:password@` tracking URI",
         "tests/test_submit.py::test_submission_carries_what_the_cluster_needs_and_no_token",
-        "neither is in the job's `env_vars` (nor is the Ray token); `submit` names what it held back in one "
-        "`note:` line: the cluster provides its own",
+        "neither is in the job's `env_vars` (nor is the Ray token): the cluster provides its own",
+    ),
+    (
+        "the same through the command line, with and without `--send-credentials`",
+        "tests/test_submit.py::test_submit_says_whether_it_sends_mlflow_credentials",
+        "one line first: `note: MLflow credentials of this environment are not sent with the job ...` or "
+        "`warning: MLflow credentials go in the job's env_vars (--send-credentials): whoever reaches ...`; the "
+        "password is in neither",
     ),
     (
         "`submit --send-credentials`; a password given as a file (`MLFLOW_TRACKING_PASSWORD_FILE`)",

@@ -238,6 +238,22 @@ def test_oversized_working_dir_and_unreachable_cluster(project, capsys, tmp_path
         )
 
 
+def test_submit_says_whether_it_sends_mlflow_credentials(project, capsys, monkeypatch):
+    """One line before anything is contacted: a `note:` that they stay here, or a `warning:`
+    with --send-credentials; never the password itself."""
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    argv = ["submit", str(project / "studies" / "tiny.yaml"), "--working-dir", str(project)]
+    argv += ["--tracking-uri", "https://mlflow.lab", "--storage-path", "s3://b/p", "--address", "http://127.0.0.1:9"]
+    for extra, first in (
+        ([], "note: MLflow credentials of this environment are not sent"),
+        (["--send-credentials"], "warning: MLflow credentials go in the job's env_vars"),
+    ):
+        assert main(argv + extra) == 2  # nobody listens on port 9
+        lines = capsys.readouterr().err.splitlines()
+        assert lines[0].startswith(first) and lines[1].startswith("error: --address: "), lines
+        assert PASSWORD not in "".join(lines)
+
+
 # --- a real cluster --------------------------------------------------------------------------
 
 
