@@ -83,13 +83,13 @@ def load_credential_files() -> None:
 
 def apply_mlflow_client_env(env: dict[str, str]) -> None:
     """Make a worker's MLflow clients use the driver's credentials (see :data:`MLFLOW_CLIENT_ENV`),
-    reading those given as files on this node.
+    reading those given as files on this node (a value given too, from a ``user:TOKEN@`` URI, wins).
 
     Needed even on a cluster whose pods carry them: a Ray started before the variables were set
     (a notebook, a test session, a ``ray start`` node) does not pass them to its workers.
     """
     os.environ.update({k: v for k, v in env.items() if k in MLFLOW_CLIENT_ENV})
-    os.environ.update(read_credential_files(env))
+    os.environ.update({k: v for k, v in read_credential_files(env).items() if k not in env})
 
 
 def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
