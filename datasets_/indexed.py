@@ -21,7 +21,7 @@ import numpy as np
 from datasets_.objstore import read_bytes
 from datasets_.readers import BadSamples, iter_parquet, iter_webdataset
 from datasets_.safety import MAX_IMAGE_BYTES
-from datasets_.shards import parquet_file
+from datasets_.shards import check_shard, parquet_file
 
 # Samples a read unit holds before the next one starts (image files; Parquet row groups are
 # never cut, so a Parquet unit ends at the first row-group boundary past this many samples).
@@ -40,6 +40,7 @@ def read_units(dataset, split: str, samples_per_unit: int = SAMPLES_PER_UNIT) ->
     names = ("key", "label", "caption", "shard") + (("row_group",) if kind == "parquet" else ())
     table = dataset.read_split(split, names)
     cols = {c: table.column(c).to_pylist() for c in names}
+    digests = {dataset.resolve(s["path"]): s.get("sha256") for s in dataset.manifest["shards"]}
     units: list[dict] = []
     for i, shard in enumerate(cols["shard"]):
         shard = dataset.resolve(shard)
@@ -67,6 +68,8 @@ def read_units(dataset, split: str, samples_per_unit: int = SAMPLES_PER_UNIT) ->
             )
             if group is not None:
                 units[-1]["row_groups"] = [group, group + 1]
+            if kind == "tar":  # transferlab's own tars; a scan's files have no digest
+                units[-1]["sha256"] = digests.get(shard)
         u = units[-1]
         if kind == "file" or not u["paths"]:
             u["paths"].append(shard)
@@ -86,6 +89,7 @@ def _unit_images(unit: dict) -> Iterator[tuple[str, bytes]]:
         yield from zip(unit["keys"], (read_bytes(p, MAX_IMAGE_BYTES) for p in unit["paths"]))
     elif unit["kind"] == "tar":
         allow = bool(unit["columns"].get("allow_compressed"))
+        check_shard(unit["paths"][0], unit.get("sha256"))
         for s in iter_webdataset(unit["paths"][0], BadSamples(), check_images=False, allow_compressed=allow):
             yield s.key, s.image
     else:
@@ -115,6 +119,7 @@ def shard_units(dataset, split: str, columns: list[str], rows_per_unit: int | No
             {
                 "kind": "shard",
                 "path": dataset.resolve(shard["path"]),
+                "sha256": shard.get("sha256"),
                 "rows": [lo, min(n, lo + step)],
                 "columns": columns,
             }
@@ -126,6 +131,7 @@ def shard_units(dataset, split: str, columns: list[str], rows_per_unit: int | No
 def _shard_rows(unit: dict, batch_size: int) -> Iterator[dict]:
     """Batches of numpy columns of one Parquet row range, images still encoded."""
     lo, hi = unit["rows"]
+    check_shard(unit["path"], unit.get("sha256"))
     at = 0
     for rb in parquet_file(unit["path"]).iter_batches(batch_size=batch_size, columns=unit["columns"]):
         first, at = at, at + rb.num_rows

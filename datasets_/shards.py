@@ -441,27 +441,58 @@ def open_dataset(path: str | os.PathLike) -> ShardedDataset:
     return ShardedDataset(root, manifest)
 
 
+def _stream_sha256(uri: str) -> str:
+    h = hashlib.sha256()
+    with objstore.open_stream(uri) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def verify(ds: ShardedDataset) -> tuple[int, list[str]]:
     """(shards checked, problems): each shard's bytes hashed again (streamed, local or remote)
-    and compared with the SHA-256 its manifest records. Opening a dataset checks only that its
-    shards exist; this reads them all (``transferlab data verify``). A raw scan's shards are its
-    source's files, checked by size and mtime on open instead, so none is hashed here."""
+    and compared with the SHA-256 its manifest records (``transferlab data verify``). Readers
+    check each shard the same way when they first read it (:func:`check_shard`); this checks
+    them all at once. A raw scan's shards are its source's files, checked by size and mtime on
+    open instead, so none is hashed here."""
     problems, checked = [], 0
     for shard in ds.manifest["shards"]:
         if "sha256" not in shard:
             continue
         checked += 1
-        h = hashlib.sha256()
         try:
-            with objstore.open_stream(ds.resolve(shard["path"])) as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
+            digest = _stream_sha256(ds.resolve(shard["path"]))
         except OSError as e:
             problems.append(f"{shard['path']}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
             continue
-        if h.hexdigest() != shard["sha256"]:
-            problems.append(f"{shard['path']}: SHA-256 {h.hexdigest()[:16]}... differs from the manifest's")
+        if digest != shard["sha256"]:
+            problems.append(f"{shard['path']}: SHA-256 {digest[:16]}... differs from the manifest's")
     return checked, problems
+
+
+# (shard path or URI, SHA-256) pairs this process has hashed and found as their manifest says.
+_INTACT: set[tuple[str, str]] = set()
+
+
+def check_shard(path: str, sha256: str | None) -> None:
+    """Refuse a shard whose bytes are not those its manifest recorded: the first read of each
+    shard in a process hashes it (streamed: one more pass over the file, about 1 ms per MB
+    local); later reads trust that. ``sha256=None`` (a raw scan's source file, checked by size
+    and mtime on open) checks nothing. :class:`DatasetError` naming the shard on a mismatch."""
+    if not sha256 or (path, sha256) in _INTACT:
+        return
+    try:
+        digest = _stream_sha256(path)
+    except OSError as e:
+        raise DatasetError(
+            f"{path}: cannot read shard ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
+    if digest != sha256:
+        raise DatasetError(
+            f"{path}: SHA-256 {digest[:16]}... differs from the manifest's: the shard changed after "
+            "`data prepare`; prepare the dataset again"
+        )
+    _INTACT.add((path, sha256))
 
 
 def _check_scan_current(manifest: dict, root: Path | str) -> None:

@@ -158,6 +158,13 @@ HOSTILE_PATHS = [
         "the shard whose SHA-256 differs from the manifest's",
     ),
     (
+        "the same, then read (a Parquet shard's rows, a `webdataset` tar)",
+        "tests/test_data_paths.py::test_a_reader_refuses_a_shard_changed_since_prepare",
+        "the first read of the shard in the process hashes it: `DatasetError: SHARD: SHA-256 ... differs from the "
+        "manifest's: the shard changed after `data prepare`; prepare the dataset again`; an intact shard reads as "
+        "before",
+    ),
+    (
         "class names `=HYPERLINK(...)`, `+1+1`, `-2+3`, `@SUM(...)`, tab-`=` in a report table",
         "tests/test_report_csv.py::test_report_csv_cells_that_a_spreadsheet_would_run_are_text",
         "written to `tables/*.csv` (and `runs --csv`) prefixed with `'`, so a spreadsheet shows them as text; "
@@ -212,6 +219,52 @@ INFRASTRUCTURE = [
         "tests/test_submit.py::test_submission_carries_what_the_cluster_needs_and_no_token",
         "none of them is uploaded (Python source is, whatever its name); `submit` prints what travels; `.env` "
         "files are in .gitignore",
+    ),
+    (
+        "`submit` with `MLFLOW_TRACKING_PASSWORD` set, or a `user:password@` tracking URI",
+        "tests/test_submit.py::test_submission_carries_what_the_cluster_needs_and_no_token",
+        "neither is in the job's `env_vars` (nor is the Ray token): the cluster provides its own",
+    ),
+    (
+        "the same through the command line, with and without `--send-credentials`",
+        "tests/test_submit.py::test_submit_says_whether_it_sends_mlflow_credentials",
+        "one line first: `note: MLflow credentials of this environment are not sent with the job ...` or "
+        "`warning: MLflow credentials go in the job's env_vars (--send-credentials): whoever reaches ...`; the "
+        "password is in neither",
+    ),
+    (
+        "`submit --send-credentials`; a password given as a file (`MLFLOW_TRACKING_PASSWORD_FILE`)",
+        "tests/test_submit.py::test_mlflow_credentials_are_sent_only_when_asked_and_files_are_read_here",
+        "sent by value only when asked (with a warning), the URI's winning; this machine's file path never "
+        "travels; trials get the path, and a stale variable loses to the file",
+    ),
+    (
+        "`MLFLOW_TRACKING_PASSWORD_FILE` naming a missing, empty or 70 kB file",
+        "tests/test_submit.py::test_an_unreadable_credential_file_is_one_line_naming_it",
+        "exit 2, one line `error: MLFLOW_TRACKING_PASSWORD_FILE: PATH: cannot read it (...)` / `is empty` / "
+        "`holds N bytes, too many for a credential`",
+    ),
+    (
+        "planted MLflow passwords (one in a file, one in the driver's environment) in a Ray Tune phase",
+        "tests/test_credential_files.py::test_trials_get_mlflow_credentials_and_no_value_reaches_storage_or_ray_logs",
+        "every trial sees the password (checked by digest), the file's travelling as its path only; neither value "
+        "is in any file under the storage path (Tune's `tuner.pkl`, experiment state, trial folders) or in Ray's "
+        "session logs",
+    ),
+    (
+        "any pod of the namespace connecting to the Ray head, MLflow, MinIO or PostgreSQL",
+        "tests/test_deploy.py::test_network_policies_let_through_only_the_listed_connections",
+        "who reaches whom, computed from the NetworkPolicies and the manifests' own pod labels, is exactly "
+        "the table of docs/cluster.md: default-deny ingress; Ray pods to each other; operator pods to the head "
+        "(8265, 10001); the RayJob submitter and KubeRay operator to 8265; Ray pods, operators and the ingress "
+        "controller to MLflow (5000); Ray pods, MLflow and the bucket Job to MinIO (9000); MLflow to PostgreSQL "
+        "(5432)",
+    ),
+    (
+        "the KubeRay manifests' Ray pods",
+        "tests/test_deploy.py::test_raycluster_head_workers_autoscaling_auth_and_shared_storage",
+        "no credential variable: `MLFLOW_TRACKING_USERNAME_FILE`/`_PASSWORD_FILE` and `AWS_SHARED_CREDENTIALS_FILE` "
+        "name files of the `transferlab-ray` Secret mounted read-only on every pod",
     ),
     (
         "`submit`/`status`/`logs`/`stop` with a Ray token to a job API on another machine over plain http",

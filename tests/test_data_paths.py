@@ -33,9 +33,9 @@ def _tar(path: Path) -> Path:
     return path
 
 
-def _prepare(src: Path, out: Path) -> subprocess.CompletedProcess:
+def _prepare(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(SCRIPT), "data", "prepare", str(src), "--out", str(out), "--test-fraction", "0"],
+        [str(SCRIPT), "data", "prepare", str(src), "--out", str(out), "--test-fraction", "0", *extra],
         capture_output=True,
         text=True,
         timeout=100,
@@ -113,6 +113,34 @@ def test_data_verify_finds_a_shard_changed_since_prepare(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(f"error: {out}: shard train/part-00000.parquet: SHA-256 ")
     assert proc.stderr.endswith("differs from the manifest's (of 1 shards)\n")
+
+
+@pytest.mark.parametrize("shard_format", ["parquet", "webdataset"])
+def test_a_reader_refuses_a_shard_changed_since_prepare(tmp_path, shard_format):
+    """Readers hash each shard on its first read in a process and refuse one whose bytes are not
+    those the manifest recorded, naming it; an intact one reads as before."""
+    from datasets_.indexed import iter_encoded
+
+    out = tmp_path / "ds"
+    assert _prepare(_tar(tmp_path / "src" / "00000.tar"), out, "--format", shard_format).returncode == 0
+    assert [k for b in iter_encoded(open_dataset(out), "train") for k in b["key"]] == ["a", "b"]
+    (copy := tmp_path / "copy").mkdir()
+    for f in out.rglob("*"):  # a second dataset, never read by this process, then tampered with
+        if f.is_file():
+            (copy / f.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
+            (copy / f.relative_to(out)).write_bytes(f.read_bytes())
+    shard = copy / json.loads((copy / "manifest.json").read_text())["shards"][0]["path"]
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF  # one flipped byte, size unchanged
+    shard.write_bytes(bytes(data))
+    ds = open_dataset(copy)  # opening checks presence only
+    with pytest.raises(DatasetError) as refused:
+        list(iter_encoded(ds, "train"))
+    message = str(refused.value)
+    assert message.startswith(f"{shard}: SHA-256 ") and "\n" not in message, message
+    assert message.endswith(
+        "differs from the manifest's: the shard changed after `data prepare`; prepare the dataset again"
+    )
 
 
 def test_data_commands_refuse_uris_with_credentials_or_a_query_without_repeating_them(tmp_path):

@@ -30,6 +30,7 @@ K8S_API_VERSIONS = {
     "Deployment": "apps/v1",
     "Job": "batch/v1",
     "Ingress": "networking.k8s.io/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
     "RayCluster": "ray.io/v1",
     "RayJob": "ray.io/v1",
 }
@@ -125,9 +126,13 @@ def test_no_secret_is_written_in_any_deploy_file():
         assert not CREDENTIALS_IN_URI.search(path.read_text()), f"{path}: credentials inside a URI"
     for path, d in _k8s_docs():
         for pod in _pod_specs(d):
+            secrets = {v["name"] for v in pod.get("volumes", []) if "secret" in v}
             for c in pod["containers"]:
+                mounted = [m["mountPath"] + "/" for m in c.get("volumeMounts", []) if m["name"] in secrets]
                 for e in c.get("env", []):
-                    if SECRET_NAME.search(e["name"]):
+                    if e["name"].endswith("_FILE"):  # names a file: one of a mounted Secret
+                        assert any(e["value"].startswith(m) for m in mounted), f"{path}: {e['name']} outside a Secret"
+                    elif SECRET_NAME.search(e["name"]):
                         assert "value" not in e and "secretKeyRef" in e["valueFrom"], (
                             f"{path}: {e['name']} must come from a Secret"
                         )
@@ -205,13 +210,24 @@ def test_raycluster_head_workers_autoscaling_auth_and_shared_storage():
     for pod in _pod_specs(_one("RayCluster")):
         env = {e["name"]: e for e in pod["containers"][0]["env"]}
         assert env["AWS_ENDPOINT_URL"]["value"].startswith("http")  # S3-compatible checkpoint storage
-        assert {
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "MLFLOW_TRACKING_USERNAME",
-            "MLFLOW_TRACKING_PASSWORD",
-        } <= set(env)
         assert env["MLFLOW_TRACKING_URI"]["value"].startswith("http://mlflow.transferlab.svc")
+        # Credentials are files of the Secret mounted on every Ray pod, never variables (which Ray
+        # would pass on in every task's environment).
+        secret_values = [
+            n for n, e in env.items() if "valueFrom" in e or SECRET_NAME.search(n) and not n.endswith("_FILE")
+        ]
+        assert not secret_values, secret_values
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "credentials"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "credentials"]
+        assert volume["secret"]["secretName"] == "transferlab-ray" and mount["readOnly"] is True
+        files = {
+            "MLFLOW_TRACKING_USERNAME_FILE": "mlflow-username",
+            "MLFLOW_TRACKING_PASSWORD_FILE": "mlflow-password",
+            "AWS_SHARED_CREDENTIALS_FILE": "aws-credentials",
+        }
+        assert {name: env[name]["value"] for name in files} == {
+            n: f"{mount['mountPath']}/{k}" for n, k in files.items()
+        }
 
 
 def test_rayjob_runs_the_study_from_its_configmap_and_resumes_on_retry(tmp_path):
@@ -229,9 +245,10 @@ def test_rayjob_runs_the_study_from_its_configmap_and_resumes_on_retry(tmp_path)
     # The study file is the ConfigMap, mounted on the head where the entrypoint runs.
     cluster = copy.deepcopy(job["rayClusterSpec"])
     head = cluster["headGroupSpec"]["template"]["spec"]
-    (mount,) = head["containers"][0].pop("volumeMounts")
-    (volume,) = head.pop("volumes")
-    assert volume["name"] == mount["name"] and volume["configMap"]["name"] == "transferlab-study"
+    mounts, volumes = head["containers"][0]["volumeMounts"], head["volumes"]
+    (mount,) = [mounts.pop(i) for i, m in enumerate(mounts) if m["name"] == "study"]
+    (volume,) = [volumes.pop(i) for i, v in enumerate(volumes) if v["name"] == "study"]
+    assert volume["configMap"]["name"] == "transferlab-study"
     study_key = Path(args.study_file).name
     assert Path(args.study_file) == Path(mount["mountPath"]) / study_key
     study = next(d for _, d in _k8s_docs() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "transferlab-study")
@@ -334,3 +351,100 @@ def test_docs_cover_every_deploy_file():
     for path in sorted(p for p in DEPLOY.rglob("*") if p.is_file() and p.name not in ("README.md", ".env")):
         assert path.name in docs, f"{path.relative_to(ROOT)} is not mentioned in docs/cluster.md or deploy/README.md"
     assert "--allowed-hosts" in docs and "port-forward" in docs and "TLS" in docs
+
+
+# --- NetworkPolicies: who reaches whom, computed from the manifests' own labels -------------------
+
+NAMESPACE = {"kubernetes.io/metadata.name": "transferlab"}
+RAY_PODS = ("ray-head", "ray-worker-cpu", "ray-worker-gpu")
+
+
+def _pods() -> dict[str, tuple[dict, dict, set[int]]]:
+    """Every pod the manifests make, and pods from outside them, by name: (its namespace's
+    labels, its labels as Kubernetes gives them, its container ports)."""
+
+    def ports(spec):
+        return {p["containerPort"] for c in spec["containers"] for p in c.get("ports", [])}
+
+    pods = {}
+    for _, d in _k8s_docs():
+        if d["kind"] in ("Deployment", "StatefulSet", "Job"):
+            template = d["spec"]["template"]
+            pods[d["metadata"]["name"]] = (
+                NAMESPACE,
+                template.get("metadata", {}).get("labels", {}),
+                ports(template["spec"]),
+            )
+    rc = _one("RayCluster")["spec"]  # the RayJob's cluster is the same (test above)
+    head = rc["headGroupSpec"]["template"]
+    pods["ray-head"] = (NAMESPACE, head["metadata"]["labels"] | {"ray.io/node-type": "head"}, ports(head["spec"]))
+    for g in rc["workerGroupSpecs"]:
+        labels = g["template"]["metadata"]["labels"] | {"ray.io/node-type": "worker", "ray.io/group": g["groupName"]}
+        pods[f"ray-worker-{g['groupName']}"] = (NAMESPACE, labels, ports(g["template"]["spec"]))
+    submitter = _one("RayJob")["spec"]["submitterPodTemplate"]
+    pods["ray-job-submitter"] = (NAMESPACE, submitter["metadata"]["labels"], set())
+    pods["operator"] = (NAMESPACE, {"transferlab.io/operator": "true"}, set())  # an operator's toolbox pod
+    pods["stranger"] = (NAMESPACE, {"app.kubernetes.io/name": "something-else"}, set())
+    pods["ingress-nginx"] = (
+        {"kubernetes.io/metadata.name": "ingress-nginx"},
+        {"app.kubernetes.io/name": "ingress-nginx"},
+        set(),
+    )
+    pods["kuberay-operator"] = (
+        {"kubernetes.io/metadata.name": "kuberay-system"},
+        {"app.kubernetes.io/name": "kuberay-operator"},
+        set(),
+    )
+    pods["elsewhere"] = ({"kubernetes.io/metadata.name": "default"}, {"app.kubernetes.io/name": "mlflow"}, set())
+    return pods
+
+
+def _selects(selector: dict | None, labels: dict) -> bool:
+    assert "matchExpressions" not in (selector or {}), "only matchLabels is modelled here"
+    return (selector or {}).get("matchLabels", {}).items() <= labels.items()
+
+
+def _peer_admits(peer: dict, namespace: dict, labels: dict) -> bool:
+    assert "ipBlock" not in peer, "peers are pods, not addresses"
+    if "namespaceSelector" not in peer:
+        return namespace == NAMESPACE and _selects(peer["podSelector"], labels)
+    return _selects(peer["namespaceSelector"], namespace) and _selects(peer.get("podSelector"), labels)
+
+
+def _allowed(pods, policies) -> set[tuple[str, str, int | str]]:
+    """(source, destination, port or "*") for every connection the policies let through; a pod no
+    Ingress policy selects admits everything, as in Kubernetes."""
+    allowed = set()
+    for dst, (namespace, labels, _) in pods.items():
+        if namespace != NAMESPACE:
+            continue
+        mine = [p["spec"] for p in policies if _selects(p["spec"]["podSelector"], labels)]
+        if not [p for p in mine if "Ingress" in p["policyTypes"]]:
+            allowed |= {(src, dst, "*") for src in pods}
+        for rule in (r for p in mine for r in p.get("ingress", [])):
+            ports = [p["port"] for p in rule.get("ports", [])] or ["*"]
+            assert all(p.get("protocol", "TCP") == "TCP" for p in rule.get("ports", []))
+            for src, (src_ns, src_labels, _) in pods.items():
+                if "from" not in rule or any(_peer_admits(peer, src_ns, src_labels) for peer in rule["from"]):
+                    allowed |= {(src, dst, port) for port in ports}
+    return allowed
+
+
+def test_network_policies_let_through_only_the_listed_connections():
+    policies = [d for _, d in _k8s_docs() if d["kind"] == "NetworkPolicy"]
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]]
+    assert deny and deny[0]["spec"]["policyTypes"] == ["Ingress"], "the namespace denies ingress by default"
+    pods = _pods()
+    expected = {(src, dst, "*") for src in RAY_PODS for dst in RAY_PODS}  # Ray's random node/worker ports
+    expected |= {("operator", "ray-head", 8265), ("operator", "ray-head", 10001)}  # dashboard/job API, client
+    expected |= {("ray-job-submitter", "ray-head", 8265), ("kuberay-operator", "ray-head", 8265)}
+    expected |= {(src, "mlflow", 5000) for src in (*RAY_PODS, "operator", "ingress-nginx")}
+    expected |= {(src, "minio", 9000) for src in (*RAY_PODS, "mlflow", "minio-buckets")}
+    expected |= {("mlflow", "mlflow-postgres", 5432)}
+    allowed = _allowed(pods, policies)
+    assert allowed == expected, {"unexpected": allowed - expected, "missing": expected - allowed}
+    for _, dst, port in allowed:  # every opened port is one the pod listens on
+        assert port == "*" or port in pods[dst][2], (dst, port)
+    # The policies are applied with the stacks they guard.
+    k = _docs(DEPLOY / "mlflow" / "k8s" / "kustomization.yaml")[0]
+    assert "networkpolicy.yaml" in k["resources"]

@@ -280,7 +280,11 @@ def test_a_study_runs_against_the_server_and_reads_back(
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", researcher[0])
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", researcher[1])
+    # The password as the KubeRay manifests give it: a file of a mounted Secret, which wins over
+    # a stale variable, on the driver and on every trial (Ray workers get only its path).
+    (tmp_path / "mlflow-password").write_text(researcher[1] + "\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD_FILE", str(tmp_path / "mlflow-password"))
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "stale-password")
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(STUDY))
     storage = f"s3://{CHECKPOINT_BUCKET}/studies"

@@ -16,6 +16,7 @@ import yaml
 
 from orchestrator.cli import main
 from orchestrator.execution import ray_jobs as jobs
+from orchestrator.records.credentials import apply_mlflow_client_env, load_credential_files, mlflow_client_env
 from orchestrator.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,16 +91,12 @@ def test_submission_carries_what_the_cluster_needs_and_no_token(project, monkeyp
         "transferlab run studies/tiny.yaml --address auto --tracking-uri https://mlflow.lab:443 "
         "--storage-path s3://bucket/studies --verbose"  # the trials' own output in the job's log
     )
-    # MLflow credentials travel as the job's environment (the cluster may lack them); the Ray
-    # token never does: the job's driver authenticates with its node's own token.
-    # (Those of the URI win over the environment's.)
-    assert sub.env_vars == {
-        "MLFLOW_TRACKING_URI": "https://mlflow.lab:443",
-        "MLFLOW_TRACKING_USERNAME": "ray-user",
-        "MLFLOW_TRACKING_PASSWORD": "uri-secret",
-    }
-    everything = repr((sub.entrypoint, sub.env_vars, doc, sub.submission_id))
-    assert TOKEN not in everything and "uri-secret" not in sub.entrypoint
+    # Neither MLflow credentials nor the Ray token travel in the job's environment (Ray's
+    # dashboard shows it): the cluster has its own; submit names what it withheld.
+    assert sub.env_vars == {"MLFLOW_TRACKING_URI": "https://mlflow.lab:443"}
+    assert sub.credentials == ["MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME"]
+    everything = repr((sub.entrypoint, sub.env_vars, doc, sub.submission_id, sub.credentials))
+    assert not [s for s in (TOKEN, PASSWORD, "uri-secret") if s in everything]
     # The id is the study's: the same submission gets it again, a changed one does not.
     again, _ = jobs.build_submission(
         load_spec(study, ["transfer.seeds=[0,1]"]),
@@ -118,6 +115,63 @@ def test_submission_carries_what_the_cluster_needs_and_no_token(project, monkeyp
     assert jobs.scrub(f"x {TOKEN} {PASSWORD} http://u:{PASSWORD}@h y") == "x *** *** http://***@h y"
     pins = jobs.pinned_requirements()
     assert "torch" in {p.split("==")[0] for p in pins} and not any(p.startswith("ray") for p in pins)
+
+
+def test_mlflow_credentials_are_sent_only_when_asked_and_files_are_read_here(project, monkeypatch, tmp_path):
+    """``--send-credentials`` sends them by value (the URI's win); a ``*_FILE`` path of this
+    machine never travels, its content does (only when asked)."""
+    study = project / "studies" / "tiny.yaml"
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    sub, _ = jobs.build_submission(
+        load_spec(study),
+        str(study),
+        str(project),
+        "https://ray-user:uri-secret@mlflow.lab:443",
+        "s3://b/p",
+        loopback=False,
+        send_credentials=True,
+    )
+    assert sub.env_vars == {
+        "MLFLOW_TRACKING_URI": "https://mlflow.lab:443",
+        "MLFLOW_TRACKING_USERNAME": "ray-user",
+        "MLFLOW_TRACKING_PASSWORD": "uri-secret",
+    }
+    secret = tmp_path / "mlflow-password"
+    secret.write_text("from-a-file\n")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD_FILE", str(secret))
+    load_credential_files()  # what `transferlab` does first
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "from-a-file"
+    for send, expected in ((False, {}), (True, {"MLFLOW_TRACKING_PASSWORD": "from-a-file"})):
+        sub, _ = jobs.build_submission(
+            load_spec(study),
+            str(study),
+            str(project),
+            "https://mlflow.lab:443",
+            "s3://b/p",
+            False,
+            send_credentials=send,
+        )
+        assert sub.env_vars == {"MLFLOW_TRACKING_URI": "https://mlflow.lab:443", **expected}
+        assert sub.credentials == ["MLFLOW_TRACKING_PASSWORD"]
+    # Trials get the path, not the secret, and read the file on their own node.
+    assert mlflow_client_env() == {"MLFLOW_TRACKING_PASSWORD_FILE": str(secret)}
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "stale")
+    apply_mlflow_client_env(mlflow_client_env())
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "from-a-file"
+
+
+@pytest.mark.parametrize(
+    "content, message", [(None, "cannot read"), ("\n", "is empty"), ("x" * 70_000, "holds 70000 bytes")]
+)
+def test_an_unreadable_credential_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys, content, message):
+    secret = tmp_path / "mlflow-password"
+    if content is not None:
+        secret.write_text(content)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD_FILE", str(secret))
+    assert main(["schema"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: MLFLOW_TRACKING_PASSWORD_FILE: {secret}: {message}") and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize(
@@ -182,6 +236,22 @@ def test_oversized_working_dir_and_unreachable_cluster(project, capsys, tmp_path
             err == f"error: --address: cannot use the Ray job API at http://127.0.0.1:{port}: connection refused "
             "(is the dashboard running, and is the port forwarded?)\n"
         )
+
+
+def test_submit_says_whether_it_sends_mlflow_credentials(project, capsys, monkeypatch):
+    """One line before anything is contacted: a `note:` that they stay here, or a `warning:`
+    with --send-credentials; never the password itself."""
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    argv = ["submit", str(project / "studies" / "tiny.yaml"), "--working-dir", str(project)]
+    argv += ["--tracking-uri", "https://mlflow.lab", "--storage-path", "s3://b/p", "--address", "http://127.0.0.1:9"]
+    for extra, first in (
+        ([], "note: MLflow credentials of this environment are not sent"),
+        (["--send-credentials"], "warning: MLflow credentials go in the job's env_vars"),
+    ):
+        assert main(argv + extra) == 2  # nobody listens on port 9
+        lines = capsys.readouterr().err.splitlines()
+        assert lines[0].startswith(first) and lines[1].startswith("error: --address: "), lines
+        assert PASSWORD not in "".join(lines)
 
 
 # --- a real cluster --------------------------------------------------------------------------

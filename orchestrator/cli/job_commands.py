@@ -43,8 +43,17 @@ def _submit(args) -> int:
     loopback = jobs.is_loopback(url)
     # Where results go and what is uploaded first (cheap), then the data, as `validate` does.
     sub, doc = jobs.build_submission(
-        spec, args.study_file, args.working_dir, args.tracking_uri, args.storage_path, loopback, args.pip_pinned
+        spec,
+        args.study_file,
+        args.working_dir,
+        args.tracking_uri,
+        args.storage_path,
+        loopback,
+        args.pip_pinned,
+        args.send_credentials,
     )
+    if sub.credentials:
+        print(f"warning: {jobs.SENT}" if args.send_credentials else f"note: {jobs.NOT_SENT}", file=sys.stderr)
     plan = build_plan(spec)
     if loopback:  # a cluster on this machine uses the files here: check them as `run` does
         _check_local_stores(sub)

@@ -13,6 +13,7 @@ import importlib
 from datasets_.objstore import DatasetError
 from orchestrator.cli.exits import EXIT_BUSY, EXIT_INTERRUPTED, error
 from orchestrator.cli.parser import JOB_COMMANDS, build_parser
+from orchestrator.records.credentials import load_credential_files
 from orchestrator.records.lease import StudyBusy
 from orchestrator.records.retry import TrackingUnavailable
 from orchestrator.spec import SpecError
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     args.argv = argv
     module = importlib.import_module(f"orchestrator.cli.{MODULES[args.command]}")
+    try:
+        load_credential_files()  # MLFLOW_TRACKING_PASSWORD_FILE ... (a mounted Secret)
+    except ValueError as e:
+        return error(str(e))
     try:
         return module.run(args)
     except SpecError as e:

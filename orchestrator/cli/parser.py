@@ -227,6 +227,12 @@ def _job_parsers(sub, study_args) -> None:
         action="store_true",
         help="have Ray install transferlab's dependencies at the versions installed here",
     )
+    s.add_argument(
+        "--send-credentials",
+        action="store_true",
+        help="send this environment's MLflow credentials in the job's env_vars (Ray's dashboard shows them); "
+        "by default the cluster provides its own (docs/cluster.md)",
+    )
     mode = s.add_mutually_exclusive_group()
     mode.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     mode.add_argument("--follow", action="store_true", help="stream the job's log until it ends")

@@ -8,11 +8,13 @@ that the cluster can reach it (:func:`cluster_tracking_uri`, :func:`cluster_stor
 
 Secrets: the Ray token (``RAY_AUTH_TOKEN`` or the file ``RAY_AUTH_TOKEN_PATH``) only ever goes into
 the HTTP ``Authorization`` header of this client; the job's driver gets the cluster's own token
-from its node, so the token is never put in the job's runtime_env. MLflow credentials from this
-environment (and from a ``user:password@`` tracking URI) do go into the job's ``env_vars``: a
-cluster started without them has no other way to get them. Ray stores a job's runtime_env in the
-cluster, readable by whoever can reach its job API (who can run code there anyway). Nothing this
-module prints contains any of them (:func:`scrub`).
+from its node, so the token is never put in the job's runtime_env. Nor, by default, are MLflow
+credentials (this environment's, or a ``user:password@`` tracking URI's): Ray stores a job's
+runtime_env in the cluster and shows it on its dashboard, and Tune copies it to every trial. The
+cluster provides its own (a Kubernetes Secret mounted on every Ray pod, read through
+``MLFLOW_TRACKING_PASSWORD_FILE``; see docs/cluster.md); ``--send-credentials`` sends this
+environment's in the job's ``env_vars`` anyway (:data:`CREDENTIAL_ENV`, by value), with a
+warning. Nothing this module prints contains any secret (:func:`scrub`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from datasets_.objstore import is_remote
-from orchestrator.records.credentials import mlflow_client_env, split_credentials
+from orchestrator.records.credentials import CREDENTIAL_FILES, mlflow_client_env, split_credentials
 from orchestrator.records.provenance import job_env
 from orchestrator.records.retry import redact
 from orchestrator.records.tracker import resolve_tracking_uri
@@ -76,6 +78,18 @@ EXCLUDED_NAMES = {
 SECRET_FILES = (".env", ".env.*", "*.pem", "*.key", ".aws", ".ssh", "*credentials*", ".netrc", ".pgpass",
                 "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*")  # fmt: skip
 SECRET_ENV = ("RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY")
+# MLflow credentials submit sends only with --send-credentials (the username too: the cluster's own
+# password must not be paired with this machine's username).
+CREDENTIAL_ENV = tuple(CREDENTIAL_FILES)
+NOT_SENT = (
+    "MLflow credentials of this environment are not sent with the job (Ray's dashboard would show "
+    "them): the cluster must have its own (a Secret on every Ray pod: MLFLOW_TRACKING_USERNAME_FILE / "
+    "MLFLOW_TRACKING_PASSWORD_FILE, see docs/cluster.md), or submit with --send-credentials"
+)
+SENT = (
+    "MLflow credentials go in the job's env_vars (--send-credentials): whoever reaches the cluster's "
+    "dashboard or job API can read them, and Tune copies them to every trial"
+)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 ACTIVE = ("PENDING", "RUNNING")
 
@@ -93,6 +107,9 @@ class Submission:
     files: list[str] = field(default_factory=list)
     size_bytes: int = 0
     pip: list[str] = field(default_factory=list)
+    # MLflow credentials this environment holds, named (never their values): sent in env_vars
+    # with --send-credentials, else withheld
+    credentials: list[str] = field(default_factory=list)
 
 
 def scrub(text: str) -> str:
@@ -327,8 +344,11 @@ def build_submission(
     storage_path: str | None,
     loopback: bool,
     pip_pinned: bool = False,
+    send_credentials: bool = False,
 ) -> tuple[Submission, dict]:
-    """The job to submit (pure but for reading the project's file list) and the study document."""
+    """The job to submit (pure but for reading the project's file list) and the study document.
+    MLflow credentials (this environment's and the tracking URI's) go in its ``env_vars`` only
+    with ``send_credentials``; ``Submission.credentials`` names those there were."""
     root = Path(working_dir).resolve()
     uri, uri_credentials = cluster_tracking_uri(tracking_uri or spec.tracking_uri, loopback)
     storage = cluster_storage(storage_path or spec.storage_path, loopback)
@@ -341,7 +361,11 @@ def build_submission(
         ["transferlab", "run", rel, "--address", "auto", "--tracking-uri", uri, "--storage-path", storage, "--verbose"]
     )
     # The uploaded copy has no .git: its commit travels in the environment, to tag every run.
-    env = {"MLFLOW_TRACKING_URI": uri, **mlflow_client_env(), **uri_credentials, **job_env(root)}
+    # Credentials by value (read from their *_FILE if given: those paths are this machine's files).
+    held = {k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)} | uri_credentials
+    settings = {k: v for k, v in mlflow_client_env().items() if k not in CREDENTIAL_FILES.values()}
+    client_env = {k: v for k, v in settings.items() if k not in CREDENTIAL_ENV} | (held if send_credentials else {})
+    env = {"MLFLOW_TRACKING_URI": uri, **client_env, **job_env(root)}
     sub = Submission(
         f"transferlab-{slug}-{digest}",
         entrypoint,
@@ -352,6 +376,7 @@ def build_submission(
         files,
         size,
         pinned_requirements() if pip_pinned else [],
+        sorted(held),
     )
     return sub, doc
 
