@@ -25,9 +25,10 @@ from torch import nn
 
 from datasets_.pipeline import keep_batch_memory, normalize
 from trainers.methods import (
+    batch_caption_ids,
     build_pretrain_model,
     class_prompts,
-    clip_loss,
+    contrastive_loss,
     gather_ragged,
     knn_top1,
     nt_xent_loss,
@@ -286,13 +287,13 @@ def _step_functions(method: str, model: nn.Module, device, amp: str, seed: int):
             model(normalize(b["image"].to(device, non_blocking=True))), b["label"].to(device, non_blocking=True)
         )
     if method == "clip":
-        loss_fn = clip_loss()
 
         def clip_step(b):
             images = normalize(b["image"].to(device, non_blocking=True))
-            image_f, text_f, scale = model(images, b["tokens"].to(device, non_blocking=True))
+            tokens = b["tokens"].to(device, non_blocking=True)
+            image_f, text_f, scale = model(images, tokens)
             with torch.autocast(device.type, enabled=False):  # similarity logits in float32
-                return loss_fn(image_f.float(), text_f.float(), scale.float())
+                return contrastive_loss(image_f.float(), text_f.float(), scale.float(), batch_caption_ids(tokens))
 
         return clip_step
     if method == "simclr":
