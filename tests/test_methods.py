@@ -17,11 +17,14 @@ from trainers.methods import (
     ClipModel,
     SimCLRModel,
     batch_caption_ids,
+    caption_class_embeddings,
+    class_prompts,
     contrastive_loss,
     knn_top1,
     nt_xent_loss,
     simclr_views,
     tokenize,
+    zero_shot_logits,
 )
 from trainers.models import MODELS, Backbone, layer_names, model_config
 from trainers.probe import logistic_probe
@@ -108,6 +111,24 @@ def test_identical_captions_are_positives_not_negatives():
     torch.testing.assert_close(g1, g2)
 
 
+def test_zero_shot_classes_average_each_class_distinct_training_captions():
+    torch.manual_seed(0)
+    model = ClipModel(Backbone(model_config("tiny-cnn"), 8)).eval()
+    prompts = tokenize(class_prompts(["0", "1", "2"]))
+    captions = ["a 0 with thin strokes.", "a 0 with thick strokes.", "a 0 with thin strokes.", "a 1, slanted."]
+    got = caption_class_embeddings(model, tokenize(captions), torch.tensor([0, 0, 0, 1]), prompts)
+    encode = model.encode_text
+    thin_thick = F.normalize(encode(tokenize(captions[:2])).mean(0), dim=0)  # the repeat counts once
+    torch.testing.assert_close(got[0], thin_thick)
+    torch.testing.assert_close(got[1], encode(tokenize(captions[3:]))[0])
+    torch.testing.assert_close(got[2], encode(prompts[2:])[0])  # no caption: its prompt
+    # Captions that are the class prompts give exactly the single-prompt classifier.
+    same = caption_class_embeddings(model, prompts[[0, 1, 2, 1]], torch.tensor([0, 1, 2, 1]), prompts)
+    torch.testing.assert_close(same, encode(prompts))
+    images = torch.randn(5, 3, 8, 8)
+    torch.testing.assert_close(zero_shot_logits(model, images, same), zero_shot_logits(model, images, prompts))
+
+
 def test_contrastive_loss_runs_under_vmap_over_stacked_models():
     models = [_embeddings(8, seed=s) for s in range(3)]
     img = torch.stack([m[0] for m in models])
@@ -140,7 +161,6 @@ def test_cross_entropy_of_the_supervised_method_matches_a_hand_computed_value():
 
 def test_clip_captions_come_from_the_data_else_from_the_class_name_template():
     from datasets_.pipeline import training_captions
-    from trainers.methods import class_prompts
 
     caps, swapped = training_captions(
         ["a", "b", "c"],

@@ -9,7 +9,9 @@
   (:func:`batch_caption_ids`). Text is tokenized with open_clip's
   ``SimpleTokenizer``, whose BPE vocabulary ships inside the package (works offline). Captions
   come from the data's caption field, or from ``CLIP_TEMPLATE`` and the class name when the
-  source has only labels. Upstream accuracy = zero-shot top-1 with the class-name prompts.
+  source has only labels. Upstream accuracy = zero-shot top-1 against each class's training
+  captions, encoded and averaged (:func:`caption_class_embeddings`; the class-name prompt for a
+  class without captions).
 - ``simclr``: :class:`SimCLRModel`, a backbone with a 2-layer projection MLP (dropped for
   transfer), trained with :func:`nt_xent_loss` on two augmented views per image
   (:func:`simclr_views`, batched on the training device). Upstream accuracy = k-NN top-1 of the
@@ -300,9 +302,34 @@ def contrastive_loss(
 
 @torch.no_grad()
 def zero_shot_logits(model: ClipModel, images: torch.Tensor, class_tokens: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of each image to each class prompt (scaled as in training)."""
-    text = model.encode_text(class_tokens.to(images.device))
-    return model.logit_scale.exp() * model.encode_image(images) @ text.T
+    """Cosine similarity of each image to each class prompt (scaled as in training);
+    ``class_tokens`` may instead be class text embeddings [C, d] (float: used as they are)."""
+    text = class_tokens if class_tokens.is_floating_point() else model.encode_text(class_tokens.to(images.device))
+    return model.logit_scale.exp() * model.encode_image(images) @ text.to(images.device).T
+
+
+@torch.no_grad()
+def caption_class_embeddings(
+    model: ClipModel, tokens: torch.Tensor, labels: torch.Tensor, prompt_tokens: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
+    """Normalized class text embeddings [C, d] for zero-shot classification: each class's
+    distinct training captions (``tokens`` [N, context] with their ``labels``) encoded and
+    averaged, a prompt ensemble as CLIP averages its 80 templates. A class without captions
+    keeps its prompt (``prompt_tokens`` [C, context], :func:`class_prompts`), so captions equal
+    to the class prompt give exactly the single-prompt classifier.
+    """
+    device = next(model.parameters()).device
+    rows = torch.unique(torch.cat([labels.long()[:, None], tokens.long()], dim=1), dim=0)
+    sums = model.encode_text(prompt_tokens.to(device)).float()
+    counts = torch.zeros(sums.shape[0], device=device)
+    has = torch.zeros(sums.shape[0], dtype=torch.bool, device=device)
+    has[rows[:, 0].to(device)] = True
+    sums[has] = 0.0
+    for i in range(0, rows.shape[0], chunk):
+        part = rows[i : i + chunk].to(device)
+        sums.index_add_(0, part[:, 0], model.encode_text(part[:, 1:]).float())
+        counts.index_add_(0, part[:, 0], torch.ones(part.shape[0], device=device))
+    return F.normalize(sums / counts.clamp(min=1)[:, None], dim=1)
 
 
 # --------------------------------------------------------------------------------------------

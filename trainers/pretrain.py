@@ -3,8 +3,8 @@
 The loop reads the ``train`` and ``heldout`` dataset shards Ray Train hands it, reports
 ``{"epoch", "train_loss", "images_per_second"}`` once per epoch with a checkpoint, and adds
 ``upstream_accuracy`` to the last report (supervised: top-1 on the held-out source split; clip:
-zero-shot top-1 there; simclr: k-NN top-1 there, see :mod:`trainers.methods`). It knows nothing
-of MLflow or of the study: whoever runs it turns reports into records.
+zero-shot top-1 there, against the classes' training captions; simclr: k-NN top-1 there, see
+:mod:`trainers.methods`). It knows nothing of MLflow or of the study: whoever runs it turns reports into records.
 
 ``batch_size`` is the global batch: each of W workers takes ``batch_size // W`` per step, so a
 run means the same optimization on 1 or N workers (contrastive losses gather the global batch).
@@ -27,6 +27,7 @@ from datasets_.pipeline import keep_batch_memory, normalize
 from trainers.methods import (
     batch_caption_ids,
     build_pretrain_model,
+    caption_class_embeddings,
     class_prompts,
     contrastive_loss,
     gather_ragged,
@@ -312,6 +313,20 @@ def _step_functions(method: str, model: nn.Module, device, amp: str, seed: int):
 
 
 @torch.no_grad()
+def clip_class_embeddings(model: nn.Module, train_shard, config: PretrainConfig) -> torch.Tensor:
+    """:func:`~trainers.methods.caption_class_embeddings` of every worker's training captions."""
+    tokens, labels = [], []
+    for batch in train_shard.iter_torch_batches(batch_size=1024):
+        tokens.append(batch["tokens"])
+        labels.append(batch["label"])
+    # Every rank joins the gathers, even one whose shard happened to be empty.
+    width = model.text.context_length
+    tokens = gather_ragged(torch.cat(tokens) if tokens else torch.zeros(0, width, dtype=torch.long))
+    labels = gather_ragged(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+    return caption_class_embeddings(model, tokens, labels, tokenize(class_prompts(list(config.classes))))
+
+
+@torch.no_grad()
 def upstream_top1(
     method: str, model: nn.Module, train_shard, heldout_shard, device, amp: str, config: PretrainConfig
 ) -> tuple[int, int]:
@@ -321,11 +336,11 @@ def upstream_top1(
     if method == "supervised":
         return evaluate_top1(model, heldout, device, amp)
     if method == "clip":
-        tokens = tokenize(class_prompts(list(config.classes)))
+        classes = clip_class_embeddings(model, train_shard, config)
         correct = total = 0
         for batch in heldout:
             with _autocast(device, amp):
-                logits = zero_shot_logits(model, normalize(batch["image"].to(device)), tokens)
+                logits = zero_shot_logits(model, normalize(batch["image"].to(device)), classes)
             correct += int((logits.argmax(1) == batch["label"].to(device)).sum())
             total += int(batch["label"].numel())
         return correct, total
