@@ -312,3 +312,33 @@ def test_default_claims_judge_the_planned_arms_and_never_a_class():
         "counterfactual_removal (arm=helpful)",
         "counterfactual_removal (arm=helpful, versus=random)",
     ]
+
+
+def test_claims_on_clip_runs_that_did_not_learn_are_inconclusive():
+    def acc(src, n, p, s, layer):  # source a helps few-shot, and more data helps it more
+        return 0.5 + (0.2 if s == "1" else 0.02) * (src == "a") + (0.15 if s == "1" else 0.02) * (n == 4000)
+
+    supervised = frame(acc)
+    clip = supervised.assign(method="clip", pretrain_run_id="clip-" + supervised["pretrain_run_id"])
+    # CLIP's zero-shot accuracy per pretraining run: source a's runs average 0.3 (< 0.5), b's 0.8.
+    clip["upstream_accuracy"] = np.where(clip["source"] == "a", 0.2 + 0.2 * (clip["pretrain_seed"] % 2), 0.8)
+    t = pd.concat([supervised, clip], ignore_index=True)
+    asked = [
+        default_claim("source_advantage", task="t", source="a", other="b"),
+        default_claim("size_helps_few_shot_more"),
+    ]
+    rows = claims.evaluate(t, asked)
+    verdicts = dict(zip(rows["setting"], zip(rows["verdict"], rows["interval"])))
+    assert verdicts["t, supervised: a vs b"][0] == REPRODUCED
+    assert verdicts["t, clip: a vs b"] == (
+        INCONCLUSIVE,
+        "CLIP did not learn: zero-shot upstream accuracy 0.30 (a) < 0.5",
+    )
+    assert verdicts["t ← a, clip"][0] == INCONCLUSIVE and verdicts["t ← b, clip"][0] == REPRODUCED
+    assert verdicts["t ← a, supervised"][0] == REPRODUCED
+    # The statistic is still shown; only the verdict is withheld.
+    gated = rows[rows["setting"] == "t, clip: a vs b"].iloc[0]
+    assert gated["estimate"] == pytest.approx(0.18, abs=0.03)
+    # Once CLIP learned on a as well, the same evidence is judged.
+    t.loc[t["method"] == "clip", "upstream_accuracy"] = 0.7
+    assert set(claims.evaluate(t, asked)["verdict"]) == {REPRODUCED}

@@ -13,7 +13,19 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from trainers.features import FeatureCache, Features, feature_key
-from trainers.methods import ClipModel, SimCLRModel, clip_loss, knn_top1, nt_xent_loss, simclr_views, tokenize
+from trainers.methods import (
+    ClipModel,
+    SimCLRModel,
+    batch_caption_ids,
+    caption_class_embeddings,
+    class_prompts,
+    contrastive_loss,
+    knn_top1,
+    nt_xent_loss,
+    simclr_views,
+    tokenize,
+    zero_shot_logits,
+)
 from trainers.models import MODELS, Backbone, layer_names, model_config
 from trainers.probe import logistic_probe
 from trainers.transfer import per_example
@@ -54,7 +66,80 @@ def test_clip_loss_matches_a_hand_computed_value():
         return np.mean([-(row[i] - np.log(np.exp(row).sum())) for i, row in enumerate(rows)])
 
     expected = (ce(logits) + ce(logits.T)) / 2
-    assert float(clip_loss()(img, txt, scale)) == pytest.approx(expected, rel=1e-6)
+    assert float(contrastive_loss(img, txt, scale)) == pytest.approx(expected, rel=1e-6)
+
+
+def _embeddings(n: int = 12, d: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g), dim=1), F.normalize(torch.randn(n, d, generator=g), dim=1)
+
+
+def test_contrastive_loss_with_distinct_captions_is_open_clips_clip_loss():
+    from open_clip.loss import ClipLoss
+
+    img, txt = _embeddings()
+    reference = ClipLoss()(img, txt, torch.tensor(7.0))
+    ids = torch.arange(12)
+    assert float(contrastive_loss(img, txt, torch.tensor(7.0), ids)) == pytest.approx(float(reference), rel=1e-6)
+    assert float(contrastive_loss(img, txt, torch.tensor(7.0))) == pytest.approx(float(reference), rel=1e-6)
+
+
+def test_identical_captions_are_positives_not_negatives():
+    tokens = tokenize(["a photo of a 1.", "a photo of a 2.", "a photo of a 1.", "a 1 in bold type."])
+    ids = batch_caption_ids(tokens)
+    assert ids[0] == ids[2] and len({int(i) for i in ids}) == 3
+    noise, txt = _embeddings(4)
+    # Images that match their own captions; caption 2 (caption 0's twin) lies near caption 0, and
+    # so does image 2.
+    txt = torch.cat([txt[:2], F.normalize(txt[0] + 0.3 * noise[0], dim=0)[None], txt[3:]])
+    img = F.normalize(txt + 0.3 * noise[[1, 2, 3, 0]], dim=1).requires_grad_()
+    scale = torch.tensor(10.0)
+    # Positives whose text embeddings differ: treated as negatives (ClipLoss), image 2 is pushed
+    # away from text 0; as positives it is pulled toward it, and the loss is lower.
+    as_negatives, as_positives = contrastive_loss(img, txt, scale), contrastive_loss(img, txt, scale, ids)
+    assert float(as_positives.detach()) < float(as_negatives.detach())
+    (g_neg,) = torch.autograd.grad(as_negatives, img)
+    (g_pos,) = torch.autograd.grad(as_positives, img)
+    assert float(-g_pos[2] @ txt[0]) > float(-g_neg[2] @ txt[0])
+    # A text tower gives identical token rows identical embeddings; then the two targets agree
+    # (each positive scores the same), and so do loss and gradient: the multi-positive target
+    # changes nothing there. Differing captions, not the loss, are what let CLIP learn.
+    txt_same = txt[[0, 1, 0, 3]]
+    same_pos, same_neg = contrastive_loss(img, txt_same, scale, ids), contrastive_loss(img, txt_same, scale)
+    assert float(same_pos.detach()) == pytest.approx(float(same_neg.detach()), rel=1e-6)
+    (g1,), (g2,) = torch.autograd.grad(same_pos, img), torch.autograd.grad(same_neg, img)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_zero_shot_classes_average_each_class_distinct_training_captions():
+    torch.manual_seed(0)
+    model = ClipModel(Backbone(model_config("tiny-cnn"), 8)).eval()
+    prompts = tokenize(class_prompts(["0", "1", "2"]))
+    captions = ["a 0 with thin strokes.", "a 0 with thick strokes.", "a 0 with thin strokes.", "a 1, slanted."]
+    got = caption_class_embeddings(model, tokenize(captions), torch.tensor([0, 0, 0, 1]), prompts)
+    encode = model.encode_text
+    thin_thick = F.normalize(encode(tokenize(captions[:2])).mean(0), dim=0)  # the repeat counts once
+    torch.testing.assert_close(got[0], thin_thick)
+    torch.testing.assert_close(got[1], encode(tokenize(captions[3:]))[0])
+    torch.testing.assert_close(got[2], encode(prompts[2:])[0])  # no caption: its prompt
+    # Captions that are the class prompts give exactly the single-prompt classifier.
+    same = caption_class_embeddings(model, prompts[[0, 1, 2, 1]], torch.tensor([0, 1, 2, 1]), prompts)
+    torch.testing.assert_close(same, encode(prompts))
+    images = torch.randn(5, 3, 8, 8)
+    torch.testing.assert_close(zero_shot_logits(model, images, same), zero_shot_logits(model, images, prompts))
+
+
+def test_contrastive_loss_runs_under_vmap_over_stacked_models():
+    models = [_embeddings(8, seed=s) for s in range(3)]
+    img = torch.stack([m[0] for m in models])
+    txt = torch.stack([m[1] for m in models])
+    scale = torch.tensor([5.0, 10.0, 20.0])
+    ids = torch.tensor([0, 1, 0, 2, 3, 1, 4, 5])
+    stacked = torch.func.vmap(contrastive_loss, in_dims=(0, 0, 0, None))(img, txt, scale, ids)
+    one_by_one = [contrastive_loss(img[k], txt[k], scale[k], ids) for k in range(3)]
+    np.testing.assert_allclose(stacked.numpy(), torch.stack(one_by_one).numpy(), rtol=1e-6)
+    grads = torch.func.vmap(torch.func.grad(contrastive_loss), in_dims=(0, 0, 0, None))(img, txt, scale, ids)
+    assert grads.shape == img.shape and torch.isfinite(grads).all()
 
 
 def test_cross_entropy_of_the_supervised_method_matches_a_hand_computed_value():
@@ -76,7 +161,6 @@ def test_cross_entropy_of_the_supervised_method_matches_a_hand_computed_value():
 
 def test_clip_captions_come_from_the_data_else_from_the_class_name_template():
     from datasets_.pipeline import training_captions
-    from trainers.methods import class_prompts
 
     caps, swapped = training_captions(
         ["a", "b", "c"],
@@ -111,15 +195,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _losses_and_grads(a: torch.Tensor, b: torch.Tensor) -> dict:
-    """Loss and input gradients of both contrastive losses for embeddings a, b."""
+# Caption ids of the 8-row global batch: rows 0, 2, 5 share a caption, and 1, 6 (across ranks).
+SHARED_IDS = torch.tensor([0, 1, 0, 2, 3, 0, 1, 4])
+
+
+def _losses_and_grads(a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor) -> dict:
+    """Loss and input gradients of the contrastive losses for embeddings a, b (CLIP's with all
+    captions distinct and with the shared caption ``ids``)."""
     out = {}
-    for name in ("nt_xent", "clip"):
+    for name in ("nt_xent", "clip", "clip_shared"):
         x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
         if name == "nt_xent":
             loss = nt_xent_loss(x, y)
         else:
-            loss = clip_loss()(F.normalize(x, dim=1), F.normalize(y, dim=1), torch.tensor(5.0))
+            shared = ids if name == "clip_shared" else None
+            loss = contrastive_loss(F.normalize(x, dim=1), F.normalize(y, dim=1), torch.tensor(5.0), shared)
         loss.backward()
         out[name] = (float(loss.detach()), x.grad.clone(), y.grad.clone())
     return out
@@ -131,14 +221,14 @@ def _model_step(name: str, part: slice = slice(None), ddp: bool = False) -> dict
     through DistributedDataParallel when ``ddp``."""
     torch.manual_seed(0)
     images, views = torch.randn(8, 3, 8, 8), torch.randn(16, 3, 8, 8)
-    tokens = tokenize([f"a photo of a {i}." for i in range(8)])
+    tokens = tokenize([f"a photo of a {i % 3}." for i in range(8)])  # shared across ranks too
     backbone = Backbone(model_config("vit-tiny"), 8)
     model = ClipModel(backbone) if name == "clip" else SimCLRModel(backbone)
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
 
     def loss():
         if name == "clip":
-            return clip_loss()(*net(images[part], tokens[part]))
+            return contrastive_loss(*net(images[part], tokens[part]), batch_caption_ids(tokens[part]))
         z1, z2 = net(torch.cat([views[:8][part], views[8:][part]])).chunk(2)
         return nt_xent_loss(z1, z2)
 
@@ -155,7 +245,7 @@ def _rank_main(rank: int, port: int, a: torch.Tensor, b: torch.Tensor, queue) ->
     try:
         n = a.shape[0] // 2
         part = slice(rank * n, (rank + 1) * n)
-        res = _losses_and_grads(a[part], b[part])
+        res = _losses_and_grads(a[part], b[part], SHARED_IDS[part])
         # Plain arrays: tensors would travel as shared-memory handles that die with this process.
         out = {k: (loss, ga.numpy(), gb.numpy()) for k, (loss, ga, gb) in res.items()}
         grads = {name: _model_step(name, slice(rank * 4, (rank + 1) * 4), ddp=True) for name in ("clip", "simclr")}
@@ -168,7 +258,7 @@ def _rank_main(rank: int, port: int, a: torch.Tensor, b: torch.Tensor, queue) ->
 def test_contrastive_losses_and_ddp_models_on_two_gloo_workers_equal_one_worker():
     torch.manual_seed(0)
     a, b = torch.randn(8, 5), torch.randn(8, 5)
-    single = _losses_and_grads(a, b)
+    single = _losses_and_grads(a, b, SHARED_IDS)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()

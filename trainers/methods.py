@@ -3,11 +3,15 @@
 - ``supervised``: :class:`~trainers.models.Classifier`, cross-entropy on the (possibly noisy)
   labels; upstream accuracy = top-1 on the held-out split.
 - ``clip``: :class:`ClipModel`, a registry image backbone with a linear projection beside an
-  open_clip text transformer (small custom config, no pretrained weights), trained with
-  open_clip's :class:`~open_clip.loss.ClipLoss`. Text is tokenized with open_clip's
+  open_clip text transformer (``open_clip.transformer.TextTransformer``, small custom config, no
+  pretrained weights), trained with :func:`contrastive_loss`: open_clip's ClipLoss, except that
+  samples of one batch with identical captions are positives of each other, not negatives
+  (:func:`batch_caption_ids`). Text is tokenized with open_clip's
   ``SimpleTokenizer``, whose BPE vocabulary ships inside the package (works offline). Captions
   come from the data's caption field, or from ``CLIP_TEMPLATE`` and the class name when the
-  source has only labels. Upstream accuracy = zero-shot top-1 with the class-name prompts.
+  source has only labels. Upstream accuracy = zero-shot top-1 against each class's training
+  captions, encoded and averaged (:func:`caption_class_embeddings`; the class-name prompt for a
+  class without captions).
 - ``simclr``: :class:`SimCLRModel`, a backbone with a 2-layer projection MLP (dropped for
   transfer), trained with :func:`nt_xent_loss` on two augmented views per image
   (:func:`simclr_views`, batched on the training device). Upstream accuracy = k-NN top-1 of the
@@ -230,12 +234,12 @@ class ClipModel(nn.Module):
 
     def __init__(self, backbone: Backbone, embed_dim: int = CLIP_EMBED_DIM, text: dict | None = None):
         super().__init__()
-        from open_clip.model import CLIPTextCfg, _build_text_tower
+        from open_clip.transformer import TextTransformer
 
         self.backbone = backbone
         self.feature_dim = backbone.feature_dim
         self.image_proj = nn.Linear(backbone.feature_dim, embed_dim, bias=False)
-        self.text = _build_text_tower(embed_dim, CLIPTextCfg(**(text or CLIP_TEXT)))
+        self.text = TextTransformer(**(text or CLIP_TEXT), output_dim=embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,19 +256,80 @@ class ClipModel(nn.Module):
         return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp().clamp(max=100)
 
 
-def clip_loss():
-    """open_clip's contrastive loss, gathering the global batch (with gradients) across ranks."""
-    from open_clip.loss import ClipLoss
+@torch.no_grad()
+def batch_caption_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """int64 [n]: one id per distinct token row of the *global* batch, for this rank's n rows.
 
-    rank, world = _world()
-    return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    Equal ids mean identical captions (:func:`contrastive_loss`'s positives). Every rank gathers
+    the token rows of all ranks (equal batch sizes, as the loss's gather requires) and numbers
+    the distinct rows, so ids compare across ranks. Call it once per batch, outside any vmap.
+    """
+    rank, _ = _world()
+    _, ids = torch.unique(gather_ragged(tokens), dim=0, return_inverse=True)
+    n = tokens.shape[0]
+    return ids[rank * n : rank * n + n]
+
+
+def contrastive_loss(
+    image_f: torch.Tensor, text_f: torch.Tensor, scale: torch.Tensor, caption_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """CLIP's symmetric contrastive loss over the global batch, identical captions as positives.
+
+    ``image_f`` and ``text_f`` are this rank's normalized embeddings [n, d], ``scale`` the logit
+    scale, ``caption_ids`` the :func:`batch_caption_ids` of the n captions (None: all distinct). Embeddings
+    are all-gathered with gradients (N rows over all ranks); each local image scores all N texts
+    and each local text all N images. The target of a row is uniform over its positives, the
+    samples whose caption id equals its own (itself included), and the loss is the mean of the
+    image->text and text->image soft-target cross-entropies. With distinct captions it is exactly
+    open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)``; with one caption per class
+    it no longer pushes apart images and captions of the same class.
+
+    No data-dependent control flow, no ``.item()``: ``torch.func.vmap`` over stacked models'
+    embeddings (and ids) gives each model's loss.
+    """
+    all_image, offset = gather_with_grad(image_f)
+    all_text, _ = gather_with_grad(text_f)
+    n, world_n = image_f.shape[0], all_image.shape[0]
+    if caption_ids is None:
+        positives = F.one_hot(torch.arange(n, device=image_f.device) + offset, world_n).to(image_f.dtype)
+    else:
+        positives = (caption_ids[:, None] == gather_ragged(caption_ids)[None, :]).to(image_f.dtype)
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    per_image = -(targets * F.log_softmax(scale * image_f @ all_text.T, dim=1)).sum(dim=1)
+    per_text = -(targets * F.log_softmax(scale * text_f @ all_image.T, dim=1)).sum(dim=1)
+    return (per_image.mean() + per_text.mean()) / 2
 
 
 @torch.no_grad()
 def zero_shot_logits(model: ClipModel, images: torch.Tensor, class_tokens: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of each image to each class prompt (scaled as in training)."""
-    text = model.encode_text(class_tokens.to(images.device))
-    return model.logit_scale.exp() * model.encode_image(images) @ text.T
+    """Cosine similarity of each image to each class prompt (scaled as in training);
+    ``class_tokens`` may instead be class text embeddings [C, d] (float: used as they are)."""
+    text = class_tokens if class_tokens.is_floating_point() else model.encode_text(class_tokens.to(images.device))
+    return model.logit_scale.exp() * model.encode_image(images) @ text.to(images.device).T
+
+
+@torch.no_grad()
+def caption_class_embeddings(
+    model: ClipModel, tokens: torch.Tensor, labels: torch.Tensor, prompt_tokens: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
+    """Normalized class text embeddings [C, d] for zero-shot classification: each class's
+    distinct training captions (``tokens`` [N, context] with their ``labels``) encoded and
+    averaged, a prompt ensemble as CLIP averages its 80 templates. A class without captions
+    keeps its prompt (``prompt_tokens`` [C, context], :func:`class_prompts`), so captions equal
+    to the class prompt give exactly the single-prompt classifier.
+    """
+    device = next(model.parameters()).device
+    rows = torch.unique(torch.cat([labels.long()[:, None], tokens.long()], dim=1), dim=0)
+    sums = model.encode_text(prompt_tokens.to(device)).float()
+    counts = torch.zeros(sums.shape[0], device=device)
+    has = torch.zeros(sums.shape[0], dtype=torch.bool, device=device)
+    has[rows[:, 0].to(device)] = True
+    sums[has] = 0.0
+    for i in range(0, rows.shape[0], chunk):
+        part = rows[i : i + chunk].to(device)
+        sums.index_add_(0, part[:, 0], model.encode_text(part[:, 1:]).float())
+        counts.index_add_(0, part[:, 0], torch.ones(part.shape[0], device=device))
+    return F.normalize(sums / counts.clamp(min=1)[:, None], dim=1)
 
 
 # --------------------------------------------------------------------------------------------

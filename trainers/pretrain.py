@@ -4,8 +4,8 @@ The loop reads the ``train`` and ``heldout`` dataset shards Ray Train hands it, 
 ``{"epoch", "train_loss", "images_per_second", "train_loss_steps"}`` once per epoch with a
 checkpoint (``train_loss_steps``: rank 0's batch loss every ``log_every_steps`` steps), and adds
 ``upstream_accuracy`` to the last report (supervised: top-1 on the held-out source split; clip:
-zero-shot top-1 there; simclr: k-NN top-1 there, see :mod:`trainers.methods`). It knows nothing
-of MLflow or of the study: whoever runs it turns reports into records.
+zero-shot top-1 there, against the classes' training captions; simclr: k-NN top-1 there, see
+:mod:`trainers.methods`). It knows nothing of MLflow or of the study: whoever runs it turns reports into records.
 
 ``batch_size`` is the global batch: each of W workers takes ``batch_size // W`` per step, so a
 run means the same optimization on 1 or N workers (contrastive losses gather the global batch).
@@ -26,9 +26,11 @@ from torch import nn
 
 from datasets_.pipeline import keep_batch_memory, normalize
 from trainers.methods import (
+    batch_caption_ids,
     build_pretrain_model,
+    caption_class_embeddings,
     class_prompts,
-    clip_loss,
+    contrastive_loss,
     gather_ragged,
     knn_top1,
     nt_xent_loss,
@@ -295,13 +297,13 @@ def _step_functions(method: str, model: nn.Module, device, amp: str, seed: int):
             model(normalize(b["image"].to(device, non_blocking=True))), b["label"].to(device, non_blocking=True)
         )
     if method == "clip":
-        loss_fn = clip_loss()
 
         def clip_step(b):
             images = normalize(b["image"].to(device, non_blocking=True))
-            image_f, text_f, scale = model(images, b["tokens"].to(device, non_blocking=True))
+            tokens = b["tokens"].to(device, non_blocking=True)
+            image_f, text_f, scale = model(images, tokens)
             with torch.autocast(device.type, enabled=False):  # similarity logits in float32
-                return loss_fn(image_f.float(), text_f.float(), scale.float())
+                return contrastive_loss(image_f.float(), text_f.float(), scale.float(), batch_caption_ids(tokens))
 
         return clip_step
     if method == "simclr":
@@ -320,6 +322,20 @@ def _step_functions(method: str, model: nn.Module, device, amp: str, seed: int):
 
 
 @torch.no_grad()
+def clip_class_embeddings(model: nn.Module, train_shard, config: PretrainConfig) -> torch.Tensor:
+    """:func:`~trainers.methods.caption_class_embeddings` of every worker's training captions."""
+    tokens, labels = [], []
+    for batch in train_shard.iter_torch_batches(batch_size=1024):
+        tokens.append(batch["tokens"])
+        labels.append(batch["label"])
+    # Every rank joins the gathers, even one whose shard happened to be empty.
+    width = model.text.context_length
+    tokens = gather_ragged(torch.cat(tokens) if tokens else torch.zeros(0, width, dtype=torch.long))
+    labels = gather_ragged(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+    return caption_class_embeddings(model, tokens, labels, tokenize(class_prompts(list(config.classes))))
+
+
+@torch.no_grad()
 def upstream_top1(
     method: str, model: nn.Module, train_shard, heldout_shard, device, amp: str, config: PretrainConfig
 ) -> tuple[int, int]:
@@ -329,11 +345,11 @@ def upstream_top1(
     if method == "supervised":
         return evaluate_top1(model, heldout, device, amp)
     if method == "clip":
-        tokens = tokenize(class_prompts(list(config.classes)))
+        classes = clip_class_embeddings(model, train_shard, config)
         correct = total = 0
         for batch in heldout:
             with _autocast(device, amp):
-                logits = zero_shot_logits(model, normalize(batch["image"].to(device)), tokens)
+                logits = zero_shot_logits(model, normalize(batch["image"].to(device)), classes)
             correct += int((logits.argmax(1) == batch["label"].to(device)).sum())
             total += int(batch["label"].numel())
         return correct, total

@@ -16,7 +16,8 @@ interval, verdict``:
 ``n`` is the number of units the interval rests on (pretraining seeds per configuration, or
 configurations for fits and layers, models for class influence, seed pairs for counterfactual
 arms); ``interval`` says how it was formed (:mod:`.stats`). :func:`summary` turns a claim's rows
-into one verdict.
+into one verdict. Rows resting on CLIP runs that did not learn are inconclusive
+(:mod:`.clip_gate`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from scipy import stats as sps
 
 from orchestrator.analysis import counterfactual as cf
 from orchestrator.analysis import fits, influence
+from orchestrator.analysis.clip_gate import EVIDENCE, evidence_pairs, gate_clip_rows, unlearned_clip_sources
 from orchestrator.analysis.frame import PRETRAIN_SEED, InfluenceInputs
 from orchestrator.analysis.influence import PERMUTATIONS
 from orchestrator.analysis.stats import (
@@ -86,9 +88,13 @@ def verdict(lo: float, hi: float, expect: int = +1) -> str:
     return judge(Interval(float("nan"), lo, hi, 0, ""), expect)
 
 
-def _row(claim: str, setting: str, statistic: str, iv: Interval, expect: int = +1, threshold: float = 0.0, note=""):
+def _row(
+    claim: str, setting: str, statistic: str, iv: Interval, expect=+1, threshold=0.0, note="", evidence=frozenset()
+):
+    """One claim row; ``evidence``: the (method, source) pairs it rests on (for the CLIP gate)."""
     v = judge(iv, expect, threshold) if not note else INCONCLUSIVE
     return {
+        EVIDENCE: evidence,
         "claim": claim,
         "setting": setting,
         "statistic": statistic,
@@ -158,7 +164,8 @@ def source_advantage(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
             continue
         ca, cb = _largest_config(a), _largest_config(b)
         w = {(ca, few): 1.0, (ca, FULL): -1.0, (cb, few): -1.0, (cb, FULL): 1.0}
-        rows.append(_row(c.name, setting, stat, contrast(m, w, CONFIG, ACC), c.expect))
+        pairs = evidence_pairs(pd.concat([a, b]))
+        rows.append(_row(c.name, setting, stat, contrast(m, w, CONFIG, ACC), c.expect, evidence=pairs))
     return rows
 
 
@@ -184,6 +191,7 @@ def size_helps_few_shot_more(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
                         f"gain {lo_n:,.0f}→{hi_n:,.0f} samples at {few} shot(s) − at full",
                         contrast(m, w, CONFIG, ACC),
                         c.expect,
+                        evidence=evidence_pairs(m),
                     )
                 )
     return rows
@@ -219,6 +227,7 @@ def noisy_larger_noninferior(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
                             contrast(m, {(cn, shots): 1.0, (cc, shots): -1.0}, CONFIG, ACC),
                             +1,
                             threshold=-margin,
+                            evidence=evidence_pairs(m),
                         )
                     )
     return rows
@@ -286,6 +295,7 @@ def saturation(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
                     iv,
                     c.expect,
                     note=note,
+                    evidence=evidence_pairs(g[g["shots"] == shots]),
                 )
             )
     return rows
@@ -332,14 +342,16 @@ def e_ir_falls_with_shots(t: pd.DataFrame, c: ClaimSpec, n_boot: int = 200, seed
         more = str(c.get("more_shots")) if c.get("more_shots") is not None else order[-1]
         ga, gb = g[g["shots"] == fewer], g[g["shots"] == more]
         (ia, na), (ib, nb) = _fit_interval(e_ir_fit(ga)), _fit_interval(e_ir_fit(gb))
+        stat, pairs = f"e_IR({fewer} shot(s)) − e_IR({more} shot(s))", evidence_pairs(g[g["shots"].isin([fewer, more])])
         rows.append(
             _row(
                 c.name,
                 task,
-                f"e_IR({fewer} shot(s)) − e_IR({more} shot(s))",
+                stat,
                 _paired_difference(g, ia, ib, fewer, more, n_boot, seed),
                 c.expect,
                 note=na or nb,
+                evidence=pairs,
             )
         )
     return rows
@@ -393,6 +405,7 @@ def best_layer_differs(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
             f"[acc({layer}) − acc({final})] on {c.get('far')} − on {c.get('near')}",
             iv,
             c.expect,
+            evidence=evidence_pairs(t[t["task"].isin([c.get("near"), c.get("far")]) & (t["shots"] == shots)]),
         )
     ]
 
@@ -551,7 +564,7 @@ def evaluate(evidence: pd.DataFrame | Evidence, claims: list[ClaimSpec] | tuple 
     rows = []
     for c in claims or default_claims(ev):
         rows += EVALUATE[c.kind](ev, c)
-    return _frame(rows)
+    return _frame(gate_clip_rows(rows, unlearned_clip_sources(ev.transfer)))
 
 
 def overall(rows: pd.DataFrame, claims: list[ClaimSpec] | tuple = ()) -> list[dict]:

@@ -14,7 +14,7 @@ import json
 # every release, deployment tags included): bump it only when a change alters what a pretraining
 # run or a transfer fit computes (loops, models, views, probes), so that every study recomputes
 # instead of reusing the old code's results.
-RESULTS_VERSION = "0.2.0"
+RESULTS_VERSION = "0.3.0"
 
 
 def content_hash(obj) -> str:
