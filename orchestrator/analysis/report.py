@@ -189,7 +189,7 @@ def _abnar(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
 
 
 def _jain(
-    rep: Report, tracker: Tracker, sr: StudyRuns, seed: int, datamodels: list | None = None
+    rep: Report, tracker: Tracker, sr: StudyRuns, seed: int, datamodels: list | None = None, cached: bool = False
 ) -> tuple[list, pd.DataFrame | None]:
     """The influence section; returns the influence inputs and the follow-up's arm runs (the
     claims' evidence)."""
@@ -261,16 +261,18 @@ def _jain(
         "splits). About 0 when no class matters; near 1 when the ranking is stable.",
     )
     rep.tables["influence_per_example"] = pd.concat(per_example, ignore_index=True)
-    return inputs, _counterfactual(rep, tracker, sr, sec)
+    return inputs, _counterfactual(rep, tracker, sr, sec, cached)
 
 
-def _counterfactual(rep: Report, tracker: Tracker, sr: StudyRuns, sec: Section) -> pd.DataFrame | None:
+def _counterfactual(
+    rep: Report, tracker: Tracker, sr: StudyRuns, sec: Section, cached: bool = False
+) -> pd.DataFrame | None:
     """The follow-up's accuracy vs K; returns its runs per arm (:func:`cf.arm_runs`), None without one."""
     plan = cf.read_plan(tracker, sr.study_run_id)
     if plan is None:
         return None
     try:
-        follow = load_study(tracker, plan["followup_study"])
+        follow = load_study(tracker, plan["followup_study"], cached=cached)
     except ValueError:
         sec.text += f" Counterfactual follow-up '{plan['followup_study']}' is planned but has no runs yet."
         return None
@@ -336,10 +338,15 @@ def _claims(rep: Report, evidence: claims_.Evidence, declared: tuple, origin: st
     rep.table(sec, "claims", rows, "Every claim, per setting.")
 
 
-def build_report(tracker: Tracker, study: str, n_boot: int = 200, seed: int = 0) -> Report:
-    """Read the study from MLflow and compute every table, fit and figure (AnalysisError if unknown/empty)."""
+def build_report(
+    tracker: Tracker, study: str, n_boot: int = 200, seed: int = 0, cached: bool = False, refresh: bool = False
+) -> Report:
+    """Read the study from MLflow and compute every table, fit and figure (AnalysisError if unknown/empty).
+
+    ``cached``: read runs and artifacts through the local run cache (:mod:`~orchestrator.analysis.run_cache`);
+    ``refresh``: rebuild that cache from every run."""
     t0 = time.perf_counter()
-    sr = load_study(tracker, study)
+    sr = load_study(tracker, study, cached=cached, refresh=refresh)
     rep = Report(study, sr.study_run_id, sr.status_line(), sr.partial)
     rep.numbers.update(
         {
@@ -356,11 +363,11 @@ def build_report(tracker: Tracker, study: str, n_boot: int = 200, seed: int = 0)
     if sr.transfer.empty and not dm:
         rep.section("No results yet", "No transfer run of this study has finished.")
     elif sr.transfer.empty:
-        inputs, arms = _jain(rep, tracker, sr, seed, dm)
+        inputs, arms = _jain(rep, tracker, sr, seed, dm, cached)
     else:
         _entezari(rep, tables.final_layer(sr.transfer), n_boot, seed)
         _abnar(rep, sr.transfer, n_boot, seed)
-        inputs, arms = _jain(rep, tracker, sr, seed, dm)
+        inputs, arms = _jain(rep, tracker, sr, seed, dm, cached)
     evidence = claims_.Evidence(sr.transfer, tuple(inputs), arms, seed=seed)
     _claims(rep, evidence, *declared_claims(tracker, sr.study_run_id))
     rep.numbers["seconds"] = round(time.perf_counter() - t0, 2)
