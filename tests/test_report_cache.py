@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator.analysis import run_cache
+from orchestrator.analysis import fits, run_cache
 from orchestrator.analysis.frame import influence_inputs, load_study
+from orchestrator.analysis.memo import Memo
 from orchestrator.cli import main
 from orchestrator.records.schema import METRIC_ACCURACY, PER_EXAMPLE_ARTIFACT
 from orchestrator.records.tracker import Tracker
@@ -140,3 +141,20 @@ def test_report_command_is_the_same_from_the_cache_and_refresh_reads_everything(
         numbers.append(doc)
     assert numbers[0]["finished_transfer_runs"] == 24 and numbers[0]["influence"]
     assert all(n == numbers[0] for n in numbers[1:])
+
+
+def test_memo_answers_the_same_fit_from_disk_and_recomputes_a_changed_or_corrupt_one(tmp_path):
+    rng = np.random.default_rng(1)
+    us = rng.uniform(0.3, 0.95, 30)
+    ds = 1 - fits.saturation(1 - us, 0.5, 1.5, 0.1) + rng.normal(0, 0.01, 30)
+    memo = Memo(tmp_path)
+    first = memo(fits.fit_with_ci, us, ds, on_hull=False, n_boot=20, seed=0)
+    again = memo(fits.fit_with_ci, us, ds, on_hull=False, n_boot=20, seed=0)
+    assert (memo.misses, memo.hits) == (1, 1)
+    assert again == first == fits.fit_with_ci(us, ds, on_hull=False, n_boot=20, seed=0)
+    other = memo(fits.fit_with_ci, us, ds, on_hull=False, n_boot=20, seed=1)  # another seed: another result
+    assert memo.misses == 2 and other != first
+    for f in tmp_path.glob("memo-*.json"):
+        f.write_text("{")
+    assert memo(fits.fit_with_ci, us, ds, on_hull=False, n_boot=20, seed=0) == first
+    assert memo.misses == 3

@@ -22,9 +22,10 @@ import pandas as pd
 
 from orchestrator.analysis import claims as claims_
 from orchestrator.analysis import counterfactual as cf
-from orchestrator.analysis import figures, influence, tables
+from orchestrator.analysis import figures, fits, influence, tables
 from orchestrator.analysis.datamodel_influence import datamodel_inputs
 from orchestrator.analysis.frame import StudyRuns, influence_inputs, load_study
+from orchestrator.analysis.memo import Memo
 from orchestrator.records.schema import REPORT_ARTIFACT_DIR, SPEC_ARTIFACT
 from orchestrator.records.tracker import Tracker
 from orchestrator.spec import SpecError, load_spec
@@ -49,6 +50,8 @@ class Report:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     figures: dict[str, bytes] = field(default_factory=dict)
     numbers: dict = field(default_factory=dict)
+    # Slow pure results (figures, bootstrapped fits) kept by input digest; Memo(None) keeps none.
+    memo: Memo = field(default_factory=lambda: Memo(None), repr=False, compare=False)
 
     def section(self, title: str, text: str) -> Section:
         self.sections.append(Section(title, text))
@@ -91,7 +94,8 @@ def _entezari(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
         rep.figure(
             sec,
             f"accuracy_vs_shots_{task}",
-            figures.curves(
+            rep.memo(
+                figures.curves,
                 g,
                 "shots_n",
                 tables.series_keys(t) + ["protocol"],
@@ -107,7 +111,8 @@ def _entezari(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
             rep.figure(
                 sec,
                 f"accuracy_vs_size_{task}_{source}",
-                figures.curves(
+                rep.memo(
+                    figures.curves,
                     g,
                     tables.SIZE,
                     ["shots", "method"],
@@ -122,7 +127,7 @@ def _entezari(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
         rep.figure(
             sec,
             "spread_vs_shots",
-            figures.spread(spread, "Spread across sources vs shots"),
+            rep.memo(figures.spread, spread, "Spread across sources vs shots"),
             "Does the choice of source matter less with more shots?",
         )
     iso = tables.iso_accuracy_table(t)
@@ -155,7 +160,9 @@ def _abnar(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
     )
     points = tables.us_ds_points(tables.final_layer(t))
     rep.table(sec, "downstream_vs_upstream", points, "The scatter's points.", show=False)
-    fitted, check = tables.saturation_tables(points, n_boot=n_boot, seed=seed)
+    fitted, check = tables.saturation_tables(
+        points, n_boot=n_boot, seed=seed, fit=lambda *a, **k: rep.memo(fits.fit_with_ci, *a, **k)
+    )
     rep.table(sec, "saturation_fits", fitted, "Fitted k, α, e_IR with bootstrap 95% CIs, per task and shots.")
     rep.table(
         sec,
@@ -168,14 +175,14 @@ def _abnar(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
         rep.figure(
             sec,
             f"downstream_vs_upstream_{task}_{protocol}",
-            figures.saturation_panel(g, f, f"{task} ({protocol})", seed=seed),
+            rep.memo(figures.saturation_panel, g, f, f"{task} ({protocol})", seed=seed),
             f"Task {task}: downstream vs upstream accuracy with the hull and both fits.",
         )
     if len(fitted) and np.isfinite(fitted["shots_n"]).any():
         rep.figure(
             sec,
             "e_ir_vs_shots",
-            figures.e_ir_vs_shots(fitted, "Irreducible downstream error vs shots"),
+            rep.memo(figures.e_ir_vs_shots, fitted, "Irreducible downstream error vs shots"),
             "e_IR of each fit vs shots.",
         )
     layers = tables.best_layer_table(t)
@@ -239,8 +246,10 @@ def _jain(
         rep.figure(
             sec,
             f"influence_{x.task}_{x.protocol}_{x.source}",
-            figures.influence_bars(
-                r, f"{x.task} ({x.protocol}, {x.shots} shots): most helpful and harmful classes of {x.source}"
+            rep.memo(
+                figures.influence_bars,
+                r,
+                f"{x.task} ({x.protocol}, {x.shots} shots): most helpful and harmful classes of {x.source}",
             ),
             f"Task {x.task}, source {x.source}: ranked class influence.",
         )
@@ -285,7 +294,7 @@ def _counterfactual(
         rep.figure(
             sec,
             "counterfactual",
-            figures.counterfactual_plot(agg, f"{plan['task']}: accuracy after removing K classes{note}"),
+            rep.memo(figures.counterfactual_plot, agg, f"{plan['task']}: accuracy after removing K classes{note}"),
             "Removing harmful classes should help, removing helpful ones hurt, random in between.",
         )
     rep.numbers["counterfactual"] = {
@@ -348,6 +357,7 @@ def build_report(
     t0 = time.perf_counter()
     sr = load_study(tracker, study, cached=cached, refresh=refresh)
     rep = Report(study, sr.study_run_id, sr.status_line(), sr.partial)
+    rep.memo = Memo(sr.cache.folder if sr.cache else None)
     rep.numbers.update(
         {
             "study": study,
