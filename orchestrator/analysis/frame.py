@@ -262,14 +262,18 @@ def _fetch_all(artifact_uris: list[str], path: str, read, tracking_uri: str | No
             return list(pool.map(one, enumerate(artifact_uris)))
 
 
-def _fetch(artifact_uris: list[str], path: str, read, tracking_uri, cache, keys, name: str) -> list:
-    """:func:`_fetch_all`, through ``cache`` (a :class:`RunCache`) when given, keyed by ``keys``
-    (run id, end time) per URI; ``name`` says what ``read`` takes from the file."""
-    if cache is None:
-        return _fetch_all(artifact_uris, path, read, tracking_uri)
-    return cache.artifacts(
-        f"{path}:{name}", keys, lambda idx: _fetch_all([artifact_uris[i] for i in idx], path, read, tracking_uri)
-    )
+def _fetch(artifact_uris: list[str], path: str, read, tracking_uri, cache, keys, name: str) -> pd.DataFrame:
+    """The rows ``read(local_file)`` gives for ``path`` of each run, as one table whose column
+    ``_i`` is the run's position in ``artifact_uris`` (runs without the artifact have no rows);
+    through ``cache`` (a :class:`RunCache`) when given, keyed by ``keys`` (run id, end time per
+    URI). ``name`` says what ``read`` takes from the file."""
+    if cache is not None:
+        return cache.artifacts(
+            f"{path}:{name}", keys, lambda idx: _fetch_all([artifact_uris[i] for i in idx], path, read, tracking_uri)
+        )
+    tables = _fetch_all(artifact_uris, path, read, tracking_uri)
+    present = [t.assign(_i=i) for i, t in enumerate(tables) if t is not None]
+    return pd.concat(present, ignore_index=True) if present else pd.DataFrame(columns=["_i"])
 
 
 def _read_mask(p: Path) -> pd.DataFrame:
@@ -286,14 +290,15 @@ def class_masks(
     when no run has a mask. ``cache`` and ``keys`` (run id, end time per URI): read through a
     :class:`RunCache`.
     """
-    docs = _fetch(artifact_uris, VIEW_MASK_ARTIFACT, _read_mask, tracking_uri, cache, keys, "class,included")
-    names = next((d["class"].tolist() for d in docs if d is not None), None)
-    if names is None:
+    rows = _fetch(artifact_uris, VIEW_MASK_ARTIFACT, _read_mask, tracking_uri, cache, keys, "class,included")
+    if rows.empty:
         return [], np.zeros((len(artifact_uris), 0), dtype=bool)
+    i = rows["_i"].to_numpy(int)
+    names = rows.loc[i == i.min(), "class"].tolist()  # the first run's class order
+    col = pd.Index(names).get_indexer(rows["class"])
     mask = np.ones((len(artifact_uris), len(names)), dtype=bool)
-    for i, d in enumerate(docs):
-        if d is not None:
-            mask[i] = d["included"].to_numpy(dtype=bool)
+    ok = col >= 0
+    mask[i[ok], col[ok]] = rows["included"].to_numpy(bool)[ok]
     return names, mask
 
 
@@ -309,7 +314,7 @@ def per_example_outputs(
     Runs without the artifact, and examples a run lacks, are NaN. ``cache`` and ``keys``: as
     :func:`class_masks`.
     """
-    tables = _fetch(
+    rows = _fetch(
         artifact_uris,
         PER_EXAMPLE_ARTIFACT,
         lambda p: pd.read_parquet(p, columns=["example", column]),
@@ -318,14 +323,13 @@ def per_example_outputs(
         keys,
         f"example,{column}",
     )
-    present = [t for t in tables if t is not None]
-    if not present:
+    if rows.empty:
         return np.zeros(0, dtype=int), np.full((len(artifact_uris), 0), np.nan)
-    examples = np.unique(np.concatenate([t["example"].to_numpy() for t in present]))
+    examples = np.unique(rows["example"].to_numpy())
     out = np.full((len(artifact_uris), len(examples)), np.nan)
-    for i, t in enumerate(tables):
-        if t is not None:
-            out[i, np.searchsorted(examples, t["example"].to_numpy())] = t[column].to_numpy(dtype=float)
+    out[rows["_i"].to_numpy(int), np.searchsorted(examples, rows["example"].to_numpy())] = rows[column].to_numpy(
+        dtype=float
+    )
     return examples, out
 
 

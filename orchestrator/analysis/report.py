@@ -22,7 +22,7 @@ import pandas as pd
 
 from orchestrator.analysis import claims as claims_
 from orchestrator.analysis import counterfactual as cf
-from orchestrator.analysis import figures, fits, influence, tables
+from orchestrator.analysis import figures, influence, tables
 from orchestrator.analysis.datamodel_influence import datamodel_inputs
 from orchestrator.analysis.frame import StudyRuns, influence_inputs, load_study
 from orchestrator.analysis.memo import Memo
@@ -138,7 +138,7 @@ def _entezari(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
         "How many noisy samples equal n clean ones (interpolated in log size; "
         "empty cells: the noisy curve never reaches that accuracy).",
     )
-    mult = tables.multiplier_table(t, n_boot=n_boot, seed=seed)
+    mult = tables.multiplier_table(t, n_boot=n_boot, seed=seed, memo=rep.memo)
     rep.table(
         sec,
         "data_multiplier",
@@ -160,9 +160,7 @@ def _abnar(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
     )
     points = tables.us_ds_points(tables.final_layer(t))
     rep.table(sec, "downstream_vs_upstream", points, "The scatter's points.", show=False)
-    fitted, check = tables.saturation_tables(
-        points, n_boot=n_boot, seed=seed, fit=lambda *a, **k: rep.memo(fits.fit_with_ci, *a, **k)
-    )
+    fitted, check = tables.saturation_tables(points, n_boot=n_boot, seed=seed, memo=rep.memo)
     rep.table(sec, "saturation_fits", fitted, "Fitted k, α, e_IR with bootstrap 95% CIs, per task and shots.")
     rep.table(
         sec,

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 
 from datasets_.builtin import cache_dir
@@ -172,40 +173,51 @@ class RunCache:
             _warn(table_path, e)
             return empty, set()
 
-    def artifacts(self, name: str, keys: list[tuple[str, int | None]], fetch) -> list:
-        """One value per ``(run_id, end_time)`` in ``keys``: cached ones read back, the others
-        from ``fetch(indices) -> values`` (a DataFrame each, None where the run has no such
-        artifact) and cached. ``name`` names the artifact and what was read from it. Runs not
-        yet ended (end time None) are always fetched and never cached."""
+    def artifacts(self, name: str, keys: list[tuple[str, int | None]], fetch) -> pd.DataFrame:
+        """The rows of each run's artifact as one table, column ``_i`` the run's position in
+        ``keys`` (``(run_id, end_time)`` each): cached runs read back, the others from
+        ``fetch(indices) -> values`` (a DataFrame each, None where the run has no such artifact)
+        and cached. ``name`` names the artifact and what was read from it. Runs not yet ended
+        (end time None) are always fetched and never cached."""
         table, absent = self._load_artifacts(name)
-        rows = table.groupby(["_run_id", "_end_time"], sort=False).indices if len(table) else {}
-        have = {(r, int(e)): ix for (r, e), ix in rows.items()}
-        out: list = [None] * len(keys)
-        missing = []
-        for i, k in enumerate(keys):
-            if k in have:
-                out[i] = table.iloc[have[k]].drop(columns=["_run_id", "_end_time"]).reset_index(drop=True)
-            elif k not in absent:
-                missing.append(i)
-        if not missing:
-            return out
-        for i, value in zip(missing, fetch(missing)):
-            out[i] = value
+        table["_end_time"] = table["_end_time"].astype("Int64")
+        want = pd.DataFrame(
+            {
+                "_run_id": pd.Series([k[0] for k in keys], dtype=object),
+                "_end_time": pd.array([k[1] for k in keys], dtype="Int64"),
+                "_i": np.arange(len(keys)),
+            }
+        )
+        hit = table.merge(want, on=["_run_id", "_end_time"]) if len(table) else table.assign(_i=[])
+        have = set(hit["_i"].tolist())
+        missing = [i for i, k in enumerate(keys) if i not in have and k not in absent]
+        fetched = fetch(missing) if missing else []
         self.artifacts_read += len(missing)
+        new = {i: v for i, v in zip(missing, fetched) if v is not None}
+        out = pd.concat(
+            [hit.drop(columns=["_run_id", "_end_time"]), *[v.assign(_i=i) for i, v in new.items()]], ignore_index=True
+        )
+        if missing:
+            self._store(name, table, absent, keys, missing, new)
+        return out
 
-        def wanted(k) -> bool:  # a run deleted or finished again since leaves; running ones never enter
+    def _store(self, name: str, table: pd.DataFrame, absent: set, keys: list, missing: list, new: dict) -> None:
+        """Write the artifact table back: rows of runs deleted or finished again since leave,
+        the newly fetched ones join; runs not yet ended never enter."""
+
+        def wanted(k) -> bool:
             return k[1] is not None and (self.current is None or self.current.get(k[0], -1) == k[1])
 
-        kept = [table.iloc[ix] for k, ix in have.items() if wanted(k)]
-        new = [out[i].assign(_run_id=keys[i][0], _end_time=keys[i][1]) for i in missing
-               if out[i] is not None and wanted(keys[i])]  # fmt: skip
-        absent = {k for k in absent if wanted(k)} | {keys[i] for i in missing if out[i] is None and wanted(keys[i])}
+        if self.current is not None and len(table):
+            now = table["_run_id"].map(self.current).astype("Int64")
+            table = table[(now == table["_end_time"]).fillna(False).to_numpy(bool)]
+        added = [v.assign(_run_id=keys[i][0], _end_time=keys[i][1]) for i, v in new.items() if wanted(keys[i])]
+        merged = pd.concat([table, *added], ignore_index=True) if added else table
+        absent = {k for k in absent if wanted(k)} | {keys[i] for i in missing if i not in new and wanted(keys[i])}
         table_path, absent_path = self._artifact_files(name)
         self.folder.mkdir(parents=True, exist_ok=True)
-        merged = pd.concat(kept + new, ignore_index=True) if kept or new else table.iloc[:0]
         _write_atomic(table_path, lambda p: merged.to_parquet(p, index=False))
         _write_atomic(absent_path, lambda p: p.write_text(json.dumps(sorted(absent))))
-        return out
 
 
 def _search(client, experiment_id: str, flt: str, view_type=None) -> list:
