@@ -4,7 +4,9 @@ A saturation fit with 200 bootstrap refits, or a matplotlib figure, is a pure fu
 arguments; a report rerun on unchanged runs asks for the same ones again. :class:`Memo` answers
 those from a folder (the study's report cache, :mod:`orchestrator.analysis.run_cache`), keyed by
 a SHA-256 of the function's name, the source of its module (edit the code and the old results
-no longer match) and its arguments (DataFrames by their content, arrays by their bytes).
+no longer match) and its arguments (DataFrames by their content, arrays by their bytes). Only
+the function's own module is digested: a change in a module it calls (or in matplotlib) is not
+seen; ``transferlab report --refresh`` starts the cache afresh.
 
 Two kinds of result are kept, in formats that run no code when read: ``bytes`` (PNG figures) as
 files, and JSON-able values (dicts of numbers and lists: fit results) as JSON. A file that cannot
@@ -59,10 +61,12 @@ def digest(fn, args: tuple, kwargs: dict) -> str:
 
 class Memo:
     """``memo(fn, *args, **kwargs)`` is ``fn(*args, **kwargs)``, read from ``folder`` when the
-    same call was made before. ``folder=None`` keeps nothing (every call computes)."""
+    same call was made before. ``folder=None`` keeps nothing (every call computes); ``refresh``
+    computes every call and writes its result over the kept one."""
 
-    def __init__(self, folder: str | Path | None):
+    def __init__(self, folder: str | Path | None, refresh: bool = False):
         self.folder = Path(folder) if folder is not None else None
+        self.refresh = refresh
         self.hits = self.misses = 0
 
     def __call__(self, fn, *args, **kwargs):
@@ -74,7 +78,7 @@ class Memo:
             return fn(*args, **kwargs)
         for suffix, read in ((".png", Path.read_bytes), (".json", lambda p: json.loads(p.read_text()))):
             path = self.folder / f"memo-{key}{suffix}"
-            if path.exists():
+            if path.exists() and not self.refresh:
                 try:
                     value = read(path)
                     self.hits += 1

@@ -355,7 +355,7 @@ def build_report(
     t0 = time.perf_counter()
     sr = load_study(tracker, study, cached=cached, refresh=refresh)
     rep = Report(study, sr.study_run_id, sr.status_line(), sr.partial)
-    rep.memo = Memo(sr.cache.folder if sr.cache else None)
+    rep.memo = Memo(sr.cache.folder if sr.cache else None, refresh=refresh)
     rep.numbers.update(
         {
             "study": study,
