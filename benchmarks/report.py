@@ -1,17 +1,23 @@
 """Benchmark ``transferlab report`` on a large synthetic study, and how fast its HTML opens.
 
-    python benchmarks/report.py --runs 5000
+    python benchmarks/report.py --runs 5000 --baseline /path/to/older/checkout
 
 Writes a study of about ``--runs`` runs into a fresh sqlite MLflow store (the same schema
 ``transferlab run`` writes: class masks on every pretraining run, per-example outputs on the
-full-data transfer runs), then times the ``transferlab report`` command end to end and opens the
-report in headless chromium: the page records ``performance.now()`` at its load event
+full-data transfer runs; ``--keep-study`` reuses one already written there), then times the
+``transferlab report`` command end to end, round by round: ``cold`` (an empty report cache, as on
+a first report), ``warm`` (the same command again: runs, artifacts, fits and figures from the
+cache) and, with ``--baseline``, the same command run from another checkout of transferlab (its
+folder put first on PYTHONPATH) in the same round, so that the shared machine's load hits all
+alike. Prints each time, the medians over rounds and the load average around each round; then
+opens the report in headless chromium: the page records ``performance.now()`` at its load event
 (``data-load-ms`` on <body>), read back with ``--dump-dom``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -96,28 +102,57 @@ def chromium_load(html: Path) -> tuple[int, float]:
     return int(re.search(r'data-load-ms="(\d+)"', out).group(1)), wall
 
 
+def timed_report(uri: str, out: Path, code: Path, cache: Path) -> float:
+    """Wall seconds of ``transferlab report bench`` in a fresh process, run from checkout ``code``."""
+    env = {**os.environ, "PYTHONPATH": str(code), "TRANSFERLAB_CACHE": str(cache)}
+    cmd = [sys.executable, "-m", "orchestrator.cli", "report", "bench", "--tracking-uri", uri, "--out", str(out)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5000)
     ap.add_argument("--dir", default="/tmp/transferlab-bench-report")
     ap.add_argument("--threads", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds (each: baseline, cold, warm)")
+    ap.add_argument("--baseline", default=None, help="another checkout of transferlab, timed alongside")
+    ap.add_argument("--keep-study", action="store_true", help="reuse the study already written under --dir")
     args = ap.parse_args()
     root = Path(args.dir)
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
     uri = f"sqlite:///{root}/mlflow.db"
-    n, secs = write_study(uri, root, args.runs, args.threads)
-    print(f"wrote {n} runs in {secs:.0f}s")
-    cli = str(Path(sys.executable).parent / "transferlab")
+    if not (args.keep_study and (root / "mlflow.db").exists()):
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        n, secs = write_study(uri, root, args.runs, args.threads)
+        print(f"wrote {n} runs in {secs:.0f}s")
+    here = Path(__file__).resolve().parents[1]
+    times: dict[str, list[float]] = {}
     for i in range(args.repeats):
-        t0 = time.perf_counter()
-        subprocess.run([cli, "report", "bench", "--tracking-uri", uri, "--out", str(root / "report")], check=True)
-        wall = time.perf_counter() - t0
-        html = root / "report" / "report.html"
+        load = os.getloadavg()[0]
+        cache = root / f"cache-{i}"
+        shutil.rmtree(cache, ignore_errors=True)
+        row = {}
+        if args.baseline:
+            row["baseline"] = timed_report(uri, root / "report-baseline", Path(args.baseline), cache / "baseline")
+        row["cold"] = timed_report(uri, root / "report", here, cache)
+        row["warm"] = timed_report(uri, root / "report", here, cache)
+        for k, v in row.items():
+            times.setdefault(k, []).append(v)
+        print(
+            f"round {i + 1}: " + "; ".join(f"{k} {v:.1f}s" for k, v in row.items())
+            + f" (load average {load:.1f} before, {os.getloadavg()[0]:.1f} after, {os.cpu_count()} cores)"
+        )  # fmt: skip
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    print("medians: " + "; ".join(f"{k} {v:.1f}s" for k, v in med.items()))
+    if "baseline" in med:
+        print(f"baseline/cold {med['baseline'] / med['cold']:.2f}x; baseline/warm {med['baseline'] / med['warm']:.1f}x")
+    html = root / "report" / "report.html"
+    if any(map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))):
         load_ms, chrome_wall = chromium_load(html)
         print(
-            f"run {i + 1}: transferlab report {wall:.1f}s wall; report.html {html.stat().st_size / 1e6:.2f} MB, "
+            f"report.html {html.stat().st_size / 1e6:.2f} MB, "
             f"{len(list((root / 'report' / 'figures').glob('*.png')))} figures; chromium load event {load_ms} ms "
             f"(headless chromium call incl. browser start {chrome_wall:.2f}s)"
         )

@@ -6,6 +6,8 @@ the frames; every job is counted by kind and status so a report can say it is pa
 is counted once however many runs it has (:func:`one_run_per_config`).
 Column names are the MLflow param and metric names of :mod:`orchestrator.records.schema`, except the
 pretraining run's ``seed``, which becomes ``pretrain_seed`` beside the transfer run's ``seed``.
+With ``cached=True`` runs and artifacts come through :class:`~orchestrator.analysis.run_cache.RunCache`,
+which asks MLflow only for what changed since the last read.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.analysis import AnalysisError
+from orchestrator.analysis.run_cache import RunCache
 from orchestrator.records.retry import redact
 from orchestrator.records.schema import (
     FINISHED,
@@ -61,6 +64,8 @@ class StudyRuns:
     transfer: pd.DataFrame  # one row per FINISHED transfer run whose parent is a finished pretraining run
     status: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> status -> count
     tracking_uri: str | None = None  # the store they were read from (mlflow-artifacts: URIs resolve against it)
+    end_times: dict[str, int | None] = field(default_factory=dict)  # run id -> end time (ms): its version
+    cache: RunCache | None = None  # where artifacts read for these runs are kept, if anywhere
 
     @property
     def partial(self) -> bool:
@@ -193,17 +198,23 @@ def frames_from_runs(study: str, experiment_id: str, runs: list) -> StudyRuns:
         how="inner",
     )
     study_runs.sort(key=lambda r: r.info.start_time or 0)
-    return StudyRuns(study, experiment_id, study_runs[0].info.run_id if study_runs else None, pretrain, joined, status)
+    sr = StudyRuns(study, experiment_id, study_runs[0].info.run_id if study_runs else None, pretrain, joined, status)
+    sr.end_times = {r.info.run_id: r.info.end_time for r in runs}
+    return sr
 
 
-def load_study(tracker: Tracker, study: str) -> StudyRuns:
-    """Every run of the study's experiment, as frames; AnalysisError for an unknown or empty study."""
+def load_study(tracker: Tracker, study: str, cached: bool = False, refresh: bool = False) -> StudyRuns:
+    """Every run of the study's experiment, as frames; AnalysisError for an unknown or empty study.
+
+    ``cached``: read through the local run cache (:mod:`orchestrator.analysis.run_cache`), which
+    asks MLflow only for runs that changed; ``refresh`` rebuilds that cache from every run."""
     exp = tracker.client.get_experiment_by_name(study)
     if exp is None or exp.lifecycle_stage == "deleted":
         raise AnalysisError("study", f"no study named '{study}' in {tracker.uri}")
-    runs = tracker.runs(exp.experiment_id)
+    cache = RunCache(tracker.uri, exp.experiment_id, refresh=refresh) if cached else None
+    runs = cache.runs(tracker.client) if cache else tracker.runs(exp.experiment_id)
     sr = frames_from_runs(study, exp.experiment_id, runs)
-    sr.tracking_uri = tracker.uri
+    sr.tracking_uri, sr.cache = tracker.uri, cache
     if sr.pretrain.empty and not any(sr.status.get(k) for k in _COUNTED):
         raise AnalysisError("study", f"study '{study}' has no pretraining or transfer runs yet")
     return sr
@@ -251,42 +262,74 @@ def _fetch_all(artifact_uris: list[str], path: str, read, tracking_uri: str | No
             return list(pool.map(one, enumerate(artifact_uris)))
 
 
-def class_masks(artifact_uris: list[str], tracking_uri: str | None = None) -> tuple[list[str], np.ndarray]:
+def _fetch(artifact_uris: list[str], path: str, read, tracking_uri, cache, keys, name: str) -> pd.DataFrame:
+    """The rows ``read(local_file)`` gives for ``path`` of each run, as one table whose column
+    ``_i`` is the run's position in ``artifact_uris`` (runs without the artifact have no rows);
+    through ``cache`` (a :class:`RunCache`) when given, keyed by ``keys`` (run id, end time per
+    URI). ``name`` says what ``read`` takes from the file."""
+    if cache is not None:
+        return cache.artifacts(
+            f"{path}:{name}", keys, lambda idx: _fetch_all([artifact_uris[i] for i in idx], path, read, tracking_uri)
+        )
+    tables = _fetch_all(artifact_uris, path, read, tracking_uri)
+    present = [t.assign(_i=i) for i, t in enumerate(tables) if t is not None]
+    return pd.concat(present, ignore_index=True) if present else pd.DataFrame(columns=["_i"])
+
+
+def _read_mask(p: Path) -> pd.DataFrame:
+    d = json.loads(p.read_text())
+    return pd.DataFrame({"class": [str(c) for c in d["classes"]], "included": np.asarray(d["included"], dtype=bool)})
+
+
+def class_masks(
+    artifact_uris: list[str], tracking_uri: str | None = None, cache: RunCache | None = None, keys: list | None = None
+) -> tuple[list[str], np.ndarray]:
     """Class names and a bool mask [runs × classes] from each run's ``view/class_mask.json``.
 
     A run without the artifact trained on every class (its row is all True). Returns ``([], empty)``
-    when no run has a mask.
+    when no run has a mask. ``cache`` and ``keys`` (run id, end time per URI): read through a
+    :class:`RunCache`.
     """
-    docs = _fetch_all(artifact_uris, VIEW_MASK_ARTIFACT, lambda p: json.loads(p.read_text()), tracking_uri)
-    names = next((d["classes"] for d in docs if d), None)
-    if names is None:
+    rows = _fetch(artifact_uris, VIEW_MASK_ARTIFACT, _read_mask, tracking_uri, cache, keys, "class,included")
+    if rows.empty:
         return [], np.zeros((len(artifact_uris), 0), dtype=bool)
-    names = [str(c) for c in names]
+    i = rows["_i"].to_numpy(int)
+    names = rows.loc[i == i.min(), "class"].tolist()  # the first run's class order
+    col = pd.Index(names).get_indexer(rows["class"])
     mask = np.ones((len(artifact_uris), len(names)), dtype=bool)
-    for i, d in enumerate(docs):
-        if d:
-            mask[i] = np.asarray(d["included"], dtype=bool)
+    ok = col >= 0
+    mask[i[ok], col[ok]] = rows["included"].to_numpy(bool)[ok]
     return names, mask
 
 
 def per_example_outputs(
-    artifact_uris: list[str], column: str = "correct_prob", tracking_uri: str | None = None
+    artifact_uris: list[str],
+    column: str = "correct_prob",
+    tracking_uri: str | None = None,
+    cache: RunCache | None = None,
+    keys: list | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Examples (ids) and a matrix [runs × examples] of ``column`` from ``outputs/per_example.parquet``.
 
-    Runs without the artifact, and examples a run lacks, are NaN.
+    Runs without the artifact, and examples a run lacks, are NaN. ``cache`` and ``keys``: as
+    :func:`class_masks`.
     """
-    tables = _fetch_all(
-        artifact_uris, PER_EXAMPLE_ARTIFACT, lambda p: pd.read_parquet(p, columns=["example", column]), tracking_uri
+    rows = _fetch(
+        artifact_uris,
+        PER_EXAMPLE_ARTIFACT,
+        lambda p: pd.read_parquet(p, columns=["example", column]),
+        tracking_uri,
+        cache,
+        keys,
+        f"example,{column}",
     )
-    present = [t for t in tables if t is not None]
-    if not present:
+    if rows.empty:
         return np.zeros(0, dtype=int), np.full((len(artifact_uris), 0), np.nan)
-    examples = np.unique(np.concatenate([t["example"].to_numpy() for t in present]))
+    examples = np.unique(rows["example"].to_numpy())
     out = np.full((len(artifact_uris), len(examples)), np.nan)
-    for i, t in enumerate(tables):
-        if t is not None:
-            out[i, np.searchsorted(examples, t["example"].to_numpy())] = t[column].to_numpy(dtype=float)
+    out[rows["_i"].to_numpy(int), np.searchsorted(examples, rows["example"].to_numpy())] = rows[column].to_numpy(
+        dtype=float
+    )
     return examples, out
 
 
@@ -331,10 +374,12 @@ def influence_inputs(
     t = at_largest_shots(t)
     pre_ids = sorted(t[PRETRAIN_RUN_ID].unique())
     pre_uris = sr.pretrain.set_index(RUN_ID).loc[pre_ids, ARTIFACT_URI].tolist()
-    classes, masks = class_masks(pre_uris, sr.tracking_uri)
+    pre_keys = [(rid, sr.end_times.get(rid)) for rid in pre_ids]
+    classes, masks = class_masks(pre_uris, sr.tracking_uri, sr.cache, pre_keys)
     if not classes or masks.all():
         return None
-    examples, out = per_example_outputs(t[ARTIFACT_URI].tolist(), column, sr.tracking_uri)
+    keys = [(rid, sr.end_times.get(rid)) for rid in t[RUN_ID]]
+    examples, out = per_example_outputs(t[ARTIFACT_URI].tolist(), column, sr.tracking_uri, sr.cache, keys)
     if out.shape[1] == 0:
         return None
     row = {rid: i for i, rid in enumerate(pre_ids)}

@@ -25,6 +25,7 @@ from orchestrator.analysis import counterfactual as cf
 from orchestrator.analysis import figures, influence, tables
 from orchestrator.analysis.datamodel_influence import datamodel_inputs
 from orchestrator.analysis.frame import StudyRuns, influence_inputs, load_study
+from orchestrator.analysis.memo import Memo
 from orchestrator.records.schema import REPORT_ARTIFACT_DIR, SPEC_ARTIFACT
 from orchestrator.records.tracker import Tracker
 from orchestrator.spec import SpecError, load_spec
@@ -49,6 +50,8 @@ class Report:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     figures: dict[str, bytes] = field(default_factory=dict)
     numbers: dict = field(default_factory=dict)
+    # Slow pure results (figures, bootstrapped fits) kept by input digest; Memo(None) keeps none.
+    memo: Memo = field(default_factory=lambda: Memo(None), repr=False, compare=False)
 
     def section(self, title: str, text: str) -> Section:
         self.sections.append(Section(title, text))
@@ -91,7 +94,8 @@ def _entezari(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
         rep.figure(
             sec,
             f"accuracy_vs_shots_{task}",
-            figures.curves(
+            rep.memo(
+                figures.curves,
                 g,
                 "shots_n",
                 tables.series_keys(t) + ["protocol"],
@@ -107,7 +111,8 @@ def _entezari(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
             rep.figure(
                 sec,
                 f"accuracy_vs_size_{task}_{source}",
-                figures.curves(
+                rep.memo(
+                    figures.curves,
                     g,
                     tables.SIZE,
                     ["shots", "method"],
@@ -122,7 +127,7 @@ def _entezari(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
         rep.figure(
             sec,
             "spread_vs_shots",
-            figures.spread(spread, "Spread across sources vs shots"),
+            rep.memo(figures.spread, spread, "Spread across sources vs shots"),
             "Does the choice of source matter less with more shots?",
         )
     iso = tables.iso_accuracy_table(t)
@@ -133,7 +138,7 @@ def _entezari(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
         "How many noisy samples equal n clean ones (interpolated in log size; "
         "empty cells: the noisy curve never reaches that accuracy).",
     )
-    mult = tables.multiplier_table(t, n_boot=n_boot, seed=seed)
+    mult = tables.multiplier_table(t, n_boot=n_boot, seed=seed, memo=rep.memo)
     rep.table(
         sec,
         "data_multiplier",
@@ -155,7 +160,7 @@ def _abnar(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
     )
     points = tables.us_ds_points(tables.final_layer(t))
     rep.table(sec, "downstream_vs_upstream", points, "The scatter's points.", show=False)
-    fitted, check = tables.saturation_tables(points, n_boot=n_boot, seed=seed)
+    fitted, check = tables.saturation_tables(points, n_boot=n_boot, seed=seed, memo=rep.memo)
     rep.table(sec, "saturation_fits", fitted, "Fitted k, α, e_IR with bootstrap 95% CIs, per task and shots.")
     rep.table(
         sec,
@@ -168,14 +173,14 @@ def _abnar(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
         rep.figure(
             sec,
             f"downstream_vs_upstream_{task}_{protocol}",
-            figures.saturation_panel(g, f, f"{task} ({protocol})", seed=seed),
+            rep.memo(figures.saturation_panel, g, f, f"{task} ({protocol})", seed=seed),
             f"Task {task}: downstream vs upstream accuracy with the hull and both fits.",
         )
     if len(fitted) and np.isfinite(fitted["shots_n"]).any():
         rep.figure(
             sec,
             "e_ir_vs_shots",
-            figures.e_ir_vs_shots(fitted, "Irreducible downstream error vs shots"),
+            rep.memo(figures.e_ir_vs_shots, fitted, "Irreducible downstream error vs shots"),
             "e_IR of each fit vs shots.",
         )
     layers = tables.best_layer_table(t)
@@ -189,7 +194,7 @@ def _abnar(rep: Report, t: pd.DataFrame, n_boot: int, seed: int) -> None:
 
 
 def _jain(
-    rep: Report, tracker: Tracker, sr: StudyRuns, seed: int, datamodels: list | None = None
+    rep: Report, tracker: Tracker, sr: StudyRuns, seed: int, datamodels: list | None = None, cached: bool = False
 ) -> tuple[list, pd.DataFrame | None]:
     """The influence section; returns the influence inputs and the follow-up's arm runs (the
     claims' evidence)."""
@@ -239,8 +244,10 @@ def _jain(
         rep.figure(
             sec,
             f"influence_{x.task}_{x.protocol}_{x.source}",
-            figures.influence_bars(
-                r, f"{x.task} ({x.protocol}, {x.shots} shots): most helpful and harmful classes of {x.source}"
+            rep.memo(
+                figures.influence_bars,
+                r,
+                f"{x.task} ({x.protocol}, {x.shots} shots): most helpful and harmful classes of {x.source}",
             ),
             f"Task {x.task}, source {x.source}: ranked class influence.",
         )
@@ -261,16 +268,18 @@ def _jain(
         "splits). About 0 when no class matters; near 1 when the ranking is stable.",
     )
     rep.tables["influence_per_example"] = pd.concat(per_example, ignore_index=True)
-    return inputs, _counterfactual(rep, tracker, sr, sec)
+    return inputs, _counterfactual(rep, tracker, sr, sec, cached)
 
 
-def _counterfactual(rep: Report, tracker: Tracker, sr: StudyRuns, sec: Section) -> pd.DataFrame | None:
+def _counterfactual(
+    rep: Report, tracker: Tracker, sr: StudyRuns, sec: Section, cached: bool = False
+) -> pd.DataFrame | None:
     """The follow-up's accuracy vs K; returns its runs per arm (:func:`cf.arm_runs`), None without one."""
     plan = cf.read_plan(tracker, sr.study_run_id)
     if plan is None:
         return None
     try:
-        follow = load_study(tracker, plan["followup_study"])
+        follow = load_study(tracker, plan["followup_study"], cached=cached)
     except ValueError:
         sec.text += f" Counterfactual follow-up '{plan['followup_study']}' is planned but has no runs yet."
         return None
@@ -283,7 +292,7 @@ def _counterfactual(rep: Report, tracker: Tracker, sr: StudyRuns, sec: Section) 
         rep.figure(
             sec,
             "counterfactual",
-            figures.counterfactual_plot(agg, f"{plan['task']}: accuracy after removing K classes{note}"),
+            rep.memo(figures.counterfactual_plot, agg, f"{plan['task']}: accuracy after removing K classes{note}"),
             "Removing harmful classes should help, removing helpful ones hurt, random in between.",
         )
     rep.numbers["counterfactual"] = {
@@ -336,11 +345,17 @@ def _claims(rep: Report, evidence: claims_.Evidence, declared: tuple, origin: st
     rep.table(sec, "claims", rows, "Every claim, per setting.")
 
 
-def build_report(tracker: Tracker, study: str, n_boot: int = 200, seed: int = 0) -> Report:
-    """Read the study from MLflow and compute every table, fit and figure (AnalysisError if unknown/empty)."""
+def build_report(
+    tracker: Tracker, study: str, n_boot: int = 200, seed: int = 0, cached: bool = False, refresh: bool = False
+) -> Report:
+    """Read the study from MLflow and compute every table, fit and figure (AnalysisError if unknown/empty).
+
+    ``cached``: read runs and artifacts through the local run cache (:mod:`~orchestrator.analysis.run_cache`);
+    ``refresh``: rebuild that cache from every run."""
     t0 = time.perf_counter()
-    sr = load_study(tracker, study)
+    sr = load_study(tracker, study, cached=cached, refresh=refresh)
     rep = Report(study, sr.study_run_id, sr.status_line(), sr.partial)
+    rep.memo = Memo(sr.cache.folder if sr.cache else None, refresh=refresh)
     rep.numbers.update(
         {
             "study": study,
@@ -356,11 +371,11 @@ def build_report(tracker: Tracker, study: str, n_boot: int = 200, seed: int = 0)
     if sr.transfer.empty and not dm:
         rep.section("No results yet", "No transfer run of this study has finished.")
     elif sr.transfer.empty:
-        inputs, arms = _jain(rep, tracker, sr, seed, dm)
+        inputs, arms = _jain(rep, tracker, sr, seed, dm, cached)
     else:
         _entezari(rep, tables.final_layer(sr.transfer), n_boot, seed)
         _abnar(rep, sr.transfer, n_boot, seed)
-        inputs, arms = _jain(rep, tracker, sr, seed, dm)
+        inputs, arms = _jain(rep, tracker, sr, seed, dm, cached)
     evidence = claims_.Evidence(sr.transfer, tuple(inputs), arms, seed=seed)
     _claims(rep, evidence, *declared_claims(tracker, sr.study_run_id))
     rep.numbers["seconds"] = round(time.perf_counter() - t0, 2)

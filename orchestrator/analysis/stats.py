@@ -151,20 +151,20 @@ def hierarchical_bootstrap(
         wide = g.pivot_table(index="pretrain_seed", columns="seed", values=value, aggfunc="mean")
         cells[c, shots] = wide.reindex(index=seeds[c], columns=draws[shots]).to_numpy(float)
 
-    def stat(pick_seed: dict, pick_draw: dict) -> float:
-        total = 0.0
-        for (c, shots), w in weights.items():
-            a = cells[c, shots][np.ix_(pick_seed[c], pick_draw[shots])]
-            total += w * np.nanmean(a)
-        return total
-
-    ident_s = {c: np.arange(len(s)) for c, s in seeds.items()}
-    ident_d = {s: np.arange(len(d)) for s, d in draws.items()}
-    est = stat(ident_s, ident_d)
-    boots = np.empty(n_boot)
-    for b in range(n_boot):
-        ps = {c: rng.integers(0, len(s), len(s)) for c, s in seeds.items()}
-        pd_ = {s: rng.integers(0, len(d), len(d)) for s, d in draws.items()}
-        boots[b] = stat(ps, pd_)
+    # A replicate is the count of times each seed and each draw was picked (multinomial, as n
+    # uniform picks with replacement are), so a cell's resampled mean is a weighted mean:
+    # Σ_ij ws_i·A_ij·wd_j / Σ_ij ws_i·[A_ij known]·wd_j — every replicate at once, no loop.
+    pick_s = {c: rng.multinomial(len(s), np.full(len(s), 1 / len(s)), size=n_boot) for c, s in seeds.items()}
+    pick_d = {s: rng.multinomial(len(d), np.full(len(d), 1 / len(d)), size=n_boot) for s, d in draws.items()}
+    est, boots = 0.0, np.zeros(n_boot)
+    for (c, shots), w in weights.items():
+        a = cells[c, shots]
+        known = np.isfinite(a)
+        filled = np.where(known, a, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            est += w * (filled.sum() / known.sum())
+            num = np.einsum("bi,ij,bj->b", pick_s[c], filled, pick_d[shots])
+            den = np.einsum("bi,ij,bj->b", pick_s[c], known.astype(float), pick_d[shots])
+            boots += w * (num / den)
     lo, hi = np.nanpercentile(boots, [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
     return Interval(float(est), float(lo), float(hi), min(len(s) for s in seeds.values()), "hierarchical bootstrap")

@@ -14,6 +14,7 @@ import pandas as pd
 
 from orchestrator.analysis import fits
 from orchestrator.analysis.frame import PRETRAIN_RUN_ID, PRETRAIN_SEED
+from orchestrator.analysis.memo import Memo
 from orchestrator.records.schema import (
     METRIC_ACCURACY,
     METRIC_NUM_TRAIN_SAMPLES,
@@ -115,8 +116,11 @@ def iso_accuracy_table(t: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(out)[cols].reset_index(drop=True) if out else pd.DataFrame(columns=cols)
 
 
-def multiplier_table(t: pd.DataFrame, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
-    """ "N× more data of source A to match source B at k shots", with a bootstrap 95% CI."""
+def multiplier_table(t: pd.DataFrame, n_boot: int = 200, seed: int = 0, memo: Memo | None = None) -> pd.DataFrame:
+    """ "N× more data of source A to match source B at k shots", with a bootstrap 95% CI.
+
+    ``memo``: a :class:`Memo` that keeps the bootstraps by input digest (default: none kept)."""
+    memo = memo or Memo(None)
     t = _all_classes(t)
     t = t[np.isfinite(t[SIZE])]
     t = t[t["label_noise"] == t.groupby(series_keys(t))["label_noise"].transform("min")]
@@ -125,7 +129,7 @@ def multiplier_table(t: pd.DataFrame, n_boot: int = 200, seed: int = 0) -> pd.Da
     for (task, protocol, method, shots), g in t.groupby([*SETTING, "method", "shots"]):
         curves = {s: c for s, c in g.groupby("source") if c[SIZE].nunique() >= 2}
         for a, b in itertools.permutations(sorted(curves), 2):
-            r = fits.multiplier_with_ci(curves[a], curves[b], SIZE, ACC, n_boot=n_boot, seed=seed)
+            r = memo(fits.multiplier_with_ci, curves[a], curves[b], SIZE, ACC, n_boot=n_boot, seed=seed)
             rows.append((task, protocol, method, shots, a, b, r["multiplier"], *r["ci"], r["matched_points"]))
     return pd.DataFrame(
         rows,
@@ -155,8 +159,13 @@ def us_ds_points(t: pd.DataFrame) -> pd.DataFrame:
     return g[np.isfinite(g["upstream_accuracy"]) & np.isfinite(g["accuracy"])]
 
 
-def saturation_tables(points: pd.DataFrame, n_boot: int = 200, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Saturation fits (hull and all points, bootstrap CIs) and the held-out check per setting."""
+def saturation_tables(
+    points: pd.DataFrame, n_boot: int = 200, seed: int = 0, memo: Memo | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Saturation fits (hull and all points, bootstrap CIs) and the held-out check per setting.
+
+    ``memo``: a :class:`Memo` that keeps the fits by input digest (default: none kept)."""
+    memo = memo or Memo(None)
     fit_rows, check_rows = [], []
     for (task, protocol, shots, shots_n), g in points.groupby([*SETTING, "shots", "shots_n"]):
         g = g.sort_values(
@@ -164,7 +173,7 @@ def saturation_tables(points: pd.DataFrame, n_boot: int = 200, seed: int = 0) ->
         )  # bootstrap draws must not depend on search order
         us, ds = g["upstream_accuracy"].to_numpy(float), g["accuracy"].to_numpy(float)
         for fit_on in ("hull", "all_points"):
-            f = fits.fit_with_ci(us, ds, on_hull=fit_on == "hull", n_boot=n_boot, seed=seed)
+            f = memo(fits.fit_with_ci, us, ds, on_hull=fit_on == "hull", n_boot=n_boot, seed=seed)
             fit_rows.append(
                 {
                     "task": task,
@@ -182,7 +191,7 @@ def saturation_tables(points: pd.DataFrame, n_boot: int = 200, seed: int = 0) ->
                 }
             )
         check_rows.append(
-            {"task": task, "protocol": protocol, "shots": shots, "shots_n": shots_n, **fits.heldout_check(us, ds)}
+            {"task": task, "protocol": protocol, "shots": shots, "shots_n": shots_n, **memo(fits.heldout_check, us, ds)}
         )
     return pd.DataFrame(fit_rows), pd.DataFrame(check_rows)
 

@@ -47,7 +47,9 @@ def _runs(args, tracker: Tracker) -> int:
 def _report(args, tracker: Tracker) -> int:
     if args.bootstrap < 0:
         raise AnalysisError("--bootstrap", f"must be >= 0, got {args.bootstrap}")
-    rep = build_report(tracker, args.study, n_boot=args.bootstrap, seed=args.seed)
+    rep = build_report(
+        tracker, args.study, n_boot=args.bootstrap, seed=args.seed, cached=not args.no_cache, refresh=args.refresh
+    )
     out = args.out or os.path.join("reports", args.study)
     path = write_report(rep, out)
     study_run = rep.study_run_id

@@ -165,6 +165,14 @@ def _analysis_parsers(sub) -> None:
     )
     rep.add_argument("--seed", type=int, default=0, help="seed of the bootstraps (default 0)")
     rep.add_argument("--no-log", action="store_true", help="do not log the report as artifacts on the study run")
+    cache = rep.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--refresh",
+        action="store_true",
+        help="read every run and artifact from MLflow again, rebuilding the local cache "
+        "($TRANSFERLAB_CACHE/report/); needed only after values were logged onto runs that had already ended",
+    )
+    cache.add_argument("--no-cache", action="store_true", help="read everything from MLflow and keep no local copy")
 
     cfp = sub.add_parser(
         "counterfactual",
