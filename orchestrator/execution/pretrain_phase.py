@@ -1,5 +1,7 @@
 """The pretraining phase: one Ray Tune trial per pretraining run, each a Tune *function* that
 builds and fits a Ray Train ``TorchTrainer`` (Train V2 cannot be wrapped by a Tuner directly).
+Runs that ``pretrain.pack`` packs train several per trial instead
+(:mod:`orchestrator.execution.packed_phase`).
 
 Metrics reach MLflow through :class:`~orchestrator.records.train_callback.MLflowReportCallback`
 on the Train controller, into a run the driver created; the loop itself
