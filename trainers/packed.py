@@ -44,7 +44,7 @@ from datasets_.pipeline import normalize
 from datasets_.views import PretrainView
 from trainers.methods import build_pretrain_model, nt_xent_loss, simclr_views
 from trainers.pretrain import PretrainConfig, checkpoint_meta, upstream_top1
-from trainers.stacked import TrainSettings, row_stream, run_stacked
+from trainers.stacked import TrainSettings, member_state, row_stream, run_stacked
 
 PACKABLE_METHODS = ("supervised", "simclr")
 EVAL_BATCH = 256
@@ -190,7 +190,7 @@ def train_packed(
     out = []
     for b, c in enumerate(configs):
         model = models[b]
-        model.load_state_dict({**{k: v[b] for k, v in params.items()}, **{k: v[b] for k, v in buffers.items()}})
+        model.load_state_dict(member_state(params, buffers, b))
         model.to(device)
         held_rows, held_labels = _view_rows(heldout, heldout_views[b])
         correct, total = upstream_top1(

@@ -92,15 +92,16 @@ class StackedModels:
     train_loss: np.ndarray  # [B] mean loss over each model's last epoch of steps
     num_train_samples: np.ndarray  # [B]
 
-    def state_dict(self, b: int) -> dict[str, torch.Tensor]:
-        """Model b's parameters and buffers, as its module's ``state_dict`` names them."""
-        return {**{k: v[b] for k, v in self.params.items()}, **{k: v[b] for k, v in self.buffers.items()}}
-
     def model(self, b: int, num_classes: int, model_config: dict, image_size: int) -> nn.Module:
         """Model b as an ordinary module (for checks and for saving)."""
         m = build_model(model_config, num_classes, image_size)
-        m.load_state_dict(self.state_dict(b))
+        m.load_state_dict(member_state(self.params, self.buffers, b))
         return m.eval()
+
+
+def member_state(params: dict, buffers: dict, b: int) -> dict[str, torch.Tensor]:
+    """Model b's parameters and buffers out of stacked ones, named as its module's ``state_dict``."""
+    return {**{k: v[b] for k, v in params.items()}, **{k: v[b] for k, v in buffers.items()}}
 
 
 def _init_models(model_config: dict, num_classes: int, image_size: int, seeds: list[int]) -> list[nn.Module]:
