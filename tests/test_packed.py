@@ -155,3 +155,39 @@ def test_runs_of_different_shapes_are_not_packed():
         train_packed([_config(), _config(batch_size=8)], [_view()] * 2, [None] * 2, train, held)
     with pytest.raises(ValueError, match="'clip' is not packed"):
         train_packed([_config("clip")], [_view()], [None], train, held)
+
+
+def test_auto_packs_small_runs_of_one_shape_and_fills_the_slots():
+    """planning.packs: runs of one source and shape share packs; clip, multi-worker runs and
+    pack: off keep their TorchTrainer; with more slots than packs the largest is halved."""
+    from orchestrator.planning.packs import plan_packs
+    from orchestrator.planning.plan import build_plan
+    from orchestrator.spec import parse_spec
+
+    spec = parse_spec(
+        {
+            "study": "packs",
+            "sources": {"mnist": {"uri": "builtin:mnist"}},
+            "tasks": {"digits": {"uri": "builtin:digits"}},
+            "pretrain": {
+                "model": "tiny-cnn",
+                "image_size": 8,
+                "sweep": [
+                    {"method": ["supervised"], "pretrain_size": [100, 200], "label_noise": [0.0, 0.2, 0.4]},
+                    {"method": ["simclr", "clip"], "pretrain_size": [100]},
+                ],
+            },
+            "transfer": {"shots": [1], "seeds": [0]},
+        }
+    )
+    runs = build_plan(spec).pretrain_runs
+    samples = {"mnist": 4006}
+    packs, alone = plan_packs(runs, "auto", 1, samples, 1)
+    assert [r.config.method for r in alone] == ["clip"]
+    assert sorted((len(p.runs), p.runs[0].config.method) for p in packs) == [(1, "simclr"), (6, "supervised")]
+    assert {r.config_hash for p in packs for r in p.runs} | {alone[0].config_hash} == {r.config_hash for r in runs}
+    packs, _ = plan_packs(runs, "auto", 1, samples, 4)
+    assert sorted(len(p.runs) for p in packs) == [1, 1, 2, 3]  # 6 -> 3 + 3, then 3 -> 2 + 1: four slots
+    assert plan_packs(runs, "off", 1, samples, 1) == ([], runs)
+    assert plan_packs(runs, "auto", 2, samples, 1)[0] == []  # resources.workers > 1
+    assert plan_packs(runs, "auto", 1, {"mnist": 10**9}, 1)[0] == []  # the split would not fit in memory

@@ -15,9 +15,11 @@ With ``pretrain.pack: auto`` (the default) a pending run is packed when all of t
   fits ``TRANSFERLAB_MAX_HELD_IMAGE_BYTES`` (default 2 GiB, as transfer trials use).
 
 Runs that share a source and :func:`trainers.packed.pack_key` (method, model, classes, image and
-batch size) form a group; each group is cut into packs of at most :data:`PACK_MAX_RUNS` runs, and
-into at least as many packs as pretraining trials run at once (``slots``), so a pack never
-leaves cores idle that one TorchTrainer per run would have used. ``off``: every run gets its own
+batch size) form a group; each group is cut into packs of at most :data:`PACK_MAX_RUNS` runs.
+While there are fewer packs than pretraining trials run at once (``slots``), the largest pack is
+halved, so packing leaves no slot idle that one TorchTrainer per run would have used; beyond
+that, packs stay as large as they can, since every trial pays its process's start-up (torch's
+lazy imports on the first vmapped gradient, the split's decoding) once. ``off``: every run gets its own
 TorchTrainer.
 """
 
@@ -84,6 +86,10 @@ def plan_packs(
             alone.append(r)
     packs = []
     for members in groups.values():
-        n = max(math.ceil(len(members) / PACK_MAX_RUNS), min(len(members), max(1, slots)))
-        packs += [Pack(tuple(members[i::n])) for i in range(n)]
-    return packs, alone
+        n = math.ceil(len(members) / PACK_MAX_RUNS)
+        packs += [members[i::n] for i in range(n)]
+    while len(packs) < slots and max(map(len, packs), default=1) > 1:  # fill the slots: halve the largest
+        big = max(packs, key=len)
+        packs.remove(big)
+        packs += [big[0::2], big[1::2]]
+    return [Pack(tuple(p)) for p in packs], alone
