@@ -203,6 +203,7 @@ class PlanSummary:
     search_seconds: float = 0.0
     packed_runs: int = 0  # pending pretraining runs trained several per trial (pretrain.pack)
     packs: int = 0  # the trials they take
+    pack_concurrency: int = 1
     # Cached (FINISHED) runs of this plan whose code digest is not today's: computed by other code
     # (or by a version that did not record it), and reused as they are.
     cached_other_code: int = 0
@@ -312,6 +313,7 @@ def summarize(plan: StudyPlan, state: MlflowState, cluster_cpus: float | None = 
         code_digest=digest,
         packed_runs=sum(len(p.runs) for p in packs),
         packs=len(packs),
+        pack_concurrency=kc,
     )
 
 
@@ -364,7 +366,12 @@ def format_summary(s: PlanSummary, spec: StudySpec, uri: str) -> str:
     lines += [
         f"pretraining runs: {s.pretrain_jobs}: {s.pretrain_new} to run, {s.pretrain_resume} interrupted (resume), "
         f"{s.pretrain_cached} finished (cached)"
-        + (f"; {s.packed_runs} of them packed into {s.packs} trial(s) (pretrain.pack)" if s.packs else ""),
+        + (
+            f"; {s.packed_runs} of them packed into {s.packs} trial(s) (pretrain.pack, up to "
+            f"{s.pack_concurrency} at a time)"
+            if s.packs
+            else ""
+        ),
         f"transfer fits:    {s.transfer_fits}: {s.transfer_todo} to run, {s.transfer_cached} finished (cached)",
         f"Tune trials:      {s.trials} ({s.pretrain_trials} pretraining, up to {s.pretrain_concurrency} at a time; "
         f"{s.transfer_trials} transfer, up to {s.transfer_concurrency} at a time"
