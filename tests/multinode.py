@@ -235,7 +235,9 @@ class Cluster:
         except ProcessLookupError:
             return
         try:
-            proc.wait(timeout=30)
+            # A head whose worker was killed can take 30 s and more to end on SIGTERM (it waits
+            # for the dead node's actors): a test cluster is then ended by SIGKILL instead.
+            proc.wait(timeout=8)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)

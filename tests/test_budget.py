@@ -103,6 +103,7 @@ def test_max_hours_stops_launching_and_fail_fast_stops_at_the_first_failure(ray_
         "pretrain": {
             **SPEC["pretrain"],
             "sweep": {"pretrain_size": [40], "label_noise": [0.0], "class_fraction": [0.5]},
+            "pack": "off",  # one TorchTrainer trial per run: --fail-fast stops at the broken source's
         },
         "resources": {"workers": 1, "max_failures": 0, "max_concurrent_trials": 1},
         "budget": {"max_hours": 0.0003},

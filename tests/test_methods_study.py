@@ -55,7 +55,8 @@ def methods_study(ray_cluster, tmp_path_factory):
     return tmp, uri, common
 
 
-# Slow: its time is the methods_study fixture (three TorchTrainers and 19 fits), shared with the feature-cache test.
+# Slow: its time is the methods_study fixture (supervised and simclr packed, clip a TorchTrainer; 19 fits),
+# shared with the feature-cache test.
 def test_every_method_and_protocol_lands_in_mlflow_with_the_schema(methods_study):
     _, uri, _ = methods_study
     client = MlflowClient(uri)
@@ -109,7 +110,7 @@ def test_every_method_and_protocol_lands_in_mlflow_with_the_schema(methods_study
     assert study.data.metrics["transfer_fits_run"] == 19
 
 
-# Slow: a second real study (one TorchTrainer) is what proves the feature cache is read across studies.
+# Slow: a second real study (one packed run) is what proves the feature cache is read across studies.
 def test_a_second_study_reads_features_from_the_cache(methods_study, capsys):
     tmp, uri, common = methods_study
     second = {**ALL, "study": "methods-again"}
@@ -117,8 +118,8 @@ def test_a_second_study_reads_features_from_the_cache(methods_study, capsys):
     second["transfer"] = {**ALL["transfer"], "protocol": ["linear_probe", "logistic"], "shots": [2, 4]}
     (tmp / "again.yaml").write_text(yaml.safe_dump(second))
     assert main(["run", str(tmp / "again.yaml"), *common]) == 0
-    # Pretraining is deterministic from its config, so the new checkpoint has the same weights
-    # and both layers' features come from the first study's cache entries.
+    # Pretraining is deterministic from its config (packed alone in both studies here), so the new
+    # checkpoint has the same weights and both layers' features come from the first study's cache.
     assert "features: 0 extracted, 2 from cache" in capsys.readouterr().out
     study = _runs(MlflowClient(uri), "methods-again", KIND_STUDY)[0]
     assert study.data.metrics["feature_extractions"] == 0

@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = [pytest.mark.timeout(1500), pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "")]
 
-TINY = {"model": "tiny-cnn", "image_size": 8, "epochs": 1, "batch_size": 32}
+# pack: off, so runs are TorchTrainers whose workers land on the nodes under test
+TINY = {"model": "tiny-cnn", "image_size": 8, "epochs": 1, "batch_size": 32, "pack": "off"}
 
 
 # Slow: a real 2-node Ray cluster across network and mount namespaces, started once per module.

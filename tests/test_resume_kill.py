@@ -37,6 +37,7 @@ STUDY = {
         "epochs": EPOCHS,
         "batch_size": 32,
         "sweep": {"pretrain_size": [100], "label_noise": [0.0, 0.2, 0.4]},
+        "pack": "off",  # the kill lands in a TorchTrainer, which resumes from its checkpoint
     },
     "transfer": {"protocol": ["linear_probe"], "shots": [1], "seeds": [0]},
     # One pretraining trial at a time: the kill lands while exactly one job is mid-way.

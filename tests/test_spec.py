@@ -129,6 +129,8 @@ BAD = [
     ("pretrain.noise_pattern", "pairs", "pretrain.noise_pattern: unknown value 'pairs'"),
     ("pretrain.sweep.class_fraction", [0.0], "pretrain.sweep.class_fraction[0]: must be in (0, 1], got 0"),
     ("preflight_overlap", "strict", "preflight_overlap: unknown value 'strict'; choose from: off, warn, error"),
+    ("pretrain.pack", "yes", "pretrain.pack: unknown value 'yes'; choose from: auto, off"),
+    ("pretrain.sweep.pack", ["off"], "pretrain.sweep.pack: unknown key"),  # how, not what: not an axis
 ]
 
 

@@ -128,6 +128,17 @@ def weights_digest(directory: str) -> str:
     return h.hexdigest()
 
 
+def checkpoint_meta(config: PretrainConfig) -> dict:
+    """The metadata a run's checkpoint stores: what :func:`load_model` rebuilds the model from."""
+    return {
+        **config.meta,
+        "method": config.method,
+        "model_config": config.model_config,
+        "num_classes": config.num_classes,
+        "image_size": config.image_size,
+    }
+
+
 def lr_at(progress: float, base_lr: float, epochs: int, warmup_epochs: float, schedule: str) -> float:
     """Learning rate at fractional epoch ``progress``: linear warm-up, then cosine or constant."""
     if warmup_epochs > 0 and progress < warmup_epochs:
@@ -211,13 +222,7 @@ def pretrain_loop(train_loop_config: dict) -> None:
     bare = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_policy(device.type, amp)[1])
-    meta = {
-        **config.meta,
-        "method": method,
-        "model_config": config.model_config,
-        "num_classes": config.num_classes,
-        "image_size": image_size,
-    }
+    meta = checkpoint_meta(config)
 
     start_epoch = 0
     resumed = ray.train.get_checkpoint()
@@ -278,7 +283,15 @@ def pretrain_loop(train_loop_config: dict) -> None:
         if config.caption_noise > 0:  # share of this epoch's captions that were another sample's
             metrics["realized_caption_noise"] = swapped / max(seen, 1)
         if epoch == epochs - 1:
-            correct, total = upstream_top1(method, bare, train_shard, heldout_shard, device, amp, config)
+            correct, total = upstream_top1(
+                method,
+                bare,
+                lambda: train_shard.iter_torch_batches(batch_size=256),
+                lambda: heldout_shard.iter_torch_batches(batch_size=256),
+                device,
+                amp,
+                config,
+            )
             correct, total = _all_reduce_sum([correct, total], device)
             metrics["upstream_accuracy"] = correct / max(total, 1)
         with tempfile.TemporaryDirectory() as d:
@@ -337,11 +350,16 @@ def clip_class_embeddings(model: nn.Module, train_shard, config: PretrainConfig)
 
 @torch.no_grad()
 def upstream_top1(
-    method: str, model: nn.Module, train_shard, heldout_shard, device, amp: str, config: PretrainConfig
+    method: str, model: nn.Module, train_batches, heldout_batches, device, amp: str, config: PretrainConfig
 ) -> tuple[int, int]:
-    """(correct, total) of this worker's held-out shard under the method's upstream measure."""
+    """(correct, total) of this worker's held-out data under the method's upstream measure.
+
+    ``train_batches()`` and ``heldout_batches()`` each return a fresh iterable of
+    ``{"image": uint8, "label"}`` torch batches: this worker's shards of the training view (the
+    k-NN memory bank of simclr) and of the held-out split.
+    """
     model.eval()
-    heldout = heldout_shard.iter_torch_batches(batch_size=256)
+    heldout = heldout_batches()
     if method == "supervised":
         return evaluate_top1(model, heldout, device, amp)
     if method == "clip":
@@ -355,7 +373,7 @@ def upstream_top1(
         return correct, total
     # simclr: the memory bank is every worker's training features (un-augmented)
     feats, labels = [], []
-    for batch in train_shard.iter_torch_batches(batch_size=256):
+    for batch in train_batches():
         with _autocast(device, amp):
             feats.append(model.features(normalize(batch["image"].to(device))).float())
         labels.append(batch["label"].to(device))

@@ -64,12 +64,18 @@ def index_stream(
     """A model's training rows, [steps, batch_size]: its kept classes' samples, reshuffled each epoch.
 
     ``order`` lists the rows sorted by sample key, so the stream depends on keys and ``seed`` only,
-    not on file order. steps = ceil(epochs · n / batch_size); the last batch wraps into a fresh
-    shuffle, so every batch is full (one more partial epoch at most).
+    not on file order (:func:`row_stream` of those rows).
     """
     rows = order[np.isin(labels[order], np.flatnonzero(kept))]
     if len(rows) == 0:
         raise ValueError("a model's class subset has no training sample")
+    return row_stream(rows, batch_size, epochs, seed)
+
+
+def row_stream(rows: np.ndarray, batch_size: int, epochs: int, seed: int) -> np.ndarray:
+    """``rows`` (a model's training rows, in sample-key order) reshuffled each epoch from ``seed``,
+    [steps, batch_size]: steps = ceil(epochs · n / batch_size); the last batch wraps into a fresh
+    shuffle, so every batch is full (one more partial epoch at most)."""
     steps = math.ceil(epochs * len(rows) / batch_size)
     need, parts, epoch = steps * batch_size, [], 0
     while sum(len(p) for p in parts) < need:
@@ -89,8 +95,13 @@ class StackedModels:
     def model(self, b: int, num_classes: int, model_config: dict, image_size: int) -> nn.Module:
         """Model b as an ordinary module (for checks and for saving)."""
         m = build_model(model_config, num_classes, image_size)
-        m.load_state_dict({**{k: v[b] for k, v in self.params.items()}, **{k: v[b] for k, v in self.buffers.items()}})
+        m.load_state_dict(member_state(self.params, self.buffers, b))
         return m.eval()
+
+
+def member_state(params: dict, buffers: dict, b: int) -> dict[str, torch.Tensor]:
+    """Model b's parameters and buffers out of stacked ones, named as its module's ``state_dict``."""
+    return {**{k: v[b] for k, v in params.items()}, **{k: v[b] for k, v in buffers.items()}}
 
 
 def _init_models(model_config: dict, num_classes: int, image_size: int, seeds: list[int]) -> list[nn.Module]:
@@ -102,15 +113,83 @@ def _init_models(model_config: dict, num_classes: int, image_size: int, seeds: l
 
 
 def _adamw(p, g, m, v, t, lr, wd, active):
-    """One AdamW step on stacked tensors; ``t``, ``lr``, ``active`` are per model [B]."""
+    """One AdamW step on stacked tensors; ``t``, ``lr``, ``wd``, ``active`` are per model [B]."""
     shape = (-1,) + (1,) * (p.dim() - 1)
     act, lr_, tt = active.view(shape), lr.to(p.dtype).view(shape), t.to(p.dtype).view(shape)
+    wd_ = wd.to(p.dtype).view(shape)
     m_new = BETAS[0] * m + (1 - BETAS[0]) * g
     v_new = BETAS[1] * v + (1 - BETAS[1]) * g * g
     step_size = lr_ / (1 - BETAS[0] ** tt)
     denom = (v_new / (1 - BETAS[1] ** tt)).sqrt() + EPS
-    p_new = p * (1 - lr_ * wd) - step_size * m_new / denom
+    p_new = p * (1 - lr_ * wd_) - step_size * m_new / denom
     return torch.where(act, p_new, p), torch.where(act, m_new, m), torch.where(act, v_new, v)
+
+
+def epoch_of_steps(steps: int, epochs: int) -> np.ndarray:
+    """The epoch (0..epochs-1) each of a model's ``steps`` steps belongs to: step t is in epoch
+    floor(t · epochs / steps), as the learning-rate schedule counts it."""
+    return np.minimum(np.arange(steps) * epochs // steps, epochs - 1)
+
+
+def run_stacked(
+    models: list[nn.Module],
+    streams: list[np.ndarray],
+    settings: list[TrainSettings],
+    loss_fn,
+    batch_inputs,
+    device: torch.device,
+    on_epoch=None,
+) -> tuple[nn.Module, dict, dict, list[np.ndarray]]:
+    """Train ``models`` (same architecture) stacked: model b on ``streams[b]`` ([steps_b,
+    batch_size] rows) with AdamW and the lr schedule, weight decay and epochs of ``settings[b]``;
+    past its last step it is frozen (parameters, optimizer state, BatchNorm buffers).
+
+    ``batch_inputs(rows)`` turns a [B, batch_size] row tensor into the per-model batched inputs
+    of ``loss_fn(base, params, buffers, *inputs) -> scalar loss`` (vmapped over models).
+    ``on_epoch(b, epoch, mean_loss, steps_done)``, if given, is called as model b ends an epoch.
+    Returns (base on the meta device, stacked params, stacked buffers, per-model epoch losses).
+    """
+    B = len(models)
+    steps = np.array([len(x) for x in streams])
+    epochs = np.array([s.epochs for s in settings])
+    epoch_of = [epoch_of_steps(int(n), int(e)) for n, e in zip(steps, epochs)]
+    params, buffers = stack_module_state(models)
+    params = {k: v.detach().to(device) for k, v in params.items()}
+    buffers = {k: v.to(device) for k, v in buffers.items()}
+    base = copy.deepcopy(models[0]).to("meta").train()
+    m = {k: torch.zeros_like(v) for k, v in params.items()}
+    v2 = {k: torch.zeros_like(v) for k, v in params.items()}
+    wd = torch.tensor([s.weight_decay for s in settings], device=device)
+    step_grad = vmap(grad_and_value(lambda p, buf, *x: loss_fn(base, p, buf, *x)))
+    losses = [np.zeros(int(e)) for e in epochs]
+    counts = [np.zeros(int(e)) for e in epochs]
+    for t in range(int(steps.max())):
+        active_np = t < steps
+        last = np.minimum(t, steps - 1)
+        rows = torch.from_numpy(np.stack([streams[b][last[b]] for b in range(B)])).to(device)
+        old_buffers = {k: b.clone() for k, b in buffers.items()}
+        grads, loss = step_grad(params, buffers, *batch_inputs(rows))  # updates BatchNorm buffers in place
+        active = torch.from_numpy(active_np).to(device)
+        lr = torch.tensor(
+            [
+                lr_at(t * s.epochs / steps[b], s.lr, s.epochs, s.warmup_epochs, s.lr_schedule)
+                for b, s in enumerate(settings)
+            ],
+            device=device,
+        )
+        tt = torch.from_numpy(last + 1.0).to(device)
+        for k in params:
+            params[k], m[k], v2[k] = _adamw(params[k], grads[k], m[k], v2[k], tt, lr, wd, active)
+        for k, b in buffers.items():  # a finished model's BatchNorm statistics stay as they were
+            buffers[k].copy_(torch.where(active.view((-1,) + (1,) * (b.dim() - 1)), b, old_buffers[k]))
+        loss_np = loss.detach().cpu().numpy()
+        for b in np.flatnonzero(active_np):
+            e = epoch_of[b][t]
+            losses[b][e] += loss_np[b]
+            counts[b][e] += 1
+            if on_epoch is not None and (t + 1 == steps[b] or epoch_of[b][t + 1] != e):
+                on_epoch(int(b), int(e), float(losses[b][e] / counts[b][e]), t + 1)
+    return base, params, buffers, [lo / np.maximum(c, 1) for lo, c in zip(losses, counts)]
 
 
 def train_stacked(
@@ -135,44 +214,18 @@ def train_stacked(
     B = len(seeds)
     order = np.argsort(keys, kind="stable")
     streams = [index_stream(order, labels, masks[b], s.batch_size, s.epochs, seeds[b]) for b in range(B)]
-    steps = np.array([len(x) for x in streams])
-    per_epoch = steps / s.epochs  # fractional steps per epoch, for the lr schedule
     models = _init_models(model_config, num_classes, s.image_size, seeds)
-    params, buffers = stack_module_state(models)
-    params = {k: v.detach().to(device) for k, v in params.items()}
-    buffers = {k: v.to(device) for k, v in buffers.items()}
-    base = copy.deepcopy(models[0]).to("meta").train()
-    m = {k: torch.zeros_like(v) for k, v in params.items()}
-    v2 = {k: torch.zeros_like(v) for k, v in params.items()}
     y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
     images = images.to(device)
 
-    def loss_fn(p, buf, x, y):
+    def loss_fn(base, p, buf, x, y):
         return nn.functional.cross_entropy(functional_call(base, (p, buf), (normalize(x),)), y)
 
-    step_grad = vmap(grad_and_value(loss_fn))
-    loss_sum, loss_n = np.zeros(B), np.zeros(B)
-    for t in range(int(steps.max())):
-        active_np = t < steps
-        rows = np.stack([streams[b][min(t, steps[b] - 1)] for b in range(B)])
-        rows_t = torch.from_numpy(rows).to(device)
-        x, y = images[rows_t], y_all[rows_t]
-        old_buffers = {k: b.clone() for k, b in buffers.items()}
-        grads, loss = step_grad(params, buffers, x, y)  # updates BatchNorm buffers in place
-        active = torch.from_numpy(active_np).to(device)
-        lr = torch.tensor(
-            [lr_at(t / per_epoch[b], s.lr, s.epochs, s.warmup_epochs, s.lr_schedule) for b in range(B)], device=device
-        )
-        tt = torch.from_numpy(np.minimum(t, steps - 1) + 1.0).to(device)
-        for k in params:
-            params[k], m[k], v2[k] = _adamw(params[k], grads[k], m[k], v2[k], tt, lr, s.weight_decay, active)
-        for k, b in buffers.items():  # a finished model's BatchNorm statistics stay as they were
-            buffers[k].copy_(torch.where(active.view((-1,) + (1,) * (b.dim() - 1)), b, old_buffers[k]))
-        last_epoch = active_np & (t >= steps - np.ceil(per_epoch))
-        loss_sum += np.where(last_epoch, loss.detach().cpu().numpy(), 0.0)
-        loss_n += last_epoch
+    base, params, buffers, epoch_loss = run_stacked(
+        models, streams, [s] * B, loss_fn, lambda rows: (images[rows], y_all[rows]), device
+    )
     n_samples = np.array([int(np.isin(labels, np.flatnonzero(mk)).sum()) for mk in masks])
-    return StackedModels(base, params, buffers, loss_sum / np.maximum(loss_n, 1), n_samples)
+    return StackedModels(base, params, buffers, np.array([e[-1] for e in epoch_loss]), n_samples)
 
 
 @torch.no_grad()

@@ -84,6 +84,7 @@ class PhaseContext(TrialContext):
     transfer_groups: dict[str, TransferGroup] = field(default_factory=dict)
     run_ids: dict[str, str] = field(default_factory=dict)  # config_hash -> MLflow run id to use
     checkpoints: dict[str, str] = field(default_factory=dict)  # pretrain hash -> checkpoint dir
+    packs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # packed trial -> its runs' hashes
     # fit hash -> (its group, the fit) of fine-tuning fits tuned by a search (execution.search)
     searches: dict[str, tuple[TransferGroup, TransferFit]] = field(default_factory=dict)
 

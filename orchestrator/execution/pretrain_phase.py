@@ -1,5 +1,7 @@
 """The pretraining phase: one Ray Tune trial per pretraining run, each a Tune *function* that
 builds and fits a Ray Train ``TorchTrainer`` (Train V2 cannot be wrapped by a Tuner directly).
+Runs that ``pretrain.pack`` packs train several per trial instead
+(:mod:`orchestrator.execution.packed_phase`).
 
 Metrics reach MLflow through :class:`~orchestrator.records.train_callback.MLflowReportCallback`
 on the Train controller, into a run the driver created; the loop itself
@@ -127,7 +129,7 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
         raise
 
 
-def _describe_epoch(result: dict) -> str | None:
+def describe_epoch(result: dict) -> str | None:
     if "epoch" not in result or "train_loss" not in result:
         return None
     rate = result.get("images_per_second", 0)
@@ -146,6 +148,6 @@ def run_pretrain_phase(ctx: PhaseContext, runs: list[PretrainRun], cluster_cpus:
         0.01,
         pretrain_concurrency(ctx.resources, cluster_cpus),
         lambda r: f"upstream_accuracy={r.get('upstream_accuracy', float('nan')):.3f}",
-        _describe_epoch,
+        describe_epoch,
         on_counts,
     )

@@ -11,6 +11,13 @@ Cost model (deliberately simple; it says what it assumes):
   start) plus ``PRETRAIN_S_PER_SAMPLE_EPOCH`` per training sample and epoch, scaled by the pixel
   count relative to 32x32. The per-sample figure is a CPU figure for the small CNNs; the held-out
   evaluation, model size and GPUs are not modelled.
+- A packed pretraining trial (``pretrain.pack``, :mod:`orchestrator.planning.packs`) costs
+  ``PACK_OVERHEAD_S`` (trial start, decoding the source's training split) plus the per-sample
+  term of each of its runs: stacking saves the start-ups, not the arithmetic. Packed runs log
+  their share of the pack's seconds and ``pack_size``; the calibration leaves them out (it
+  calibrates the TorchTrainer runs' model). Packed trials hold ``resources.cpus_per_worker`` CPUs
+  each and run on :func:`pack_concurrency` slots, after the TorchTrainer runs (GPU shares are
+  not modelled).
 - A transfer trial (one pretraining checkpoint x one task) costs ``TRANSFER_OVERHEAD_S`` (trial
   start, checkpoint load, feature extraction) plus, per fit, ``FROZEN_FIT_S`` for the closed-form
   probes or ``FINETUNE_S_PER_STEP`` per step and learning rate for finetune / lp_ft.
@@ -36,6 +43,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from orchestrator.planning.packs import plan_packs
 from orchestrator.planning.plan import StudyPlan
 from orchestrator.planning.rerun import Changed, changed_results
 from orchestrator.planning.transfer_fits import TransferGroup
@@ -44,6 +52,7 @@ from orchestrator.records.schema import (
     FINISHED,
     KIND_PRETRAIN,
     KIND_TRANSFER,
+    METRIC_PACK_SIZE,
     METRIC_TRIAL_SECONDS,
     TAG_CODE_DIGEST,
     TAG_PARENT,
@@ -61,6 +70,7 @@ TRANSFER_OVERHEAD_S = 10.0
 FROZEN_FIT_S = 0.3
 FINETUNE_S_PER_STEP = 0.01
 SEARCH_TRIAL_OVERHEAD_S = 3.0
+PACK_OVERHEAD_S = 5.0
 
 
 @dataclass
@@ -107,7 +117,8 @@ def calibration(state: MlflowState) -> dict[str, tuple[float, int]]:
     pre = []
     for r in state.pretrain.values():
         m, p = r.data.metrics, r.data.params
-        if r.info.status == FINISHED and METRIC_TRIAL_SECONDS in m and "num_train_samples" in m:
+        packed = METRIC_PACK_SIZE in m
+        if r.info.status == FINISHED and METRIC_TRIAL_SECONDS in m and "num_train_samples" in m and not packed:
             try:
                 image_size, epochs = int(p["image_size"]), int(p["epochs"])
             except (KeyError, ValueError):
@@ -137,6 +148,14 @@ def pretrain_concurrency(resources: Resources, cluster_cpus: float) -> int:
         return resources.max_concurrent_trials
     per_trial = resources.workers * resources.cpus_per_worker + 1.0
     return max(1, int(math.floor(cluster_cpus / per_trial)))
+
+
+def pack_concurrency(resources: Resources, cluster_cpus: float) -> int:
+    """Concurrent packed pretraining trials: each holds ``cpus_per_worker`` CPUs and computes in
+    the trial itself."""
+    if resources.max_concurrent_trials:
+        return resources.max_concurrent_trials
+    return max(1, int(math.floor(cluster_cpus / resources.cpus_per_worker + 1e-9)))
 
 
 def transfer_concurrency(
@@ -185,6 +204,9 @@ class PlanSummary:
     search_fits: int = 0  # finetune / lp_ft fits still to search (transfer.finetune.search)
     search_trials: int = 0  # their Tune trials, num_samples each
     search_seconds: float = 0.0
+    packed_runs: int = 0  # pending pretraining runs trained several per trial (pretrain.pack)
+    packs: int = 0  # the trials they take
+    pack_concurrency: int = 1
     # Cached (FINISHED) runs of this plan whose code digest is not today's: computed by other code
     # (or by a version that did not record it), and reused as they are.
     cached_other_code: int = 0
@@ -231,16 +253,29 @@ def summarize(
     groups: dict[str, list[TransferGroup]] = {}
     for g in plan.transfer_groups:
         groups.setdefault(g.pretrain_hash, []).append(g)
-    jobs, pre_durations, tra_durations, searches = [], [], [], []
+    jobs, tra_durations, searches = [], [], []
+    pc, tc = pretrain_concurrency(plan.spec.resources, cpus), transfer_concurrency(cpus)
+    statuses = {
+        r.config_hash: job_status(state.pretrain.get(r.config_hash), r.config_hash in changed.pretrain)
+        for r in plan.pretrain_runs
+    }
+    pending = [r for r in plan.pretrain_runs if statuses[r.config_hash] != "cached"]
+    samples = {s: plan.data[f"sources.{s}"].num_samples("train") for s in {r.source for r in pending}}
+    kc = pack_concurrency(plan.spec.resources, cpus)
+    packs, alone = plan_packs(pending, plan.spec.pretrain.pack, plan.spec.resources.workers, samples, kc)
+    compute = {
+        r.config_hash: default_pretrain_seconds(r.settings.image_size, r.settings.epochs, r.num_train_samples)
+        - PRETRAIN_OVERHEAD_S
+        for r in pending
+    }
+    seconds_of = {r.config_hash: (compute[r.config_hash] + PRETRAIN_OVERHEAD_S) * pre_factor for r in alone}
+    pre_durations, pack_durations = list(seconds_of.values()), []
+    for p in packs:
+        pack_durations.append(PACK_OVERHEAD_S + sum(compute[r.config_hash] for r in p.runs))
+        seconds_of |= {r.config_hash: PACK_OVERHEAD_S / len(p.runs) + compute[r.config_hash] for r in p.runs}
     for run in plan.pretrain_runs:
-        status = job_status(state.pretrain.get(run.config_hash), run.config_hash in changed.pretrain)
-        seconds = (
-            default_pretrain_seconds(run.settings.image_size, run.settings.epochs, run.num_train_samples) * pre_factor
-            if status != "cached"
-            else 0.0
-        )
-        if status != "cached":
-            pre_durations.append(seconds)
+        status = statuses[run.config_hash]
+        seconds = seconds_of.get(run.config_hash, 0.0)
         fits = {}
         for g in groups.get(run.config_hash, []):
             todo = [f for f in g.fits if f.config_hash not in done_fits]
@@ -272,7 +307,6 @@ def summarize(
         if h in planned and h not in again and r.info.status == FINISHED
     ]
     other_code = sum(r.data.tags.get(TAG_CODE_DIGEST) != digest for r in cached)
-    pc, tc = pretrain_concurrency(plan.spec.resources, cpus), transfer_concurrency(cpus)
     todo_fits = sum(1 for g in plan.transfer_groups for f in g.fits if f.config_hash not in done_fits)
     return PlanSummary(
         study=plan.spec.study,
@@ -285,11 +319,11 @@ def summarize(
         transfer_fits=plan.num_transfer_fits,
         transfer_cached=plan.num_transfer_fits - todo_fits,
         transfer_todo=todo_fits,
-        pretrain_trials=len(pre_durations),
+        pretrain_trials=len(pre_durations) + len(pack_durations),
         transfer_trials=len(tra_durations),
         pretrain_concurrency=pc,
         transfer_concurrency=tc,
-        pretrain_seconds=phase_seconds(pre_durations, pc),
+        pretrain_seconds=phase_seconds(pre_durations, pc) + phase_seconds(pack_durations, kc),
         transfer_seconds=phase_seconds(tra_durations, tc),
         calibrated_on={k: n for k, (_, n) in cal.items()},
         jobs=jobs,
@@ -298,6 +332,9 @@ def summarize(
         search_seconds=sum(seconds for _, seconds in searches),
         cached_other_code=other_code,
         code_digest=digest,
+        packed_runs=sum(len(p.runs) for p in packs),
+        packs=len(packs),
+        pack_concurrency=kc,
     )
 
 
@@ -350,7 +387,13 @@ def format_summary(s: PlanSummary, spec: StudySpec, uri: str) -> str:
     lines += [
         f"pretraining runs: {s.pretrain_jobs}: {s.pretrain_new} to run, {s.pretrain_resume} interrupted (resume), "
         + (f"{s.pretrain_rerun} computed by other code (rerun), " if s.pretrain_rerun else "")
-        + f"{s.pretrain_cached} finished (cached)",
+        + f"{s.pretrain_cached} finished (cached)"
+        + (
+            f"; {s.packed_runs} of them packed into {s.packs} trial(s) (pretrain.pack, up to "
+            f"{s.pack_concurrency} at a time)"
+            if s.packs
+            else ""
+        ),
         f"transfer fits:    {s.transfer_fits}: {s.transfer_todo} to run"
         + (f" ({s.transfer_rerun} computed again: other code, or their pretraining is)" if s.transfer_rerun else "")
         + f", {s.transfer_cached} finished (cached)",

@@ -171,6 +171,8 @@ METRIC_MEAN_PER_CLASS_ACCURACY = "mean_per_class_accuracy"
 METRIC_NUM_TRAIN_SAMPLES = "num_train_samples"
 PARAM_CLASS_FRACTION = "class_fraction"
 METRIC_TRIAL_SECONDS = "trial_seconds"
+# runs trained in one packed trial (trainers.packed); their trial_seconds is the pack's over this
+METRIC_PACK_SIZE = "pack_size"
 
 VIEW_MASK_ARTIFACT = "view/class_mask.json"
 PER_EXAMPLE_ARTIFACT = "outputs/per_example.parquet"

@@ -18,8 +18,10 @@ from orchestrator.spec.claims import CLAIM_KINDS, EXPECT, REMOVAL_ARMS, VERSUS
 from orchestrator.spec.fields import spec_keys
 from orchestrator.spec.schema import (
     COLUMN_KEYS,
+    PACK_MODES,
     DataRef,
     PretrainSettings,
+    PretrainSpec,
     StudySpec,
     ViewAxes,
 )
@@ -30,6 +32,7 @@ _CLASS_NAME = {"type": ["string", "integer"]}  # YAML reads class 7 as an int; t
 _READS = {
     (ViewAxes, "pretrain_size"): {"anyOf": [{"type": "integer", "minimum": 1}, {"const": "full"}, {"type": "null"}]},
     (DataRef, "keep_classes"): {"anyOf": [{"type": "null"}, _CLASS_NAME, {"type": "array", "items": _CLASS_NAME}]},
+    (PretrainSpec, "pack"): {"enum": list(PACK_MODES)},
     (DataRef, "drop_classes"): {"anyOf": [_CLASS_NAME, {"type": "array", "items": _CLASS_NAME}]},
 }
 # A datamodels study needs no pretrain or transfer section; the reader says what else is needed.
@@ -113,7 +116,7 @@ def _pretrain() -> dict:
             axes[key] = prop if "anyOf" in prop and prop["anyOf"][-1].get("type") == "array" else _scalar_or_list(prop)
     grid = {"type": "object", "properties": axes, "additionalProperties": False}
     sweep = {"anyOf": [grid, {"type": "array", "items": grid, "minItems": 1}]}
-    return _object(PretrainSettings, {"sweep": sweep}, required=[])
+    return _object(PretrainSettings, {"sweep": sweep, **_properties(PretrainSpec)}, required=[])
 
 
 _PARAM_TYPES = {

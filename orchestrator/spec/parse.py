@@ -103,7 +103,7 @@ def _datarefs(m: Mapping, key: str) -> dict[str, DataRef]:
 
 
 def _pretrain(path: str, data: Any, sources: dict[str, DataRef]) -> PretrainSpec:
-    p = Mapping(path, data, spec_keys(PretrainSettings) + ("sweep",))
+    p = Mapping(path, data, spec_keys(PretrainSettings) + ("sweep", "pack"))
     base = p.build(PretrainSettings)
     raw = p.get("sweep", as_is, {})
     listed = isinstance(raw, list)
@@ -117,7 +117,8 @@ def _pretrain(path: str, data: Any, sources: dict[str, DataRef]) -> PretrainSpec
     )
     axes = dict.fromkeys(a for g in grids for a in g)
     sweep = {a: tuple(dict.fromkeys(v for g in grids for v in (g[a] if a in g else (getattr(base, a),)))) for a in axes}
-    return PretrainSpec(base=base, sweep=sweep, grids=grids, listed=listed)
+    pack = p.read(PretrainSpec, "pack")
+    return PretrainSpec(base=base, sweep=sweep, grids=grids, listed=listed, pack=pack)
 
 
 def _grid(path: str, data: Any, sources: dict[str, DataRef]) -> dict[str, tuple]:

@@ -37,6 +37,7 @@ from trainers.protocols import FINAL_LAYER, FROZEN_PROTOCOLS, FULL, METHODS, PRO
 
 LR_SCHEDULES = ("cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
+PACK_MODES = ("auto", "off")
 SEARCH_ALGORITHMS = ("random", "asha")
 OVERLAP_MODES = ("off", "warn", "error")
 COUNTERFACTUAL_ARMS = ("harmful", "helpful", "random")
@@ -208,6 +209,9 @@ class PretrainSpec:
     sweep: dict[str, tuple]  # axis -> values; always has source and every ViewAxes axis
     grids: tuple[dict[str, tuple], ...] = ()  # each has the same always-present axes as sweep
     listed: bool = False  # the YAML gave a list of grids: fields read pretrain.sweep[i]
+    # auto: small single-worker runs of one model shape train several at once in one trial
+    # (trainers.packed; results as if alone, config hashes unchanged); off: one TorchTrainer each
+    pack: str = spec_field("auto", read=choice(PACK_MODES))
 
     def __post_init__(self):
         if not self.grids:  # built by hand from one grid

@@ -1,0 +1,193 @@
+"""Packed pretraining (trainers.packed): each run of a pack trains exactly as if alone.
+
+Pure functions on tiny synthetic data: no Ray, no MLflow (the end-to-end study is in
+tests/test_packed_study.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from datasets_.pipeline import normalize
+from datasets_.views import PretrainView
+from trainers.methods import build_pretrain_model, nt_xent_loss, simclr_views
+from trainers.models import model_config
+from trainers.packed import DecodedSplit, train_packed
+from trainers.pretrain import PretrainConfig, load_model, lr_at, save_checkpoint
+from trainers.stacked import row_stream
+
+C = 4
+
+
+def _split(n, seed):
+    rng = np.random.default_rng(seed)
+    images = torch.from_numpy(rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8))
+    return DecodedSplit(images, rng.integers(0, C, n), np.array([f"s{seed}-{i}" for i in range(n)]))
+
+
+def _config(method="supervised", **changes):
+    base = dict(
+        method=method,
+        model_config=model_config("tiny-cnn"),
+        num_classes=C,
+        classes=tuple("abcd"),
+        image_size=8,
+        epochs=2,
+        batch_size=16,
+        lr=0.01,
+        weight_decay=5e-4,
+        lr_schedule="cosine",
+        warmup_epochs=0.0,
+        amp="none",
+        seed=0,
+        num_train_samples=0,
+    )
+    return PretrainConfig(**{**base, **changes})
+
+
+def _view(seed=0, label_noise=0.0, threshold=1.0, keep=None):
+    return PretrainView("fp", None, label_noise, seed, C, threshold, keep_classes=keep)
+
+
+def _weights(result):
+    return result.model.state_dict()
+
+
+def _assert_same(a, b, **tol):
+    for k, v in a.items():
+        assert torch.allclose(v.float(), b[k].float(), **tol), k
+
+
+PACK = [  # what may differ within a pack: view (size, noise, classes, seed) and optimizer
+    (_config(seed=1, lr=0.02, epochs=3, warmup_epochs=0.5), _view(1, label_noise=0.3)),
+    (_config(seed=2, weight_decay=0.05, lr_schedule="constant"), _view(2, threshold=0.5, keep=(0, 2, 3))),
+    (_config(seed=3, epochs=1), _view(3)),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", ["supervised", "simclr"])
+def test_a_packed_run_trains_as_it_would_alone(method):
+    """Run 1 of a pack of 3 == the same run packed alone == the same run packed with other mates."""
+    torch.set_num_threads(1)
+    train, held = _split(120, 0), _split(40, 1)
+    configs = [c.replace(method=method) for c, _ in PACK]
+    views = [v for _, v in PACK]
+    three = train_packed(configs, views, [None] * 3, train, held)
+    alone = train_packed(configs[1:2], views[1:2], [None], train, held)
+    other = train_packed([configs[1], configs[0]], [views[1], views[0]], [None] * 2, train, held)
+    _assert_same(_weights(three[1]), _weights(alone[0]), atol=1e-5)
+    _assert_same(_weights(three[1]), _weights(other[0]), atol=1e-5)
+    assert np.allclose(three[1].epoch_loss, alone[0].epoch_loss, atol=1e-5)
+    assert [len(r.epoch_loss) for r in three] == [3, 2, 1]  # each run its own epochs
+    # The size subset and class filter reach the stream; upstream accuracy is a share.
+    assert three[1].num_train_samples < three[2].num_train_samples == 120
+    assert all(0.0 <= r.upstream_accuracy <= 1.0 for r in three)
+    first = next(iter(_weights(three[0])))
+    assert not torch.allclose(_weights(three[0])[first], _weights(three[1])[first])  # packmates differ
+
+
+def _plain_loop(config, view, train, step_loss):
+    """The reference: one model, torch.optim.AdamW, the run's own stream and lr schedule."""
+    keep, labels = view.apply(list(train.keys), train.labels)
+    order = np.argsort(train.keys, kind="stable")
+    stream = row_stream(order[keep[order]], config.batch_size, config.epochs, config.seed)
+    torch.manual_seed(config.seed)
+    net = build_pretrain_model(config.method, config.model_config, C, 8).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    c = config
+    for t, rows in enumerate(stream):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(t * c.epochs / len(stream), c.lr, c.epochs, c.warmup_epochs, c.lr_schedule)
+        loss = step_loss(net, normalize(train.images[rows]), torch.from_numpy(labels[rows]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.state_dict()
+
+
+@pytest.mark.timeout(120)
+def test_a_packed_run_matches_a_plain_adamw_loop():
+    """Supervised and simclr: a packed run's weights (BatchNorm statistics included) are those of
+    a plain loop with torch.optim.AdamW on the same stream, seeds and augmentations."""
+    torch.set_num_threads(1)
+    train, held = _split(96, 0), _split(20, 1)
+    config, view = PACK[0]
+    packed = train_packed([config, PACK[2][0]], [view, PACK[2][1]], [None] * 2, train, held)[0]
+
+    def ce(net, x, y):
+        return torch.nn.functional.cross_entropy(net(x), y)
+
+    _assert_same(_weights(packed), _plain_loop(config, view, train, ce), rtol=1e-4, atol=1e-5)
+
+    config = config.replace(method="simclr")
+    packed = train_packed([config], [view], [None], train, held)[0]
+    g = torch.Generator().manual_seed(config.seed)
+
+    def nt_xent(net, x, _):
+        z1, z2 = net(torch.cat([simclr_views(x, g), simclr_views(x, g)])).chunk(2)
+        return nt_xent_loss(z1, z2)
+
+    # Adam's normalized steps amplify the rounding of the batched similarity matrix a little.
+    _assert_same(_weights(packed), _plain_loop(config, view, train, nt_xent), rtol=1e-3, atol=1e-4)
+
+
+def test_a_packed_checkpoint_loads_like_a_torchtrainer_one(tmp_path):
+    """save_checkpoint of a packed run is the usual format: load_model rebuilds the same model."""
+    train, held = _split(64, 0), _split(20, 1)
+    config = _config(meta={"config_hash": "abc", "source": "toy"})
+    result = train_packed([config], [_view()], [None], train, held)[0]
+    save_checkpoint(str(tmp_path), result.model, result.meta, epoch=config.epochs - 1)
+    loaded = load_model(str(tmp_path))
+    assert loaded.meta["config_hash"] == "abc" and loaded.meta["method"] == "supervised"
+    x = normalize(held.images)
+    assert torch.allclose(loaded(x), result.model(x), atol=1e-6)
+    # upstream accuracy is top-1 on the held-out split, as the TorchTrainer loop measures it
+    top1 = float((result.model(x).argmax(1).numpy() == held.labels).mean())
+    assert result.upstream_accuracy == pytest.approx(top1)
+
+
+def test_runs_of_different_shapes_are_not_packed():
+    train, held = _split(32, 0), _split(8, 1)
+    with pytest.raises(ValueError, match="must share"):
+        train_packed([_config(), _config(batch_size=8)], [_view()] * 2, [None] * 2, train, held)
+    with pytest.raises(ValueError, match="'clip' is not packed"):
+        train_packed([_config("clip")], [_view()], [None], train, held)
+
+
+def test_auto_packs_small_runs_of_one_shape_and_fills_the_slots():
+    """planning.packs: runs of one source and shape share packs; clip, multi-worker runs and
+    pack: off keep their TorchTrainer; with more slots than packs the largest is halved."""
+    from orchestrator.planning.packs import plan_packs
+    from orchestrator.planning.plan import build_plan
+    from orchestrator.spec import parse_spec
+
+    spec = parse_spec(
+        {
+            "study": "packs",
+            "sources": {"mnist": {"uri": "builtin:mnist"}},
+            "tasks": {"digits": {"uri": "builtin:digits"}},
+            "pretrain": {
+                "model": "tiny-cnn",
+                "image_size": 8,
+                "sweep": [
+                    {"method": ["supervised"], "pretrain_size": [100, 200], "label_noise": [0.0, 0.2, 0.4]},
+                    {"method": ["simclr", "clip"], "pretrain_size": [100]},
+                ],
+            },
+            "transfer": {"shots": [1], "seeds": [0]},
+        }
+    )
+    runs = build_plan(spec).pretrain_runs
+    samples = {"mnist": 4006}
+    packs, alone = plan_packs(runs, "auto", 1, samples, 1)
+    assert [r.config.method for r in alone] == ["clip"]
+    assert sorted((len(p.runs), p.runs[0].config.method) for p in packs) == [(1, "simclr"), (6, "supervised")]
+    assert {r.config_hash for p in packs for r in p.runs} | {alone[0].config_hash} == {r.config_hash for r in runs}
+    packs, _ = plan_packs(runs, "auto", 1, samples, 4)
+    assert sorted(len(p.runs) for p in packs) == [1, 1, 2, 3]  # 6 -> 3 + 3, then 3 -> 2 + 1: four slots
+    assert plan_packs(runs, "off", 1, samples, 1) == ([], runs)
+    assert plan_packs(runs, "auto", 2, samples, 1)[0] == []  # resources.workers > 1
+    assert plan_packs(runs, "auto", 1, {"mnist": 10**9}, 1)[0] == []  # the split would not fit in memory

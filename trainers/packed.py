@@ -1,0 +1,208 @@
+"""Packed pretraining: several small pretraining runs of one architecture trained at once.
+
+A TorchTrainer costs seconds of start-up and its own worker processes whatever the model; the
+small CNNs of most studies train in less. A *pack* trains B runs in one process as one stacked
+model, with the machinery of :mod:`trainers.stacked` (``torch.func`` stacking, vmapped
+gradients, AdamW written out per model, finished models frozen).
+
+**Each run trains exactly as if alone.** Run b has its own data stream: the rows its view keeps
+(:meth:`datasets_.views.PretrainView.apply` on the whole training split: size subset, class
+filter), with its view's noisy labels, sorted by sample key and reshuffled every epoch from its
+seed, in full batches (:func:`trainers.stacked.row_stream`). It has its own initialization
+(``torch.manual_seed(seed)``, as :func:`trainers.pretrain.pretrain_loop`), learning rate, weight
+decay, schedule, warm-up and epochs; simclr augments each run's batch with its own seeded
+generator, outside the vmapped step. So a run's weights do not depend on B nor on its packmates
+(up to float rounding of batched kernels; tests check both and a plain ``torch.optim.AdamW``
+loop).
+
+What may differ within a pack: everything of the view (pretrain_size, label_noise, seed, class
+subset) and of the optimizer (lr, weight_decay, epochs, lr_schedule, warmup_epochs). What must
+be equal (:func:`pack_key`): method, model, num_classes, image_size, batch_size, amp. Packed
+methods: supervised and simclr (:data:`PACKABLE_METHODS`); clip runs keep their TorchTrainer.
+Mixed precision is not used in a pack (``amp`` must be ``none``).
+
+The data order differs from a TorchTrainer run of the same configuration (Ray Data's seeded
+shuffle buffer there, a full per-epoch permutation here), as a run on another worker count
+would; the configuration, and so its content hash, is the same.
+
+Knows nothing of Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from datasets_.pipeline import normalize
+from datasets_.views import PretrainView
+from trainers.methods import build_pretrain_model, nt_xent_loss, simclr_views
+from trainers.pretrain import PretrainConfig, checkpoint_meta, upstream_top1
+from trainers.stacked import TrainSettings, member_state, row_stream, run_stacked
+
+PACKABLE_METHODS = ("supervised", "simclr")
+EVAL_BATCH = 256
+
+
+@dataclass(frozen=True)
+class DecodedSplit:
+    """A split held in memory (:func:`datasets_.pipeline.decode_split`)."""
+
+    images: torch.Tensor  # uint8 [N, 3, S, S]
+    labels: np.ndarray  # int64 [N]
+    keys: np.ndarray  # str [N]
+
+
+@dataclass
+class PackedResult:
+    """One run of a pack, trained."""
+
+    model: nn.Module  # as trainers.methods.build_pretrain_model builds it; eval mode, on the CPU
+    meta: dict  # the checkpoint's metadata (trainers.pretrain.checkpoint_meta)
+    epoch_loss: np.ndarray  # [epochs] mean training loss of each epoch
+    upstream_accuracy: float  # the method's upstream measure, as trainers.pretrain.upstream_top1
+    num_train_samples: int  # rows its view keeps
+
+
+def pack_key(config: PretrainConfig) -> tuple:
+    """What runs trained in one pack must share (their parameter shapes and batch)."""
+    return (
+        config.method,
+        json.dumps(config.model_config, sort_keys=True),
+        config.num_classes,
+        config.image_size,
+        config.batch_size,
+        config.amp,
+    )
+
+
+def parameter_count(config: PretrainConfig) -> int:
+    """Parameters of a run's model (on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        model = build_pretrain_model(config.method, config.model_config, config.num_classes, config.image_size)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _settings(c: PretrainConfig) -> TrainSettings:
+    return TrainSettings(c.image_size, c.epochs, c.batch_size, c.lr, c.weight_decay, c.lr_schedule, c.warmup_epochs)
+
+
+def _check(configs: list[PretrainConfig]) -> None:
+    keys = {pack_key(c) for c in configs}
+    if len(keys) != 1:
+        raise ValueError(
+            f"a pack's runs must share method, model, classes, image and batch size; got {len(keys)} kinds"
+        )
+    if configs[0].method not in PACKABLE_METHODS:
+        raise ValueError(f"method '{configs[0].method}' is not packed (packed: {', '.join(PACKABLE_METHODS)})")
+    if configs[0].amp != "none":
+        raise ValueError("packed runs train in float32 (amp: none)")
+
+
+def _view_rows(split: DecodedSplit, view: PretrainView | None) -> tuple[np.ndarray, np.ndarray]:
+    """(kept rows in sample-key order, training labels of every row) of a view."""
+    order = np.argsort(split.keys, kind="stable")
+    if view is None:
+        return order, np.asarray(split.labels, dtype=np.int64)
+    keep, labels = view.apply(list(split.keys), np.asarray(split.labels, dtype=np.int64))
+    return order[keep[order]], np.asarray(labels, dtype=np.int64)
+
+
+def _batches(images: torch.Tensor, labels: np.ndarray, rows: np.ndarray) -> Callable:
+    def it():
+        for i in range(0, len(rows), EVAL_BATCH):
+            r = rows[i : i + EVAL_BATCH]
+            yield {"image": images[r], "label": torch.from_numpy(labels[r])}
+
+    return it
+
+
+def _step_inputs(method: str, images, labels, seeds: list[int]):
+    """(loss_fn, batch_inputs) of :func:`trainers.stacked.run_stacked` for a method."""
+    if method == "supervised":
+
+        def supervised(base, p, buf, x, y):
+            return nn.functional.cross_entropy(functional_call(base, (p, buf), (normalize(x),)), y)
+
+        return supervised, lambda rows: (images[rows], labels.gather(1, rows))
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def views(rows):  # each run's two augmented views, from its own generator
+        out = []
+        for b, g in enumerate(generators):
+            x = normalize(images[rows[b]])
+            out.append(torch.cat([simclr_views(x, g), simclr_views(x, g)]))
+        return (torch.stack(out),)
+
+    def simclr(base, p, buf, v):
+        z1, z2 = functional_call(base, (p, buf), (v,)).chunk(2)
+        return nt_xent_loss(z1, z2)
+
+    return simclr, views
+
+
+def train_packed(
+    configs: list[PretrainConfig],
+    views: list[PretrainView | None],
+    heldout_views: list[PretrainView | None],
+    train: DecodedSplit,
+    heldout: DecodedSplit,
+    device: torch.device | str | None = None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> list[PackedResult]:
+    """Train the runs ``configs[b]`` on ``views[b]`` of ``train`` at once on ``device`` (default
+    CPU); measure each one's upstream accuracy on ``heldout`` under ``heldout_views[b]``.
+
+    ``on_epoch(b, metrics)`` receives run b's ``{"epoch", "train_loss", "images_per_second"}``
+    as it ends each epoch (images_per_second: what the whole pack processed per second so far).
+    """
+    _check(configs)
+    device = torch.device(device or "cpu")
+    method, c0 = configs[0].method, configs[0]
+    rows, labels = zip(*(_view_rows(train, v) for v in views))
+    for c, r in zip(configs, rows):
+        if len(r) == 0:
+            raise ValueError(f"run {c.meta.get('config_hash', c.seed)}: its view keeps no training sample")
+    streams = [row_stream(r, c.batch_size, c.epochs, c.seed) for r, c in zip(rows, configs)]
+    models = []
+    for c in configs:
+        torch.manual_seed(c.seed)
+        models.append(build_pretrain_model(method, c.model_config, c.num_classes, c.image_size))
+    images = train.images.to(device)
+    y = torch.from_numpy(np.stack(labels)).to(device)
+    loss_fn, inputs = _step_inputs(method, images, y, [c.seed for c in configs])
+    t0, per_step = time.perf_counter(), len(configs) * c0.batch_size
+
+    def report(b, epoch, loss, steps_done):
+        if on_epoch is not None:
+            rate = steps_done * per_step / max(time.perf_counter() - t0, 1e-9)
+            on_epoch(b, {"epoch": epoch, "train_loss": loss, "images_per_second": rate})
+
+    _, params, buffers, epoch_loss = run_stacked(
+        models, streams, [_settings(c) for c in configs], loss_fn, inputs, device, report
+    )
+    out = []
+    for b, c in enumerate(configs):
+        model = models[b]
+        model.load_state_dict(member_state(params, buffers, b))
+        model.to(device)
+        held_rows, held_labels = _view_rows(heldout, heldout_views[b])
+        correct, total = upstream_top1(
+            method,
+            model,
+            _batches(train.images, labels[b], rows[b]),
+            _batches(heldout.images, held_labels, held_rows),
+            device,
+            "none",
+            c,
+        )
+        out.append(
+            PackedResult(model.cpu().eval(), checkpoint_meta(c), epoch_loss[b], correct / max(total, 1), len(rows[b]))
+        )
+    return out
