@@ -335,10 +335,11 @@ def _step_functions(method: str, model: nn.Module, device, amp: str, seed: int):
 
 
 @torch.no_grad()
-def clip_class_embeddings(model: nn.Module, train_shard, config: PretrainConfig) -> torch.Tensor:
-    """:func:`~trainers.methods.caption_class_embeddings` of every worker's training captions."""
+def clip_class_embeddings(model: nn.Module, train_batches, config: PretrainConfig) -> torch.Tensor:
+    """:func:`~trainers.methods.caption_class_embeddings` of every worker's training captions
+    (``train_batches``: an iterable of this worker's ``{"tokens", "label"}`` batches)."""
     tokens, labels = [], []
-    for batch in train_shard.iter_torch_batches(batch_size=1024):
+    for batch in train_batches:
         tokens.append(batch["tokens"])
         labels.append(batch["label"])
     # Every rank joins the gathers, even one whose shard happened to be empty.
@@ -363,7 +364,7 @@ def upstream_top1(
     if method == "supervised":
         return evaluate_top1(model, heldout, device, amp)
     if method == "clip":
-        classes = clip_class_embeddings(model, train_shard, config)
+        classes = clip_class_embeddings(model, train_batches(), config)
         correct = total = 0
         for batch in heldout:
             with _autocast(device, amp):

@@ -29,7 +29,8 @@ from datasets_.objstore import write_atomic
 from datasets_.pipeline import decode_rows
 from orchestrator.execution.phase import NOT_LAUNCHED, PhaseContext, Progress, cluster_gpus, run_phase
 from orchestrator.execution.pretrain_phase import describe_epoch, train_run_name
-from orchestrator.planning.packs import Pack
+from orchestrator.planning.estimate import pack_concurrency
+from orchestrator.planning.packs import Pack, plan_packs
 from orchestrator.records import retry, spool
 from orchestrator.records.schema import FAILED, METRIC_PACK_SIZE, METRIC_TRIAL_SECONDS, TAG_CHECKPOINT
 from orchestrator.records.train_callback import MLflowReportCallback
@@ -143,6 +144,14 @@ def _packed_trial(config: dict, ctx: PhaseContext) -> None:
                 except retry.TrackingUnavailable:
                     pass  # the run stays RUNNING in MLflow; the next `transferlab run` resumes it
         raise
+
+
+def split_packs(ctx: PhaseContext, spec, todo: list, cluster_cpus: float) -> tuple[list[Pack], list]:
+    """(packs, runs with their own TorchTrainer) of a study's pending pretraining runs
+    (:func:`orchestrator.planning.packs.plan_packs`, with each source's size as the trial opens it)."""
+    r = spec.resources
+    samples = {s: ctx.open_data(f"sources.{s}").num_samples("train") for s in {x.source for x in todo}}
+    return plan_packs(todo, spec.pretrain.pack, r.workers, samples, pack_concurrency(r, cluster_cpus))
 
 
 def run_packed_phase(ctx: PhaseContext, packs: list[Pack], cluster_cpus: float, on_counts=None) -> Progress:

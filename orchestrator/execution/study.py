@@ -19,15 +19,13 @@ import yaml
 from datasets_.objstore import is_remote
 from datasets_.prepare import publish
 from orchestrator.execution.datamodel_sweep import run_datamodels
-from orchestrator.execution.packed_phase import run_packed_phase
+from orchestrator.execution.packed_phase import run_packed_phase, split_packs
 from orchestrator.execution.phase import PhaseContext, Progress
 from orchestrator.execution.preflight import checkpoint_exists
 from orchestrator.execution.pretrain_phase import run_pretrain_phase
 from orchestrator.execution.ray_connection import ray_session
 from orchestrator.execution.search import run_search_phase
 from orchestrator.execution.transfer_phase import run_transfer_phase
-from orchestrator.planning.estimate import pack_concurrency
-from orchestrator.planning.packs import plan_packs
 from orchestrator.planning.plan import StudyPlan, build_plan
 from orchestrator.planning.pretrain_runs import PretrainRun
 from orchestrator.planning.rerun import Changed, changed_results
@@ -390,7 +388,7 @@ class _StudyDriver:
     def _run_phases(self, todo: list, on_counts) -> None:
         """The phases in order; a failure with --fail-fast, or the deadline, ends them early."""
         ctx, tally = self.ctx, self.tally
-        packs, alone = self._packs(todo)
+        packs, alone = split_packs(ctx, self.spec, todo, self.cpus)
         if packs:
             retry.check_outage(ctx.tracking_uri)
             tally.add(run_packed_phase(ctx, packs, self.cpus, on_counts))
@@ -412,12 +410,6 @@ class _StudyDriver:
         if searches and not (tally.failed and ctx.fail_fast):
             retry.check_outage(ctx.tracking_uri)
             tally.add(run_search_phase(ctx, searches, self.cpus, on_counts))
-
-    def _packs(self, todo: list) -> tuple[list, list]:
-        """(packs, runs with their own TorchTrainer) of the pending runs (planning.packs)."""
-        r = self.spec.resources
-        samples = {s: self.ctx.open_data(f"sources.{s}").num_samples("train") for s in {x.source for x in todo}}
-        return plan_packs(todo, self.spec.pretrain.pack, r.workers, samples, pack_concurrency(r, self.cpus))
 
     def _open_pretrain_runs(self) -> list:
         """The pretraining runs still to do, each with its MLflow run (reopened or created); the
