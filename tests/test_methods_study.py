@@ -66,6 +66,9 @@ def test_every_method_and_protocol_lands_in_mlflow_with_the_schema(methods_study
     for r in pretrains:
         assert r.info.status == "FINISHED"
         assert 0.0 <= r.data.metrics["upstream_accuracy"] <= 1.0
+        # The step curve, packed (supervised, simclr) or TorchTrainer (clip) alike: 300 samples in
+        # batches of 32 are 10 steps, logged every log_every_steps = 10.
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "train_loss_step")] == [10]
     # Per method: linear_probe and logistic at 2 layers, finetune, lp_ft; zero_shot for clip.
     assert len(transfers) == 3 * 6 + 1
     got = {(r.data.params["protocol"], r.data.params["layer"]) for r in transfers}

@@ -16,6 +16,7 @@ from trainers.methods import build_pretrain_model, nt_xent_loss, simclr_views
 from trainers.models import model_config
 from trainers.packed import DecodedSplit, train_packed
 from trainers.pretrain import PretrainConfig, load_model, lr_at, save_checkpoint
+from trainers.protocols import STEP_LOSSES
 from trainers.stacked import row_stream
 
 C = 4
@@ -87,6 +88,23 @@ def test_a_packed_run_trains_as_it_would_alone(method):
     assert all(0.0 <= r.upstream_accuracy <= 1.0 for r in three)
     first = next(iter(_weights(three[0])))
     assert not torch.allclose(_weights(three[0])[first], _weights(three[1])[first])  # packmates differ
+
+
+@pytest.mark.timeout(120)
+def test_each_packed_run_reports_its_epochs_and_its_step_curve():
+    """on_epoch gets each run's epochs in order, each with the batch losses of its own
+    log_every_steps steps, numbered from the run's first step as a TorchTrainer run numbers them."""
+    torch.set_num_threads(1)
+    train, held = _split(96, 0), _split(20, 1)
+    configs = [_config(seed=1, log_every_steps=2), _config(seed=2, epochs=1, log_every_steps=3)]
+    seen = {0: [], 1: []}
+    train_packed(configs, [_view(1), _view(2)], [None] * 2, train, held, on_epoch=lambda b, m: seen[b].append(m))
+    steps_per_epoch = 96 // 16
+    assert [m["epoch"] for m in seen[0]] == [0, 1] and [m["epoch"] for m in seen[1]] == [0]
+    assert [s for m in seen[0] for s, _ in m[STEP_LOSSES]] == list(range(2, 2 * steps_per_epoch + 1, 2))
+    assert [s for s, _ in seen[0][1][STEP_LOSSES]] == [8, 10, 12]  # the second epoch's steps only
+    assert [s for s, _ in seen[1][0][STEP_LOSSES]] == [3, 6]
+    assert all(np.isfinite(loss) and loss > 0 for m in seen[0] + seen[1] for _, loss in m[STEP_LOSSES])
 
 
 def _plain_loop(config, view, train, step_loss):

@@ -51,6 +51,9 @@ def test_a_packed_study_records_every_run_as_its_own(ray_cluster, tmp_path, caps
         m = r.data.metrics
         assert sorted(x.step for x in client.get_metric_history(r.info.run_id, "train_loss")) == [0, 1]
         assert [x.step for x in client.get_metric_history(r.info.run_id, "upstream_accuracy")] == [1]
+        # The step curve, every log_every_steps (default 10) of the run's ceil(2 epochs · n / 32) steps.
+        steps = sorted(x.step for x in client.get_metric_history(r.info.run_id, "train_loss_step"))
+        assert steps == list(range(10, -(-2 * int(r.data.params["pretrain_size"]) // 32) + 1, 10))
         assert 0.0 <= m["upstream_accuracy"] <= 1.0 and m["pack_size"] == 4 and m["trial_seconds"] > 0
         assert m["num_train_samples"] == int(r.data.params["pretrain_size"])
         checkpoints.add(r.data.tags[TAG_CHECKPOINT])

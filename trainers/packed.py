@@ -44,6 +44,7 @@ from datasets_.pipeline import normalize
 from datasets_.views import PretrainView
 from trainers.methods import build_pretrain_model, nt_xent_loss, simclr_views
 from trainers.pretrain import PretrainConfig, checkpoint_meta, upstream_top1
+from trainers.protocols import STEP_LOSSES
 from trainers.stacked import TrainSettings, member_state, row_stream, run_stacked
 
 PACKABLE_METHODS = ("supervised", "simclr")
@@ -159,8 +160,10 @@ def train_packed(
     """Train the runs ``configs[b]`` on ``views[b]`` of ``train`` at once on ``device`` (default
     CPU); measure each one's upstream accuracy on ``heldout`` under ``heldout_views[b]``.
 
-    ``on_epoch(b, metrics)`` receives run b's ``{"epoch", "train_loss", "images_per_second"}``
-    as it ends each epoch (images_per_second: what the whole pack processed per second so far).
+    ``on_epoch(b, metrics)`` receives run b's ``{"epoch", "train_loss", "images_per_second",
+    STEP_LOSSES}`` as it ends each epoch (images_per_second: what the whole pack processed per
+    second so far; STEP_LOSSES: its ``[step, batch loss]`` every ``log_every_steps`` steps of the
+    epoch, numbered from its first step as a TorchTrainer run numbers them).
     """
     _check(configs)
     device = torch.device(device or "cpu")
@@ -178,14 +181,21 @@ def train_packed(
     y = torch.from_numpy(np.stack(labels)).to(device)
     loss_fn, inputs = _step_inputs(method, images, y, [c.seed for c in configs])
     t0, per_step = time.perf_counter(), len(configs) * c0.batch_size
+    step_losses: list[list] = [[] for _ in configs]  # each run's [step, loss] of the epoch so far
+
+    def step(t, losses, active):
+        for b in np.flatnonzero(active):
+            if (t + 1) % configs[b].log_every_steps == 0:
+                step_losses[b].append([t + 1, float(losses[b])])
 
     def report(b, epoch, loss, steps_done):
         if on_epoch is not None:
             rate = steps_done * per_step / max(time.perf_counter() - t0, 1e-9)
-            on_epoch(b, {"epoch": epoch, "train_loss": loss, "images_per_second": rate})
+            on_epoch(b, {"epoch": epoch, "train_loss": loss, "images_per_second": rate, STEP_LOSSES: step_losses[b]})
+        step_losses[b] = []
 
     _, params, buffers, epoch_loss = run_stacked(
-        models, streams, [_settings(c) for c in configs], loss_fn, inputs, device, report
+        models, streams, [_settings(c) for c in configs], loss_fn, inputs, device, report, step
     )
     out = []
     for b, c in enumerate(configs):

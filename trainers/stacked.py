@@ -139,6 +139,7 @@ def run_stacked(
     batch_inputs,
     device: torch.device,
     on_epoch=None,
+    on_step=None,
 ) -> tuple[nn.Module, dict, dict, list[np.ndarray]]:
     """Train ``models`` (same architecture) stacked: model b on ``streams[b]`` ([steps_b,
     batch_size] rows) with AdamW and the lr schedule, weight decay and epochs of ``settings[b]``;
@@ -146,7 +147,9 @@ def run_stacked(
 
     ``batch_inputs(rows)`` turns a [B, batch_size] row tensor into the per-model batched inputs
     of ``loss_fn(base, params, buffers, *inputs) -> scalar loss`` (vmapped over models).
-    ``on_epoch(b, epoch, mean_loss, steps_done)``, if given, is called as model b ends an epoch.
+    ``on_epoch(b, epoch, mean_loss, steps_done)``, if given, is called as model b ends an epoch;
+    ``on_step(t, losses, active)``, if given, after step t with every model's batch loss [B] and
+    which models took the step (before any ``on_epoch`` of that step).
     Returns (base on the meta device, stacked params, stacked buffers, per-model epoch losses).
     """
     B = len(models)
@@ -183,6 +186,8 @@ def run_stacked(
         for k, b in buffers.items():  # a finished model's BatchNorm statistics stay as they were
             buffers[k].copy_(torch.where(active.view((-1,) + (1,) * (b.dim() - 1)), b, old_buffers[k]))
         loss_np = loss.detach().cpu().numpy()
+        if on_step is not None:
+            on_step(t, loss_np, active_np)
         for b in np.flatnonzero(active_np):
             e = epoch_of[b][t]
             losses[b][e] += loss_np[b]
