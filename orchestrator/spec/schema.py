@@ -52,9 +52,15 @@ DEFAULT_STORAGE = "transferlab_storage"  # storage_path when neither the study n
 
 
 def _model_name(path: str, v: Any) -> str:
-    from trainers.models import MODELS  # imports torch: only when a spec names a model
+    """A name of :data:`trainers.models.MODELS`, or ``timm:NAME`` with a model timm knows."""
+    from trainers.models import MODELS, TIMM_PREFIX, check_timm_name  # imports torch: only when read
 
-    return choice(tuple(sorted(MODELS)))(path, v)
+    if isinstance(v, str) and v.startswith(TIMM_PREFIX):
+        try:
+            return check_timm_name(v)
+        except ValueError as e:
+            raise SpecError(path, str(e)) from None
+    return choice((*sorted(MODELS), f"{TIMM_PREFIX}NAME"))(path, v)
 
 
 def _size_or_full(path: str, v: Any) -> int | None:
