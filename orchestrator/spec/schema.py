@@ -168,8 +168,8 @@ class PretrainSettings:
 
     # supervised (cross-entropy) | clip (image-text) | simclr (image-image)
     method: str = spec_field("supervised", read=choice(METHODS))
-    model: str = spec_field("small-cnn", read=_model_name)  # a name from trainers.models.MODELS
-    width: float = spec_field(1.0, read=positive_number)  # multiplies the model's channel widths (CNN, ViT)
+    model: str = spec_field("small-cnn", read=_model_name)  # a name from trainers.models.MODELS, or timm:NAME
+    width: float = spec_field(1.0, read=positive_number)  # multiplies the channel widths of the CNNs and vit-tiny
     # images are resized to image_size x image_size, 3 channels
     image_size: int = spec_field(32, read=int_in(8, 4096))
     epochs: int = spec_field(2, read=int_in(1, 100_000))  # passes over the pretraining subset
