@@ -67,13 +67,31 @@ def test_timm_models_give_pooled_features_of_their_feature_info_layers(name, siz
         assert shapes[layer] == (2, width), (layer, shapes)
 
 
-def test_timm_vit_layer_is_the_cls_token():
+def test_timm_vit_layer_is_the_cls_token_timm_gives():
     torch.manual_seed(0)
     backbone = Backbone(model_config("timm:vit_tiny_patch16_224"), 32).eval()
     x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # timm's own intermediates: (patch tokens as NCHW, prefix tokens) per block
+        [(_, prefix)] = backbone.net.forward_intermediates(
+            x, indices=[2], return_prefix_tokens=True, intermediates_only=True
+        )
+        assert torch.allclose(backbone.layers(x, ["blocks.2"])["blocks.2"], prefix[:, 0], atol=1e-6)
+
+
+def test_a_timm_checkpoint_loads_back(tmp_path):
+    """A checkpoint's metadata rebuilds the timm model (no weights fetched) with the same weights."""
+    from trainers.methods import build_pretrain_model
+    from trainers.pretrain import load_model, save_checkpoint
+
+    cfg = model_config("timm:mobilenetv3_small_050")
+    model = build_pretrain_model("supervised", cfg, 4, 32).eval()
+    save_checkpoint(
+        str(tmp_path), model, {"method": "supervised", "model_config": cfg, "num_classes": 4, "image_size": 32}
+    )
+    loaded = load_model(str(tmp_path))
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        tokens = backbone.net.blocks[:3](backbone.net._pos_embed(backbone.net.patch_embed(x)))
-        assert torch.allclose(backbone.layers(x, ["blocks.2"])["blocks.2"], tokens[:, 0], atol=1e-6)
+        assert torch.equal(loaded(x), model(x))
 
 
 def test_bad_names_and_widths_are_one_line_errors():

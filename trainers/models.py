@@ -40,11 +40,11 @@ MODELS: dict[str, dict] = {
     "resnet18": {"arch": "resnet18", "small_input": True},
     # A small ViT (torchvision's VisionTransformer): 4 blocks of width 64 on 4x4 patches.
     "vit-tiny": {"arch": "vit", "patch_size": 4, "num_layers": 4, "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128},
-    # torchvision ResNet-50 (25.6 M parameters before its classifier). small_input false keeps
+    # torchvision ResNet-50 (23.5 M parameters without its classifier). small_input false keeps
     # ImageNet's 7x7/stride-2 stem and max-pool, the model of the papers, meant for images of
     # 128 px and more; true swaps in resnet18's CIFAR-style stem.
     "resnet50": {"arch": "resnet50", "small_input": False},
-    # torchvision ViT-B/32 (88 M parameters): 12 blocks of width 768 on 32x32 patches.
+    # torchvision ViT-B/32 (87.4 M parameters without its head): 12 blocks of width 768 on 32x32 patches.
     "vit_b_32": {"arch": "vit_b_32"},
 }
 TIMM_PREFIX = "timm:"  # "timm:NAME" builds timm.create_model(NAME), any name timm.list_models() gives
