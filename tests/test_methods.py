@@ -26,7 +26,7 @@ from trainers.methods import (
     tokenize,
     zero_shot_logits,
 )
-from trainers.models import MODELS, Backbone, layer_names, model_config
+from trainers.models import MODELS, Backbone, image_size_multiple, layer_names, model_config
 from trainers.probe import logistic_probe
 from trainers.transfer import per_example
 
@@ -364,11 +364,12 @@ def test_clip_and_simclr_models_give_normalized_embeddings():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_registry_model_exposes_its_named_layers(name):
     cfg = model_config(name)
-    backbone = Backbone(cfg, 16).eval()
+    size = max(16, image_size_multiple(cfg))  # ViT-B/32 takes whole 32-pixel patches
+    backbone = Backbone(cfg, size).eval()
     names = layer_names(cfg)
     with torch.no_grad():
-        out = backbone.layers(torch.randn(2, 3, 16, 16), names)
-        final = backbone(torch.randn(2, 3, 16, 16))
+        out = backbone.layers(torch.randn(2, 3, size, size), names)
+        final = backbone(torch.randn(2, 3, size, size))
     assert list(out) == list(names) and names[-1] == "final"
     assert all(t.dim() == 2 and t.shape[0] == 2 for t in out.values())
     assert out["final"].shape[1] == backbone.feature_dim == final.shape[1]

@@ -12,7 +12,7 @@ from datasets_.view_stats import ViewError, view_statistics
 from datasets_.views import class_subset
 from orchestrator.planning.hashing import content_hash
 from orchestrator.spec import DataRef, PretrainSettings, SpecError, StudySpec
-from trainers.models import model_config
+from trainers.models import image_size_multiple, model_config, timm_build_problem
 from trainers.pretrain import PretrainConfig
 from trainers.protocols import FULL
 
@@ -202,11 +202,16 @@ def checked_model_config(settings: PretrainSettings, field: str) -> dict:
         cfg = model_config(settings.model, width=settings.width)
     except ValueError as e:
         raise SpecError(field, str(e)) from None
-    if cfg["arch"] == "vit" and settings.image_size % cfg["patch_size"]:
+    patch = image_size_multiple(cfg)
+    if settings.image_size % patch:
         raise SpecError(
             "pretrain.image_size",
-            f"{settings.image_size} is not a multiple of model '{settings.model}'s patch size {cfg['patch_size']}",
+            f"{settings.image_size} is not a multiple of model '{settings.model}'s patch size {patch}",
         )
+    if cfg["arch"] == "timm":
+        problem = timm_build_problem(cfg["name"], settings.image_size)
+        if problem:
+            raise SpecError("pretrain.model", f"'{settings.model}' at image_size {settings.image_size}: {problem}")
     return cfg
 
 

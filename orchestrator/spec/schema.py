@@ -52,9 +52,15 @@ DEFAULT_STORAGE = "transferlab_storage"  # storage_path when neither the study n
 
 
 def _model_name(path: str, v: Any) -> str:
-    from trainers.models import MODELS  # imports torch: only when a spec names a model
+    """A name of :data:`trainers.models.MODELS`, or ``timm:NAME`` with a model timm knows."""
+    from trainers.models import MODELS, TIMM_PREFIX, check_timm_name  # imports torch: only when read
 
-    return choice(tuple(sorted(MODELS)))(path, v)
+    if isinstance(v, str) and v.startswith(TIMM_PREFIX):
+        try:
+            return check_timm_name(v)
+        except ValueError as e:
+            raise SpecError(path, str(e)) from None
+    return choice((*sorted(MODELS), f"{TIMM_PREFIX}NAME"))(path, v)
 
 
 def _size_or_full(path: str, v: Any) -> int | None:
@@ -162,8 +168,8 @@ class PretrainSettings:
 
     # supervised (cross-entropy) | clip (image-text) | simclr (image-image)
     method: str = spec_field("supervised", read=choice(METHODS))
-    model: str = spec_field("small-cnn", read=_model_name)  # a name from trainers.models.MODELS
-    width: float = spec_field(1.0, read=positive_number)  # multiplies the model's channel widths (CNN, ViT)
+    model: str = spec_field("small-cnn", read=_model_name)  # a name from trainers.models.MODELS, or timm:NAME
+    width: float = spec_field(1.0, read=positive_number)  # multiplies the channel widths of the CNNs and vit-tiny
     # images are resized to image_size x image_size, 3 channels
     image_size: int = spec_field(32, read=int_in(8, 4096))
     epochs: int = spec_field(2, read=int_in(1, 100_000))  # passes over the pretraining subset
