@@ -250,6 +250,9 @@ def _rank_main(rank: int, port: int, a: torch.Tensor, b: torch.Tensor, queue) ->
         out = {k: (loss, ga.numpy(), gb.numpy()) for k, (loss, ga, gb) in res.items()}
         grads = {name: _model_step(name, slice(rank * 4, (rank + 1) * 4), ddp=True) for name in ("clip", "simclr")}
         queue.put((rank, out, grads if rank == 0 else None))
+        # Neither rank tears the group down while the other still talks to it: a gloo peer that
+        # loses its connection mid-exchange aborts (exit -6, seen once in a loaded suite run).
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
