@@ -225,6 +225,13 @@ def _read_and_decode(batch: dict, units: list[dict], decode, batch_size: int) ->
                 yield out
 
 
+def may_hold_decoded(num_samples: int, image_size: int) -> bool:
+    """Whether ``num_samples`` images decoded at ``image_size`` (uint8, N · 3 · S² bytes) may be
+    held in one process: at most ``TRANSFERLAB_MAX_HELD_IMAGE_BYTES`` (default 2 GiB). Larger
+    splits are streamed batch by batch instead (transfer trials) or not packed (pretraining)."""
+    return num_samples * 3 * image_size**2 <= int(os.environ.get("TRANSFERLAB_MAX_HELD_IMAGE_BYTES", 2 << 30))
+
+
 def decode_split(dataset: ShardedDataset, split: str, image_size: int, batch_size: int = 256):
     """A whole split decoded in this process, in read order, for any dataset format:
     (uint8 images [N, 3, S, S] as a torch tensor, int64 labels, keys)."""

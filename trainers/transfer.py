@@ -24,7 +24,6 @@ fit's scores (for the ridge probe: the softmax of its regression scores).
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -159,12 +158,11 @@ class _Images:
     one batch at a time for scoring — so a task of a million images fits a trial's memory."""
 
     def __init__(self, dataset: ShardedDataset, split: str, image_size: int):
-        from datasets_.pipeline import decode_split
+        from datasets_.pipeline import decode_split, may_hold_decoded
 
         self.dataset, self.split, self.image_size = dataset, split, image_size
         self.held = None
-        limit = int(os.environ.get("TRANSFERLAB_MAX_HELD_IMAGE_BYTES", 2 << 30))
-        if dataset.num_samples(split) * 3 * image_size**2 <= limit:
+        if may_hold_decoded(dataset.num_samples(split), image_size):
             self.held, self.y, self.keys = decode_split(dataset, split, image_size)
         else:
             s = dataset.keys_and_labels(split)

@@ -26,15 +26,14 @@ TorchTrainer.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
+from datasets_.pipeline import may_hold_decoded
 from orchestrator.planning.pretrain_runs import PretrainRun
 from trainers.packed import PACKABLE_METHODS, pack_key, parameter_count
 
 PACK_MAX_PARAMS = 5_000_000
 PACK_MAX_RUNS = 16
-DEFAULT_MAX_HELD_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -53,10 +52,6 @@ class Pack:
         return f"pack of {len(self.runs)}: {r.settings.method} {r.source} ({r.run_name}, ...)"
 
 
-def max_held_bytes() -> int:
-    return int(os.environ.get("TRANSFERLAB_MAX_HELD_IMAGE_BYTES", DEFAULT_MAX_HELD_BYTES))
-
-
 def packable(run: PretrainRun, workers: int, train_samples: int) -> bool:
     """Whether ``pack: auto`` packs ``run`` (the rules of the module docstring)."""
     c = run.config
@@ -66,7 +61,7 @@ def packable(run: PretrainRun, workers: int, train_samples: int) -> bool:
         and not run.view.needs_captions
         and workers == 1
         and parameter_count(c) <= PACK_MAX_PARAMS
-        and train_samples * 3 * c.image_size**2 <= max_held_bytes()
+        and may_hold_decoded(train_samples, c.image_size)
     )
 
 
