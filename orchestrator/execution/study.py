@@ -28,7 +28,7 @@ from orchestrator.execution.search import run_search_phase
 from orchestrator.execution.transfer_phase import run_transfer_phase
 from orchestrator.planning.plan import StudyPlan, build_plan
 from orchestrator.planning.pretrain_runs import PretrainRun
-from orchestrator.planning.rerun import Changed, changed_results
+from orchestrator.planning.rerun import Changed, changed_results, is_finished
 from orchestrator.records import retry, spool
 from orchestrator.records.credentials import mlflow_client_env, split_credentials
 from orchestrator.records.lease import StudyLease
@@ -277,15 +277,11 @@ def open_pretrain_run(
     return run_id
 
 
-def _is_finished(run) -> bool:
-    return run is not None and run.info.status == FINISHED
-
-
 def resume_targets(runs: list, redo: frozenset[str]) -> dict[str, object]:
     """config_hash -> the run that a job to do trains into, where there is one: the run that
     stands for the job if it did not finish; for a finished job in ``redo`` (computed again),
     the recomputation an earlier driver left unfinished — never the finished run itself."""
-    out = {h: r for h, r in run_per_config(runs).items() if not _is_finished(r)}
+    out = {h: r for h, r in run_per_config(runs).items() if not is_finished(r)}
     reruns = unfinished_reruns(runs)
     out.update({h: reruns[h] for h in redo if h in reruns})
     return out
@@ -422,9 +418,9 @@ class _StudyDriver:
         todo = [
             r
             for r in plan.pretrain_runs
-            if not _is_finished(pre_runs.get(r.config_hash)) or r.config_hash in changed.pretrain
+            if not is_finished(pre_runs.get(r.config_hash)) or r.config_hash in changed.pretrain
         ]
-        done_fits = {h for h, r in all_fits.items() if _is_finished(r)} - changed.transfer
+        done_fits = {h for h, r in all_fits.items() if is_finished(r)} - changed.transfer
         planned = {r.config_hash for r in todo} | {f.config_hash for g in plan.transfer_groups for f in g.fits}
         reopened = {r.info.run_id for h, r in {**pre_prior, **fit_prior}.items() if h in planned}
         self._settle_orphans(reopened)
@@ -476,10 +472,10 @@ class _StudyDriver:
             fits = tuple(
                 f
                 for f in g.fits
-                if not _is_finished(transfer_runs.get(f.config_hash)) or f.config_hash in changed.transfer
+                if not is_finished(transfer_runs.get(f.config_hash)) or f.config_hash in changed.transfer
             )
             # A pretraining run still from other code (its recomputation failed): its fits wait for it.
-            if not fits or not _is_finished(pre) or g.pretrain_hash in changed.pretrain:
+            if not fits or not is_finished(pre) or g.pretrain_hash in changed.pretrain:
                 continue
             checkpoint = pre.data.tags.get(TAG_CHECKPOINT, "")
             if not checkpoint_exists(checkpoint):
@@ -550,8 +546,8 @@ class _StudyDriver:
     def _counts(self) -> dict:
         tracker, exp = self.tracker, self.exp
         return {
-            "pretrain_runs": sum(1 for r in tracker.runs_by_hash(exp, KIND_PRETRAIN).values() if _is_finished(r)),
-            "transfer_runs": sum(1 for r in tracker.runs_by_hash(exp, KIND_TRANSFER).values() if _is_finished(r)),
+            "pretrain_runs": sum(1 for r in tracker.runs_by_hash(exp, KIND_PRETRAIN).values() if is_finished(r)),
+            "transfer_runs": sum(1 for r in tracker.runs_by_hash(exp, KIND_TRANSFER).values() if is_finished(r)),
             "failed_runs": len(self.tally.failed),
             # This invocation's transfer work: fits run, and how their frozen features were had.
             "transfer_fits_run": self.tally.transfer_ran,

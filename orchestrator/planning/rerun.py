@@ -28,7 +28,8 @@ class Changed:
     transfer: frozenset[str] = field(default_factory=frozenset)
 
 
-def _finished(run) -> bool:
+def is_finished(run) -> bool:
+    """Whether ``run`` (an MLflow run, or None for none) is FINISHED."""
     return run is not None and run.info.status == FINISHED
 
 
@@ -39,14 +40,14 @@ def changed_results(plan: StudyPlan, pretrain: dict, transfer: dict, digest: str
     pre = frozenset(
         r.config_hash
         for r in plan.pretrain_runs
-        if _finished(run := pretrain.get(r.config_hash)) and run.data.tags.get(TAG_CODE_DIGEST) != digest
+        if is_finished(run := pretrain.get(r.config_hash)) and run.data.tags.get(TAG_CODE_DIGEST) != digest
     )
     fits = set()
     for g in plan.transfer_groups:
         parent = pretrain.get(g.pretrain_hash)
         for f in g.fits:
             run = transfer.get(f.config_hash)
-            if not _finished(run):
+            if not is_finished(run):
                 continue
             if (
                 run.data.tags.get(TAG_CODE_DIGEST) != digest
