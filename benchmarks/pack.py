@@ -85,21 +85,12 @@ def main() -> None:
     p.add_argument("--epochs-2000", type=int, default=1)
     p.add_argument("--modes", default="auto,off", help="which to run, in order")
     args = p.parse_args()
-    import ray
+    from orchestrator.execution.ray_connection import ray_session
 
-    from orchestrator.execution.ray_connection import WORKER_ENV, quiet_ray_logs
-
-    quiet_ray_logs()
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        runtime_env={"env_vars": dict(WORKER_ENV)},
-        log_to_driver=False,
-    )
     rows = ["| pretrain.pack | runs | pretraining wall | models/hour | study wall |", "|---|---|---|---|---|"]
     rates = {}
-    with tempfile.TemporaryDirectory() as root:
+    # One private Ray with 4 logical CPUs for both modes (what `transferlab run` starts here).
+    with ray_session(None, num_cpus=4), tempfile.TemporaryDirectory() as root:
         for mode in args.modes.split(","):
             n, span, total = measure(mode, root, args.epochs_500, args.epochs_2000)
             rates[mode] = 3600 * n / span
