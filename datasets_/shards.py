@@ -149,14 +149,6 @@ class ShardedDataset:
         )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def sample_digest(key: str, label: int, caption: str, image: bytes) -> str:
     """One line of the content fingerprint (see the module docstring)."""
     return f"{key}\x1f{int(label)}\x1f{caption or ''}\x1f{hashlib.blake2b(image, digest_size=16).hexdigest()}"
@@ -273,7 +265,7 @@ class _ShardWriter:
             for split, c in self.counts.items()
         }
         for s in self.shards:
-            s["sha256"] = _sha256(self.tmp / s["path"])
+            s["sha256"] = _stream_sha256(str(self.tmp / s["path"]))
         content = content_fingerprint(self.digests)
         if self.format == "raw":  # no shard bytes of its own: the samples are the dataset
             fingerprint = content
@@ -442,6 +434,7 @@ def open_dataset(path: str | os.PathLike) -> ShardedDataset:
 
 
 def _stream_sha256(uri: str) -> str:
+    """SHA-256 of a local file or an object, read 1 MiB at a time."""
     h = hashlib.sha256()
     with objstore.open_stream(uri) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
