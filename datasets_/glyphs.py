@@ -14,6 +14,7 @@ training images.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import string
 from pathlib import Path
@@ -63,10 +64,17 @@ def _rng(face: str, char: str, draw: int) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
+@functools.lru_cache(maxsize=1024)
+def _font(font_path: Path, size: int) -> ImageFont.FreeTypeFont:
+    # A face is drawn at about 20 sizes thousands of times; reading and parsing its file once per
+    # size instead of once per image changes no pixel.
+    return ImageFont.truetype(str(font_path), size)
+
+
 def render(font_path: Path, char: str, rng: np.random.Generator) -> np.ndarray:
     """One SIZE x SIZE uint8 image of ``char``: centred by its ink box, then jittered."""
     scale = rng.uniform(0.62, 0.92)
-    font = ImageFont.truetype(str(font_path), int(_CANVAS * scale))
+    font = _font(font_path, int(_CANVAS * scale))
     canvas = Image.new("L", (_CANVAS * 2, _CANVAS * 2), 0)
     draw = ImageDraw.Draw(canvas)
     left, top, right, bottom = draw.textbbox((0, 0), char, font=font)
@@ -101,8 +109,20 @@ def render_set(chars: str, draws: int) -> tuple[np.ndarray, np.ndarray, list[str
 
 
 def glyphs() -> tuple:
-    """36 classes: the digits and capital letters, 12 draws per face (9,504 images)."""
-    return render_set(string.digits + string.ascii_uppercase, draws=12)
+    """36 classes: the digits and capital letters, 12 draws per face (9,504 images); the arrays
+    are read-only."""
+    images, labels, classes, split = _glyph_set()
+    return images, labels, list(classes), split
+
+
+@functools.cache
+def _glyph_set() -> tuple:
+    # Kept for the life of the process (7 MB): builtins ``glyphs`` and ``glyphs-planted`` both
+    # start from it, and rendering it takes most of a minute.
+    images, labels, classes, split = render_set(string.digits + string.ascii_uppercase, draws=12)
+    for a in (images, labels, split):
+        a.setflags(write=False)
+    return images, labels, tuple(classes), split
 
 
 def letters() -> tuple:

@@ -26,9 +26,11 @@ def test_rendering_is_seeded_and_draws_differ():
     assert a[0].max() < 128 and a[-1].max() < 128  # the glyph stays inside the frame
 
 
+# Both tests read the session's builtin cache, which examples/limits.yaml and data_based.yaml use
+# too: each conversion is made once per session (or kept between runs), not once more here.
 @pytest.mark.timeout(120)
-def test_letters_are_split_by_typeface(tmp_path):
-    ds = prepare_builtin("letters", tmp_path)
+def test_letters_are_split_by_typeface():
+    ds = prepare_builtin("letters")
     assert ds.classes == list(string.ascii_lowercase)
     test_faces = len(range(0, len(FACES), TEST_EVERY))
     assert ds.num_samples("test") == test_faces * 26 * 8
@@ -38,12 +40,12 @@ def test_letters_are_split_by_typeface(tmp_path):
     train, test = _decode(ds.read_split("train", ["image"])), _decode(ds.read_split("test", ["image"]))
     seen = {x.tobytes() for x in train}
     assert not any(x.tobytes() in seen for x in test)
-    assert prepare_builtin("letters", tmp_path).fingerprint == ds.fingerprint  # cached, not rebuilt
+    assert prepare_builtin("letters").fingerprint == ds.fingerprint  # cached, not rebuilt
 
 
 @pytest.mark.timeout(180)
-def test_planted_source_class_is_the_digit_tasks_training_images(tmp_path):
-    ds = prepare_builtin("glyphs-planted", tmp_path)
+def test_planted_source_class_is_the_digit_tasks_training_images():
+    ds = prepare_builtin("glyphs-planted")
     planted = len(ds.classes) - 1
     assert ds.classes[:36] == list(string.digits + string.ascii_uppercase)
     assert ds.classes[planted] == f"handwritten-{PLANTED_DIGIT}"
