@@ -35,7 +35,7 @@ from orchestrator.spec import SpecError, load_spec, parse_spec
 from tests.synthetic_runs import SyntheticStudy
 from trainers.models import build_model, model_config
 from trainers.pretrain import lr_at
-from trainers.stacked import TrainSettings, index_stream, stacked_features, train_stacked
+from trainers.stacked import TrainSettings, index_stream, stacked_features, stacked_upstream_accuracy, train_stacked
 
 STUDY = {
     "study": "dm",
@@ -96,6 +96,14 @@ def test_a_stacked_model_trains_as_it_would_alone():
     assert feats.shape == (3, 20, 16)
     one = three.model(1, C, cfg, 8)
     assert np.allclose(feats[1], one.backbone(x).detach().double().numpy(), atol=1e-5)
+    # Upstream accuracy: each model's own module, scored on the held-out samples of its own classes.
+    held_x, held_y = images[-40:], labels[-40:]
+    up = stacked_upstream_accuracy(three, held_x, held_y, masks)
+    for b in range(3):
+        mine = np.isin(held_y, np.flatnonzero(masks[b]))
+        pred = three.model(b, C, cfg, 8)(normalize(held_x)).argmax(1).numpy()
+        assert up[b] == pytest.approx((pred[mine] == held_y[mine]).mean())
+    assert np.isnan(stacked_upstream_accuracy(three, held_x, held_y, np.zeros_like(masks))).all()
 
 
 @pytest.mark.parametrize(
