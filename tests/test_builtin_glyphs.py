@@ -46,9 +46,12 @@ def test_letters_are_split_by_typeface():
 @pytest.mark.timeout(180)
 def test_planted_source_class_is_the_digit_tasks_training_images():
     ds = prepare_builtin("glyphs-planted")
-    planted = len(ds.classes) - 1
     assert ds.classes[:36] == list(string.digits + string.ascii_uppercase)
-    assert ds.classes[planted] == f"handwritten-{PLANTED_DIGIT}"
+    assert ds.classes[36:] == [f"handwritten-{PLANTED_DIGIT}", "handwritten-3-or-8", "handwritten-mixed"]
+    planted = 36
+    counts = ds.class_counts("train")
+    assert counts[37] > counts[36] and counts[38] == 7 * 16  # 3s and 8s; 16 of each digit but 7, 3, 8
+    assert ds.class_counts("test")[36:] == [0, 0, 0]
     assert ds.class_counts("test")[planted] == 0  # source test = held-out typefaces only
     train = ds.read_split("train", ["label", "image"])
     mine = _decode(train.filter(np.asarray(train.column("label")) == planted))

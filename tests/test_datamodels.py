@@ -35,7 +35,7 @@ from orchestrator.spec import SpecError, load_spec, parse_spec
 from tests.synthetic_runs import SyntheticStudy
 from trainers.models import build_model, model_config
 from trainers.pretrain import lr_at
-from trainers.stacked import TrainSettings, index_stream, stacked_features, train_stacked
+from trainers.stacked import TrainSettings, index_stream, stacked_features, stacked_upstream_accuracy, train_stacked
 
 STUDY = {
     "study": "dm",
@@ -96,6 +96,14 @@ def test_a_stacked_model_trains_as_it_would_alone():
     assert feats.shape == (3, 20, 16)
     one = three.model(1, C, cfg, 8)
     assert np.allclose(feats[1], one.backbone(x).detach().double().numpy(), atol=1e-5)
+    # Upstream accuracy: each model's own module, scored on the held-out samples of its own classes.
+    held_x, held_y = images[-40:], labels[-40:]
+    up = stacked_upstream_accuracy(three, held_x, held_y, masks)
+    for b in range(3):
+        mine = np.isin(held_y, np.flatnonzero(masks[b]))
+        pred = three.model(b, C, cfg, 8)(normalize(held_x)).argmax(1).numpy()
+        assert up[b] == pytest.approx((pred[mine] == held_y[mine]).mean())
+    assert np.isnan(stacked_upstream_accuracy(three, held_x, held_y, np.zeros_like(masks))).all()
 
 
 @pytest.mark.parametrize(
@@ -123,21 +131,22 @@ def test_bad_datamodel_specs_name_the_field(change, field):
 @pytest.mark.timeout(300)
 def test_a_sweep_measures_influence_on_a_train_holdout_and_never_reads_test(tmp_path, monkeypatch):
     """Each model's probe fits on the task's train split less the influence holdout and is scored on
-    the holdout (20% of the train split by key hash, the table's examples); the test split, which
-    scores the counterfactual, is not read."""
+    the holdout (20% of the train split by key hash, the table's examples); the task's test split,
+    which scores the counterfactual, is not read. Each model's upstream accuracy is measured on the
+    source's test split."""
     spec = parse_spec(copy.deepcopy(STUDY))
     data = resolve_data(spec)
     plan = build_datamodel_plan(spec, data)
     read = []
+    task = data["tasks.digits"]
 
     def recording(dataset, split, *args, **kwargs):
-        read.append(split)
+        read.append((dataset is task, split))
         return decode_split(dataset, split, *args, **kwargs)
 
     monkeypatch.setattr(datamodel_sweep, "decode_split", recording)
-    task = data["tasks.digits"]
     rows = datamodel_sweep.train_and_probe(plan, data["sources.digits_src"], task, (0, 1)).to_pandas()
-    assert "test" not in read and plan.influence_fraction == INFLUENCE_FRACTION == 0.2
+    assert (True, "test") not in read and plan.influence_fraction == INFLUENCE_FRACTION == 0.2
 
     datamodel_sweep.write_sweep_header(str(tmp_path / "table"), plan, task)
     ex = pq.read_table(tmp_path / "table" / "examples.parquet").to_pandas()
@@ -147,6 +156,7 @@ def test_a_sweep_measures_influence_on_a_train_holdout_and_never_reads_test(tmp_
     )
     assert abs(len(ex) / len(train.keys) - 0.2) < 0.03 and ex["label"].nunique() == task.num_classes
     assert all(len(p) == len(ex) for p in rows["correct_prob"])
+    assert rows["upstream_accuracy"].between(0, 1).all()
     sweep = json.loads((tmp_path / "table" / "sweep.json").read_text())
     assert sweep[PARAM_OUTPUTS_SPLIT] == OUTPUTS_INFLUENCE_HOLDOUT
     assert plan.params(spec)[PARAM_OUTPUTS_SPLIT] == OUTPUTS_INFLUENCE_HOLDOUT

@@ -37,7 +37,11 @@ def test_full_studies_plan_the_papers_grids():
     limits = build_plan(load_spec(EXAMPLES / "limits.yaml"))
     assert len(limits.pretrain_runs) == 32 and len({j.config_hash for j in limits.pretrain_runs}) == 32
     dm = load_spec(EXAMPLES / "data_based.yaml")
-    assert dm.datamodels.num_models >= 300 and dm.datamodels.counterfactual.remove_top == (3, 9)
+    assert (
+        dm.datamodels.num_models >= 150
+        and dm.datamodels.protocol == "logistic"
+        and dm.datamodels.counterfactual.remove_top == (3, 9)
+    )
     for name in STUDIES:
         assert load_spec(EXAMPLES / f"{name}.yaml", quick=True).study == f"{name}-quick"
     with pytest.raises(SpecError, match="--quick"):

@@ -253,6 +253,33 @@ def stacked_features(sm: StackedModels, images: torch.Tensor, batch_size: int = 
     return torch.cat(out, dim=1).numpy()
 
 
+@torch.no_grad()
+def stacked_upstream_accuracy(
+    sm: StackedModels, images: torch.Tensor, labels: np.ndarray, masks: np.ndarray, batch_size: int = 512
+) -> np.ndarray:
+    """Each model's top-1 accuracy on the held-out source ``images`` (uint8 [N, 3, S, S]) of the
+    classes it trained on (``masks[b]``), its prediction the argmax over all source classes, as a
+    packed or TorchTrainer pretraining run measures ``upstream_accuracy`` on its view: [B], NaN
+    for a model none of whose classes has a held-out sample."""
+    device = next(iter(sm.params.values())).device
+    run = vmap(lambda pp, bb, x: functional_call(sm.base, (pp, bb), (x,)), in_dims=(0, 0, None))
+    sm.base.eval()
+    pred = torch.cat(
+        [
+            run(sm.params, sm.buffers, normalize(images[i : i + batch_size].to(device))).argmax(-1).cpu()
+            for i in range(0, len(images), batch_size)
+        ],
+        dim=1,
+    ).numpy()  # [B, N]
+    sm.base.train()
+    y = np.asarray(labels)
+    kept = np.asarray(masks, dtype=bool)[:, y]  # [B, N]: the sample's class is one the model trained on
+    correct = ((pred == y[None, :]) & kept).sum(1)
+    total = kept.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, correct / total, np.nan)
+
+
 def probe_outputs(
     train: Features, test: Features, num_classes: int, protocol: str, shots, seed: int, val_fraction: float
 ) -> tuple[float, pd.DataFrame]:

@@ -43,7 +43,7 @@ from orchestrator.records.tracker import Tracker
 from orchestrator.spec import StudySpec
 from trainers.devices import trial_device
 from trainers.features import Features
-from trainers.stacked import probe_outputs, stacked_features, train_stacked
+from trainers.stacked import probe_outputs, stacked_features, stacked_upstream_accuracy, train_stacked
 
 
 def write_sweep_header(table: str, plan: DatamodelPlan, task: ShardedDataset) -> None:
@@ -92,7 +92,8 @@ def train_and_probe(
     plan: DatamodelPlan, source: ShardedDataset, task: ShardedDataset, models: tuple[int, ...], device=None
 ) -> pa.Table:
     """Train the given models of the sweep at once on ``device`` (default CPU) on ``source``,
-    probe each on ``task``: their table rows. Each probe trains and selects on the task's train
+    probe each on ``task``: their table rows, with each model's upstream accuracy (top-1 on the
+    source's test split of its own classes). Each probe trains and selects on the task's train
     split less the influence holdout and is scored on the holdout; the test split is not read."""
     ts = plan.train
     images, labels, keys = decode_split(source, "train", ts.image_size)
@@ -108,6 +109,9 @@ def train_and_probe(
         ts,
         device,
     )
+    # upstream accuracy: each model on the held-out source split of its own classes
+    heldout_x, heldout_y, _ = decode_split(source, "test", ts.image_size)
+    upstream = stacked_upstream_accuracy(sm, heldout_x, heldout_y, plan.masks[idx])
     x, y, k = decode_split(task, "train", ts.image_size)
     held = influence_holdout(k, plan.influence_fraction)
     feats = stacked_features(sm, x)  # [models × examples × dim]
@@ -133,6 +137,7 @@ def train_and_probe(
                 "correct_prob": out["correct_prob"].to_numpy(np.float32),
                 "margin": out["margin"].to_numpy(np.float32),
                 "prediction": out["prediction"].to_numpy(np.int32),
+                "upstream_accuracy": float(upstream[j]),
             }
         )
     return pa.Table.from_pylist(rows, schema=TABLE_SCHEMA)
@@ -151,6 +156,7 @@ def _datamodel_trial(config: dict, ctx: DatamodelContext) -> dict:
     path = write_part(ctx.table, models, table)
     seconds = time.monotonic() - t0
     mean_acc = float(np.mean(table.column("accuracy").to_numpy()))
+    upstream = table.column("upstream_accuracy").to_numpy(zero_copy_only=False)
     tracker = ctx.tracker()
     name = f"models {min(models)}-{max(models)}"
     run_id = tracker.create_run(
@@ -169,6 +175,8 @@ def _datamodel_trial(config: dict, ctx: DatamodelContext) -> dict:
             "seconds": seconds,
             "models_per_hour": 3600 * len(models) / seconds,
             "mean_accuracy": mean_acc,
+            "mean_upstream_accuracy": float(np.nanmean(upstream)),
+            "min_upstream_accuracy": float(np.nanmin(upstream)),
         },
     )
     if not is_remote(ctx.table):

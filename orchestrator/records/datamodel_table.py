@@ -35,6 +35,8 @@ TABLE_SCHEMA = pa.schema(
         ("correct_prob", pa.list_(pa.float32())),
         ("margin", pa.list_(pa.float32())),
         ("prediction", pa.list_(pa.int32())),
+        # top-1 on the source's held-out split, of the classes the model trained on
+        ("upstream_accuracy", pa.float32()),
     ]
 )
 
@@ -66,7 +68,8 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table | None:
     parts = [pq.read_table(p, columns=columns, filesystem=fs) for p in _parts(uri)]
     if not parts:
         return None
-    t = pa.concat_tables(parts)
+    # parts written before a column was added lack it: null there
+    t = pa.concat_tables(parts, promote_options="default")
     return t.sort_by("model") if "model" in t.column_names else t
 
 
