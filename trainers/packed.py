@@ -10,10 +10,10 @@ gradients, AdamW written out per model, finished models frozen).
 filter), with its view's noisy labels, sorted by sample key and reshuffled every epoch from its
 seed, in full batches (:func:`trainers.stacked.row_stream`). It has its own initialization
 (``torch.manual_seed(seed)``, as :func:`trainers.pretrain.pretrain_loop`), learning rate, weight
-decay (the head's apart when ``head_weight_decay`` is set), schedule, warm-up and epochs; simclr augments each run's batch with its own seeded
-generator, outside the vmapped step. So a run's weights do not depend on B nor on its packmates
-(up to float rounding of batched kernels; tests check both and a plain ``torch.optim.AdamW``
-loop).
+decay (the head's apart when ``head_weight_decay`` is set), schedule, warm-up and epochs; simclr
+augments each run's batch with its own seeded generator, outside the vmapped step. So a run's
+weights do not depend on B nor on its packmates (up to float rounding of batched kernels; tests
+check both and a plain ``torch.optim.AdamW`` loop).
 
 What may differ within a pack: everything of the view (pretrain_size, label_noise, seed, class
 subset) and of the optimizer (lr, weight_decay, head_weight_decay, epochs, lr_schedule,

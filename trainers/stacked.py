@@ -144,7 +144,8 @@ def run_stacked(
 ) -> tuple[nn.Module, dict, dict, list[np.ndarray]]:
     """Train ``models`` (same architecture) stacked: model b on ``streams[b]`` ([steps_b,
     batch_size] rows) with AdamW and the lr schedule, weight decay (its head's:
-    :func:`trainers.pretrain.is_head_parameter`) and epochs of ``settings[b]``; past its last step it is frozen (parameters, optimizer state, BatchNorm buffers).
+    :func:`trainers.pretrain.is_head_parameter`) and epochs of ``settings[b]``; past its last step
+    it is frozen (parameters, optimizer state, BatchNorm buffers).
 
     ``batch_inputs(rows)`` turns a [B, batch_size] row tensor into the per-model batched inputs
     of ``loss_fn(base, params, buffers, *inputs) -> scalar loss`` (vmapped over models).
