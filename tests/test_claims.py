@@ -342,3 +342,34 @@ def test_claims_on_clip_runs_that_did_not_learn_are_inconclusive():
     # Once CLIP learned on a as well, the same evidence is judged.
     t.loc[t["method"] == "clip", "upstream_accuracy"] = 0.7
     assert set(claims.evaluate(t, asked)["verdict"]) == {REPRODUCED}
+
+
+def test_configurations_that_differ_in_width_epochs_or_head_decay_are_not_averaged_together():
+    """A configuration is every pretraining setting but the seed: runs of one size and model but
+    another width, epochs or head weight decay are separate hull points, and only the seeds of
+    one configuration are averaged."""
+    rows = []
+    for i, (width, epochs, head, seed) in enumerate(
+        itertools.product(["0.5", "2.0"], ["2", "6"], [None, "0.5"], [0, 1, 2])
+    ):
+        rows.append(
+            {
+                "method": "supervised",
+                "source": "glyphs",
+                "model": "tiny-cnn",
+                "pretrain_size": 1000,
+                "label_noise": 0.0,
+                "width": width,
+                "epochs": epochs,
+                "head_weight_decay": head,
+                "pretrain_seed": seed,
+                "pretrain_run_id": f"r{i}",
+                "upstream_accuracy": 0.1 * i,
+                "accuracy": 0.5,
+                "shots": 1,
+                "seed": 0,
+            }
+        )
+    points = claims.config_points(claims.prepare(pd.DataFrame(rows)))
+    assert len(points) == 8 and set(points["seeds"]) == {3}
+    assert sorted(points["us"].round(6)) == [round(0.1 * (3 * k + 1), 6) for k in range(8)]  # mean of 3 seeds

@@ -47,13 +47,13 @@ from orchestrator.analysis.stats import (
 )
 from orchestrator.analysis.stats import verdict as judge
 from orchestrator.analysis.tables import ACC, SIZE, final_layer
-from orchestrator.records.schema import METRIC_UPSTREAM_ACCURACY, PARAM_CLASS_FRACTION
+from orchestrator.records.schema import METRIC_UPSTREAM_ACCURACY, PARAM_CLASS_FRACTION, PRETRAIN_SETTING_PARAMS
 from orchestrator.spec.claims import CLAIM_KINDS, ClaimSpec, default_claim
 from trainers.protocols import FINAL_LAYER, FULL
 
 COLUMNS = ["claim", "setting", "statistic", "estimate", "ci_low", "ci_high", "n", "interval", "verdict"]
 CONFIG = "config"  # the column naming a pretraining configuration (every pretraining param but the seed)
-_CONFIG_KEYS = ("method", "source", "model", SIZE, "label_noise", PARAM_CLASS_FRACTION)
+_CONFIG_KEYS = ("method", "source", "model", SIZE, "label_noise", PARAM_CLASS_FRACTION, *PRETRAIN_SETTING_PARAMS)
 
 
 @dataclass(frozen=True)
