@@ -342,3 +342,71 @@ def test_claims_on_clip_runs_that_did_not_learn_are_inconclusive():
     # Once CLIP learned on a as well, the same evidence is judged.
     t.loc[t["method"] == "clip", "upstream_accuracy"] = 0.7
     assert set(claims.evaluate(t, asked)["verdict"]) == {REPRODUCED}
+
+
+def test_configurations_that_differ_in_width_epochs_or_head_decay_are_not_averaged_together():
+    """A configuration is every pretraining setting but the seed: runs of one size and model but
+    another width, epochs or head weight decay are separate hull points, and only the seeds of
+    one configuration are averaged."""
+    rows = []
+    for i, (width, epochs, head, seed) in enumerate(
+        itertools.product(["0.5", "2.0"], ["2", "6"], [None, "0.5"], [0, 1, 2])
+    ):
+        rows.append(
+            {
+                "method": "supervised",
+                "source": "glyphs",
+                "model": "tiny-cnn",
+                "num_train_samples": 1000,
+                "label_noise": 0.0,
+                "width": width,
+                "epochs": epochs,
+                "head_weight_decay": head,
+                "pretrain_seed": seed,
+                "pretrain_run_id": f"r{i}",
+                "upstream_accuracy": 0.1 * i,
+                "accuracy": 0.5,
+                "shots": 1,
+                "seed": 0,
+            }
+        )
+    points = claims.config_points(claims.prepare(pd.DataFrame(rows)))
+    assert len(points) == 8 and set(points["seeds"]) == {3}
+    assert sorted(points["us"].round(6)) == [round(0.1 * (3 * k + 1), 6) for k in range(8)]  # mean of 3 seeds
+
+
+def _head_decay_frame(up_gain: float, down_gain: float, seeds: int = 3) -> pd.DataFrame:
+    """Runs of 3 sizes x 2 head decays x seeds; the high decay moves upstream and downstream
+    accuracy by the given gains plus seed noise."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for size, seed in itertools.product([1000, 2000, 4000], range(seeds)):
+        base_up, base_down = 0.5 + size / 10_000, 0.4 + size / 20_000
+        for i, head in enumerate(["0.0", "1.0"]):
+            run = f"{size}-{seed}-{head}"
+            up = base_up + i * up_gain + rng.normal(0, 0.01)
+            for task, draw in itertools.product(["letters", "digits"], range(3)):
+                rows.append(
+                    {
+                        **{"method": "supervised", "source": "glyphs", "model": "tiny-cnn", "label_noise": 0.0},
+                        **{"num_train_samples": size, "width": "1.0", "epochs": "4", "head_weight_decay": head},
+                        **{"pretrain_seed": seed, "pretrain_run_id": run, "upstream_accuracy": up},
+                        **{"task": task, "shots": 1, "shots_n": 1.0, "seed": draw, "layer": ""},
+                        "accuracy": base_down + i * down_gain + rng.normal(0, 0.01),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_head_decay_disagreement_pairs_runs_by_configuration_and_seed():
+    from orchestrator.spec.claims import ClaimSpec
+
+    c = ClaimSpec("head_decay_disagreement", "head", (("low", 0.0), ("high", 1.0), ("task", None), ("shots", None)))
+    rows = claims.evaluate(_head_decay_frame(0.05, -0.05), [c])
+    assert list(rows["setting"]) == ["upstream, head decay 1 vs 0", "digits, 1 shot(s)", "letters, 1 shot(s)"]
+    assert set(rows["verdict"]) == {REPRODUCED} and set(rows["n"]) == {9}  # 3 sizes x 3 seeds
+    assert rows["estimate"].iloc[0] == pytest.approx(0.05, abs=0.02)
+    null = claims.evaluate(_head_decay_frame(0.05, +0.05), [c])
+    assert list(null["verdict"][1:]) == [NOT_REPRODUCED, NOT_REPRODUCED]  # downstream rises too
+    two_pairs = _head_decay_frame(0.05, -0.05, seeds=2).query("num_train_samples == 1000")
+    assert set(claims.evaluate(two_pairs, [c])["verdict"]) == {INCONCLUSIVE}  # fewer than 3 pairs

@@ -35,7 +35,10 @@ def test_full_studies_plan_the_papers_grids():
     } == {500, 2000, 4006}
     assert role.num_transfer_fits == 30 * 2 * (4 * 3 + 1)
     limits = build_plan(load_spec(EXAMPLES / "limits.yaml"))
-    assert len(limits.pretrain_runs) == 32 and len({j.config_hash for j in limits.pretrain_runs}) == 32
+    # 2 widths x 4 sizes x 3 epochs and the head weight-decay arm (3 sizes x 2 decays), 3 seeds each
+    assert len(limits.pretrain_runs) == 90 and len({j.config_hash for j in limits.pretrain_runs}) == 90
+    assert {j.config.head_weight_decay for j in limits.pretrain_runs} == {None, 0.0, 1.0}
+    assert limits.num_transfer_fits == 90 * 2 * 4 * 3 * 2  # tasks x shots x draws x layers
     dm = load_spec(EXAMPLES / "data_based.yaml")
     assert (
         dm.datamodels.num_models >= 150

@@ -200,3 +200,29 @@ def test_relative_dataset_paths_resolve_against_the_study_file(tmp_path):
     )
     spec = load_spec(_write(tmp_path / "studies", text))
     assert spec.sources["d"].uri == str((tmp_path / "data" / "builtin" / "digits-v2").resolve())
+
+
+def test_head_weight_decay_enters_the_config_hash_and_params_only_when_set():
+    """Unset (or null), a run's hash and MLflow params are those it had before the field existed;
+    set, the run is a new configuration whose params carry it, and the trainer gets it."""
+    from orchestrator.planning.plan import build_plan
+    from orchestrator.spec import parse_spec
+
+    def runs(**pretrain):
+        data = _quickstart()
+        data["pretrain"].update(pretrain)
+        data["pretrain"]["sweep"] = {"pretrain_size": [500]}
+        return build_plan(parse_spec(data)).pretrain_runs
+
+    (unset,), (null,), (set_,) = runs(), runs(head_weight_decay=None), runs(head_weight_decay=0.1)
+    assert unset.config_hash == null.config_hash != set_.config_hash
+    assert "head_weight_decay" not in unset.settings.hashed() and "head_weight_decay" not in unset.params
+    assert set_.params["head_weight_decay"] == 0.1 and set_.config.head_weight_decay == 0.1
+    assert unset.config.head_weight_decay is None
+    swept = build_plan(
+        parse_spec(
+            {**_quickstart(), "pretrain": {**_quickstart()["pretrain"], "sweep": {"head_weight_decay": [0.0, 1.0]}}}
+        )
+    ).pretrain_runs
+    assert sorted(r.config.head_weight_decay for r in swept) == [0.0, 1.0]
+    assert all("head_weight_decay=" in r.run_name for r in swept)

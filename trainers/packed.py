@@ -10,13 +10,14 @@ gradients, AdamW written out per model, finished models frozen).
 filter), with its view's noisy labels, sorted by sample key and reshuffled every epoch from its
 seed, in full batches (:func:`trainers.stacked.row_stream`). It has its own initialization
 (``torch.manual_seed(seed)``, as :func:`trainers.pretrain.pretrain_loop`), learning rate, weight
-decay, schedule, warm-up and epochs; simclr augments each run's batch with its own seeded
-generator, outside the vmapped step. So a run's weights do not depend on B nor on its packmates
-(up to float rounding of batched kernels; tests check both and a plain ``torch.optim.AdamW``
-loop).
+decay (the head's apart when ``head_weight_decay`` is set), schedule, warm-up and epochs; simclr
+augments each run's batch with its own seeded generator, outside the vmapped step. So a run's
+weights do not depend on B nor on its packmates (up to float rounding of batched kernels; tests
+check both and a plain ``torch.optim.AdamW`` loop).
 
 What may differ within a pack: everything of the view (pretrain_size, label_noise, seed, class
-subset) and of the optimizer (lr, weight_decay, epochs, lr_schedule, warmup_epochs). What must
+subset) and of the optimizer (lr, weight_decay, head_weight_decay, epochs, lr_schedule,
+warmup_epochs). What must
 be equal (:func:`pack_key`): method, model, num_classes, image_size, batch_size, amp. Packed
 methods: supervised and simclr (:data:`PACKABLE_METHODS`); clip runs keep their TorchTrainer.
 Mixed precision is not used in a pack (``amp`` must be ``none``).
@@ -91,7 +92,9 @@ def parameter_count(config: PretrainConfig) -> int:
 
 
 def _settings(c: PretrainConfig) -> TrainSettings:
-    return TrainSettings(c.image_size, c.epochs, c.batch_size, c.lr, c.weight_decay, c.lr_schedule, c.warmup_epochs)
+    return TrainSettings(
+        c.image_size, c.epochs, c.batch_size, c.lr, c.weight_decay, c.lr_schedule, c.warmup_epochs, c.head_weight_decay
+    )
 
 
 def _check(configs: list[PretrainConfig]) -> None:

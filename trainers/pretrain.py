@@ -65,6 +65,7 @@ class PretrainConfig:
     num_train_samples: int  # samples the view selects (steps per epoch, the lr schedule)
     caption_noise: float = 0.0  # above 0: report realized_caption_noise each epoch
     log_every_steps: int = 10  # rank 0's batch loss every this many optimizer steps (STEP_LOSSES)
+    head_weight_decay: float | None = None  # of the parameters outside the backbone; None: weight_decay
     meta: dict = field(default_factory=dict)  # stored in the checkpoint
     fault: dict | None = None  # test hook, see _maybe_inject_fault
 
@@ -137,6 +138,26 @@ def checkpoint_meta(config: PretrainConfig) -> dict:
         "num_classes": config.num_classes,
         "image_size": config.image_size,
     }
+
+
+def is_head_parameter(name: str) -> bool:
+    """Whether a pretraining model's parameter (named as in its ``named_parameters``) is outside
+    the backbone: the supervised classifier head, SimCLR's projector, CLIP's projection and text
+    tower. ``head_weight_decay`` applies to these."""
+    return not name.startswith("backbone.")
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float, head_weight_decay: float | None) -> list[dict]:
+    """AdamW parameter groups: one group at ``weight_decay``, or, with ``head_weight_decay`` set,
+    the backbone's parameters at ``weight_decay`` and the head's (:func:`is_head_parameter`) at
+    ``head_weight_decay``."""
+    if head_weight_decay is None:
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for n, p in named if not is_head_parameter(n)], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if is_head_parameter(n)], "weight_decay": head_weight_decay},
+    ]
 
 
 def lr_at(progress: float, base_lr: float, epochs: int, warmup_epochs: float, schedule: str) -> float:
@@ -220,7 +241,7 @@ def pretrain_loop(train_loop_config: dict) -> None:
     model = build_pretrain_model(method, config.model_config, config.num_classes, image_size)
     model = ray.train.torch.prepare_model(model)
     bare = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(optimizer_groups(bare, config.weight_decay, config.head_weight_decay), lr=config.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_policy(device.type, amp)[1])
     meta = checkpoint_meta(config)
 

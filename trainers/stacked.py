@@ -38,7 +38,7 @@ from datasets_.pipeline import normalize
 from datasets_.views import validation_mask
 from trainers.features import Features
 from trainers.models import build_model
-from trainers.pretrain import lr_at
+from trainers.pretrain import is_head_parameter, lr_at
 from trainers.probe import logistic_probe, ridge_few_shot
 from trainers.protocols import FROZEN_PROTOCOLS
 
@@ -56,6 +56,7 @@ class TrainSettings:
     weight_decay: float
     lr_schedule: str = "cosine"
     warmup_epochs: float = 0.0
+    head_weight_decay: float | None = None  # of the parameters outside the backbone; None: weight_decay
 
 
 def index_stream(
@@ -142,8 +143,9 @@ def run_stacked(
     on_step=None,
 ) -> tuple[nn.Module, dict, dict, list[np.ndarray]]:
     """Train ``models`` (same architecture) stacked: model b on ``streams[b]`` ([steps_b,
-    batch_size] rows) with AdamW and the lr schedule, weight decay and epochs of ``settings[b]``;
-    past its last step it is frozen (parameters, optimizer state, BatchNorm buffers).
+    batch_size] rows) with AdamW and the lr schedule, weight decay (its head's:
+    :func:`trainers.pretrain.is_head_parameter`) and epochs of ``settings[b]``; past its last step
+    it is frozen (parameters, optimizer state, BatchNorm buffers).
 
     ``batch_inputs(rows)`` turns a [B, batch_size] row tensor into the per-model batched inputs
     of ``loss_fn(base, params, buffers, *inputs) -> scalar loss`` (vmapped over models).
@@ -162,7 +164,9 @@ def run_stacked(
     base = copy.deepcopy(models[0]).to("meta").train()
     m = {k: torch.zeros_like(v) for k, v in params.items()}
     v2 = {k: torch.zeros_like(v) for k, v in params.items()}
-    wd = torch.tensor([s.weight_decay for s in settings], device=device)
+    body_wd = [s.weight_decay for s in settings]
+    head_wd = [s.weight_decay if s.head_weight_decay is None else s.head_weight_decay for s in settings]
+    wd = {k: torch.tensor(head_wd if is_head_parameter(k) else body_wd, device=device) for k in params}
     step_grad = vmap(grad_and_value(lambda p, buf, *x: loss_fn(base, p, buf, *x)))
     losses = [np.zeros(int(e)) for e in epochs]
     counts = [np.zeros(int(e)) for e in epochs]
@@ -182,7 +186,7 @@ def run_stacked(
         )
         tt = torch.from_numpy(last + 1.0).to(device)
         for k in params:
-            params[k], m[k], v2[k] = _adamw(params[k], grads[k], m[k], v2[k], tt, lr, wd, active)
+            params[k], m[k], v2[k] = _adamw(params[k], grads[k], m[k], v2[k], tt, lr, wd[k], active)
         for k, b in buffers.items():  # a finished model's BatchNorm statistics stay as they were
             buffers[k].copy_(torch.where(active.view((-1,) + (1,) * (b.dim() - 1)), b, old_buffers[k]))
         loss_np = loss.detach().cpu().numpy()

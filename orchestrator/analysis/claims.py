@@ -23,6 +23,7 @@ into one verdict. Rows resting on CLIP runs that did not learn are inconclusive
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,7 @@ from orchestrator.analysis import counterfactual as cf
 from orchestrator.analysis import fits, influence
 from orchestrator.analysis.clip_gate import EVIDENCE, evidence_pairs, gate_clip_rows, unlearned_clip_sources
 from orchestrator.analysis.frame import PRETRAIN_SEED, InfluenceInputs
+from orchestrator.analysis.head_decay import head_decay_disagreement
 from orchestrator.analysis.influence import PERMUTATIONS
 from orchestrator.analysis.stats import (
     INCONCLUSIVE,
@@ -47,13 +49,13 @@ from orchestrator.analysis.stats import (
 )
 from orchestrator.analysis.stats import verdict as judge
 from orchestrator.analysis.tables import ACC, SIZE, final_layer
-from orchestrator.records.schema import METRIC_UPSTREAM_ACCURACY, PARAM_CLASS_FRACTION
+from orchestrator.records.schema import METRIC_UPSTREAM_ACCURACY, PARAM_CLASS_FRACTION, PRETRAIN_SETTING_PARAMS
 from orchestrator.spec.claims import CLAIM_KINDS, ClaimSpec, default_claim
 from trainers.protocols import FINAL_LAYER, FULL
 
 COLUMNS = ["claim", "setting", "statistic", "estimate", "ci_low", "ci_high", "n", "interval", "verdict"]
 CONFIG = "config"  # the column naming a pretraining configuration (every pretraining param but the seed)
-_CONFIG_KEYS = ("method", "source", "model", SIZE, "label_noise", PARAM_CLASS_FRACTION)
+_CONFIG_KEYS = ("method", "source", "model", SIZE, "label_noise", PARAM_CLASS_FRACTION, *PRETRAIN_SETTING_PARAMS)
 
 
 @dataclass(frozen=True)
@@ -512,6 +514,7 @@ EVALUATE = {
     "saturation": _on_transfer(saturation),
     "e_ir_falls_with_shots": _on_transfer(e_ir_falls_with_shots),
     "best_layer_differs": _on_transfer(best_layer_differs),
+    "head_decay_disagreement": _on_transfer(partial(head_decay_disagreement, config_keys=_CONFIG_KEYS, make_row=_row)),
     "class_influence": class_influence,
     "counterfactual_removal": counterfactual_removal,
 }

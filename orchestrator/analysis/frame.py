@@ -39,6 +39,7 @@ from orchestrator.records.schema import (
     PARAM_CLASS_FRACTION,
     PER_EXAMPLE_ARTIFACT,
     PRETRAIN_PARAMS,
+    PRETRAIN_SETTING_PARAMS,
     TAG_CONFIG_HASH,
     TAG_KIND,
     TAG_PARENT,
@@ -107,6 +108,7 @@ def _pretrain_row(run) -> dict:
     p, m = run.data.params, run.data.metrics
     row = {RUN_ID: run.info.run_id, "run_name": run.info.run_name, ARTIFACT_URI: run.info.artifact_uri}
     row.update({k: p.get(k) for k in PRETRAIN_PARAMS})
+    row.update({k: p.get(k) for k in PRETRAIN_SETTING_PARAMS})  # strings as logged; None when absent
     row[PRETRAIN_SEED] = row.pop("seed")
     row["label_noise"] = _float(row["label_noise"], 0.0)
     row[PARAM_CLASS_FRACTION] = _float(p.get(PARAM_CLASS_FRACTION), 1.0)
@@ -174,6 +176,7 @@ def frames_from_runs(study: str, experiment_id: str, runs: list) -> StudyRuns:
             "run_name",
             ARTIFACT_URI,
             *[k for k in PRETRAIN_PARAMS if k != "seed"],
+            *PRETRAIN_SETTING_PARAMS,
             PRETRAIN_SEED,
             PARAM_CLASS_FRACTION,
             METRIC_UPSTREAM_ACCURACY,

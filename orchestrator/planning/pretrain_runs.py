@@ -52,7 +52,12 @@ class PretrainRun:
             "label_noise": view.label_noise,
             "model": s["model"],
             "seed": view.seed,
-            **{k: v for k, v in s.items() if k not in ("method", "model")},
+            # head_weight_decay only when set: unset, the head decays as the rest (weight_decay)
+            **{
+                k: v
+                for k, v in s.items()
+                if k not in ("method", "model") and not (k == "head_weight_decay" and v is None)
+            },
             "model_config": self.model_config,
             "view_fingerprint": view.fingerprint,
             "class_fraction": 1.0 if view.keep_classes is None else len(view.keep_classes) / self.num_classes,
@@ -115,6 +120,7 @@ def pretrain_runs(spec: StudySpec, data: dict[str, ShardedDataset]) -> list[Pret
             batch_size=settings.batch_size,
             lr=settings.lr,
             weight_decay=settings.weight_decay,
+            head_weight_decay=settings.head_weight_decay,
             lr_schedule=settings.lr_schedule,
             warmup_epochs=settings.warmup_epochs,
             amp=settings.amp,

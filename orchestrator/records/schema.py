@@ -23,8 +23,9 @@ study      ``study``, ``spec_hash``               ``pretrain_runs``, ``transfer_
 pretrain   ``method, source, pretrain_size,       ``train_loss`` and ``images_per_second`` per
            label_noise, model, seed`` + the       epoch (step = epoch); ``train_loss_step``:
            other settings (``image_size,          rank 0's batch loss every ``log_every_steps``
-           epochs, batch_size, lr, ...``),        optimizer steps (step = global optimizer
-           ``class_fraction`` when swept,         step); ``upstream_accuracy``
+           epochs, batch_size, lr, ...``;         optimizer steps (step = global optimizer
+           ``head_weight_decay`` when set),       step); ``upstream_accuracy``
+           ``class_fraction`` when swept,
            ``caption_noise`` (clip runs) and      on the source's held-out (test) split, restricted
            ``view_fingerprint``                   to the classes the run trained on (supervised:
                                                   top-1 of its head; clip: zero-shot top-1 with
@@ -161,6 +162,19 @@ OUTPUTS_TEST = "test"  # the task's test split: transfer runs; datamodel tables 
 DATAMODEL_PART_ARTIFACT_DIR = "datamodels"
 
 PRETRAIN_PARAMS = ("method", "source", "pretrain_size", "label_noise", "model", "seed")
+# The pretraining settings that, with PRETRAIN_PARAMS but the seed, tell configurations apart (the
+# analysis averages a configuration's seeds); head_weight_decay is a param only when set.
+PRETRAIN_SETTING_PARAMS = (
+    "width",
+    "image_size",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "head_weight_decay",
+    "lr_schedule",
+    "warmup_epochs",
+)
 TRANSFER_PARAMS = ("task", "protocol", "shots", "seed", "layer")
 
 METRIC_TRAIN_LOSS = "train_loss"

@@ -40,7 +40,8 @@ class Param:
     shots, label_noise), or None for a plain value read by ``ref_kind``; ``default`` None means
     'every one the grid has' (or, for ``shots``, the fewest few-shot setting)."""
 
-    ref: str  # task | source | layer | shots | label_noise | margin | expect | class | arm | k | versus
+    ref: str  # task | source | layer | shots | label_noise | head_weight_decay | margin | expect | class | arm | k
+    # | versus
     default: Any = None
     required: bool = False
     doc: str = ""
@@ -118,6 +119,18 @@ CLAIM_KINDS: dict[str, tuple[str, dict[str, Param]]] = {
             "expect": _EXPECT,
         },
     ),
+    "head_decay_disagreement": (
+        "A stronger weight decay on the classifier head raises upstream accuracy but lowers downstream "
+        "accuracy (Abnar et al.): per configuration and pretraining seed, upstream(high) − upstream(low) "
+        "(predicted positive) and, per task, downstream(high) − downstream(low) at `shots` (predicted "
+        "negative), the runs paired by every other setting and the seed; t-intervals over the pairs.",
+        {
+            "low": _p("head_weight_decay", "the weaker head decay (a head_weight_decay of the sweep)", required=True),
+            "high": _p("head_weight_decay", "the stronger head decay", required=True),
+            "task": _p("task", "the downstream task (default: each)"),
+            "shots": _p("shots", "the shots setting (default: the fewest)"),
+        },
+    ),
     "class_influence": (
         "A named source class helps (or, expect: negative, harms) the task (Jain et al.): its influence, "
         "the mean output on the task of the models that trained on it minus that of the models that did not, "
@@ -186,6 +199,7 @@ class StudyNames:
     layer: tuple
     shots: tuple
     label_noise: tuple
+    head_weight_decay: tuple = ()
 
 
 def _reader(ref: str, names: StudyNames):
@@ -206,6 +220,11 @@ def _reader(ref: str, names: StudyNames):
             v = number(path, v, lo=0.0, hi=1.0)
             if v not in names.label_noise or v == 0:
                 raise SpecError(path, f"{v:g} is not a noise level > 0 of this study's pretrain.sweep.label_noise")
+            return v
+        if ref == "head_weight_decay":
+            v = number(path, v, lo=0.0)
+            if v not in names.head_weight_decay:
+                raise SpecError(path, f"{v:g} is not a value of this study's pretrain.sweep.head_weight_decay")
             return v
         if ref == "shots":
             if v not in names.shots:
@@ -248,6 +267,8 @@ def read_claims(path: str, data: Any, names: StudyNames) -> tuple[ClaimSpec, ...
             raise SpecError(f"{at}.other", "must differ from source")
         if kind == "best_layer_differs" and values["near"] == values["far"]:
             raise SpecError(f"{at}.far", "must differ from near")
+        if kind == "head_decay_disagreement" and values["low"] >= values["high"]:
+            raise SpecError(f"{at}.high", "must be above low")
         if kind == "best_layer_differs" and values["layer"] == values["final"]:
             raise SpecError(f"{at}.layer", "must differ from final")
         out.append(ClaimSpec(kind, name, tuple(_arm_expect(kind, values).items())))

@@ -126,6 +126,7 @@ _PARAM_TYPES = {
     "shots": {"anyOf": [{"type": "integer", "minimum": 1}, {"const": "full"}]},
     "label_noise": {"type": "number", "minimum": 0, "maximum": 1},
     "margin": {"type": "number", "minimum": 0, "maximum": 1},
+    "head_weight_decay": {"type": "number", "minimum": 0},
     "expect": {"enum": list(EXPECT)},
     "class": {"type": "string", "minLength": 1},
     "arm": {"enum": list(REMOVAL_ARMS)},

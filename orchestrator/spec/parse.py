@@ -65,6 +65,7 @@ def parse_spec(data: Any) -> StudySpec:
             layer=transfer.layers,
             shots=transfer.shots,
             label_noise=pretrain.sweep.get("label_noise", ()),
+            head_weight_decay=tuple(v for v in pretrain.sweep.get("head_weight_decay", ()) if v is not None),
         )
         return read_claims(path, v, names)
 

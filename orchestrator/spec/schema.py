@@ -123,6 +123,10 @@ def _number_or_log_range(path: str, v: Any) -> float | tuple[float, float]:
     return _log_range(path, v) if isinstance(v, list) else number(path, v, lo=0.0)
 
 
+def _optional_decay(path: str, v: Any) -> float | None:
+    return None if v is None else number(path, v, lo=0.0)
+
+
 def _gpu_share(path: str, v: Any) -> float:
     share = number(path, v)
     if not 0 < share <= 1:
@@ -176,6 +180,10 @@ class PretrainSettings:
     batch_size: int = spec_field(64, read=int_in(1))  # global: each of W workers takes batch_size // W
     lr: float = spec_field(2e-3, read=positive_number)  # peak learning rate (AdamW)
     weight_decay: float = spec_field(5e-4, read=number_in(0.0))
+    # weight decay of the parameters outside the backbone (the supervised classifier head, SimCLR's
+    # projector, CLIP's projection and text tower); None: weight_decay. Abnar et al.'s arm where
+    # upstream and downstream accuracy disagree. In the config hash only when set.
+    head_weight_decay: float | None = spec_field(None, read=_optional_decay)
     lr_schedule: str = spec_field("cosine", read=choice(LR_SCHEDULES))  # cosine decay to 0 after warm-up, or constant
     warmup_epochs: float = spec_field(0.0, read=number_in(0.0))
     amp: str = spec_field("none", read=choice(AMP_MODES))  # mixed precision on CUDA: none | bf16 | fp16
@@ -189,8 +197,12 @@ class PretrainSettings:
 
     def hashed(self) -> dict:
         """The settings that decide a run's result (what its config hash covers): all but
-        ``log_every_steps``."""
-        return {k: v for k, v in asdict(self).items() if k != "log_every_steps"}
+        ``log_every_steps``, and ``head_weight_decay`` only when set (so runs from before it
+        existed keep their hashes)."""
+        out = {k: v for k, v in asdict(self).items() if k != "log_every_steps"}
+        if out["head_weight_decay"] is None:
+            del out["head_weight_decay"]
+        return out
 
 
 @dataclass(frozen=True)
