@@ -308,7 +308,7 @@ def assert_checkpoints_are_logged_models(client, uri, pretrains, transfers) -> N
         for r in pretrains:
             model_id = r.data.tags[TAG_MODEL_ID]
             logged = client.get_logged_model(model_id)
-            assert (logged.status.to_string(), logged.source_run_id, logged.model_type) == (
+            assert (str(logged.status), logged.source_run_id, logged.model_type) == (
                 "READY",
                 r.info.run_id,
                 "pretrained",
