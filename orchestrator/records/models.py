@@ -60,7 +60,7 @@ def log_pretrained_model(
     )
     try:
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])
-        with tempfile.TemporaryDirectory() as d, _quiet("mlflow.pytorch"):
+        with tempfile.TemporaryDirectory() as d, _quiet("mlflow.pytorch"), _no_requirement_check():
             folder = f"{d}/model"
             mlflow.pytorch.save_model(
                 model,
@@ -95,6 +95,23 @@ class _quiet:
 
     def __exit__(self, *exc):
         self.logger.setLevel(self.level)
+
+
+class _no_requirement_check:
+    """Inside the block, MLflow does not check the stated requirements against this environment:
+    they are read from it (:func:`requirements`), and the check maps every installed package to
+    its modules on its first call in a process (2-6 s measured, once per trial process)."""
+
+    def __enter__(self):
+        import mlflow.utils.environment as env
+
+        self.env, self.check = env, getattr(env, "warn_dependency_requirement_mismatches", None)
+        if self.check is not None:
+            env.warn_dependency_requirement_mismatches = lambda requirements: None
+
+    def __exit__(self, *exc):
+        if self.check is not None:
+            self.env.warn_dependency_requirement_mismatches = self.check
 
 
 def model_inputs(model_ids) -> list:
