@@ -339,6 +339,24 @@ def test_each_checkpoint_is_a_logged_model_its_transfer_runs_name(finished_study
     assert_checkpoints_are_logged_models(client, uri, _runs(client, KIND_PRETRAIN), _runs(client, KIND_TRANSFER))
 
 
+# Slow (a TorchTrainer fit): the tiny study's runs are packed; here one run trains in its own TorchTrainer.
+def test_a_torchtrainer_run_is_a_logged_model_with_system_metrics(ray_cluster, tmp_path):
+    doc = {**TINY, "study": "tiny-trainer", "transfer": {"protocol": ["linear_probe"], "shots": [1], "seeds": [0]}}
+    doc["pretrain"] = {**TINY["pretrain"], "pack": "off", "sweep": {**TINY["pretrain"]["sweep"], "label_noise": [0.0]}}
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(doc))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["run", str(study), "--tracking-uri", uri, "--storage-path", str(tmp_path / "storage")]) == 0
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny-trainer").experiment_id
+    pretrains, transfers = (
+        client.search_runs([exp], filter_string=f"tags.`{TAG_KIND}` = '{kind}'")
+        for kind in (KIND_PRETRAIN, KIND_TRANSFER)
+    )
+    assert len(pretrains) == 1 and len(transfers) == 1 and "pack_size" not in pretrains[0].data.metrics
+    assert_checkpoints_are_logged_models(client, uri, pretrains, transfers)
+
+
 def test_report_callback_logs_each_step_once(tracking_uri):
     tracker = Tracker(tracking_uri)
     exp = tracker.experiment_id("cb")
