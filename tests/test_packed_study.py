@@ -4,6 +4,7 @@ CLI on a real local Ray and a real sqlite MLflow store."""
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from test_study import assert_checkpoints_are_logged_models
 
 from orchestrator.cli import main
 from orchestrator.records.schema import KIND_PRETRAIN, KIND_TRANSFER, TAG_CHECKPOINT, TAG_KIND
@@ -65,6 +66,8 @@ def test_a_packed_study_records_every_run_as_its_own(ray_cluster, tmp_path, caps
     assert all(0.2 < r.data.metrics["realized_label_noise"] < 0.4 for r in noisy)
     transfers = client.search_runs([exp], filter_string=f"tags.`{TAG_KIND}` = '{KIND_TRANSFER}'")
     assert len(transfers) == 4 * 2 and {r.info.status for r in transfers} == {"FINISHED"}
+    # Packed runs are logged models too, and each has the pack's system metrics.
+    assert_checkpoints_are_logged_models(client, uri, runs, transfers)
 
     assert main(argv) == 0  # nothing left: no run is trained again
     assert "ran 0/4 pretraining runs and 0/8 transfer fits" in capsys.readouterr().out

@@ -26,6 +26,7 @@ from orchestrator.records.schema import (
     TAG_CHECKPOINT,
     TAG_CONFIG_HASH,
     TAG_KIND,
+    TAG_MODEL_ID,
     TAG_PARENT,
 )
 from orchestrator.records.tracker import Tracker
@@ -288,6 +289,72 @@ def test_checkpoints_are_loadable_without_pickle(finished_study):
     with Checkpoint(r.data.tags[TAG_CHECKPOINT]).as_directory() as d:
         model = load_model(d)
     assert model.head.out_features == 10
+
+
+def assert_checkpoints_are_logged_models(client, uri, pretrains, transfers) -> None:
+    """Each pretraining run's checkpoint is a READY logged model whose source is the run, that
+    loads back with mlflow.pytorch equal to the checkpoint; its transfer runs name it as their
+    input; the run has system metrics from its training."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from ray.train import Checkpoint
+
+    from trainers.pretrain import load_checkpoint
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # models:/ URIs are read from the global tracking store
+    try:
+        for r in pretrains:
+            model_id = r.data.tags[TAG_MODEL_ID]
+            logged = client.get_logged_model(model_id)
+            assert (str(logged.status), logged.source_run_id, logged.model_type) == (
+                "READY",
+                r.info.run_id,
+                "pretrained",
+            )
+            assert logged.params["pretrain_size"] == r.data.params["pretrain_size"]
+            (output,) = client.get_run(r.info.run_id).outputs.model_outputs  # the run's "Logged models"
+            assert (output.model_id, output.step) == (model_id, int(r.data.params["epochs"]) - 1)
+            model = mlflow.pytorch.load_model(f"models:/{model_id}")
+            with Checkpoint(r.data.tags[TAG_CHECKPOINT]).as_directory() as d:
+                weights = load_checkpoint(d)["model"]
+            loaded = model.state_dict()
+            assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
+            assert model.meta["config_hash"] == r.data.tags[TAG_CONFIG_HASH]
+            cpu = client.get_metric_history(r.info.run_id, "system/cpu_utilization_percentage")
+            assert cpu and all(0.0 <= m.value <= 100.0 for m in cpu)
+            assert client.get_run(r.info.run_id).data.metrics["system/system_memory_usage_megabytes"] > 0
+    finally:
+        mlflow.set_tracking_uri(before)
+    models = {r.info.run_id: r.data.tags[TAG_MODEL_ID] for r in pretrains}
+    for r in transfers:
+        used = client.get_run(r.info.run_id).inputs.model_inputs
+        assert [m.model_id for m in used] == [models[r.data.tags[TAG_PARENT]]]
+
+
+def test_each_checkpoint_is_a_logged_model_its_transfer_runs_name(finished_study):
+    _, uri = finished_study
+    client = MlflowClient(uri)
+    assert_checkpoints_are_logged_models(client, uri, _runs(client, KIND_PRETRAIN), _runs(client, KIND_TRANSFER))
+
+
+# Slow (a TorchTrainer fit): the tiny study's runs are packed; here one run trains in its own TorchTrainer.
+def test_a_torchtrainer_run_is_a_logged_model_with_system_metrics(ray_cluster, tmp_path):
+    doc = {**TINY, "study": "tiny-trainer", "transfer": {"protocol": ["linear_probe"], "shots": [1], "seeds": [0]}}
+    doc["pretrain"] = {**TINY["pretrain"], "pack": "off", "sweep": {**TINY["pretrain"]["sweep"], "label_noise": [0.0]}}
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(doc))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["run", str(study), "--tracking-uri", uri, "--storage-path", str(tmp_path / "storage")]) == 0
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny-trainer").experiment_id
+    pretrains, transfers = (
+        client.search_runs([exp], filter_string=f"tags.`{TAG_KIND}` = '{kind}'")
+        for kind in (KIND_PRETRAIN, KIND_TRANSFER)
+    )
+    assert len(pretrains) == 1 and len(transfers) == 1 and "pack_size" not in pretrains[0].data.metrics
+    assert_checkpoints_are_logged_models(client, uri, pretrains, transfers)
 
 
 def test_report_callback_logs_each_step_once(tracking_uri):

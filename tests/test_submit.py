@@ -1,6 +1,7 @@
 """`transferlab submit / status / logs / stop` against a real `ray start` cluster on loopback,
 with token auth on, and the submission they build (what travels, what never does)."""
 
+import json
 import os
 import shutil
 import socket
@@ -357,6 +358,11 @@ def head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+LIST_ACTORS = """import json, sys
+from ray.util.state import list_actors
+print(json.dumps([[a.class_name, a.repr_name] for a in list_actors(address=sys.argv[1], limit=10000, detail=True)]))"""
+
+
 def _cli(*args, env_extra=None, timeout=420) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(
@@ -394,6 +400,19 @@ def test_submit_status_logs_run_stop_on_a_cluster(head, tmp_path):
     assert "runs: transferlab run tiny-submit.yaml --address auto" in status.stdout  # staged under the study name
     logs = _cli("logs", job, "--address", head["api"])
     assert "ran 1/1 pretraining runs and 1/1 transfer fits" in logs.stdout
+
+    # The dashboard's actor list (Ray's state API) names the job's trial processes after their runs.
+    listed = subprocess.run(
+        [sys.executable, "-c", LIST_ACTORS, head["api"]],
+        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    actors = json.loads(listed.stdout or "null") or pytest.fail(listed.stderr[-2000:])
+    # Its one small run is packed (pretrain.pack: auto): the packed trial names its pack's runs.
+    assert any(c == "pretrain_packed_trial" and "supervised digits n=200 noise=0" in r for c, r in actors), actors
+    assert ["transfer_trial", "supervised digits n=200 noise=0 -> digits (1 fits)"] in actors, actors
 
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("tiny-submit").experiment_id

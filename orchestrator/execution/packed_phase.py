@@ -11,7 +11,9 @@ wait in the storage spool), ``upstream_accuracy`` at the last epoch, ``realized_
 ``num_train_samples``, ``trial_seconds`` (the pack's seconds divided by its runs), ``pack_size``,
 and a checkpoint in the usual format (:func:`trainers.pretrain.save_checkpoint`) under the
 storage path, in the folder :func:`~orchestrator.execution.pretrain_phase.train_run_name` names,
-tagged ``TAG_CHECKPOINT``.
+tagged ``TAG_CHECKPOINT`` and logged as the run's MLflow logged model
+(:func:`~orchestrator.execution.pretrain_phase.log_checkpoint_model`). The trial's system metrics
+(:mod:`orchestrator.records.system_metrics`) go to every run of its pack: they shared the process.
 
 A run is FINISHED only after its checkpoint is written. A pack that fails marks its unfinished
 runs FAILED; the next ``transferlab run`` retrains those from scratch in a new pack (runs already
@@ -28,11 +30,12 @@ import time
 from datasets_.objstore import write_atomic
 from datasets_.pipeline import decode_rows
 from orchestrator.execution.phase import NOT_LAUNCHED, PhaseContext, Progress, cluster_gpus, run_phase
-from orchestrator.execution.pretrain_phase import describe_epoch, train_run_name
+from orchestrator.execution.pretrain_phase import describe_epoch, log_checkpoint_model, train_run_name
 from orchestrator.planning.estimate import pack_concurrency
 from orchestrator.planning.packs import Pack, plan_packs
 from orchestrator.records import retry, spool
 from orchestrator.records.schema import FAILED, METRIC_PACK_SIZE, METRIC_TRIAL_SECONDS, TAG_CHECKPOINT
+from orchestrator.records.system_metrics import system_metrics
 from orchestrator.records.train_callback import MLflowReportCallback
 from trainers.devices import trial_device
 from trainers.packed import DecodedSplit, PackedResult, train_packed
@@ -92,6 +95,7 @@ def _record(ctx: PhaseContext, tracker, run, run_id: str, cb, result: PackedResu
         },
         tags={TAG_CHECKPOINT: uri},
     )
+    log_checkpoint_model(tracker, ctx.experiment_id, run_id, uri, run.run_name, run.params, run.config.epochs)
     tracker.finish(run_id)
 
 
@@ -120,16 +124,17 @@ def _packed_trial(config: dict, ctx: PhaseContext) -> None:
             tune.report(metrics)
 
     try:
-        train, held = _splits(ctx, runs)
-        results = train_packed(
-            [x.config for x in runs],
-            [x.view for x in runs],
-            [x.heldout_view() for x in runs],
-            train,
-            held,
-            trial_device(r.use_gpu),
-            on_epoch,
-        )
+        with system_metrics(run_ids, ctx.tracking_uri):
+            train, held = _splits(ctx, runs)
+            results = train_packed(
+                [x.config for x in runs],
+                [x.view for x in runs],
+                [x.heldout_view() for x in runs],
+                train,
+                held,
+                trial_device(r.use_gpu),
+                on_epoch,
+            )
         seconds = (time.monotonic() - t0) / len(runs)
         for run, rid, cb, result in zip(runs, run_ids, callbacks, results):
             _record(ctx, tracker, run, rid, cb, result, seconds, len(runs))

@@ -84,6 +84,7 @@ class PhaseContext(TrialContext):
     transfer_groups: dict[str, TransferGroup] = field(default_factory=dict)
     run_ids: dict[str, str] = field(default_factory=dict)  # config_hash -> MLflow run id to use
     checkpoints: dict[str, str] = field(default_factory=dict)  # pretrain hash -> checkpoint dir
+    models: dict[str, str] = field(default_factory=dict)  # pretrain hash -> its logged model's id
     packs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # packed trial -> its runs' hashes
     # fit hash -> (its group, the fit) of fine-tuning fits tuned by a search (execution.search)
     searches: dict[str, tuple[TransferGroup, TransferFit]] = field(default_factory=dict)
@@ -275,8 +276,14 @@ def run_phase(
         return trial_name(items.get(t.config.get(key), phase), t.trial_id)
 
     tuner = tune.Tuner(
-        tune.with_resources(
-            tune.with_parameters(trainable, ctx=ctx), resources if isinstance(resources, dict) else {"CPU": resources}
+        named_trainable(
+            tune.with_resources(
+                tune.with_parameters(trainable, ctx=ctx),
+                resources if isinstance(resources, dict) else {"CPU": resources},
+            ),
+            key,
+            items,
+            phase,
         ),
         param_space={key: tune.grid_search(list(items))},
         tune_config=tune.TuneConfig(
@@ -299,6 +306,24 @@ def run_phase(
     tuner.fit()
     print(progress.summary(), flush=True)
     return progress
+
+
+def named_trainable(trainable, key: str, items: dict[str, str], phase: str):
+    """Function ``trainable`` as a Tune trainable class (``PHASE_trial``, e.g. ``pretrain_trial``)
+    whose actors Ray names after their trial's label (``items[config[key]]``: the run name users
+    see in MLflow) instead of the function: Ray takes an actor's ``repr`` as its name in the
+    dashboard's actor list (``ray.util.state.list_actors()``' ``repr_name``) and in the prefix of
+    its log lines. Ray reads it once, when the actor starts: a trial process reused for the
+    phase's next trial (:func:`reuse_trial_processes`) keeps the name of its first."""
+    from ray.tune.trainable import wrap_function
+
+    class RunTrial(wrap_function(trainable)):
+        def __repr__(self):
+            config = getattr(self, "config", None) or {}
+            return items.get(config.get(key), phase)
+
+    RunTrial.__name__ = RunTrial.__qualname__ = f"{phase.replace('-', '_')}_trial"
+    return RunTrial
 
 
 def reuse_trial_processes() -> bool:

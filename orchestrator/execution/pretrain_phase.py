@@ -5,11 +5,14 @@ Runs that ``pretrain.pack`` packs train several per trial instead
 
 Metrics reach MLflow through :class:`~orchestrator.records.train_callback.MLflowReportCallback`
 on the Train controller, into a run the driver created; the loop itself
-(:func:`trainers.pretrain.pretrain_loop`) knows nothing of MLflow.
+(:func:`trainers.pretrain.pretrain_loop`) knows nothing of MLflow. The trial samples system
+metrics into the run while it trains (:mod:`orchestrator.records.system_metrics`) and, once the
+checkpoint is final, logs it as the run's MLflow logged model (:func:`log_checkpoint_model`).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 from datasets_.objstore import is_remote
@@ -18,10 +21,13 @@ from orchestrator.execution.phase import NOT_LAUNCHED, PhaseContext, Progress, r
 from orchestrator.planning.estimate import pretrain_concurrency
 from orchestrator.planning.pretrain_runs import PretrainRun
 from orchestrator.records import retry, spool
-from orchestrator.records.schema import FAILED, METRIC_TRIAL_SECONDS, TAG_CHECKPOINT
+from orchestrator.records.models import log_pretrained_model
+from orchestrator.records.schema import FAILED, METRIC_TRIAL_SECONDS, TAG_CHECKPOINT, TAG_MODEL_ID
+from orchestrator.records.system_metrics import system_metrics
+from orchestrator.records.tracker import Tracker, flatten
 from orchestrator.records.train_callback import MLflowReportCallback
 from trainers.methods import clip_text_input
-from trainers.pretrain import pretrain_loop
+from trainers.pretrain import load_model, pretrain_loop
 
 
 def train_run_name(run: PretrainRun, run_id: str) -> str:
@@ -44,6 +50,46 @@ def checkpoint_uri(checkpoint) -> str:
         return checkpoint.path
     scheme = {"gcs": "gs"}.get(kind, kind)
     return f"{scheme}://{checkpoint.path}"
+
+
+def log_checkpoint_model(
+    tracker: Tracker, experiment_id: str, run_id: str, checkpoint: str, name: str, params: dict, epochs: int
+) -> str | None:
+    """Log the model of checkpoint ``checkpoint`` (path or URI) as the logged model of pretraining
+    run ``run_id`` (named ``name``, with its ``params``, at its last epoch); returns its id.
+
+    A model MLflow refuses is not a failed run: the run keeps its checkpoint, a warning says so,
+    and the next ``transferlab run`` that fits transfer runs on it logs the model then
+    (``None`` here). Only an outage past the study's deadline
+    (:class:`~orchestrator.records.retry.TrackingUnavailable`) stops the trial, as any record does.
+    """
+    from ray.train import Checkpoint
+
+    try:
+        with Checkpoint(checkpoint).as_directory() as d:
+            model = load_model(d)
+        return log_pretrained_model(tracker.client, experiment_id, run_id, model, name, epochs - 1, flatten(params))
+    except retry.TrackingUnavailable:
+        raise
+    except Exception as e:
+        first = retry.redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        print(
+            f"warning: the model of pretraining run '{name}' (run {run_id}) was not logged to MLflow ({first[:200]}); "
+            f"its checkpoint stays at {checkpoint}, and the next `transferlab run` that needs it logs it",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+
+
+def run_model(tracker: Tracker, experiment_id: str, run, checkpoint: str) -> str | None:
+    """The logged model of FINISHED pretraining run ``run`` (an MLflow run) with checkpoint
+    ``checkpoint``: the one it is tagged with, else logged now (its trial could not log it, or it
+    finished before transferlab logged models)."""
+    params = run.data.params
+    return run.data.tags.get(TAG_MODEL_ID) or log_checkpoint_model(
+        tracker, experiment_id, run.info.run_id, checkpoint, run.info.run_name, params, int(params.get("epochs", 1))
+    )
 
 
 def build_pretrain_trainer(
@@ -102,7 +148,8 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
     run_id = ctx.run_ids[run.config_hash]
     tracker = ctx.tracker()
     try:
-        result = build_pretrain_trainer(run, ctx, run_id, in_tune=True).fit()
+        with system_metrics([run_id], ctx.tracking_uri):
+            result = build_pretrain_trainer(run, ctx, run_id, in_tune=True).fit()
         metrics = result.metrics or {}
         spool.flush(
             ctx.storage_path, spool.scope(ctx.tracking_uri, ctx.experiment_id), tracker.client, run_id
@@ -116,6 +163,8 @@ def _pretrain_trial(config: dict, ctx: PhaseContext) -> dict:
             },
             tags={TAG_CHECKPOINT: checkpoint_uri(result.checkpoint)},
         )
+        uri = checkpoint_uri(result.checkpoint)
+        log_checkpoint_model(tracker, ctx.experiment_id, run_id, uri, run.run_name, run.params, run.config.epochs)
         tracker.finish(run_id)
         return {
             "upstream_accuracy": metrics.get("upstream_accuracy", float("nan")),

@@ -22,7 +22,7 @@ from orchestrator.execution.datamodel_sweep import run_datamodels
 from orchestrator.execution.packed_phase import run_packed_phase, split_packs
 from orchestrator.execution.phase import PhaseContext, Progress
 from orchestrator.execution.preflight import checkpoint_exists
-from orchestrator.execution.pretrain_phase import run_pretrain_phase
+from orchestrator.execution.pretrain_phase import run_model, run_pretrain_phase
 from orchestrator.execution.ray_connection import ray_session
 from orchestrator.execution.search import run_search_phase
 from orchestrator.execution.transfer_phase import run_transfer_phase
@@ -497,6 +497,8 @@ class _StudyDriver:
             key = f"{g.pretrain_hash}:{g.task}"
             ctx.run_ids[g.pretrain_hash] = pre.info.run_id
             ctx.checkpoints[g.pretrain_hash] = checkpoint
+            if g.pretrain_hash not in ctx.models:
+                ctx.models[g.pretrain_hash] = run_model(tracker, self.exp, pre, checkpoint)
             for f in fits:
                 if f.config_hash in prior:  # an earlier attempt left it unfinished
                     ctx.run_ids[f.config_hash] = prior[f.config_hash].info.run_id

@@ -56,7 +56,8 @@ def record_fit(
         tracker.log(run_id, params=group.params(fit))
     tracker.log(run_id, metrics={**result.metrics, **metrics})
     uri, fingerprint = ctx.datasets[f"tasks.{group.task}"]
-    tracker.log_inputs(run_id, [(group.task, fingerprint, redact(uri), "transfer")])
+    model = ctx.models.get(group.pretrain_hash)  # the checkpoint's logged model: the UI links the two
+    tracker.log_inputs(run_id, [(group.task, fingerprint, redact(uri), "transfer")], [model] if model else ())
     folder, name = PER_EXAMPLE_ARTIFACT.rsplit("/", 1)
     with tempfile.TemporaryDirectory() as d:
         result.outputs.to_parquet(f"{d}/{name}", index=False)

@@ -36,7 +36,11 @@ pretrain   ``method, source, pretrain_size,       ``train_loss`` and ``images_pe
                                                   ``num_train_samples``; clip runs with caption
                                                   noise: ``realized_caption_noise`` per epoch
                                                   (share of captions swapped), ``trial_seconds``
-                                                  (wall time of the trial that finished it)
+                                                  (wall time of the trial that finished it);
+                                                  ``system/...`` (MLflow's system metrics:
+                                                  CPU, memory, disk, network, GPU, sampled
+                                                  while it trains; orchestrator.records.
+                                                  system_metrics)
 transfer   ``task, protocol, shots, seed,         ``accuracy`` (task test split),
            layer`` + ``val_fraction``;            ``mean_per_class_accuracy``,
            protocol is one of linear_probe,       ``num_train_examples``; probes and fine-tuning:
@@ -114,7 +118,10 @@ left out: ``transferlab plan`` counts the cached results another code computed).
 Tags on every run: ``transferlab.kind`` (study|pretrain|transfer), ``transferlab.study``,
 ``transferlab.config_hash`` (hash of everything that determines the result: a finished run with
 this hash means the job is done), ``mlflow.runName``. Pretrain runs also carry
-``transferlab.checkpoint`` (the checkpoint directory transfer runs read). ``pretrain_size`` is
+``transferlab.checkpoint`` (the checkpoint directory transfer runs read) and
+``transferlab.model_id``: the checkpoint as an MLflow logged model (PyTorch format, the run its
+source, ``model_type`` ``pretrained``; :mod:`orchestrator.records.models`), which every transfer
+run fitted on it names as its model input. ``pretrain_size`` is
 ``full`` when the whole source is used; ``shots`` is ``full`` for the whole training pool.
 
 Run status: FINISHED means done (the job is skipped next time). FAILED: the trial failed, or
@@ -137,6 +144,7 @@ TAG_KIND = "transferlab.kind"
 TAG_STUDY = "transferlab.study"
 TAG_CONFIG_HASH = "transferlab.config_hash"
 TAG_CHECKPOINT = "transferlab.checkpoint"
+TAG_MODEL_ID = "transferlab.model_id"  # on a pretrain run: its checkpoint's logged model (records.models)
 # On a FINISHED run whose job a newer FINISHED run stands for (run --rerun-changed): that run's id.
 TAG_SUPERSEDED_BY = "transferlab.superseded_by"
 TAG_DRIVER_LEASE = "transferlab.driver_lease"  # on the experiment (orchestrator.records.lease)

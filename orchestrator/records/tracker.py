@@ -150,11 +150,14 @@ class Tracker:
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
 
-    def log_inputs(self, run_id: str, inputs: Iterable[tuple[str, str, str, str]]) -> None:
+    def log_inputs(self, run_id: str, inputs: Iterable[tuple[str, str, str, str]], models: Iterable[str] = ()) -> None:
         """Dataset inputs of a run, shown in the MLflow UI's Dataset column: (name, fingerprint,
-        URI, context) each — ``training`` for a pretraining source, ``transfer`` for a task.
+        URI, context) each — ``training`` for a pretraining source, ``transfer`` for a task; and
+        the ids of the logged models it used (a transfer run: its pretraining run's model).
         Logging the same input again adds nothing."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        from orchestrator.records.models import model_inputs
 
         datasets = [
             DatasetInput(
@@ -163,7 +166,7 @@ class Tracker:
             )
             for name, digest, uri, context in inputs
         ]
-        self.client.log_inputs(run_id, datasets=datasets)
+        self.client.log_inputs(run_id, datasets=datasets, models=model_inputs(models) or None)
 
     def finish(self, run_id: str, status: str = FINISHED) -> None:
         self.client.set_terminated(run_id, status=status)
