@@ -105,10 +105,12 @@ def _runs_state(client, experiment_id: str, since_ms: int) -> dict | None:
     }
 
 
-def _study_state(client, study: str, since_ms: int) -> dict | None:
+def _experiment(client, study: str):
     exp = client.get_experiment_by_name(study)
-    if exp is None or exp.lifecycle_stage == "deleted":
-        return None  # the report itself says what is wrong
+    return None if exp is None or exp.lifecycle_stage == "deleted" else exp
+
+
+def _study_state(client, exp, since_ms: int) -> dict | None:
     runs = _runs_state(client, exp.experiment_id, since_ms)
     if runs is None:
         return None
@@ -128,8 +130,8 @@ def _study_state(client, study: str, since_ms: int) -> dict | None:
             plan = None
     state["plan"] = plan
     if isinstance(plan, dict) and isinstance(plan.get("followup_study"), str):
-        follow = client.get_experiment_by_name(plan["followup_study"])
-        if follow is not None and follow.lifecycle_stage != "deleted":
+        follow = _experiment(client, plan["followup_study"])
+        if follow is not None:
             state["followup"] = _runs_state(client, follow.experiment_id, since_ms)
             if state["followup"] is None:
                 return None
@@ -160,18 +162,16 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _folder(tracker: Tracker, study: str) -> Path | None:
-    exp = tracker.client.get_experiment_by_name(study)
-    if exp is None or exp.lifecycle_stage == "deleted":
-        return None
+def _folder(tracker: Tracker, exp) -> Path:
     return run_cache.RunCache(tracker.uri, exp.experiment_id).folder
 
 
-def inputs_digest(tracker: Tracker, study: str, n_boot: int, seed: int, since_ms: int) -> str | None:
-    """The digest of everything a report of ``study`` is computed from (module docstring), runs
-    ended since ``since_ms`` counted as new; None when a report must be computed anyway (a run
-    in flight, no such study)."""
-    state = _study_state(tracker.client, study, since_ms)
+def inputs_digest(tracker: Tracker, study: str, n_boot: int, seed: int, since_ms: int, exp=None) -> str | None:
+    """The digest of everything a report of ``study`` (its MLflow experiment ``exp``, looked up
+    if not given) is computed from (module docstring), runs ended since ``since_ms`` counted as
+    new; None when a report must be computed anyway (a run in flight, no such study)."""
+    exp = exp or _experiment(tracker.client, study)
+    state = _study_state(tracker.client, exp, since_ms) if exp is not None else None
     if state is None:
         return None
     doc = {
@@ -198,9 +198,9 @@ def _load(folder: Path) -> KeptReport | None:
 
 def kept_report(tracker: Tracker, study: str, n_boot: int, seed: int) -> KeptReport | None:
     """The report kept for ``study``, if nothing it was computed from changed since; else None."""
-    folder = _folder(tracker, study)
-    kept = _load(folder) if folder is not None else None
-    if kept is None or inputs_digest(tracker, study, n_boot, seed, kept.since_ms) != kept.digest:
+    exp = _experiment(tracker.client, study)
+    kept = _load(_folder(tracker, exp)) if exp is not None else None
+    if kept is None or inputs_digest(tracker, study, n_boot, seed, kept.since_ms, exp) != kept.digest:
         return None
     return kept
 
@@ -240,9 +240,10 @@ def keep(
     """Keep the report just written to ``out_dir`` (the files ``written``, relative to it) with
     the digest :func:`begin` took. ``summary``: study_run_id, status_line, partial, figures,
     tables, logged_on."""
-    folder = _folder(tracker, study)
-    if folder is None:
+    exp = _experiment(tracker.client, study)
+    if exp is None:
         return
+    folder = _folder(tracker, exp)
     out = Path(out_dir)
     files = {rel: out / rel for rel in written}
     kept = KeptReport(folder, *started, files={rel: _sha(p) for rel, p in files.items()}, **summary)
