@@ -6,10 +6,10 @@ Writes a study of about ``--runs`` runs into a fresh sqlite MLflow store (the sa
 ``transferlab run`` writes: class masks on every pretraining run, per-example outputs on the
 full-data transfer runs; ``--keep-study`` reuses one already written there), then times the
 ``transferlab report`` command end to end, round by round: ``cold`` (an empty report cache, as on
-a first report), ``warm`` (the same command again: runs, artifacts, fits and figures from the
-cache) and, with ``--baseline``, the same command run from another checkout of transferlab (its
-folder put first on PYTHONPATH) in the same round, so that the shared machine's load hits all
-alike. Prints each time, the medians over rounds and the load average around each round; then
+a first report), ``warm`` (the same command again, nothing changed: the kept report served) and,
+with ``--baseline``, the same two commands run from another checkout of transferlab (its folder
+put first on PYTHONPATH, its own empty cache) in the same round, so that the shared machine's
+load hits all alike. Prints each time, the medians over rounds and the load average around each round; then
 opens the report in headless chromium: the page records ``performance.now()`` at its load event
 (``data-load-ms`` on <body>), read back with ``--dump-dom``.
 """
@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5000)
     ap.add_argument("--dir", default="/tmp/transferlab-bench-report")
     ap.add_argument("--threads", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3, help="rounds (each: baseline, cold, warm)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds (each: baseline cold and warm, cold, warm)")
     ap.add_argument("--baseline", default=None, help="another checkout of transferlab, timed alongside")
     ap.add_argument("--keep-study", action="store_true", help="reuse the study already written under --dir")
     args = ap.parse_args()
@@ -135,7 +135,9 @@ def main() -> None:
         shutil.rmtree(cache, ignore_errors=True)
         row = {}
         if args.baseline:
-            row["baseline"] = timed_report(uri, root / "report-baseline", Path(args.baseline), cache / "baseline")
+            base = Path(args.baseline)
+            row["baseline cold"] = timed_report(uri, root / "report-baseline", base, cache / "baseline")
+            row["baseline warm"] = timed_report(uri, root / "report-baseline", base, cache / "baseline")
         row["cold"] = timed_report(uri, root / "report", here, cache)
         row["warm"] = timed_report(uri, root / "report", here, cache)
         for k, v in row.items():
@@ -146,8 +148,11 @@ def main() -> None:
         )  # fmt: skip
     med = {k: float(np.median(v)) for k, v in times.items()}
     print("medians: " + "; ".join(f"{k} {v:.1f}s" for k, v in med.items()))
-    if "baseline" in med:
-        print(f"baseline/cold {med['baseline'] / med['cold']:.2f}x; baseline/warm {med['baseline'] / med['warm']:.1f}x")
+    if "baseline cold" in med:
+        print(
+            f"baseline cold/cold {med['baseline cold'] / med['cold']:.2f}x; "
+            f"baseline warm/warm {med['baseline warm'] / med['warm']:.1f}x"
+        )
     html = root / "report" / "report.html"
     if any(map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))):
         load_ms, chrome_wall = chromium_load(html)

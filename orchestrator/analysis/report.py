@@ -487,6 +487,16 @@ def write_report(rep: Report, out_dir: str | Path) -> Path:
     return path
 
 
+def report_files(rep: Report) -> list[str]:
+    """The files :func:`write_report` writes for ``rep``, relative to its folder."""
+    return [
+        "report.html",
+        "numbers.json",
+        *(f"tables/{name}.csv" for name in rep.tables),
+        *(f"figures/{name}.png" for name in rep.figures),
+    ]
+
+
 def log_report(tracker: Tracker, study_run_id: str, out_dir: str | Path) -> None:
     """Copy the report folder onto the study run under ``report/``."""
     tracker.client.log_artifacts(study_run_id, str(out_dir), REPORT_ARTIFACT_DIR)

@@ -123,13 +123,13 @@ class RunCache:
         exp = self.experiment_id
         if doc is None:
             runs, was_deleted = {}, set()
-            fresh = _search(client, exp, "")
+            fresh = search_all(client, exp, "")
         else:
             runs, was_deleted = doc["runs"], set(doc.get("deleted", []))
-            fresh = _search(client, exp, f"attributes.end_time >= {doc['settled_ms'] - SETTLE_MS}")
-            fresh += _search(client, exp, "attributes.status != 'FINISHED'")
-            fresh += _search(client, exp, f"tags.`{TAG_KIND}` = '{KIND_STUDY}'")
-        deleted = {r.info.run_id for r in _search(client, exp, "", ViewType.DELETED_ONLY)}
+            fresh = search_all(client, exp, f"attributes.end_time >= {doc['settled_ms'] - SETTLE_MS}")
+            fresh += search_all(client, exp, "attributes.status != 'FINISHED'")
+            fresh += search_all(client, exp, f"tags.`{TAG_KIND}` = '{KIND_STUDY}'")
+        deleted = {r.info.run_id for r in search_all(client, exp, "", ViewType.DELETED_ONLY)}
         for rid in was_deleted - deleted:  # no longer deleted: restored (read it), or purged
             fresh += [r for r in [_get_run(client, rid)] if r is not None and r.info.lifecycle_stage == "active"]
         runs.update({r.info.run_id: run_to_dict(r) for r in fresh})
@@ -220,7 +220,7 @@ class RunCache:
         _write_atomic(absent_path, lambda p: p.write_text(json.dumps(sorted(absent))))
 
 
-def _search(client, experiment_id: str, flt: str, view_type=None) -> list:
+def search_all(client, experiment_id: str, flt: str, view_type=None) -> list:
     from mlflow.entities import ViewType
 
     out, token = [], None

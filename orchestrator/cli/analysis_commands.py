@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import os
 
-from orchestrator.analysis import AnalysisError
-from orchestrator.analysis.counterfactual import arm_lines, plan_counterfactual
-from orchestrator.analysis.report import build_report, log_report, write_report
-from orchestrator.analysis.tables import spreadsheet_safe
+from orchestrator.analysis import AnalysisError, report_cache
 from orchestrator.cli.exits import EXIT_OK, error
-from orchestrator.records.results import results_table, transfer_frame
 from orchestrator.records.tracker import Tracker, resolve_tracking_uri
-from orchestrator.spec import load_spec
+
+# The analysis modules (SciPy, matplotlib, the claims) are imported by the command that uses
+# them: a report served whole from report_cache needs none of them.
 
 
 def _tracker(args) -> Tracker:
@@ -32,6 +30,9 @@ def run(args) -> int:
 
 
 def _runs(args, tracker: Tracker) -> int:
+    from orchestrator.analysis.tables import spreadsheet_safe
+    from orchestrator.records.results import results_table, transfer_frame
+
     if tracker.experiment_id(args.study, create=False) is None:
         raise AnalysisError("study", f"no study named '{args.study}' in {tracker.uri}")
     frame = transfer_frame(tracker, args.study)
@@ -47,27 +48,66 @@ def _runs(args, tracker: Tracker) -> int:
 def _report(args, tracker: Tracker) -> int:
     if args.bootstrap < 0:
         raise AnalysisError("--bootstrap", f"must be >= 0, got {args.bootstrap}")
-    rep = build_report(
-        tracker, args.study, n_boot=args.bootstrap, seed=args.seed, cached=not args.no_cache, refresh=args.refresh
-    )
     out = args.out or os.path.join("reports", args.study)
+    keeping = not args.no_cache
+    kept = (
+        report_cache.kept_report(tracker, args.study, args.bootstrap, args.seed)
+        if keeping and not args.refresh
+        else None
+    )
+    path = report_cache.restore(kept, out) if kept else None
+    if kept and path:
+        logged = bool(kept.study_run_id) and not args.no_log
+        if logged and kept.logged_on != kept.study_run_id:
+            from orchestrator.analysis.report import log_report
+
+            log_report(tracker, kept.study_run_id, out)
+            report_cache.mark_logged(kept, kept.study_run_id)
+        _print_report(args, kept.status_line, kept.partial, path, kept.figures, kept.tables, logged, kept=True)
+        if args.json:
+            print(report_cache.numbers_text(kept))
+        return EXIT_OK
+
+    from orchestrator.analysis.report import build_report, log_report, report_files, write_report
+
+    started = report_cache.begin(tracker, args.study, args.bootstrap, args.seed) if keeping else None
+    rep = build_report(tracker, args.study, n_boot=args.bootstrap, seed=args.seed, cached=keeping, refresh=args.refresh)
     path = write_report(rep, out)
     study_run = rep.study_run_id
     logged = bool(study_run) and not args.no_log
     if logged:
         log_report(tracker, study_run, out)
+    if started:
+        summary = {
+            "study_run_id": study_run,
+            "status_line": rep.status_line,
+            "partial": rep.partial,
+            "figures": len(rep.figures),
+            "tables": len(rep.tables),
+            "logged_on": study_run if logged else None,
+        }
+        report_cache.keep(tracker, args.study, started, out, report_files(rep), summary)
+    _print_report(args, rep.status_line, rep.partial, path, len(rep.figures), len(rep.tables), logged, kept=False)
     if args.json:
         print(json.dumps(rep.numbers, indent=1, default=str))
-    else:
-        print(f"{rep.status_line}{' (partial results)' if rep.partial else ''}")
-        print(
-            f"report: {path} ({len(rep.figures)} figures, {len(rep.tables)} tables as CSV)"
-            + ("; logged on the study run under report/" if logged else "")
-        )
     return EXIT_OK
 
 
+def _print_report(args, status_line, partial, path, figures, tables, logged, kept) -> None:
+    if args.json:
+        return
+    print(f"{status_line}{' (partial results)' if partial else ''}")
+    print(
+        f"report: {path} ({figures} figures, {tables} tables as CSV)"
+        + ("; logged on the study run under report/" if logged else "")
+        + ("; nothing changed since the last report: kept copy, not recomputed" if kept else "")
+    )
+
+
 def _counterfactual(args, tracker: Tracker) -> int:
+    from orchestrator.analysis.counterfactual import arm_lines, plan_counterfactual
+    from orchestrator.spec import load_spec
+
     spec = load_spec(args.spec, quick=args.quick)
     if spec.study != args.study:
         raise AnalysisError("--spec", f"is the spec of study '{spec.study}', not '{args.study}'")
