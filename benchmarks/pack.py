@@ -6,7 +6,8 @@ label noise 0 / 0.2 / 0.4 and simclr, pretrain_size 500 and 2000 with epochs shr
 as there (``--epochs-500``, ``--epochs-2000``), at its ``--quick`` model (tiny-cnn, 16 px).
 ``--methods clip`` runs the clip grid instead (both sources, both sizes: 4 runs). The same
 study runs twice, ``pretrain.pack: auto`` and ``off``, each into a fresh sqlite store and
-storage, on one private local Ray (4 logical CPUs, as ``transferlab run`` starts on 2 cores). The pretraining wall time is the span from the first
+storage, on one private local Ray (4 logical CPUs, as ``transferlab run`` starts on 2 cores).
+The pretraining wall time is the span from the first
 pretraining run's start to the last one's end in MLflow; the transfer phase (one 1-shot probe
 per run) is timed apart and not counted.
 
