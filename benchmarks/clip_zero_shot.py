@@ -49,13 +49,33 @@ def load(source: str, split: str, image_size: int, limit: int | None):
     return images, np.asarray(table.column("label")), table.column("caption").to_pylist(), ds.classes
 
 
+def small_affine(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A random shift (±10%), scale (0.9-1.1) and rotation (±10°) of each image."""
+    n = x.shape[0]
+    r = torch.rand(n, 4, generator=g) * 2 - 1
+    angle, scale = r[:, 0] * math.pi / 18, 1 + 0.1 * r[:, 1]
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) / scale, -torch.sin(angle) / scale
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) / scale, torch.cos(angle) / scale
+    theta[:, :, 2] = 0.1 * r[:, 2:]
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+def settings(args, pretrain_size: int) -> dict:
+    keys = ("epochs", "lr", "batch_size", "warmup_epochs", "logit_scale", "augment", "seed")
+    return {"pretrain_size": pretrain_size, **{k: getattr(args, k) for k in keys}}
+
+
 def train_and_score(args, source: str) -> dict:
     torch.manual_seed(args.seed)
     images, labels, captions, classes = load(source, "train", args.image_size, None if args.size == 0 else args.size)
     if args.captions == "class":
         captions = [class_prompts(classes)[y] for y in labels]
     tokens = tokenize(captions)
-    model = build_pretrain_model("clip", model_config(args.model), len(classes), args.image_size)
+    model = build_pretrain_model(args.method, model_config(args.model), len(classes), args.image_size)
+    if args.method == "clip" and args.logit_scale is not None:  # initial 1 / temperature
+        model.logit_scale.data.fill_(math.log(args.logit_scale))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(labels) / args.batch_size)
     g = torch.Generator().manual_seed(args.seed)
@@ -68,8 +88,14 @@ def train_and_score(args, source: str) -> dict:
             lr = lr_at(epoch + step / steps_per_epoch, args.lr, args.epochs, args.warmup_epochs, "cosine")
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            image_f, text_f, scale = model(normalize(images[idx]), tokens[idx])
-            loss = contrastive_loss(image_f, text_f, scale, batch_caption_ids(tokens[idx]))
+            x = normalize(images[idx])
+            if args.augment == "affine":
+                x = small_affine(x, g)
+            if args.method == "supervised":
+                loss = torch.nn.functional.cross_entropy(model(x), torch.as_tensor(labels[idx.numpy()]))
+            else:
+                image_f, text_f, scale = model(x, tokens[idx])
+                loss = contrastive_loss(image_f, text_f, scale, batch_caption_ids(tokens[idx]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -79,6 +105,15 @@ def train_and_score(args, source: str) -> dict:
     model.eval()
     prompts = tokenize(class_prompts(classes))
     with torch.no_grad():
+        if args.method == "supervised":  # the reference: top-1 of the classifier at the same steps
+            logits = torch.cat([model(normalize(test_x[i : i + 512])) for i in range(0, len(test_y), 512)])
+            return {
+                "source": source,
+                "method": "supervised",
+                **settings(args, len(labels)),
+                "top1": round(float((logits.argmax(1).numpy() == test_y).mean()), 4),
+                "train_seconds": round(time.perf_counter() - t0, 1),
+            }
         image_f = torch.cat([model.encode_image(normalize(test_x[i : i + 512])) for i in range(0, len(test_y), 512)])
         class_f = {
             "class_prompts": model.encode_text(prompts),  # what a study recorded before
@@ -89,9 +124,7 @@ def train_and_score(args, source: str) -> dict:
     return {
         "source": source,
         "captions": args.captions,
-        "pretrain_size": len(labels),
-        "epochs": args.epochs,
-        "lr": args.lr,
+        **settings(args, len(labels)),
         "distinct_caption_share": round(distinct, 3),
         "last_loss": round(losses[-1], 3),
         "zero_shot_accuracy": scores,
@@ -111,7 +144,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.003)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--method", choices=["clip", "supervised"], default="clip", help="supervised: the reference")
     p.add_argument("--captions", choices=["data", "class"], default="data")
+    p.add_argument("--logit-scale", type=float, default=None, help="initial 1 / temperature (default 1 / 0.07)")
+    p.add_argument("--augment", choices=["none", "affine"], default="none", help="affine: random shift/scale/turn")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()

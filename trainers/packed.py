@@ -11,7 +11,13 @@ filter), with its view's noisy labels, sorted by sample key and reshuffled every
 seed, in full batches (:func:`trainers.stacked.row_stream`). It has its own initialization
 (``torch.manual_seed(seed)``, as :func:`trainers.pretrain.pretrain_loop`), learning rate, weight
 decay (the head's apart when ``head_weight_decay`` is set), schedule, warm-up and epochs; simclr
-augments each run's batch with its own seeded generator, outside the vmapped step. So a run's
+augments each run's batch with its own seeded generator, outside the vmapped step. A clip run
+stacks its image and text towers and its logit scale like any parameters; its captions are its
+own (:func:`datasets_.pipeline.training_captions` of the split's captions, its class prompts by
+its view's labels), tokenized once, and each step gathers its own batch's token rows and caption
+ids (:func:`caption_ids`: equal ids, identical token rows, as
+:func:`trainers.methods.batch_caption_ids` numbers a batch), so its
+:func:`~trainers.methods.contrastive_loss` sees the positives a run alone would. So a run's
 weights do not depend on B nor on its packmates (up to float rounding of batched kernels; tests
 check both and a plain ``torch.optim.AdamW`` loop).
 
@@ -19,8 +25,9 @@ What may differ within a pack: everything of the view (pretrain_size, label_nois
 subset) and of the optimizer (lr, weight_decay, head_weight_decay, epochs, lr_schedule,
 warmup_epochs). What must
 be equal (:func:`pack_key`): method, model, num_classes, image_size, batch_size, amp. Packed
-methods: supervised and simclr (:data:`PACKABLE_METHODS`); clip runs keep their TorchTrainer.
-Mixed precision is not used in a pack (``amp`` must be ``none``).
+methods: all three (:data:`PACKABLE_METHODS`); a clip run with ``caption_noise`` keeps its
+TorchTrainer (its swaps are drawn per decoded batch there). Mixed precision is not used in a
+pack (``amp`` must be ``none``).
 
 The data order differs from a TorchTrainer run of the same configuration (Ray Data's seeded
 shuffle buffer there, a full per-epoch permutation here), as a run on another worker count
@@ -41,14 +48,21 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from datasets_.pipeline import normalize
+from datasets_.pipeline import normalize, training_captions
 from datasets_.views import PretrainView
-from trainers.methods import build_pretrain_model, nt_xent_loss, simclr_views
+from trainers.methods import (
+    build_pretrain_model,
+    class_prompts,
+    contrastive_loss,
+    nt_xent_loss,
+    simclr_views,
+    tokenize,
+)
 from trainers.pretrain import PretrainConfig, checkpoint_meta, upstream_top1
 from trainers.protocols import STEP_LOSSES
 from trainers.stacked import TrainSettings, member_state, row_stream, run_stacked
 
-PACKABLE_METHODS = ("supervised", "simclr")
+PACKABLE_METHODS = ("supervised", "simclr", "clip")
 EVAL_BATCH = 256
 
 
@@ -59,6 +73,7 @@ class DecodedSplit:
     images: torch.Tensor  # uint8 [N, 3, S, S]
     labels: np.ndarray  # int64 [N]
     keys: np.ndarray  # str [N]
+    captions: list | None = None  # str or None per sample (clip's text); None: no captions read
 
 
 @dataclass
@@ -107,6 +122,8 @@ def _check(configs: list[PretrainConfig]) -> None:
         raise ValueError(f"method '{configs[0].method}' is not packed (packed: {', '.join(PACKABLE_METHODS)})")
     if configs[0].amp != "none":
         raise ValueError("packed runs train in float32 (amp: none)")
+    if any(c.caption_noise > 0 for c in configs):
+        raise ValueError("clip runs with caption_noise are not packed (their swaps are drawn per decoded batch)")
 
 
 def _view_rows(split: DecodedSplit, view: PretrainView | None) -> tuple[np.ndarray, np.ndarray]:
@@ -118,23 +135,51 @@ def _view_rows(split: DecodedSplit, view: PretrainView | None) -> tuple[np.ndarr
     return order[keep[order]], np.asarray(labels, dtype=np.int64)
 
 
-def _batches(images: torch.Tensor, labels: np.ndarray, rows: np.ndarray) -> Callable:
+def _batches(images: torch.Tensor, labels: np.ndarray, rows: np.ndarray, tokens=None) -> Callable:
     def it():
         for i in range(0, len(rows), EVAL_BATCH):
             r = rows[i : i + EVAL_BATCH]
-            yield {"image": images[r], "label": torch.from_numpy(labels[r])}
+            batch = {"image": images[r], "label": torch.from_numpy(labels[r])}
+            if tokens is not None:
+                batch["tokens"] = tokens[r]
+            yield batch
 
     return it
 
 
-def _step_inputs(method: str, images, labels, seeds: list[int]):
-    """(loss_fn, batch_inputs) of :func:`trainers.stacked.run_stacked` for a method."""
+def run_tokens(split: DecodedSplit, labels: np.ndarray, classes: tuple[str, ...]) -> torch.Tensor:
+    """int64 [N, context]: the tokenized text a clip run trains on for every sample of ``split``:
+    its caption, or its class prompt by ``labels`` (the run's view labels) where it has none,
+    as a TorchTrainer run's batches carry them (:func:`trainers.methods.clip_text_input`)."""
+    texts, _ = training_captions(split.keys, split.captions, labels, class_prompts(list(classes)), None)
+    distinct, index = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
+    return tokenize(list(distinct))[torch.from_numpy(index.reshape(-1))]
+
+
+def caption_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """int64 [N]: one id per distinct token row; equal ids, identical rows. Within any batch of a
+    run's rows these ids pair samples exactly as :func:`trainers.methods.batch_caption_ids` does."""
+    return torch.unique(tokens, dim=0, return_inverse=True)[1]
+
+
+def _step_inputs(method: str, images, labels, seeds: list[int], tokens=None):
+    """(loss_fn, batch_inputs) of :func:`trainers.stacked.run_stacked` for a method (``tokens``:
+    clip's [B, N, context] token rows of every run)."""
     if method == "supervised":
 
         def supervised(base, p, buf, x, y):
             return nn.functional.cross_entropy(functional_call(base, (p, buf), (normalize(x),)), y)
 
         return supervised, lambda rows: (images[rows], labels.gather(1, rows))
+    if method == "clip":
+        ids = torch.stack([caption_ids(t) for t in tokens])
+        runs = torch.arange(len(tokens), device=tokens.device)[:, None]
+
+        def clip(base, p, buf, x, t, i):
+            image_f, text_f, scale = functional_call(base, (p, buf), (normalize(x), t))
+            return contrastive_loss(image_f, text_f, scale, i)
+
+        return clip, lambda rows: (images[rows], tokens[runs, rows], ids.gather(1, rows))
     generators = [torch.Generator().manual_seed(s) for s in seeds]
 
     def views(rows):  # each run's two augmented views, from its own generator
@@ -182,7 +227,10 @@ def train_packed(
         models.append(build_pretrain_model(method, c.model_config, c.num_classes, c.image_size))
     images = train.images.to(device)
     y = torch.from_numpy(np.stack(labels)).to(device)
-    loss_fn, inputs = _step_inputs(method, images, y, [c.seed for c in configs])
+    tokens = None
+    if method == "clip":
+        tokens = torch.stack([run_tokens(train, lab, c.classes) for lab, c in zip(labels, configs)]).to(device)
+    loss_fn, inputs = _step_inputs(method, images, y, [c.seed for c in configs], tokens)
     t0, per_step = time.perf_counter(), len(configs) * c0.batch_size
     step_losses: list[list] = [[] for _ in configs]  # each run's [step, loss] of the epoch so far
 
@@ -203,13 +251,14 @@ def train_packed(
     out = []
     for b, c in enumerate(configs):
         model = models[b]
-        model.load_state_dict(member_state(params, buffers, b))
+        saved = model.state_dict().keys()  # not the non-persistent buffers (clip's attention mask)
+        model.load_state_dict({k: v for k, v in member_state(params, buffers, b).items() if k in saved})
         model.to(device)
         held_rows, held_labels = _view_rows(heldout, heldout_views[b])
         correct, total = upstream_top1(
             method,
             model,
-            _batches(train.images, labels[b], rows[b]),
+            _batches(train.images, labels[b], rows[b], None if tokens is None else tokens[b].cpu()),
             _batches(heldout.images, held_labels, held_rows),
             device,
             "none",

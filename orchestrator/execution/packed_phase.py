@@ -55,10 +55,11 @@ def write_packed_checkpoint(storage_path: str, name: str, result: PackedResult, 
     return folder if "://" in folder else os.path.abspath(folder)
 
 
-def decode_kept(ds, split: str, image_size: int, views: list) -> DecodedSplit:
-    """The samples of ``split`` that at least one of ``views`` keeps (None keeps all), decoded:
-    a view selects per sample (key hash, class), so a run's rows among them are its rows of the
-    whole split, and a pack of small subsets decodes only those."""
+def decode_kept(ds, split: str, image_size: int, views: list, captions: bool = False) -> DecodedSplit:
+    """The samples of ``split`` that at least one of ``views`` keeps (None keeps all), decoded
+    (with their captions if ``captions``: clip's text): a view selects per sample (key hash,
+    class), so a run's rows among them are its rows of the whole split, and a pack of small
+    subsets decodes only those."""
     import numpy as np
 
     s = ds.keys_and_labels(split)
@@ -67,14 +68,18 @@ def decode_kept(ds, split: str, image_size: int, views: list) -> DecodedSplit:
         keep |= True if v is None else v.apply(list(s.keys), s.labels)[0]
     rows = np.flatnonzero(keep)
     images = decode_rows(ds, split, image_size, rows)
-    return DecodedSplit(images, s.labels[rows], np.asarray(s.keys[rows], dtype=str))
+    text = None
+    if captions:
+        column = ds.read_split(split, ("caption",)).column("caption").to_pylist()
+        text = [column[i] for i in rows]
+    return DecodedSplit(images, s.labels[rows], np.asarray(s.keys[rows], dtype=str), text)
 
 
 def _splits(ctx: PhaseContext, runs: list) -> tuple[DecodedSplit, DecodedSplit]:
     ds = ctx.open_data(f"sources.{runs[0].source}")
     size = runs[0].config.image_size
     return (
-        decode_kept(ds, "train", size, [r.view for r in runs]),
+        decode_kept(ds, "train", size, [r.view for r in runs], captions=runs[0].config.method == "clip"),
         decode_kept(ds, "test", size, [r.heldout_view() for r in runs]),
     )
 

@@ -7,8 +7,9 @@ content hash are the same packed or not, so either kind of result serves the oth
 
 With ``pretrain.pack: auto`` (the default) a pending run is packed when all of these hold:
 
-- its method is supervised or simclr (:data:`trainers.packed.PACKABLE_METHODS`), ``amp: none``,
-  and its source has no caption filter (the pack holds images and labels only);
+- its method is supervised, simclr or clip (:data:`trainers.packed.PACKABLE_METHODS`), ``amp:
+  none``, its source has no caption filter, and it has no ``caption_noise`` (clip runs whose
+  captions are swapped keep their TorchTrainer, whose decoded batches draw the swaps);
 - ``resources.workers`` is 1 (multi-worker runs keep their TorchTrainer);
 - its model has at most :data:`PACK_MAX_PARAMS` parameters;
 - its source's training split, decoded at ``image_size`` (N · 3 · S² bytes, held by the trial),
@@ -59,6 +60,7 @@ def packable(run: PretrainRun, workers: int, train_samples: int) -> bool:
         c.method in PACKABLE_METHODS
         and c.amp == "none"
         and not run.view.needs_captions
+        and run.view.caption_noise == 0
         and workers == 1
         and parameter_count(c) <= PACK_MAX_PARAMS
         and may_hold_decoded(train_samples, c.image_size)
