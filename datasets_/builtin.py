@@ -9,6 +9,8 @@ glyphs     0-9 A-Z in matplotlib's 22 fonts (glyphs.py)   9,504       36  28x28
 letters    a-z in matplotlib's 22 fonts (glyphs.py)       4,576       26  28x28
 glyphs-    glyphs + class ``handwritten-7``: the 7s of     9,648       37  28x28
 planted    ``digits``' train split (a planted duplicate)
+shapes     12 geometric shapes drawn with PIL among        3,000       12  28x28
+           clutter and noise (shapes.py)
 =========  ===========================================  =======  =======  =====
 
 Each is written once to the cache (``$TRANSFERLAB_CACHE`` or ``~/.cache/transferlab``) as
@@ -64,6 +66,12 @@ def _letters() -> tuple:
     return letters()
 
 
+def _shapes() -> tuple:
+    from datasets_.shapes import shapes
+
+    return shapes()
+
+
 PLANTED_DIGIT = 7
 
 
@@ -96,6 +104,7 @@ BUILTINS: dict[str, tuple[Callable[[], tuple], str]] = {
     "glyphs": (_glyphs, "a photo of the printed character {label}."),
     "letters": (_letters, "a photo of the printed letter {label}."),
     "glyphs-planted": (_glyphs_planted, "a photo of the character {label}."),
+    "shapes": (_shapes, "a drawing of a {label}."),
 }
 
 
