@@ -11,6 +11,8 @@ glyphs-    glyphs + 3 classes of ``digits``' train split: 10,057       39  28x28
 planted    ``handwritten-7`` (its 7s: a planted duplicate),
            ``handwritten-3-or-8`` and ``handwritten-mixed``
            (planted harmful classes, see MERGED_DIGITS)
+shapes     12 geometric shapes drawn with PIL among        3,000       12  28x28
+           clutter and noise (shapes.py)
 =========  ===========================================  =======  =======  =====
 
 Each is written once to the cache (``$TRANSFERLAB_CACHE`` or ``~/.cache/transferlab``) as
@@ -69,6 +71,12 @@ def _letters() -> tuple:
     return letters()
 
 
+def _shapes() -> tuple:
+    from datasets_.shapes import shapes
+
+    return shapes()
+
+
 PLANTED_DIGIT = 7
 # The planted harmful classes: the digits task's training images under labels that teach the
 # backbone to confuse what the task must tell apart. ``handwritten-3-or-8`` puts two digits under
@@ -123,6 +131,7 @@ BUILTINS: dict[str, tuple[Callable[[], tuple], str]] = {
     "glyphs": (_glyphs, "a photo of the printed character {label}."),
     "letters": (_letters, "a photo of the printed letter {label}."),
     "glyphs-planted": (_glyphs_planted, "a photo of the character {label}."),
+    "shapes": (_shapes, "a drawing of a {label}."),
 }
 
 

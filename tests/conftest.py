@@ -37,7 +37,7 @@ def _builtin_cache_key() -> str:
 
     root = Path(__file__).resolve().parent.parent / "datasets_"
     digest = hashlib.sha256()
-    for name in ("builtin.py", "glyphs.py", "shards.py", "views.py"):
+    for name in ("builtin.py", "glyphs.py", "shapes.py", "shards.py", "views.py"):
         digest.update((root / name).read_bytes())
     for package in ("scikit-learn", "mlxtend", "matplotlib", "pillow", "numpy", "pyarrow"):
         digest.update(f"{package}=={version(package)}".encode())

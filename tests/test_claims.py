@@ -329,15 +329,16 @@ def test_claims_on_clip_runs_that_did_not_learn_are_inconclusive():
     ]
     rows = claims.evaluate(t, asked)
     verdicts = dict(zip(rows["setting"], zip(rows["verdict"], rows["interval"])))
-    assert verdicts["t, supervised: a vs b"][0] == REPRODUCED
-    assert verdicts["t, clip: a vs b"] == (
+    assert verdicts["t, supervised, linear_probe: a vs b"][0] == REPRODUCED
+    assert verdicts["t, clip, linear_probe: a vs b"] == (
         INCONCLUSIVE,
         "CLIP did not learn: zero-shot upstream accuracy 0.30 (a) < 0.5",
     )
-    assert verdicts["t ← a, clip"][0] == INCONCLUSIVE and verdicts["t ← b, clip"][0] == REPRODUCED
-    assert verdicts["t ← a, supervised"][0] == REPRODUCED
+    assert verdicts["t ← a, clip, linear_probe"][0] == INCONCLUSIVE
+    assert verdicts["t ← b, clip, linear_probe"][0] == REPRODUCED
+    assert verdicts["t ← a, supervised, linear_probe"][0] == REPRODUCED
     # The statistic is still shown; only the verdict is withheld.
-    gated = rows[rows["setting"] == "t, clip: a vs b"].iloc[0]
+    gated = rows[rows["setting"] == "t, clip, linear_probe: a vs b"].iloc[0]
     assert gated["estimate"] == pytest.approx(0.18, abs=0.03)
     # Once CLIP learned on a as well, the same evidence is judged.
     t.loc[t["method"] == "clip", "upstream_accuracy"] = 0.7
@@ -410,3 +411,32 @@ def test_head_decay_disagreement_pairs_runs_by_configuration_and_seed():
     assert list(null["verdict"][1:]) == [NOT_REPRODUCED, NOT_REPRODUCED]  # downstream rises too
     two_pairs = _head_decay_frame(0.05, -0.05, seeds=2).query("num_train_samples == 1000")
     assert set(claims.evaluate(two_pairs, [c])["verdict"]) == {INCONCLUSIVE}  # fewer than 3 pairs
+
+
+def test_protocols_are_judged_apart_and_fine_tuning_a_subset_leaves_the_rest_to_the_probes():
+    """A study that probes every model and fine-tunes only the clean ones (transfer.finetune.only):
+    each protocol gets its own rows, never a mean over both, and a claim the fine-tuned subset cannot
+    speak to (label noise) is judged on the probes alone."""
+
+    def probe(src, n, p, s, layer):  # source a helps few-shot when probed
+        return 0.6 + 0.2 * (src == "a") * (s == "1") - 0.05 * p
+
+    def tuned(src, n, p, s, layer):  # ... and hurts when fine-tuned
+        return 0.7 - 0.2 * (src == "a") * (s == "1")
+
+    lp = frame(probe, noises=(0.0, 0.4))
+    ft = frame(tuned).assign(protocol="finetune")
+    rows = claims.evaluate(
+        pd.concat([lp, ft], ignore_index=True),
+        [
+            default_claim("source_advantage", task="t", source="a", other="b"),
+            default_claim("noisy_larger_noninferior", source="a"),
+        ],
+    )
+    verdicts = dict(zip(rows["setting"], rows["verdict"]))
+    assert verdicts["t, supervised, linear_probe: a vs b"] == REPRODUCED
+    assert verdicts["t, supervised, finetune: a vs b"] == NOT_REPRODUCED
+    est = dict(zip(rows["setting"], rows["estimate"]))
+    assert est["t, supervised, linear_probe: a vs b"] == pytest.approx(0.2, abs=0.02)
+    noisy = rows[rows["claim"].str.startswith("noisy_larger_noninferior")]
+    assert list(noisy["setting"]) == ["t ← a, supervised, linear_probe, 1 shot(s)"]

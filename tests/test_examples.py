@@ -27,13 +27,17 @@ def _results_module():
 def test_full_studies_plan_the_papers_grids():
     role = build_plan(load_spec(EXAMPLES / "role_of_data.yaml"))
     jobs = [(j.source, j.settings.method, j.view.label_noise, j.num_train_samples) for j in role.pretrain_runs]
-    assert len(jobs) == 30  # 2 sources x (3 sizes x 3 noise levels supervised + 3 sizes x {clip, simclr})
+    # 2 sources x 3 seeds x (3 methods x 3 sizes clean + supervised at 4,000 with noise 0.2 and 0.4)
+    assert len(jobs) == 2 * 3 * (3 * 3 + 2)
     assert {m for _, m, _, _ in jobs} == {"supervised", "clip", "simclr"}
     assert {p for _, m, p, _ in jobs if m != "supervised"} == {0.0}  # label noise is swept for supervised only
-    assert {n for s, _, _, n in jobs if s == "glyphs"} == {500, 2000, 7344} and {
-        n for s, _, _, n in jobs if s == "mnist"
-    } == {500, 2000, 4006}
-    assert role.num_transfer_fits == 30 * 2 * (4 * 3 + 1)
+    sizes = {src: {n for s, _, _, n in jobs if s == src} for src in ("glyphs", "mnist")}
+    assert sizes["glyphs"] == sizes["mnist"] == {500, 1500, 4000}  # equal source sizes
+    images_seen = {j.num_train_samples * j.settings.epochs for j in role.pretrain_runs}
+    assert images_seen == {12_000}  # equal steps at every size
+    probes = 66 * 3 * (4 * 3 + 1)  # every model, 3 tasks, 4 few-shot settings x 3 draws + full
+    finetunes = 36 * 3 * (4 + 1)  # the clean models at 500 and 4,000 images, one draw + full
+    assert role.num_transfer_fits == probes + finetunes
     limits = build_plan(load_spec(EXAMPLES / "limits.yaml"))
     # 2 widths x 4 sizes x 3 epochs and the head weight-decay arm (3 sizes x 2 decays), 3 seeds each
     assert len(limits.pretrain_runs) == 90 and len({j.config_hash for j in limits.pretrain_runs}) == 90

@@ -16,7 +16,7 @@ from orchestrator.execution.search import TRIALS_ARTIFACT, choose, run_search_ph
 from orchestrator.planning.plan import build_plan
 from orchestrator.planning.transfer_fits import finetune_config, finetune_settings
 from orchestrator.records.schema import KIND_STUDY, KIND_TRANSFER, PER_EXAMPLE_ARTIFACT, TAG_KIND
-from orchestrator.spec import FinetuneSpec, Resources, parse_spec
+from orchestrator.spec import FinetuneSpec, Resources, SpecError, parse_spec
 
 STEPS = 24
 LR, WD = [1e-5, 0.3], [1e-5, 1e-2]
@@ -208,3 +208,47 @@ def test_fail_fast_stops_the_phase_at_the_first_failed_search(ray_cluster, tmp_p
     out = capsys.readouterr().out
     assert progress.errors == ["first"] and "started second" not in out
     assert "[finetune-search 1/2] first: FAILED: " in out and "1 not launched of 2" in out
+
+
+def test_finetune_only_limits_fine_tuning_to_the_named_runs_tasks_and_draws():
+    """``transfer.finetune.only / tasks / seeds``: the probes cover every run, fine-tuning only the
+    runs matching every named axis, on the named tasks, at the named draws ('full' once)."""
+    spec = _spec({}, "linear_probe")
+    spec["tasks"]["letters"] = {"uri": "builtin:letters"}
+    spec["pretrain"]["sweep"] = {"pretrain_size": [300, 600], "label_noise": [0.0, 0.2], "seed": [0, 1]}
+    spec["transfer"] = {
+        "protocol": ["linear_probe", "finetune"],
+        "shots": [1, 5, "full"],
+        "seeds": [0, 1, 2],
+        "finetune": {"only": {"label_noise": [0.0], "pretrain_size": [600]}, "tasks": ["digits"], "seeds": [0, 2]},
+    }
+    plan = build_plan(parse_spec(spec))
+    runs = {r.config_hash: r.params for r in plan.pretrain_runs}
+    tuned = {}
+    for g in plan.transfer_groups:
+        assert sum(f.protocol == "linear_probe" for f in g.fits) == 2 * 3 + 1  # every run, every task
+        fits = [(f.shots, f.seed) for f in g.fits if f.protocol == "finetune"]
+        if fits:
+            tuned[runs[g.pretrain_hash]["seed"], g.task] = (runs[g.pretrain_hash], fits)
+    assert sorted(tuned) == [(0, "digits"), (1, "digits")]  # the clean 600-sample runs of both seeds
+    for params, fits in tuned.values():
+        assert (params["pretrain_size"], params["label_noise"]) == (600, 0.0)
+        assert fits == [(1, 0), (1, 2), (5, 0), (5, 2), ("full", 0)]
+
+
+@pytest.mark.parametrize(
+    "finetune, message",
+    [
+        ({"only": {"pretrain_size": [700]}}, "transfer.finetune.only.pretrain_size[0]: 700 is not a value of"),
+        ({"only": {"noise": [0.0]}}, "transfer.finetune.only.'noise': is not a pretrain.sweep axis"),
+        ({"only": [0.0]}, "transfer.finetune.only: must be a mapping of pretrain.sweep axis -> values"),
+        ({"tasks": ["letters"]}, "transfer.finetune.tasks[0]: unknown value 'letters'"),
+        ({"seeds": [3]}, "transfer.finetune.seeds[0]: 3 is not one of transfer.seeds (0)"),
+    ],
+)
+def test_finetune_subset_must_name_what_the_study_has(finetune, message):
+    spec = _spec({}, "finetune")
+    spec["transfer"]["finetune"] = finetune
+    with pytest.raises(SpecError) as e:
+        parse_spec(spec)
+    assert message in str(e.value)

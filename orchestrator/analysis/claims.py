@@ -133,7 +133,7 @@ def _few(t: pd.DataFrame, shots) -> str | None:
 
 
 def _clean(t: pd.DataFrame) -> pd.DataFrame:
-    t = final_layer(t)
+    t = final_layer(t[t["protocol"] != "zero_shot"])  # claims compare fits on the task's labels
     if PARAM_CLASS_FRACTION in t:
         t = t[t[PARAM_CLASS_FRACTION] == t[PARAM_CLASS_FRACTION].max()]
     return t
@@ -157,8 +157,8 @@ def source_advantage(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
     g = _clean(t[t["task"] == task])
     g = g[g["label_noise"] == 0]
     few = _few(g, c.get("shots"))
-    for method, m in g.groupby("method"):
-        setting = f"{task}, {method}: {src} vs {other}"
+    for (method, protocol), m in g.groupby(["method", "protocol"]):
+        setting = f"{task}, {method}, {protocol}: {src} vs {other}"
         stat = f"[acc({src}) − acc({other})] at {few} shot(s) − at full"
         a, b = m[m["source"] == src], m[m["source"] == other]
         if a.empty or b.empty or few is None or not (m["shots"] == FULL).any():
@@ -179,7 +179,7 @@ def size_helps_few_shot_more(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
         for source in _each(t, "source", c.get("source")):
             g = t[(t["task"] == task) & (t["source"] == source)]
             few = _few(g, c.get("shots"))
-            for method, m in g.groupby("method"):
+            for (method, protocol), m in g.groupby(["method", "protocol"]):
                 lo_n, hi_n = m[SIZE].min(), m[SIZE].max()
                 if lo_n == hi_n or few is None or not (m["shots"] == FULL).any():
                     continue
@@ -189,7 +189,7 @@ def size_helps_few_shot_more(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
                 rows.append(
                     _row(
                         c.name,
-                        f"{task} ← {source}, {method}",
+                        f"{task} ← {source}, {method}, {protocol}",
                         f"gain {lo_n:,.0f}→{hi_n:,.0f} samples at {few} shot(s) − at full",
                         contrast(m, w, CONFIG, ACC),
                         c.expect,
@@ -207,7 +207,7 @@ def noisy_larger_noninferior(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
         for source in _each(t, "source", c.get("source")):
             g = t[(t["task"] == task) & (t["source"] == source)]
             shots = _few(g, c.get("shots"))
-            for method, m in g.groupby("method"):
+            for (method, protocol), m in g.groupby(["method", "protocol"]):
                 clean = sorted(m.loc[m["label_noise"] == 0, SIZE].unique())
                 noises = [p for p in _each(m, "label_noise", c.get("label_noise")) if p > 0]
                 for p in noises:
@@ -224,7 +224,7 @@ def noisy_larger_noninferior(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
                     rows.append(
                         _row(
                             c.name,
-                            f"{task} ← {source}, {method}, {shots} shot(s)",
+                            f"{task} ← {source}, {method}, {protocol}, {shots} shot(s)",
                             f"acc({big:,.0f}, noise {p:g}) − acc({small:,.0f}, clean); non-inferior above −{margin:g}",
                             contrast(m, {(cn, shots): 1.0, (cc, shots): -1.0}, CONFIG, ACC),
                             +1,

@@ -105,14 +105,26 @@ def transfer_groups(spec: StudySpec, runs: list[PretrainRun], data: dict[str, Sh
                     if run.settings.method == "clip":  # other methods have no text tower
                         fits.append(_fit(run, ds, task, protocol, 0, 0, FINAL_LAYER, t.val_fraction, record))
                     continue
+                tuned = protocol in FINETUNE_PROTOCOLS
+                if tuned and not finetunes(run, task, t.finetune):
+                    continue
+                draws = (t.finetune.seeds or t.seeds) if tuned else t.seeds
                 for layer in t.layers if protocol in FROZEN_PROTOCOLS else (FINAL_LAYER,):
                     for shots in t.shots:
-                        for seed in t.seeds[:1] if shots == FULL else t.seeds:
+                        for seed in t.seeds[:1] if shots == FULL else draws:
                             fits.append(_fit(run, ds, task, protocol, shots, seed, layer, t.val_fraction, record))
             if fits:
                 config = TransferConfig(run.settings.image_size, t.val_fraction, settings)
                 groups.append(TransferGroup(run.config_hash, task, config, search, tuple(fits), pretrain_params(run)))
     return groups
+
+
+def finetunes(run: PretrainRun, task: str, spec: FinetuneSpec) -> bool:
+    """Whether ``run`` is fine-tuned on ``task``: ``transfer.finetune.tasks`` and ``only``."""
+    if spec.tasks and task not in spec.tasks:
+        return False
+    settings = {**asdict(run.settings), **run.params}
+    return all(settings.get(axis) in values for axis, values in spec.only.items())
 
 
 def _fit(

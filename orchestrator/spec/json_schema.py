@@ -20,6 +20,7 @@ from orchestrator.spec.schema import (
     COLUMN_KEYS,
     PACK_MODES,
     DataRef,
+    FinetuneSpec,
     PretrainSettings,
     PretrainSpec,
     StudySpec,
@@ -33,6 +34,7 @@ _READS = {
     (ViewAxes, "pretrain_size"): {"anyOf": [{"type": "integer", "minimum": 1}, {"const": "full"}, {"type": "null"}]},
     (DataRef, "keep_classes"): {"anyOf": [{"type": "null"}, _CLASS_NAME, {"type": "array", "items": _CLASS_NAME}]},
     (PretrainSpec, "pack"): {"enum": list(PACK_MODES)},
+    (FinetuneSpec, "only"): {"type": "object"},  # pretrain.sweep axis -> values
     (DataRef, "drop_classes"): {"anyOf": [_CLASS_NAME, {"type": "array", "items": _CLASS_NAME}]},
 }
 # A datamodels study needs no pretrain or transfer section; the reader says what else is needed.

@@ -53,7 +53,7 @@ def parse_spec(data: Any) -> StudySpec:
     pretrain = _pretrain("pretrain", m.get("pretrain", as_is, {}), sources)
     resources = _resources("resources", m.get("resources", as_is, {}))
     _check_amp(pretrain, resources)
-    transfer = _transfer("transfer", m.get("transfer", as_is, {}), tasks)
+    transfer = _transfer("transfer", m.get("transfer", as_is, {}), tasks, pretrain)
 
     def datamodels(path: str, v: Any) -> DatamodelSpec:
         return _datamodels(path, v, data.get("pretrain"), sources, tasks)
@@ -151,19 +151,56 @@ def _check_amp(pretrain: PretrainSpec, resources: Resources) -> None:
                 )
 
 
-def _transfer(path: str, data: Any, tasks: dict[str, DataRef]) -> TransferSpec:
+def _transfer(path: str, data: Any, tasks: dict[str, DataRef], pretrain: PretrainSpec) -> TransferSpec:
     t = Mapping(path, data, spec_keys(TransferSpec))
     spec = t.build(TransferSpec, readers={"tasks": list_of(choice(tuple(tasks))), "finetune": _finetune})
     if spec.finetune.search is not None and not set(spec.protocol) & set(FINETUNE_PROTOCOLS):
         raise SpecError(
             "transfer.finetune.search", "searches the finetune and lp_ft protocols; transfer.protocol has neither"
         )
-    return spec
+    return dataclasses.replace(spec, finetune=_finetune_subset(t, spec, tuple(tasks), pretrain))
+
+
+def _finetune_subset(t: Mapping, spec: TransferSpec, tasks: tuple[str, ...], pretrain: PretrainSpec) -> FinetuneSpec:
+    """``transfer.finetune.only / tasks / seeds``: each must name what the study has, so that a
+    typo cannot silently fine-tune nothing."""
+    raw = t.data.get("finetune")
+    f = Mapping(t.at("finetune"), raw if isinstance(raw, dict) else {}, spec_keys(FinetuneSpec))
+    axes = {x.name: x.metadata["read"] for cls in (ViewAxes, PretrainSettings) for x in dataclasses.fields(cls)}
+    axes["source"] = string
+
+    def only(path: str, v: Any) -> dict:
+        if not isinstance(v, dict):
+            raise SpecError(path, f"must be a mapping of pretrain.sweep axis -> values, got {typename(v)}")
+        out = {}
+        for axis, values in v.items():
+            if axis not in axes:
+                raise SpecError(f"{path}.{short(axis)}", f"is not a pretrain.sweep axis (axes: {', '.join(axes)})")
+            swept = pretrain.sweep.get(axis, (getattr(pretrain.base, axis, None),))
+            out[axis] = list_of(axes[axis])(f"{path}.{axis}", values)
+            for i, x in enumerate(out[axis]):
+                if x not in swept:
+                    shown = ", ".join("full" if s is None else str(s) for s in swept)
+                    problem = f"{short(x)} is not a value of pretrain.sweep.{axis} ({shown})"
+                    raise SpecError(f"{path}.{axis}[{i}]", problem)
+        return out
+
+    def seed(path: str, v: Any) -> int:
+        if integer(path, v, minimum=0) not in spec.seeds:
+            raise SpecError(path, f"{v} is not one of transfer.seeds ({', '.join(map(str, spec.seeds))})")
+        return v
+
+    return dataclasses.replace(
+        spec.finetune,
+        only=f.get("only", only, {}),
+        tasks=f.get("tasks", list_of(choice(spec.tasks or tasks)), ()),
+        seeds=f.get("seeds", list_of(seed), None),
+    )
 
 
 def _finetune(path: str, data: Any) -> FinetuneSpec:
     f = Mapping(path, data, spec_keys(FinetuneSpec))
-    spec = f.build(FinetuneSpec)
+    spec = f.build(FinetuneSpec, readers={"only": as_is, "tasks": as_is, "seeds": as_is})
     search = f.data.get("search")
     if search is None:
         return spec

@@ -274,6 +274,12 @@ class FinetuneSpec:
     batch_size: int = spec_field(32, read=int_in(1))
     weight_decay: float = spec_field(1e-4, read=number_in(0.0))
     search: FinetuneSearch | None = spec_field(None)  # a Tune search instead of the lr grid
+    # Which pretraining runs are fine-tuned: axis -> values of pretrain.sweep (e.g. {label_noise:
+    # [0.0], pretrain_size: [500, 4000]}); a run is fine-tuned when it matches every axis given.
+    # Empty: every run. The linear probes still cover every run.
+    only: dict = spec_field(default_factory=dict)
+    tasks: tuple[str, ...] = spec_field(())  # tasks fine-tuned on (of transfer.tasks); empty: all
+    seeds: tuple[int, ...] | None = spec_field(None)  # few-shot draws fine-tuned (of transfer.seeds); None: all
 
 
 @dataclass(frozen=True)
