@@ -285,9 +285,9 @@ INFRASTRUCTURE = [
         "(2) then the storage disk (a 128 MiB tmpfs both nodes mount) filled with one file while the second run "
         "trains, the file removed once the job ended",
         "tests/test_multinode.py::test_chaos_a_study_through_a_server_kill_a_full_disk_and_a_worker_kill_resumes_exactly_once",
-        "the job FAILS (exit 1) and its log says `No space left on device` under the storage path; but the driver "
-        "ends in a Ray Tune traceback (`EOFError: Ran out of input`: Tune reads back the trial error file it could "
-        "not write), not yet one line (known gap); with the space freed the study resumes in the next jobs (3)",
+        "the job ends (exit 3) with one line `stopped: storage failed: cannot write to STORAGE (No space left on "
+        "device) ... resume with the same command: ...` instead of Ray Tune's traceback (Tune cannot write the trial's "
+        "error file on the full disk, then fails reading it back); with the space freed the study resumes (3)",
     ),
     (
         "(3) then, the study submitted again, the worker node SIGKILLed while the last run trains, and started again",
