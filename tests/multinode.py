@@ -4,7 +4,12 @@ The head runs on the host side of a veth pair the test makes, with no CPUs (so e
 on the worker); the worker runs in its own network namespace (its own address) and its own mount
 namespace, where the head's home, cache and working folders are hidden under empty tmpfs mounts.
 The two share only what a real cluster's nodes would: the network to the head, an MLflow server,
-an S3 server (moto) and one folder that stands for a shared mount.
+an S3 server (moto), one folder that stands for a shared mount and, with ``disk_mb``, a small
+tmpfs (:attr:`Cluster.disk`) that stands for a shared storage disk a test can fill.
+
+Faults a test can inject: :meth:`Cluster.kill_worker` (then :meth:`Cluster.start_worker`),
+:meth:`Cluster.kill_mlflow` (then :meth:`Cluster.start_mlflow`, same port and store) and
+:meth:`Cluster.fill_disk` (then :meth:`Cluster.free_disk`).
 
 Every process of a node runs in a PID namespace of its own (``unshare --pid --kill-child``): ending
 the ``unshare`` ends the node, nothing else on the machine. Traffic goes only to the addresses the
@@ -82,10 +87,12 @@ class Cluster:
     worker_ip: str
     shared: Path  # the folder both nodes see (a shared mount)
     bucket: str = "multinode"  # made on the S3 server at start
+    disk_mb: int = 0  # with >0, a tmpfs of that size at root/disk, seen by both nodes
     netns: str = ""
     gcs_port: int = 0
     dashboard_port: int = 0
     mlflow_url: str = ""
+    mlflow_port: int = 0
     s3_endpoint: str = ""
     env: dict = field(default_factory=dict)  # every node's environment (S3 endpoint and keys)
     procs: dict = field(default_factory=dict)  # name -> Popen
@@ -93,6 +100,11 @@ class Cluster:
     @property
     def api(self) -> str:
         return f"http://{self.head_ip}:{self.dashboard_port}"
+
+    @property
+    def disk(self) -> Path:
+        """The small shared storage disk (``disk_mb``)."""
+        return self.root / "disk"
 
     @property
     def hidden(self) -> list[Path]:
@@ -112,8 +124,12 @@ class Cluster:
         _sh("ip", "netns", "exec", self.netns, "ip", "addr", "add", f"{self.worker_ip}/24", "dev", ns_if)
         _sh("ip", "netns", "exec", self.netns, "ip", "link", "set", ns_if, "up")
         _sh("ip", "netns", "exec", self.netns, "ip", "link", "set", "lo", "up")
+        if self.disk_mb:
+            # Mounted before the nodes start: their mount namespaces copy it, one tmpfs for all.
+            self.disk.mkdir(exist_ok=True)
+            _sh("mount", "-t", "tmpfs", "-o", f"size={self.disk_mb}m", "tmpfs", str(self.disk))
         self._start_s3()
-        self._start_mlflow()
+        self.start_mlflow()
         self._start_head()
         self.start_worker()
         return self
@@ -148,8 +164,9 @@ class Cluster:
         boto3.client("s3", endpoint_url=self.s3_endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                      region_name="us-east-1").create_bucket(Bucket=self.bucket)  # fmt: skip
 
-    def _start_mlflow(self) -> None:
-        port = _free_port(self.head_ip)
+    def start_mlflow(self) -> None:
+        """The tracking server; started again after :meth:`kill_mlflow` on the same port and store."""
+        port = self.mlflow_port = self.mlflow_port or _free_port(self.head_ip)
         self.mlflow_url = f"http://{self.head_ip}:{port}"
         store = self.root / "mlflow"
         store.mkdir(exist_ok=True)
@@ -157,7 +174,7 @@ class Cluster:
         cmd += ["--artifacts-destination", str(store / "artifacts"), "--host", self.head_ip, "--port", str(port)]
         cmd += ["--workers", "1", "--allowed-hosts", f"{self.head_ip}:{port},{self.head_ip}"]
         proc = self._popen("mlflow", cmd, self._base_env())
-        _wait_http(f"{self.mlflow_url}/health", 120, proc, self.root / "logs" / "mlflow.log")
+        _wait_http(f"{self.mlflow_url}/health", 300, proc, self.root / "logs" / "mlflow.log")
 
     def _ray_start(self, ip: str, home: Path) -> list[str]:
         return [str(BIN / "ray"), "start", "--node-ip-address", ip, "--disable-usage-stats", "--block",
@@ -226,6 +243,24 @@ class Cluster:
         """End the worker node at once, as a machine that fails does."""
         self._end("worker", signal.SIGKILL)
 
+    def kill_mlflow(self) -> None:
+        """End the tracking server at once (SIGKILL), as a crashed server or its machine does."""
+        self._end("mlflow", signal.SIGKILL)
+
+    def fill_disk(self) -> int:
+        """Fill :attr:`disk` with one file until the OS says it is full; the bytes written."""
+        written, chunk = 0, b"\0" * (1 << 20)
+        with open(self.disk / "filler", "wb", buffering=0) as f:
+            while True:
+                try:
+                    written += f.write(chunk)
+                except OSError:  # ENOSPC, or a short write before it
+                    break
+        return written
+
+    def free_disk(self) -> None:
+        (self.disk / "filler").unlink(missing_ok=True)
+
     def _end(self, name: str, sig: int = signal.SIGTERM) -> None:
         proc = self.procs.pop(name, None)
         if proc is None or proc.poll() is not None:
@@ -247,3 +282,5 @@ class Cluster:
             self._end(name)
         if self.netns:
             subprocess.run(["ip", "netns", "delete", self.netns], capture_output=True)
+        if self.disk_mb:
+            subprocess.run(["umount", "--lazy", str(self.disk)], capture_output=True)

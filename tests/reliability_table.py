@@ -273,10 +273,28 @@ INFRASTRUCTURE = [
         "for https, loopback or no token; the token is never in the warning",
     ),
     (
-        "a worker node SIGKILLed mid-study and started again (two nodes sharing no disk)",
-        "tests/test_multinode.py::test_a_worker_killed_mid_study_then_the_study_submitted_again",
-        "the job FAILS (exit 1); submitted again, the study resumes into the same run ids: every run FINISHED "
-        "once, none RUNNING",
+        "chaos on a two-node cluster sharing no disk, one study of three 3-epoch pretraining runs: (1) the MLflow "
+        "server SIGKILLed while the first run trains on the worker node, started again (same port and store) once a "
+        "report had to be spooled",
+        "tests/test_multinode.py::test_chaos_a_study_through_a_server_kill_a_full_disk_and_a_worker_kill_resumes_exactly_once",
+        "the worker's reports go to the spool on the storage disk and training goes on; once the server is back the "
+        "spool is sent and the job goes on; in the end every run's `train_loss` has steps 0, 1, 2 once each and a "
+        "report made during the outage is among them; the spool is empty",
+    ),
+    (
+        "(2) then the storage disk (a 128 MiB tmpfs both nodes mount) filled with one file while the second run "
+        "trains, the file removed once the job ended",
+        "tests/test_multinode.py::test_chaos_a_study_through_a_server_kill_a_full_disk_and_a_worker_kill_resumes_exactly_once",
+        "the job ends (exit 3) with one line `stopped: storage failed: cannot write to STORAGE (No space left on "
+        "device) ... resume with the same command: ...` instead of Ray Tune's traceback (Tune cannot write the trial's "
+        "error file on the full disk, then fails reading it back); with the space freed the study resumes (3)",
+    ),
+    (
+        "(3) then, the study submitted again, the worker node SIGKILLed while the last run trains, and started again",
+        "tests/test_multinode.py::test_chaos_a_study_through_a_server_kill_a_full_disk_and_a_worker_kill_resumes_exactly_once",
+        "that job ends (FAILED with `max_failures: 0`); submitted a third time the study SUCCEEDS with `3 pretraining "
+        "runs (2 already done)`: 3 pretraining and 3 transfer runs FINISHED, one per config hash (runs lost 0, "
+        "duplicated 0), the pretraining runs the same run ids as before the first fault, none RUNNING",
     ),
     (
         "a trial on a node that cannot open its data (missing, or changed since planning)",
@@ -330,7 +348,21 @@ INFRASTRUCTURE = [
         "a torn and a garbage file in the spool",
         "tests/test_spool.py::test_a_corrupt_batch_is_quarantined_once_and_blocks_nothing",
         "each moved to `_tracking_spool/_quarantine/` with one warning; the good batches are sent; the next start "
-        "says nothing (local batches are fsynced before and after their rename; that is not simulated)",
+        "says nothing",
+    ),
+    (
+        "a process spooling batches SIGKILLed at random points of its loop, four times (seeded), each next writer "
+        "going on from the last step acknowledged",
+        "tests/test_spool.py::test_a_writer_killed_at_random_points_leaves_only_whole_batches_each_sent_once",
+        "only whole batches carry a batch's name (a torn write is a `.tmp` file, never sent); one flush sends every "
+        "acknowledged step, each once (a batch written twice across a kill is sent once); nothing quarantined",
+    ),
+    (
+        "a power loss right after a local batch's rename",
+        "tests/test_spool.py::test_a_local_batch_is_fsynced_before_its_rename_and_its_folder_after",
+        "the writer's system calls, read with strace: each batch's file fsynced under its temporary name before the "
+        "rename, its folder fsynced after, so the disk holds the whole batch or none (the power cut itself is not "
+        "simulated: it needs a block device that drops unsynced writes)",
     ),
     (
         "a driver killed between creating a pretraining run and logging its params and class mask",

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -303,7 +304,14 @@ def run_phase(
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    except Exception:
+        # On a full storage disk Tune cannot write a failed trial's error file and then fails
+        # reading it back (EOFError): say what is wrong instead of Tune's traceback.
+        if (full := storage_full(ctx.storage_path)) is not None:
+            raise full from None
+        raise
     print(progress.summary(), flush=True)
     return progress
 
@@ -324,6 +332,17 @@ def named_trainable(trainable, key: str, items: dict[str, str], phase: str):
 
     RunTrial.__name__ = RunTrial.__qualname__ = f"{phase.replace('-', '_')}_trial"
     return RunTrial
+
+
+def storage_full(storage: str) -> OSError | None:
+    """An ``OSError`` naming ``storage`` if it cannot take a write now (full, read-only), else None."""
+    from orchestrator.execution.preflight import check_storage
+
+    try:
+        check_storage(storage)
+    except ValueError as e:
+        return OSError(errno.ENOSPC if "No space" in str(e) else errno.EIO, str(e), redact(storage))
+    return None
 
 
 def reuse_trial_processes() -> bool:
