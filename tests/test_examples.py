@@ -47,7 +47,8 @@ def test_full_studies_plan_the_papers_grids():
     assert (
         dm.datamodels.num_models >= 150
         and dm.datamodels.protocol == "logistic"
-        and dm.datamodels.counterfactual.remove_top == (3, 9)
+        and dm.datamodels.counterfactual.remove_top == (5,)
+        and dm.datamodels.counterfactual.seeds >= 16  # paired by seed: the floor per arm
     )
     for name in STUDIES:
         assert load_spec(EXAMPLES / f"{name}.yaml", quick=True).study == f"{name}-quick"
@@ -98,3 +99,15 @@ def test_quick_studies_run_end_to_end_and_write_the_results_page(ray_cluster, tm
     assert "transferlab run examples/data_based.yaml --quick" in page
     figures = [line.split("(")[1].rstrip(")") for line in page.splitlines() if line.startswith("![")]
     assert figures and all((out.parent / f).is_file() for f in figures)
+    assert "| effect decided at 80% power |" in page  # what each interval's width can decide
+
+    # A study not given keeps its section of the page, marked as not rerun, in the page's order.
+    results = _results_module()
+    assert results.main([f"role_of_data-quick={uri}", "--out", str(out)]) == 0
+    again = out.read_text()
+    titles = [line for line in again.splitlines() if line.startswith("## ")]
+    assert [t.split()[1] for t in titles] == ["Summary", "Entezari", "Abnar", "Jain"]
+    for title in ("Abnar", "Jain"):
+        section = again.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+        assert section.count(results.KEPT_NOTE.strip()) == 1
+        assert section.split(results.KEPT_NOTE, 1)[1].strip() in page  # carried over verbatim
