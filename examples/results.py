@@ -50,6 +50,7 @@ FIGURES = {  # report figures shown on the page, per study (others stay in docs/
     "role_of_data": [
         "accuracy_vs_shots_digits",
         "accuracy_vs_shots_letters",
+        "accuracy_vs_shots_shapes",
         "spread_vs_shots",
         "accuracy_vs_size_digits_mnist",
         "accuracy_vs_size_letters_glyphs",
@@ -59,7 +60,7 @@ FIGURES = {  # report figures shown on the page, per study (others stay in docs/
         "downstream_vs_upstream_digits_linear_probe",
         "e_ir_vs_shots",
     ],
-    "data_based": ["influence_digits_linear_probe_glyphs", "counterfactual"],
+    "data_based": ["influence_digits_logistic_glyphs", "influence_digits_linear_probe_glyphs", "counterfactual"],
 }
 
 
