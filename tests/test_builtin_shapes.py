@@ -50,6 +50,11 @@ def test_shapes_are_off_the_ceiling_for_a_linear_model_on_pixels(tmp_path):
 
     ds = prepare_builtin("shapes", tmp_path)
     train, test = ds.read_split("train", ["label", "image"]), ds.read_split("test", ["label", "image"])
-    fit = RidgeClassifier(alpha=10.0).fit(_decode(train).reshape(len(train), -1) / 255.0, train.column("label"))
+    x_train = _decode(train).reshape(len(train), -1) / 255.0
+    fit = RidgeClassifier(alpha=10.0).fit(x_train, train.column("label"))
     acc = fit.score(_decode(test).reshape(len(test), -1) / 255.0, test.column("label"))
-    assert 1 / 12 < acc < 0.4
+    # Measured 0.241 on test (chance 0.083) against 0.719 on its own training images: pixels
+    # separate the classes a little and memorise far more than they generalise. The conversion
+    # is a pure function of the code and packages, so the band is tight around that figure.
+    assert 0.15 < acc < 0.35
+    assert fit.score(x_train, train.column("label")) - acc > 0.3
