@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import norm
 
 from orchestrator.analysis import claims
 from orchestrator.analysis.counterfactual import read_plan
@@ -70,7 +71,7 @@ def _fmt(v: float) -> str:
 
 # An interval of half-width h excludes 0 for a true effect d with probability ~0.8 when
 # d ≥ (z₀.₉₇₅ + z₀.₈) / z₀.₉₇₅ · h (normal approximation): the size this scale can decide.
-POWER_80 = (1.959964 + 0.841621) / 1.959964
+POWER_80 = float((norm.ppf(0.975) + norm.ppf(0.8)) / norm.ppf(0.975))
 
 VERDICTS: list[tuple[str, str]] = []  # (claim, overall verdict) in page order, for the summary table
 
@@ -155,13 +156,13 @@ SECTIONS = {
 
 
 def kept_section(page: str, title: str) -> str | None:
-    """The ``## title`` section of an earlier page (up to the next ``## ``), or None."""
+    """The body of the ``## title`` section of an earlier page (up to the next ``## ``), without
+    the note that marks it as carried over, or None."""
     head = f"## {title}\n"
     if head not in page:
         return None
-    rest = page.split(head, 1)[1]
-    body = rest.split("\n## ", 1)[0].rstrip("\n")
-    return head + body + "\n"
+    body = page.split(head, 1)[1].split("\n## ", 1)[0]
+    return body.replace(KEPT_NOTE, "").strip() + "\n"
 
 
 KEPT_NOTE = (
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in stores if s.removesuffix(QUICK_SUFFIX) not in SECTIONS]
     if bad:
         p.error(f"unknown study {bad[0]!r}; known: {', '.join(SECTIONS)} (or their {QUICK_SUFFIX} variants)")
+    VERDICTS.clear()  # one page per call
     body = [HEADER + (f"\n{args.note}\n" if args.note else "")]
     earlier = out.read_text() if out.is_file() else ""
     given = {study.removesuffix(QUICK_SUFFIX): study for study in stores}
@@ -193,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if base not in given:
             kept = kept_section(earlier, title)
             if kept:
-                head, rest = kept.split("\n", 1)
-                body.append(f"{head}\n\n{KEPT_NOTE}\n{rest.replace(KEPT_NOTE, '').lstrip()}")
+                body.append(f"## {title}\n\n{KEPT_NOTE}\n{kept}")
                 VERDICTS.append((f"{title}: not rerun (see its section)", "—"))
             continue
         study = given[base]
