@@ -156,6 +156,11 @@ def test_a_sweep_measures_influence_on_a_train_holdout_and_never_reads_test(tmp_
     )
     assert abs(len(ex) / len(train.keys) - 0.2) < 0.03 and ex["label"].nunique() == task.num_classes
     assert all(len(p) == len(ex) for p in rows["correct_prob"])
+    # The margin (what influence is read from by default) is positive exactly where the probe is right.
+    assert spec.datamodels.influence_on == "margin"
+    for margin, pred in zip(rows["margin"], rows["prediction"]):
+        right = pred == ex["label"].to_numpy()
+        assert len(margin) == len(ex) and ((margin > 0) == right).all() and right.mean() > 0.5
     assert rows["upstream_accuracy"].between(0, 1).all()
     sweep = json.loads((tmp_path / "table" / "sweep.json").read_text())
     assert sweep[PARAM_OUTPUTS_SPLIT] == OUTPUTS_INFLUENCE_HOLDOUT
@@ -228,6 +233,17 @@ def test_datamodel_sweep_records_a_table_resumes_reports_planted_influence_and_p
     ex["target"] = ex["example"].map(labels)
     per_target = ex.groupby(["target", "class"])["influence"].mean().unstack()
     assert (per_target.idxmax(axis=1) == per_target.index).sum() >= 9, per_target.round(3)
+    numbers = json.loads((tmp_path / "rep" / "numbers.json").read_text())
+    assert numbers["influence"]["digits/linear_probe/digits_src"]["output"] == "margin"
+    # datamodels.influence_on (default margin): the report's per-example influence is mean(with) −
+    # mean(without) of the table's margin column, recomputed here for every class.
+    t30 = pd.read_parquet(table_dir / "models").sort_values("model")
+    masks30, margins = np.stack(t30["mask"].to_numpy()), np.stack(t30["margin"].to_numpy()).astype(float)
+    classes = json.loads((table_dir / "sweep.json").read_text())["classes"]
+    for ci, name in enumerate(classes):
+        want = margins[masks30[:, ci]].mean(0) - margins[~masks30[:, ci]].mean(0)
+        got = ex[ex["class"].astype(str) == str(name)].sort_values("example")["influence"].to_numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
     _counterfactual(spec, uri, tmp_path, capsys, study.info.run_id, ranking)
 

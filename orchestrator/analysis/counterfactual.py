@@ -390,7 +390,7 @@ def _datamodel_influence(
             )
     found = [
         x
-        for x in datamodel_inputs(tracker, sr.experiment_id)
+        for x in datamodel_inputs(tracker, sr.experiment_id, d.influence_on)
         if (x.task, x.source, x.protocol, x.shots) == (d.task, d.source, d.protocol, str(d.shots))
     ]
     if not found:

@@ -16,11 +16,20 @@ from orchestrator.analysis.frame import InfluenceInputs
 from orchestrator.records.datamodel_table import read_examples, read_sweep, read_table
 from orchestrator.records.schema import KIND_DATAMODELS, OUTPUTS_TEST, PARAM_OUTPUTS_SPLIT, TAG_DATAMODEL_TABLE
 from orchestrator.records.tracker import Tracker
+from orchestrator.spec import StudySpec
+
+
+def influence_output(spec: StudySpec | None) -> str:
+    """The per-example output a study's datamodel influence is read from: its
+    ``datamodels.influence_on``; correct_prob for a study without datamodels (or no logged spec)."""
+    return spec.datamodels.influence_on if spec is not None and spec.datamodels is not None else "correct_prob"
 
 
 def datamodel_inputs(tracker: Tracker, experiment_id: str, column: str = "correct_prob") -> list[InfluenceInputs]:
     """One InfluenceInputs per datamodel sweep of the study that has finished models (any run status:
-    a sweep still running gives its finished models; the report flags it partial)."""
+    a sweep still running gives its finished models; the report flags it partial). ``column``: the
+    per-example output read (``datamodels.influence_on``: margin | correct_prob; every table
+    records both), named in each input's ``output``."""
     out = []
     for run in sorted(tracker.runs(experiment_id, KIND_DATAMODELS), key=lambda r: r.info.start_time or 0):
         uri = run.data.tags.get(TAG_DATAMODEL_TABLE)
@@ -43,6 +52,7 @@ def datamodel_inputs(tracker: Tracker, experiment_id: str, column: str = "correc
                 outputs,
                 examples,
                 sweep.get(PARAM_OUTPUTS_SPLIT, OUTPUTS_TEST),  # older tables scored the test split
+                column,
             )
         )
     return out

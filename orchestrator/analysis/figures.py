@@ -150,15 +150,17 @@ def e_ir_vs_shots(fits: pd.DataFrame, title: str) -> bytes:
     return _png(fig)
 
 
-def influence_bars(ranking: pd.DataFrame, title: str, top: int = 10) -> bytes:
-    """Most helpful and most harmful classes with ±1.96 SE bars."""
+def influence_bars(
+    ranking: pd.DataFrame, title: str, top: int = 10, output: str = "correct-class probability"
+) -> bytes:
+    """Most helpful and most harmful classes with ±1.96 SE bars; ``output``: what the influence is on."""
     r = ranking.dropna(subset=["influence"])
     show = pd.concat([r.head(top), r.tail(top)]).drop_duplicates("class").sort_values("influence")
     fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.22 * len(show) + 1)))
     colors = ["tab:red" if v < 0 else "tab:green" for v in show["influence"]]
     ax.barh(show["class"].astype(str), show["influence"], xerr=1.96 * show["se"].fillna(0), color=colors, capsize=2)
     ax.axvline(0, color="k", lw=0.8)
-    ax.set_xlabel("influence on mean correct-class probability (with − without)")
+    ax.set_xlabel(f"influence on mean {output} (with − without)")
     n = int(r["models_with"].max() + r["models_without"].max()) if len(r) else 0
     ax.set_title(f"{title}\n±95% CI (1.96 SE), n={n} models", fontsize=9)
     ax.grid(alpha=0.3, axis="x")

@@ -352,6 +352,14 @@ class InfluenceInputs:
     # the task's test split (transfer runs' per-example outputs; tables written before the holdout),
     # which also scores the counterfactual follow-up.
     split: str = OUTPUTS_TEST
+    output: str = "correct_prob"  # which per-example output ``outputs`` holds: correct_prob | margin
+
+    @property
+    def output_words(self) -> str:
+        return OUTPUT_WORDS.get(self.output, self.output)
+
+
+OUTPUT_WORDS = {"correct_prob": "correct-class probability", "margin": "margin (true-class logit − largest other)"}
 
 
 def at_largest_shots(t: pd.DataFrame) -> pd.DataFrame:

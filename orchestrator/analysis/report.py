@@ -23,12 +23,12 @@ import pandas as pd
 from orchestrator.analysis import claims as claims_
 from orchestrator.analysis import counterfactual as cf
 from orchestrator.analysis import figures, influence, tables
-from orchestrator.analysis.datamodel_influence import datamodel_inputs
+from orchestrator.analysis.datamodel_influence import datamodel_inputs, influence_output
 from orchestrator.analysis.frame import StudyRuns, influence_inputs, load_study
 from orchestrator.analysis.memo import Memo
 from orchestrator.records.schema import REPORT_ARTIFACT_DIR, SPEC_ARTIFACT
 from orchestrator.records.tracker import Tracker
-from orchestrator.spec import SpecError, load_spec
+from orchestrator.spec import SpecError, StudySpec, load_spec
 
 SHOWN_ROWS = 25  # rows of a table shown in the HTML; the CSV has all of them
 
@@ -213,8 +213,10 @@ def _jain(
         return [], None
     sec = rep.section(
         "Source-class influence (Jain et al.)",
-        "Influence of a source class = mean correct-class probability of models that trained on it minus that of "
-        "models that did not (Welch standard error). Positive helps the target task, negative harms it.",
+        "Influence of a source class = mean per-example output of models that trained on it minus that of "
+        "models that did not (Welch standard error); the output is "
+        + "; ".join(sorted({f"{x.output_words} for {x.task}/{x.protocol}" for x in inputs}))
+        + ". Positive helps the target task, negative harms it.",
     )
     ranks, reliabilities, per_example = [], [], []
     for x in inputs:
@@ -248,12 +250,14 @@ def _jain(
                 figures.influence_bars,
                 r,
                 f"{x.task} ({x.protocol}, {x.shots} shots): most helpful and harmful classes of {x.source}",
+                output=x.output_words,
             ),
             f"Task {x.task}, source {x.source}: ranked class influence.",
         )
         rep.numbers.setdefault("influence", {})[f"{x.task}/{x.protocol}/{x.source}"] = {
             "shots": x.shots,
             "models": len(x.masks),
+            "output": x.output,
             "most_helpful": _records(r.head(5)[["class", "influence", "se"]]),
             "most_harmful": _records(r.iloc[::-1].head(5)[["class", "influence", "se"]]),
         }
@@ -303,23 +307,26 @@ def _counterfactual(
     return cf.arm_runs(follow.transfer, plan)
 
 
-def declared_claims(tracker: Tracker, study_run_id: str | None) -> tuple[tuple, str]:
-    """The ``claims:`` of the study file logged on the study run, and where they came from; ``()``
-    when it declared none (or no spec was logged): the report then judges the defaults."""
+def logged_spec(tracker: Tracker, study_run_id: str | None) -> tuple[StudySpec | None, str]:
+    """The study file logged on the study run, or None and why not."""
     if study_run_id is None:
-        return (), "no study run: the claims that apply to the grid, at their defaults"
+        return None, "no study run"
     with tempfile.TemporaryDirectory(prefix="transferlab-spec-") as tmp:
         try:
             path = tracker.client.download_artifacts(study_run_id, SPEC_ARTIFACT, tmp)
         except Exception:  # no spec logged: MLflow raises a store-specific error
-            return (), "no study file logged: the claims that apply to the grid, at their defaults"
+            return None, "no study file logged"
         try:
-            spec = load_spec(path)  # the loader every study file goes through: size limit, strict YAML
+            return load_spec(path), ""  # the loader every study file goes through: size limit, strict YAML
         except SpecError as e:
-            return (
-                (),
-                f"the logged study file does not parse ({e}): the claims that apply to the grid, at their defaults",
-            )
+            return None, f"the logged study file does not parse ({e})"
+
+
+def declared_claims(spec: StudySpec | None, why: str = "") -> tuple[tuple, str]:
+    """The ``claims:`` of the logged study file (:func:`logged_spec`), and where they came from;
+    ``()`` when it declared none (or no spec was logged, ``why``): the report then judges the defaults."""
+    if spec is None:
+        return (), f"{why}: the claims that apply to the grid, at their defaults"
     if not spec.claims:
         return (), "the study declares no claims: the claims that apply to the grid, at their defaults"
     return spec.claims, f"the {len(spec.claims)} claims the study file declares"
@@ -366,7 +373,8 @@ def build_report(
             "seed": seed,
         }
     )
-    dm = datamodel_inputs(tracker, sr.experiment_id)
+    spec, why = logged_spec(tracker, sr.study_run_id)
+    dm = datamodel_inputs(tracker, sr.experiment_id, influence_output(spec))
     inputs, arms = [], None
     if sr.transfer.empty and not dm:
         rep.section("No results yet", "No transfer run of this study has finished.")
@@ -377,7 +385,7 @@ def build_report(
         _abnar(rep, sr.transfer, n_boot, seed)
         inputs, arms = _jain(rep, tracker, sr, seed, dm, cached)
     evidence = claims_.Evidence(sr.transfer, tuple(inputs), arms, seed=seed)
-    _claims(rep, evidence, *declared_claims(tracker, sr.study_run_id))
+    _claims(rep, evidence, *declared_claims(spec, why))
     rep.numbers["seconds"] = round(time.perf_counter() - t0, 2)
     return rep
 

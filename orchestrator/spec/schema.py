@@ -332,6 +332,9 @@ class CounterfactualSpec:
     seeds: int = spec_field(3, read=int_in(1, 1000))  # pretraining seeds of each follow-up source
 
 
+INFLUENCE_OUTPUTS = ("margin", "correct_prob")  # per-example outputs a datamodel table records
+
+
 @dataclass(frozen=True)
 class DatamodelSpec:
     """A datamodel sweep (Jain et al.): ``num_models`` supervised models with the ``pretrain``
@@ -348,6 +351,9 @@ class DatamodelSpec:
     protocol: str = spec_field("linear_probe", read=choice(FROZEN_PROTOCOLS))
     shots: int | str = spec_field(FULL, read=_shots)  # examples per class of the probe, or 'full'
     transfer_seed: int = spec_field(0, read=int_in(0))  # few-shot draw of the probe
+    # the per-example output influence is read from: margin (true-class logit minus the largest
+    # other; unbounded, so it keeps separating examples a full-pool probe gets right) | correct_prob
+    influence_on: str = spec_field("margin", read=choice(INFLUENCE_OUTPUTS))
     # run the follow-up study right after the sweep
     counterfactual: CounterfactualSpec | None = spec_field(None, read=section(CounterfactualSpec))
 
