@@ -3,19 +3,33 @@
 Knows nothing of Ray Tune or MLflow.
 """
 
-from datasets_.builtin import BUILTINS, prepare_builtin
-from datasets_.objstore import DatasetError
-from datasets_.prepare import resolve_dataset
-from datasets_.shards import ShardedDataset, open_dataset, write_sharded_dataset
-from datasets_.views import (
-    PretrainView,
-    few_shot_indices,
-    in_subset,
-    noisy_labels,
-    subset_threshold,
-    unit_hash,
-    validation_mask,
-)
+import importlib
+
+# Each name's module, imported on first use (PEP 562): ``import datasets_.objstore`` or a
+# command that never decodes an image does not pay for numpy, PIL and pyarrow.
+_WHERE = {
+    "BUILTINS": "builtin",
+    "prepare_builtin": "builtin",
+    "DatasetError": "objstore",
+    "resolve_dataset": "prepare",
+    "ShardedDataset": "shards",
+    "open_dataset": "shards",
+    "write_sharded_dataset": "shards",
+    "PretrainView": "views",
+    "few_shot_indices": "views",
+    "in_subset": "views",
+    "noisy_labels": "views",
+    "subset_threshold": "views",
+    "unit_hash": "views",
+    "validation_mask": "views",
+}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'datasets_' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"datasets_.{_WHERE[name]}"), name)
+
 
 __all__ = [
     "BUILTINS",

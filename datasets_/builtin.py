@@ -24,14 +24,13 @@ any other sharded dataset.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from datasets_.objstore import DatasetError
+from datasets_.objstore import DatasetError, cache_dir
 from datasets_.shards import ShardedDataset, open_dataset, write_sharded_dataset
 from datasets_.views import unit_hash
 
@@ -143,10 +142,6 @@ def builtin_keys(name: str, n: int) -> np.ndarray:
 def hash_test_split(keys: np.ndarray) -> np.ndarray:
     """True where a builtin sample without its own split is in the test split (by key hash)."""
     return unit_hash(keys, seed=0, salt="builtin-split") < TEST_FRACTION
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TRANSFERLAB_CACHE", Path.home() / ".cache" / "transferlab"))
 
 
 def is_builtin(uri: str) -> bool:

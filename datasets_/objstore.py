@@ -14,10 +14,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class DatasetError(ValueError):
     """A dataset is missing, malformed or does not fit the request."""
+
+
+def cache_dir() -> Path:
+    """This machine's transferlab cache (builtin conversions, the report's run cache):
+    ``$TRANSFERLAB_CACHE``, default ``~/.cache/transferlab``."""
+    return Path(os.environ.get("TRANSFERLAB_CACHE", Path.home() / ".cache" / "transferlab"))
 
 
 def is_remote(uri) -> bool:

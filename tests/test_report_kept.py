@@ -13,16 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.analysis import report_cache, run_cache
+from orchestrator.analysis import report_cache, run_cache, sqlite_state
 from orchestrator.cli import main
 from orchestrator.records.schema import METRIC_ACCURACY, RUNNING
-from orchestrator.records.tracker import Tracker
+from orchestrator.records.tracker import Tracker, resolve_tracking_uri
 from tests.synthetic_runs import SyntheticStudy, per_example_frame
 
 CLASSES = [str(c) for c in range(6)]
 KEPT = "nothing changed since the last report"
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("scipy.optimize", "scipy.stats", "matplotlib", "torch", "ray")  # (mlflow imports bare scipy)
+# On an sqlite store a served report asks the database with sqlite3: not even MLflow is imported.
+HEAVY = ("mlflow", "sqlalchemy", "scipy", "pandas", "matplotlib", "torch", "ray")
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ def test_an_unchanged_study_is_served_from_the_kept_report(study, tmp_path, caps
     assert {k: v[0] for k, v in _files(out).items()} == {k: v[0] for k, v in written.items()}
 
 
-def test_a_served_report_imports_no_fitting_or_plotting_library(study, tmp_path, capsys):
+def test_a_served_report_imports_neither_mlflow_nor_a_fitting_or_plotting_library(study, tmp_path, capsys):
     out = tmp_path / "report"
     _report(study, out, capsys)
     code = (
@@ -97,6 +98,32 @@ def test_a_served_report_imports_no_fitting_or_plotting_library(study, tmp_path,
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert KEPT in done.stdout and done.stdout.strip().endswith("[] 0")
+    # A kept report not yet logged on its study run goes through MLflow to log it, then is served.
+    assert main(["report", "kept", "--tracking-uri", study.client.tracking_uri, "--out", str(out), "--no-log"]) == 0
+    assert KEPT not in capsys.readouterr().out  # --bootstrap 200 (the default): other options
+    done = subprocess.run(
+        [sys.executable, "-c", code.replace("'20'", "'200'")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and KEPT in done.stdout, done.stderr
+    assert "'mlflow'" in done.stdout.strip().splitlines()[-1]  # it logged the report through MLflow
+
+
+def test_the_sqlite_reading_resolves_uris_as_mlflow_does(tmp_path, monkeypatch):
+    """sqlite_state.tracking_uri gives what resolve_tracking_uri (which asks MLflow) gives, or None
+    where it cannot tell without MLflow; a study or store it cannot read gives None."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for given in (None, "sqlite:///rel.db", f"sqlite:///{tmp_path}/abs.db"):
+        assert sqlite_state.tracking_uri(given) == resolve_tracking_uri(given)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert sqlite_state.tracking_uri(None) == resolve_tracking_uri(None) == f"sqlite:///{tmp_path}/env.db"
+    assert sqlite_state.tracking_uri("http://127.0.0.1:5000") is None
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    (tmp_path / "mlruns").mkdir()  # MLflow's default may then be the file store: not told here
+    assert sqlite_state.tracking_uri(None) is None
+    (tmp_path / "junk.db").write_bytes(b"not a database")
+    assert sqlite_state.state_of(f"sqlite:///{tmp_path}/junk.db", "kept", 0, 0) is None
+    assert sqlite_state.state_of(f"sqlite:///{tmp_path}/missing.db", "kept", 0, 0) is None
 
 
 @pytest.mark.parametrize("change", ["new run", "deleted", "restored", "resumed", "running", "seed", "bootstrap"])

@@ -18,6 +18,11 @@ imported. The digest covers
   and the study run, whole, with the study file and the counterfactual plan logged on it;
 - the same runs of the follow-up study that plan names, if any.
 
+On an sqlite store with artifacts on this machine (the local default) the same questions are
+first asked of the database with ``sqlite3`` (:mod:`~orchestrator.analysis.sqlite_state`, digested
+apart as ``fast_digest``), so a served report does not import MLflow at all; any doubt falls
+back to MLflow's API.
+
 A study with a run RUNNING or SCHEDULED is never served from here: its results are still moving.
 The blind spot is the run cache's (:mod:`~orchestrator.analysis.run_cache`): a value logged onto
 a run after it ended, or a datamodel table rewritten in place, moves no end time; run
@@ -30,17 +35,19 @@ Nothing kept is executable; a kept file whose digest does not match counts as no
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 
-from orchestrator.analysis import run_cache
+from orchestrator.analysis import run_cache, sqlite_state
 from orchestrator.records.schema import COUNTERFACTUAL_PLAN_ARTIFACT, KIND_STUDY, SPEC_ARTIFACT, TAG_KIND
 from orchestrator.records.tracker import Tracker
 
@@ -152,6 +159,8 @@ class KeptReport:
     tables: int
     files: dict[str, str]  # path relative to the report folder -> SHA-256
     logged_on: str | None = None  # the study run the report folder was logged on, if any
+    # the digest of the same inputs read by sqlite_state (an sqlite store: served without MLflow)
+    fast_digest: str | None = None
 
     @property
     def files_dir(self) -> Path:
@@ -164,6 +173,37 @@ def _sha(path: Path) -> str:
 
 def _folder(tracker: Tracker, exp) -> Path:
     return run_cache.RunCache(tracker.uri, exp.experiment_id).folder
+
+
+def fast_digest(uri: str, study: str, n_boot: int, seed: int, since_ms: int) -> tuple[str, str] | None:
+    """``(experiment id, digest)`` of a report's inputs read from an sqlite store without MLflow
+    (:mod:`~orchestrator.analysis.sqlite_state`); None where that module cannot tell."""
+    got = sqlite_state.state_of(uri, study, since_ms, run_cache.SETTLE_MS)
+    if got is None:
+        return None
+    eid, state = got
+    doc = {"version": VERSION, "code": code_digest(), "tracking_uri": uri, "study": study}
+    doc.update({"n_boot": n_boot, "seed": seed, "sqlite_state": state})
+    return eid, hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def kept_report_fast(uri: str, study: str, n_boot: int, seed: int) -> KeptReport | None:
+    """:func:`kept_report` for an sqlite store, asked with sqlite3 instead of MLflow (``uri``: as
+    :func:`sqlite_state.tracking_uri` resolves it); None when not kept, changed, or not knowable
+    this way — the caller then asks through MLflow."""
+    path = sqlite_state.db_path(uri)
+    if path is None:
+        return None
+    try:
+        with contextlib.closing(sqlite_state.connect(path)) as db:
+            eid = sqlite_state.experiment(db, study)
+    except sqlite3.Error:
+        return None
+    kept = _load(run_cache.RunCache(uri, eid).folder) if eid is not None else None
+    if kept is None or kept.fast_digest is None:
+        return None
+    got = fast_digest(uri, study, n_boot, seed, kept.since_ms)
+    return kept if got is not None and got == (eid, kept.fast_digest) else None
 
 
 def inputs_digest(tracker: Tracker, study: str, n_boot: int, seed: int, since_ms: int, exp=None) -> str | None:
@@ -226,16 +266,25 @@ def numbers_text(kept: KeptReport) -> str:
     return (kept.files_dir / "numbers.json").read_text()
 
 
-def begin(tracker: Tracker, study: str, n_boot: int, seed: int) -> tuple[str, int] | None:
-    """Before computing a report: the digest of its inputs and the time it was taken, to
-    :func:`keep` afterwards; None when the report will not be kept (a run in flight)."""
+def begin(tracker: Tracker, study: str, n_boot: int, seed: int) -> tuple[str, int, str | None] | None:
+    """Before computing a report: the digest of its inputs, the time it was taken and the same
+    digest read without MLflow (None unless an sqlite store), to :func:`keep` afterwards; None
+    when the report will not be kept (a run in flight)."""
     since_ms = int(time.time() * 1000)
     digest = inputs_digest(tracker, study, n_boot, seed, since_ms)
-    return None if digest is None else (digest, since_ms)
+    if digest is None:
+        return None
+    fast = fast_digest(tracker.uri, study, n_boot, seed, since_ms)
+    return digest, since_ms, None if fast is None else fast[1]
 
 
 def keep(
-    tracker: Tracker, study: str, started: tuple[str, int], out_dir: str | Path, written: list[str], summary: dict
+    tracker: Tracker,
+    study: str,
+    started: tuple[str, int, str | None],
+    out_dir: str | Path,
+    written: list[str],
+    summary: dict,
 ) -> None:
     """Keep the report just written to ``out_dir`` (the files ``written``, relative to it) with
     the digest :func:`begin` took. ``summary``: study_run_id, status_line, partial, figures,
@@ -246,7 +295,10 @@ def keep(
     folder = _folder(tracker, exp)
     out = Path(out_dir)
     files = {rel: out / rel for rel in written}
-    kept = KeptReport(folder, *started, files={rel: _sha(p) for rel, p in files.items()}, **summary)
+    digest, since_ms, fast = started
+    kept = KeptReport(
+        folder, digest, since_ms, files={rel: _sha(p) for rel, p in files.items()}, fast_digest=fast, **summary
+    )
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".kept-report-", dir=folder))
     for rel, p in files.items():

@@ -31,13 +31,17 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
-
-from datasets_.builtin import cache_dir
+from datasets_.objstore import cache_dir
 from orchestrator.records.retry import redact
 from orchestrator.records.schema import KIND_STUDY, TAG_KIND
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# numpy and pandas are imported where the artifact tables are read: a report served whole
+# (report_cache) needs this module's keys and searches, not them.
 
 SETTLE_MS = 120_000  # runs that ended this close before the last read are read again
 VERSION = 1
@@ -160,6 +164,8 @@ class RunCache:
 
     def _load_artifacts(self, name: str) -> tuple[pd.DataFrame, set]:
         table_path, absent_path = self._artifact_files(name)
+        import pandas as pd
+
         empty = pd.DataFrame(columns=["_run_id", "_end_time"])
         if self.refresh:
             return empty, set()
@@ -179,6 +185,9 @@ class RunCache:
         ``fetch(indices) -> values`` (a DataFrame each, None where the run has no such artifact)
         and cached. ``name`` names the artifact and what was read from it. Runs not yet ended
         (end time None) are always fetched and never cached."""
+        import numpy as np
+        import pandas as pd
+
         table, absent = self._load_artifacts(name)
         table["_end_time"] = table["_end_time"].astype("Int64")
         want = pd.DataFrame(
@@ -204,6 +213,8 @@ class RunCache:
     def _store(self, name: str, table: pd.DataFrame, absent: set, keys: list, missing: list, new: dict) -> None:
         """Write the artifact table back: rows of runs deleted or finished again since leave,
         the newly fetched ones join; runs not yet ended never enter."""
+
+        import pandas as pd
 
         def wanted(k) -> bool:
             return k[1] is not None and (self.current is None or self.current.get(k[0], -1) == k[1])

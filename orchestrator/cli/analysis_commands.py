@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from orchestrator.analysis import AnalysisError, report_cache
+from orchestrator.analysis import AnalysisError, report_cache, sqlite_state
 from orchestrator.cli.exits import EXIT_OK, error
 from orchestrator.records.tracker import Tracker, resolve_tracking_uri
 
@@ -22,11 +22,33 @@ def _tracker(args) -> Tracker:
 
 def run(args) -> int:
     """``runs``, ``report`` or ``counterfactual``; bad input is one ``error:`` line."""
+    if args.command == "report" and _serve_kept_without_mlflow(args):
+        return EXIT_OK
     commands = {"runs": _runs, "report": _report, "counterfactual": _counterfactual}
     try:
         return commands[args.command](args, _tracker(args))
     except AnalysisError as e:
         return error(str(e))
+
+
+def _serve_kept_without_mlflow(args) -> bool:
+    """Serve the kept report of an unchanged study on an sqlite store, asking the database with
+    sqlite3 (report_cache.kept_report_fast): MLflow is not imported. False: go the whole way."""
+    if args.no_cache or args.refresh or args.bootstrap < 0:
+        return False
+    uri = sqlite_state.tracking_uri(args.tracking_uri)
+    kept = report_cache.kept_report_fast(uri, args.study, args.bootstrap, args.seed) if uri else None
+    if kept is None or (kept.study_run_id and not args.no_log and kept.logged_on != kept.study_run_id):
+        return False  # not kept, changed, or the kept report must still be logged on its study run
+    out = args.out or os.path.join("reports", args.study)
+    path = report_cache.restore(kept, out)
+    if path is None:
+        return False
+    logged = bool(kept.study_run_id) and not args.no_log
+    _print_report(args, kept.status_line, kept.partial, path, kept.figures, kept.tables, logged, kept=True)
+    if args.json:
+        print(report_cache.numbers_text(kept))
+    return True
 
 
 def _runs(args, tracker: Tracker) -> int:

@@ -10,7 +10,6 @@ from typing import Any
 
 import yaml
 
-from datasets_.builtin import is_builtin
 from datasets_.objstore import is_remote
 from orchestrator.spec.fields import SpecError, short, typename
 from orchestrator.spec.parse import parse_spec
@@ -128,6 +127,8 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, quick: bool 
     if isinstance(data, dict) and overrides:
         data = apply_overrides(data, overrides)
     spec = parse_spec(data)
+    from datasets_.builtin import is_builtin  # numpy, PIL, pyarrow: not for commands that only parse arguments
+
     for group in (spec.sources, spec.tasks):
         for name, ref in group.items():
             if not is_remote(ref.uri) and not is_builtin(ref.uri) and not Path(ref.uri).is_absolute():
