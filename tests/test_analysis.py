@@ -4,6 +4,7 @@ the report and the counterfactual plan, through the same code ``transferlab repo
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -195,6 +196,7 @@ def test_influence_recovers_planted_helpful_and_harmful_class(classes_study, tra
     assert (perm.p_family[[int(HELPFUL), int(HARMFUL)]] < 0.01).all()  # every example, family-wise
     top = perm.class_summary(x.classes).iloc[0]
     assert top["class"] == HELPFUL and top["top_examples"] == 20 and top["top_examples_null"] < 5
+    assert top["found_examples"] == 20 and top["min_p_family"] == pytest.approx(1 / 200)  # 199 permutations
 
 
 def test_influence_handles_missing_outputs_and_constant_classes():
@@ -329,6 +331,12 @@ def test_counterfactual_plans_a_valid_followup_and_report_plots_the_arms(classes
     assert arms[("harmful", 2)] == pytest.approx(0.701) and arms[("helpful", 2)] == pytest.approx(0.501)
     assert arms[("random", 0)] == arms[("harmful", 0)] == pytest.approx(0.601)
     assert (rep / "figures" / "counterfactual.png").exists()
+    # Every example found family-wise belongs to the planted classes: all 20 of each, no other class.
+    found = pd.read_csv(rep / "tables" / "influence_found_examples.csv", dtype={"class": str})
+    assert found.groupby("class").size().to_dict() == {HELPFUL: 20, HARMFUL: 20}
+    assert (found["p_family"] < 0.01).all() and (
+        np.sign(found["influence"]) == found["class"].map({HELPFUL: 1, HARMFUL: -1})
+    ).all()
 
 
 def test_counterfactual_rejects_bad_k(classes_study, store, tmp_path, capsys):

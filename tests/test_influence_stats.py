@@ -81,7 +81,11 @@ def test_a_planted_class_is_found_per_example():
         found.append(t.p[raised] < 0.01)
         false.append(t.p[~raised] < 0.01)
         family.append(t.p_family[raised] < 0.05)
-        top_p.append(t.class_summary(list(range(CLASSES))).set_index("class").loc[0, "p"])
+        summary = t.class_summary(list(range(CLASSES))).set_index("class")
+        top_p.append(summary.loc[0, "p"])
+        # found_examples: the examples a class is significant on family-wise (p_family < 0.01)
+        assert summary.loc[0, "found_examples"] == (t.p_family[0] < 0.01).sum()
+        assert summary.drop(index=0)["found_examples"].sum() == (t.p_family[1:] < 0.01).sum() <= 1
         assert t.influence[raised].mean() == pytest.approx(delta, abs=0.02)
     # z ≈ 0.05 / (√(0.05² + 0.1²) · √(4/500)) ≈ 5.0: power at two-sided 0.01 about 0.99.
     assert np.mean(found) >= 0.9, np.mean(found)

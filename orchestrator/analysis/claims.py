@@ -417,11 +417,10 @@ def best_layer_differs(t: pd.DataFrame, c: ClaimSpec) -> list[dict]:
 
 
 def class_influence(ev: Evidence, c: ClaimSpec) -> list[dict]:
-    """Per influence input of the task (and source): the class's influence on the models' mean
-    output, mean(with) − mean(without), Welch (the models are independent draws of random subsets,
-    so the two groups are independent). Its rank and, from :func:`influence.permutation_test`, the
-    number of examples it is the top influencer of and that count's permutation p are reported
-    beside it; the verdict rests on the interval alone."""
+    """Per influence input of the task (and source): the class's influence on the models' mean output,
+    mean(with) − mean(without), Welch (models are independent draws of random subsets). Its rank and,
+    from :func:`influence.permutation_test`, the examples it is found on (family-wise p) and its
+    top-influencer count's p are shown beside it; the verdict rests on the interval alone."""
     task, source, cls = c.get("task"), c.get("source"), c.get("class")
     inputs = [x for x in ev.influence if x.task == task and source in (None, x.source)]
     stat = f"influence({cls}): mean output of models with it − without it, Welch"
@@ -454,8 +453,9 @@ def class_influence(ev: Evidence, c: ClaimSpec) -> list[dict]:
             _row(
                 c.name,
                 f"{setting}: {cls} ranks {r} of {len(rank)}",
-                f"{stat}; top influencer of {int(top['top_examples'])} examples (null mean "
-                f"{top['top_examples_null']:.1f}, permutation p = {top['p']:.3g})",
+                f"{stat}; per example: family-wise p < {influence.FAMILY_ALPHA:g} on {int(top['found_examples'])} "
+                f"(smallest {top['min_p_family']:.3g}); top influencer of {int(top['top_examples'])} examples "
+                f"(null mean {top['top_examples_null']:.1f}, permutation p = {top['p']:.3g})",
                 iv,
                 c.expect,
             )

@@ -89,6 +89,7 @@ def ranking(classes: list[str], task: Influence) -> pd.DataFrame:
 
 
 PERMUTATIONS = 999  # default permutations: p-values resolve down to 1/1000
+FAMILY_ALPHA = 0.01  # an example counts as found for a class where its family-wise p is below this
 SPLITS = 50  # default random half-splits of split_half_reliability
 
 
@@ -127,15 +128,24 @@ class PermutationTest:
             }
         )
 
-    def class_summary(self, classes) -> pd.DataFrame:
+    def class_summary(self, classes, alpha: float = FAMILY_ALPHA) -> pd.DataFrame:
         """One row per class: for how many examples it is the top influencer, that count's mean under
-        the null and its permutation p-value; most top examples first."""
+        the null and its permutation p-value; on how many examples its influence is significant
+        family-wise (``p_family < alpha``: the examples found for it, with at most ``alpha`` of
+        studies where no class matters finding any) and its smallest ``p_family``; most top
+        examples first."""
+        with np.errstate(invalid="ignore"):
+            found = (self.p_family < alpha).sum(axis=1)
         df = pd.DataFrame(
             {
                 "class": list(classes),
                 "top_examples": self.top_count,
                 "top_examples_null": self.top_expected,
                 "p": self.top_p,
+                "found_examples": found,
+                "min_p_family": np.nanmin(np.where(np.isnan(self.p_family), np.inf, self.p_family), axis=1)
+                if self.p_family.size
+                else np.full(len(self.top_count), np.nan),
                 "permutations": self.permutations,
             }
         )

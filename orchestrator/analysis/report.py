@@ -218,7 +218,7 @@ def _jain(
         + "; ".join(sorted({f"{x.output_words} for {x.task}/{x.protocol}" for x in inputs}))
         + ". Positive helps the target task, negative harms it.",
     )
-    ranks, reliabilities, per_example = [], [], []
+    ranks, reliabilities, per_example, found = [], [], [], []
     for x in inputs:
         task_inf = influence.task_influence(x.masks, x.outputs)
         r = influence.ranking(x.classes, task_inf).assign(
@@ -242,6 +242,12 @@ def _jain(
                     "se": ex.se.ravel(),
                 }
             )
+        )
+        perm = influence.permutation_test(x.masks, x.outputs, influence.PERMUTATIONS, seed).per_example(
+            x.classes, x.examples
+        )
+        found.append(
+            perm[perm["p_family"] < influence.FAMILY_ALPHA].assign(task=x.task, protocol=x.protocol, source=x.source)
         )
         rep.figure(
             sec,
@@ -272,6 +278,14 @@ def _jain(
         "splits). About 0 when no class matters; near 1 when the ranking is stable.",
     )
     rep.tables["influence_per_example"] = pd.concat(per_example, ignore_index=True)
+    rep.table(
+        sec,
+        "influence_found_examples",
+        pd.concat(found, ignore_index=True).sort_values(["task", "p_family", "class"], kind="stable"),
+        f"(class, example) pairs whose influence is significant family-wise (p_family < {influence.FAMILY_ALPHA:g}: a "
+        f"mask-permutation test, {influence.PERMUTATIONS} permutations, max-|z| over every pair tested, so in at most "
+        f"{influence.FAMILY_ALPHA:g} of studies where no class matters would any pair appear here).",
+    )
     return inputs, _counterfactual(rep, tracker, sr, sec, cached)
 
 

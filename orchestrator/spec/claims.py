@@ -134,8 +134,9 @@ CLAIM_KINDS: dict[str, tuple[str, dict[str, Param]]] = {
     "class_influence": (
         "A named source class helps (or, expect: negative, harms) the task (Jain et al.): its influence, "
         "the mean output on the task of the models that trained on it minus that of the models that did not, "
-        "with a Welch interval; the class's per-example top-influencer count and its permutation p are shown "
-        "beside it. The class is named here, before the results, never chosen on them.",
+        "with a Welch interval; beside it, per example, how many examples the class is significant on "
+        "family-wise (p_family < 0.01) and its top-influencer count with that count's permutation p. "
+        "The class is named here, before the results, never chosen on them.",
         {
             "task": _p("task", "the downstream task", required=True),
             "source": _p("source", "the source whose class it is (default: each with influence inputs)"),
