@@ -39,13 +39,13 @@ def test_full_studies_plan_the_papers_grids():
     finetunes = 36 * 3 * (4 + 1)  # the clean models at 500 and 4,000 images, one draw + full
     assert role.num_transfer_fits == probes + finetunes
     limits = build_plan(load_spec(EXAMPLES / "limits.yaml"))
-    # 2 widths x 4 sizes x 3 epochs and the head weight-decay arm (3 sizes x 2 decays), 3 seeds each
-    assert len(limits.pretrain_runs) == 90 and len({j.config_hash for j in limits.pretrain_runs}) == 90
+    # 2 widths x 4 sizes x 5 epochs and the head weight-decay arm (3 sizes x 2 decays), 3 seeds each
+    assert len(limits.pretrain_runs) == 138 and len({j.config_hash for j in limits.pretrain_runs}) == 138
     assert {j.config.head_weight_decay for j in limits.pretrain_runs} == {None, 0.0, 1.0}
-    assert limits.num_transfer_fits == 90 * 2 * 4 * 3 * 2  # tasks x shots x draws x layers
+    assert limits.num_transfer_fits == 138 * 2 * 4 * 3 * 2  # tasks x shots x draws x layers
     dm = load_spec(EXAMPLES / "data_based.yaml")
     assert (
-        dm.datamodels.num_models >= 150
+        dm.datamodels.num_models >= 300
         and dm.datamodels.protocol == "logistic"
         and dm.datamodels.counterfactual.remove_top == (5,)
         and dm.datamodels.counterfactual.seeds >= 16  # paired by seed: the floor per arm
