@@ -113,7 +113,18 @@ def test_the_sqlite_reading_resolves_uris_as_mlflow_does(tmp_path, monkeypatch):
     where it cannot tell without MLflow; a study or store it cannot read gives None."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for given in (None, "sqlite:///rel.db", f"sqlite:///{tmp_path}/abs.db"):
+    # MLflow's default asked in a fresh process: this one's global URI may have been set by another test
+    fresh = subprocess.run(
+        [sys.executable, "-c", "from orchestrator.records.tracker import resolve_tracking_uri as r; print(r(None))"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert fresh.returncode == 0, fresh.stderr
+    assert sqlite_state.tracking_uri(None) == fresh.stdout.strip() == f"sqlite:///{tmp_path}/mlflow.db"
+    for given in ("sqlite:///rel.db", f"sqlite:///{tmp_path}/abs.db"):
         assert sqlite_state.tracking_uri(given) == resolve_tracking_uri(given)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
     assert sqlite_state.tracking_uri(None) == resolve_tracking_uri(None) == f"sqlite:///{tmp_path}/env.db"
