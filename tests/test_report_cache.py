@@ -5,7 +5,11 @@ and still sees every change a user makes — a run finished after the last repor
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,6 +24,7 @@ from orchestrator.records.tracker import Tracker
 from tests.synthetic_runs import SyntheticStudy, per_example_frame
 
 CLASSES = [str(c) for c in range(6)]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -128,6 +133,39 @@ def test_two_stores_never_share_a_cache(study, tmp_path):
     b = load_study(Tracker(other.client.tracking_uri), "cached", cached=True)
     assert a.cache.folder != b.cache.folder
     assert len(b.transfer) == 1 and len(a.transfer) == 24
+
+
+def test_a_store_made_again_at_the_same_path_is_read_anew(study, tmp_path, capsys):
+    """A database deleted and created again reuses experiment ids: neither its cached runs nor the
+    kept report of the old one may answer for it (a report once named the old study run)."""
+    uri = study.client.tracking_uri
+    out = tmp_path / "report"
+    assert main(["report", "cached", "--tracking-uri", uri, "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["finished_transfer_runs"] == 24
+    (tmp_path / "mlflow.db").rename(tmp_path / "old.db")
+    # The new store is written and reported on by a fresh process: this one's MLflow keeps its
+    # engine on the old file.
+    code = f"""
+import json, sys
+from orchestrator.analysis import run_cache
+from orchestrator.cli import main
+from tests.synthetic_runs import SyntheticStudy
+run_cache.SETTLE_MS = 0
+again = SyntheticStudy({uri!r}, "cached", {str(tmp_path / "artifacts-again")!r})
+again.transfer(again.pretrain("mnist", 1000, upstream=0.5), "digits", 5, 0, 0.3)
+print(again.experiment_id, again.study_run)
+for _ in range(2):  # computed, then served from what was kept for the new store
+    assert main(["report", "cached", "--tracking-uri", {uri!r}, "--out", {str(out)!r}, "--json"]) == 0
+print({{f.path for f in again.client.list_artifacts(again.study_run, "report")}})
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[0] == study.experiment_id  # the same experiment id, another experiment
+    reports = [json.loads(t) for t in "\n".join(lines[1:-1]).replace("}\n{", "}\0{").split("\0")]
+    assert [r["finished_transfer_runs"] for r in reports] == [1, 1]
+    assert "report/numbers.json" in lines[-1]
 
 
 def test_report_command_is_the_same_from_the_cache_and_refresh_reads_everything(study, tmp_path, capsys):

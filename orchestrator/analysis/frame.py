@@ -214,7 +214,7 @@ def load_study(tracker: Tracker, study: str, cached: bool = False, refresh: bool
     exp = tracker.client.get_experiment_by_name(study)
     if exp is None or exp.lifecycle_stage == "deleted":
         raise AnalysisError("study", f"no study named '{study}' in {tracker.uri}")
-    cache = RunCache(tracker.uri, exp.experiment_id, refresh=refresh) if cached else None
+    cache = RunCache(tracker.uri, exp.experiment_id, exp.creation_time, refresh=refresh) if cached else None
     runs = cache.runs(tracker.client) if cache else tracker.runs(exp.experiment_id)
     sr = frames_from_runs(study, exp.experiment_id, runs)
     sr.tracking_uri, sr.cache = tracker.uri, cache

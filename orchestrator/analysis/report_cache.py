@@ -172,7 +172,7 @@ def _sha(path: Path) -> str:
 
 
 def _folder(tracker: Tracker, exp) -> Path:
-    return run_cache.RunCache(tracker.uri, exp.experiment_id).folder
+    return run_cache.RunCache(tracker.uri, exp.experiment_id, exp.creation_time).folder
 
 
 def fast_digest(uri: str, study: str, n_boot: int, seed: int, since_ms: int) -> tuple[str, str] | None:
@@ -197,9 +197,10 @@ def kept_report_fast(uri: str, study: str, n_boot: int, seed: int) -> KeptReport
     try:
         with contextlib.closing(sqlite_state.connect(path)) as db:
             eid = sqlite_state.experiment(db, study)
+            created = sqlite_state.created_ms(db, eid) if eid is not None else None
     except sqlite3.Error:
         return None
-    kept = _load(run_cache.RunCache(uri, eid).folder) if eid is not None else None
+    kept = _load(run_cache.RunCache(uri, eid, created).folder) if eid is not None else None
     if kept is None or kept.fast_digest is None:
         return None
     got = fast_digest(uri, study, n_boot, seed, kept.since_ms)

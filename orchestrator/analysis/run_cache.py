@@ -2,8 +2,9 @@
 
 ``transferlab report`` on a large study spends its time asking MLflow for every run and reading
 hundreds of small artifacts. Both are kept under ``$TRANSFERLAB_CACHE/report/`` (default
-``~/.cache/transferlab``), one folder per (tracking store, experiment id), so two stores never
-mix; a rerun asks MLflow only for what may have changed:
+``~/.cache/transferlab``), one folder per (tracking store, experiment id, the experiment's
+creation time), so two stores never mix, nor a store replaced by a new one at the same address
+(its experiments are created anew); a rerun asks MLflow only for what may have changed:
 
 - runs that ended since the last read, less :data:`SETTLE_MS` (``attributes.end_time >= …``):
   new runs, and runs resumed and finished again (a finish stamps a new end time);
@@ -70,9 +71,10 @@ def run_from_dict(d: dict) -> SimpleNamespace:
     return SimpleNamespace(info=SimpleNamespace(**d["info"]), data=SimpleNamespace(**d["data"]))
 
 
-def store_key(tracking_uri: str, experiment_id: str) -> str:
-    """The cache folder name of one experiment in one tracking store."""
-    return hashlib.sha256(f"{tracking_uri}\n{experiment_id}".encode()).hexdigest()[:24]
+def store_key(tracking_uri: str, experiment_id: str, created_ms: int | None) -> str:
+    """The cache folder name of one experiment in one tracking store: with its creation time, as
+    a database deleted and made again at the same path reuses the experiment ids."""
+    return hashlib.sha256(f"{tracking_uri}\n{experiment_id}\n{created_ms}".encode()).hexdigest()[:24]
 
 
 def _warn(what: Path, e: Exception) -> None:
@@ -88,12 +90,19 @@ def _write_atomic(path: Path, write) -> None:
 class RunCache:
     """The cached runs of one experiment of one tracking store (see the module docstring).
 
-    ``folder`` defaults to ``$TRANSFERLAB_CACHE/report/KEY``; ``refresh`` ignores what is
-    cached and reads every run again."""
+    ``created_ms``: the experiment's ``creation_time``; ``folder`` defaults to
+    ``$TRANSFERLAB_CACHE/report/KEY``; ``refresh`` ignores what is cached and reads every run again."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, folder: str | Path | None = None, refresh: bool = False):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_id: str,
+        created_ms: int | None,
+        folder: str | Path | None = None,
+        refresh: bool = False,
+    ):
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
-        self.folder = Path(folder or cache_dir() / "report" / store_key(tracking_uri, experiment_id))
+        self.folder = Path(folder or cache_dir() / "report" / store_key(tracking_uri, experiment_id, created_ms))
         self.refresh = refresh
         self.current: dict[str, int | None] | None = None  # run id -> end time, once runs() has read them
         self.runs_read = self.artifacts_read = 0  # how many came from MLflow rather than the cache

@@ -82,6 +82,12 @@ def experiment(db: sqlite3.Connection, name: str) -> str | None:
     return None if row is None else str(row[0])
 
 
+def created_ms(db: sqlite3.Connection, experiment_id: str) -> int | None:
+    """The experiment's ``creation_time`` (milliseconds), as MLflow's ``Experiment`` gives it."""
+    row = db.execute("SELECT creation_time FROM experiments WHERE experiment_id = ?", (int(experiment_id),)).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
 def _whole(db: sqlite3.Connection, run_ids: list[str]) -> list[dict]:
     """Each run with its status, times, tags, params and latest metrics, sorted by run id."""
     out = []
