@@ -183,4 +183,5 @@ def prepare_builtin(name: str, root: Path | None = None) -> ShardedDataset:
                     },
                 )
 
-    return write_sharded_dataset(out, name=name, classes=classes, rows=rows(), extra={"origin": f"builtin:{name}"})
+    extra = {"origin": f"builtin:{name}"}
+    return write_sharded_dataset(out, name=name, classes=classes, rows=rows(), extra=extra, keyed=True)

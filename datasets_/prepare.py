@@ -78,6 +78,7 @@ def _write(
     bad: BadSamples,
     shard_format: str,
     extra: dict,
+    keyed: bool = False,
     **parquet_columns,
 ) -> ShardedDataset:
     class_names: dict[int, str] = {}
@@ -91,6 +92,7 @@ def _write(
         shard_size=shard_size,
         extra={"origin": src, "source_format": fmt, "class_names": class_names, "bad_samples": record, **extra},
         shard_format=shard_format,
+        keyed=keyed,
     )
     if ds.num_samples("train") + ds.num_samples("test") == 0:
         shutil.rmtree(out, ignore_errors=True)
@@ -216,7 +218,8 @@ def scan_source(
     if (out / MANIFEST).is_file():
         return open_dataset(out)
     extra = {"shards": listing, "parquet_columns": parquet_columns, "test_fraction": test_fraction}
-    return _write(uri, str(out), fmt, 1 << 30, test_fraction, BadSamples("skip"), "raw", extra, **parquet_columns)
+    bad = BadSamples("skip")
+    return _write(uri, str(out), fmt, 1 << 30, test_fraction, bad, "raw", extra, keyed=True, **parquet_columns)
 
 
 def resolve_dataset(uri: str, **parquet_columns) -> ShardedDataset:

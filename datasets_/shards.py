@@ -323,6 +323,7 @@ def write_sharded_dataset(
     shard_size: int = 2000,
     extra: dict | None = None,
     shard_format: str = "parquet",
+    keyed: bool = False,
 ) -> ShardedDataset:
     """Write ``(split, row)`` pairs (rows are dicts with the SCHEMA columns) as shards per split,
     plus a manifest.
@@ -334,6 +335,10 @@ def write_sharded_dataset(
     temporary sibling and renamed, so a crash never leaves a half-written dataset behind. An
     ``out_dir`` already there is replaced only if it is a dataset (see :func:`remove_dataset_dir`),
     checked before any row is read.
+
+    ``keyed``: ``out_dir`` is a cache entry named by what it holds (a builtin's conversion, a
+    source's scan), which two processes may write at once: the first to finish keeps it and a
+    later writer discards its own copy, so no reader of the first ever sees its files vanish.
     """
     if shard_format not in SHARD_FORMATS:
         raise DatasetError(f"unknown shard format '{shard_format}' (known: {', '.join(SHARD_FORMATS)})")
@@ -348,8 +353,17 @@ def write_sharded_dataset(
             writer.add(split, row)
         manifest = writer.finish(extra)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        remove_dataset_dir(out)
-        os.replace(tmp, out)
+        if keyed:
+            try:
+                os.rename(tmp, out)  # refused where another writer's dataset already is
+            except OSError:
+                if not (out / MANIFEST).is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+                return open_dataset(out)
+        else:
+            remove_dataset_dir(out)
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

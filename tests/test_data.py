@@ -35,6 +35,28 @@ def test_fingerprint_is_stable_across_preparations(tmp_path):
     assert open_dataset(a.root).fingerprint == a.fingerprint
 
 
+def test_a_conversion_finished_first_elsewhere_is_kept_not_replaced(tmp_path, monkeypatch):
+    """Two processes converting one builtin at once (two drivers on a fresh machine, two test
+    workers): the one that finishes second keeps the first one's folder, whose files a reader may
+    already hold open, and leaves no temporary folder behind."""
+    from datasets_ import builtin
+
+    load, template = builtin.BUILTINS["digits"]
+    first = {}
+
+    def load_while_another_finishes():
+        builtin.BUILTINS["digits"] = (load, template)
+        first["ds"] = prepare_builtin("digits", root=tmp_path)  # the other process, done meanwhile
+        first["shards"] = {p: p.stat().st_ino for p in first["ds"].root.rglob("*") if p.is_file()}
+        return load()
+
+    monkeypatch.setitem(builtin.BUILTINS, "digits", (load_while_another_finishes, template))
+    second = prepare_builtin("digits", root=tmp_path)
+    assert second.root == first["ds"].root and second.fingerprint == first["ds"].fingerprint
+    assert {p: p.stat().st_ino for p in second.root.rglob("*") if p.is_file()} == first["shards"]
+    assert [p.name for p in (tmp_path / "builtin").iterdir()] == [second.root.name]
+
+
 def test_png_round_trip_matches_the_package_pixels(tmp_path):
     from sklearn.datasets import load_digits
 
