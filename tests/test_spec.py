@@ -134,7 +134,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("path,value,message", BAD, ids=[f"{p}={v!r}"[:60] for p, v, _ in BAD])
+@pytest.mark.parametrize(
+    "path,value,message", BAD, ids=[(f"{p} deleted" if v is _DELETE else f"{p}={v!r}")[:60] for p, v, _ in BAD]
+)
 def test_bad_field_is_one_line_exit_2(tmp_path, capsys, monkeypatch, path, value, message):
     monkeypatch.chdir(tmp_path)
     study = _write(tmp_path, _mutate(path, value)(_quickstart()))
