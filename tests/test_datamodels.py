@@ -60,16 +60,18 @@ def _toy(n=240, classes=6, seed=0):
 
 
 @pytest.mark.timeout(120)
-def test_a_stacked_model_trains_as_it_would_alone():
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmapped", "in-turn"])
+def test_a_stacked_model_trains_as_it_would_alone(vectorize):
     """Model 1 of a stack of 3 == the same model stacked alone == a plain loop with torch.optim.AdamW
-    on its own index stream (its classes only, full batches, reshuffled per epoch from its seed)."""
+    on its own index stream (its classes only, full batches, reshuffled per epoch from its seed),
+    whether the stack's steps are vmapped (the accelerator's default) or run in turn (the CPU's)."""
     torch.set_num_threads(1)
     images, labels, keys = _toy()
     cfg, C = model_config("tiny-cnn"), 6
     masks = np.array([[1, 1, 0, 1, 0, 1], [0, 1, 1, 1, 0, 0], [1, 0, 1, 0, 1, 1]], dtype=bool)
     s = TrainSettings(image_size=8, epochs=1, batch_size=16, lr=0.01, weight_decay=5e-4)
-    three = train_stacked(cfg, C, images, labels, keys, masks, [10, 11, 12], s)
-    alone = train_stacked(cfg, C, images, labels, keys, masks[1:2], [11], s)
+    three = train_stacked(cfg, C, images, labels, keys, masks, [10, 11, 12], s, vectorize=vectorize)
+    alone = train_stacked(cfg, C, images, labels, keys, masks[1:2], [11], s, vectorize=not vectorize)
 
     torch.manual_seed(11)
     net = build_model(cfg, C, 8).train()

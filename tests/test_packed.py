@@ -165,13 +165,16 @@ def _plain_loop(config, view, train, step_loss):
 
 
 @pytest.mark.timeout(120)
-def test_a_packed_run_matches_a_plain_adamw_loop():
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmapped", "in-turn"])
+def test_a_packed_run_matches_a_plain_adamw_loop(vectorize):
     """Supervised and simclr: a packed run's weights (BatchNorm statistics included) are those of
-    a plain loop with torch.optim.AdamW on the same stream, seeds and augmentations."""
+    a plain loop with torch.optim.AdamW on the same stream, seeds and augmentations, whether the
+    pack's steps are vmapped (the accelerator's default) or run in turn (the CPU's)."""
     torch.set_num_threads(1)
     train, held = _split(96, 0), _split(20, 1)
     config, view = PACK[0]
-    packed = train_packed([config, PACK[2][0]], [view, PACK[2][1]], [None] * 2, train, held)[0]
+    pack = [config, PACK[2][0]], [view, PACK[2][1]], [None] * 2, train, held
+    packed = train_packed(*pack, vectorize=vectorize)[0]
 
     def ce(net, x, y, _):
         return torch.nn.functional.cross_entropy(net(x), y)
@@ -179,7 +182,7 @@ def test_a_packed_run_matches_a_plain_adamw_loop():
     _assert_same(_weights(packed), _plain_loop(config, view, train, ce), rtol=1e-4, atol=1e-5)
 
     config = config.replace(method="simclr")
-    packed = train_packed([config], [view], [None], train, held)[0]
+    packed = train_packed([config], [view], [None], train, held, vectorize=vectorize)[0]
     g = torch.Generator().manual_seed(config.seed)
 
     def nt_xent(net, x, *_):
@@ -229,15 +232,17 @@ def _texts(split, view):
 
 
 @pytest.mark.timeout(120)
-def test_a_packed_clip_run_matches_a_plain_adamw_loop():
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmapped", "in-turn"])
+def test_a_packed_clip_run_matches_a_plain_adamw_loop(vectorize):
     """clip: image and text towers and the logit scale of a packed run (with a packmate of
     another lr, size and class subset) are those of a plain loop on the run's own captions,
-    with open_clip-style batch caption ids (identical captions in a batch are positives)."""
+    with open_clip-style batch caption ids (identical captions in a batch are positives),
+    vmapped or in turn."""
     torch.set_num_threads(1)
     train, held = _split(96, 0), _split(20, 1)
     (config, view), (mate, mate_view) = PACK[0], PACK[1]
     config, mate = config.replace(method="clip"), mate.replace(method="clip")
-    packed = train_packed([mate, config], [mate_view, view], [None] * 2, train, held)[1]
+    packed = train_packed([mate, config], [mate_view, view], [None] * 2, train, held, vectorize=vectorize)[1]
     tokens = _texts(train, view)
 
     def clip(net, x, _, rows):

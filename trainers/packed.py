@@ -204,6 +204,7 @@ def train_packed(
     heldout: DecodedSplit,
     device: torch.device | str | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
+    vectorize: bool | None = None,
 ) -> list[PackedResult]:
     """Train the runs ``configs[b]`` on ``views[b]`` of ``train`` at once on ``device`` (default
     CPU); measure each one's upstream accuracy on ``heldout`` under ``heldout_views[b]``.
@@ -212,6 +213,8 @@ def train_packed(
     STEP_LOSSES}`` as it ends each epoch (images_per_second: what the whole pack processed per
     second so far; STEP_LOSSES: its ``[step, batch loss]`` every ``log_every_steps`` steps of the
     epoch, numbered from its first step as a TorchTrainer run numbers them).
+    ``vectorize``: vmap the runs' steps into one, or run them in turn
+    (:func:`trainers.stacked.vectorize_default`: vmap on an accelerator, in turn on the CPU).
     """
     _check(configs)
     device = torch.device(device or "cpu")
@@ -246,7 +249,7 @@ def train_packed(
         step_losses[b] = []
 
     _, params, buffers, epoch_loss = run_stacked(
-        models, streams, [_settings(c) for c in configs], loss_fn, inputs, device, report, step
+        models, streams, [_settings(c) for c in configs], loss_fn, inputs, device, report, step, vectorize
     )
     out = []
     for b, c in enumerate(configs):
