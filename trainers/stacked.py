@@ -159,9 +159,8 @@ def _looped_step(step_one):
         grads = {k: torch.zeros_like(v) for k, v in params.items()}
         losses = torch.zeros(len(active), device=next(iter(params.values())).device)
         for b in np.flatnonzero(active):
-            g, loss = step_one(
-                {k: v[b] for k, v in params.items()}, {k: v[b] for k, v in buffers.items()}, *(own(x, b) for x in inputs)
-            )
+            own_params, own_buffers = {k: v[b] for k, v in params.items()}, {k: v[b] for k, v in buffers.items()}
+            g, loss = step_one(own_params, own_buffers, *(own(x, b) for x in inputs))
             for k, v in g.items():
                 grads[k][b] = v
             losses[b] = loss.detach()
