@@ -98,23 +98,26 @@ _KEPT_BUILTINS = pytest.StashKey[tuple]()
 # With two pytest-xdist workers (`-n 2 --dist loadfile --no-loadscope-reorder`, pyproject's
 # addopts) each file runs whole on one worker (its module fixtures, a namespaced cluster or a
 # study, are made once), and the slowest files are handed out first, longest first, so the two
-# workers end together (6 Dec 2026: 1,128 s wall for 2,222 s of test phases). Seconds: the files' tests run serially on the 2-core machine (6 Dec 2026).
+# workers end together (6 Dec 2026: 1,128 s wall for 2,222 s of test phases). Seconds: each
+# file's test phases in that run; most of them wait on subprocess drivers, clusters and servers.
 SLOWEST_FILES = (
-    "test_multinode.py",  # ≈ 500: a 2-node cluster in namespaces, chaos (server, disk, worker kills)
-    "test_resume_kill.py",  # ≈ 150: a SIGKILLed driver and its resume
-    "test_methods_study.py",  # ≈ 130: every method and protocol; two workers and a killed one
-    "test_examples.py",  # ≈ 120: the three paper studies at --quick size
-    "test_outages.py",  # ≈ 110: a tracking server killed and restarted mid-study
-    "test_study.py",  # ≈ 110: the end-to-end study, a TorchTrainer run, the MLflow UI in a browser
-    "test_mlflow_server.py",  # ≈ 100: a study against a live MLflow server and PostgreSQL
-    "test_budget.py",  # ≈ 100
-    "test_submit.py",  # ≈ 90: a `ray start` cluster and submitted jobs
-    "test_datamodels.py",
-    "test_raw_sources.py",
-    "test_packed.py",
-    "test_packed_study.py",
+    "test_multinode.py",  # ≈ 520: a 2-node cluster in namespaces, chaos (server, disk, worker kills)
+    "test_methods_study.py",  # ≈ 300: every method and protocol; two workers and a killed one
+    "test_resume_kill.py",  # ≈ 210: a SIGKILLed driver and its resume
+    "test_outages.py",  # ≈ 150: a tracking server killed and restarted mid-study
+    "test_mlflow_server.py",  # ≈ 135: a study against a live MLflow server and PostgreSQL
+    "test_examples.py",  # ≈ 115: the three paper studies at --quick size
+    "test_budget.py",  # ≈ 95
+    "test_study.py",  # ≈ 75: the end-to-end study, a TorchTrainer run, the MLflow UI in a browser
+    "test_submit.py",  # ≈ 75: a `ray start` cluster and submitted jobs
     "test_rerun_changed.py",
+    "test_raw_sources.py",
     "test_finetune_search.py",
+    "test_report_kept.py",
+    "test_datamodels.py",
+    "test_packed_study.py",
+    "test_s3.py",
+    "test_packed.py",
     "test_record_repair.py",
 )
 
