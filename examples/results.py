@@ -15,6 +15,7 @@ MLflow study runs, and shows the claims the report judged (the study file's `cla
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -167,8 +168,14 @@ def kept_section(page: str, title: str) -> str | None:
 
 KEPT_NOTE = (
     "> **Not rerun for this page.** This section is carried over from the previous page (its runs were "
-    "not given to `examples/results.py`); its verdicts are that page's and are not counted in the summary.\n"
+    "not given to `examples/results.py`); its verdicts are that page's, marked so in the summary.\n"
 )
+KEPT_VERDICT = re.compile(r"^\*\*\d+\. (.+?)\*\* — verdict: \*\*(.+?)\*\*$", re.MULTILINE)
+
+
+def kept_verdicts(section: str) -> list[tuple[str, str]]:
+    """(claim, overall verdict) of each judged claim in a carried-over section, as that page gave them."""
+    return [(claim, f"{verdict} (previous page; not rerun)") for claim, verdict in KEPT_VERDICT.findall(section)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             kept = kept_section(earlier, title)
             if kept:
                 body.append(f"## {title}\n\n{KEPT_NOTE}\n{kept}")
-                VERDICTS.append((f"{title}: not rerun (see its section)", "—"))
+                VERDICTS.extend(kept_verdicts(kept) or [(f"{title}: not rerun (see its section)", "—")])
             continue
         study = given[base]
         tracker = Tracker(stores[study])

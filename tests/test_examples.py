@@ -111,3 +111,6 @@ def test_quick_studies_run_end_to_end_and_write_the_results_page(ray_cluster, tm
         section = again.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
         assert section.count(results.KEPT_NOTE.strip()) == 1
         assert section.split(results.KEPT_NOTE, 1)[1].strip() in page  # carried over verbatim
+    # Their verdicts stay in the summary, said to be the previous page's.
+    summary = again.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    assert "| removing harmful classes helps | " in summary and "(previous page; not rerun) |" in summary
