@@ -83,7 +83,8 @@ def _runs(client, study):
     return {r.info.run_name: r for r in client.search_runs([exp], max_results=1000)}
 
 
-# Slow: three runs of one study (budget stop, --fail-fast, default) share its TorchTrainers; each needs a real phase.
+# Slow (~95 s): three runs of one study (budget stop, --fail-fast, default), each a real phase; its three pretraining
+# fits are pack-off TorchTrainers, so --fail-fast has a trial of the broken source's own to stop at.
 def test_max_hours_stops_launching_and_fail_fast_stops_at_the_first_failure(ray_cluster, tmp_path, capsys, monkeypatch):
     """One study, three runs: past max_hours (exit 3), --fail-fast (exit 1), then the default, where
     the source whose images are not images fails, is recorded, and the good source's runs complete.

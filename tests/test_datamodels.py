@@ -174,7 +174,8 @@ def _runs(client, kind):
     return client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{kind}'", max_results=1000)
 
 
-# Slow: a budget-stopped sweep, the sweep, its resume and a counterfactual follow-up study: each a real Ray phase.
+# Slow (~30 s): a budget-stopped sweep, the sweep, its resume and a counterfactual follow-up study: each a real
+# Ray phase.
 @pytest.mark.timeout(900)
 def test_datamodel_sweep_records_a_table_resumes_reports_planted_influence_and_plans_a_counterfactual(
     ray_cluster, tmp_path, capsys

@@ -56,7 +56,8 @@ def test_full_studies_plan_the_papers_grids():
         load_spec(EXAMPLES / "quickstart.yaml", quick=True)
 
 
-# Slow: the only end-to-end run of the three example studies (8 TorchTrainers, a datamodel sweep) and results.py.
+# Slow (~100 s): the only end-to-end run of the example studies at their --quick sizes (examples/*.yaml: 6 packed
+# pretraining trials, a datamodel sweep, its 2-run counterfactual follow-up), then results.py twice.
 @pytest.mark.timeout(1800)
 def test_quick_studies_run_end_to_end_and_write_the_results_page(ray_cluster, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

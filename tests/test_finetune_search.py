@@ -83,7 +83,7 @@ def searched_study(ray_cluster, tmp_path_factory):
     return tmp, uri, ["--tracking-uri", uri, "--storage-path", str(tmp / "storage")]
 
 
-# Slow: a pretraining run, 4 ASHA trials one at a time (a seeded stopping order), then a cached rerun.
+# Slow (~30 s): a pretraining run, 4 ASHA trials one at a time (a seeded stopping order), then a cached rerun.
 @pytest.mark.timeout(400)
 def test_asha_search_chooses_on_validation_stops_early_and_is_cached_on_rerun(searched_study, capsys):
     tmp, uri, common = searched_study

@@ -44,7 +44,8 @@ def _runs(client, study, kind):
     return client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{kind}'", max_results=1000)
 
 
-# Slow: 3 pretraining methods x 5 transfer protocols x 2 layers in one study: every method and protocol once.
+# Slow (~90 s, shared with the feature-cache test): 3 pretraining methods (3 packed trials) x 5 transfer protocols x 2
+# layers, 19 fits in 3 transfer trials, in one study: every method and protocol once.
 @pytest.fixture(scope="module")
 def methods_study(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("methods")
@@ -55,8 +56,7 @@ def methods_study(ray_cluster, tmp_path_factory):
     return tmp, uri, common
 
 
-# Slow: its time is the methods_study fixture (supervised and simclr packed, clip a TorchTrainer; 19 fits),
-# shared with the feature-cache test.
+# Its time is the methods_study fixture's (3 packed pretraining runs, 19 fits), shared with the feature-cache test.
 def test_every_method_and_protocol_lands_in_mlflow_with_the_schema(methods_study):
     _, uri, _ = methods_study
     client = MlflowClient(uri)
@@ -66,8 +66,8 @@ def test_every_method_and_protocol_lands_in_mlflow_with_the_schema(methods_study
     for r in pretrains:
         assert r.info.status == "FINISHED"
         assert 0.0 <= r.data.metrics["upstream_accuracy"] <= 1.0
-        # The step curve, packed (supervised, simclr) or TorchTrainer (clip) alike: 300 samples in
-        # batches of 32 are 10 steps, logged every log_every_steps = 10.
+        # The step curve of every method's (packed) run: 300 samples in batches of 32 are 10 steps,
+        # logged every log_every_steps = 10.
         assert [m.step for m in client.get_metric_history(r.info.run_id, "train_loss_step")] == [10]
     # Per method: linear_probe and logistic at 2 layers, finetune, lp_ft; zero_shot for clip.
     assert len(transfers) == 3 * 6 + 1
@@ -166,6 +166,8 @@ def _fit_pretraining(workers: int, tmp, fault=None):
     return result, run_id, uri
 
 
+# Slow (~190 s): two real TorchTrainer fits in a row (1 worker; then 2 workers whose rank 0 is killed in epoch 1 and
+# whose group restarts from a checkpoint), each starting its own worker processes; the comparison needs both.
 def test_two_workers_match_one_worker_and_survive_a_killed_worker(ray_cluster, tmp_path):
     one, _, _ = _fit_pretraining(1, tmp_path / "one")
     marker = tmp_path / "killed"

@@ -271,7 +271,8 @@ def test_the_server_refuses_strangers(mlflow_server, researcher):
     assert r.status_code == 403
 
 
-# Slow: a real study against the deployed server (PostgreSQL, S3 artifacts, basic auth) and reading it back.
+# Slow (~105 s): one packed run and two fits, but every record goes through the deployed server (PostgreSQL, S3
+# artifacts, basic auth); then every artifact is read back and the study run again to show nothing is added.
 def test_a_study_runs_against_the_server_and_reads_back(
     ray_cluster, mlflow_server, researcher, postgres, s3_server, tmp_path, monkeypatch, capsys
 ):

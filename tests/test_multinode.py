@@ -39,7 +39,8 @@ pytestmark = [pytest.mark.timeout(1500), pytest.mark.skipif(bool(unavailable()),
 TINY = {"model": "tiny-cnn", "image_size": 8, "epochs": 1, "batch_size": 32, "pack": "off"}
 
 
-# Slow: a real 2-node Ray cluster across network and mount namespaces, started once per module.
+# Slow (~30 s, once per module): a real 2-node Ray cluster across network and mount namespaces, with its own MLflow and
+# S3 servers: every test here needs nodes that share no disk.
 @pytest.fixture(scope="module")
 def cluster():
     # A short root: Ray's socket paths under it must stay within AF_UNIX's 107 bytes.
@@ -99,7 +100,8 @@ def _assert_succeeded(out: subprocess.CompletedProcess) -> None:
     assert ": SUCCEEDED" in out.stdout
 
 
-# Slow: a job submitted to the 2-node cluster: the worker node reads published data and writes S3 checkpoints.
+# Slow (~120 s): a job whose 2 pack-off TorchTrainers and 2 transfer trials run on the worker node of the 2-node
+# cluster, reading published data and checkpointing to S3 (moto): the module's one study with S3 storage.
 def test_builtin_study_on_s3_storage(cluster):
     study = _write(cluster.root / "driver" / "quick.yaml", {
         "study": "mn-builtin",
@@ -128,7 +130,8 @@ def _image_folder(root: Path) -> Path:
     return root
 
 
-# Slow: a job on the 2-node cluster: the driver's scan index must reach the worker via shared storage.
+# Slow (~60 s): a job on the 2-node cluster (one pack-off TorchTrainer, one fit, on the worker): the driver's scan index
+# must reach the worker via shared storage.
 def test_raw_folder_study_with_storage_on_a_shared_folder(cluster):
     folder = _image_folder(cluster.shared / "imgs")
     study = _write(cluster.root / "driver" / "folder.yaml", {
@@ -146,7 +149,7 @@ def test_raw_folder_study_with_storage_on_a_shared_folder(cluster):
     assert list((cluster.shared / "storage" / "datasets").glob("imgs-*/manifest.json"))
 
 
-# Slow: a datamodel sweep submitted to the 2-node cluster.
+# Slow (~30 s): a datamodel sweep (4 models, 2 trials) submitted as a job to the 2-node cluster.
 def test_datamodel_sweep(cluster):
     study = _write(cluster.root / "driver" / "dm.yaml", {
         "study": "mn-datamodels",
@@ -208,9 +211,8 @@ def _job_log(cluster: Cluster, job: str) -> str:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120).stdout
 
 
-# Slow: one study on the 2-node cluster suffers three faults in turn, each mid-study (three jobs of
-# three 3-epoch pretraining runs): the tracking server killed and restarted, the storage disk
-# filled then freed, the worker node killed and started again.
+# Slow (~255 s): three jobs of one study (each a driver and its Tune phases on the cluster) and three faults, each
+# landing mid-run in its own of the three pack-off 3-epoch TorchTrainers: server kill, full disk, worker kill.
 def test_chaos_a_study_through_a_server_kill_a_full_disk_and_a_worker_kill_resumes_exactly_once(cluster):
     name, storage = "mn-chaos", cluster.disk / "studies"
     study = _write(cluster.root / "driver" / "chaos.yaml", {

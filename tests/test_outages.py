@@ -114,7 +114,8 @@ def _runs(client: MlflowClient, study: str, kind: str | None = None) -> list:
     return client.search_runs([exp.experiment_id], filter_string=flt, max_results=1000)
 
 
-# Slow: a real study while the tracking server is SIGKILLed and restarted; the outage must hit a training report.
+# Slow (~90 s with the module's server start): one study (a pack-off TorchTrainer, 2 fits) while the tracking server is
+# SIGKILLed and restarted; the outage must hit a report that the Train callback sends.
 @pytest.fixture(scope="module")
 def outage_study(ray_cluster, mlflow_server_process, tmp_path_factory):
     """The tiny study, run while the server is killed and restarted, with planted secrets."""
@@ -234,7 +235,8 @@ def test_planted_secrets_appear_in_no_output(outage_study, tmp_path):
     assert len(texts) + len(blobs) > 20  # the scan saw the outputs it claims to
 
 
-# Slow: waits out a 6 s tracking deadline for real, then resumes the study against the restarted server.
+# Slow (~50 s): two runs of the study, each with a transfer phase: the first waits out a 6 s tracking deadline for
+# real, the second resumes against the restarted server.
 def test_server_down_past_the_deadline_stops_cleanly_and_resumes(outage_study, monkeypatch, capsys):
     """The server dies in the transfer phase of a grown study (one more shots value) and stays
     down past a 6 s deadline: exit 3 with the resume command; started again, the same command

@@ -29,6 +29,8 @@ STUDY = {
 }
 
 
+# Slow (~30 s): a real study (4 runs packed in one 2-epoch trial, 8 fits in 4 transfer trials), then its rerun; 2
+# epochs are what the per-epoch records and the progress line's "epoch 2" check.
 def test_a_packed_study_records_every_run_as_its_own(ray_cluster, tmp_path, capsys):
     from ray.train import Checkpoint
 

@@ -202,7 +202,8 @@ def test_caption_noise_is_refused_where_it_cannot_apply(tmp_path, capsys):
     assert "pretrain.sweep.caption_noise[0]: must be in [0, 1], got 1.5" in capsys.readouterr().err
 
 
-# Slow: a real CLIP pretraining on raw tars with no prepare step (scan, tar reader in Ray Data, caption noise).
+# Slow (~55 s): a real CLIP pretraining on raw tars with no prepare step (scan, tar reader in Ray Data, caption noise);
+# swapped captions keep a CLIP run out of packing, so it is a TorchTrainer.
 @pytest.mark.timeout(600)
 def test_clip_study_on_raw_tars_with_caption_noise(ray_cluster, tmp_path):
     """No prepare step: the source is a tar pattern, the task an image folder, both as they are."""

@@ -117,6 +117,8 @@ def _runs(client, kind):
     return client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{kind}'", max_results=1000)
 
 
+# Slow (~60 s): two real `run`s of a 2-run packed study, each with its Tune phases (the second recomputes 1 run and 3
+# fits): --rerun-changed needs finished results first, then computes some of them again.
 @pytest.mark.timeout(900)
 def test_rerun_changed_computes_other_codes_results_again_once(ray_cluster, tmp_path, capsys):
     study = tmp_path / "study.yaml"

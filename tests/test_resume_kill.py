@@ -104,7 +104,8 @@ def ray_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
-# Slow: two `transferlab run` subprocesses, each with its own Ray; the kill waits for one job done, one mid-way.
+# Slow (~210 s): two `transferlab run` drivers, each starting its own Ray, and four pack-off TorchTrainer fits paced by
+# Ray Train's default 2 s poll, which gives the kill its window between two epochs of the second run.
 def test_sigkilled_study_resumes_exactly_once(tmp_path, capsys, ray_tmp):
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(STUDY))

@@ -65,7 +65,7 @@ def _raw_tars_on_s3(tmp_path) -> str:
     return "s3://lab/raw/laion/{00000..00002}.tar"
 
 
-# Slow: two S3 sources (Parquet and raw tars) through Ray Data in one real study.
+# Slow (~30 s): two S3 sources (Parquet and raw tars) through Ray Data in one real study.
 def test_a_study_streams_its_source_from_s3(ray_cluster, s3_digits, tmp_path):
     """Two sources on S3 in one study: a prepared dataset (Ray's Parquet reader) and raw tars read
     as they are (a scan, then our tar reader inside Ray Data tasks)."""

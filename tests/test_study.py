@@ -339,7 +339,7 @@ def test_each_checkpoint_is_a_logged_model_its_transfer_runs_name(finished_study
     assert_checkpoints_are_logged_models(client, uri, _runs(client, KIND_PRETRAIN), _runs(client, KIND_TRANSFER))
 
 
-# Slow (a TorchTrainer fit): the tiny study's runs are packed; here one run trains in its own TorchTrainer.
+# Slow (~30 s, a TorchTrainer fit): the tiny study's runs are packed; here one run trains in its own TorchTrainer.
 def test_a_torchtrainer_run_is_a_logged_model_with_system_metrics(ray_cluster, tmp_path):
     doc = {**TINY, "study": "tiny-trainer", "transfer": {"protocol": ["linear_probe"], "shots": [1], "seeds": [0]}}
     doc["pretrain"] = {**TINY["pretrain"], "pack": "off", "sweep": {**TINY["pretrain"]["sweep"], "label_noise": [0.0]}}

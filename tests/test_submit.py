@@ -376,7 +376,8 @@ def _cli(*args, env_extra=None, timeout=420) -> subprocess.CompletedProcess:
     return out
 
 
-# Slow: a real `ray start` cluster and two submitted jobs: submit/status/logs/stop against a job server.
+# Slow (~60 s): a real `ray start` cluster, two submitted jobs and a `run` that joins it: submit/status/logs/stop
+# against a job server (the cluster's start is the module's `head` fixture).
 @pytest.mark.timeout(900)  # 273-433 s measured on 2 shared cores at load average 25-37 (the job alone: 135 s)
 def test_submit_status_logs_run_stop_on_a_cluster(head, tmp_path):
     import mlflow
