@@ -136,8 +136,9 @@ def epoch_of_steps(steps: int, epochs: int) -> np.ndarray:
 def vectorize_default(device: torch.device) -> bool:
     """Whether :func:`run_stacked` vmaps the models' steps on ``device``: on an accelerator, yes
     (one batched kernel where B small ones would leave it idle); on the CPU, no (each model's step
-    in turn is 1.6-1.7x faster there than the vmapped step, measured on 2 cores: docs/benchmarks.md
-    "Packed pretraining"). ``TRANSFERLAB_STACKED_VMAP=1`` / ``0`` overrides."""
+    in turn, its images channels-last, is 2.0-2.6x faster there than the vmapped step, measured on
+    2 cores: docs/benchmarks.md "On the CPU: each model's step in turn").
+    ``TRANSFERLAB_STACKED_VMAP=1`` / ``0`` overrides."""
     forced = os.environ.get("TRANSFERLAB_STACKED_VMAP", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
